@@ -1,0 +1,158 @@
+"""Maps decoded request maps to service calls and results to reply maps.
+
+This is the only place where exceptions become wire error codes: a LicdError becomes
+its own code, a StoreError `unavailable`, anything else `internal` with its text kept
+out of the reply (it is logged instead). It also decides which errors close the
+connection. It knows the protocol's messages, not sockets and not SQL.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from licd_client.errors import (
+    BadRequest,
+    FrameTooLarge,
+    HelloRequired,
+    Internal,
+    LicdError,
+    ShuttingDown,
+    Unavailable,
+    UnsupportedProtocol,
+)
+from licd_client.messages import (
+    PROTOCOL_VERSION,
+    Available,
+    AvailableReply,
+    Checkin,
+    CheckinReply,
+    Checkout,
+    Heartbeat,
+    Hello,
+    HelloReply,
+    LeaseReply,
+    Reply,
+    Request,
+    error_frame,
+    parse_request,
+    request_id,
+)
+
+from . import __version__
+from .engine import Grant
+from .keys import Signer
+from .service import LicenceService
+from .store import StoreError
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = f"licd/{__version__}"
+
+#: Errors after which the connection is closed: the stream or the client is broken.
+FATAL = (BadRequest, FrameTooLarge, HelloRequired)
+
+
+@dataclass
+class Session:
+    """What the daemon knows about one connection."""
+
+    peer: str
+    hello_done: bool = False
+    client: str = ""
+
+
+class Dispatcher:
+    def __init__(self, service: LicenceService, signer: Signer) -> None:
+        self.service = service
+        self.signer = signer
+        self.shutting_down = False
+
+    async def handle(self, session: Session, data: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """Answer one decoded frame: (reply map, whether to close the connection)."""
+        rid = request_id(data)
+        try:
+            if self.shutting_down:
+                raise ShuttingDown()
+            request = parse_request(data)
+            if not session.hello_done and not isinstance(request, Hello):
+                raise HelloRequired()
+            reply = await self._answer(session, request)
+        except LicdError as exc:
+            return error_frame(rid, exc), isinstance(exc, FATAL)
+        except StoreError as exc:
+            log.error("event=store_error error=%r", str(exc))
+            return error_frame(rid, Unavailable()), False
+        except Exception:
+            log.exception("event=internal_error op=%r", data.get("op"))
+            return error_frame(rid, Internal()), False
+        return reply.to_wire(), False
+
+    @staticmethod
+    def error(exc: LicdError) -> dict[str, Any]:
+        """The reply for an error found before a request could be decoded."""
+        return error_frame(None, exc)
+
+    async def _answer(self, session: Session, request: Request) -> Reply:
+        service = self.service
+        if isinstance(request, Heartbeat):
+            at = service.now()
+            return self._lease_reply(
+                request.id, service.heartbeat(request.lease, at), request.nonce, at.wall
+            )
+        if isinstance(request, Checkout):
+            at = service.now()
+            grant = await service.checkout(
+                request.key,
+                request.holder,
+                request=request.request,
+                at=at,
+                seats=request.seats,
+                ttl=request.ttl,
+                delegate=request.delegate,
+            )
+            return self._lease_reply(request.id, grant, request.nonce, at.wall, with_secret=True)
+        if isinstance(request, Checkin):
+            return CheckinReply(request.id, released=await service.checkin(request.lease))
+        if isinstance(request, Available):
+            a = service.available(request.key)
+            return AvailableReply(request.id, total=a.total, in_use=a.in_use, available=a.available)
+        if isinstance(request, Hello):
+            return self._hello(session, request)
+        raise BadRequest(f"op {request.op!r} is not served")
+
+    def _hello(self, session: Session, request: Hello) -> HelloReply:
+        if request.protocol != PROTOCOL_VERSION:
+            raise UnsupportedProtocol(
+                f"protocol {request.protocol} is not served; use {PROTOCOL_VERSION}",
+                detail={"supported": [PROTOCOL_VERSION]},
+            )
+        session.hello_done = True
+        session.client = request.client
+        return HelloReply(
+            request.id,
+            protocol=PROTOCOL_VERSION,
+            server=SERVER_NAME,
+            site=self.signer.site,
+            key=self.signer.public,
+            chain=self.signer.chain,
+            time=self.service.now().wall,
+        )
+
+    def _lease_reply(
+        self, rid: int, grant: Grant, nonce: bytes, now: float, *, with_secret: bool = False
+    ) -> LeaseReply:
+        lease = grant.lease
+        return LeaseReply(
+            rid,
+            handle=lease.handle,
+            token=self.signer.lease_token(grant, nonce, now),
+            chain=self.signer.chain,
+            expires=lease.expires,
+            ttl=grant.ttl,
+            renew_in=grant.renew_in,
+            seats=lease.seats,
+            features=grant.licence.features,
+            lease=lease.secret if with_secret else None,
+        )

@@ -1,0 +1,11 @@
+"""The pure engine: seat accounting and lease rules over in-memory state.
+
+No sockets, no awaits, no SQL, no clock of its own: every decision takes the instant it
+is made at. Everything else carries data to and from it.
+"""
+
+from .engine import Availability, Engine, Grant
+from .lease import Lease, LeaseState
+from .licence import Licence
+
+__all__ = ["Availability", "Engine", "Grant", "Lease", "LeaseState", "Licence"]

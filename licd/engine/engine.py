@@ -1,0 +1,297 @@
+"""The engine: decides every checkout, heartbeat, checkin and reclaim. Pure code.
+
+Theory of operation:
+- A licence's seats in use are the seats of its leases in any state (pending, live,
+  releasing). A seat is counted from the moment it is granted in memory, before its
+  commit, and until its release is committed: so a failed commit can never leave more
+  seats granted than the licence allows (PROTOCOL.md section 7, never over-allocate).
+- `checkout` grants and returns a PENDING lease; the caller persists it, then calls
+  `confirm` (or `abort` if the commit failed, which frees the seat again).
+- `begin_release` (checkin) and `due` (reclaim) mark leases RELEASING; the caller
+  persists the deletion, then calls `released`. Until then the seat stays counted.
+- A lease's seat is reclaimed only after `expires + grace`, measured on the monotonic
+  clock, so a wall clock set forward cannot free a seat whose token is still valid.
+- On restore after a restart every reclaim deadline becomes at least now + ttl + grace.
+No I/O, no awaits, no clock reads: every call takes the `Instant` it happens at.
+"""
+
+from __future__ import annotations
+
+import base64
+import heapq
+import secrets
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from licd_client.errors import (
+    BadRequest,
+    LeaseUnknown,
+    LicenceExpired,
+    LicenceNotYetValid,
+    SeatsExhausted,
+    UnknownLicence,
+)
+from licd_client.messages import Holder
+
+from ..clock import Instant
+from .lease import Lease, LeaseState
+from .licence import Licence
+
+MIN_TTL = 1.0
+
+
+def new_secret() -> str:
+    """A lease secret: 192 random bits, URL-safe text."""
+    return secrets.token_urlsafe(24)
+
+
+def new_handle() -> str:
+    """A lease's public name: 60 random bits in 12 lowercase base32 characters."""
+    return base64.b32encode(secrets.token_bytes(8)).decode("ascii")[:12].lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a checkout or heartbeat decided: the lease and the lease length to report."""
+
+    lease: Lease
+    licence: Licence
+    ttl: float  # seconds from now until `lease.expires`
+    fresh: bool  # True: a new lease to persist; False: an existing one renewed
+
+    @property
+    def renew_in(self) -> float:
+        return self.ttl / 3
+
+
+@dataclass(frozen=True, slots=True)
+class Availability:
+    total: int
+    in_use: int
+
+    @property
+    def available(self) -> int:
+        return max(0, self.total - self.in_use)
+
+
+class Engine:
+    def __init__(
+        self,
+        licences: Iterable[Licence],
+        *,
+        secret_factory: Callable[[], str] = new_secret,
+        handle_factory: Callable[[], str] = new_handle,
+    ) -> None:
+        self._licences: dict[str, Licence] = {}  # by key
+        self._by_id: dict[str, Licence] = {}
+        self._leases: dict[str, Lease] = {}  # by secret
+        self._by_handle: dict[str, Lease] = {}
+        self._by_request: dict[tuple[str, str, str], Lease] = {}
+        self._in_use: dict[str, int] = {}  # licence id -> seats counted
+        self._deadlines: list[tuple[float, int, Lease]] = []  # heap, lazily invalidated
+        self._seq = 0
+        self._new_secret = secret_factory
+        self._new_handle = handle_factory
+        for licence in licences:
+            self._licences[licence.key] = licence
+            self._by_id[licence.id] = licence
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def licences(self) -> list[Licence]:
+        return list(self._by_id.values())
+
+    @property
+    def leases(self) -> list[Lease]:
+        return list(self._leases.values())
+
+    def licence_by_id(self, licence_id: str) -> Licence | None:
+        return self._by_id.get(licence_id)
+
+    def lease_by_handle(self, handle: str) -> Lease | None:
+        return self._by_handle.get(handle)
+
+    def in_use(self, licence_id: str) -> int:
+        return self._in_use.get(licence_id, 0)
+
+    def available(self, key: str) -> Availability:
+        licence = self._licence(key)
+        return Availability(licence.seats, self.in_use(licence.id))
+
+    # ---------------------------------------------------------------- decisions
+
+    def checkout(
+        self,
+        key: str,
+        holder: Holder,
+        *,
+        request: str,
+        at: Instant,
+        seats: int = 1,
+        ttl: float | None = None,
+        delegate: bytes | None = None,
+    ) -> Grant:
+        """Grant `seats` of the licence with `key`, or renew the lease this `request`
+        already holds (idempotent retry). A fresh grant is PENDING until `confirm`."""
+        licence = self._licence(key)
+        self._check_validity(licence, at)
+        if ttl is not None and ttl < MIN_TTL:
+            raise BadRequest(f"checkout: 'ttl' must be at least {MIN_TTL:g} second")
+        lease_ttl = licence.lease_ttl if ttl is None else min(ttl, licence.lease_ttl)
+
+        existing = self._by_request.get((licence.id, holder.hostid, request))
+        if existing is not None and existing.state is not LeaseState.RELEASING:
+            return self._renew(existing, licence, at)
+
+        in_use = self.in_use(licence.id)
+        if in_use + seats > licence.seats:
+            raise SeatsExhausted(detail={"in_use": in_use, "total": licence.seats})
+
+        lease = Lease(
+            secret=self._unique(self._new_secret, self._leases),
+            handle=self._unique(self._new_handle, self._by_handle),
+            licence_id=licence.id,
+            holder=holder,
+            request=request,
+            seats=seats,
+            ttl=lease_ttl,
+            created=at.wall,
+            expires=at.wall,
+            last_heartbeat=at.wall,
+            delegate=delegate,
+            state=LeaseState.PENDING,
+        )
+        grant = self._extend(lease, licence, at, fresh=True)
+        self._add(lease)
+        return grant
+
+    def confirm(self, lease: Lease) -> None:
+        """The lease's checkout is committed: it is live."""
+        if lease.state is LeaseState.PENDING:
+            lease.state = LeaseState.LIVE
+
+    def abort(self, lease: Lease) -> None:
+        """The lease's checkout failed to commit: forget it and free its seats."""
+        if lease.state is LeaseState.PENDING:
+            self._remove(lease)
+
+    def heartbeat(self, secret: str, at: Instant) -> Grant:
+        """Renew the lease with `secret`: new expiry, current seats and features."""
+        lease = self._leases.get(secret)
+        if lease is None or lease.state is not LeaseState.LIVE:
+            raise LeaseUnknown()
+        licence = self._by_id.get(lease.licence_id)
+        if licence is None:
+            raise LeaseUnknown("the lease's licence no longer exists")
+        self._check_validity(licence, at)
+        return self._renew(lease, licence, at)
+
+    def begin_release(self, secret: str) -> Lease | None:
+        """Checkin: mark the lease releasing (its seat stays counted until `released`).
+        None when no such live lease exists."""
+        lease = self._leases.get(secret)
+        if lease is None:
+            return None
+        if lease.state is LeaseState.PENDING:
+            return None
+        lease.state = LeaseState.RELEASING
+        return lease
+
+    def released(self, lease: Lease) -> None:
+        """The lease's deletion is committed: free its seats."""
+        if self._leases.get(lease.secret) is lease:
+            self._remove(lease)
+
+    def cancel_release(self, lease: Lease) -> None:
+        """The deletion failed to commit: the lease is live again, and due for reclaim
+        at its old deadline (so a failed reclaim is retried)."""
+        if self._leases.get(lease.secret) is lease and lease.state is LeaseState.RELEASING:
+            lease.state = LeaseState.LIVE
+            self._set_deadline(lease, lease.reclaim_at)
+
+    def due(self, at: Instant) -> list[Lease]:
+        """Live leases whose reclaim deadline (expires + grace) has passed, marked
+        RELEASING; the caller deletes them and calls `released`."""
+        out: list[Lease] = []
+        heap = self._deadlines
+        while heap and heap[0][0] <= at.mono:
+            deadline, _, lease = heapq.heappop(heap)
+            if (
+                lease.reclaim_at == deadline
+                and lease.state is LeaseState.LIVE
+                and self._leases.get(lease.secret) is lease
+            ):
+                lease.state = LeaseState.RELEASING
+                out.append(lease)
+        return out
+
+    def restore(self, leases: Iterable[Lease], at: Instant) -> list[Lease]:
+        """Load leases kept across a restart. Every reclaim deadline becomes
+        max(stored expires + grace, now + ttl + grace). Returns the leases skipped
+        because their licence no longer exists."""
+        skipped: list[Lease] = []
+        for lease in leases:
+            licence = self._by_id.get(lease.licence_id)
+            if licence is None:
+                skipped.append(lease)
+                continue
+            remaining = max(lease.expires - at.wall, lease.ttl)
+            lease.state = LeaseState.LIVE
+            self._add(lease)
+            self._set_deadline(lease, at.mono + remaining + licence.grace)
+        return skipped
+
+    # ---------------------------------------------------------------- internals
+
+    def _licence(self, key: str) -> Licence:
+        licence = self._licences.get(key)
+        if licence is None:
+            raise UnknownLicence()
+        return licence
+
+    @staticmethod
+    def _check_validity(licence: Licence, at: Instant) -> None:
+        problem = licence.validity_error(at.wall)
+        if problem == "licence_expired":
+            raise LicenceExpired()
+        if problem == "licence_not_yet_valid":
+            raise LicenceNotYetValid()
+
+    def _renew(self, lease: Lease, licence: Licence, at: Instant) -> Grant:
+        lease.last_heartbeat = at.wall
+        return self._extend(lease, licence, at, fresh=False)
+
+    def _extend(self, lease: Lease, licence: Licence, at: Instant, *, fresh: bool) -> Grant:
+        expires = at.wall + lease.ttl
+        if licence.expires is not None:
+            expires = min(expires, licence.expires)
+        ttl = expires - at.wall
+        lease.expires = expires
+        self._set_deadline(lease, at.mono + ttl + licence.grace)
+        return Grant(lease, licence, ttl, fresh)
+
+    def _set_deadline(self, lease: Lease, reclaim_at: float) -> None:
+        lease.reclaim_at = reclaim_at
+        self._seq += 1
+        heapq.heappush(self._deadlines, (reclaim_at, self._seq, lease))
+
+    def _add(self, lease: Lease) -> None:
+        self._leases[lease.secret] = lease
+        self._by_handle[lease.handle] = lease
+        self._by_request[lease.request_key] = lease
+        self._in_use[lease.licence_id] = self.in_use(lease.licence_id) + lease.seats
+
+    def _remove(self, lease: Lease) -> None:
+        del self._leases[lease.secret]
+        del self._by_handle[lease.handle]
+        if self._by_request.get(lease.request_key) is lease:
+            del self._by_request[lease.request_key]
+        self._in_use[lease.licence_id] -= lease.seats
+
+    @staticmethod
+    def _unique(factory: Callable[[], str], taken: dict[str, Lease]) -> str:
+        while True:
+            value = factory()
+            if value not in taken:
+                return value

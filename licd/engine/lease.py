@@ -1,0 +1,40 @@
+"""A lease: seats of one licence held by one holder until it lapses or is released.
+
+The persistent fields are what the store writes; `reclaim_at` and `state` are runtime
+bookkeeping owned by the engine. The lease secret is what the holder presents to renew
+or release; the handle is its public name and reveals nothing of the secret.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from licd_client.messages import Holder
+
+
+class LeaseState(enum.Enum):
+    PENDING = "pending"  # granted in memory, its commit not yet confirmed
+    LIVE = "live"  # committed; counted; renewable
+    RELEASING = "releasing"  # checkin or reclaim under way; still counted until committed
+
+
+@dataclass(slots=True, eq=False)
+class Lease:
+    secret: str
+    handle: str
+    licence_id: str
+    holder: Holder
+    request: str
+    seats: int
+    ttl: float  # the lease length granted on each renewal, seconds
+    created: float  # wall
+    expires: float  # wall: what the holder was told
+    last_heartbeat: float  # wall
+    delegate: bytes | None = None
+    reclaim_at: float = 0.0  # monotonic: the seat may be reused after this
+    state: LeaseState = LeaseState.LIVE
+
+    @property
+    def request_key(self) -> tuple[str, str, str]:
+        return (self.licence_id, self.holder.hostid, self.request)

@@ -1,0 +1,470 @@
+"""Typed messages of PROTOCOL.md sections 2 and 3: frozen dataclasses, strict schemas.
+
+Past the decoder nothing handles raw dicts: `parse_request()` turns a decoded map into a
+request type (exact keys, types and lengths, else BadRequest), `parse_reply()` does the
+same for replies on the client side, and every message has `to_wire()`. This module knows
+the shapes of messages, not what they mean; it does no I/O.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeAlias
+
+from .errors import BadRequest, LicdError, ProtocolViolation, from_wire
+
+PROTOCOL_VERSION = 1
+MAX_REQUEST_KEY_LEN = 64
+NONCE_LEN = 16
+KEY_LEN = 32
+MAX_UINT = 2**64 - 1
+
+FeatureValue: TypeAlias = str | int | bool | float
+Features: TypeAlias = dict[str, FeatureValue]
+
+
+class _Reader:
+    """Takes typed fields out of one decoded map; `done()` rejects what is left over."""
+
+    def __init__(self, data: dict[str, Any], what: str, error: type[Exception]) -> None:
+        self._data = dict(data)
+        self._what = what
+        self._error = error
+
+    def _fail(self, name: str, problem: str) -> Exception:
+        return self._error(f"{self._what}: '{name}' {problem}")
+
+    def _get(self, name: str, required: bool) -> Any:
+        if name in self._data:
+            return self._data.pop(name)
+        if required:
+            raise self._fail(name, "is required")
+        return None
+
+    def text(self, name: str, *, max_len: int = 1024, required: bool = True) -> Any:
+        value = self._get(name, required)
+        if value is None and not required:
+            return None
+        if not isinstance(value, str):
+            raise self._fail(name, "must be a string")
+        if len(value) > max_len:
+            raise self._fail(name, f"must be at most {max_len} characters")
+        return value
+
+    def nonempty_str(self, name: str, *, max_len: int = 1024) -> str:
+        value: str = self.text(name, max_len=max_len)
+        if not value:
+            raise self._fail(name, "must not be empty")
+        return value
+
+    def uint(self, name: str, *, required: bool = True, minimum: int = 0) -> Any:
+        value = self._get(name, required)
+        if value is None and not required:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_UINT:
+            raise self._fail(name, "must be an unsigned integer")
+        if value < minimum:
+            raise self._fail(name, f"must be at least {minimum}")
+        return value
+
+    def number(self, name: str, *, required: bool = True, positive: bool = False) -> Any:
+        value = self._get(name, required)
+        if value is None and not required:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self._fail(name, "must be a number")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise self._fail(name, "must be a finite number")
+        if positive and value <= 0:
+            raise self._fail(name, "must be positive")
+        return value
+
+    def binary(self, name: str, *, length: int | None = None, required: bool = True) -> Any:
+        value = self._get(name, required)
+        if value is None and not required:
+            return None
+        if not isinstance(value, bytes):
+            raise self._fail(name, "must be binary")
+        if length is not None and len(value) != length:
+            raise self._fail(name, f"must be {length} bytes of binary")
+        return value
+
+    def flag(self, name: str) -> bool:
+        value = self._get(name, True)
+        if not isinstance(value, bool):
+            raise self._fail(name, "must be a boolean")
+        return value
+
+    def mapping(self, name: str, *, required: bool = True) -> Any:
+        value = self._get(name, required)
+        if value is None and not required:
+            return None
+        if not isinstance(value, dict):
+            raise self._fail(name, "must be a map")
+        return value
+
+    def bins(self, name: str) -> list[bytes]:
+        value = self._get(name, True)
+        if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
+            raise self._fail(name, "must be an array of binaries")
+        return value
+
+    def features(self, name: str) -> Features:
+        value = self.mapping(name)
+        for k, v in value.items():
+            if not isinstance(k, str) or not isinstance(v, str | int | bool | float):
+                raise self._fail(name, "must map strings to str, int, bool or float")
+        return dict(value)
+
+    def rename(self, what: str) -> None:
+        self._what = what
+
+    def done(self) -> None:
+        if self._data:
+            names = ", ".join(sorted(repr(k) for k in self._data))
+            raise self._error(f"{self._what}: unknown keys {names}")
+
+
+# --------------------------------------------------------------------------- requests
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds a lease: the machine, the user and the process."""
+
+    host: str
+    hostid: str
+    user: str
+    pid: int
+    app: str | None = None
+    instance: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "host": self.host,
+            "hostid": self.hostid,
+            "user": self.user,
+            "pid": self.pid,
+        }
+        if self.app is not None:
+            out["app"] = self.app
+        if self.instance is not None:
+            out["instance"] = self.instance
+        return out
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any], error: type[Exception] = BadRequest) -> Holder:
+        r = _Reader(data, "holder", error)
+        holder = cls(
+            host=r.nonempty_str("host", max_len=255),
+            hostid=r.nonempty_str("hostid", max_len=255),
+            user=r.text("user", max_len=255),
+            pid=r.uint("pid"),
+            app=r.text("app", max_len=255, required=False),
+            instance=r.text("instance", max_len=255, required=False),
+        )
+        r.done()
+        return holder
+
+
+@dataclass(frozen=True)
+class Request:
+    """Base of every request; `op` names it on the wire."""
+
+    op: ClassVar[str]
+    id: int
+
+    def _args(self) -> dict[str, Any]:
+        return {}
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"op": self.op, "id": self.id, **self._args()}
+
+
+@dataclass(frozen=True)
+class Hello(Request):
+    op: ClassVar[str] = "hello"
+    protocol: int
+    client: str
+
+    def _args(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "client": self.client}
+
+    @classmethod
+    def read(cls, rid: int, r: _Reader) -> Hello:
+        return cls(rid, protocol=r.uint("protocol"), client=r.text("client", max_len=255))
+
+
+@dataclass(frozen=True)
+class Checkout(Request):
+    op: ClassVar[str] = "checkout"
+    key: str
+    holder: Holder
+    request: str
+    nonce: bytes
+    seats: int = 1
+    ttl: float | None = None
+    delegate: bytes | None = None
+
+    def _args(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "key": self.key,
+            "holder": self.holder.to_wire(),
+            "seats": self.seats,
+            "request": self.request,
+            "nonce": self.nonce,
+        }
+        if self.ttl is not None:
+            out["ttl"] = self.ttl
+        if self.delegate is not None:
+            out["delegate"] = self.delegate
+        return out
+
+    @classmethod
+    def read(cls, rid: int, r: _Reader) -> Checkout:
+        key = r.nonempty_str("key", max_len=255)
+        holder = Holder.from_wire(r.mapping("holder"))
+        seats = r.uint("seats", required=False, minimum=1)
+        return cls(
+            rid,
+            key=key,
+            holder=holder,
+            request=r.nonempty_str("request", max_len=MAX_REQUEST_KEY_LEN),
+            nonce=r.binary("nonce", length=NONCE_LEN),
+            seats=1 if seats is None else seats,
+            ttl=r.number("ttl", required=False, positive=True),
+            delegate=r.binary("delegate", length=KEY_LEN, required=False),
+        )
+
+
+@dataclass(frozen=True)
+class Heartbeat(Request):
+    op: ClassVar[str] = "heartbeat"
+    lease: str
+    nonce: bytes
+
+    def _args(self) -> dict[str, Any]:
+        return {"lease": self.lease, "nonce": self.nonce}
+
+    @classmethod
+    def read(cls, rid: int, r: _Reader) -> Heartbeat:
+        return cls(rid, lease=r.nonempty_str("lease", max_len=255), nonce=r.binary("nonce", length=NONCE_LEN))
+
+
+@dataclass(frozen=True)
+class Checkin(Request):
+    op: ClassVar[str] = "checkin"
+    lease: str
+
+    def _args(self) -> dict[str, Any]:
+        return {"lease": self.lease}
+
+    @classmethod
+    def read(cls, rid: int, r: _Reader) -> Checkin:
+        return cls(rid, lease=r.nonempty_str("lease", max_len=255))
+
+
+@dataclass(frozen=True)
+class Available(Request):
+    op: ClassVar[str] = "available"
+    key: str
+
+    def _args(self) -> dict[str, Any]:
+        return {"key": self.key}
+
+    @classmethod
+    def read(cls, rid: int, r: _Reader) -> Available:
+        return cls(rid, key=r.nonempty_str("key", max_len=255))
+
+
+REQUEST_TYPES: dict[str, Any] = {
+    cls.op: cls for cls in (Hello, Checkout, Heartbeat, Checkin, Available)
+}
+
+
+def request_id(data: dict[str, Any]) -> int | None:
+    """The request's `id` if it is a valid one, for echoing in an error reply."""
+    rid = data.get("id")
+    if isinstance(rid, int) and not isinstance(rid, bool) and 0 <= rid <= MAX_UINT:
+        return rid
+    return None
+
+
+def parse_request(data: dict[str, Any]) -> Request:
+    """A decoded map as a typed request, or BadRequest saying what is wrong."""
+    r = _Reader(data, "request", BadRequest)
+    rid = r.uint("id")
+    op = r.text("op", max_len=32)
+    cls = REQUEST_TYPES.get(op)
+    if cls is None:
+        raise BadRequest(f"unknown op {op!r}")
+    r.rename(op)
+    request: Request = cls.read(rid, r)
+    r.done()
+    return request
+
+
+# ---------------------------------------------------------------------------- replies
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Base of every success reply."""
+
+    id: int
+
+    def _results(self) -> dict[str, Any]:
+        return {}
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"id": self.id, "ok": True, **self._results()}
+
+
+@dataclass(frozen=True)
+class HelloReply(Reply):
+    protocol: int
+    server: str
+    site: str
+    key: bytes
+    chain: list[bytes]
+    time: float
+
+    def _results(self) -> dict[str, Any]:
+        return {
+            "protocol": self.protocol,
+            "server": self.server,
+            "site": self.site,
+            "key": self.key,
+            "chain": self.chain,
+            "time": self.time,
+        }
+
+    @classmethod
+    def read(cls, rid: int, r: _Reader) -> HelloReply:
+        return cls(
+            rid,
+            protocol=r.uint("protocol"),
+            server=r.text("server"),
+            site=r.text("site"),
+            key=r.binary("key", length=KEY_LEN),
+            chain=r.bins("chain"),
+            time=r.number("time"),
+        )
+
+
+@dataclass(frozen=True)
+class LeaseReply(Reply):
+    """The reply to checkout (with `lease`) and to heartbeat (`lease` is None)."""
+
+    handle: str
+    token: bytes
+    chain: list[bytes]
+    expires: float
+    ttl: float
+    renew_in: float
+    seats: int
+    features: Features = field(default_factory=dict)
+    lease: str | None = None
+
+    def _results(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "handle": self.handle,
+            "token": self.token,
+            "chain": self.chain,
+            "expires": self.expires,
+            "ttl": self.ttl,
+            "renew_in": self.renew_in,
+            "seats": self.seats,
+            "features": self.features,
+        }
+        if self.lease is not None:
+            out["lease"] = self.lease
+        return out
+
+    @classmethod
+    def read(cls, rid: int, r: _Reader) -> LeaseReply:
+        lease = r.text("lease", required=False)
+        return cls(
+            rid,
+            handle=r.text("handle"),
+            token=r.binary("token"),
+            chain=r.bins("chain"),
+            expires=r.number("expires"),
+            ttl=r.number("ttl"),
+            renew_in=r.number("renew_in"),
+            seats=r.uint("seats"),
+            features=r.features("features"),
+            lease=lease,
+        )
+
+
+@dataclass(frozen=True)
+class CheckinReply(Reply):
+    released: bool
+
+    def _results(self) -> dict[str, Any]:
+        return {"released": self.released}
+
+    @classmethod
+    def read(cls, rid: int, r: _Reader) -> CheckinReply:
+        return cls(rid, released=r.flag("released"))
+
+
+@dataclass(frozen=True)
+class AvailableReply(Reply):
+    total: int
+    in_use: int
+    available: int
+
+    def _results(self) -> dict[str, Any]:
+        return {"total": self.total, "in_use": self.in_use, "available": self.available}
+
+    @classmethod
+    def read(cls, rid: int, r: _Reader) -> AvailableReply:
+        return cls(rid, total=r.uint("total"), in_use=r.uint("in_use"), available=r.uint("available"))
+
+
+#: Which reply type answers which request op.
+REPLY_TYPES: dict[str, Any] = {
+    "hello": HelloReply,
+    "checkout": LeaseReply,
+    "heartbeat": LeaseReply,
+    "checkin": CheckinReply,
+    "available": AvailableReply,
+}
+
+
+def error_frame(rid: int | None, exc: LicdError) -> dict[str, Any]:
+    """The failure envelope of PROTOCOL.md section 2 for one error."""
+    out: dict[str, Any] = {"id": rid, "ok": False, "error": exc.code, "message": exc.message}
+    if exc.retry_after is not None:
+        out["retry_after"] = float(exc.retry_after)
+    if exc.detail is not None:
+        out["detail"] = exc.detail
+    return out
+
+
+def parse_reply(op: str, data: dict[str, Any]) -> Reply:
+    """A received reply to `op` as its type; an error reply is raised as its LicdError."""
+    ok = data.get("ok")
+    if ok is False:
+        code, message = data.get("error"), data.get("message")
+        if not isinstance(code, str) or not isinstance(message, str):
+            raise ProtocolViolation("error reply without 'error' and 'message' strings")
+        retry_after = data.get("retry_after")
+        detail = data.get("detail")
+        raise from_wire(
+            code,
+            message,
+            retry_after=float(retry_after) if isinstance(retry_after, int | float) else None,
+            detail=detail if isinstance(detail, dict) else None,
+        )
+    if ok is not True:
+        raise ProtocolViolation("reply without a boolean 'ok'")
+    r = _Reader(data, f"{op} reply", ProtocolViolation)
+    rid = r.uint("id")
+    r.flag("ok")
+    reply: Reply = REPLY_TYPES[op].read(rid, r)
+    # Replies may grow new keys in later protocol revisions: ignore what is left.
+    return reply

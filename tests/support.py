@@ -1,0 +1,141 @@
+"""Test support: configs, an in-process daemon on 127.0.0.1 port 0, a raw protocol peer.
+
+The raw peer speaks frames by hand (it can send garbage on purpose); the real client
+library is tested on its own and against the daemon in tests/integration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from licd.clock import Clock, FakeClock
+from licd.config import Config, ServerConfig
+from licd.daemon import Daemon
+from licd.engine import Licence
+from licd_client.messages import Holder
+from licd_client.wire import REPLY_LIMITS, FrameDecoder, encode
+
+DICOM = Licence(
+    key="XXXX-YYYY-ZZZZ",
+    id="dicom-hq",
+    product="dicom",
+    seats=3,
+    lease_ttl=90.0,
+    grace=15.0,
+    features={"tier": "pro", "modules": "core,ocr"},
+)
+
+
+def make_config(state_dir: Path, *licences: Licence, **server: Any) -> Config:
+    base = ServerConfig(listen=(("127.0.0.1", 0),), state_dir=state_dir, site="test")
+    return Config(replace(base, **server), licences or (DICOM,), None)
+
+
+def holder(host: str = "machine-a", *, user: str = "alice", pid: int | None = None) -> Holder:
+    return Holder(host=host, hostid=f"id-{host}", user=user, pid=os.getpid() if pid is None else pid)
+
+
+@contextlib.asynccontextmanager
+async def running(config: Config, clock: Clock | None = None) -> AsyncIterator[Daemon]:
+    """A daemon serving in this event loop until the block ends."""
+    daemon = await Daemon.open(config, clock=clock or FakeClock())
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    task = asyncio.create_task(daemon.run(stop, on_ready=lambda _: ready.set()))
+    waiter = asyncio.create_task(ready.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        waiter.cancel()
+        task.result()  # raises the startup error
+    try:
+        yield daemon
+    finally:
+        stop.set()
+        await task
+
+
+def address(daemon: Daemon) -> tuple[str, int]:
+    return daemon.server.addresses[0]
+
+
+class RawPeer:
+    """A protocol peer with no manners: sends what it is told, reads what comes back."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.decoder = FrameDecoder(1 << 20, REPLY_LIMITS)
+        self._next_id = 0
+
+    @classmethod
+    async def connect(cls, addr: tuple[str, int]) -> RawPeer:
+        reader, writer = await asyncio.open_connection(*addr)
+        return cls(reader, writer)
+
+    async def send_bytes(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.send_bytes(encode(message))
+
+    async def recv(self, timeout: float = 5.0) -> dict[str, Any] | None:
+        """The next reply, or None when the daemon closed the connection."""
+        async with asyncio.timeout(timeout):
+            while True:
+                frame = self.decoder.next_frame()
+                if frame is not None:
+                    return frame
+                data = await self.reader.read(65536)
+                if not data:
+                    return None
+                self.decoder.feed(data)
+
+    async def call(self, op: str, **args: Any) -> dict[str, Any]:
+        self._next_id += 1
+        await self.send({"op": op, "id": self._next_id, **args})
+        reply = await self.recv()
+        assert reply is not None, f"connection closed instead of answering {op}"
+        assert reply["id"] == self._next_id
+        return reply
+
+    async def hello(self) -> dict[str, Any]:
+        reply = await self.call("hello", protocol=1, client="tests/1")
+        assert reply["ok"] is True, reply
+        return reply
+
+    async def checkout(
+        self, key: str = DICOM.key, h: Holder | None = None, **args: Any
+    ) -> dict[str, Any]:
+        args.setdefault("request", os.urandom(8).hex())
+        args.setdefault("nonce", os.urandom(16))
+        return await self.call("checkout", key=key, holder=(h or holder()).to_wire(), **args)
+
+    async def closed(self, timeout: float = 5.0) -> bool:
+        """True when the daemon closes the connection (after any pending replies)."""
+        try:
+            async with asyncio.timeout(timeout):
+                while await self.reader.read(65536):
+                    pass
+        except (ConnectionError, OSError):
+            return True
+        return True
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self.writer.wait_closed()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
