@@ -15,7 +15,7 @@ from licd_client.messages import Features
 class Licence:
     """One licence. Times are float seconds since the Unix epoch; None means unbounded."""
 
-    key: str  # what clients present; a secret of the customer's, never logged
+    key: str = field(repr=False)  # what clients present: never logged
     id: str  # public name, used in tokens, listings and logs
     product: str
     seats: int

@@ -1,0 +1,524 @@
+"""licd.config: the example file, the defaults, and one test per kind of error."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from licd.config import (
+    Config,
+    ConfigError,
+    ServerConfig,
+    default_config,
+    default_state_dir,
+    load_config,
+    parse_address,
+    parse_config,
+    parse_duration,
+)
+from licd.engine import Licence
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "config.example.toml"
+
+LICENCE = """
+[[licence]]
+key = "K-1"
+id = "one"
+product = "p"
+seats = 1
+"""
+
+
+def load(tmp_path: Path, text: str) -> Config:
+    path = tmp_path / "licd.toml"
+    path.write_text(text, encoding="utf-8")
+    return load_config(path)
+
+
+def error(tmp_path: Path, text: str) -> str:
+    """The ConfigError message for `text`, checked to start with the file's name."""
+    path = tmp_path / "licd.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: "), message
+    return message
+
+
+def epoch(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+# --- the example file and the defaults --------------------------------------------------
+
+
+def test_example_file_loads_with_expected_values() -> None:
+    config = load_config(EXAMPLE)
+    assert config.source == EXAMPLE
+    server = config.server
+    assert server.listen == (("127.0.0.1", 27500), ("::1", 27500))
+    assert server.state_dir == Path("/var/lib/licd")
+    assert server.site == "hq"
+    assert (server.max_connections, server.max_connections_per_peer) == (4096, 256)
+    assert server.idle_timeout == 120.0
+    assert (server.hello_timeout, server.frame_timeout, server.write_timeout) == (2, 5, 10)
+    assert (server.max_frame, server.max_pipeline) == (16384, 8)
+    assert (server.shutdown_timeout, server.reap_interval, server.log_level) == (10, 1, "info")
+    dicom, builder = config.licences
+    assert dicom == Licence(
+        key="XXXX-YYYY-ZZZZ",
+        id="dicom-hq",
+        product="dicom",
+        seats=3,
+        lease_ttl=90.0,
+        grace=15.0,
+        not_before=epoch("2026-01-01T00:00:00+00:00"),
+        expires=epoch("2027-01-01T00:00:00+00:00"),
+        features={"tier": "pro", "modules": "core,ocr"},
+    )
+    assert (builder.id, builder.seats, builder.lease_ttl, builder.grace) == (
+        "builder",
+        20,
+        3600.0,
+        300.0,
+    )
+    assert builder.not_before is None and builder.expires is None
+    assert builder.features == {"max_jobs": 16, "debug_symbols": True}
+
+
+def test_example_file_documents_every_key() -> None:
+    doc = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+    server_fields = {f.name for f in dataclasses.fields(ServerConfig)}
+    assert set(doc["server"]) == server_fields
+    licence_fields = {f.name for f in dataclasses.fields(Licence)}
+    assert set(doc["licence"][0]) == licence_fields
+
+
+def test_example_server_values_other_than_listen_are_the_defaults() -> None:
+    server = load_config(EXAMPLE).server
+    defaults = default_config().server
+    skip = {"listen", "state_dir", "site"}
+    for f in dataclasses.fields(ServerConfig):
+        if f.name not in skip:
+            assert getattr(server, f.name) == getattr(defaults, f.name), f.name
+
+
+def test_default_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    monkeypatch.setattr("socket.gethostname", lambda: "box1")
+    config = default_config()
+    assert config.source is None
+    assert config.server == ServerConfig(
+        listen=(("127.0.0.1", 27500),), state_dir=tmp_path / "licd", site="box1"
+    )
+    assert config.licences == (
+        Licence(
+            key="DEMO-0000-0000",
+            id="demo",
+            product="demo",
+            seats=3,
+            lease_ttl=90.0,
+            grace=15.0,
+            features={"tier": "demo"},
+        ),
+    )
+
+
+def test_empty_file_gives_default_server_and_no_licences(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setattr("socket.gethostname", lambda: "box2")
+    config = load(tmp_path, "[server]\n")
+    assert config.licences == ()
+    assert config.server == ServerConfig(
+        listen=(("127.0.0.1", 27500),), state_dir=tmp_path / "state" / "licd", site="box2"
+    )
+    assert load(tmp_path, "").server == config.server
+
+
+def test_site_falls_back_when_the_host_has_no_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("socket.gethostname", lambda: "")
+    assert default_config().server.site == "licd"
+    monkeypatch.setattr("socket.gethostname", lambda: "h" * 100)
+    assert default_config().server.site == "h" * 64
+
+
+def test_licence_defaults_and_optional_keys(tmp_path: Path) -> None:
+    (licence,) = load(tmp_path, LICENCE).licences
+    assert licence == Licence(key="K-1", id="one", product="p", seats=1)
+    assert (licence.lease_ttl, licence.grace, licence.features) == (90.0, 15.0, {})
+
+
+def test_config_is_frozen() -> None:
+    config = default_config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.server.site = "x"  # type: ignore[misc]
+
+
+def test_loading_creates_no_directory(tmp_path: Path) -> None:
+    state = tmp_path / "not" / "there"
+    config = load(tmp_path, f'[server]\nstate_dir = "{state}"\n')
+    assert config.server.state_dir == state
+    assert not (tmp_path / "not").exists()
+
+
+def test_state_dir_expands_home(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = load(tmp_path, '[server]\nstate_dir = "~/licd-state"\n')
+    assert config.server.state_dir == tmp_path / "licd-state"
+
+
+def test_parse_config_names_its_source() -> None:
+    with pytest.raises(ConfigError, match=r"^/etc/licd\.toml: server\.site: "):
+        parse_config('[server]\nsite = ""\n', Path("/etc/licd.toml"))
+    assert parse_config("", Path("x.toml")).source == Path("x.toml")
+
+
+# --- validity windows and datetimes --------------------------------------------------------
+
+
+def test_offset_datetimes_become_epoch_seconds(tmp_path: Path) -> None:
+    text = LICENCE + "not_before = 2026-03-01T12:00:00+01:00\nexpires = 2026-03-02T00:00:00Z\n"
+    (licence,) = load(tmp_path, text).licences
+    assert licence.not_before == datetime(2026, 3, 1, 11, tzinfo=UTC).timestamp()
+    assert licence.expires == datetime(2026, 3, 2, tzinfo=UTC).timestamp()
+
+
+def test_licence_outside_its_window_still_loads(tmp_path: Path) -> None:
+    text = LICENCE + "not_before = 1990-01-01T00:00:00Z\nexpires = 1991-01-01T00:00:00Z\n"
+    (licence,) = load(tmp_path, text).licences
+    assert licence.validity_error(datetime(2026, 1, 1, tzinfo=UTC).timestamp()) == (
+        "licence_expired"
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        ("2026-01-01T00:00:00", "add an offset like Z"),
+        ("2026-01-01", "offset like Z"),
+        ("12:00:00", "offset"),
+        ('"2026-01-01T00:00:00Z"', "unquoted"),
+        ("1767225600", "unquoted date-time"),
+    ],
+)
+def test_datetime_without_offset_is_an_error(tmp_path: Path, value: str, hint: str) -> None:
+    message = error(tmp_path, LICENCE + f"not_before = {value}\n")
+    assert "licence[0].not_before: " in message
+    assert hint in message
+
+
+def test_expires_must_be_after_not_before(tmp_path: Path) -> None:
+    text = LICENCE + "not_before = 2027-01-01T00:00:00Z\nexpires = 2026-01-01T00:00:00Z\n"
+    assert "licence[0].expires: must be after not_before" in error(tmp_path, text)
+    same = LICENCE + "not_before = 2027-01-01T00:00:00Z\nexpires = 2027-01-01T01:00:00+01:00\n"
+    assert "licence[0].expires: must be after not_before" in error(tmp_path, same)
+
+
+# --- errors name the file and the key -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # unknown keys and tables
+        (
+            '[server]\nlistne = ["127.0.0.1:1"]\n',
+            "server.listne: unknown key (did you mean 'listen'?)",
+        ),
+        (LICENCE + "seat = 2\n", "licence[0].seat: unknown key (did you mean 'seats'?)"),
+        ("[upstream]\nhost = 'x'\n", "upstream: unknown key"),
+        ("licenses = []\n", "licenses: unknown key"),
+        ('[server]\n"odd key" = 1\n', 'server."odd key": unknown key'),
+        # wrong shapes
+        ("server = 1\n", "server: must be a table"),
+        ("[licence]\nkey = 'k'\n", "licence: must be an array of tables"),
+        # wrong types
+        (LICENCE.replace("seats = 1", "seats = true"), "licence[0].seats: must be an integer >= 1"),
+        (LICENCE.replace("seats = 1", "seats = 1.0"), "licence[0].seats: must be an integer >= 1"),
+        (LICENCE.replace("seats = 1", 'seats = "1"'), "licence[0].seats: must be an integer >= 1"),
+        (LICENCE.replace('id = "one"', "id = 1"), "licence[0].id: must be 1 to 64 characters"),
+        ("[server]\nmax_connections = '10'\n", "server.max_connections: must be an integer >= 1"),
+        ("[server]\nidle_timeout = true\n", "server.idle_timeout: must be a number of seconds"),
+        ("[server]\nlisten = '127.0.0.1:1'\n", "server.listen: must be a non-empty array"),
+        ("[server]\nlisten = [27500]\n", 'server.listen[0]: must be a "host:port" string'),
+        ("[server]\nstate_dir = 5\n", "server.state_dir: must be a non-empty path string"),
+        ("[server]\nsite = 5\n", "server.site: must be a non-empty string"),
+        (LICENCE + "features = 'pro'\n", "licence[0].features: must be a table"),
+        (LICENCE + "features = { a = [1] }\n", "licence[0].features.a: must be a string, integer"),
+        (LICENCE + "features = { a = { b = 1 } }\n", "licence[0].features.a: must be a string"),
+        (LICENCE + "features = { a = 2026-01-01 }\n", "licence[0].features.a: must be a string"),
+        # missing required keys
+        (LICENCE.replace("seats = 1\n", ""), "licence[0].seats: required key is missing"),
+        (LICENCE.replace('key = "K-1"\n', ""), "licence[0].key: required key is missing"),
+        (LICENCE.replace('product = "p"\n', ""), "licence[0].product: required key is missing"),
+        # bad ranges
+        (LICENCE.replace("seats = 1", "seats = 0"), "licence[0].seats: must be an integer >= 1"),
+        (LICENCE + "lease_ttl = 0.5\n", "licence[0].lease_ttl: must be at least 1 s"),
+        (LICENCE + "lease_ttl = 0\n", "licence[0].lease_ttl: must be greater than 0"),
+        (LICENCE + "grace = -1\n", "licence[0].grace: must not be negative"),
+        (LICENCE + 'grace = "367d"\n', "licence[0].grace: must be at most 366 days"),
+        (LICENCE + "lease_ttl = nan\n", "licence[0].lease_ttl: must be a finite duration"),
+        ("[server]\nmax_connections = 0\n", "server.max_connections: must be an integer >= 1"),
+        (
+            "[server]\nmax_connections = 10\nmax_connections_per_peer = 11\n",
+            "server.max_connections_per_peer: must not exceed max_connections",
+        ),
+        ("[server]\nmax_connections_per_peer = 0\n", "server.max_connections_per_peer: must be"),
+        (
+            "[server]\nmax_pipeline = 65\n",
+            "server.max_pipeline: must be an integer between 1 and 64",
+        ),
+        (
+            "[server]\nmax_pipeline = 0\n",
+            "server.max_pipeline: must be an integer between 1 and 64",
+        ),
+        ("[server]\nmax_frame = 1023\n", "server.max_frame: must be an integer between 1024 and"),
+        ("[server]\nmax_frame = 1048577\n", "server.max_frame: must be an integer between 1024"),
+        ("[server]\nhello_timeout = 0\n", "server.hello_timeout: must be greater than 0"),
+        ("[server]\nwrite_timeout = -3\n", "server.write_timeout: must be greater than 0"),
+        ("[server]\nreap_interval = '0s'\n", "server.reap_interval: must be greater than 0"),
+        ("[server]\nshutdown_timeout = inf\n", "server.shutdown_timeout: must be a finite"),
+        ("[server]\nlog_level = 'verbose'\n", "server.log_level: must be one of debug, info"),
+        ("[server]\nlog_level = 'INFO'\n", "server.log_level: must be one of"),
+        ("[server]\nsite = ''\n", "server.site: must be a non-empty string of at most 64"),
+        ("[server]\nsite = '" + "s" * 65 + "'\n", "server.site: must be a non-empty string"),
+        ('[server]\nsite = "a\\tb"\n', "server.site: must not contain control characters"),
+        ("[server]\nstate_dir = 'relative/dir'\n", "server.state_dir: must be an absolute path"),
+        ("[server]\nlisten = []\n", "server.listen: must be a non-empty array"),
+        (
+            "[server]\nstate_dir = '~no-such-user-licd/x'\n",
+            "server.state_dir: names a home directory that does not exist",
+        ),
+        # licence strings
+        (LICENCE.replace('"K-1"', '""'), "licence[0].key: must be a non-empty string"),
+        (LICENCE.replace('"K-1"', '"' + "k" * 256 + '"'), "licence[0].key: must be a non-empty"),
+        (LICENCE.replace('"K-1"', '" K-1"'), "licence[0].key: must not start or end with white"),
+        (LICENCE.replace('"one"', '"has space"'), "licence[0].id: must be 1 to 64 characters"),
+        (LICENCE.replace('"one"', '"' + "i" * 65 + '"'), "licence[0].id: must be 1 to 64"),
+        (LICENCE.replace('product = "p"', 'product = ""'), "licence[0].product: must be a non"),
+        # features
+        (LICENCE + 'features = { "" = 1 }\n', 'licence[0].features."": feature names must be'),
+        (LICENCE + "features = { a = nan }\n", "licence[0].features.a: must be a finite number"),
+        (
+            LICENCE + "features = { a = '" + "x" * 2048 + "' }\n",
+            "licence[0].features: too large: 2049 bytes",
+        ),
+        (
+            LICENCE + "[licence.features]\n" + "".join(f"f{i} = {i}\n" for i in range(33)),
+            "licence[0].features: at most 32 features",
+        ),
+    ],
+)
+def test_errors_name_the_file_and_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    assert expected in error(tmp_path, text)
+
+
+def test_error_in_a_later_licence_names_its_index(tmp_path: Path) -> None:
+    second = LICENCE.replace('"K-1"', '"K-2"').replace('"one"', '"two"')
+    text = LICENCE + second + LICENCE.replace('"K-1"', '"K-3"').replace('"one"', '"three"')
+    assert len(load(tmp_path, text).licences) == 3
+    bad = LICENCE + second.replace("seats = 1", "seats = -2")
+    assert "licence[1].seats: must be an integer >= 1" in error(tmp_path, bad)
+
+
+def test_duplicate_licence_id(tmp_path: Path) -> None:
+    text = LICENCE + LICENCE.replace('"K-1"', '"K-2"')
+    assert "licence[1].id: duplicate: licence[0] has the same id" in error(tmp_path, text)
+
+
+def test_duplicate_licence_key_is_reported_without_the_key(tmp_path: Path) -> None:
+    text = LICENCE.replace('"K-1"', '"SECRET-KEY"')
+    text += text.replace('"one"', '"two"')
+    message = error(tmp_path, text)
+    assert "licence[1].key: duplicate: licence[0] has the same key" in message
+    assert "SECRET-KEY" not in message
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        ("5x", "invalid duration '5x'"),
+        ("", "invalid duration ''"),
+        ("1h30m", "invalid duration"),
+        ("15 min", "invalid duration"),
+        ("-5s", "invalid duration"),
+        ("1e3", "invalid duration"),
+    ],
+)
+def test_bad_duration_string(tmp_path: Path, value: str, hint: str) -> None:
+    message = error(tmp_path, LICENCE + f'lease_ttl = "{value}"\n')
+    assert f"licence[0].lease_ttl: {hint}" in message
+    assert '"15m"' in message  # the message shows what is expected
+
+
+@pytest.mark.parametrize(
+    ("value", "hint"),
+    [
+        ("127.0.0.1", 'expected "host:port"'),
+        ("::1:27500", "put an IPv6 address in brackets"),
+        ("[::1]27500", 'expected "[ipv6]:port"'),
+        ("[::1:27500", 'expected "[ipv6]:port"'),
+        ("[1.2.3.4]:1", "is not an IPv6 address"),
+        (":27500", "the host is missing"),
+        ("127.0.0.1:", "the port must be a number 0..65535"),
+        ("127.0.0.1:65536", "the port must be a number 0..65535"),
+        ("127.0.0.1:-1", "the port must be a number 0..65535"),
+        ("127.0.0.1:http", "the port must be a number 0..65535"),
+        ("300.1.1.1:1", "is not an IPv4 address or host name"),
+        ("127.000.0.1:1", "is not an IPv4 address or host name"),
+        ("bad_host:1", "is not an IPv4 address or host name"),
+        ("-x.example:1", "is not an IPv4 address or host name"),
+    ],
+)
+def test_bad_listen_address(tmp_path: Path, value: str, hint: str) -> None:
+    message = error(tmp_path, f'[server]\nlisten = ["127.0.0.1:1", "{value}"]\n')
+    assert f"server.listen[1]: invalid address {value!r}: " in message
+    assert hint in message
+
+
+@pytest.mark.parametrize("second", ["127.0.0.1:27500", "[::1]:9", "[0:0::1]:9", "LOCALHOST:9"])
+def test_duplicate_listen_address(tmp_path: Path, second: str) -> None:
+    first = {"127.0.0.1:27500": "127.0.0.1:27500", "LOCALHOST:9": "localhost:9"}.get(
+        second, "[::1]:9"
+    )
+    message = error(tmp_path, f'[server]\nlisten = ["{first}", "{second}"]\n')
+    assert "server.listen[1]: duplicate of listen[0]" in message
+
+
+def test_toml_syntax_error_names_the_file_and_line(tmp_path: Path) -> None:
+    message = error(tmp_path, "[server]\nsite = 'hq'\nlisten = [\n  '127.0.0.1:1'\n  oops\n")
+    assert "invalid TOML" in message
+    assert "line 5" in message
+
+
+def test_unreadable_or_binary_file(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    with pytest.raises(ConfigError, match=rf"^{missing}: cannot read: "):
+        load_config(missing)
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: cannot read: "):
+        load_config(tmp_path)
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"site = '\xff'\n")
+    with pytest.raises(ConfigError, match=rf"^{binary}: not UTF-8 text \(byte 8\)"):
+        load_config(binary)
+
+
+# --- listen addresses -----------------------------------------------------------------
+
+
+def test_listen_ipv6_hostnames_and_port_zero(tmp_path: Path) -> None:
+    listen = '["[::1]:27500", "[::]:0", "[FE80::1%eth0]:1", "Licd.Example.com.:2", "0.0.0.0:3"]'
+    config = load(tmp_path, f"[server]\nlisten = {listen}\n")
+    assert config.server.listen == (
+        ("::1", 27500),
+        ("::", 0),
+        ("fe80::1%eth0", 1),
+        ("licd.example.com.", 2),
+        ("0.0.0.0", 3),
+    )
+
+
+def test_parse_address() -> None:
+    assert parse_address("127.0.0.1:0") == ("127.0.0.1", 0)
+    assert parse_address("[0:0:0:0:0:0:0:1]:65535") == ("::1", 65535)
+    assert parse_address("localhost:27500") == ("localhost", 27500)
+    with pytest.raises(ValueError, match="brackets"):
+        parse_address("::1")
+
+
+# --- durations ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"),
+    [
+        (90, 90.0),
+        (1.5, 1.5),
+        ("90", 90.0),
+        ("90s", 90.0),
+        ("15m", 900.0),
+        ("2h", 7200.0),
+        ("2d", 172800.0),
+        ("1w", 604800.0),
+        ("1.5h", 5400.0),
+        (".5m", 30.0),
+        (" 15 m ", 900.0),
+    ],
+)
+def test_parse_duration_units(value: object, seconds: float) -> None:
+    result = parse_duration(value)
+    assert result == seconds
+    assert isinstance(result, float)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (True, "must be a number of seconds"),
+        (None, "must be a number of seconds"),
+        ([1], "must be a number of seconds"),
+        (0, "must be greater than 0"),
+        ("0s", "must be greater than 0"),
+        (-1.0, "must be greater than 0"),
+        (math.nan, "must be a finite duration"),
+        (math.inf, "must be a finite duration"),
+        ("9" * 400, "must be a finite duration"),
+        ("5 hours", "invalid duration '5 hours'"),
+        ("1M", "invalid duration"),
+    ],
+)
+def test_parse_duration_rejects(value: object, problem: str) -> None:
+    with pytest.raises(ValueError, match=rf"^ttl: {problem}"):
+        parse_duration(value, what="ttl")
+
+
+def test_parse_duration_allow_zero() -> None:
+    assert parse_duration(0, allow_zero=True) == 0.0
+    assert parse_duration("0m", allow_zero=True) == 0.0
+    with pytest.raises(ValueError, match="^duration: must not be negative"):
+        parse_duration(-1, allow_zero=True)
+
+
+def test_durations_in_the_file_accept_every_unit(tmp_path: Path) -> None:
+    text = (
+        "[server]\n"
+        'idle_timeout = "15m"\nhello_timeout = "2s"\nframe_timeout = 1.5\n'
+        'write_timeout = "1h"\nshutdown_timeout = "1d"\nreap_interval = "1w"\n'
+        + LICENCE
+        + 'lease_ttl = "2d"\ngrace = 0\n'
+    )
+    config = load(tmp_path, text)
+    server = config.server
+    assert (server.idle_timeout, server.hello_timeout, server.frame_timeout) == (900, 2, 1.5)
+    assert (server.write_timeout, server.shutdown_timeout) == (3600, 86400)
+    assert server.reap_interval == 604800
+    (licence,) = config.licences
+    assert (licence.lease_ttl, licence.grace) == (172800.0, 0.0)
+
+
+# --- the state directory --------------------------------------------------------------
+
+
+def test_xdg_state_home_absolute(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
+    assert default_state_dir() == tmp_path / "xdg" / "licd"
+
+
+@pytest.mark.parametrize("value", [None, "", "relative/state"])
+def test_xdg_state_home_unset_empty_or_relative(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str | None
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if value is None:
+        monkeypatch.delenv("XDG_STATE_HOME", raising=False)
+    else:
+        monkeypatch.setenv("XDG_STATE_HOME", value)
+    assert default_state_dir() == tmp_path / ".local" / "state" / "licd"
