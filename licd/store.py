@@ -121,6 +121,7 @@ class Store:
         self._closed = False
         self._running = False
         self._stopped = asyncio.Event()
+        self.transactions = 0  # committed batches, for metrics and tests
 
     @classmethod
     async def open(cls, path: Path) -> Store:
@@ -272,6 +273,7 @@ class Store:
                     _TOUCH_LEASE, [(exp, hb, secret) for secret, (exp, hb) in touched.items()]
                 )
             await db.execute("COMMIT")
+            self.transactions += 1
         except BaseException:
             with contextlib.suppress(sqlite3.Error):
                 await db.execute("ROLLBACK")

@@ -39,7 +39,9 @@ def make_config(state_dir: Path, *licences: Licence, **server: Any) -> Config:
 
 
 def holder(host: str = "machine-a", *, user: str = "alice", pid: int | None = None) -> Holder:
-    return Holder(host=host, hostid=f"id-{host}", user=user, pid=os.getpid() if pid is None else pid)
+    return Holder(
+        host=host, hostid=f"id-{host}", user=user, pid=os.getpid() if pid is None else pid
+    )
 
 
 @contextlib.asynccontextmanager
@@ -86,9 +88,9 @@ class RawPeer:
     async def send(self, message: dict[str, Any]) -> None:
         await self.send_bytes(encode(message))
 
-    async def recv(self, timeout: float = 5.0) -> dict[str, Any] | None:
+    async def recv(self, within: float = 5.0) -> dict[str, Any] | None:
         """The next reply, or None when the daemon closed the connection."""
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(within):
             while True:
                 frame = self.decoder.next_frame()
                 if frame is not None:
@@ -118,14 +120,15 @@ class RawPeer:
         args.setdefault("nonce", os.urandom(16))
         return await self.call("checkout", key=key, holder=(h or holder()).to_wire(), **args)
 
-    async def closed(self, timeout: float = 5.0) -> bool:
+    async def closed(self, within: float = 5.0) -> bool:
         """True when the daemon closes the connection (after any pending replies)."""
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(within):
                 while await self.reader.read(65536):
                     pass
         except (ConnectionError, OSError):
-            return True
+            pass
+        await self.close()
         return True
 
     async def close(self) -> None:

@@ -1,0 +1,331 @@
+"""A real daemon on 127.0.0.1, in this process with a fake clock, spoken to by raw peers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import struct
+import tracemalloc
+from dataclasses import replace
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from licd.clock import FakeClock
+from licd_client import tokens
+from licd_client.errors import TokenInvalid
+from tests.support import DICOM, RawPeer, address, holder, make_config, running
+
+
+async def connected(addr: tuple[str, int]) -> RawPeer:
+    peer = await RawPeer.connect(addr)
+    await peer.hello()
+    return peer
+
+
+async def test_hello_gives_key_site_and_time(tmp_path: Path) -> None:
+    clock = FakeClock()
+    async with running(make_config(tmp_path), clock) as daemon:
+        peer = await RawPeer.connect(address(daemon))
+        reply = await peer.hello()
+        assert reply["protocol"] == 1
+        assert reply["server"].startswith("licd/")
+        assert reply["site"] == "test"
+        assert reply["key"] == daemon.signer.public
+        assert reply["chain"] == []
+        assert reply["time"] == clock.wall
+        await peer.close()
+
+
+async def test_unsupported_protocol_lists_supported(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        peer = await RawPeer.connect(address(daemon))
+        reply = await peer.call("hello", protocol=7, client="future/1")
+        assert reply["error"] == "unsupported_protocol"
+        assert reply["detail"] == {"supported": [1]}
+        await peer.hello()  # the connection stays usable
+        await peer.close()
+
+
+async def test_op_before_hello_is_refused_and_closed(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        peer = await RawPeer.connect(address(daemon))
+        reply = await peer.call("available", key=DICOM.key)
+        assert reply["ok"] is False and reply["error"] == "hello_required"
+        assert await peer.closed()
+        assert daemon.engine.in_use(DICOM.id) == 0
+
+
+async def test_seed_000_scenario_with_verified_tokens(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        anchor = daemon.signer.public
+        peers = [await connected(address(daemon)) for _ in range(4)]
+        leases = []
+        for peer, host in zip(peers[:3], "ABC", strict=True):
+            nonce = os.urandom(16)
+            reply = await peer.checkout(h=holder(f"machine_{host}"), nonce=nonce)
+            assert reply["ok"] is True, reply
+            leaf = tokens.verify_lease(
+                [anchor], reply["chain"], reply["token"], nonce=nonce, handle=reply["handle"]
+            )
+            assert leaf.payload["lic"] == DICOM.id
+            assert leaf.payload["holder"]["host"] == f"machine_{host}"
+            assert DICOM.key.encode() not in reply["token"]
+            assert reply["lease"] not in reply["handle"]
+            assert reply["features"] == DICOM.features
+            assert reply["renew_in"] == pytest.approx(reply["ttl"] / 3)
+            leases.append(reply)
+        denied = await peers[3].checkout(h=holder("machine_D"))
+        assert denied["ok"] is False
+        assert denied["error"] == "seats_exhausted"
+        assert denied["message"] == "maximum allowed concurrent licences reached"
+        assert denied["detail"] == {"in_use": 3, "total": 3}
+        released = await peers[0].call("checkin", lease=leases[0]["lease"])
+        assert released["released"] is True
+        again = await peers[0].call("checkin", lease=leases[0]["lease"])
+        assert again == {"id": again["id"], "ok": True, "released": False}
+        assert (await peers[3].checkout(h=holder("machine_D")))["ok"] is True
+        for peer in peers:
+            await peer.close()
+
+
+async def test_token_checks_fail_on_tampering(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        peer = await connected(address(daemon))
+        nonce = os.urandom(16)
+        reply = await peer.checkout(nonce=nonce)
+        token = bytearray(reply["token"])
+        token[-3] ^= 0x01
+        with pytest.raises(TokenInvalid):
+            tokens.verify_lease([daemon.signer.public], [], bytes(token), nonce=nonce)
+        with pytest.raises(TokenInvalid):
+            tokens.verify_lease([os.urandom(32)], [], reply["token"], nonce=nonce)
+        with pytest.raises(TokenInvalid):
+            tokens.verify_lease([daemon.signer.public], [], reply["token"], nonce=b"x" * 16)
+        await peer.close()
+
+
+async def test_dead_client_seat_returns_after_ttl_plus_grace(tmp_path: Path) -> None:
+    clock = FakeClock()
+    async with running(make_config(tmp_path), clock) as daemon:
+        peer = await connected(address(daemon))
+        assert (await peer.checkout(seats=3))["ok"] is True
+        await peer.close()  # the client dies without checking in
+        clock.advance(DICOM.lease_ttl + DICOM.grace - 0.5)
+        assert await daemon.service.reap_once(clock.now()) == []
+        other = await connected(address(daemon))
+        assert (await other.checkout(h=holder("b")))["error"] == "seats_exhausted"
+        clock.advance(1)
+        assert len(await daemon.service.reap_once(clock.now())) == 1
+        assert (await other.checkout(h=holder("b")))["ok"] is True
+        await other.close()
+    # The reclaim was committed: a restart does not bring the lease back.
+    async with running(make_config(tmp_path), clock) as daemon:
+        assert daemon.engine.in_use(DICOM.id) == 1
+
+
+async def test_retried_checkout_holds_one_seat(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        first = await connected(address(daemon))
+        await first.send(
+            {
+                "op": "checkout",
+                "id": 1,
+                "key": DICOM.key,
+                "holder": holder().to_wire(),
+                "request": "logical-1",
+                "nonce": os.urandom(16),
+            }
+        )
+        await first.close()  # the reply is lost with the connection
+        second = await connected(address(daemon))
+        reply = await second.checkout(request="logical-1")
+        again = await second.checkout(request="logical-1")
+        assert reply["ok"] and again["ok"]
+        assert reply["lease"] == again["lease"]
+        assert reply["token"] != again["token"]
+        assert (await second.call("available", key=DICOM.key))["in_use"] == 1
+        await second.close()
+
+
+async def test_leases_survive_a_restart(tmp_path: Path) -> None:
+    clock = FakeClock()
+    async with running(make_config(tmp_path), clock) as daemon:
+        key = daemon.signer.public
+        peer = await connected(address(daemon))
+        held = [(await peer.checkout(h=holder(h)))["lease"] for h in ("a", "b")]
+        await peer.close()
+    clock.advance(60)
+    async with running(make_config(tmp_path), clock) as daemon:
+        assert daemon.signer.public == key
+        peer = await connected(address(daemon))
+        for secret in held:
+            nonce = os.urandom(16)
+            reply = await peer.call("heartbeat", lease=secret, nonce=nonce)
+            assert reply["ok"] is True, reply
+            tokens.verify_lease([key], reply["chain"], reply["token"], nonce=nonce)
+        assert (await peer.call("available", key=DICOM.key))["in_use"] == 2
+        await peer.close()
+
+
+async def test_storage_failure_grants_nothing(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        with sqlite3.connect(daemon.store.path) as db:
+            db.execute(
+                "CREATE TRIGGER boom BEFORE INSERT ON lease BEGIN SELECT RAISE(ABORT, 'x'); END"
+            )
+        peer = await connected(address(daemon))
+        reply = await peer.checkout(seats=3)
+        assert reply["ok"] is False and reply["error"] == "unavailable"
+        assert "token" not in reply
+        assert daemon.engine.in_use(DICOM.id) == 0
+        await peer.close()
+
+
+async def test_unknown_licence_and_lease(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        peer = await connected(address(daemon))
+        assert (await peer.checkout(key="NOPE"))["error"] == "unknown_licence"
+        reply = await peer.call("heartbeat", lease="not-a-lease", nonce=os.urandom(16))
+        assert reply["error"] == "lease_unknown"
+        await peer.close()
+
+
+async def test_expired_licence_still_loads(tmp_path: Path) -> None:
+    clock = FakeClock()
+    old = replace(DICOM, expires=clock.wall - 1)
+    async with running(make_config(tmp_path, old), clock) as daemon:
+        peer = await connected(address(daemon))
+        assert (await peer.checkout())["error"] == "licence_expired"
+        await peer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path, replace(DICOM, seats=10))) as daemon:
+        peer = await connected(address(daemon))
+        frames = b""
+        for i in range(8):
+            op = (
+                {"op": "available", "key": DICOM.key}
+                if i % 2
+                else {
+                    "op": "checkout",
+                    "key": DICOM.key,
+                    "holder": holder(f"h{i}").to_wire(),
+                    "request": f"r{i}",
+                    "nonce": os.urandom(16),
+                }
+            )
+            body = msgpack.packb({"id": 100 + i, **op})
+            frames += struct.pack(">I", len(body)) + body
+        await peer.send_bytes(frames)
+        ids = []
+        for _ in range(8):
+            reply = await peer.recv()
+            assert reply is not None and reply["ok"] is True, reply
+            ids.append(reply["id"])
+        assert ids == list(range(100, 108))
+        await peer.close()
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (struct.pack(">I", 1 << 30), "frame_too_large"),
+        (struct.pack(">I", 0), "frame_too_large"),
+        (struct.pack(">I", 2000) + b"\x91" * 2000, "frame_too_large"),  # > 1 KiB before hello
+        (struct.pack(">I", 1000) + b"\x91" * 999 + b"\xc0", "bad_request"),  # nested bomb
+        (struct.pack(">I", 16) + os.urandom(16), "bad_request"),
+        (struct.pack(">I", 3) + b"\x93\x01\x02", "bad_request"),  # not a map
+    ],
+    ids=["huge", "zero", "big-before-hello", "bomb", "garbage", "array"],
+)
+async def test_bad_frames_get_one_error_and_a_close(
+    tmp_path: Path, payload: bytes, code: str
+) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        bystander = await connected(address(daemon))
+        peer = await RawPeer.connect(address(daemon))
+        await peer.send_bytes(payload)
+        reply = await peer.recv()
+        assert reply is not None
+        assert (reply["id"], reply["ok"], reply["error"]) == (None, False, code)
+        assert await peer.closed()
+        assert (await bystander.call("available", key=DICOM.key))["ok"] is True
+        await bystander.close()
+
+
+async def test_unknown_keys_get_bad_request_and_close(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        peer = await connected(address(daemon))
+        reply = await peer.call("available", key=DICOM.key, colour="blue")
+        assert reply["error"] == "bad_request" and "colour" in reply["message"]
+        assert await peer.closed()
+
+
+async def test_bad_input_does_not_grow_memory(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        bomb = struct.pack(">I", 16000) + b"\x91" * 15999 + b"\xc0"
+
+        async def attack() -> None:
+            peer = await connected(address(daemon))
+            await peer.send_bytes(bomb)
+            reply = await peer.recv()
+            assert reply is not None and reply["error"] == "bad_request"
+            assert await peer.closed()
+
+        await attack()  # warm up
+        tracemalloc.start()
+        try:
+            base = tracemalloc.get_traced_memory()[0]
+            for _ in range(50):
+                await attack()
+            grown = tracemalloc.get_traced_memory()[0] - base
+        finally:
+            tracemalloc.stop()
+        assert grown < 512 * 1024, grown
+        assert daemon.server.connection_count == 0
+
+
+async def test_connection_caps(tmp_path: Path) -> None:
+    config = make_config(tmp_path, max_connections=3, max_connections_per_peer=2)
+    async with running(config) as daemon:
+        a = await connected(address(daemon))
+        b = await connected(address(daemon))
+        c = await RawPeer.connect(address(daemon))
+        reply = await c.recv()
+        assert reply is not None and reply["error"] == "too_many_connections"
+        assert await c.closed()
+        await a.close()
+        d = await connected(address(daemon))  # room again once one left
+        await b.close()
+        await d.close()
+
+
+async def test_hello_and_frame_timeouts(tmp_path: Path) -> None:
+    config = make_config(tmp_path, hello_timeout=0.2, frame_timeout=0.2, idle_timeout=0.3)
+    async with running(config) as daemon:
+        silent = await RawPeer.connect(address(daemon))
+        assert await silent.closed(within=5)
+        partial = await connected(address(daemon))
+        await partial.send_bytes(b"\x00\x00")  # a frame started, never finished
+        assert await partial.closed(within=5)
+        idle = await connected(address(daemon))
+        assert await idle.closed(within=5)
+
+
+async def test_shutdown_refuses_new_requests_and_keeps_leases(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        peer = await connected(address(daemon))
+        assert (await peer.checkout())["ok"] is True
+        daemon.server.dispatcher.shutting_down = True
+        reply = await peer.call("available", key=DICOM.key)
+        assert reply["error"] == "shutting_down"
+        daemon.server.dispatcher.shutting_down = False
+        stopping = asyncio.create_task(daemon.server.stop())
+        assert await peer.closed()
+        await stopping
+    async with running(make_config(tmp_path)) as daemon:
+        assert daemon.engine.in_use(DICOM.id) == 1

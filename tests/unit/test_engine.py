@@ -1,0 +1,259 @@
+"""The engine's rules, on a fake clock: seats, idempotency, expiry, reclaim, restore."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from licd.clock import FakeClock
+from licd.engine import Engine, Lease, LeaseState, Licence
+from licd_client.errors import (
+    BadRequest,
+    LeaseUnknown,
+    LicenceExpired,
+    LicenceNotYetValid,
+    SeatsExhausted,
+    UnknownLicence,
+)
+from tests.support import DICOM, holder
+
+
+def live(engine: Engine, clock: FakeClock, host: str, *, seats: int = 1) -> Lease:
+    grant = engine.checkout(
+        DICOM.key, holder(host), request=f"req-{host}", at=clock.now(), seats=seats
+    )
+    engine.confirm(grant.lease)
+    return grant.lease
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def engine() -> Engine:
+    return Engine([DICOM])
+
+
+def test_seed_000_three_seats_then_exhausted(engine: Engine, clock: FakeClock) -> None:
+    a = live(engine, clock, "machine-a")
+    live(engine, clock, "machine-b")
+    live(engine, clock, "machine-c")
+    with pytest.raises(SeatsExhausted) as err:
+        live(engine, clock, "machine-d")
+    assert err.value.message == "maximum allowed concurrent licences reached"
+    assert err.value.detail == {"in_use": 3, "total": 3}
+    released = engine.begin_release(a.secret)
+    assert released is a
+    # Until the release is committed the seat stays counted.
+    with pytest.raises(SeatsExhausted):
+        live(engine, clock, "machine-d")
+    engine.released(a)
+    assert live(engine, clock, "machine-d").holder.host == "machine-d"
+    assert engine.in_use(DICOM.id) == 3
+
+
+def test_multi_seat_checkout_counts_every_seat(engine: Engine, clock: FakeClock) -> None:
+    live(engine, clock, "server", seats=2)
+    assert engine.available(DICOM.key).available == 1
+    with pytest.raises(SeatsExhausted):
+        live(engine, clock, "other", seats=2)
+    live(engine, clock, "small", seats=1)
+    assert engine.available(DICOM.key).in_use == 3
+
+
+def test_checkout_is_idempotent_on_request(engine: Engine, clock: FakeClock) -> None:
+    first = engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now())
+    engine.confirm(first.lease)
+    clock.advance(10)
+    again = engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now())
+    assert again.lease is first.lease
+    assert not again.fresh
+    assert again.lease.expires == clock.now().wall + DICOM.lease_ttl
+    assert engine.in_use(DICOM.id) == 1
+    # Another holder's identical request key is another checkout.
+    other = engine.checkout(DICOM.key, holder("b"), request="r1", at=clock.now())
+    assert other.lease is not first.lease
+    assert engine.in_use(DICOM.id) == 2
+
+
+def test_aborted_checkout_frees_its_seats(engine: Engine, clock: FakeClock) -> None:
+    grant = engine.checkout(DICOM.key, holder("a"), request="r", at=clock.now(), seats=3)
+    assert grant.lease.state is LeaseState.PENDING
+    assert engine.in_use(DICOM.id) == 3
+    engine.abort(grant.lease)
+    assert engine.in_use(DICOM.id) == 0
+    with pytest.raises(LeaseUnknown):
+        engine.heartbeat(grant.lease.secret, clock.now())
+
+
+def test_pending_lease_cannot_be_renewed_or_released(engine: Engine, clock: FakeClock) -> None:
+    grant = engine.checkout(DICOM.key, holder("a"), request="r", at=clock.now())
+    with pytest.raises(LeaseUnknown):
+        engine.heartbeat(grant.lease.secret, clock.now())
+    assert engine.begin_release(grant.lease.secret) is None
+
+
+def test_unknown_licence_and_lease(engine: Engine, clock: FakeClock) -> None:
+    with pytest.raises(UnknownLicence):
+        engine.checkout("NOPE", holder(), request="r", at=clock.now())
+    with pytest.raises(UnknownLicence):
+        engine.available("NOPE")
+    with pytest.raises(LeaseUnknown):
+        engine.heartbeat("no-such-secret", clock.now())
+    assert engine.begin_release("no-such-secret") is None
+
+
+def test_validity_window(clock: FakeClock) -> None:
+    now = clock.now().wall
+    early = replace(DICOM, key="EARLY", id="early", not_before=now + 100)
+    late = replace(DICOM, key="LATE", id="late", expires=now)
+    engine = Engine([early, late])
+    with pytest.raises(LicenceNotYetValid):
+        engine.checkout("EARLY", holder(), request="r", at=clock.now())
+    with pytest.raises(LicenceExpired):
+        engine.checkout("LATE", holder(), request="r", at=clock.now())
+    clock.advance(100)
+    assert engine.checkout("EARLY", holder(), request="r", at=clock.now()).fresh
+
+
+def test_expiry_never_passes_the_licence(clock: FakeClock) -> None:
+    licence = replace(DICOM, expires=clock.now().wall + 50)
+    engine = Engine([licence])
+    grant = engine.checkout(licence.key, holder(), request="r", at=clock.now())
+    engine.confirm(grant.lease)
+    assert grant.lease.expires == licence.expires
+    assert grant.ttl == 50
+    assert grant.renew_in == pytest.approx(50 / 3)
+    clock.advance(40)
+    renewed = engine.heartbeat(grant.lease.secret, clock.now())
+    assert renewed.lease.expires == licence.expires
+    assert renewed.ttl == 10
+    clock.advance(10)
+    with pytest.raises(LicenceExpired):
+        engine.heartbeat(grant.lease.secret, clock.now())
+
+
+def test_ttl_shorter_than_licence_but_never_longer(engine: Engine, clock: FakeClock) -> None:
+    short = engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now(), ttl=10)
+    assert short.ttl == 10
+    long = engine.checkout(DICOM.key, holder("b"), request="r2", at=clock.now(), ttl=1e6)
+    assert long.ttl == DICOM.lease_ttl
+    with pytest.raises(BadRequest):
+        engine.checkout(DICOM.key, holder("c"), request="r3", at=clock.now(), ttl=0.5)
+
+
+def test_reclaim_only_after_expiry_plus_grace(engine: Engine, clock: FakeClock) -> None:
+    lease = live(engine, clock, "crashed")
+    clock.advance(DICOM.lease_ttl + DICOM.grace - 0.001)
+    assert engine.due(clock.now()) == []
+    clock.advance(0.002)
+    assert engine.due(clock.now()) == [lease]
+    assert lease.state is LeaseState.RELEASING
+    assert engine.in_use(DICOM.id) == 1  # until the deletion commits
+    engine.released(lease)
+    assert engine.in_use(DICOM.id) == 0
+
+
+def test_heartbeat_postpones_reclaim(engine: Engine, clock: FakeClock) -> None:
+    lease = live(engine, clock, "a")
+    for _ in range(5):
+        clock.advance(DICOM.lease_ttl - 1)
+        engine.heartbeat(lease.secret, clock.now())
+        assert engine.due(clock.now()) == []
+    # A heartbeat inside the grace period still renews: the seat was not reused.
+    clock.advance(DICOM.lease_ttl + DICOM.grace / 2)
+    engine.heartbeat(lease.secret, clock.now())
+    clock.advance(DICOM.lease_ttl + DICOM.grace + 1)
+    assert engine.due(clock.now()) == [lease]
+
+
+def test_wall_clock_jump_frees_nothing(engine: Engine, clock: FakeClock) -> None:
+    live(engine, clock, "a")
+    clock.set_wall(clock.wall + 10 * 86400)
+    assert engine.due(clock.now()) == []
+
+
+def test_failed_reclaim_is_retried(engine: Engine, clock: FakeClock) -> None:
+    lease = live(engine, clock, "a")
+    clock.advance(DICOM.lease_ttl + DICOM.grace + 1)
+    assert engine.due(clock.now()) == [lease]
+    engine.cancel_release(lease)
+    assert lease.state is LeaseState.LIVE
+    assert engine.due(clock.now()) == [lease]
+
+
+def test_restore_extends_every_deadline(engine: Engine, clock: FakeClock) -> None:
+    lease = live(engine, clock, "a")
+    kept = Lease(
+        secret=lease.secret,
+        handle=lease.handle,
+        licence_id=lease.licence_id,
+        holder=lease.holder,
+        request=lease.request,
+        seats=lease.seats,
+        ttl=lease.ttl,
+        created=lease.created,
+        expires=lease.expires,
+        last_heartbeat=lease.last_heartbeat,
+    )
+    orphan = replace(kept, secret="x", handle="y", licence_id="gone")
+    # The daemon was down for longer than the lease: it still gets ttl + grace.
+    clock.advance(10 * DICOM.lease_ttl)
+    fresh = Engine([DICOM])
+    assert fresh.restore([kept, orphan], clock.now()) == [orphan]
+    assert fresh.in_use(DICOM.id) == 1
+    clock.advance(DICOM.lease_ttl + DICOM.grace - 1)
+    assert fresh.due(clock.now()) == []
+    assert fresh.heartbeat(kept.secret, clock.now()).lease is kept
+    clock.advance(DICOM.lease_ttl + DICOM.grace + 1)
+    assert fresh.due(clock.now()) == [kept]
+
+
+def test_restore_keeps_a_later_stored_deadline(clock: FakeClock) -> None:
+    licence = replace(DICOM, lease_ttl=10)
+    engine = Engine([licence])
+    stored = Lease(
+        secret="s",
+        handle="h",
+        licence_id=licence.id,
+        holder=holder(),
+        request="r",
+        seats=1,
+        ttl=10,
+        created=clock.wall,
+        expires=clock.wall + 100,  # granted under an older, longer ttl
+        last_heartbeat=clock.wall,
+    )
+    engine.restore([stored], clock.now())
+    clock.advance(100 + licence.grace - 1)
+    assert engine.due(clock.now()) == []
+    clock.advance(2)
+    assert engine.due(clock.now()) == [stored]
+
+
+def test_handles_and_secrets_are_unique_and_unrelated(clock: FakeClock) -> None:
+    values = iter(["dup", "dup", "dup", "other", "third"])
+    engine = Engine(
+        [replace(DICOM, seats=10)],
+        secret_factory=lambda: next(values),
+        handle_factory=iter(["h1", "h1", "h2"]).__next__,
+    )
+    a = engine.checkout(DICOM.key, holder("a"), request="1", at=clock.now()).lease
+    b = engine.checkout(DICOM.key, holder("b"), request="2", at=clock.now()).lease
+    assert (a.secret, b.secret) == ("dup", "other")
+    assert (a.handle, b.handle) == ("h1", "h2")
+    real = Engine([replace(DICOM, seats=100)])
+    leases = [
+        real.checkout(DICOM.key, holder(str(i)), request=str(i), at=clock.now()).lease
+        for i in range(100)
+    ]
+    assert len({x.handle for x in leases}) == 100
+    assert all(x.handle not in x.secret and len(x.secret) >= 22 for x in leases)
+
+
+def test_licence_repr_hides_the_key() -> None:
+    assert DICOM.key not in repr(DICOM)
+    assert isinstance(DICOM, Licence)

@@ -1,0 +1,159 @@
+"""The store against real SQLite files: migrations, pragmas, group commit, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from licd.engine import Lease
+from licd.store import Store, StoreError, migrations
+from tests.support import holder
+
+NOW = 1_790_000_000.0
+
+
+def lease(n: int, **kw: object) -> Lease:
+    fields: dict[str, object] = {
+        "secret": f"secret-{n}",
+        "handle": f"h{n}",
+        "licence_id": "dicom-hq",
+        "holder": holder(f"host-{n}"),
+        "request": f"r{n}",
+        "seats": 1,
+        "ttl": 90.0,
+        "created": NOW,
+        "expires": NOW + 90,
+        "last_heartbeat": NOW,
+    }
+    fields.update(kw)
+    return Lease(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    s = await Store.open(tmp_path / "licd.db")
+    writer = asyncio.create_task(s.run())
+    yield s
+    await s.close()
+    await writer
+
+
+async def reopen(path: Path) -> list[Lease]:
+    s = await Store.open(path)
+    try:
+        return await s.load_leases()
+    finally:
+        await s.close()
+
+
+async def test_migrations_and_pragmas(store: Store) -> None:
+    assert await store.schema_version() == migrations()[-1][0]
+    with sqlite3.connect(store.path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "lease" in tables
+
+
+async def test_synchronous_full_on_the_store_connection(tmp_path: Path) -> None:
+    s = await Store.open(tmp_path / "x.db")
+    try:
+        async with s._db.execute("PRAGMA synchronous") as cur:
+            row = await cur.fetchone()
+        assert row is not None and row[0] == 2  # FULL
+    finally:
+        await s.close()
+
+
+async def test_insert_load_round_trip(store: Store) -> None:
+    original = lease(1, delegate=b"k" * 32, holder=holder("ws-1", user="bob", pid=42))
+    await store.insert_lease(original)
+    await store.close()
+    (loaded,) = await reopen(store.path)
+    for name in ("secret", "handle", "licence_id", "request", "seats", "ttl", "created"):
+        assert getattr(loaded, name) == getattr(original, name)
+    assert loaded.holder == original.holder
+    assert loaded.delegate == b"k" * 32
+    assert loaded.expires == original.expires
+
+
+async def test_delete(store: Store) -> None:
+    await store.insert_lease(lease(1))
+    await store.insert_lease(lease(2))
+    await store.delete_leases([lease(1)])
+    assert [x.secret for x in await store.load_leases()] == ["secret-2"]
+
+
+async def test_touch_is_written_lazily_and_on_close(store: Store) -> None:
+    item = lease(1)
+    await store.insert_lease(item)
+    item.expires, item.last_heartbeat = NOW + 500, NOW + 410
+    store.touch_lease(item)
+    await store.barrier()  # rides along with the next batch
+    (loaded,) = await store.load_leases()
+    assert (loaded.expires, loaded.last_heartbeat) == (NOW + 500, NOW + 410)
+    item.expires = NOW + 900
+    store.touch_lease(item)
+    await store.close()
+    (loaded,) = await reopen(store.path)
+    assert loaded.expires == NOW + 900
+
+
+async def test_group_commit_batches_concurrent_writers(store: Store) -> None:
+    before = store.transactions
+    await asyncio.gather(*(store.insert_lease(lease(n)) for n in range(300)))
+    assert len(await store.load_leases()) == 300
+    # All 300 were queued before the writer ran: far fewer transactions than rows.
+    assert store.transactions - before <= 3
+
+
+async def test_one_failing_mutation_fails_only_its_caller(store: Store) -> None:
+    await store.insert_lease(lease(1))
+    results = await asyncio.gather(
+        store.insert_lease(lease(2)),
+        store.insert_lease(lease(1)),  # duplicate secret: a constraint violation
+        store.insert_lease(lease(3)),
+        return_exceptions=True,
+    )
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], StoreError)
+    assert sorted(x.secret for x in await store.load_leases()) == [
+        "secret-1",
+        "secret-2",
+        "secret-3",
+    ]
+
+
+async def test_failing_disk_fails_the_write(store: Store) -> None:
+    with sqlite3.connect(store.path) as db:
+        db.execute(
+            "CREATE TRIGGER boom BEFORE INSERT ON lease BEGIN SELECT RAISE(ABORT, 'disk'); END"
+        )
+    with pytest.raises(StoreError):
+        await store.insert_lease(lease(1))
+    assert await store.load_leases() == []
+
+
+async def test_closed_store_refuses_writes(tmp_path: Path) -> None:
+    s = await Store.open(tmp_path / "x.db")
+    await s.close()
+    with pytest.raises(StoreError):
+        await s.insert_lease(lease(1))
+
+
+async def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    with sqlite3.connect(path) as db:
+        db.execute("PRAGMA user_version = 999")
+    with pytest.raises(StoreError, match="newer"):
+        await Store.open(path)
+
+
+async def test_not_a_database(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    path.write_bytes(b"this is not sqlite" * 100)
+    with pytest.raises(StoreError):
+        await Store.open(path)
