@@ -31,6 +31,9 @@ from .dispatch import Dispatcher, Session
 log = logging.getLogger(__name__)
 
 READ_CHUNK = 65536
+#: Replies buffered for a peer beyond this are drained (under the write deadline) before
+#: the connection is read again, so a peer that never reads cannot grow our memory.
+WRITE_HIGH_WATER = 256 * 1024
 
 Reply = tuple[dict[str, Any], bool]
 
@@ -85,6 +88,14 @@ class Connection:
                         if self.session.hello_done:
                             decoder.max_frame = cfg.max_frame
                     continue
+                if self.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
+                    try:
+                        async with asyncio.timeout(cfg.write_timeout):
+                            await self.writer.drain()
+                    except TimeoutError:
+                        log.warning("event=write_timeout peer=%s", self.session.peer)
+                        self.writer.transport.abort()
+                        break
                 now = loop.time()
                 if decoder.buffered:
                     frame_started = frame_started or now
