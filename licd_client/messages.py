@@ -36,7 +36,10 @@ class _Reader:
 
     def _get(self, name: str, required: bool) -> Any:
         if name in self._data:
-            return self._data.pop(name)
+            value = self._data.pop(name)
+            if value is None:  # an explicit nil is not an absent optional key
+                raise self._fail(name, "must not be nil")
+            return value
         if required:
             raise self._fail(name, "is required")
         return None

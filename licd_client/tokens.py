@@ -14,6 +14,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import math
+import re
+
 import msgpack
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
@@ -24,6 +27,7 @@ from .wire import REPLY_LIMITS, decode_body
 
 SIGNATURE_LEN = 64
 KEY_LEN = 32
+_HEX = re.compile(r"[0-9a-fA-F]+")
 
 
 def key_to_text(key: bytes) -> str:
@@ -36,10 +40,9 @@ def key_from_text(text: str) -> bytes:
     text = text.strip()
     if len(text) != 2 * KEY_LEN:
         raise ValueError(f"a public key is {2 * KEY_LEN} hex digits, got {len(text)} characters")
-    try:
-        return bytes.fromhex(text)
-    except ValueError:
-        raise ValueError("a public key is written in hex digits (0-9, a-f)") from None
+    if not _HEX.fullmatch(text):
+        raise ValueError("a public key is written in hex digits (0-9, a-f)")
+    return bytes.fromhex(text)
 
 
 def sign(key: SigningKey, payload: dict[str, Any]) -> bytes:
@@ -107,7 +110,7 @@ def open_statement(blob: bytes, signer: bytes) -> Statement:
 
 
 def _is_time(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def verify_chain(

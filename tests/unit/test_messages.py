@@ -1,0 +1,599 @@
+"""Unit tests of licd_client.messages: strict request schemas, envelopes, typed replies.
+
+Requests are held to PROTOCOL.md sections 2 and 3 exactly (every problem is a
+BadRequest naming the key); replies are parsed leniently about new keys but strictly
+about the ones they carry.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from licd_client.errors import (
+    REGISTRY,
+    BadRequest,
+    Internal,
+    LicdError,
+    ProtocolViolation,
+    RateLimited,
+    SeatsExhausted,
+    UnsupportedProtocol,
+)
+from licd_client.messages import (
+    MAX_UINT,
+    Available,
+    AvailableReply,
+    Checkin,
+    CheckinReply,
+    Checkout,
+    Heartbeat,
+    Hello,
+    HelloReply,
+    Holder,
+    LeaseReply,
+    Reply,
+    Request,
+    error_frame,
+    parse_reply,
+    parse_request,
+    request_id,
+)
+from licd_client.wire import REPLY_LIMITS, REQUEST_LIMITS, decode_body, encode
+
+NONCE = bytes(range(16))
+DELEGATE = bytes(range(32))
+HOLDER: dict[str, Any] = {"host": "machine-a", "hostid": "id-a", "user": "alice", "pid": 4242}
+
+_VALID: dict[str, dict[str, Any]] = {
+    "hello": {"op": "hello", "id": 1, "protocol": 1, "client": "myapp/2.1"},
+    "checkout": {
+        "op": "checkout",
+        "id": 2,
+        "key": "XXXX-YYYY-ZZZZ",
+        "holder": HOLDER,
+        "request": "req-1",
+        "nonce": NONCE,
+    },
+    "heartbeat": {"op": "heartbeat", "id": 3, "lease": "L" * 32, "nonce": NONCE},
+    "checkin": {"op": "checkin", "id": 4, "lease": "L" * 32},
+    "available": {"op": "available", "id": 5, "key": "XXXX-YYYY-ZZZZ"},
+}
+OPS = list(_VALID)
+
+
+def valid(which: str, /, **changes: Any) -> dict[str, Any]:
+    """A fresh valid request map for op `which`, with `changes` applied."""
+    data = copy.deepcopy(_VALID[which])
+    data.update(changes)
+    return data
+
+
+def without(op: str, key: str) -> dict[str, Any]:
+    data = valid(op)
+    del data[key]
+    return data
+
+
+def with_holder(**changes: Any) -> dict[str, Any]:
+    holder = dict(HOLDER)
+    holder.update(changes)
+    return valid("checkout", holder=holder)
+
+
+def holder_without(key: str) -> dict[str, Any]:
+    holder = dict(HOLDER)
+    del holder[key]
+    return valid("checkout", holder=holder)
+
+
+def bad(data: dict[str, Any], name: str) -> None:
+    """`data` is a BadRequest whose message names `name`."""
+    with pytest.raises(BadRequest) as info:
+        parse_request(data)
+    assert f"'{name}'" in info.value.message, info.value.message
+    assert info.value.code == "bad_request"
+
+
+# ------------------------------------------------------------- valid requests
+
+
+def test_parse_hello() -> None:
+    assert parse_request(valid("hello")) == Hello(1, protocol=1, client="myapp/2.1")
+
+
+def test_parse_checkout_with_defaults() -> None:
+    request = parse_request(valid("checkout"))
+    assert request == Checkout(
+        2,
+        key="XXXX-YYYY-ZZZZ",
+        holder=Holder(host="machine-a", hostid="id-a", user="alice", pid=4242),
+        request="req-1",
+        nonce=NONCE,
+    )
+    assert isinstance(request, Checkout)
+    assert request.seats == 1
+    assert request.ttl is None
+    assert request.delegate is None
+
+
+def test_parse_checkout_with_every_option() -> None:
+    holder = {**HOLDER, "app": "viewer", "instance": "ward-3"}
+    request = parse_request(
+        valid("checkout", holder=holder, seats=4, ttl=30, delegate=DELEGATE, request="r" * 64)
+    )
+    assert request == Checkout(
+        2,
+        key="XXXX-YYYY-ZZZZ",
+        holder=Holder("machine-a", "id-a", "alice", 4242, app="viewer", instance="ward-3"),
+        request="r" * 64,
+        nonce=NONCE,
+        seats=4,
+        ttl=30.0,
+        delegate=DELEGATE,
+    )
+    assert isinstance(request, Checkout)
+    assert isinstance(request.ttl, float)
+
+
+def test_parse_heartbeat() -> None:
+    assert parse_request(valid("heartbeat")) == Heartbeat(3, lease="L" * 32, nonce=NONCE)
+
+
+def test_parse_checkin() -> None:
+    assert parse_request(valid("checkin")) == Checkin(4, lease="L" * 32)
+
+
+def test_parse_available() -> None:
+    assert parse_request(valid("available")) == Available(5, key="XXXX-YYYY-ZZZZ")
+
+
+def test_parse_accepts_boundary_values() -> None:
+    assert parse_request(valid("hello", id=0)).id == 0
+    assert parse_request(valid("hello", id=MAX_UINT)).id == MAX_UINT
+    assert parse_request(with_holder(user="")) is not None  # user may be empty
+    assert parse_request(valid("checkout", ttl=0.001)) is not None
+
+
+REQUESTS: list[Request] = [
+    Hello(0, protocol=1, client="licd-client/0.1"),
+    Checkout(
+        7,
+        key="K-1",
+        holder=Holder("h", "hid", "u", 1),
+        request="r",
+        nonce=NONCE,
+    ),
+    Checkout(
+        MAX_UINT,
+        key="K-2",
+        holder=Holder("h", "hid", "", 0, app="a", instance="i"),
+        request="r" * 64,
+        nonce=NONCE,
+        seats=12,
+        ttl=2.5,
+        delegate=DELEGATE,
+    ),
+    Heartbeat(8, lease="secret", nonce=NONCE),
+    Checkin(9, lease="secret"),
+    Available(10, key="K-1"),
+]
+
+
+@pytest.mark.parametrize("request_", REQUESTS, ids=lambda r: type(r).__name__)
+def test_to_wire_then_parse_round_trips(request_: Request) -> None:
+    wire = request_.to_wire()
+    assert wire["op"] == request_.op
+    assert wire["id"] == request_.id
+    assert parse_request(wire) == request_
+    # ...and through real framing under the request decode limits.
+    assert parse_request(decode_body(encode(wire)[4:], REQUEST_LIMITS)) == request_
+
+
+def test_to_wire_omits_unset_options() -> None:
+    wire = REQUESTS[1].to_wire()
+    assert set(wire) == {"op", "id", "key", "holder", "seats", "request", "nonce"}
+    assert set(wire["holder"]) == {"host", "hostid", "user", "pid"}
+
+
+def test_parse_does_not_modify_its_input() -> None:
+    data = valid("checkout", seats=2)
+    snapshot = copy.deepcopy(data)
+    parse_request(data)
+    assert data == snapshot
+
+
+# --------------------------------------------------------------- missing keys
+
+REQUIRED = [(op, key) for op in OPS for key in _VALID[op]]
+
+
+@pytest.mark.parametrize(("op", "key"), REQUIRED)
+def test_missing_required_key_is_bad_request(op: str, key: str) -> None:
+    bad(without(op, key), key)
+
+
+@pytest.mark.parametrize("key", ["host", "hostid", "user", "pid"])
+def test_holder_missing_key_is_bad_request(key: str) -> None:
+    bad(holder_without(key), key)
+
+
+# ----------------------------------------------------------------- extra keys
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_unknown_extra_key_is_bad_request(op: str) -> None:
+    bad(valid(op, bogus=1), "bogus")
+
+
+@pytest.mark.parametrize("op", ["hello", "heartbeat", "checkin", "available"])
+def test_options_of_another_op_are_unknown_keys(op: str) -> None:
+    bad(valid(op, seats=1), "seats")
+
+
+def test_holder_with_unknown_key_is_bad_request() -> None:
+    bad(with_holder(uid=1000), "uid")
+
+
+# ---------------------------------------------------------------- wrong types
+
+WRONG: list[Any] = [
+    # the envelope, for every op
+    *[pytest.param(op, "id", v, id=f"{op}-id-{v!r}") for op in OPS for v in (True, -1, 1.0)],
+    pytest.param("hello", "id", "1", id="id-str"),
+    pytest.param("hello", "id", None, id="id-nil"),
+    pytest.param("hello", "id", MAX_UINT + 1, id="id-over-uint64"),
+    pytest.param("hello", "op", 5, id="op-int"),
+    pytest.param("hello", "op", b"hello", id="op-bin"),
+    # hello
+    pytest.param("hello", "protocol", True, id="protocol-bool"),
+    pytest.param("hello", "protocol", -1, id="protocol-negative"),
+    pytest.param("hello", "protocol", 1.0, id="protocol-float"),
+    pytest.param("hello", "protocol", "1", id="protocol-str"),
+    pytest.param("hello", "client", 5, id="client-int"),
+    pytest.param("hello", "client", "c" * 256, id="client-too-long"),
+    # checkout
+    pytest.param("checkout", "key", "", id="key-empty"),
+    pytest.param("checkout", "key", "k" * 256, id="key-too-long"),
+    pytest.param("checkout", "key", b"XXXX", id="key-bin"),
+    pytest.param("checkout", "holder", "machine-a", id="holder-str"),
+    pytest.param("checkout", "holder", [HOLDER], id="holder-array"),
+    pytest.param("checkout", "seats", 0, id="seats-0"),
+    pytest.param("checkout", "seats", -1, id="seats-negative"),
+    pytest.param("checkout", "seats", True, id="seats-bool"),
+    pytest.param("checkout", "seats", 2.0, id="seats-float"),
+    pytest.param("checkout", "request", "", id="request-empty"),
+    pytest.param("checkout", "request", "r" * 65, id="request-too-long"),
+    pytest.param("checkout", "request", 17, id="request-int"),
+    pytest.param("checkout", "nonce", NONCE[:15], id="nonce-15"),
+    pytest.param("checkout", "nonce", NONCE + b"\x00", id="nonce-17"),
+    pytest.param("checkout", "nonce", b"", id="nonce-empty"),
+    pytest.param("checkout", "nonce", "n" * 16, id="nonce-str"),
+    pytest.param("checkout", "ttl", float("nan"), id="ttl-nan"),
+    pytest.param("checkout", "ttl", float("inf"), id="ttl-inf"),
+    pytest.param("checkout", "ttl", float("-inf"), id="ttl-minus-inf"),
+    pytest.param("checkout", "ttl", 0, id="ttl-0"),
+    pytest.param("checkout", "ttl", 0.0, id="ttl-0.0"),
+    pytest.param("checkout", "ttl", -5.0, id="ttl-negative"),
+    pytest.param("checkout", "ttl", True, id="ttl-bool"),
+    pytest.param("checkout", "ttl", "30", id="ttl-str"),
+    pytest.param("checkout", "delegate", DELEGATE[:31], id="delegate-31"),
+    pytest.param("checkout", "delegate", DELEGATE.hex(), id="delegate-hex-str"),
+    # heartbeat
+    pytest.param("heartbeat", "lease", "", id="hb-lease-empty"),
+    pytest.param("heartbeat", "lease", 5, id="hb-lease-int"),
+    pytest.param("heartbeat", "lease", "l" * 256, id="hb-lease-too-long"),
+    pytest.param("heartbeat", "nonce", NONCE * 2, id="hb-nonce-32"),
+    pytest.param("heartbeat", "nonce", None, id="hb-nonce-nil"),
+    # checkin
+    pytest.param("checkin", "lease", "", id="ci-lease-empty"),
+    pytest.param("checkin", "lease", None, id="ci-lease-nil"),
+    pytest.param("checkin", "lease", b"L" * 32, id="ci-lease-bin"),
+    # available
+    pytest.param("available", "key", "", id="av-key-empty"),
+    pytest.param("available", "key", ["XXXX"], id="av-key-array"),
+]
+
+
+@pytest.mark.parametrize(("op", "key", "value"), WRONG)
+def test_wrong_type_or_range_is_bad_request_naming_the_key(op: str, key: str, value: Any) -> None:
+    bad(valid(op, **{key: value}), key)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("host", ""),
+        ("host", 5),
+        ("hostid", ""),
+        ("hostid", None),
+        ("hostid", "h" * 256),
+        ("user", 1000),
+        ("pid", -1),
+        ("pid", True),
+        ("pid", 1.0),
+        ("pid", "4242"),
+        ("app", 3),
+        ("instance", b"x"),
+    ],
+)
+def test_holder_wrong_type_is_bad_request_naming_the_key(key: str, value: Any) -> None:
+    bad(with_holder(**{key: value}), key)
+
+
+@pytest.mark.parametrize("op", ["launch", "", "HELLO", "consume_all"])
+def test_unknown_op_is_bad_request(op: str) -> None:
+    with pytest.raises(BadRequest, match="unknown op"):
+        parse_request({"op": op, "id": 1})
+
+
+def test_an_empty_map_is_bad_request() -> None:
+    with pytest.raises(BadRequest):
+        parse_request({})
+
+
+# ----------------------------------------------------------------- request_id
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"op": "hello", "id": 7}, 7),
+        ({"id": 0}, 0),
+        ({"id": MAX_UINT}, MAX_UINT),
+        ({"id": MAX_UINT + 1}, None),
+        ({"id": -1}, None),
+        ({"id": True}, None),
+        ({"id": False}, None),
+        ({"id": 7.0}, None),
+        ({"id": "7"}, None),
+        ({"id": None}, None),
+        ({"op": "hello"}, None),
+        ({}, None),
+    ],
+    ids=repr,
+)
+def test_request_id_only_for_a_valid_uint(data: dict[str, Any], expected: int | None) -> None:
+    assert request_id(data) == expected
+    if expected is not None:
+        assert type(request_id(data)) is int
+
+
+# ---------------------------------------------------------------- error_frame
+
+
+def test_error_frame_minimal_shape() -> None:
+    assert error_frame(7, BadRequest("checkout: 'key' is required")) == {
+        "id": 7,
+        "ok": False,
+        "error": "bad_request",
+        "message": "checkout: 'key' is required",
+    }
+
+
+def test_error_frame_with_null_id_and_default_message() -> None:
+    frame = error_frame(None, SeatsExhausted(detail={"in_use": 3, "total": 3}))
+    assert frame == {
+        "id": None,
+        "ok": False,
+        "error": "seats_exhausted",
+        "message": "maximum allowed concurrent licences reached",
+        "detail": {"in_use": 3, "total": 3},
+    }
+
+
+def test_error_frame_retry_after_is_a_float() -> None:
+    frame = error_frame(3, RateLimited(retry_after=2))
+    assert frame["retry_after"] == 2.0
+    assert type(frame["retry_after"]) is float
+    assert "detail" not in frame
+
+
+@pytest.mark.parametrize("cls", list(REGISTRY.values()), ids=lambda c: c.code)
+def test_error_frame_round_trips_through_parse_reply(cls: type[LicdError]) -> None:
+    exc = cls("a sentence", retry_after=1.5, detail={"supported": [1]})
+    data = decode_body(encode(error_frame(11, exc))[4:], REPLY_LIMITS)
+    with pytest.raises(cls) as info:
+        parse_reply("checkout", data)
+    assert type(info.value) is cls
+    assert info.value.message == "a sentence"
+    assert info.value.retry_after == 1.5
+    assert info.value.detail == {"supported": [1]}
+
+
+# ----------------------------------------------------------------- parse_reply
+
+TOKEN = b"\x01" * 200
+CHAIN = [b"\x02" * 150, b"\x03" * 150]
+REPLIES: list[tuple[str, Reply]] = [
+    (
+        "hello",
+        HelloReply(
+            1, protocol=1, server="licd/0.1.0", site="hq", key=DELEGATE, chain=[], time=1.7e9
+        ),
+    ),
+    (
+        "hello",
+        HelloReply(
+            1, protocol=1, server="licd/0.1.0", site="hq", key=DELEGATE, chain=CHAIN, time=2.0
+        ),
+    ),
+    (
+        "checkout",
+        LeaseReply(
+            2,
+            handle="h-1",
+            token=TOKEN,
+            chain=CHAIN,
+            expires=1.7e9 + 90,
+            ttl=90.0,
+            renew_in=30.0,
+            seats=1,
+            features={"tier": "pro", "max": 3, "beta": False, "ratio": 0.5},
+            lease="secret-lease",
+        ),
+    ),
+    (
+        "heartbeat",
+        LeaseReply(
+            3,
+            handle="h-1",
+            token=TOKEN,
+            chain=[],
+            expires=1.7e9 + 180,
+            ttl=90.0,
+            renew_in=30.0,
+            seats=2,
+        ),
+    ),
+    ("checkin", CheckinReply(4, released=True)),
+    ("checkin", CheckinReply(4, released=False)),
+    ("available", AvailableReply(5, total=3, in_use=1, available=2)),
+]
+
+
+@pytest.mark.parametrize(("op", "reply"), REPLIES, ids=lambda x: x if isinstance(x, str) else "")
+def test_parse_reply_round_trips(op: str, reply: Reply) -> None:
+    wire = reply.to_wire()
+    assert wire["ok"] is True
+    assert wire["id"] == reply.id
+    assert parse_reply(op, wire) == reply
+    assert parse_reply(op, decode_body(encode(wire)[4:], REPLY_LIMITS)) == reply
+
+
+def test_heartbeat_reply_carries_no_lease() -> None:
+    wire = REPLIES[3][1].to_wire()
+    assert "lease" not in wire
+    reply = parse_reply("heartbeat", wire)
+    assert isinstance(reply, LeaseReply)
+    assert reply.lease is None
+
+
+def test_parse_reply_reads_ints_as_float_times() -> None:
+    wire = {**REPLIES[0][1].to_wire(), "time": 1_700_000_000}
+    reply = parse_reply("hello", wire)
+    assert isinstance(reply, HelloReply)
+    assert reply.time == 1.7e9
+    assert type(reply.time) is float
+
+
+@pytest.mark.parametrize(("op", "reply"), REPLIES, ids=lambda x: x if isinstance(x, str) else "")
+def test_extra_unknown_keys_in_replies_are_ignored(op: str, reply: Reply) -> None:
+    wire = {**reply.to_wire(), "future": {"x": 1}, "another": [1, 2]}
+    assert parse_reply(op, wire) == reply
+
+
+@pytest.mark.parametrize("code", sorted(REGISTRY))
+def test_error_reply_raises_the_mapped_class(code: str) -> None:
+    data = {
+        "id": 9,
+        "ok": False,
+        "error": code,
+        "message": "said the daemon",
+        "retry_after": 4,
+        "detail": {"in_use": 3, "total": 3},
+    }
+    with pytest.raises(LicdError) as info:
+        parse_reply("checkout", data)
+    assert type(info.value) is REGISTRY[code]
+    assert info.value.code == code
+    assert info.value.message == "said the daemon"
+    assert info.value.retry_after == 4.0
+    assert info.value.detail == {"in_use": 3, "total": 3}
+
+
+def test_error_reply_without_optional_keys() -> None:
+    with pytest.raises(UnsupportedProtocol) as info:
+        parse_reply(
+            "hello", {"id": 1, "ok": False, "error": "unsupported_protocol", "message": "m"}
+        )
+    assert info.value.retry_after is None
+    assert info.value.detail is None
+
+
+def test_error_reply_with_an_unknown_code_is_internal() -> None:
+    data = {
+        "id": None,
+        "ok": False,
+        "error": "disk_on_fire",
+        "message": "smoke",
+        "detail": {"a": 1},
+    }
+    with pytest.raises(Internal) as info:
+        parse_reply("checkout", data)
+    assert type(info.value) is Internal
+    assert info.value.message == "smoke"
+    assert info.value.detail is not None
+    assert info.value.detail["code"] == "disk_on_fire"
+    assert info.value.detail["a"] == 1
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"id": 1, "protocol": 1},
+        {"id": 1, "ok": None},
+        {"id": 1, "ok": 1},
+        {"id": 1, "ok": "true"},
+        {},
+    ],
+    ids=repr,
+)
+def test_reply_without_a_boolean_ok_is_a_protocol_violation(data: dict[str, Any]) -> None:
+    with pytest.raises(ProtocolViolation):
+        parse_reply("hello", data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"id": 1, "ok": False, "message": "no code"},
+        {"id": 1, "ok": False, "error": "denied"},
+        {"id": 1, "ok": False, "error": 5, "message": "m"},
+    ],
+    ids=repr,
+)
+def test_error_reply_without_error_and_message_is_a_protocol_violation(
+    data: dict[str, Any],
+) -> None:
+    with pytest.raises(ProtocolViolation):
+        parse_reply("checkout", data)
+
+
+@pytest.mark.parametrize(
+    ("op", "changes", "name"),
+    [
+        ("hello", {"key": b"k" * 31}, "key"),
+        ("hello", {"chain": [b"ok", "not-bin"]}, "chain"),
+        ("hello", {"time": "now"}, "time"),
+        ("checkout", {"token": "not-bin"}, "token"),
+        ("checkout", {"seats": -1}, "seats"),
+        ("checkout", {"features": {"tier": [1]}}, "features"),
+        ("checkout", {"ttl": True}, "ttl"),
+        ("checkin", {"released": 1}, "released"),
+        ("available", {"in_use": 1.0}, "in_use"),
+        ("available", {"id": -1}, "id"),
+    ],
+)
+def test_a_malformed_success_reply_is_a_protocol_violation(
+    op: str, changes: dict[str, Any], name: str
+) -> None:
+    reply = next(r for o, r in REPLIES if o == op)
+    with pytest.raises(ProtocolViolation, match=f"'{name}'"):
+        parse_reply(op, {**reply.to_wire(), **changes})
+
+
+@pytest.mark.parametrize("name", ["id", "handle", "token", "chain", "expires", "seats"])
+def test_a_success_reply_missing_a_key_is_a_protocol_violation(name: str) -> None:
+    wire = REPLIES[2][1].to_wire()
+    del wire[name]
+    with pytest.raises(ProtocolViolation, match=f"'{name}'"):
+        parse_reply("checkout", wire)
+
+
+@pytest.mark.parametrize("name", ["ttl", "delegate", "seats"])
+def test_explicit_nil_for_an_optional_key_is_refused(name: str) -> None:
+    with pytest.raises(BadRequest, match=name):
+        parse_request(valid("checkout", **{name: None}))

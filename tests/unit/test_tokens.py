@@ -1,0 +1,468 @@
+"""Unit tests of licd_client.tokens: signed statements and trust chains (PROTOCOL.md s. 4).
+
+Payloads are built here by hand, with PyNaCl keys, exactly as the protocol describes them,
+so the verifier is checked against the contract rather than against the daemon's signer.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgpack
+import pytest
+from nacl.signing import SigningKey
+
+from licd_client.errors import TokenInvalid
+from licd_client.tokens import (
+    SIGNATURE_LEN,
+    key_from_text,
+    key_to_text,
+    open_statement,
+    sign,
+    verify_chain,
+    verify_lease,
+)
+
+T0 = 1_700_000_000.0
+NONCE = bytes(range(16))
+HANDLE = "h-7f3a"
+
+
+def key(n: int) -> SigningKey:
+    """A deterministic signing key, so failures reproduce."""
+    return SigningKey(bytes([n]) * 32)
+
+
+def pub(k: SigningKey) -> bytes:
+    return bytes(k.verify_key)
+
+
+VENDOR = key(1)  # the trust anchor
+SITE = key(2)  # certified by the vendor
+DAEMON = key(3)  # certified by the site; signs lease tokens
+STRANGER = key(9)  # trusted by no one
+
+
+def lease_payload(signer: SigningKey, **changes: Any) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "typ": "lease",
+        "iss": pub(signer),
+        "iat": T0,
+        "exp": T0 + 90.0,
+        "lid": HANDLE,
+        "lic": "dicom-hq",
+        "product": "dicom",
+        "seats": 2,
+        "features": {"tier": "pro", "max_studies": 10, "beta": False},
+        "holder": {"host": "machine-a", "hostid": "id-a", "user": "alice"},
+        "nonce": NONCE,
+        "site": "hq",
+    }
+    payload.update(changes)
+    return {k: v for k, v in payload.items() if v is not None}
+
+
+def cert_payload(signer: SigningKey, delegate: SigningKey, **changes: Any) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "typ": "cert",
+        "iss": pub(signer),
+        "iat": T0 - 86_400.0,
+        "exp": T0 + 30 * 86_400.0,
+        "site": "hq",
+        "del": pub(delegate),
+    }
+    payload.update(changes)
+    return {k: v for k, v in payload.items() if v is not None}
+
+
+def token(signer: SigningKey = VENDOR, **changes: Any) -> bytes:
+    return sign(signer, lease_payload(signer, **changes))
+
+
+def cert(signer: SigningKey, delegate: SigningKey, **changes: Any) -> bytes:
+    return sign(signer, cert_payload(signer, delegate, **changes))
+
+
+def two_link_chain(**site_cert_changes: Any) -> list[bytes]:
+    """VENDOR -> SITE -> DAEMON: chain[0] signed by the vendor, chain[1] by the site."""
+    return [
+        cert(VENDOR, SITE, exp=T0 + 30 * 86_400.0),
+        cert(SITE, DAEMON, **{"exp": T0 + 7 * 86_400.0, **site_cert_changes}),
+    ]
+
+
+def flip(blob: bytes, index: int) -> bytes:
+    out = bytearray(blob)
+    out[index] ^= 0x01
+    return bytes(out)
+
+
+# ------------------------------------------------------------------- accepted
+
+
+def test_sign_is_signature_then_msgpack_payload() -> None:
+    payload = lease_payload(VENDOR)
+    blob = sign(VENDOR, payload)
+    assert blob[SIGNATURE_LEN:] == msgpack.packb(payload, use_bin_type=True)
+    assert VENDOR.verify_key.verify(blob) == blob[SIGNATURE_LEN:]
+
+
+def test_empty_chain_anchor_signed_the_token() -> None:
+    leaf = verify_chain([pub(VENDOR)], [], token(VENDOR), at=T0 + 10)
+    assert leaf.typ == "lease"
+    assert leaf.iss == pub(VENDOR)
+    assert (leaf.iat, leaf.exp) == (T0, T0 + 90.0)
+    assert leaf.delegate is None
+    assert leaf.lid == HANDLE
+    assert leaf.nonce == NONCE
+    assert leaf.seats == 2
+    assert leaf.features == {"tier": "pro", "max_studies": 10, "beta": False}
+    assert leaf.payload["lic"] == "dicom-hq"
+    assert leaf.payload["holder"] == {"host": "machine-a", "hostid": "id-a", "user": "alice"}
+
+
+def test_verify_lease_with_its_nonce_and_handle() -> None:
+    leaf = verify_lease([pub(VENDOR)], [], token(VENDOR), nonce=NONCE, handle=HANDLE, at=T0)
+    assert leaf.lid == HANDLE
+
+
+def test_chain_of_two_certs_from_a_root_anchor() -> None:
+    chain = two_link_chain()
+    leaf = verify_lease([pub(VENDOR)], chain, token(DAEMON), nonce=NONCE, handle=HANDLE, at=T0)
+    assert leaf.iss == pub(DAEMON)
+    # Without `at`, only the chain's own consistency is checked.
+    assert verify_chain([pub(VENDOR)], chain, token(DAEMON)).iss == pub(DAEMON)
+
+
+def test_intermediate_key_can_be_an_anchor_too() -> None:
+    chain = two_link_chain()
+    assert verify_chain([pub(SITE)], chain[1:], token(DAEMON), at=T0).iss == pub(DAEMON)
+
+
+def test_block_token_with_del_can_be_a_link() -> None:
+    """Section 5: a router's local chain is the upstream chain + [block token]."""
+    block = sign(
+        DAEMON, lease_payload(DAEMON, exp=T0 + 86_400.0, seats=5, **{"del": pub(STRANGER)})
+    )
+    chain = [*two_link_chain(), block]
+    leaf = verify_chain([pub(VENDOR)], chain, token(STRANGER, seats=1), at=T0 + 5)
+    assert leaf.iss == pub(STRANGER)
+
+
+def test_several_anchors_where_only_one_is_right() -> None:
+    anchors = [pub(key(40)), pub(STRANGER), pub(VENDOR), pub(key(41))]
+    assert verify_chain(anchors, [], token(VENDOR), at=T0).iss == pub(VENDOR)
+    assert verify_chain(anchors, two_link_chain(), token(DAEMON), at=T0).iss == pub(DAEMON)
+
+
+def test_anchors_may_be_any_iterable() -> None:
+    anchors = (pub(k) for k in (STRANGER, VENDOR))
+    assert verify_chain(anchors, [], token(VENDOR)).iss == pub(VENDOR)
+
+
+def test_validity_bounds_are_inclusive() -> None:
+    for at in (T0, T0 + 90.0):
+        assert verify_chain([pub(VENDOR)], [], token(VENDOR), at=at).exp == T0 + 90.0
+
+
+# ---------------------------------------------------------------- anchors
+
+
+def test_no_anchors_is_invalid() -> None:
+    with pytest.raises(TokenInvalid, match="anchor"):
+        verify_chain([], [], token(VENDOR))
+    with pytest.raises(TokenInvalid):
+        verify_lease(iter(()), [], token(VENDOR), nonce=NONCE)
+
+
+def test_token_signed_by_another_key_is_invalid() -> None:
+    with pytest.raises(TokenInvalid):
+        verify_chain([pub(VENDOR)], [], token(STRANGER))
+
+
+def test_token_signed_by_another_key_claiming_the_anchor_is_invalid() -> None:
+    forged = sign(STRANGER, lease_payload(VENDOR))  # iss says VENDOR
+    with pytest.raises(TokenInvalid):
+        verify_chain([pub(VENDOR)], [], forged)
+
+
+def test_wrong_anchors_only_is_invalid() -> None:
+    with pytest.raises(TokenInvalid):
+        verify_chain([pub(STRANGER), pub(key(40))], two_link_chain(), token(DAEMON))
+
+
+def test_the_chain_is_needed_when_the_anchor_did_not_sign_the_token() -> None:
+    with pytest.raises(TokenInvalid):
+        verify_chain([pub(VENDOR)], [], token(DAEMON))
+
+
+# -------------------------------------------------------------- tampering
+
+
+TOKEN = token(VENDOR)
+
+
+@pytest.mark.parametrize(
+    "index",
+    [0, 1, 31, 32, 63, 64, 65, len(TOKEN) // 2, len(TOKEN) - 2, len(TOKEN) - 1],
+    ids=lambda i: f"byte{i}",
+)
+def test_a_flipped_byte_anywhere_in_the_token_is_invalid(index: int) -> None:
+    with pytest.raises(TokenInvalid):
+        verify_lease([pub(VENDOR)], [], flip(TOKEN, index), nonce=NONCE)
+
+
+@pytest.mark.parametrize("link", [0, 1])
+@pytest.mark.parametrize("index", [0, 63, 64, -1])
+def test_a_flipped_byte_in_a_chain_link_is_invalid(link: int, index: int) -> None:
+    chain = two_link_chain()
+    chain[link] = flip(chain[link], index)
+    with pytest.raises(TokenInvalid):
+        verify_chain([pub(VENDOR)], chain, token(DAEMON))
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [b"", b"\x00" * SIGNATURE_LEN, TOKEN[:SIGNATURE_LEN], TOKEN[:-1], TOKEN + b"\x00"],
+    ids=["empty", "zeros", "signature-only", "truncated", "extended"],
+)
+def test_truncated_or_extended_token_is_invalid(blob: bytes) -> None:
+    with pytest.raises(TokenInvalid):
+        verify_chain([pub(VENDOR)], [], blob)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"\xc1", msgpack.packb([1, 2]), msgpack.packb({"typ": "lease"}) + b"\x00"],
+    ids=["garbage", "array", "trailing"],
+)
+def test_a_properly_signed_non_map_payload_is_invalid(body: bytes) -> None:
+    with pytest.raises(TokenInvalid):
+        verify_chain([pub(VENDOR)], [], bytes(VENDOR.sign(body)))
+
+
+def test_a_link_signed_by_the_wrong_key_is_invalid() -> None:
+    chain = two_link_chain()
+    # chain[1] should be signed by SITE (chain[0]'s del); sign it with VENDOR instead.
+    chain[1] = sign(VENDOR, cert_payload(SITE, DAEMON, exp=T0 + 86_400.0))
+    with pytest.raises(TokenInvalid, match=r"chain\[1\]"):
+        verify_chain([pub(VENDOR)], chain, token(DAEMON))
+    # ...and honestly labelled as VENDOR's, it is still not SITE's signature.
+    chain[1] = cert(VENDOR, DAEMON, exp=T0 + 86_400.0)
+    with pytest.raises(TokenInvalid, match=r"chain\[1\]"):
+        verify_chain([pub(VENDOR)], chain, token(DAEMON))
+
+
+def test_links_in_the_wrong_order_are_invalid() -> None:
+    chain = two_link_chain()
+    with pytest.raises(TokenInvalid):
+        verify_chain([pub(VENDOR)], chain[::-1], token(DAEMON))
+
+
+def test_token_signed_by_a_key_other_than_the_last_del_is_invalid() -> None:
+    with pytest.raises(TokenInvalid, match="token"):
+        verify_chain([pub(VENDOR)], two_link_chain(), token(SITE))
+
+
+# ------------------------------------------------------------- statement rules
+
+
+def test_iss_not_matching_the_signer_is_invalid() -> None:
+    lying = sign(VENDOR, lease_payload(VENDOR, iss=pub(STRANGER)))
+    with pytest.raises(TokenInvalid, match="iss"):
+        verify_chain([pub(VENDOR)], [], lying)
+    missing = sign(VENDOR, lease_payload(VENDOR, iss=None))
+    with pytest.raises(TokenInvalid, match="iss"):
+        verify_chain([pub(VENDOR)], [], missing)
+
+
+def test_link_iss_not_matching_its_signer_is_invalid() -> None:
+    chain = two_link_chain()
+    chain[0] = sign(VENDOR, cert_payload(VENDOR, SITE, iss=pub(STRANGER)))
+    with pytest.raises(TokenInvalid, match=r"chain\[0\]"):
+        verify_chain([pub(VENDOR)], chain, token(DAEMON))
+
+
+@pytest.mark.parametrize("typ", ["cert", "Lease", "", None, 1])
+def test_leaf_typ_not_lease_is_invalid(typ: Any) -> None:
+    with pytest.raises(TokenInvalid):
+        verify_chain([pub(VENDOR)], [], token(VENDOR, typ=typ))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"iat": None},
+        {"exp": None},
+        {"iat": "yesterday"},
+        {"exp": True},
+        {"iat": T0 + 100.0, "exp": T0},
+    ],
+    ids=["no-iat", "no-exp", "iat-str", "exp-bool", "exp-before-iat"],
+)
+def test_token_without_a_valid_period_is_invalid(changes: dict[str, Any]) -> None:
+    with pytest.raises(TokenInvalid):
+        verify_chain([pub(VENDOR)], [], token(VENDOR, **changes))
+
+
+def test_a_link_without_del_is_invalid() -> None:
+    chain = two_link_chain()
+    chain[0] = sign(VENDOR, cert_payload(VENDOR, SITE, **{"del": None}))
+    with pytest.raises(TokenInvalid, match="delegates to no key"):
+        verify_chain([pub(VENDOR)], chain, token(DAEMON))
+
+
+@pytest.mark.parametrize("delegate", [b"\x01" * 31, b"\x01" * 33, "aa" * 32])
+def test_a_link_with_a_malformed_del_is_invalid(delegate: Any) -> None:
+    chain = [sign(VENDOR, cert_payload(VENDOR, DAEMON, **{"del": delegate}))]
+    with pytest.raises(TokenInvalid):
+        verify_chain([pub(VENDOR)], chain, token(DAEMON))
+
+
+def test_a_link_that_expires_after_its_parent_is_invalid() -> None:
+    chain = two_link_chain(exp=T0 + 31 * 86_400.0)  # parent expires at T0 + 30 days
+    with pytest.raises(TokenInvalid, match="expires after its parent"):
+        verify_chain([pub(VENDOR)], chain, token(DAEMON))
+
+
+def test_a_link_that_expires_with_its_parent_is_accepted() -> None:
+    chain = two_link_chain(exp=T0 + 30 * 86_400.0)
+    assert verify_chain([pub(VENDOR)], chain, token(DAEMON)).iss == pub(DAEMON)
+
+
+def test_a_token_that_expires_after_its_link_is_invalid() -> None:
+    chain = two_link_chain(exp=T0 + 60.0)
+    with pytest.raises(TokenInvalid, match="expires after"):
+        verify_chain([pub(VENDOR)], chain, token(DAEMON, exp=T0 + 90.0))
+
+
+def test_token_issued_before_a_link_was_valid_is_invalid() -> None:
+    chain = two_link_chain(iat=T0 + 10.0)
+    with pytest.raises(TokenInvalid, match=r"chain\[1\]"):
+        verify_chain([pub(VENDOR)], chain, token(DAEMON, iat=T0, exp=T0 + 90.0))
+
+
+def test_token_issued_after_a_link_expired_is_invalid() -> None:
+    chain = two_link_chain(iat=T0 - 200.0, exp=T0 - 100.0)
+    with pytest.raises(TokenInvalid):
+        verify_chain([pub(VENDOR)], chain, token(DAEMON, iat=T0, exp=T0 + 90.0))
+
+
+def test_token_issued_before_the_root_link_was_valid_is_invalid() -> None:
+    chain = two_link_chain()
+    chain[0] = cert(VENDOR, SITE, iat=T0 + 5.0, exp=T0 + 30 * 86_400.0)
+    with pytest.raises(TokenInvalid, match=r"chain\[0\]"):
+        verify_chain([pub(VENDOR)], chain, token(DAEMON))
+
+
+@pytest.mark.parametrize("at", [T0 - 0.001, T0 - 3600.0, T0 + 90.001, T0 + 86_400.0])
+def test_at_outside_the_token_validity_is_invalid(at: float) -> None:
+    with pytest.raises(TokenInvalid, match="not valid now"):
+        verify_chain([pub(VENDOR)], [], token(VENDOR), at=at)
+    with pytest.raises(TokenInvalid, match="not valid now"):
+        verify_lease([pub(VENDOR)], two_link_chain(), token(DAEMON), nonce=NONCE, at=at)
+
+
+def test_at_outside_a_link_validity_is_invalid() -> None:
+    # The site cert and the token lapse together; the lapsed link is reported.
+    chain = two_link_chain(exp=T0 + 3600.0)
+    tok = token(DAEMON, exp=T0 + 3600.0)
+    assert verify_chain([pub(VENDOR)], chain, tok, at=T0 + 3600.0).iss == pub(DAEMON)
+    with pytest.raises(TokenInvalid, match=r"chain\[1\] is not valid now"):
+        verify_chain([pub(VENDOR)], chain, tok, at=T0 + 3600.5)
+
+
+# ------------------------------------------------------------ the client's checks
+
+
+@pytest.mark.parametrize("nonce", [bytes(16), NONCE[::-1], NONCE[:15], b""])
+def test_a_wrong_nonce_is_invalid(nonce: bytes) -> None:
+    with pytest.raises(TokenInvalid, match="nonce"):
+        verify_lease([pub(VENDOR)], [], token(VENDOR), nonce=nonce)
+
+
+def test_a_token_without_a_nonce_is_invalid() -> None:
+    with pytest.raises(TokenInvalid, match="nonce"):
+        verify_lease([pub(VENDOR)], [], token(VENDOR, nonce=None), nonce=NONCE)
+
+
+@pytest.mark.parametrize("handle", ["h-other", "", HANDLE.upper()])
+def test_a_wrong_handle_is_invalid(handle: str) -> None:
+    with pytest.raises(TokenInvalid, match="another lease"):
+        verify_lease([pub(VENDOR)], [], token(VENDOR), nonce=NONCE, handle=handle)
+
+
+def test_handle_is_not_checked_when_not_given() -> None:
+    leaf = verify_lease([pub(VENDOR)], [], token(VENDOR, lid="whatever"), nonce=NONCE)
+    assert leaf.lid == "whatever"
+
+
+# ------------------------------------------------------------------ open_statement
+
+
+def test_open_statement_returns_the_delegate() -> None:
+    st = open_statement(cert(VENDOR, SITE), pub(VENDOR))
+    assert st.typ == "cert"
+    assert st.delegate == pub(SITE)
+
+
+@pytest.mark.parametrize("signer", [b"", b"\x00" * 31, "00" * 32], ids=["empty", "31", "str"])
+def test_open_statement_with_a_malformed_signer_is_invalid(signer: Any) -> None:
+    with pytest.raises(TokenInvalid):
+        open_statement(TOKEN, signer)
+
+
+# ------------------------------------------------------------------- key as text
+
+
+def test_key_text_round_trip() -> None:
+    for k in (VENDOR, SITE, DAEMON, SigningKey.generate()):
+        text = key_to_text(pub(k))
+        assert re.fullmatch(r"[0-9a-f]{64}", text), text
+        assert key_from_text(text) == pub(k)
+
+
+def test_key_from_text_tolerates_surrounding_whitespace() -> None:
+    text = key_to_text(pub(VENDOR))
+    assert key_from_text(f"  {text}\n") == pub(VENDOR)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "ab", "a" * 63, "a" * 65, "a" * 128],
+    ids=["empty", "2", "63", "65", "128"],
+)
+def test_key_from_text_wrong_length(text: str) -> None:
+    with pytest.raises(ValueError, match="64 hex digits"):
+        key_from_text(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["g" * 64, "0x" + "a" * 62, "z" + "a" * 63, "é" * 64, "-" + "1" * 63],
+    ids=["g", "0x", "z", "non-ascii", "minus"],
+)
+def test_key_from_text_non_hex(text: str) -> None:
+    with pytest.raises(ValueError, match="hex"):
+        key_from_text(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["00" * 15 + "  " + "00" * 16, "ab " * 16 + "cd" * 8],
+    ids=["two-inner-spaces", "spaced-pairs"],
+)
+def test_key_from_text_rejects_inner_whitespace(text: str) -> None:
+    assert len(text) == 64
+    with pytest.raises(ValueError):
+        key_from_text(text)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_times_are_refused(bad: float) -> None:
+    signer = SigningKey.generate()
+    iss = bytes(signer.verify_key)
+    token = sign(signer, {"typ": "lease", "iss": iss, "iat": 1.0, "exp": bad, "nonce": b"n" * 16})
+    with pytest.raises(TokenInvalid):
+        verify_chain([iss], [], token)
