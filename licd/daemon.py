@@ -44,6 +44,18 @@ def prepare_state_dir(path: Path) -> None:
         raise StartupError(f"cannot create the state directory {path}: {exc.strerror}") from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise StartupError(f"the state directory {path} is not writable")
+    # The database holds lease secrets: only the daemon's user may look inside, even
+    # when the directory was made beforehand by someone else's umask.
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        try:
+            path.chmod(0o700)
+        except OSError as exc:
+            raise StartupError(
+                f"the state directory {path} is open to other users (mode {mode:o}) "
+                f"and cannot be made private: {exc.strerror}"
+            ) from None
+        log.warning("event=state_dir_made_private path=%s old_mode=%o", path, mode)
 
 
 def _lock(state_dir: Path) -> IO[str]:

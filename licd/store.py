@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -126,6 +127,13 @@ class Store:
     @classmethod
     async def open(cls, path: Path) -> Store:
         """Open (creating if needed) the database at `path` and apply migrations."""
+        try:
+            # Lease secrets live here: the file (and the -wal and -shm files SQLite
+            # derives from it) readable by the daemon's user only.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(path, 0o600)
+        except OSError as exc:
+            raise StoreError(f"{path}: cannot create the database: {exc.strerror}") from None
         try:
             db = await aiosqlite.connect(path, isolation_level=None)
         except sqlite3.Error as exc:

@@ -252,7 +252,11 @@ class Heartbeat(Request):
 
     @classmethod
     def read(cls, rid: int, r: _Reader) -> Heartbeat:
-        return cls(rid, lease=r.nonempty_str("lease", max_len=255), nonce=r.binary("nonce", length=NONCE_LEN))
+        return cls(
+            rid,
+            lease=r.nonempty_str("lease", max_len=255),
+            nonce=r.binary("nonce", length=NONCE_LEN),
+        )
 
 
 @dataclass(frozen=True)
@@ -425,7 +429,9 @@ class AvailableReply(Reply):
 
     @classmethod
     def read(cls, rid: int, r: _Reader) -> AvailableReply:
-        return cls(rid, total=r.uint("total"), in_use=r.uint("in_use"), available=r.uint("available"))
+        return cls(
+            rid, total=r.uint("total"), in_use=r.uint("in_use"), available=r.uint("available")
+        )
 
 
 #: Which reply type answers which request op.

@@ -10,12 +10,11 @@ No I/O, and no wall clock: callers pass the instants to check.
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import math
-import re
 
 import msgpack
 from nacl.exceptions import BadSignatureError
@@ -138,7 +137,9 @@ def verify_chain(
     raise TokenInvalid(failures[0] if len(failures) == 1 else "; ".join(sorted(set(failures))))
 
 
-def _verify_from(anchor: bytes, chain: Sequence[bytes], token: bytes, at: float | None) -> Statement:
+def _verify_from(
+    anchor: bytes, chain: Sequence[bytes], token: bytes, at: float | None
+) -> Statement:
     signer = anchor
     links: list[Statement] = []
     for i, blob in enumerate(chain):

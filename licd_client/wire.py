@@ -4,9 +4,9 @@ Theory of operation: a frame is a 4-byte big-endian length N and N bytes holding
 msgpack map with string keys. `FrameDecoder.feed()` buffers bytes; `next_frame()` returns
 the next complete map or None. `next_frame()` checks the length against the limit as
 soon as the 4 prefix bytes are in, before waiting for the body: a reader that calls it
-after each chunk it feeds never buffers more than one chunk of an oversized frame. After any error the decoder is
-dead: every later call raises the same error, because the stream cannot be
-resynchronised. The decoder never reads sockets, never sleeps, never logs.
+after each chunk it feeds never buffers more than one chunk of an oversized frame. After
+any error the decoder is dead: every later call raises the same error, because the
+stream cannot be resynchronised. The decoder never reads sockets, never sleeps, never logs.
 """
 
 from __future__ import annotations

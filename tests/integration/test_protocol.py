@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import sqlite3
 import struct
@@ -277,11 +278,13 @@ async def test_bad_input_does_not_grow_memory(tmp_path: Path) -> None:
             assert await peer.closed()
 
         await attack()  # warm up
+        gc.collect()
         tracemalloc.start()
         try:
             base = tracemalloc.get_traced_memory()[0]
             for _ in range(50):
                 await attack()
+            gc.collect()
             grown = tracemalloc.get_traced_memory()[0] - base
         finally:
             tracemalloc.stop()

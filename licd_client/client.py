@@ -1,0 +1,296 @@
+"""The asyncio client: configuration, the shared connection, `available` and `checkout`.
+
+`AsyncClient` resolves servers and trust anchors (arguments or LICD_SERVER /
+LICD_SERVER_KEY), keeps one connection (reopened on demand), retries transient failures
+with jittered backoff, and verifies every lease token before handing out an `AsyncLease`
+(see lease.py). It never blocks the event loop and never reads the wall clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import secrets
+import ssl as _ssl
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TypeVar
+
+from . import identity, messages, tokens
+from .backoff import Backoff, is_retryable, retry_delay
+from .clock import Clock, SystemClock
+from .connection import (
+    DEFAULT_SERVERS,
+    SERVER_ENV,
+    Address,
+    Connection,
+    parse_address,
+    parse_servers,
+)
+from .errors import ConnectionLost, LicdError, ProtocolViolation, SeatsExhausted, TokenInvalid
+from .lease import (
+    HELD_LEASES,
+    AsyncLease,
+    ExpiringCallback,
+    LeaseState,
+    LostCallback,
+    Mode,
+    RenewedCallback,
+    as_lease_reply,
+)
+
+__all__ = ["AsyncClient", "AsyncLease", "LeaseState", "Mode"]
+
+log = logging.getLogger("licd_client")
+
+SERVER_KEY_ENV = "LICD_SERVER_KEY"
+DEFAULT_CLIENT_NAME = "licd-client/0.1.0"
+NO_KEY_MESSAGE = (
+    "no server key: set LICD_SERVER_KEY (or pass the server key) to the daemon's public "
+    "key, as printed by `licd key show`"
+)
+
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------- configuration
+
+
+def parse_server_keys(text: str) -> list[bytes]:
+    """Comma-separated public keys (64 hex digits each); ValueError if one is malformed."""
+    keys = [tokens.key_from_text(part) for part in text.split(",") if part.strip()]
+    # key_from_text lets bytes.fromhex skip inner spaces, which can yield a short key.
+    if any(len(key) != tokens.KEY_LEN for key in keys):
+        raise ValueError(f"a server key is {2 * tokens.KEY_LEN} hex digits, without spaces")
+    return keys
+
+
+def resolve_anchors(server_key: str | bytes | Sequence[str | bytes] | None) -> list[bytes]:
+    """Trust anchors from an argument, else from LICD_SERVER_KEY; possibly none."""
+    if server_key is None:
+        return parse_server_keys(os.environ.get(SERVER_KEY_ENV, ""))
+    items = [server_key] if isinstance(server_key, str | bytes) else list(server_key)
+    anchors: list[bytes] = []
+    for item in items:
+        if isinstance(item, bytes):
+            if len(item) != tokens.KEY_LEN:
+                raise ValueError(f"a server key is {tokens.KEY_LEN} bytes")
+            anchors.append(item)
+        else:
+            anchors.extend(parse_server_keys(item))
+    return anchors
+
+
+def resolve_servers(servers: str | Sequence[str | Address] | None) -> list[Address]:
+    """Addresses from an argument, else LICD_SERVER, else 127.0.0.1:27500."""
+    if servers is None:
+        text = os.environ.get(SERVER_ENV, "").strip()
+        return parse_servers(text) if text else list(DEFAULT_SERVERS)
+    if isinstance(servers, str):
+        return parse_servers(servers)
+    out = [parse_address(s) if isinstance(s, str) else (s[0], int(s[1])) for s in servers]
+    if not out:
+        raise ValueError("no server address given")
+    return out
+
+
+# -------------------------------------------------------------------------- client
+
+
+class AsyncClient:
+    """A client of one licd (or an ordered list of them). Use one per event loop."""
+
+    def __init__(
+        self,
+        servers: str | Sequence[str | Address] | None = None,
+        server_key: str | bytes | Sequence[str | bytes] | None = None,
+        *,
+        client_name: str = DEFAULT_CLIENT_NAME,
+        ssl: _ssl.SSLContext | None = None,
+        io_timeout: float = 5.0,
+        retry_for: float = 10.0,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        backoff: Backoff | None = None,
+    ) -> None:
+        self.servers = resolve_servers(servers)
+        self.anchors = resolve_anchors(server_key)
+        self.client_name = client_name
+        self.ssl = ssl
+        self.io_timeout = io_timeout
+        self.retry_for = retry_for
+        self.clock: Clock = clock if clock is not None else SystemClock()
+        self.rng = rng if rng is not None else random.Random()
+        self.backoff = backoff if backoff is not None else Backoff()
+        self._conn: Connection | None = None
+        self._connect_lock = asyncio.Lock()
+        self._leases: set[AsyncLease] = set()
+        self._closed = False
+
+    @property
+    def hello(self) -> messages.HelloReply | None:
+        """The current connection's hello result (server, site, key, time), if connected."""
+        return self._conn.hello if self._conn is not None else None
+
+    @property
+    def leases(self) -> list[AsyncLease]:
+        """The leases this client holds now."""
+        return list(self._leases)
+
+    async def _connection(self) -> Connection:
+        async with self._connect_lock:
+            if self._closed:
+                raise ConnectionLost("the client is closed")
+            if self._conn is not None and not self._conn.closed:
+                return self._conn
+            if self._conn is not None:
+                await self._conn.close()
+                self._conn = None
+            self._conn = await Connection.open(
+                self.servers,
+                io_timeout=self.io_timeout,
+                client_name=self.client_name,
+                ssl=self.ssl,
+            )
+            return self._conn
+
+    async def request(self, req: messages.Request) -> messages.Reply:
+        """One attempt at one request, on the shared connection (opened if need be)."""
+        conn = await self._connection()
+        return await conn.request(req)
+
+    async def retrying(
+        self, attempt: Callable[[], Awaitable[T]], *, retry_for: float, wait: float = 0.0
+    ) -> T:
+        """Run `attempt` until it succeeds, a fatal error, or the time budget is spent.
+
+        Transient errors are retried for `retry_for` seconds with jittered backoff;
+        seats_exhausted only for `wait` seconds (0: not at all).
+        """
+        start = self.clock.now()
+        delays = self.backoff.delays(self.rng)
+        while True:
+            try:
+                return await attempt()
+            except Exception as exc:
+                if self._closed or not is_retryable(exc):
+                    raise
+                budget = wait if isinstance(exc, SeatsExhausted) else max(retry_for, wait)
+                left = start + budget - self.clock.now()
+                if left <= 0:
+                    raise
+                delay = min(retry_delay(exc, next(delays)), left)
+                log.debug("licd_client: retrying in %.2fs after %r", delay, exc)
+                await self.clock.sleep(delay)
+
+    async def available(self, key: str) -> messages.AvailableReply:
+        """How many seats of licence `key` are free."""
+
+        async def attempt() -> messages.AvailableReply:
+            reply = await self.request(messages.Available(0, key=key))
+            if not isinstance(reply, messages.AvailableReply):
+                raise ProtocolViolation("expected an available reply")
+            return reply
+
+        return await self.retrying(attempt, retry_for=self.retry_for)
+
+    def verify(self, reply: messages.LeaseReply, nonce: bytes) -> tokens.Statement:
+        """Verify a lease reply's token against the trust anchors, or raise TokenInvalid."""
+        if not self.anchors:
+            raise TokenInvalid(NO_KEY_MESSAGE)
+        return tokens.verify_lease(
+            self.anchors, reply.chain, reply.token, nonce=nonce, handle=reply.handle
+        )
+
+    async def checkout(
+        self,
+        key: str,
+        *,
+        seats: int = 1,
+        ttl: float | None = None,
+        app: str | None = None,
+        instance: str | None = None,
+        mode: Mode = "lease",
+        wait: float = 0.0,
+        on_expiring: ExpiringCallback | None = None,
+        on_renewed: RenewedCallback | None = None,
+        on_lost: LostCallback | None = None,
+    ) -> AsyncLease:
+        """Take `seats` seats of licence `key`; the lease renews itself until released.
+
+        A lost reply is retried with the same idempotency key, so it never takes a second
+        seat. `wait` > 0 keeps retrying that long while seats are exhausted. Raises the
+        daemon's error (e.g. SeatsExhausted), ConnectionLost, or TokenInvalid.
+        """
+        if mode not in ("lease", "strict"):
+            raise ValueError("mode must be 'lease' or 'strict'")
+        if seats < 1:
+            raise ValueError("seats must be at least 1")
+        if not self.anchors:
+            raise TokenInvalid(NO_KEY_MESSAGE)  # before a seat is taken, not after
+        holder = identity.holder(app, instance)
+        request_key = uuid.uuid4().hex
+
+        async def attempt() -> tuple[messages.LeaseReply, bytes, float]:
+            nonce = secrets.token_bytes(messages.NONCE_LEN)
+            req = messages.Checkout(
+                0, key=key, holder=holder, request=request_key, nonce=nonce, seats=seats, ttl=ttl
+            )
+            reply = as_lease_reply(await self.request(req))
+            return reply, nonce, self.clock.now()
+
+        reply, nonce, received = await self.retrying(attempt, retry_for=self.retry_for, wait=wait)
+        if reply.lease is None:
+            raise ProtocolViolation("checkout reply without a lease id")
+        try:
+            leaf = self.verify(reply, nonce)
+        except TokenInvalid:
+            await self._checkin_quietly(reply.lease)
+            raise
+        lease = AsyncLease(
+            self,
+            key=key,
+            lease_id=reply.lease,
+            mode=mode,
+            on_expiring=on_expiring,
+            on_renewed=on_renewed,
+            on_lost=on_lost,
+        )
+        lease._accept(reply, leaf, received)
+        if self._closed:  # closed while the checkout was in flight: give the seat back
+            await self._checkin_quietly(reply.lease)
+            raise ConnectionLost("the client was closed during the checkout")
+        self._leases.add(lease)
+        HELD_LEASES.add(lease)
+        lease._start()
+        return lease
+
+    async def _checkin_quietly(self, lease_id: str) -> None:
+        try:
+            await self.request(messages.Checkin(0, lease=lease_id))
+        except LicdError as exc:  # e.g. lease_unknown: nothing left to release
+            log.debug("licd_client: checkin: %s", exc)
+        except Exception as exc:
+            log.warning("licd_client: could not check a lease in: %s", exc)
+
+    def _forget(self, lease: AsyncLease) -> None:
+        self._leases.discard(lease)
+        HELD_LEASES.discard(lease)
+
+    async def aclose(self) -> None:
+        """Check in every lease this client holds and close the connection."""
+        for lease in list(self._leases):
+            await lease.release()
+        self._closed = True
+        async with self._connect_lock:
+            if self._conn is not None:
+                await self._conn.close()
+                self._conn = None
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

@@ -1,0 +1,311 @@
+"""One client connection to a daemon: connect, hello, then pipelined requests in order.
+
+`Connection.open()` tries each `host:port` in order and says hello; `request()` sends a
+typed request with a per-connection id and returns the typed reply (an error reply is
+raised as its LicdError). A reader task matches replies to requests strictly in order; a
+broken connection fails every pending request with ConnectionLost. No retries, no lease
+logic here: the caller decides what to do after a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import socket
+import ssl as _ssl
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, TypeAlias
+
+from . import messages, wire
+from .backoff import is_retryable
+from .errors import ConnectionLost, LicdError, ProtocolViolation
+
+Address: TypeAlias = tuple[str, int]
+
+SERVER_ENV = "LICD_SERVER"
+DEFAULT_PORT = 27500
+DEFAULT_SERVERS: tuple[Address, ...] = (("127.0.0.1", DEFAULT_PORT),)
+#: At most this many requests in flight on one connection (PROTOCOL.md section 1).
+MAX_PIPELINE = 8
+READ_CHUNK = 65536
+
+
+def parse_address(text: str) -> Address:
+    """`host:port`, `[v6addr]:port` or a bare host (default port 27500)."""
+    text = text.strip()
+    if not text:
+        raise ValueError("empty server address")
+    has_port = False
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"bad server address {text!r}: expected [ipv6]:port")
+        has_port, port_text = bool(rest), rest[1:]
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+        has_port = True
+    else:  # a bare host name, or a bare IPv6 address
+        host, port_text = text, ""
+    if not host:
+        raise ValueError(f"bad server address {text!r}: no host")
+    if not has_port:
+        return host, DEFAULT_PORT
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"bad server address {text!r}: port must be 1..65535")
+    return host, int(port_text)
+
+
+def parse_servers(text: str) -> list[Address]:
+    """A comma-separated list of addresses, tried in order."""
+    addresses = [parse_address(part) for part in text.split(",") if part.strip()]
+    if not addresses:
+        raise ValueError("no server address given")
+    return addresses
+
+
+def format_address(address: Address) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Connection:
+    """An open, hello'd connection. Use `await Connection.open(...)`."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        address: Address,
+        *,
+        io_timeout: float,
+    ) -> None:
+        self.address = address
+        self.io_timeout = io_timeout
+        self.hello: messages.HelloReply | None = None
+        self._reader = reader
+        self._writer = writer
+        self._ids = itertools.count(1)
+        self._pending: deque[tuple[int, asyncio.Future[dict[str, Any]]]] = deque()
+        self._slots = asyncio.Semaphore(MAX_PIPELINE)
+        self._error: ConnectionLost | None = None
+        self._task = asyncio.create_task(self._read_loop(), name=f"licd-reader-{address}")
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    async def open(
+        cls,
+        addresses: Sequence[Address],
+        *,
+        io_timeout: float,
+        client_name: str,
+        ssl: _ssl.SSLContext | None = None,
+    ) -> Connection:
+        """Connect to the first address that answers hello; ConnectionLost if none does.
+
+        `io_timeout` bounds each connect and each request on the connection.
+        A fatal hello error (e.g. unsupported_protocol) is raised as it is; a transient
+        one (too_many_connections, shutting_down) moves on to the next address.
+        """
+        if not addresses:
+            raise ConnectionLost("no server address configured")
+        failures: list[str] = []
+        last: BaseException | None = None
+        for address in addresses:
+            try:
+                return await cls._open_one(address, io_timeout, client_name, ssl)
+            except Exception as exc:
+                if not is_retryable(exc):
+                    raise
+                failures.append(f"{format_address(address)}: {_describe(exc)}")
+                last = exc
+        raise ConnectionLost(
+            "cannot reach the licence daemon (" + "; ".join(failures) + ")"
+        ) from last
+
+    @classmethod
+    async def _open_one(
+        cls, address: Address, io_timeout: float, client_name: str, ssl: _ssl.SSLContext | None
+    ) -> Connection:
+        host, port = address
+        async with asyncio.timeout(io_timeout):
+            reader, writer = await asyncio.open_connection(host, port, ssl=ssl)
+        conn = cls(reader, writer, address, io_timeout=io_timeout)
+        try:
+            reply = await conn.request(
+                messages.Hello(0, protocol=messages.PROTOCOL_VERSION, client=client_name[:255])
+            )
+            if not isinstance(reply, messages.HelloReply):
+                raise ProtocolViolation("hello answered with another reply type")
+            if reply.protocol != messages.PROTOCOL_VERSION:
+                raise ProtocolViolation(f"the daemon answered hello with protocol {reply.protocol}")
+        except BaseException:
+            await conn.close()
+            raise
+        conn.hello = reply
+        return conn
+
+    # ----------------------------------------------------------------- requests
+
+    @property
+    def closed(self) -> bool:
+        return self._error is not None
+
+    async def request(
+        self, req: messages.Request, *, reply_timeout: float | None = None
+    ) -> messages.Reply:
+        """Send `req` (its `id` is replaced by this connection's next id), await the reply.
+
+        No reply within `reply_timeout` (default: `io_timeout`) breaks the connection, since
+        the replies that follow could no longer be matched: ConnectionLost.
+        """
+        async with self._slots:
+            if self._error is not None:
+                raise self._error
+            req = dataclasses.replace(req, id=next(self._ids))
+            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            # Appending and writing with no await between keeps the queue in wire order.
+            self._pending.append((req.id, fut))
+            try:
+                self._writer.write(wire.encode(req.to_wire()))
+            except Exception as exc:
+                raise self._broken(f"cannot send: {_describe(exc)}") from exc
+            try:
+                limit = self.io_timeout if reply_timeout is None else reply_timeout
+                async with asyncio.timeout(limit):
+                    await self._writer.drain()
+                    data = await fut
+            except TimeoutError:
+                lost = self._broken(f"no reply to {req.op} within the timeout")
+                await self._close_transport()
+                raise lost from None
+            except OSError as exc:
+                raise self._broken(f"connection broken: {_describe(exc)}") from exc
+        return messages.parse_reply(req.op, data)
+
+    async def _read_loop(self) -> None:
+        decoder = wire.FrameDecoder(wire.MAX_FRAME_ADMIN, wire.REPLY_LIMITS)
+        try:
+            while True:
+                chunk = await self._reader.read(READ_CHUNK)
+                if not chunk:
+                    raise ConnectionLost("the daemon closed the connection")
+                decoder.feed(chunk)
+                while (frame := decoder.next_frame()) is not None:
+                    self._deliver(frame)
+        except asyncio.CancelledError:
+            self._fail(ConnectionLost("connection closed"))
+            raise
+        except ConnectionLost as exc:
+            self._fail(exc)
+        except LicdError as exc:  # a reply the decoder rejects
+            self._fail(ConnectionLost(f"undecodable reply from the daemon: {exc.message}"))
+        except Exception as exc:
+            self._fail(ConnectionLost(f"connection broken: {_describe(exc)}"))
+        finally:
+            self._writer.close()
+
+    def _deliver(self, frame: dict[str, Any]) -> None:
+        rid = frame.get("id")
+        if not self._pending:
+            raise ConnectionLost(f"unsolicited reply from the daemon (id {rid!r})")
+        expected, fut = self._pending[0]
+        # An error for a frame the daemon could not parse carries id null; it answers
+        # the oldest request, and the daemon closes the connection after it.
+        if rid != expected and not (rid is None and frame.get("ok") is False):
+            raise ConnectionLost(f"reply id {rid!r} out of order (expected {expected})")
+        self._pending.popleft()
+        if not fut.done():
+            fut.set_result(frame)
+
+    def _broken(self, message: str) -> ConnectionLost:
+        """Mark the connection broken (if it is not already); the error to raise."""
+        self._fail(ConnectionLost(message))
+        assert self._error is not None
+        return self._error
+
+    def _fail(self, exc: ConnectionLost) -> None:
+        if self._error is None:
+            self._error = exc
+        while self._pending:
+            _, fut = self._pending.popleft()
+            if not fut.done():
+                fut.set_exception(self._error)
+                fut.exception()  # retrieved: a cancelled requester must not warn
+
+    # ------------------------------------------------------------------ closing
+
+    async def _close_transport(self) -> None:
+        self._writer.close()
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(self.io_timeout):
+                await self._writer.wait_closed()
+
+    async def close(self) -> None:
+        """Close the connection; pending requests fail with ConnectionLost. Idempotent."""
+        self._fail(ConnectionLost("connection closed"))
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await self._task
+        await self._close_transport()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, LicdError):
+        return f"{exc.code}: {exc.message}"
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc) or type(exc).__name__
+    return text
+
+
+def blocking_checkin(
+    addresses: Sequence[Address],
+    lease: str,
+    *,
+    timeout: float = 2.0,
+    client_name: str = "licd-client",
+    ssl: _ssl.SSLContext | None = None,
+) -> bool:
+    """Check a lease in with plain blocking sockets, for interpreter exit (no event loop).
+
+    Tries each address in order; True once a daemon answered the checkin. Never raises.
+    """
+    hello = messages.Hello(1, protocol=messages.PROTOCOL_VERSION, client=client_name[:255])
+    checkin = messages.Checkin(2, lease=lease)
+    payload = wire.encode(hello.to_wire()) + wire.encode(checkin.to_wire())
+    for host, port in addresses:
+        try:
+            with contextlib.ExitStack() as stack:
+                sock = stack.enter_context(socket.create_connection((host, port), timeout))
+                if ssl is not None:
+                    sock = stack.enter_context(ssl.wrap_socket(sock, server_hostname=host))
+                sock.sendall(payload)
+                frames = _read_frames(sock, 2)
+                messages.parse_reply("hello", frames[0])
+        except Exception:
+            continue
+        try:
+            messages.parse_reply("checkin", frames[1])
+        except LicdError:
+            pass  # the daemon answered (e.g. lease_unknown): nothing is left to release
+        except Exception:
+            continue
+        return True
+    return False
+
+
+def _read_frames(sock: socket.socket, count: int) -> list[dict[str, Any]]:
+    decoder = wire.FrameDecoder(wire.MAX_FRAME_ADMIN, wire.REPLY_LIMITS)
+    frames: list[dict[str, Any]] = []
+    while len(frames) < count:
+        chunk = sock.recv(READ_CHUNK)
+        if not chunk:
+            raise ConnectionLost("the daemon closed the connection")
+        decoder.feed(chunk)
+        while (frame := decoder.next_frame()) is not None:
+            frames.append(frame)
+    return frames

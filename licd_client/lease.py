@@ -1,0 +1,323 @@
+"""One held lease: its renewal task, its state and callbacks, its release.
+
+`AsyncLease` heartbeats at the daemon's `renew_in`, rides out outages with jittered
+backoff until its local deadline (on the lease clock), and reports `on_renewed`,
+`on_expiring` and `on_lost`. It talks to the daemon only through its `AsyncClient`; it
+never opens connections itself and never trusts a token the client did not verify.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import enum
+import inspect
+import logging
+import secrets
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+from . import messages, tokens
+from .backoff import is_retryable, retry_delay
+from .connection import blocking_checkin
+from .errors import LeaseUnknown, LicdError, ProtocolViolation, TokenInvalid
+
+if TYPE_CHECKING:
+    from .client import AsyncClient
+
+log = logging.getLogger("licd_client")
+
+Mode: TypeAlias = Literal["lease", "strict"]
+ExpiringCallback: TypeAlias = Callable[[float], object]
+RenewedCallback: TypeAlias = Callable[["AsyncLease"], object]
+LostCallback: TypeAlias = Callable[[Exception], object]
+
+
+class LeaseState(enum.Enum):
+    """Where a lease is in its life."""
+
+    ACTIVE = "active"  # renewed on schedule
+    DEGRADED = "degraded"  # renewals failing; still valid until its local deadline
+    LOST = "lost"  # the daemon dropped it, or its deadline passed: check out again
+    RELEASED = "released"  # checked in by this process
+
+
+def as_lease_reply(reply: messages.Reply) -> messages.LeaseReply:
+    if not isinstance(reply, messages.LeaseReply):
+        raise ProtocolViolation("expected a lease reply")
+    return reply
+
+
+async def _fire(name: str, callback: Callable[..., object] | None, *args: Any) -> None:
+    """Run an app callback (sync or async); its failure is logged, never propagated."""
+    if callback is None:
+        return
+    try:
+        result = callback(*args)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        log.exception("licd_client: the %s callback failed", name)
+
+
+# --------------------------------------------------------------------------- lease
+
+
+class AsyncLease:
+    """A held lease. Made by `AsyncClient.checkout()`; release with `release()`."""
+
+    def __init__(
+        self,
+        client: AsyncClient,
+        *,
+        key: str,
+        lease_id: str,
+        mode: Mode,
+        on_expiring: ExpiringCallback | None,
+        on_renewed: RenewedCallback | None,
+        on_lost: LostCallback | None,
+    ) -> None:
+        self.client = client
+        self.key = key
+        self.mode: Mode = mode
+        self.state = LeaseState.ACTIVE
+        self.lost_reason: Exception | None = None
+        self.handle = ""
+        self.seats = 0
+        self.features: messages.Features = {}
+        self.expires = 0.0  # the daemon's wall-clock expiry: informative only
+        self.token = b""
+        self.chain: list[bytes] = []
+        self.statement: tokens.Statement | None = None
+        self._id = lease_id
+        self._on_expiring = on_expiring
+        self._on_renewed = on_renewed
+        self._on_lost = on_lost
+        self._lifetime = 0.0
+        self._deadline = 0.0  # on the lease clock
+        self._renew_at = 0.0  # on the lease clock
+        self._expiring_fired = False
+        self._released = False
+        self._last_error: Exception | None = None
+        self._heartbeat_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:  # never shows the lease id: it is a secret
+        return f"<AsyncLease {self.handle} key={self.key[:4]}... {self.state.value}>"
+
+    @property
+    def lease_id(self) -> str:
+        """The lease id: a secret that lets its bearer renew or release the lease."""
+        return self._id
+
+    @property
+    def deadline(self) -> float:
+        """When the lease lapses without renewal, on the client's lease clock."""
+        return self._deadline
+
+    @property
+    def renew_at(self) -> float:
+        """When the next heartbeat is due, on the client's lease clock."""
+        return self._renew_at
+
+    def remaining(self) -> float:
+        """Seconds of validity left, measured on the lease clock (0 when lapsed)."""
+        return max(0.0, self._deadline - self.client.clock.now())
+
+    @property
+    def valid(self) -> bool:
+        """Held and within its local deadline (a local check, in either mode)."""
+        return self.state in (LeaseState.ACTIVE, LeaseState.DEGRADED) and self.remaining() > 0
+
+    def _accept(self, reply: messages.LeaseReply, leaf: tokens.Statement, received: float) -> None:
+        """Take in a verified checkout or heartbeat reply received at `received`."""
+        self.handle = reply.handle
+        signed_features = leaf.payload.get("features")
+        self.features = dict(signed_features) if isinstance(signed_features, dict) else {}
+        self.seats = leaf.seats if leaf.seats is not None else reply.seats
+        self.expires = reply.expires
+        self.token = reply.token
+        self.chain = list(reply.chain)
+        self.statement = leaf
+        # Measured from receipt on our own clock; the token's iat..exp only bounds it.
+        self._lifetime = max(0.0, min(reply.ttl, leaf.exp - leaf.iat))
+        self._deadline = received + self._lifetime
+        renew_in = reply.renew_in if 0 < reply.renew_in < self._lifetime else self._lifetime / 3
+        self._renew_at = received + renew_in
+
+    def _start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"licd-renew-{self.handle}")
+
+    # ------------------------------------------------------------------ renewal
+
+    async def renew_once(self) -> None:
+        """Heartbeat now. On success the lease is ACTIVE again; on a transient failure it is
+        DEGRADED and the error is raised; on a fatal one it is LOST and the error raised."""
+        if self.state in (LeaseState.LOST, LeaseState.RELEASED):
+            raise self._gone()
+        async with self._heartbeat_lock:
+            nonce = secrets.token_bytes(messages.NONCE_LEN)
+            try:
+                req = messages.Heartbeat(0, lease=self._id, nonce=nonce)
+                reply = as_lease_reply(await self.client.request(req))
+                received = self.client.clock.now()
+                if reply.handle != self.handle:
+                    raise TokenInvalid("the heartbeat reply names another lease")
+                leaf = self.client.verify(reply, nonce)
+            except Exception as exc:
+                if is_retryable(exc):
+                    if self.state is LeaseState.ACTIVE:
+                        self.state = LeaseState.DEGRADED
+                else:
+                    await self._lose(exc)
+                raise
+            if self.state not in (LeaseState.ACTIVE, LeaseState.DEGRADED):
+                return  # released while the heartbeat was in flight
+            self._accept(reply, leaf, received)
+            self.state = LeaseState.ACTIVE
+            self._expiring_fired = False
+        await _fire("on_renewed", self._on_renewed, self)
+
+    async def _maybe_expiring(self) -> None:
+        """Fire on_expiring once per outage, when renewals failed in the last third."""
+        if (
+            self.state is LeaseState.DEGRADED
+            and not self._expiring_fired
+            and self.client.clock.now() >= self._deadline - self._lifetime / 3
+        ):
+            self._expiring_fired = True
+            await _fire("on_expiring", self._on_expiring, self.remaining())
+
+    async def _run(self) -> None:
+        clock = self.client.clock
+        delays = None
+        try:
+            while self.state in (LeaseState.ACTIVE, LeaseState.DEGRADED):
+                now = clock.now()
+                if self.state is LeaseState.ACTIVE or delays is None:
+                    wait = self._renew_at - now
+                else:
+                    assert self._last_error is not None
+                    wait = retry_delay(self._last_error, next(delays))
+                    expiring_at = self._deadline - self._lifetime / 3
+                    if not self._expiring_fired and expiring_at > now:
+                        wait = min(wait, expiring_at - now)
+                await clock.sleep(max(0.0, min(wait, self._deadline - now)))
+                if self.state not in (LeaseState.ACTIVE, LeaseState.DEGRADED):
+                    return
+                if clock.now() >= self._deadline:
+                    lapsed = LeaseUnknown("the lease lapsed: no renewal before its deadline")
+                    await self._lose(lapsed)
+                    return
+                await self._maybe_expiring()
+                try:
+                    await self.renew_once()
+                    delays = None
+                except Exception as exc:
+                    if self.state is not LeaseState.DEGRADED:
+                        return  # lost (on_lost has fired) or released
+                    log.info("licd_client: renewal of %s failed: %s", self.handle, exc)
+                    self._last_error = exc
+                    if delays is None:
+                        delays = self.client.backoff.delays(self.client.rng)
+                    await self._maybe_expiring()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug: do not let the lease die silently
+            log.exception("licd_client: the renewal task of %s failed", self.handle)
+            await self._lose(exc)
+
+    async def _lose(self, reason: Exception) -> None:
+        if self.state in (LeaseState.LOST, LeaseState.RELEASED):
+            return
+        self.state = LeaseState.LOST
+        self.lost_reason = reason
+        self.client._forget(self)
+        if isinstance(reason, TokenInvalid):  # never use it; give the seat back
+            await self.client._checkin_quietly(self._id)
+        log.warning("licd_client: lease %s lost: %s", self.handle, reason)
+        await _fire("on_lost", self._on_lost, reason)
+
+    def _gone(self) -> LeaseUnknown:
+        if self.state is LeaseState.RELEASED:
+            return LeaseUnknown("the lease was released")
+        return LeaseUnknown(f"the lease was lost: {self.lost_reason}")
+
+    async def validate(self) -> None:
+        """Raise unless the lease is good. Strict mode asks the daemon (a heartbeat) and
+        fails without a connection; lease mode trusts the local lease clock."""
+        if self.state in (LeaseState.LOST, LeaseState.RELEASED):
+            raise self._gone()
+        if self.mode == "strict":
+            await self.renew_once()
+        elif self.remaining() <= 0:
+            await self._lose(LeaseUnknown("the lease lapsed: no renewal before its deadline"))
+            raise self._gone()
+
+    # ------------------------------------------------------------------ release
+
+    async def release(self) -> None:
+        """Check the lease in and stop renewing it. Idempotent; never raises for a daemon
+        that cannot be reached (the lease then lapses on its own)."""
+        if self._released:
+            return
+        self._released = True
+        was_lost = self.state is LeaseState.LOST
+        self.state = LeaseState.RELEASED
+        self.client._leases.discard(self)
+        task, self._task = self._task, None
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise
+        if was_lost:  # the daemon dropped it, or it lapsed: one quiet try is enough
+            await self.client._checkin_quietly(self._id)
+        else:
+            try:
+                await self.client.retrying(
+                    lambda: self.client.request(messages.Checkin(0, lease=self._id)),
+                    retry_for=self.client.io_timeout,
+                )
+            except LicdError as exc:
+                log.info("licd_client: checkin of %s: %s", self.handle, exc.message)
+            except Exception as exc:
+                log.warning("licd_client: could not check %s in: %s", self.handle, exc)
+        # Not reached when cancelled: the exit hook then still checks the lease in.
+        HELD_LEASES.discard(self)
+
+    async def aclose(self) -> None:
+        await self.release()
+
+    async def __aenter__(self) -> AsyncLease:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.release()
+
+
+# ----------------------------------------------------------------- interpreter exit
+
+#: Leases still held, for the exit hook. When the interpreter exits with leases held
+#: (an asyncio app that never released them), their event loop is gone, so they are
+#: checked in over a plain blocking socket.
+HELD_LEASES: set[AsyncLease] = set()
+
+
+def _checkin_held_at_exit() -> None:
+    for lease in list(HELD_LEASES):
+        HELD_LEASES.discard(lease)
+        client = lease.client
+        blocking_checkin(
+            client.servers,
+            lease.lease_id,
+            timeout=min(client.io_timeout, 2.0),
+            client_name=client.client_name,
+            ssl=client.ssl,
+        )
+
+
+atexit.register(_checkin_held_at_exit)

@@ -1,0 +1,198 @@
+"""Tests of `licd-client` (licd_client.cli) against a fake daemon on its own thread.
+
+Most run `main(argv)` in-process; the signal tests run the real command in a child
+process and signal it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from licd_client.cli import EXIT_ERROR, EXIT_LOST, EXIT_REFUSED, EXIT_USAGE, main
+from tests.fakelicd import LICENCE, ThreadedFakeLicd
+
+KEY = LICENCE.key
+PY = sys.executable
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[ThreadedFakeLicd]:
+    srv = ThreadedFakeLicd()
+    with srv.running():
+        monkeypatch.setenv("LICD_SERVER", srv.fake.address)
+        monkeypatch.setenv("LICD_SERVER_KEY", srv.fake.key_hex)
+        yield srv
+
+
+def leases(server: ThreadedFakeLicd) -> dict[str, Any]:
+    result: dict[str, Any] = server.call(lambda: dict(server.fake.leases))
+    return result
+
+
+def test_available_prints_the_counts(
+    server: ThreadedFakeLicd, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["available", KEY]) == 0
+    out = capsys.readouterr().out.split()
+    assert out == ["total", "3", "in_use", "0", "available", "3"]
+    assert main(["--json", "available", KEY]) == 0
+    assert json.loads(capsys.readouterr().out) == {"total": 3, "in_use": 0, "available": 3}
+
+
+def test_available_of_an_unknown_licence(
+    server: ThreadedFakeLicd, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["available", "nope"]) == EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert err == "licd-client: unknown_licence: no such licence key\n"
+
+
+def test_exec_holds_a_seat_while_the_command_runs(
+    server: ThreadedFakeLicd, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The child exits with 10 + the seats in use while it runs.
+    child = f"import licd_client,sys; sys.exit(10 + licd_client.available({KEY!r}).in_use)"
+    assert main(["exec", "--key", KEY, "--seats", "2", "--", PY, "-c", child]) == 12
+    assert leases(server) == {}
+    assert server.fake.ops()[-1] == "checkin"
+    assert capsys.readouterr().err == ""
+
+
+def test_exec_propagates_the_exit_code_and_signal(server: ThreadedFakeLicd) -> None:
+    assert main(["exec", "--key", KEY, "--", PY, "-c", "raise SystemExit(7)"]) == 7
+    assert main(["exec", "--key", KEY, PY, "-c", "pass"]) == 0
+    kill = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    assert main(["exec", "--key", KEY, "--", PY, "-c", kill]) == 128 + signal.SIGKILL
+    assert leases(server) == {}
+
+
+def test_exec_without_a_seat_reports_the_daemons_message(
+    server: ThreadedFakeLicd, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    server.fake.licences[KEY].total = 0
+    marker = tmp_path / "ran"
+    code = main(["exec", "--key", KEY, "--", PY, "-c", f"open({str(marker)!r}, 'w')"])
+    assert code == EXIT_REFUSED
+    err = capsys.readouterr().err
+    assert err == ("licd-client: seats_exhausted: maximum allowed concurrent licences reached\n")
+    assert not marker.exists()
+
+
+def test_exec_of_a_missing_command(
+    server: ThreadedFakeLicd, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["exec", "--key", KEY, "--", "/nonexistent/tool"]) == 127
+    assert "command not found" in capsys.readouterr().err
+    assert leases(server) == {}
+
+
+def test_exec_needs_a_command(server: ThreadedFakeLicd, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["exec", "--key", KEY, "--"]) == EXIT_USAGE
+    assert "needs a command" in capsys.readouterr().err
+    assert server.fake.ops() == []
+
+
+def test_without_a_server_key_it_says_what_to_set(
+    server: ThreadedFakeLicd, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("LICD_SERVER_KEY")
+    assert main(["exec", "--key", KEY, "--", PY, "-c", "pass"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("licd-client: no server key: set LICD_SERVER_KEY")
+    assert "licd key show" in err and "Traceback" not in err
+    assert leases(server) == {}
+
+
+def test_bad_server_key_and_address(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--server-key", "xyz", "available", KEY]) == EXIT_ERROR
+    assert "64 hex digits" in capsys.readouterr().err
+    assert main(["--server", "host:0", "available", KEY]) == EXIT_ERROR
+    assert "port must be" in capsys.readouterr().err
+
+
+def test_no_daemon_is_a_one_line_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with ThreadedFakeLicd().running() as fake:
+        address = fake.address
+    code = main(["--server", address, "--timeout", "0.5", "available", KEY])
+    assert code == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("licd-client: cannot reach the licence daemon")
+    assert err.count("\n") == 1
+
+
+# ------------------------------------------------------------ real processes
+
+
+def spawn(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [PY, "-m", "licd_client.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+        start_new_session=True,  # so a signal reaches it only when we send one
+    )
+
+
+def test_checkout_holds_a_seat_until_sigterm(server: ThreadedFakeLicd) -> None:
+    proc = spawn("--json", "checkout", KEY, "--seats", "2")
+    try:
+        assert proc.stdout is not None
+        shown = json.loads(proc.stdout.readline())
+        assert shown["handle"] == "L0001" and shown["seats"] == 2
+        assert shown["features"] == {"tier": "pro", "ocr": True}
+        assert len(leases(server)) == 1
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert leases(server) == {}
+
+
+def test_exec_forwards_sigterm_to_the_command(server: ThreadedFakeLicd) -> None:
+    child = "import time; print('ready', flush=True); time.sleep(60)"
+    proc = spawn("exec", "--key", KEY, "--", PY, "-c", child)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == "ready\n"
+        assert len(leases(server)) == 1
+        proc.send_signal(signal.SIGTERM)  # to licd-client only, not its child
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert err == ""
+    assert leases(server) == {}
+
+
+def test_checkout_exits_when_the_lease_is_lost(server: ThreadedFakeLicd) -> None:
+    server.fake.renew_in = 0.05  # renewals on the real clock, quickly
+    proc = spawn("checkout", KEY)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().split() == ["handle", "L0001"]
+        server.call(server.fake.leases.clear)  # revoked by an admin
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == EXIT_LOST
+    assert (
+        err == "licd-client: lease lost: lease_unknown: no such lease: it expired, "
+        "was reclaimed or was revoked\n"
+    )

@@ -1,0 +1,298 @@
+"""A fake licd for client tests: the wire protocol over real TCP, with knobs to misbehave.
+
+It speaks PROTOCOL.md sections 1-4 with `licd_client.wire`/`messages`, signs tokens with
+a test key, keeps its leases across `restart()` on the same port, and can drop replies,
+answer errors or tamper with tokens on demand. It is not the daemon: no durability, no
+reaping, no policies. `ThreadedFakeLicd` runs one in a background loop for blocking tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from nacl.signing import SigningKey
+
+from licd_client import errors, messages, tokens, wire
+
+
+@dataclass
+class FakeLicence:
+    key: str
+    id: str
+    total: int
+    features: messages.Features = field(default_factory=dict)
+    product: str = "dicom"
+
+
+@dataclass
+class FakeLease:
+    lease_id: str
+    handle: str
+    key: str
+    seats: int
+    request: str
+    holder: messages.Holder
+    ttl: float
+
+
+LICENCE = FakeLicence("XXXX-YYYY-ZZZZ", "dicom-hq", 3, {"tier": "pro", "ocr": True})
+
+
+class FakeLicd:
+    """The fake daemon. Its state (licences, leases) outlives stop()/restart()."""
+
+    def __init__(self, *licences: FakeLicence, ttl: float = 30.0, renew_in: float = 10.0) -> None:
+        self.signing_key = SigningKey.generate()
+        self.site = "test"
+        # Copies: tests edit them (an admin's edit), and LICENCE is shared.
+        self.licences = {lic.key: replace(lic) for lic in (licences or (LICENCE,))}
+        self.leases: dict[str, FakeLease] = {}
+        self.ttl = ttl
+        self.renew_in = renew_in
+        self.port = 0
+        #: Every request received, in order.
+        self.requests: list[messages.Request] = []
+        #: Ops whose next request is processed but never answered (the connection drops).
+        self.drop_reply: set[str] = set()
+        #: op -> error answered instead of processing, until removed.
+        self.fail: dict[str, errors.LicdError] = {}
+        #: Applied to every token before it is sent.
+        self.tamper: Callable[[bytes], bytes] | None = None
+        #: Sign tokens with this key instead (and, with `delegator`, send a chain).
+        self.token_key: SigningKey | None = None
+        self.delegator: SigningKey | None = None
+        self.nonce_override: bytes | None = None
+        self.hello_protocol = messages.PROTOCOL_VERSION
+        self._handles = itertools.count(1)
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def public_key(self) -> bytes:
+        return bytes(self.signing_key.verify_key)
+
+    @property
+    def key_hex(self) -> str:
+        return tokens.key_to_text(self.public_key)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def ops(self) -> list[str]:
+        return [r.op for r in self.requests]
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        """Stop listening and drop every connection (leases are kept)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for w in list(self._writers):
+            w.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+    async def __aenter__(self) -> FakeLicd:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -------------------------------------------------------------- connections
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self._writers.add(writer)
+        decoder = wire.FrameDecoder(wire.MAX_FRAME_AFTER_HELLO, wire.REQUEST_LIMITS)
+        try:
+            while data := await reader.read(65536):
+                decoder.feed(data)
+                while (frame := decoder.next_frame()) is not None:
+                    req = messages.parse_request(frame)
+                    self.requests.append(req)
+                    reply = self._answer(req)
+                    if req.op in self.drop_reply:
+                        self.drop_reply.discard(req.op)
+                        return
+                    writer.write(wire.encode(reply))
+                await writer.drain()
+        except (ConnectionError, errors.LicdError, asyncio.CancelledError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            self._tasks.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    def _answer(self, req: messages.Request) -> dict[str, Any]:
+        failure = self.fail.get(req.op)
+        if failure is not None:
+            return messages.error_frame(req.id, failure)
+        try:
+            return self._process(req).to_wire()
+        except errors.LicdError as exc:
+            return messages.error_frame(req.id, exc)
+
+    # ------------------------------------------------------------------- ops
+
+    def _process(self, req: messages.Request) -> messages.Reply:
+        if isinstance(req, messages.Hello):
+            return messages.HelloReply(
+                req.id,
+                protocol=self.hello_protocol,
+                server="fakelicd/0",
+                site=self.site,
+                key=self.public_key,
+                chain=[],
+                time=time.time(),
+            )
+        if isinstance(req, messages.Available):
+            lic = self._licence(req.key)
+            used = self._in_use(lic.key)
+            return messages.AvailableReply(req.id, lic.total, used, max(0, lic.total - used))
+        if isinstance(req, messages.Checkout):
+            return self._checkout(req)
+        if isinstance(req, messages.Heartbeat):
+            lease = self.leases.get(req.lease)
+            if lease is None:
+                raise errors.LeaseUnknown()
+            return self._lease_reply(req.id, lease, req.nonce, include_id=False)
+        if isinstance(req, messages.Checkin):
+            return messages.CheckinReply(req.id, self.leases.pop(req.lease, None) is not None)
+        raise errors.BadRequest(f"unsupported op {req.op}")
+
+    def _licence(self, key: str) -> FakeLicence:
+        lic = self.licences.get(key)
+        if lic is None:
+            raise errors.UnknownLicence()
+        return lic
+
+    def _in_use(self, key: str) -> int:
+        return sum(lease.seats for lease in self.leases.values() if lease.key == key)
+
+    def _checkout(self, req: messages.Checkout) -> messages.LeaseReply:
+        lic = self._licence(req.key)
+        for lease in self.leases.values():
+            if lease.key == req.key and lease.request == req.request:
+                return self._lease_reply(req.id, lease, req.nonce, include_id=True)
+        used = self._in_use(lic.key)
+        if used + req.seats > lic.total:
+            raise errors.SeatsExhausted(detail={"in_use": used, "total": lic.total})
+        ttl = min(self.ttl, req.ttl) if req.ttl is not None else self.ttl
+        lease = FakeLease(
+            lease_id=secrets.token_urlsafe(24),
+            handle=f"L{next(self._handles):04d}",
+            key=req.key,
+            seats=req.seats,
+            request=req.request,
+            holder=req.holder,
+            ttl=ttl,
+        )
+        self.leases[lease.lease_id] = lease
+        return self._lease_reply(req.id, lease, req.nonce, include_id=True)
+
+    def _lease_reply(
+        self, rid: int, lease: FakeLease, nonce: bytes, *, include_id: bool
+    ) -> messages.LeaseReply:
+        lic = self.licences[lease.key]
+        now = time.time()
+        signer = self.token_key or self.signing_key
+        payload = {
+            "typ": "lease",
+            "iss": bytes(signer.verify_key),
+            "iat": now,
+            "exp": now + lease.ttl,
+            "lid": lease.handle,
+            "lic": lic.id,
+            "product": lic.product,
+            "seats": lease.seats,
+            "features": dict(lic.features),
+            "holder": {
+                "host": lease.holder.host,
+                "hostid": lease.holder.hostid,
+                "user": lease.holder.user,
+            },
+            "nonce": self.nonce_override or nonce,
+            "site": self.site,
+        }
+        token = tokens.sign(signer, payload)
+        if self.tamper is not None:
+            token = self.tamper(token)
+        chain: list[bytes] = []
+        if self.delegator is not None:
+            cert = {
+                "typ": "cert",
+                "iss": bytes(self.delegator.verify_key),
+                "iat": now - 60,
+                "exp": now + 3600,
+                "del": bytes(signer.verify_key),
+            }
+            chain = [tokens.sign(self.delegator, cert)]
+        return messages.LeaseReply(
+            rid,
+            handle=lease.handle,
+            token=token,
+            chain=chain,
+            expires=now + lease.ttl,
+            ttl=lease.ttl,
+            renew_in=min(self.renew_in, lease.ttl / 3),
+            seats=lease.seats,
+            features=dict(lic.features),
+            lease=lease.lease_id if include_id else None,
+        )
+
+
+class ThreadedFakeLicd:
+    """A FakeLicd serving from its own event loop thread, for blocking-API tests."""
+
+    def __init__(self, fake: FakeLicd | None = None) -> None:
+        self.fake = fake or FakeLicd()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run a coroutine function (or plain function) on the server's loop."""
+
+        async def run() -> Any:
+            result = fn()
+            if asyncio.iscoroutine(result):
+                result = await result
+            return result
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[FakeLicd]:
+        self._thread.start()
+        self.call(self.fake.start)
+        try:
+            yield self.fake
+        finally:
+            self.call(self.fake.stop)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
