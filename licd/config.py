@@ -73,12 +73,48 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """The [admin] table: the Unix socket admins (and `licd` commands) talk to."""
+
+    socket: Path | None = None  # None: <state_dir>/admin.sock
+    group: str | None = None  # the socket's group (mode 0660); members may administer
+    allow_uids: tuple[int, ...] = ()  # further uids allowed, besides root and the daemon's
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """The [metrics] table: an optional OpenMetrics endpoint on its own address."""
+
+    listen: tuple[str, int] | None = None  # None: no endpoint
+
+
+@dataclass(frozen=True)
+class AlertsConfig:
+    """The [alerts] table: when to raise an alert and what to run for it."""
+
+    expiry_days: tuple[int, ...] = (15, 10)  # licence expiring within these many days
+    usage_percent: tuple[int, ...] = (75, 90, 100)  # seats in use crossing these levels
+    denials: int = 5  # this many denials of one licence ...
+    denial_window: float = 600.0  # ... within this many seconds
+    hook: tuple[str, ...] = ()  # a command run with each alert as JSON on stdin
+    hook_timeout: float = 10.0
+    check_interval: float = 60.0  # how often expiry and usage are evaluated
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole configuration: the server settings and the licences it serves."""
 
     server: ServerConfig
     licences: tuple[Licence, ...]
     source: Path | None  # the file it came from; None for the embedded defaults
+    admin: AdminConfig = AdminConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    alerts: AlertsConfig = AlertsConfig()
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.admin.socket or self.server.state_dir / "admin.sock"
 
 
 # --- public helpers -------------------------------------------------------------------
@@ -207,10 +243,23 @@ def parse_config(text: str, source: Path) -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
-    top = _Table(doc, "", str(source), ("server", "licence"))
+    top = _Table(doc, "", str(source), ("server", "licence", "admin", "metrics", "alerts"))
     server = _server(top.table("server", _SERVER_KEYS))
     licences = _licences(top)
-    return Config(server=server, licences=licences, source=source)
+    return Config(
+        server=server,
+        licences=licences,
+        source=source,
+        admin=_admin(top.table("admin", _ADMIN_KEYS)),
+        metrics=_metrics(top.table("metrics", _METRICS_KEYS)),
+        alerts=_alerts(top.table("alerts", _ALERTS_KEYS)),
+    )
+
+
+def licence_from_mapping(data: dict[str, Any], where: str) -> Licence:
+    """One licence from a mapping of config-file keys (the admin interface's `licence
+    add`/`update`), validated exactly as a [[licence]] table; errors name `where`."""
+    return _licence(_Table(data, "licence", where, _LICENCE_KEYS))
 
 
 # --- the reader -----------------------------------------------------------------------
@@ -264,6 +313,14 @@ class _Table:
             span = f">= {lo}" if hi is None else f"between {lo} and {hi}"
             raise self.error(name, f"must be an integer {span}")
         return int(value)
+
+    def integers(self, name: str, default: Any, lo: int, hi: int) -> list[int]:
+        value = self.get(name, default)
+        if not isinstance(value, list | tuple) or any(
+            isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi for v in value
+        ):
+            raise self.error(name, f"must be an array of integers between {lo} and {hi}")
+        return [int(v) for v in value]
 
     def text(self, name: str, default: Any, max_len: int) -> str:
         value = self.get(name, default)
@@ -449,3 +506,57 @@ def _features(t: _Table) -> Features:
             f"too large: {text_bytes} bytes of names and strings, at most {MAX_FEATURES_TEXT}",
         )
     return dict(value)
+
+
+# --- [admin], [metrics], [alerts] -----------------------------------------------------
+
+_ADMIN_KEYS = tuple(f.name for f in fields(AdminConfig))
+_METRICS_KEYS = tuple(f.name for f in fields(MetricsConfig))
+_ALERTS_KEYS = tuple(f.name for f in fields(AlertsConfig))
+_A = AlertsConfig()
+
+
+def _admin(t: _Table) -> AdminConfig:
+    socket_path: Path | None = None
+    value = t.get("socket", None)
+    if value is not None:
+        if not isinstance(value, str) or not value.startswith("/") or "\0" in value:
+            raise t.error("socket", "must be an absolute path")
+        socket_path = Path(value)
+    group = t.get("group", None)
+    if group is not None and (not isinstance(group, str) or not group.strip()):
+        raise t.error("group", "must be a group name")
+    return AdminConfig(
+        socket=socket_path,
+        group=group,
+        allow_uids=tuple(t.integers("allow_uids", (), 0, 2**32 - 2)),
+    )
+
+
+def _metrics(t: _Table) -> MetricsConfig:
+    value = t.get("listen", None)
+    if value is None:
+        return MetricsConfig()
+    if not isinstance(value, str):
+        raise t.error("listen", 'must be a "host:port" string')
+    try:
+        return MetricsConfig(listen=parse_address(value))
+    except ValueError as exc:
+        raise t.error("listen", str(exc)) from None
+
+
+def _alerts(t: _Table) -> AlertsConfig:
+    hook = t.get("hook", [])
+    if not isinstance(hook, list) or not all(isinstance(h, str) and h for h in hook):
+        raise t.error("hook", 'must be a command as an array of strings, e.g. ["/bin/cmd"]')
+    if hook and not hook[0].startswith("/"):
+        raise t.error("hook", "the command must be an absolute path")
+    return AlertsConfig(
+        expiry_days=tuple(t.integers("expiry_days", _A.expiry_days, 1, 3660)),
+        usage_percent=tuple(t.integers("usage_percent", _A.usage_percent, 1, 1000)),
+        denials=t.integer("denials", _A.denials, 1),
+        denial_window=t.duration("denial_window", _A.denial_window),
+        hook=tuple(hook),
+        hook_timeout=t.duration("hook_timeout", _A.hook_timeout),
+        check_interval=t.duration("check_interval", _A.check_interval, minimum=1.0),
+    )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from datetime import UTC, datetime
 from pathlib import Path
@@ -11,8 +12,11 @@ from pathlib import Path
 import pytest
 
 from licd.config import (
+    AdminConfig,
+    AlertsConfig,
     Config,
     ConfigError,
+    MetricsConfig,
     ServerConfig,
     default_config,
     default_state_dir,
@@ -522,3 +526,52 @@ def test_xdg_state_home_unset_empty_or_relative(
     else:
         monkeypatch.setenv("XDG_STATE_HOME", value)
     assert default_state_dir() == tmp_path / ".local" / "state" / "licd"
+
+
+def test_example_documents_admin_metrics_and_alerts() -> None:
+    doc = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+    for table, cls in (
+        ("admin", AdminConfig),
+        ("metrics", MetricsConfig),
+        ("alerts", AlertsConfig),
+    ):
+        assert set(doc[table]) == {f.name for f in dataclasses.fields(cls)}, table
+    config = load_config(EXAMPLE)
+    assert config.admin == AdminConfig(Path("/var/lib/licd/admin.sock"), "licd-admin", (1000,))
+    assert config.metrics.listen == ("127.0.0.1", 9750)
+    assert config.alerts.expiry_days == (15, 10) and config.alerts.denial_window == 600
+    assert config.alerts.hook == ("/usr/local/bin/licd-alert",)
+
+
+def test_admin_socket_defaults_to_the_state_dir(tmp_path: Path) -> None:
+    config = parse_config(f'[server]\nstate_dir = "{tmp_path}"\n', tmp_path / "c.toml")
+    assert config.admin_socket == tmp_path / "admin.sock"
+    assert config.metrics.listen is None
+    assert config.alerts == AlertsConfig()
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('[admin]\nsocket = "relative.sock"', "admin.socket"),
+        ("[admin]\nallow_uids = [-1]", "admin.allow_uids"),
+        ("[admin]\nsokcet = 1", "admin.sokcet"),
+        ('[metrics]\nlisten = "nohost"', "metrics.listen"),
+        ("[alerts]\nusage_percent = [0]", "alerts.usage_percent"),
+        ('[alerts]\nhook = ["relative/cmd"]', "alerts.hook"),
+        ('[alerts]\nhook = "/bin/true"', "alerts.hook"),
+        ('[alerts]\ndenial_window = "soon"', "alerts.denial_window"),
+    ],
+)
+def test_admin_metrics_alerts_errors_name_the_key(tmp_path: Path, text: str, where: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(where)):
+        parse_config(text, tmp_path / "c.toml")
+
+
+def test_licence_from_mapping_validates_like_the_file() -> None:
+    from licd.config import licence_from_mapping
+
+    lic = licence_from_mapping({"key": "K-1", "id": "x", "product": "p", "seats": 2}, "admin")
+    assert (lic.id, lic.seats, lic.lease_ttl) == ("x", 2, 90.0)
+    with pytest.raises(ConfigError, match="admin: licence.seats"):
+        licence_from_mapping({"key": "K-1", "id": "x", "product": "p", "seats": 0}, "admin")
