@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
+
+from licd_client.errors import LicdError
 
 from .clock import Clock, SystemClock
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .dispatch import Dispatcher
-from .engine import Engine
+from .engine import Engine, Licence
+from .events import Event, EventBus, Kind
 from .keys import Signer, key_path, load_or_create_key
 from .server import Server
 from .service import LicenceService
@@ -86,6 +90,7 @@ class Daemon:
         self.server = server
         self.signer = signer
         self._lock = lock
+        self._reloads: asyncio.Queue[None] = asyncio.Queue()
 
     @property
     def engine(self) -> Engine:
@@ -103,8 +108,13 @@ class Daemon:
         except Exception:
             lock.close()
             raise
-        engine = Engine(config.licences)
-        kept = await store.load_leases()
+        try:
+            engine = Engine(_merge_licences(await store.load_licences(), config.licences))
+            kept = await store.load_leases()
+        except Exception:
+            await store.close()
+            lock.close()
+            raise
         skipped = engine.restore(kept, clock.now())
         for lease in skipped:
             log.warning(
@@ -114,9 +124,76 @@ class Daemon:
             )
         log.info("event=restored leases=%d", len(kept) - len(skipped))
         signer = Signer(key, config.server.site)
-        service = LicenceService(engine, store, clock)
+        service = LicenceService(engine, store, clock, EventBus())
         server = Server(config.server, Dispatcher(service, signer))
         return cls(config, store, service, server, signer, lock)
+
+    # ------------------------------------------------------------------- reload
+
+    def request_reload(self) -> None:
+        """SIGHUP: reload the config file soon (on the event loop, in order)."""
+        self._reloads.put_nowait(None)
+
+    async def _run_reloads(self) -> None:
+        while True:
+            await self._reloads.get()
+            with contextlib.suppress(ConfigError, LicdError):
+                await self.reload()
+
+    async def reload(self, *, admin_uid: int | None = None) -> dict[str, Any]:
+        """Re-read the config file: licences it declares are created or updated, live.
+        A bad file changes nothing and raises ConfigError saying why."""
+        source = self.config.source
+        if source is None:
+            raise ConfigError("running on the embedded defaults: there is no file to reload")
+        log.info("event=reloading file=%s", source)
+        try:
+            new = load_config(source)
+        except ConfigError as exc:
+            log.error("event=reload_failed error=%r", str(exc))
+            await self.service.record(
+                Event(
+                    Kind.RELOAD_FAILED,
+                    self.service.now().wall,
+                    reason=str(exc),
+                    admin_uid=admin_uid,
+                )
+            )
+            raise
+        changes = await self._apply_licences(new.licences, admin_uid=admin_uid)
+        # Licences and alerts apply live; addresses and the like need a restart.
+        old = self.config
+        restart = [
+            f"server.{f.name}"
+            for f in dataclasses.fields(new.server)
+            if getattr(new.server, f.name) != getattr(old.server, f.name)
+        ]
+        restart += [
+            name for name in ("admin", "metrics") if getattr(new, name) != getattr(old, name)
+        ]
+        if restart:
+            log.warning("event=reload_needs_restart settings=%s", ",".join(restart))
+        self.config = dataclasses.replace(self.config, licences=new.licences, alerts=new.alerts)
+        summary = {"licences": changes, "restart_needed": restart}
+        await self.service.record(
+            Event(Kind.RELOAD, self.service.now().wall, admin_uid=admin_uid, detail=summary)
+        )
+        return summary
+
+    async def _apply_licences(
+        self, licences: Iterable[Licence], *, admin_uid: int | None = None
+    ) -> dict[str, str]:
+        """Create or update each licence the config declares; {id: outcome}."""
+        out: dict[str, str] = {}
+        for licence in licences:
+            try:
+                out[licence.id] = await self.service.put_licence(
+                    licence, admin_uid=admin_uid, source="config"
+                )
+            except LicdError as exc:
+                log.error("event=licence_not_applied licence=%s error=%r", licence.id, exc.message)
+                out[licence.id] = f"error: {exc.message}"
+        return out
 
     async def run(
         self,
@@ -128,9 +205,14 @@ class Daemon:
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self.store.run(), name="store-writer")
-                reaper = tg.create_task(
-                    self.service.run_reaper(self.config.server.reap_interval), name="reaper"
-                )
+                background = [
+                    tg.create_task(
+                        self.service.run_reaper(self.config.server.reap_interval), name="reaper"
+                    ),
+                    tg.create_task(self._run_reloads(), name="reloads"),
+                ]
+                # The file's licences, written to the database (the engine has them).
+                await self._apply_licences(self.config.licences)
                 try:
                     addresses = await self.server.start()
                 except OSError as exc:
@@ -148,7 +230,8 @@ class Daemon:
                 await stop.wait()
                 log.info("event=stopping")
                 await self.server.stop()
-                reaper.cancel()
+                for task in background:
+                    task.cancel()
                 await self.store.close()
         except BaseExceptionGroup as group:
             # Unwrap: one clear error rather than a group of one.
@@ -160,6 +243,24 @@ class Daemon:
             await self.store.close()
             self._lock.close()
             log.info("event=stopped")
+
+
+def _merge_licences(stored: Iterable[Licence], declared: Iterable[Licence]) -> list[Licence]:
+    """The database's licences, with the config file's replacing those of the same id.
+    A stored licence whose key a declared one now uses is left out (and logged)."""
+    by_id = {licence.id: licence for licence in stored}
+    declared = list(declared)
+    keys = {licence.key: licence.id for licence in declared}
+    for licence in declared:
+        by_id[licence.id] = licence
+    out = []
+    for licence in by_id.values():
+        owner = keys.get(licence.key)
+        if owner is not None and owner != licence.id:
+            log.warning("event=licence_key_taken licence=%s by=%s", licence.id, owner)
+            continue
+        out.append(licence)
+    return out
 
 
 def _addr(host: str, port: int) -> str:

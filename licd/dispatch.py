@@ -111,6 +111,7 @@ class Dispatcher:
                 seats=request.seats,
                 ttl=request.ttl,
                 delegate=request.delegate,
+                ip=session.peer,
             )
             return self._lease_reply(request.id, grant, request.nonce, at.wall, with_secret=True)
         if isinstance(request, Checkin):

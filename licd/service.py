@@ -1,10 +1,12 @@
-"""Makes every engine decision durable: the choreography of engine and store.
+"""Makes every engine decision durable and tells the world: engine, store, events.
 
-A checkout is granted in the engine, committed by the store, then confirmed (or aborted
-if the commit failed); a checkin or reclaim is marked in the engine, deleted in the
-store, then released (or restored). Persistence runs in shielded tasks, so a caller that
-goes away mid-commit never leaves the engine and the database disagreeing. No wire
-formats and no signatures here: `dispatch` does those.
+A checkout is granted in the engine, committed by the store with its audit entry, then
+confirmed (or aborted if the commit failed); a checkin, reclaim or revoke is marked in
+the engine, deleted in the store with its audit entries, then released (or restored).
+Licence edits are checked by the engine, committed, then applied. Persistence runs in
+shielded tasks, so a caller that goes away mid-commit never leaves the engine and the
+database disagreeing. After each commit, the event is published (metrics, alerts, logs).
+No wire formats and no signatures here: `dispatch` and `admin` do those.
 """
 
 from __future__ import annotations
@@ -12,27 +14,74 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
-from licd_client.errors import Unavailable
+from licd_client.errors import BadRequest, LeaseUnknown, LicdError, Unavailable, UnknownLicence
 from licd_client.messages import Holder
 
 from .clock import Clock, Instant
-from .engine import Availability, Engine, Grant, Lease, LeaseState
+from .engine import Availability, Engine, Grant, Lease, LeaseState, Licence
+from .events import Event, EventBus, Kind
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+
+def lease_event(kind: Kind, lease: Lease, time: float, **extra: Any) -> Event:
+    h = lease.holder
+    return Event(
+        kind=kind,
+        time=time,
+        licence=lease.licence_id,
+        handle=lease.handle,
+        host=h.host,
+        hostid=h.hostid,
+        user=h.user,
+        ip=lease.ip,
+        seats=lease.seats,
+        **extra,
+    )
+
 
 class LicenceService:
-    def __init__(self, engine: Engine, store: Store, clock: Clock) -> None:
+    def __init__(
+        self, engine: Engine, store: Store, clock: Clock, events: EventBus | None = None
+    ) -> None:
         self.engine = engine
         self.store = store
         self.clock = clock
+        self.events = events or EventBus()
         self._inflight: dict[str, asyncio.Task[None]] = {}  # lease secret -> its commit
 
     def now(self) -> Instant:
         return self.clock.now()
+
+    async def _durably(self, work: Callable[[], Awaitable[T]]) -> T:
+        """Run `work` to its end even if the caller is cancelled meanwhile."""
+        return await asyncio.shield(asyncio.ensure_future(work()))
+
+    def _log(self, event: Event) -> None:
+        log.info(
+            "event=%s licence=%s lease=%s seats=%s host=%s user=%s ip=%s%s%s",
+            event.kind.value,
+            event.licence,
+            event.handle,
+            event.seats,
+            event.host,
+            event.user,
+            event.ip,
+            f" reason={event.reason!r}" if event.reason else "",
+            f" admin_uid={event.admin_uid}" if event.admin_uid is not None else "",
+        )
+
+    def _published(self, event: Event) -> None:
+        self._log(event)
+        self.events.publish(event)
+
+    # ------------------------------------------------------------------- leases
 
     async def checkout(
         self,
@@ -44,23 +93,21 @@ class LicenceService:
         seats: int = 1,
         ttl: float | None = None,
         delegate: bytes | None = None,
+        ip: str | None = None,
     ) -> Grant:
-        grant = self.engine.checkout(
-            key, holder, request=request, at=at, seats=seats, ttl=ttl, delegate=delegate
-        )
+        try:
+            grant = self.engine.checkout(
+                key, holder, request=request, at=at, seats=seats, ttl=ttl, delegate=delegate
+            )
+        except LicdError as exc:
+            self._deny(key, holder, ip, seats, exc, at)
+            raise
         lease = grant.lease
         if grant.fresh:
-            task = asyncio.create_task(self._commit_checkout(lease))
+            lease.ip = ip
+            task = asyncio.create_task(self._commit_checkout(lease, at))
             self._inflight[lease.secret] = task
             await asyncio.shield(task)
-            log.info(
-                "event=checkout licence=%s lease=%s seats=%d host=%s user=%s",
-                lease.licence_id,
-                lease.handle,
-                lease.seats,
-                holder.host,
-                holder.user,
-            )
         else:
             # An idempotent retry. If the first attempt is still committing, its outcome
             # is this one's too.
@@ -72,9 +119,29 @@ class LicenceService:
             self.store.touch_lease(lease)
         return grant
 
-    async def _commit_checkout(self, lease: Lease) -> None:
+    def _deny(
+        self, key: str, holder: Holder, ip: str | None, seats: int, exc: LicdError, at: Instant
+    ) -> None:
+        licence = self.engine.licence_for_key(key)
+        event = Event(
+            kind=Kind.DENIED,
+            time=at.wall,
+            licence=licence.id if licence is not None else None,
+            host=holder.host,
+            hostid=holder.hostid,
+            user=holder.user,
+            ip=ip,
+            seats=seats,
+            reason=exc.code,
+            detail=dict(exc.detail or {}),
+        )
+        self.store.append_later(event)
+        self._published(event)
+
+    async def _commit_checkout(self, lease: Lease, at: Instant) -> None:
+        event = lease_event(Kind.CHECKOUT, lease, at.wall)
         try:
-            await self.store.insert_lease(lease)
+            await self.store.insert_lease(lease, event)
         except StoreError as exc:
             self.engine.abort(lease)
             log.error(
@@ -84,6 +151,7 @@ class LicenceService:
         finally:
             self._inflight.pop(lease.secret, None)
         self.engine.confirm(lease)
+        self._published(event)
 
     def heartbeat(self, secret: str, at: Instant) -> Grant:
         grant = self.engine.heartbeat(secret, at)
@@ -95,7 +163,7 @@ class LicenceService:
         lease = self.engine.begin_release(secret)
         if lease is None:
             return False
-        await self._release([lease], "checkin")
+        await self._release([lease], Kind.CHECKIN)
         return True
 
     def available(self, key: str) -> Availability:
@@ -105,23 +173,54 @@ class LicenceService:
         """Reclaim every lease past `expires + grace`; returns them once committed."""
         due = self.engine.due(at)
         if due:
-            await self._release(due, "reclaim")
+            await self._release(due, Kind.RECLAIM)
         return due
 
-    async def _release(self, leases: Sequence[Lease], why: str) -> None:
-        await asyncio.shield(asyncio.create_task(self._commit_release(leases, why)))
+    async def revoke(
+        self,
+        *,
+        handles: Iterable[str] = (),
+        host: str | None = None,
+        user: str | None = None,
+        reason: str = "",
+        admin_uid: int | None = None,
+    ) -> list[Lease]:
+        """An admin's revoke of leases by handle, or of all of a holder's leases. The
+        holders' next heartbeat gets lease_unknown. Raises LeaseUnknown for an unknown
+        handle (and revokes nothing then)."""
+        chosen: dict[str, Lease] = {}
+        for handle in handles:
+            lease = self.engine.lease_by_handle(handle)
+            if lease is None or lease.state is not LeaseState.LIVE:
+                raise LeaseUnknown(f"no live lease with handle {handle!r}")
+            chosen[lease.handle] = lease
+        for lease in self.engine.leases:
+            if lease.state is LeaseState.LIVE and (
+                (host is not None and lease.holder.host == host)
+                or (user is not None and lease.holder.user == user)
+            ):
+                chosen[lease.handle] = lease
+        leases = [x for x in chosen.values() if self.engine.begin_revoke(x.handle) is x]
+        if leases:
+            await self._release(leases, Kind.REVOKE, reason=reason, admin_uid=admin_uid)
+        return leases
 
-    async def _commit_release(self, leases: Sequence[Lease], why: str) -> None:
+    async def _release(self, leases: Sequence[Lease], kind: Kind, **extra: Any) -> None:
+        await self._durably(lambda: self._commit_release(leases, kind, **extra))
+
+    async def _commit_release(self, leases: Sequence[Lease], kind: Kind, **extra: Any) -> None:
+        now = self.clock.now().wall
+        events = [lease_event(kind, lease, now, **extra) for lease in leases]
         try:
-            await self.store.delete_leases(leases)
+            await self.store.delete_leases(leases, events)
         except StoreError as exc:
             for lease in leases:
                 self.engine.cancel_release(lease)
-            log.error("event=%s_not_committed count=%d error=%r", why, len(leases), str(exc))
+            log.error("event=%s_not_committed count=%d error=%r", kind.value, len(leases), str(exc))
             raise Unavailable() from None
-        for lease in leases:
+        for lease, event in zip(leases, events, strict=True):
             self.engine.released(lease)
-            log.info("event=%s licence=%s lease=%s", why, lease.licence_id, lease.handle)
+            self._published(event)
 
     async def run_reaper(self, interval: float) -> None:
         """Reclaim lapsed leases every `interval` seconds, forever."""
@@ -130,3 +229,99 @@ class LicenceService:
             # On failure (logged) the leases stay counted and are retried next round.
             with contextlib.suppress(Unavailable):
                 await self.reap_once(self.clock.now())
+
+    # ----------------------------------------------------------------- licences
+
+    async def put_licence(
+        self, licence: Licence, *, admin_uid: int | None = None, source: str = "admin"
+    ) -> str:
+        """Create or update a licence, live: 'added', 'updated' or 'unchanged'."""
+        old = self.engine.licence_by_id(licence.id)
+        if old == licence and old.key == licence.key:
+            return "unchanged"
+        self.engine.check_licence(licence)
+        kind = Kind.LICENCE_ADDED if old is None else Kind.LICENCE_UPDATED
+        event = Event(
+            kind=kind,
+            time=self.clock.now().wall,
+            licence=licence.id,
+            seats=licence.seats,
+            admin_uid=admin_uid,
+            detail={"source": source, "changes": _changes(old, licence)},
+        )
+
+        async def commit() -> None:
+            try:
+                await self.store.put_licence(licence, event)
+            except StoreError as exc:
+                raise Unavailable(f"the licence was not saved: {exc}") from None
+            self.engine.put_licence(licence)
+            self._published(event)
+
+        await self._durably(commit)
+        return "added" if old is None else "updated"
+
+    async def remove_licence(
+        self, licence_id: str, *, force: bool = False, admin_uid: int | None = None
+    ) -> list[Lease]:
+        """Remove a licence; with `force`, its live leases are revoked first (without
+        it, a licence with leases is refused). Returns the leases revoked."""
+        if self.engine.licence_by_id(licence_id) is None:
+            raise UnknownLicence(f"no licence with id {licence_id!r}")
+        leases = self.engine.leases_of(licence_id)
+        if leases and not force:
+            raise LicenceInUse(licence_id, sum(x.seats for x in leases))
+        revoked = await self.revoke(
+            handles=[x.handle for x in leases if x.state is LeaseState.LIVE],
+            reason="licence removed",
+            admin_uid=admin_uid,
+        )
+        if self.engine.in_use(licence_id):
+            raise Unavailable("leases of the licence are still being committed; try again")
+        event = Event(
+            kind=Kind.LICENCE_REMOVED,
+            time=self.clock.now().wall,
+            licence=licence_id,
+            admin_uid=admin_uid,
+        )
+
+        async def commit() -> None:
+            try:
+                await self.store.delete_licence(licence_id, event)
+            except StoreError as exc:
+                raise Unavailable(f"the licence was not removed: {exc}") from None
+            self.engine.remove_licence(licence_id)
+            self._published(event)
+
+        await self._durably(commit)
+        return revoked
+
+    async def record(self, event: Event) -> None:
+        """A committed audit entry for something outside the seat rules (a reload)."""
+        with contextlib.suppress(StoreError):
+            await self.store.append(event)
+        self._published(event)
+
+
+class LicenceInUse(BadRequest):
+    """Removing a licence that still has leases needs force (admin interface only)."""
+
+    def __init__(self, licence_id: str, seats: int) -> None:
+        super().__init__(
+            f"licence {licence_id!r} has {seats} seat(s) in use: revoke them or use --force",
+            detail={"in_use": seats},
+        )
+
+
+def _changes(old: Licence | None, new: Licence) -> dict[str, Any]:
+    """What an edit changed, for the audit log; the key is named, never shown."""
+    if old is None:
+        return {}
+    out: dict[str, Any] = {}
+    for name in ("product", "seats", "lease_ttl", "grace", "not_before", "expires", "features"):
+        before, after = getattr(old, name), getattr(new, name)
+        if before != after:
+            out[name] = [before, after]
+    if old.key != new.key:
+        out["key"] = "changed"
+    return out

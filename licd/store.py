@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import sqlite3
 from collections.abc import Sequence
@@ -25,81 +26,48 @@ from typing import Any
 
 import aiosqlite
 
-from licd_client.messages import Holder
-
-from .engine import Lease
+from .engine import Lease, Licence
+from .events import Event
+from .records import (
+    DELETE_LEASE,
+    DELETE_LICENCE,
+    INSERT_AUDIT,
+    INSERT_LEASE,
+    SELECT_AUDIT,
+    SELECT_LEASES,
+    SELECT_LICENCES,
+    TOUCH_LEASE,
+    UPSERT_LICENCE,
+    AuditEntry,
+    audit_row,
+    lease_row,
+    licence_row,
+    row_audit,
+    row_lease,
+    row_licence,
+)
 
 log = logging.getLogger(__name__)
 
 DB_FILE = "licd.db"
 MAX_BATCH = 1024
-TOUCH_INTERVAL = 1.0  # seconds a heartbeat's new expiry may wait before it is written
-
-_INSERT_LEASE = """
-INSERT INTO lease (secret, handle, licence_id, request, host, hostid, user, pid, app,
-                   instance, seats, ttl, created, expires, last_heartbeat, delegate)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-"""
-_DELETE_LEASE = "DELETE FROM lease WHERE secret = ?"
-_TOUCH_LEASE = "UPDATE lease SET expires = ?, last_heartbeat = ? WHERE secret = ?"
-_SELECT_LEASES = """
-SELECT secret, handle, licence_id, request, host, hostid, user, pid, app, instance,
-       seats, ttl, created, expires, last_heartbeat, delegate
-FROM lease
-"""
+LAZY_INTERVAL = 1.0  # seconds a renewal or a denial's audit entry may wait to be written
 
 
 class StoreError(Exception):
     """The database failed; whatever the caller asked for was not committed."""
 
 
+Statements = list[tuple[str, list[tuple[Any, ...]]]]
+
+
 @dataclass
 class _Op:
     """One caller's mutation: statements with their rows, and the caller's future."""
 
-    statements: list[tuple[str, list[tuple[Any, ...]]]]
+    statements: Statements
     done: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
-
-
-def _lease_row(lease: Lease) -> tuple[Any, ...]:
-    h = lease.holder
-    return (
-        lease.secret,
-        lease.handle,
-        lease.licence_id,
-        lease.request,
-        h.host,
-        h.hostid,
-        h.user,
-        h.pid,
-        h.app,
-        h.instance,
-        lease.seats,
-        lease.ttl,
-        lease.created,
-        lease.expires,
-        lease.last_heartbeat,
-        lease.delegate,
-    )
-
-
-def _row_lease(row: Sequence[Any]) -> Lease:
-    (secret, handle, licence_id, request, host, hostid, user, pid, app, instance) = row[:10]
-    seats, ttl, created, expires, last_heartbeat, delegate = row[10:]
-    return Lease(
-        secret=secret,
-        handle=handle,
-        licence_id=licence_id,
-        request=request,
-        holder=Holder(host=host, hostid=hostid, user=user, pid=pid, app=app, instance=instance),
-        seats=seats,
-        ttl=ttl,
-        created=created,
-        expires=expires,
-        last_heartbeat=last_heartbeat,
-        delegate=delegate,
     )
 
 
@@ -119,6 +87,8 @@ class Store:
         self.path = path
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._touched: dict[str, tuple[float, float]] = {}
+        self._lazy_audit: list[Event] = []
+        self._reader: aiosqlite.Connection | None = None
         self._closed = False
         self._running = False
         self._stopped = asyncio.Event()
@@ -184,29 +154,78 @@ class Store:
     # ------------------------------------------------------------------- reads
 
     async def load_leases(self) -> list[Lease]:
-        async with self._db.execute(_SELECT_LEASES) as cur:
-            rows = await cur.fetchall()
-        return [_row_lease(row) for row in rows]
+        return [row_lease(row) for row in await self._read(SELECT_LEASES)]
+
+    async def load_licences(self) -> list[Licence]:
+        return [row_licence(row) for row in await self._read(SELECT_LICENCES)]
+
+    async def audit(
+        self,
+        *,
+        after: int = 0,
+        since: float | None = None,
+        until: float | None = None,
+        limit: int = 1000,
+    ) -> list[AuditEntry]:
+        """Committed audit entries with id > `after`, in order, at most `limit`."""
+        lo = -math.inf if since is None else since
+        hi = math.inf if until is None else until
+        rows = await self._read(SELECT_AUDIT, (after, lo, hi, limit))
+        return [row_audit(row) for row in rows]
+
+    async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """Reads go through their own connection: WAL lets them see only committed
+        data, never the writer's transaction in progress."""
+        if self._reader is None:
+            self._reader = await aiosqlite.connect(
+                self.path.resolve().as_uri() + "?mode=ro", uri=True
+            )
+        try:
+            async with self._reader.execute(sql, params) as cur:
+                return list(await cur.fetchall())
+        except sqlite3.Error as exc:
+            raise StoreError(str(exc)) from None
 
     # ------------------------------------------------------------------ writes
 
-    async def insert_lease(self, lease: Lease) -> None:
-        """Persist a new lease; returns once it is committed."""
-        await self._submit([(_INSERT_LEASE, [_lease_row(lease)])])
+    async def insert_lease(self, lease: Lease, event: Event | None = None) -> None:
+        """Persist a new lease (and its audit entry); returns once committed."""
+        await self._submit([(INSERT_LEASE, [lease_row(lease)]), *_audit(event)])
 
-    async def delete_leases(self, leases: Sequence[Lease]) -> None:
-        """Delete leases (checkin, reclaim); returns once committed."""
-        await self._submit([(_DELETE_LEASE, [(lease.secret,) for lease in leases])])
+    async def delete_leases(self, leases: Sequence[Lease], events: Sequence[Event] = ()) -> None:
+        """Delete leases (checkin, reclaim, revoke) with their audit entries; returns once
+        committed."""
+        await self._submit(
+            [
+                (DELETE_LEASE, [(lease.secret,) for lease in leases]),
+                (INSERT_AUDIT, [audit_row(e) for e in events]),
+            ]
+        )
+
+    async def put_licence(self, licence: Licence, event: Event) -> None:
+        """Create or replace the licence with `licence.id`; returns once committed."""
+        await self._submit([(UPSERT_LICENCE, [licence_row(licence, event.time)]), *_audit(event)])
+
+    async def delete_licence(self, licence_id: str, event: Event) -> None:
+        await self._submit([(DELETE_LICENCE, [(licence_id,)]), *_audit(event)])
+
+    async def append(self, event: Event) -> None:
+        """An audit entry on its own (a reload, say); returns once committed."""
+        await self._submit(_audit(event))
 
     def touch_lease(self, lease: Lease) -> None:
-        """Record a renewal lazily: written with the next batch, within TOUCH_INTERVAL."""
+        """Record a renewal lazily: written with the next batch, within LAZY_INTERVAL."""
         self._touched[lease.secret] = (lease.expires, lease.last_heartbeat)
+
+    def append_later(self, event: Event) -> None:
+        """An audit entry nobody waits for (a denial): written with the next batch."""
+        self._lazy_audit.append(event)
 
     async def barrier(self) -> None:
         """Wait until everything submitted before this call has been committed."""
         await self._submit([])
 
-    async def _submit(self, statements: list[tuple[str, list[tuple[Any, ...]]]]) -> None:
+    async def _submit(self, statements: Statements) -> None:
         if self._closed:
             raise StoreError("the store is closed")
         op = _Op(statements)
@@ -215,13 +234,16 @@ class Store:
 
     # ------------------------------------------------------------------ writer
 
+    def _lazy_pending(self) -> bool:
+        return bool(self._touched or self._lazy_audit)
+
     async def run(self) -> None:
         """The writer: commit queued mutations in batches until `close()`."""
         self._running = True
         try:
             while True:
                 try:
-                    timeout = TOUCH_INTERVAL if self._touched else None
+                    timeout = LAZY_INTERVAL if self._lazy_pending() else None
                     first = await asyncio.wait_for(self._queue.get(), timeout)
                 except TimeoutError:
                     await self._commit([])
@@ -236,7 +258,7 @@ class Store:
                         stop = True
                     else:
                         batch.append(op)
-                if batch or self._touched:
+                if batch or self._lazy_pending():
                     await self._commit(batch)
                 if stop and self._queue.empty():
                     return
@@ -245,19 +267,24 @@ class Store:
 
     async def _commit(self, batch: list[_Op]) -> None:
         touched, self._touched = self._touched, {}
+        lazy_audit, self._lazy_audit = self._lazy_audit, []
+        lazy: Statements = [
+            (TOUCH_LEASE, [(exp, hb, secret) for secret, (exp, hb) in touched.items()]),
+            (INSERT_AUDIT, [audit_row(e) for e in lazy_audit]),
+        ]
         try:
-            await self._transaction([s for op in batch for s in op.statements], touched)
+            await self._transaction([s for op in batch for s in op.statements] + lazy)
         except sqlite3.Error as exc:
+            # Keep the lazy writes for the next attempt; they are nobody's reply.
+            self._touched = {**touched, **self._touched}
+            self._lazy_audit = lazy_audit + self._lazy_audit
             if len(batch) > 1:
                 # Find the culprit: each mutation alone, so the others still commit.
                 log.warning("event=batch_failed size=%d error=%r", len(batch), str(exc))
-                self._touched = {**touched, **self._touched}
                 for op in batch:
                     await self._commit([op])
                 return
             log.error("event=commit_failed error=%r", str(exc))
-            # Keep the renewals for the next attempt; they are not anyone's reply.
-            self._touched = {**touched, **self._touched}
             for op in batch:
                 if not op.done.done():
                     op.done.set_exception(StoreError(str(exc)))
@@ -266,20 +293,12 @@ class Store:
             if not op.done.done():
                 op.done.set_result(None)
 
-    async def _transaction(
-        self,
-        statements: list[tuple[str, list[tuple[Any, ...]]]],
-        touched: dict[str, tuple[float, float]],
-    ) -> None:
+    async def _transaction(self, statements: Statements) -> None:
         db = self._db
         await db.execute("BEGIN IMMEDIATE")
         try:
             for sql, rows in _merged(statements):
                 await db.executemany(sql, rows)
-            if touched:
-                await db.executemany(
-                    _TOUCH_LEASE, [(exp, hb, secret) for secret, (exp, hb) in touched.items()]
-                )
             await db.execute("COMMIT")
             self.transactions += 1
         except BaseException:
@@ -294,15 +313,22 @@ class Store:
             self._queue.put_nowait(None)
             if self._running:
                 await self._stopped.wait()
+            if self._reader is not None:
+                await self._reader.close()
             await self._db.close()
 
 
-def _merged(
-    statements: list[tuple[str, list[tuple[Any, ...]]]],
-) -> list[tuple[str, list[tuple[Any, ...]]]]:
-    """Consecutive runs of the same statement merged into one executemany."""
-    out: list[tuple[str, list[tuple[Any, ...]]]] = []
+def _audit(event: Event | None) -> Statements:
+    return [] if event is None else [(INSERT_AUDIT, [audit_row(event)])]
+
+
+def _merged(statements: Statements) -> Statements:
+    """Consecutive runs of the same statement merged into one executemany; empty ones
+    dropped."""
+    out: Statements = []
     for sql, rows in statements:
+        if not rows:
+            continue
         if out and out[-1][0] == sql:
             out[-1][1].extend(rows)
         else:
@@ -311,6 +337,16 @@ def _merged(
 
 
 def _statements(script: str) -> list[str]:
-    """Split a migration script into statements (they contain no semicolons in strings)."""
-    lines = [ln for ln in script.splitlines() if not ln.strip().startswith("--")]
-    return [s.strip() for s in "\n".join(lines).split(";") if s.strip()]
+    """Split a migration script into whole statements (trigger bodies included)."""
+    out: list[str] = []
+    pending = ""
+    for line in script.splitlines(keepends=True):
+        if not pending and (not line.strip() or line.lstrip().startswith("--")):
+            continue
+        pending += line
+        if sqlite3.complete_statement(pending):
+            out.append(pending.strip())
+            pending = ""
+    if pending.strip():
+        raise sqlite3.DatabaseError(f"incomplete statement in a migration: {pending[:60]!r}")
+    return out

@@ -119,6 +119,45 @@ class Engine:
         licence = self._licence(key)
         return Availability(licence.seats, self.in_use(licence.id))
 
+    def leases_of(self, licence_id: str) -> list[Lease]:
+        return [x for x in self._leases.values() if x.licence_id == licence_id]
+
+    # ----------------------------------------------------------------- licences
+
+    def put_licence(self, licence: Licence) -> Licence | None:
+        """Add a licence, or replace the one with the same id (its leases stay, and
+        see the new seats, features and expiry at their next renewal; lowering seats
+        revokes nobody). Returns the licence replaced, if any. Raises BadRequest when
+        another licence already has this key."""
+        self.check_licence(licence)
+        old = self._by_id.get(licence.id)
+        if old is not None:
+            del self._licences[old.key]
+        self._licences[licence.key] = licence
+        self._by_id[licence.id] = licence
+        return old
+
+    def check_licence(self, licence: Licence) -> None:
+        """BadRequest when another licence already has this licence's key."""
+        holder_of_key = self._licences.get(licence.key)
+        if holder_of_key is not None and holder_of_key.id != licence.id:
+            raise BadRequest(f"licence {holder_of_key.id!r} already has this key")
+
+    def licence_for_key(self, key: str) -> Licence | None:
+        return self._licences.get(key)
+
+    def remove_licence(self, licence_id: str) -> Licence:
+        """Forget a licence that has no lease left (revoke them first)."""
+        licence = self._by_id.get(licence_id)
+        if licence is None:
+            raise UnknownLicence(f"no licence with id {licence_id!r}")
+        if self.in_use(licence_id):
+            raise BadRequest(f"licence {licence_id!r} still has leases")
+        del self._by_id[licence_id]
+        del self._licences[licence.key]
+        self._in_use.pop(licence_id, None)
+        return licence
+
     # ---------------------------------------------------------------- decisions
 
     def checkout(
@@ -197,6 +236,11 @@ class Engine:
             return None
         lease.state = LeaseState.RELEASING
         return lease
+
+    def begin_revoke(self, handle: str) -> Lease | None:
+        """An admin's revoke: like a checkin, by the lease's public handle."""
+        lease = self._by_handle.get(handle)
+        return None if lease is None else self.begin_release(lease.secret)
 
     def released(self, lease: Lease) -> None:
         """The lease's deletion is committed: free its seats."""

@@ -32,6 +32,7 @@ class Lease:
     expires: float  # wall: what the holder was told
     last_heartbeat: float  # wall
     delegate: bytes | None = None
+    ip: str | None = None  # the address it was checked out from
     reclaim_at: float = 0.0  # monotonic: the seat may be reused after this
     state: LeaseState = LeaseState.LIVE
 

@@ -1,0 +1,314 @@
+"""Prometheus/OpenMetrics metrics: counters fed by domain events, gauges read at scrape.
+
+Counts live in this daemon's own `CollectorRegistry` (never the global one); seat and
+connection gauges are computed by a collector from the engine at each scrape. `serve()` is
+a minimal HTTP/1.1 endpoint on the event loop, so reading engine state needs no lock. It
+must not decide anything or raise into its callers: it only counts and reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from http import HTTPStatus
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.exposition import generate_latest as text_latest
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
+from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
+
+from .engine import Engine
+from .events import Event, Kind
+
+log = logging.getLogger(__name__)
+
+#: The classic text format; what a scraper gets unless it asks for OpenMetrics.
+TEXT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+METRICS_PATH = "/metrics"
+#: Request latencies of a daemon whose floor is tens of microseconds, up to slow commits.
+LATENCY_BUCKETS = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+)  # fmt: skip
+#: The endpoint's own limits: a request head larger than this, or slower than the read
+#: timeout, is dropped; beyond MAX_CLIENTS concurrent scrapers new ones get a 503.
+MAX_REQUEST_HEAD = 8192
+MAX_HEADER_LINES = 64
+READ_TIMEOUT = 5.0
+WRITE_TIMEOUT = 10.0
+MAX_CLIENTS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class LicenceUsage:
+    """What the gauges (and alerts) need to know of one licence, read at one instant."""
+
+    id: str
+    product: str
+    total: int  # seats the licence grants
+    in_use: int
+    expires: float | None  # wall clock seconds; None: never
+
+    @property
+    def available(self) -> int:
+        return max(0, self.total - self.in_use)
+
+
+def engine_usage(engine: Engine) -> list[LicenceUsage]:
+    """The current usage of every licence the engine serves (an `engine_view`)."""
+    return [
+        LicenceUsage(lic.id, lic.product, lic.seats, engine.in_use(lic.id), lic.expires)
+        for lic in engine.licences
+    ]
+
+
+class _StateCollector:
+    """Gauges computed at scrape time from the engine view and the connection count."""
+
+    def __init__(
+        self,
+        engine_view: Callable[[], Iterable[LicenceUsage]],
+        connections: Callable[[], int],
+        clock_wall: Callable[[], float],
+    ) -> None:
+        self._engine_view = engine_view
+        self._connections = connections
+        self._wall = clock_wall
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, ...]:
+        seat_labels = ("licence", "product")
+        return (
+            GaugeMetricFamily(
+                "licd_seats_licensed", "Seats the licence grants.", labels=seat_labels
+            ),
+            GaugeMetricFamily(
+                "licd_seats_in_use", "Seats held by live leases.", labels=seat_labels
+            ),
+            GaugeMetricFamily(
+                "licd_seats_available", "Seats free for checkout now.", labels=seat_labels
+            ),
+            GaugeMetricFamily(
+                "licd_licence_time_to_expiry_seconds",
+                "Time left until the licence expires, negative once it has; only licences"
+                " with an expiry.",
+                labels=("licence",),
+                unit="seconds",
+            ),
+            GaugeMetricFamily("licd_connections", "Open client connections."),
+        )
+
+    def describe(self) -> Iterator[Metric]:
+        """The names this collector exposes, so the registry can detect clashes."""
+        yield from self._families()
+
+    def collect(self) -> Iterator[Metric]:
+        licensed, in_use, available, expiry, connections = self._families()
+        now = self._wall()
+        for usage in self._engine_view():
+            labels = (usage.id, usage.product)
+            licensed.add_metric(labels, usage.total)
+            in_use.add_metric(labels, usage.in_use)
+            available.add_metric(labels, usage.available)
+            if usage.expires is not None:
+                expiry.add_metric((usage.id,), usage.expires - now)
+        connections.add_metric((), self._connections())
+        yield from (licensed, in_use, available, expiry, connections)
+
+
+class Metrics:
+    """The daemon's metrics: an EventBus subscriber, call-in counters and the endpoint."""
+
+    def __init__(
+        self,
+        engine_view: Callable[[], Iterable[LicenceUsage]],
+        connections: Callable[[], int],
+        clock_wall: Callable[[], float],
+    ) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        lic = ("licence",)
+        self._checkouts = Counter("licd_checkouts", "Seats checked out.", lic, registry=r)
+        self._denials = Counter(
+            "licd_denials", "Checkouts refused, by error code.", (*lic, "reason"), registry=r
+        )
+        self._checkins = Counter("licd_checkins", "Leases checked in.", lic, registry=r)
+        self._reclaims = Counter(
+            "licd_reclaims", "Leases reclaimed after their holder went silent.", lic, registry=r
+        )
+        self._revokes = Counter("licd_revokes", "Leases revoked by an admin.", lic, registry=r)
+        self._heartbeats = Counter("licd_heartbeats", "Lease heartbeats answered.", registry=r)
+        self._requests = Histogram(
+            "licd_request",
+            "Time to answer a client request, by operation.",
+            ("op",),
+            unit="seconds",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self._errors = Counter(
+            "licd_errors", "Requests answered with an error, by code.", ("op", "code"), registry=r
+        )
+        self._alerts = Counter("licd_alerts", "Alerts raised, by kind.", ("kind",), registry=r)
+        r.register(_StateCollector(engine_view, connections, clock_wall))
+        self._clients = 0
+
+    # ------------------------------------------------------------------ counting
+
+    def on_event(self, event: Event) -> None:
+        """EventBus subscriber: count the changes and denials that matter to operators."""
+        licence = event.licence or ""  # a denial of an unknown key names no licence
+        if event.kind is Kind.CHECKOUT:
+            self._checkouts.labels(licence).inc()
+        elif event.kind is Kind.DENIED:
+            self._denials.labels(licence, event.reason or "unknown").inc()
+        elif event.kind is Kind.CHECKIN:
+            self._checkins.labels(licence).inc()
+        elif event.kind is Kind.RECLAIM:
+            self._reclaims.labels(licence).inc()
+        elif event.kind is Kind.REVOKE:
+            self._revokes.labels(licence).inc()
+
+    def heartbeat(self) -> None:
+        self._heartbeats.inc()
+
+    def observe_request(self, op: str, seconds: float, error: str | None) -> None:
+        """One answered request: its latency, and its error code if it failed."""
+        self._requests.labels(op).observe(seconds)
+        if error is not None:
+            self._errors.labels(op, error).inc()
+
+    def alert(self, kind: str) -> None:
+        self._alerts.labels(kind).inc()
+
+    # ---------------------------------------------------------------- exposition
+
+    def exposition(self, openmetrics: bool) -> tuple[bytes, str]:
+        """The registry in OpenMetrics or the classic text format: (body, content type)."""
+        if openmetrics:
+            # prometheus_client leaves its OpenMetrics writer unannotated.
+            body: bytes = openmetrics_latest(self.registry)  # type: ignore[no-untyped-call]
+            return body, OPENMETRICS_TYPE
+        return text_latest(self.registry), TEXT_TYPE
+
+    async def serve(
+        self, host: str, port: int, *, read_timeout: float = READ_TIMEOUT
+    ) -> asyncio.Server:
+        """Listen for scrapes at `host:port`; the caller closes the returned server."""
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await self._handle(reader, writer, read_timeout)
+
+        return await asyncio.start_server(handle, host, port, limit=MAX_REQUEST_HEAD)
+
+    async def _handle(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, read_timeout: float
+    ) -> None:
+        self._clients += 1
+        try:
+            if self._clients > MAX_CLIENTS:
+                response = _response(HTTPStatus.SERVICE_UNAVAILABLE)
+            else:
+                try:
+                    async with asyncio.timeout(read_timeout):
+                        head = await _read_head(reader)
+                except (TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
+                    log.debug("event=metrics_bad_request error=%r", str(exc) or type(exc).__name__)
+                    head = None
+                response = self._respond(head)
+            writer.write(response)
+            async with asyncio.timeout(WRITE_TIMEOUT):
+                await writer.drain()
+        except (OSError, TimeoutError) as exc:
+            log.debug("event=metrics_write_failed error=%r", str(exc) or type(exc).__name__)
+        finally:
+            self._clients -= 1
+            writer.close()
+            with contextlib.suppress(OSError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await writer.wait_closed()
+
+    def _respond(self, head: _Head | None) -> bytes:
+        if head is None:
+            return _response(HTTPStatus.BAD_REQUEST)
+        if head.path != METRICS_PATH:
+            return _response(HTTPStatus.NOT_FOUND)
+        if head.method not in ("GET", "HEAD"):
+            return _response(HTTPStatus.METHOD_NOT_ALLOWED, extra=(("Allow", "GET, HEAD"),))
+        try:
+            body, content_type = self.exposition("application/openmetrics-text" in head.accept)
+        except Exception:  # a broken view must cost a scrape, never the daemon
+            log.exception("event=metrics_exposition_failed")
+            return _response(HTTPStatus.INTERNAL_SERVER_ERROR)
+        return _response(HTTPStatus.OK, body, content_type, head_only=head.method == "HEAD")
+
+
+# --- the HTTP/1.1 endpoint's request reader -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Head:
+    method: str
+    path: str
+    accept: str
+
+
+async def _read_head(reader: asyncio.StreamReader) -> _Head:
+    """The request line and the Accept header; ValueError for anything malformed.
+
+    At most MAX_REQUEST_HEAD bytes in MAX_HEADER_LINES lines are read. A request body,
+    if any, is never read: the connection closes after one response.
+    """
+    budget = MAX_REQUEST_HEAD
+
+    async def line() -> str:
+        nonlocal budget
+        try:
+            data = await reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError:
+            raise ValueError("request head too large") from None
+        budget -= len(data)
+        if budget < 0:
+            raise ValueError("request head too large")
+        return data.decode("latin-1")
+
+    parts = (await line()).split()
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise ValueError("not an HTTP/1.x request line")
+    method, target, _ = parts
+    accept: list[str] = []
+    for _ in range(MAX_HEADER_LINES):
+        text = (await line()).strip()
+        if not text:
+            return _Head(method, target.split("?", 1)[0], ",".join(accept))
+        name, sep, value = text.partition(":")
+        if not sep:
+            raise ValueError("malformed header line")
+        if name.strip().lower() == "accept":
+            accept.append(value.strip())
+    raise ValueError("too many header lines")
+
+
+def _response(
+    status: HTTPStatus,
+    body: bytes | None = None,
+    content_type: str = "text/plain; charset=utf-8",
+    *,
+    head_only: bool = False,
+    extra: tuple[tuple[str, str], ...] = (),
+) -> bytes:
+    if body is None:
+        body = f"{status.value} {status.phrase}\n".encode()
+    headers = [
+        f"HTTP/1.1 {status.value} {status.phrase}",
+        f"Content-Type: {content_type}",
+        f"Content-Length: {len(body)}",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in extra),
+    ]
+    head = ("\r\n".join(headers) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body

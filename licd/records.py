@@ -1,0 +1,203 @@
+"""The database's rows: SQL statements and conversions between rows and domain objects.
+
+Leases, licences and audit entries each have their statements here and a pair of
+functions to and from a row. Nothing here runs SQL or decides anything; `store` does
+the running, the engine the deciding.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from licd_client.messages import Holder
+
+from .engine import Lease, Licence
+from .events import Event, Kind
+
+Row = tuple[Any, ...]
+
+# ---------------------------------------------------------------------------- leases
+
+INSERT_LEASE = """
+INSERT INTO lease (secret, handle, licence_id, request, host, hostid, user, pid, app,
+                   instance, seats, ttl, created, expires, last_heartbeat, delegate, ip)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+DELETE_LEASE = "DELETE FROM lease WHERE secret = ?"
+TOUCH_LEASE = "UPDATE lease SET expires = ?, last_heartbeat = ? WHERE secret = ?"
+SELECT_LEASES = """
+SELECT secret, handle, licence_id, request, host, hostid, user, pid, app, instance,
+       seats, ttl, created, expires, last_heartbeat, delegate, ip
+FROM lease
+"""
+
+
+def lease_row(lease: Lease) -> tuple[Any, ...]:
+    h = lease.holder
+    return (
+        lease.secret,
+        lease.handle,
+        lease.licence_id,
+        lease.request,
+        h.host,
+        h.hostid,
+        h.user,
+        h.pid,
+        h.app,
+        h.instance,
+        lease.seats,
+        lease.ttl,
+        lease.created,
+        lease.expires,
+        lease.last_heartbeat,
+        lease.delegate,
+        lease.ip,
+    )
+
+
+def row_lease(row: Sequence[Any]) -> Lease:
+    (secret, handle, licence_id, request, host, hostid, user, pid, app, instance) = row[:10]
+    seats, ttl, created, expires, last_heartbeat, delegate, ip = row[10:]
+    return Lease(
+        secret=secret,
+        handle=handle,
+        licence_id=licence_id,
+        request=request,
+        holder=Holder(host=host, hostid=hostid, user=user, pid=pid, app=app, instance=instance),
+        seats=seats,
+        ttl=ttl,
+        created=created,
+        expires=expires,
+        last_heartbeat=last_heartbeat,
+        delegate=delegate,
+        ip=ip,
+    )
+
+
+# -------------------------------------------------------------------------- licences
+
+UPSERT_LICENCE = """
+INSERT INTO licence (id, key, product, seats, lease_ttl, grace, not_before, expires,
+                     features, updated)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (id) DO UPDATE SET
+    key = excluded.key, product = excluded.product, seats = excluded.seats,
+    lease_ttl = excluded.lease_ttl, grace = excluded.grace,
+    not_before = excluded.not_before, expires = excluded.expires,
+    features = excluded.features, updated = excluded.updated
+"""
+DELETE_LICENCE = "DELETE FROM licence WHERE id = ?"
+SELECT_LICENCES = """
+SELECT id, key, product, seats, lease_ttl, grace, not_before, expires, features
+FROM licence ORDER BY id
+"""
+
+
+def licence_row(licence: Licence, now: float) -> Row:
+    return (
+        licence.id,
+        licence.key,
+        licence.product,
+        licence.seats,
+        licence.lease_ttl,
+        licence.grace,
+        licence.not_before,
+        licence.expires,
+        json.dumps(licence.features, sort_keys=True),
+        now,
+    )
+
+
+def row_licence(row: Sequence[Any]) -> Licence:
+    licence_id, key, product, seats, lease_ttl, grace, not_before, expires, features = row
+    return Licence(
+        key=key,
+        id=licence_id,
+        product=product,
+        seats=seats,
+        lease_ttl=lease_ttl,
+        grace=grace,
+        not_before=not_before,
+        expires=expires,
+        features=json.loads(features),
+    )
+
+
+# ----------------------------------------------------------------------------- audit
+
+INSERT_AUDIT = """
+INSERT INTO audit (time, event, licence, handle, host, hostid, user, ip, seats, reason,
+                   admin_uid, detail)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+SELECT_AUDIT = """
+SELECT id, time, event, licence, handle, host, hostid, user, ip, seats, reason, admin_uid,
+       detail
+FROM audit WHERE id > ? AND time >= ? AND time < ? ORDER BY id LIMIT ?
+"""
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One row of the audit log: its sequence number and the event it records."""
+
+    id: int
+    event: Event
+
+    def to_json(self) -> dict[str, Any]:
+        e = self.event
+        return {
+            "id": self.id,
+            "time": e.time,
+            "event": e.kind.value,
+            "licence": e.licence,
+            "handle": e.handle,
+            "host": e.host,
+            "hostid": e.hostid,
+            "user": e.user,
+            "ip": e.ip,
+            "seats": e.seats,
+            "reason": e.reason,
+            "admin_uid": e.admin_uid,
+            "detail": e.detail,
+        }
+
+
+def audit_row(e: Event) -> Row:
+    return (
+        e.time,
+        e.kind.value,
+        e.licence,
+        e.handle,
+        e.host,
+        e.hostid,
+        e.user,
+        e.ip,
+        e.seats,
+        e.reason,
+        e.admin_uid,
+        json.dumps(e.detail, sort_keys=True, default=str),
+    )
+
+
+def row_audit(row: Sequence[Any]) -> AuditEntry:
+    (entry_id, time, kind, licence, handle, host, hostid, user, ip) = row[:9]
+    seats, reason, admin_uid, detail = row[9:]
+    event = Event(
+        kind=Kind(kind),
+        time=time,
+        licence=licence,
+        handle=handle,
+        host=host,
+        hostid=hostid,
+        user=user,
+        ip=ip,
+        seats=seats,
+        reason=reason,
+        admin_uid=admin_uid,
+        detail=json.loads(detail),
+    )
+    return AuditEntry(entry_id, event)
