@@ -16,12 +16,14 @@ import fcntl
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
 from licd_client.errors import LicdError
 
+from .admin import AdminOps, AdminServer
 from .clock import Clock, SystemClock
 from .config import Config, ConfigError, load_config
 from .dispatch import Dispatcher
@@ -91,6 +93,32 @@ class Daemon:
         self.signer = signer
         self._lock = lock
         self._reloads: asyncio.Queue[None] = asyncio.Queue()
+        self._stored_licences: dict[str, Licence] | None = None  # until written at start
+        self.started = time.time()
+        self._started_mono = time.monotonic()
+        self.admin = AdminServer(AdminOps(service, self), config.admin, config.admin_socket)
+
+    # The admin interface's view of the daemon (admin.DaemonView).
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self._started_mono
+
+    @property
+    def listen(self) -> list[str]:
+        return [_addr(host, port) for host, port in self.server.addresses]
+
+    @property
+    def site(self) -> str:
+        return self.signer.site
+
+    @property
+    def public_key(self) -> bytes:
+        return self.signer.public
+
+    @property
+    def connections(self) -> int:
+        return self.server.connection_count
 
     @property
     def engine(self) -> Engine:
@@ -109,7 +137,8 @@ class Daemon:
             lock.close()
             raise
         try:
-            engine = Engine(_merge_licences(await store.load_licences(), config.licences))
+            stored = await store.load_licences()
+            engine = Engine(_merge_licences(stored, config.licences))
             kept = await store.load_leases()
         except Exception:
             await store.close()
@@ -126,7 +155,9 @@ class Daemon:
         signer = Signer(key, config.server.site)
         service = LicenceService(engine, store, clock, EventBus())
         server = Server(config.server, Dispatcher(service, signer))
-        return cls(config, store, service, server, signer, lock)
+        daemon = cls(config, store, service, server, signer, lock)
+        daemon._stored_licences = {x.id: x for x in stored}
+        return daemon
 
     # ------------------------------------------------------------------- reload
 
@@ -181,14 +212,18 @@ class Daemon:
         return summary
 
     async def _apply_licences(
-        self, licences: Iterable[Licence], *, admin_uid: int | None = None
+        self,
+        licences: Iterable[Licence],
+        *,
+        admin_uid: int | None = None,
+        stored: dict[str, Licence] | None = None,
     ) -> dict[str, str]:
         """Create or update each licence the config declares; {id: outcome}."""
         out: dict[str, str] = {}
         for licence in licences:
             try:
                 out[licence.id] = await self.service.put_licence(
-                    licence, admin_uid=admin_uid, source="config"
+                    licence, admin_uid=admin_uid, source="config", stored=stored
                 )
             except LicdError as exc:
                 log.error("event=licence_not_applied licence=%s error=%r", licence.id, exc.message)
@@ -212,13 +247,19 @@ class Daemon:
                     tg.create_task(self._run_reloads(), name="reloads"),
                 ]
                 # The file's licences, written to the database (the engine has them).
-                await self._apply_licences(self.config.licences)
+                await self._apply_licences(self.config.licences, stored=self._stored_licences)
+                self._stored_licences = None
+                try:
+                    await self.admin.start()
+                except (OSError, ValueError) as exc:
+                    raise StartupError(f"admin socket {self.admin.path}: {exc}") from None
                 try:
                     addresses = await self.server.start()
                 except OSError as exc:
                     raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
                 for host, port in addresses:
                     log.info("event=listening addr=%s", _addr(host, port))
+                log.info("event=admin_listening path=%s", self.admin.path)
                 log.info(
                     "event=ready site=%s key=%s licences=%d",
                     self.signer.site,
@@ -230,6 +271,7 @@ class Daemon:
                 await stop.wait()
                 log.info("event=stopping")
                 await self.server.stop()
+                await self.admin.stop()
                 for task in background:
                     task.cancel()
                 await self.store.close()
@@ -240,6 +282,7 @@ class Daemon:
             raise
         finally:
             await self.server.stop()
+            await self.admin.stop()
             await self.store.close()
             self._lock.close()
             log.info("event=stopped")

@@ -41,6 +41,7 @@ from licd_client.messages import (
 )
 
 from . import __version__
+from .config import ConfigError
 from .engine import Grant
 from .keys import Signer
 from .service import LicenceService
@@ -52,6 +53,20 @@ SERVER_NAME = f"licd/{__version__}"
 
 #: Errors after which the connection is closed: the stream or the client is broken.
 FATAL = (BadRequest, FrameTooLarge, HelloRequired)
+
+
+def error_reply(rid: int | None, exc: Exception, op: object = None) -> tuple[dict[str, Any], bool]:
+    """The error frame for `exc` and whether to close: the one place where exceptions
+    become wire codes, for the TCP protocol and the admin socket alike."""
+    if isinstance(exc, LicdError):
+        return error_frame(rid, exc), isinstance(exc, FATAL)
+    if isinstance(exc, ConfigError):  # an admin's licence edit or reload: say what is wrong
+        return error_frame(rid, BadRequest(str(exc))), False
+    if isinstance(exc, StoreError):
+        log.error("event=store_error op=%r error=%r", op, str(exc))
+        return error_frame(rid, Unavailable()), False
+    log.error("event=internal_error op=%r", op, exc_info=exc)
+    return error_frame(rid, Internal()), False
 
 
 @dataclass
@@ -79,14 +94,8 @@ class Dispatcher:
             if not session.hello_done and not isinstance(request, Hello):
                 raise HelloRequired()
             reply = await self._answer(session, request)
-        except LicdError as exc:
-            return error_frame(rid, exc), isinstance(exc, FATAL)
-        except StoreError as exc:
-            log.error("event=store_error error=%r", str(exc))
-            return error_frame(rid, Unavailable()), False
-        except Exception:
-            log.exception("event=internal_error op=%r", data.get("op"))
-            return error_frame(rid, Internal()), False
+        except Exception as exc:
+            return error_reply(rid, exc, data.get("op"))
         return reply.to_wire(), False
 
     @staticmethod

@@ -233,10 +233,17 @@ class LicenceService:
     # ----------------------------------------------------------------- licences
 
     async def put_licence(
-        self, licence: Licence, *, admin_uid: int | None = None, source: str = "admin"
+        self,
+        licence: Licence,
+        *,
+        admin_uid: int | None = None,
+        source: str = "admin",
+        stored: dict[str, Licence] | None = None,
     ) -> str:
-        """Create or update a licence, live: 'added', 'updated' or 'unchanged'."""
-        old = self.engine.licence_by_id(licence.id)
+        """Create or update a licence, live: 'added', 'updated' or 'unchanged'. `stored`
+        (the database's licences, at start) is what counts as the old version instead of
+        the engine's, which already holds the config file's."""
+        old = self.engine.licence_by_id(licence.id) if stored is None else stored.get(licence.id)
         if old == licence and old.key == licence.key:
             return "unchanged"
         self.engine.check_licence(licence)

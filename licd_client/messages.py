@@ -23,7 +23,7 @@ FeatureValue: TypeAlias = str | int | bool | float
 Features: TypeAlias = dict[str, FeatureValue]
 
 
-class _Reader:
+class Fields:
     """Takes typed fields out of one decoded map; `done()` rejects what is left over."""
 
     def __init__(self, data: dict[str, Any], what: str, error: type[Exception]) -> None:
@@ -93,8 +93,10 @@ class _Reader:
             raise self._fail(name, f"must be {length} bytes of binary")
         return value
 
-    def flag(self, name: str) -> bool:
-        value = self._get(name, True)
+    def flag(self, name: str, default: bool | None = None) -> bool:
+        value = self._get(name, default is None)
+        if value is None and default is not None:
+            return default
         if not isinstance(value, bool):
             raise self._fail(name, "must be a boolean")
         return value
@@ -111,6 +113,17 @@ class _Reader:
         value = self._get(name, True)
         if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
             raise self._fail(name, "must be an array of binaries")
+        return value
+
+    def strings(self, name: str, *, max_len: int = 1024) -> list[str]:
+        """An optional array of strings (empty when absent)."""
+        value = self._get(name, False)
+        if value is None:
+            return []
+        if not isinstance(value, list) or not all(
+            isinstance(v, str) and 0 < len(v) <= max_len for v in value
+        ):
+            raise self._fail(name, "must be an array of non-empty strings")
         return value
 
     def features(self, name: str) -> Features:
@@ -158,7 +171,7 @@ class Holder:
 
     @classmethod
     def from_wire(cls, data: dict[str, Any], error: type[Exception] = BadRequest) -> Holder:
-        r = _Reader(data, "holder", error)
+        r = Fields(data, "holder", error)
         holder = cls(
             host=r.nonempty_str("host", max_len=255),
             hostid=r.nonempty_str("hostid", max_len=255),
@@ -195,7 +208,7 @@ class Hello(Request):
         return {"protocol": self.protocol, "client": self.client}
 
     @classmethod
-    def read(cls, rid: int, r: _Reader) -> Hello:
+    def read(cls, rid: int, r: Fields) -> Hello:
         return cls(rid, protocol=r.uint("protocol"), client=r.text("client", max_len=255))
 
 
@@ -225,7 +238,7 @@ class Checkout(Request):
         return out
 
     @classmethod
-    def read(cls, rid: int, r: _Reader) -> Checkout:
+    def read(cls, rid: int, r: Fields) -> Checkout:
         key = r.nonempty_str("key", max_len=255)
         holder = Holder.from_wire(r.mapping("holder"))
         seats = r.uint("seats", required=False, minimum=1)
@@ -251,7 +264,7 @@ class Heartbeat(Request):
         return {"lease": self.lease, "nonce": self.nonce}
 
     @classmethod
-    def read(cls, rid: int, r: _Reader) -> Heartbeat:
+    def read(cls, rid: int, r: Fields) -> Heartbeat:
         return cls(
             rid,
             lease=r.nonempty_str("lease", max_len=255),
@@ -268,7 +281,7 @@ class Checkin(Request):
         return {"lease": self.lease}
 
     @classmethod
-    def read(cls, rid: int, r: _Reader) -> Checkin:
+    def read(cls, rid: int, r: Fields) -> Checkin:
         return cls(rid, lease=r.nonempty_str("lease", max_len=255))
 
 
@@ -281,7 +294,7 @@ class Available(Request):
         return {"key": self.key}
 
     @classmethod
-    def read(cls, rid: int, r: _Reader) -> Available:
+    def read(cls, rid: int, r: Fields) -> Available:
         return cls(rid, key=r.nonempty_str("key", max_len=255))
 
 
@@ -300,7 +313,7 @@ def request_id(data: dict[str, Any]) -> int | None:
 
 def parse_request(data: dict[str, Any]) -> Request:
     """A decoded map as a typed request, or BadRequest saying what is wrong."""
-    r = _Reader(data, "request", BadRequest)
+    r = Fields(data, "request", BadRequest)
     rid = r.uint("id")
     op = r.text("op", max_len=32)
     cls = REQUEST_TYPES.get(op)
@@ -348,7 +361,7 @@ class HelloReply(Reply):
         }
 
     @classmethod
-    def read(cls, rid: int, r: _Reader) -> HelloReply:
+    def read(cls, rid: int, r: Fields) -> HelloReply:
         return cls(
             rid,
             protocol=r.uint("protocol"),
@@ -390,7 +403,7 @@ class LeaseReply(Reply):
         return out
 
     @classmethod
-    def read(cls, rid: int, r: _Reader) -> LeaseReply:
+    def read(cls, rid: int, r: Fields) -> LeaseReply:
         lease = r.text("lease", required=False)
         return cls(
             rid,
@@ -414,7 +427,7 @@ class CheckinReply(Reply):
         return {"released": self.released}
 
     @classmethod
-    def read(cls, rid: int, r: _Reader) -> CheckinReply:
+    def read(cls, rid: int, r: Fields) -> CheckinReply:
         return cls(rid, released=r.flag("released"))
 
 
@@ -428,7 +441,7 @@ class AvailableReply(Reply):
         return {"total": self.total, "in_use": self.in_use, "available": self.available}
 
     @classmethod
-    def read(cls, rid: int, r: _Reader) -> AvailableReply:
+    def read(cls, rid: int, r: Fields) -> AvailableReply:
         return cls(
             rid, total=r.uint("total"), in_use=r.uint("in_use"), available=r.uint("available")
         )
@@ -454,24 +467,29 @@ def error_frame(rid: int | None, exc: LicdError) -> dict[str, Any]:
     return out
 
 
+def parse_error(data: dict[str, Any]) -> LicdError:
+    """The LicdError an error reply stands for (ProtocolViolation if it is malformed)."""
+    code, message = data.get("error"), data.get("message")
+    if not isinstance(code, str) or not isinstance(message, str):
+        raise ProtocolViolation("error reply without 'error' and 'message' strings")
+    retry_after = data.get("retry_after")
+    detail = data.get("detail")
+    return from_wire(
+        code,
+        message,
+        retry_after=float(retry_after) if isinstance(retry_after, int | float) else None,
+        detail=detail if isinstance(detail, dict) else None,
+    )
+
+
 def parse_reply(op: str, data: dict[str, Any]) -> Reply:
     """A received reply to `op` as its type; an error reply is raised as its LicdError."""
     ok = data.get("ok")
     if ok is False:
-        code, message = data.get("error"), data.get("message")
-        if not isinstance(code, str) or not isinstance(message, str):
-            raise ProtocolViolation("error reply without 'error' and 'message' strings")
-        retry_after = data.get("retry_after")
-        detail = data.get("detail")
-        raise from_wire(
-            code,
-            message,
-            retry_after=float(retry_after) if isinstance(retry_after, int | float) else None,
-            detail=detail if isinstance(detail, dict) else None,
-        )
+        raise parse_error(data)
     if ok is not True:
         raise ProtocolViolation("reply without a boolean 'ok'")
-    r = _Reader(data, f"{op} reply", ProtocolViolation)
+    r = Fields(data, f"{op} reply", ProtocolViolation)
     rid = r.uint("id")
     r.flag("ok")
     reply: Reply = REPLY_TYPES[op].read(rid, r)

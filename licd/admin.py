@@ -1,0 +1,427 @@
+"""The admin interface: a Unix socket (never TCP) with the protocol's framing and envelope.
+
+Who may connect is decided from the peer's credentials (SO_PEERCRED) before a byte is
+read: root, the daemon's own user, members of the configured group and the listed uids.
+Every action is recorded with the admin's uid. The ops (status, leases, revoke, licence
+add / update / remove / list, audit, reload, key) are documented in docs/admin.md; this
+module parses them, calls the service or the daemon, and shapes the results. It never
+decides seat rules itself and never returns a lease secret.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import grp
+import logging
+import os
+import pwd
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from licd_client.errors import BadRequest, Denied, LicdError, UnknownLicence
+from licd_client.messages import Fields, request_id
+from licd_client.wire import MAX_FRAME_ADMIN, REPLY_LIMITS, FrameDecoder, encode
+
+from . import __version__
+from .config import AdminConfig, licence_from_mapping
+from .dispatch import error_reply
+from .engine import Lease, Licence
+from .events import Event
+from .service import LicenceService
+
+log = logging.getLogger(__name__)
+
+_PEERCRED = struct.Struct("3i")  # pid, uid, gid
+MAX_PAGE = 5000
+MAX_AUDIT_WAIT = 60.0  # longest an `audit` request with `wait` is held open
+
+
+class DaemonView(Protocol):
+    """What the admin interface needs of the daemon beyond the service."""
+
+    @property
+    def started(self) -> float: ...
+    @property
+    def uptime(self) -> float: ...
+    @property
+    def listen(self) -> list[str]: ...
+    @property
+    def site(self) -> str: ...
+    @property
+    def public_key(self) -> bytes: ...
+    @property
+    def connections(self) -> int: ...
+    async def reload(self, *, admin_uid: int | None = None) -> dict[str, Any]: ...
+
+
+@dataclass
+class Peer:
+    pid: int
+    uid: int
+    gid: int
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    pid, uid, gid = _PEERCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+    )
+    return Peer(pid, uid, gid)
+
+
+@dataclass
+class Access:
+    """Who may use the admin socket."""
+
+    group_gid: int | None = None
+    group_members: frozenset[str] = frozenset()
+    uids: frozenset[int] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_config(cls, config: AdminConfig) -> Access:
+        uids = frozenset({0, os.geteuid(), *config.allow_uids})
+        if config.group is None:
+            return cls(uids=uids)
+        try:
+            entry = grp.getgrnam(config.group)
+        except KeyError:
+            raise ValueError(f"admin.group: no group named {config.group!r}") from None
+        return cls(entry.gr_gid, frozenset(entry.gr_mem), uids)
+
+    def allows(self, peer: Peer) -> bool:
+        if peer.uid in self.uids:
+            return True
+        if self.group_gid is None:
+            return False
+        if peer.gid == self.group_gid:
+            return True
+        try:
+            name = pwd.getpwuid(peer.uid).pw_name
+        except KeyError:
+            return False
+        return name in self.group_members
+
+
+def licence_status(licence: Licence, in_use: int, now: float) -> dict[str, Any]:
+    days_left = None if licence.expires is None else (licence.expires - now) / 86400
+    return {
+        "id": licence.id,
+        "product": licence.product,
+        "seats": licence.seats,
+        "in_use": in_use,
+        "available": max(0, licence.seats - in_use),
+        "lease_ttl": licence.lease_ttl,
+        "grace": licence.grace,
+        "not_before": licence.not_before,
+        "expires": licence.expires,
+        "days_left": days_left,
+        "features": licence.features,
+    }
+
+
+def lease_listing(lease: Lease) -> dict[str, Any]:
+    """A lease as admins see it: everything but its secret."""
+    h = lease.holder
+    return {
+        "handle": lease.handle,
+        "licence": lease.licence_id,
+        "host": h.host,
+        "hostid": h.hostid,
+        "user": h.user,
+        "pid": h.pid,
+        "app": h.app,
+        "instance": h.instance,
+        "ip": lease.ip,
+        "seats": lease.seats,
+        "since": lease.created,
+        "expires": lease.expires,
+        "last_heartbeat": lease.last_heartbeat,
+        "state": lease.state.value,
+    }
+
+
+def _epoch_to_datetime(value: Any, name: str) -> Any:
+    """Admin requests carry times as epoch floats; the licence reader wants datetimes."""
+    if value is None or isinstance(value, datetime):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise BadRequest(f"licence.{name} must be a time in seconds since the epoch")
+    return datetime.fromtimestamp(value, UTC)
+
+
+def _licence_mapping(licence: Licence) -> dict[str, Any]:
+    return {
+        "key": licence.key,
+        "id": licence.id,
+        "product": licence.product,
+        "seats": licence.seats,
+        "lease_ttl": licence.lease_ttl,
+        "grace": licence.grace,
+        "not_before": licence.not_before,
+        "expires": licence.expires,
+        "features": dict(licence.features),
+    }
+
+
+def _parse_licence(data: dict[str, Any]) -> Licence:
+    fields_ = dict(data)
+    for name in ("not_before", "expires"):
+        if name in fields_:
+            fields_[name] = _epoch_to_datetime(fields_[name], name)
+    fields_ = {k: v for k, v in fields_.items() if v is not None}
+    return licence_from_mapping(fields_, "admin request")
+
+
+class AdminOps:
+    """The admin ops, independent of the socket (tests call them directly too)."""
+
+    def __init__(self, service: LicenceService, daemon: DaemonView) -> None:
+        self.service = service
+        self.daemon = daemon
+        self._audit_wakeup = asyncio.Event()
+        service.events.subscribe(self._on_event)
+        self._ops: dict[str, Callable[[Fields, int], Awaitable[dict[str, Any]]]] = {
+            "status": self.status,
+            "leases": self.leases,
+            "revoke": self.revoke,
+            "licence.list": self.licence_list,
+            "licence.add": self.licence_add,
+            "licence.update": self.licence_update,
+            "licence.remove": self.licence_remove,
+            "audit": self.audit,
+            "reload": self.reload,
+            "key": self.key,
+        }
+
+    def _on_event(self, _: Event) -> None:
+        self._audit_wakeup.set()
+
+    async def handle(self, data: dict[str, Any], uid: int) -> dict[str, Any]:
+        f = Fields(data, "admin request", BadRequest)
+        rid = f.uint("id")
+        op = f.text("op", max_len=32)
+        handler = self._ops.get(op)
+        if handler is None:
+            raise BadRequest(f"unknown admin op {op!r}; known: {', '.join(sorted(self._ops))}")
+        f.rename(op)
+        result = await handler(f, uid)
+        f.done()
+        return {"id": rid, "ok": True, **result}
+
+    # ------------------------------------------------------------------ queries
+
+    async def status(self, f: Fields, uid: int) -> dict[str, Any]:
+        engine, d = self.service.engine, self.daemon
+        now = self.service.now().wall
+        return {
+            "version": __version__,
+            "started": d.started,
+            "uptime": d.uptime,
+            "site": d.site,
+            "listen": d.listen,
+            "key": d.public_key.hex(),
+            "connections": d.connections,
+            "licences": [
+                licence_status(x, engine.in_use(x.id), now)
+                for x in sorted(engine.licences, key=lambda x: x.id)
+            ],
+        }
+
+    async def leases(self, f: Fields, uid: int) -> dict[str, Any]:
+        licence = f.text("licence", max_len=64, required=False)
+        host = f.text("host", max_len=255, required=False)
+        user = f.text("user", max_len=255, required=False)
+        after = f.text("after", max_len=64, required=False)
+        limit = f.uint("limit", required=False) or 1000
+        limit = min(limit, MAX_PAGE)
+        chosen = sorted(
+            (
+                x
+                for x in self.service.engine.leases
+                if (licence is None or x.licence_id == licence)
+                and (host is None or x.holder.host == host)
+                and (user is None or x.holder.user == user)
+                and (after is None or x.handle > after)
+            ),
+            key=lambda x: x.handle,
+        )
+        page = chosen[:limit]
+        more = len(chosen) > limit
+        return {
+            "leases": [lease_listing(x) for x in page],
+            "next": page[-1].handle if more and page else None,
+        }
+
+    async def licence_list(self, f: Fields, uid: int) -> dict[str, Any]:
+        show_keys = f.flag("show_keys", False)
+        engine = self.service.engine
+        now = self.service.now().wall
+        out = []
+        for licence in sorted(engine.licences, key=lambda x: x.id):
+            item = licence_status(licence, engine.in_use(licence.id), now)
+            if show_keys:
+                item["key"] = licence.key
+            out.append(item)
+        return {"licences": out}
+
+    async def audit(self, f: Fields, uid: int) -> dict[str, Any]:
+        after = f.uint("after", required=False) or 0
+        since = f.number("since", required=False)
+        until = f.number("until", required=False)
+        limit = min(f.uint("limit", required=False) or 1000, MAX_PAGE)
+        wait = min(f.number("wait", required=False) or 0.0, MAX_AUDIT_WAIT)
+        store = self.service.store
+        entries = await store.audit(after=after, since=since, until=until, limit=limit)
+        if not entries and wait > 0:
+            self._audit_wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await self._audit_wakeup.wait()
+            await store.barrier()  # what woke us is committed (or failed) by now
+            entries = await store.audit(after=after, since=since, until=until, limit=limit)
+        return {
+            "entries": [e.to_json() for e in entries],
+            "last": entries[-1].id if entries else after,
+        }
+
+    async def key(self, f: Fields, uid: int) -> dict[str, Any]:
+        return {"key": self.daemon.public_key.hex()}
+
+    # ------------------------------------------------------------------ actions
+
+    async def revoke(self, f: Fields, uid: int) -> dict[str, Any]:
+        handles = f.strings("handles", max_len=64)
+        host = f.text("host", max_len=255, required=False)
+        user = f.text("user", max_len=255, required=False)
+        reason = f.text("reason", max_len=1024, required=False) or ""
+        if not handles and host is None and user is None:
+            raise BadRequest("revoke: name handles, a host or a user")
+        revoked = await self.service.revoke(
+            handles=handles, host=host, user=user, reason=reason, admin_uid=uid
+        )
+        return {"revoked": [x.handle for x in revoked]}
+
+    async def licence_add(self, f: Fields, uid: int) -> dict[str, Any]:
+        licence = _parse_licence(f.mapping("licence"))
+        if self.service.engine.licence_by_id(licence.id) is not None:
+            raise BadRequest(f"licence {licence.id!r} exists already: use licence update")
+        result = await self.service.put_licence(licence, admin_uid=uid)
+        return {"result": result, "licence": licence.id}
+
+    async def licence_update(self, f: Fields, uid: int) -> dict[str, Any]:
+        licence_id = f.text("licence", max_len=64)
+        changes = f.mapping("changes")
+        current = self.service.engine.licence_by_id(licence_id)
+        if current is None:
+            raise UnknownLicence(f"no licence with id {licence_id!r}")
+        if "id" in changes and changes["id"] != licence_id:
+            raise BadRequest("licence update cannot change a licence's id")
+        merged = {**_licence_mapping(current), **changes}
+        licence = _parse_licence(merged)
+        result = await self.service.put_licence(licence, admin_uid=uid)
+        return {"result": result, "licence": licence.id}
+
+    async def licence_remove(self, f: Fields, uid: int) -> dict[str, Any]:
+        licence_id = f.text("licence", max_len=64)
+        force = f.flag("force", False)
+        revoked = await self.service.remove_licence(licence_id, force=force, admin_uid=uid)
+        return {"removed": licence_id, "revoked": [x.handle for x in revoked]}
+
+    async def reload(self, f: Fields, uid: int) -> dict[str, Any]:
+        return await self.daemon.reload(admin_uid=uid)
+
+
+class AdminServer:
+    """Listens on the admin socket and serves one request at a time per connection."""
+
+    def __init__(self, ops: AdminOps, config: AdminConfig, path: Path) -> None:
+        self.ops = ops
+        self.config = config
+        self.path = path
+        self.access = Access.from_config(config)
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        path = self.path
+        if path.exists() or path.is_symlink():
+            if await _in_use(path):
+                raise OSError(f"{path} is in use by another process")
+            path.unlink()
+        old_umask = os.umask(0o117)  # the socket is born 0660, never wider
+        try:
+            self._server = await asyncio.start_unix_server(self._accept, path=str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o660)
+        if self.access.group_gid is not None:
+            os.chown(path, -1, self.access.group_gid)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._server.wait_closed()
+            self._server = None
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            peer = peer_credentials(sock)
+            if not self.access.allows(peer):
+                log.warning("event=admin_refused uid=%d pid=%d", peer.uid, peer.pid)
+                refusal = Denied(f"uid {peer.uid} may not use the admin socket")
+                writer.write(encode(error_reply(None, refusal)[0]))
+                await writer.drain()
+                return
+            await self._serve(reader, writer, peer)
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer
+    ) -> None:
+        decoder = FrameDecoder(MAX_FRAME_ADMIN, REPLY_LIMITS)
+        while True:
+            try:
+                frame = decoder.next_frame()
+            except LicdError as exc:
+                writer.write(encode(error_reply(None, exc)[0]))
+                await writer.drain()
+                return
+            if frame is None:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                decoder.feed(data)
+                continue
+            try:
+                reply = await self.ops.handle(frame, peer.uid)
+                close = False
+            except Exception as exc:
+                reply, close = error_reply(request_id(frame), exc, frame.get("op"))
+            writer.write(encode(reply))
+            await writer.drain()
+            if close:
+                return
+
+
+async def _in_use(path: Path) -> bool:
+    """True when something accepts connections on the Unix socket at `path`."""
+    try:
+        _, writer = await asyncio.open_unix_connection(str(path))
+    except OSError:
+        return False
+    writer.close()
+    return True
