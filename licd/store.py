@@ -273,7 +273,8 @@ class Store:
             (INSERT_AUDIT, [audit_row(e) for e in lazy_audit]),
         ]
         try:
-            await self._transaction([s for op in batch for s in op.statements] + lazy)
+            # Lazy entries first: the denials among them happened before this batch.
+            await self._transaction(lazy + [s for op in batch for s in op.statements])
         except sqlite3.Error as exc:
             # Keep the lazy writes for the next attempt; they are nobody's reply.
             self._touched = {**touched, **self._touched}
