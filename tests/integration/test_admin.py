@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import os
+import shutil
 import signal
 import socket
 import stat
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,15 @@ async def test_socket_is_private(tmp_path: Path) -> None:
     assert not daemon.admin.path.exists()  # removed on shutdown
 
 
+@pytest.fixture
+def public() -> Iterator[Path]:
+    """A directory every user may traverse (pytest's tmp_path is private to root)."""
+    path = Path(tempfile.mkdtemp(prefix="licd-admin-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _connect_as(uid: int, path: str) -> bytes:
     """In a child process running as `uid`, connect to the socket and read what comes."""
     r, w = os.pipe()
@@ -70,11 +81,11 @@ def _connect_as(uid: int, path: str) -> bytes:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
-async def test_a_uid_not_allowed_is_refused_before_any_command(tmp_path: Path) -> None:
+async def test_a_uid_not_allowed_is_refused_before_any_command(
+    tmp_path: Path, public: Path
+) -> None:
     # A socket where any user can reach it, and a mode that lets the file system through:
     # only SO_PEERCRED decides.
-    public = Path(tempfile.mkdtemp(prefix="licd-admin-", dir="/tmp"))
-    public.chmod(0o755)
     config = dataclasses.replace(
         make_config(tmp_path), admin=AdminConfig(socket=public / "admin.sock")
     )
@@ -89,7 +100,6 @@ async def test_a_uid_not_allowed_is_refused_before_any_command(tmp_path: Path) -
         assert "uid 65534" in frame["message"]
         assert decoder.next_frame() is None  # one frame, then the connection closed
         assert (await admin(daemon, "status"))["ok"] is True  # root still may
-    public.rmdir()
 
 
 async def test_admin_edits_reach_the_holder_on_its_next_heartbeat(tmp_path: Path) -> None:
