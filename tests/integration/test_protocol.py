@@ -332,3 +332,27 @@ async def test_shutdown_refuses_new_requests_and_keeps_leases(tmp_path: Path) ->
         await stopping
     async with running(make_config(tmp_path)) as daemon:
         assert daemon.engine.in_use(DICOM.id) == 1
+
+
+async def test_logs_never_show_lease_secrets_or_licence_keys(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("DEBUG")
+    clock = FakeClock()
+    async with running(make_config(tmp_path), clock) as daemon:
+        peer = await connected(address(daemon))
+        secrets = []
+        for i in range(3):
+            reply = await peer.checkout(h=holder(f"h{i}"))
+            secrets.append(reply["lease"])
+        assert (await peer.checkout(h=holder("h9")))["error"] == "seats_exhausted"
+        assert (await peer.checkout(key="SECRET-WRONG-KEY"))["error"] == "unknown_licence"
+        await peer.call("heartbeat", lease=secrets[0], nonce=os.urandom(16))
+        await peer.call("checkin", lease=secrets[0])
+        clock.advance(DICOM.lease_ttl + DICOM.grace + 1)
+        await daemon.service.reap_once(clock.now())
+        await peer.close()
+    text = caplog.text
+    assert "event=checkout" in text and "event=denied" in text and "event=reclaim" in text
+    for secret in [*secrets, DICOM.key, "SECRET-WRONG-KEY"]:
+        assert secret not in text
