@@ -319,5 +319,5 @@ def setup_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    with contextlib.suppress(Exception):
-        logging.getLogger("aiosqlite").setLevel(logging.WARNING)
+    # aiosqlite's debug lines quote SQL parameters, lease secrets among them.
+    logging.getLogger("aiosqlite").setLevel(logging.WARNING)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import os
 import sqlite3
 import struct
@@ -15,6 +16,7 @@ import msgpack
 import pytest
 
 from licd.clock import FakeClock
+from licd.daemon import setup_logging
 from licd_client import tokens
 from licd_client.errors import TokenInvalid
 from tests.support import DICOM, RawPeer, address, holder, make_config, running
@@ -337,7 +339,9 @@ async def test_shutdown_refuses_new_requests_and_keeps_leases(tmp_path: Path) ->
 async def test_logs_never_show_lease_secrets_or_licence_keys(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level("DEBUG")
+    # licd's own loggers at their most talkative. (aiosqlite's debug log quotes SQL
+    # parameters; setup_logging keeps it at WARNING, see the next test.)
+    caplog.set_level("DEBUG", logger="licd")
     clock = FakeClock()
     async with running(make_config(tmp_path), clock) as daemon:
         peer = await connected(address(daemon))
@@ -356,3 +360,15 @@ async def test_logs_never_show_lease_secrets_or_licence_keys(
     assert "event=checkout" in text and "event=denied" in text and "event=reclaim" in text
     for secret in [*secrets, DICOM.key, "SECRET-WRONG-KEY"]:
         assert secret not in text
+
+
+def test_setup_logging_keeps_sql_parameters_out() -> None:
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        setup_logging("debug")
+        assert logging.getLogger("licd").getEffectiveLevel() == logging.DEBUG
+        assert logging.getLogger("aiosqlite").getEffectiveLevel() == logging.WARNING
+    finally:
+        root.handlers[:], level = saved
+        root.setLevel(level)
