@@ -10,7 +10,6 @@ event is set, shuts down in order. Signals are wired by the CLI, not here.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -30,6 +29,7 @@ from .dispatch import Dispatcher
 from .engine import Engine, Licence
 from .events import Event, EventBus, Kind
 from .keys import Signer, key_path, load_or_create_key
+from .notify import Notifier
 from .server import Server
 from .service import LicenceService
 from .store import DB_FILE, Store
@@ -93,6 +93,7 @@ class Daemon:
         self.signer = signer
         self._lock = lock
         self._reloads: asyncio.Queue[None] = asyncio.Queue()
+        self._notifier = Notifier()  # no-op unless run() is given systemd's
         self._stored_licences: dict[str, Licence] | None = None  # until written at start
         self.started = time.time()
         self._started_mono = time.monotonic()
@@ -168,8 +169,14 @@ class Daemon:
     async def _run_reloads(self) -> None:
         while True:
             await self._reloads.get()
-            with contextlib.suppress(ConfigError, LicdError):
+            self._notifier.reloading()
+            status = "reloaded"
+            try:
                 await self.reload()
+            except (ConfigError, LicdError):
+                status = "reload failed; the old configuration stays (see the journal)"
+            finally:
+                self._notifier.ready(status)
 
     async def reload(self, *, admin_uid: int | None = None) -> dict[str, Any]:
         """Re-read the config file: licences it declares are created or updated, live.
@@ -235,10 +242,16 @@ class Daemon:
         stop: asyncio.Event,
         *,
         on_ready: Callable[[Daemon], None] | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         """Serve until `stop` is set, then shut down in order."""
+        if notifier is not None:
+            self._notifier = notifier
         try:
             async with asyncio.TaskGroup() as tg:
+                # Pings come from this loop, so a stuck loop stops them; they go on
+                # through the drain at shutdown.
+                watchdog = tg.create_task(self._notifier.run_watchdog(), name="watchdog")
                 tg.create_task(self.store.run(), name="store-writer")
                 background = [
                     tg.create_task(
@@ -266,15 +279,21 @@ class Daemon:
                     self.signer.public.hex(),
                     len(self.config.licences),
                 )
+                listening = ", ".join(_addr(h, p) for h, p in addresses)
+                self._notifier.ready(
+                    f"serving {len(self.engine.licences)} licence(s) on {listening}"
+                )
                 if on_ready is not None:
                     on_ready(self)
                 await stop.wait()
                 log.info("event=stopping")
+                self._notifier.stopping()
                 await self.server.stop()
                 await self.admin.stop()
                 for task in background:
                     task.cancel()
                 await self.store.close()
+                watchdog.cancel()
         except BaseExceptionGroup as group:
             # Unwrap: one clear error rather than a group of one.
             if len(group.exceptions) == 1:
