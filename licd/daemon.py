@@ -10,6 +10,7 @@ event is set, shuts down in order. Signals are wired by the CLI, not here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import fcntl
 import logging
@@ -17,18 +18,21 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable
+from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
 from licd_client.errors import LicdError
 
 from .admin import AdminOps, AdminServer
+from .alerts import AlertMonitor
 from .clock import Clock, SystemClock
 from .config import Config, ConfigError, load_config
 from .dispatch import Dispatcher
 from .engine import Engine, Licence
 from .events import Event, EventBus, Kind
 from .keys import Signer, key_path, load_or_create_key
+from .metrics import Metrics, engine_usage
 from .notify import Notifier
 from .server import Server
 from .service import LicenceService
@@ -94,10 +98,46 @@ class Daemon:
         self._lock = lock
         self._reloads: asyncio.Queue[None] = asyncio.Queue()
         self._notifier = Notifier()  # no-op unless run() is given systemd's
+        self._metrics_server: asyncio.Server | None = None
         self._stored_licences: dict[str, Licence] | None = None  # until written at start
         self.started = time.time()
         self._started_mono = time.monotonic()
         self.admin = AdminServer(AdminOps(service, self), config.admin, config.admin_socket)
+        # Metrics and alerts listen to the service's events.
+        clock = service.clock
+        view = partial(engine_usage, service.engine)
+        self.metrics = Metrics(view, lambda: server.connection_count, lambda: clock.now().wall)
+        self.alerts = AlertMonitor(
+            config.alerts,
+            view,
+            wall=lambda: clock.now().wall,
+            monotonic=lambda: clock.now().mono,
+            on_alert=lambda alert: self.metrics.alert(alert.kind),
+        )
+        service.events.subscribe(self.metrics.on_event)
+        service.events.subscribe(self.alerts.on_event)
+        server.dispatcher.on_request = self._observe_request
+
+    def _observe_request(self, op: str, seconds: float, error: str | None) -> None:
+        self.metrics.observe_request(op, seconds, error)
+        if op == "heartbeat" and error is None:
+            self.metrics.heartbeat()
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where the metrics endpoint listens, once it does."""
+        if self._metrics_server is None:
+            return None
+        host, port = self._metrics_server.sockets[0].getsockname()[:2]
+        return host, port
+
+    async def _stop_metrics(self) -> None:
+        server, self._metrics_server = self._metrics_server, None
+        if server is not None:
+            server.close()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await server.wait_closed()
 
     # The admin interface's view of the daemon (admin.DaemonView).
 
@@ -212,6 +252,7 @@ class Daemon:
         if restart:
             log.warning("event=reload_needs_restart settings=%s", ",".join(restart))
         self.config = dataclasses.replace(self.config, licences=new.licences, alerts=new.alerts)
+        self.alerts.reconfigure(new.alerts)
         summary = {"licences": changes, "restart_needed": restart}
         await self.service.record(
             Event(Kind.RELOAD, self.service.now().wall, admin_uid=admin_uid, detail=summary)
@@ -258,6 +299,7 @@ class Daemon:
                         self.service.run_reaper(self.config.server.reap_interval), name="reaper"
                     ),
                     tg.create_task(self._run_reloads(), name="reloads"),
+                    tg.create_task(self.alerts.run(), name="alerts"),
                 ]
                 # The file's licences, written to the database (the engine has them).
                 await self._apply_licences(self.config.licences, stored=self._stored_licences)
@@ -268,6 +310,13 @@ class Daemon:
                     raise StartupError(f"admin socket {self.admin.path}: {exc}") from None
                 try:
                     addresses = await self.server.start()
+                    if self.config.metrics.listen is not None:
+                        listen = self.config.metrics.listen
+                        self._metrics_server = await self.metrics.serve(*listen)
+                        log.info(
+                            "event=metrics_listening addr=%s",
+                            _addr(*(self.metrics_address or listen)),
+                        )
                 except OSError as exc:
                     raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
                 for host, port in addresses:
@@ -290,8 +339,10 @@ class Daemon:
                 self._notifier.stopping()
                 await self.server.stop()
                 await self.admin.stop()
+                await self._stop_metrics()
                 for task in background:
                     task.cancel()
+                await self.alerts.drain(grace=self.config.alerts.hook_timeout)
                 await self.store.close()
                 watchdog.cancel()
         except BaseExceptionGroup as group:
@@ -302,6 +353,7 @@ class Daemon:
         finally:
             await self.server.stop()
             await self.admin.stop()
+            await self._stop_metrics()
             await self.store.close()
             self._lock.close()
             log.info("event=stopped")

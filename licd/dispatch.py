@@ -9,6 +9,8 @@ connection. It knows the protocol's messages, not sockets and not SQL.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,7 @@ from licd_client.errors import (
 )
 from licd_client.messages import (
     PROTOCOL_VERSION,
+    REQUEST_TYPES,
     Available,
     AvailableReply,
     Checkin,
@@ -79,13 +82,22 @@ class Session:
 
 
 class Dispatcher:
-    def __init__(self, service: LicenceService, signer: Signer) -> None:
+    def __init__(
+        self,
+        service: LicenceService,
+        signer: Signer,
+        *,
+        on_request: Callable[[str, float, str | None], None] | None = None,
+    ) -> None:
         self.service = service
         self.signer = signer
         self.shutting_down = False
+        #: Told of every request: (op, seconds taken, error code or None). Metrics.
+        self.on_request = on_request
 
     async def handle(self, session: Session, data: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """Answer one decoded frame: (reply map, whether to close the connection)."""
+        started = time.perf_counter()
         rid = request_id(data)
         try:
             if self.shutting_down:
@@ -95,8 +107,17 @@ class Dispatcher:
                 raise HelloRequired()
             reply = await self._answer(session, request)
         except Exception as exc:
-            return error_reply(rid, exc, data.get("op"))
+            frame, close = error_reply(rid, exc, data.get("op"))
+            self._observe(data, started, frame["error"])
+            return frame, close
+        self._observe(data, started, None)
         return reply.to_wire(), False
+
+    def _observe(self, data: dict[str, Any], started: float, error: str | None) -> None:
+        if self.on_request is not None:
+            op = data.get("op")
+            name = op if isinstance(op, str) and op in REQUEST_TYPES else "invalid"
+            self.on_request(name, time.perf_counter() - started, error)
 
     @staticmethod
     def error(exc: LicdError) -> dict[str, Any]:

@@ -41,6 +41,8 @@ MAX_HEADER_LINES = 64
 READ_TIMEOUT = 5.0
 WRITE_TIMEOUT = 10.0
 MAX_CLIENTS = 16
+LINGER_TIME = 1.0
+LINGER_CHUNKS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,7 +203,10 @@ class Metrics:
         """Listen for scrapes at `host:port`; the caller closes the returned server."""
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            await self._handle(reader, writer, read_timeout)
+            # Nobody awaits this task: cancelled at shutdown, it simply ends (Python 3.11's
+            # start_server would otherwise log the CancelledError as an error).
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._handle(reader, writer, read_timeout)
 
         return await asyncio.start_server(handle, host, port, limit=MAX_REQUEST_HEAD)
 
@@ -223,6 +228,7 @@ class Metrics:
             writer.write(response)
             async with asyncio.timeout(WRITE_TIMEOUT):
                 await writer.drain()
+            await _linger(reader, writer)
         except (OSError, TimeoutError) as exc:
             log.debug("event=metrics_write_failed error=%r", str(exc) or type(exc).__name__)
         finally:
@@ -291,6 +297,19 @@ async def _read_head(reader: asyncio.StreamReader) -> _Head:
         if name.strip().lower() == "accept":
             accept.append(value.strip())
     raise ValueError("too many header lines")
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Half-close, then read what the peer still sends (a body, the rest of a refused
+    request) until it closes too, briefly and bounded: closing with unread input would
+    reset the connection and the peer could lose the response."""
+    if writer.can_write_eof():
+        writer.write_eof()
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(LINGER_TIME):
+            for _ in range(LINGER_CHUNKS):
+                if not await reader.read(MAX_REQUEST_HEAD):
+                    break
 
 
 def _response(

@@ -1,0 +1,381 @@
+"""Alerts: tell operators when a licence nears expiry, fills up, or its users are in trouble.
+
+Theory of operation. Four kinds, two sources:
+
+- `check()` (every `check_interval`, from `run()`) reads the engine view. *licence_expiring*:
+  each threshold of `expiry_days` fires once per licence when the time left drops to or
+  below it; several crossed at once give one alert naming the smallest; a changed expiry
+  (a renewal) re-arms them all. *usage*: each `usage_percent` level fires once when seats
+  in use rise to or through it (several at once: one alert naming the highest) and is
+  re-armed when usage falls below it again.
+- `on_event()` (an EventBus subscriber). *holder_silent*: every RECLAIM, a lease that
+  lapsed without a checkin. *denials*: `denials` DENIED events of one licence within
+  `denial_window` seconds (monotonic clock) raise one alert, then that licence is muted
+  for a window, so a denial storm yields one alert per window, not one per denial.
+
+Every alert is one WARNING log line, the `on_alert` callback (metrics) and, if a hook is
+configured, the hook command run in a background task with the alert as JSON on stdin.
+Hooks are bounded (timeout, concurrency, a queue that drops beyond its size) and a hook
+that fails, hangs or is missing is logged, never raised: alerts must not harm the daemon.
+State is in memory only: after a restart, conditions still true alert once more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .config import AlertsConfig
+from .events import Event, Kind
+from .metrics import LicenceUsage
+
+log = logging.getLogger(__name__)
+
+DAY = 86400.0
+#: Hooks running at once, and waiting at most (beyond that an alert's hook is dropped).
+MAX_HOOKS_RUNNING = 4
+MAX_HOOKS_PENDING = 64
+#: Bytes of a hook's stdout and stderr kept for the log; the rest is read and discarded.
+HOOK_OUTPUT_LOGGED = 2048
+PIPE_LINGER = 1.0
+
+
+@dataclass(frozen=True)
+class Alert:
+    """One alert. `licence` is the public id (never a key); `time` is wall-clock seconds."""
+
+    kind: str  # "licence_expiring" | "usage" | "holder_silent" | "denials"
+    licence: str | None
+    message: str
+    time: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        """The alert as one line of UTF-8 JSON: what a hook reads on stdin."""
+        document = {
+            "kind": self.kind,
+            "licence": self.licence,
+            "message": self.message,
+            "time": self.time,
+            "at": datetime.fromtimestamp(self.time, UTC).isoformat(timespec="seconds"),
+            "detail": self.detail,
+        }
+        return json.dumps(document, sort_keys=True, default=str).encode() + b"\n"
+
+
+class AlertMonitor:
+    """Watches the engine view and the event bus; raises each alert once, as above.
+
+    `run_hook` replaces the hook command (tests); without it, `config.hook` (if set) is
+    run by `run_hook_command`. `on_alert` is called for every alert (the metrics counter).
+    """
+
+    def __init__(
+        self,
+        config: AlertsConfig,
+        engine_view: Callable[[], Iterable[LicenceUsage]],
+        *,
+        wall: Callable[[], float],
+        monotonic: Callable[[], float],
+        on_alert: Callable[[Alert], None] | None = None,
+        run_hook: Callable[[Alert], Awaitable[None]] | None = None,
+    ) -> None:
+        self._engine_view = engine_view
+        self._wall = wall
+        self._monotonic = monotonic
+        self._on_alert = on_alert
+        self._injected_hook = run_hook
+        # licence id -> (the expiry the fired thresholds belong to, thresholds fired)
+        self._expiry_fired: dict[str, tuple[float, set[int]]] = {}
+        self._usage_fired: dict[str, set[int]] = {}  # licence id -> levels reached
+        # licence id (None: unknown keys) -> the last `denials` (monotonic time, reason)
+        self._denials: dict[str | None, deque[tuple[float, str]]] = {}
+        self._denials_muted: dict[str | None, float] = {}  # ... until this monotonic time
+        self._hooks: set[asyncio.Task[None]] = set()
+        self._hook_slots = asyncio.Semaphore(MAX_HOOKS_RUNNING)
+        self.config = config
+        self.reconfigure(config)
+
+    def reconfigure(self, config: AlertsConfig) -> None:
+        """Apply a reloaded [alerts] table. Thresholds already fired stay fired; denial
+        windows start afresh when their size or length changes."""
+        old = self.config
+        if (old.denials, old.denial_window) != (config.denials, config.denial_window):
+            self._denials.clear()
+            self._denials_muted.clear()
+        self.config = config
+        self._expiry_days = sorted(set(config.expiry_days))
+        self._usage_percent = sorted(set(config.usage_percent))
+        run_hook = self._injected_hook
+        if run_hook is None and config.hook:
+            run_hook = self._command_hook
+        self._run_hook: Callable[[Alert], Awaitable[None]] | None = run_hook
+
+    # ------------------------------------------------------------ the engine view
+
+    def check(self) -> list[Alert]:
+        """Evaluate expiry and usage now; returns (and raises) the alerts that fire."""
+        now = self._wall()
+        alerts: list[Alert] = []
+        seen: set[str] = set()
+        for usage in self._engine_view():
+            seen.add(usage.id)
+            expiring = self._check_expiry(usage, now)
+            if expiring is not None:
+                alerts.append(expiring)
+            crowded = self._check_usage(usage, now)
+            if crowded is not None:
+                alerts.append(crowded)
+        for gone in self._expiry_fired.keys() - seen:  # removed licences start afresh
+            del self._expiry_fired[gone]
+        for gone in self._usage_fired.keys() - seen:
+            del self._usage_fired[gone]
+        for alert in alerts:
+            self._raise(alert)
+        return alerts
+
+    def _check_expiry(self, usage: LicenceUsage, now: float) -> Alert | None:
+        if usage.expires is None:
+            self._expiry_fired.pop(usage.id, None)
+            return None
+        record = self._expiry_fired.get(usage.id)
+        if record is None or record[0] != usage.expires:
+            record = (usage.expires, set())  # new, or its expiry changed: re-armed
+            self._expiry_fired[usage.id] = record
+        fired = record[1]
+        days_left = (usage.expires - now) / DAY
+        crossed = {days for days in self._expiry_days if days_left <= days}
+        if not crossed - fired:
+            return None
+        fired |= crossed
+        threshold = min(crossed)
+        if days_left > 0:
+            message = f"licence {usage.id} expires in {days_left:.1f} days"
+        else:
+            message = f"licence {usage.id} expired {-days_left:.1f} days ago"
+        return Alert(
+            "licence_expiring",
+            usage.id,
+            message,
+            now,
+            {
+                "product": usage.product,
+                "expires": usage.expires,
+                "days_left": round(days_left, 3),
+                "threshold_days": threshold,
+            },
+        )
+
+    def _check_usage(self, usage: LicenceUsage, now: float) -> Alert | None:
+        percent = 100.0 * usage.in_use / usage.total if usage.total > 0 else 0.0
+        crossed = {level for level in self._usage_percent if percent >= level}
+        fired = self._usage_fired.get(usage.id, set())
+        self._usage_fired[usage.id] = crossed  # levels no longer reached are re-armed
+        if not crossed - fired:
+            return None
+        threshold = max(crossed)
+        return Alert(
+            "usage",
+            usage.id,
+            f"licence {usage.id} has {usage.in_use} of {usage.total} seats in use"
+            f" ({percent:.0f} %, threshold {threshold} %)",
+            now,
+            {
+                "product": usage.product,
+                "in_use": usage.in_use,
+                "total": usage.total,
+                "percent": round(percent, 1),
+                "threshold_percent": threshold,
+            },
+        )
+
+    async def run(self, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        """Forever: `check()`, then wait `check_interval`. A failed check is logged."""
+        while True:
+            try:
+                self.check()
+            except Exception:
+                log.exception("event=alert_check_failed")
+            await sleep(self.config.check_interval)
+
+    # ----------------------------------------------------------------- the events
+
+    def on_event(self, event: Event) -> None:
+        """EventBus subscriber: RECLAIM -> holder_silent; DENIED -> the denial window."""
+        if event.kind is Kind.RECLAIM:
+            self._raise(self._holder_silent(event))
+        elif event.kind is Kind.DENIED:
+            alert = self._count_denial(event)
+            if alert is not None:
+                self._raise(alert)
+
+    @staticmethod
+    def _holder_silent(event: Event) -> Alert:
+        return Alert(
+            "holder_silent",
+            event.licence,
+            f"lease {event.handle} of licence {event.licence} lapsed without a checkin"
+            f" (host {event.host}, user {event.user})",
+            event.time,
+            {
+                "handle": event.handle,
+                "host": event.host,
+                "hostid": event.hostid,
+                "user": event.user,
+                "ip": event.ip,
+                "seats": event.seats,
+            },
+        )
+
+    def _count_denial(self, event: Event) -> Alert | None:
+        cfg = self.config
+        now = self._monotonic()
+        recent = self._denials.get(event.licence)
+        if recent is None:
+            recent = self._denials[event.licence] = deque(maxlen=cfg.denials)
+        recent.append((now, event.reason or "unknown"))
+        if len(recent) < cfg.denials or recent[0][0] < now - cfg.denial_window:
+            return None  # fewer than `denials` within the window
+        if now < self._denials_muted.get(event.licence, now):
+            return None  # already alerted for this window
+        self._denials_muted[event.licence] = now + cfg.denial_window
+        reasons = dict(Counter(reason for _, reason in recent))
+        subject = f"licence {event.licence}" if event.licence else "unknown licence keys"
+        return Alert(
+            "denials",
+            event.licence,
+            f"{len(recent)} checkouts of {subject} denied within {cfg.denial_window:g} s",
+            event.time,
+            {"denials": len(recent), "window": cfg.denial_window, "reasons": reasons},
+        )
+
+    # -------------------------------------------------------- raising an alert
+
+    def _raise(self, alert: Alert) -> None:
+        log.warning(
+            "event=alert kind=%s licence=%s message=%r", alert.kind, alert.licence, alert.message
+        )
+        if self._on_alert is not None:
+            try:
+                self._on_alert(alert)
+            except Exception:
+                log.exception("event=alert_callback_failed kind=%s", alert.kind)
+        if self._run_hook is not None:
+            self._start_hook(self._run_hook, alert)
+
+    def _start_hook(self, run_hook: Callable[[Alert], Awaitable[None]], alert: Alert) -> None:
+        if len(self._hooks) >= MAX_HOOKS_PENDING:
+            log.warning("event=alert_hook_dropped kind=%s reason=too_many_pending", alert.kind)
+            return
+        try:
+            task = asyncio.get_running_loop().create_task(self._hook(run_hook, alert))
+        except RuntimeError:  # no event loop: nothing could run it
+            log.warning("event=alert_hook_dropped kind=%s reason=no_event_loop", alert.kind)
+            return
+        self._hooks.add(task)
+        task.add_done_callback(self._hooks.discard)
+
+    async def _hook(self, run_hook: Callable[[Alert], Awaitable[None]], alert: Alert) -> None:
+        async with self._hook_slots:
+            try:
+                await run_hook(alert)
+            except Exception:
+                log.exception("event=alert_hook_failed kind=%s", alert.kind)
+
+    async def _command_hook(self, alert: Alert) -> None:
+        await run_hook_command(self.config.hook, alert, self.config.hook_timeout)
+
+    @property
+    def pending_hooks(self) -> int:
+        return len(self._hooks)
+
+    async def drain(self, grace: float | None = None) -> None:
+        """Wait for every started hook; after `grace` seconds cancel (kill) what still runs."""
+        try:
+            async with asyncio.timeout(grace):
+                while self._hooks:
+                    await asyncio.wait(set(self._hooks))
+        except TimeoutError:
+            tasks = set(self._hooks)
+            log.warning("event=alert_hooks_cancelled count=%d", len(tasks))
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# --- the hook command -----------------------------------------------------------------
+
+
+async def run_hook_command(command: Sequence[str], alert: Alert, kill_after: float) -> None:
+    """Run `command` with `alert` as JSON on stdin; kill it (and its process group) after
+    `kill_after` seconds. Its output is logged, truncated. Failures are logged, never raised.
+    """
+    name = os.path.basename(command[0]) if command else "?"
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *command,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,  # its own process group, so a kill reaches its children
+        )
+    except (OSError, ValueError) as exc:
+        log.warning("event=alert_hook_failed kind=%s hook=%s error=%r", alert.kind, name, str(exc))
+        return
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    readers = [asyncio.create_task(_head(proc.stdout)), asyncio.create_task(_head(proc.stderr))]
+    finished = False
+    try:
+        async with asyncio.timeout(kill_after):
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                proc.stdin.write(alert.to_json())
+                await proc.stdin.drain()
+                proc.stdin.close()
+            status = await proc.wait()
+            # Its output ends when every process holding the pipes (children too) has gone.
+            stdout, stderr = [await reader for reader in readers]
+            finished = True
+    except TimeoutError:
+        log.warning(
+            "event=alert_hook_timeout kind=%s hook=%s timeout=%g", alert.kind, name, kill_after
+        )
+        return
+    finally:
+        if not finished:  # timed out or cancelled: kill the whole group, children included
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await asyncio.shield(proc.wait())
+            # The pipes end once the killed group is gone; reading them to their end lets
+            # asyncio close the process transport.
+            await asyncio.wait(readers, timeout=PIPE_LINGER)
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+    level = logging.INFO if status == 0 else logging.WARNING
+    log.log(
+        level,
+        "event=alert_hook_done kind=%s hook=%s status=%d stdout=%r stderr=%r",
+        alert.kind,
+        name,
+        status,
+        stdout,
+        stderr,
+    )
+
+
+async def _head(stream: asyncio.StreamReader) -> str:
+    """The first HOOK_OUTPUT_LOGGED bytes of `stream` as text; the rest is read and dropped."""
+    kept = bytearray()
+    while chunk := await stream.read(65536):
+        kept += chunk[: HOOK_OUTPUT_LOGGED - len(kept)]
+    text = kept.decode("utf-8", "replace").strip()
+    return text + " [truncated]" if len(kept) >= HOOK_OUTPUT_LOGGED else text

@@ -1,0 +1,322 @@
+"""Metrics: counters from events, gauges at scrape time, both formats, the HTTP endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from licd import metrics as metrics_module
+from licd.clock import Instant
+from licd.engine import Engine, Licence
+from licd.events import Event, Kind
+from licd.metrics import LicenceUsage, Metrics, engine_usage
+from licd_client.messages import Holder
+
+NOW = 1_790_000_000.0
+DAY = 86400.0
+
+
+class View:
+    """A mutable engine view and connection count, read by the collector at scrape time."""
+
+    def __init__(self) -> None:
+        self.usage = [
+            LicenceUsage("cad", "CAD Pro", 4, 3, NOW + 12.5 * DAY),
+            LicenceUsage("viewer", "Viewer", 10, 0, None),
+        ]
+        self.connections = 7
+        self.wall = NOW
+
+    def metrics(self) -> Metrics:
+        return Metrics(lambda: self.usage, lambda: self.connections, lambda: self.wall)
+
+
+def value(m: Metrics, name: str, **labels: str) -> float | None:
+    return m.registry.get_sample_value(name, labels)
+
+
+def feed(m: Metrics) -> None:
+    for kind, licence, reason in [
+        (Kind.CHECKOUT, "cad", None),
+        (Kind.CHECKOUT, "cad", None),
+        (Kind.CHECKIN, "cad", None),
+        (Kind.RECLAIM, "cad", None),
+        (Kind.REVOKE, "viewer", "admin"),
+        (Kind.DENIED, "cad", "no_seats"),
+        (Kind.DENIED, "cad", "no_seats"),
+        (Kind.DENIED, None, "unknown_licence"),
+        (Kind.LICENCE_ADDED, "viewer", None),  # not counted
+    ]:
+        m.on_event(Event(kind, NOW, licence=licence, reason=reason))
+    m.heartbeat()
+    m.heartbeat()
+    m.observe_request("checkout", 0.0003, None)
+    m.observe_request("checkout", 0.02, "no_seats")
+    m.observe_request("heartbeat", 0.0001, None)
+    m.alert("usage")
+
+
+def test_counters_follow_events_and_calls() -> None:
+    m = View().metrics()
+    feed(m)
+    assert value(m, "licd_checkouts_total", licence="cad") == 2
+    assert value(m, "licd_checkins_total", licence="cad") == 1
+    assert value(m, "licd_reclaims_total", licence="cad") == 1
+    assert value(m, "licd_revokes_total", licence="viewer") == 1
+    assert value(m, "licd_denials_total", licence="cad", reason="no_seats") == 2
+    assert value(m, "licd_denials_total", licence="", reason="unknown_licence") == 1
+    assert value(m, "licd_heartbeats_total") == 2
+    assert value(m, "licd_request_seconds_count", op="checkout") == 2
+    assert value(m, "licd_request_seconds_sum", op="checkout") == pytest.approx(0.0203)
+    assert value(m, "licd_request_seconds_bucket", op="checkout", le="0.0005") == 1
+    assert value(m, "licd_request_seconds_count", op="heartbeat") == 1
+    assert value(m, "licd_errors_total", op="checkout", code="no_seats") == 1
+    assert value(m, "licd_errors_total", op="heartbeat", code="no_seats") is None
+    assert value(m, "licd_alerts_total", kind="usage") == 1
+
+
+def test_gauges_are_read_at_scrape_time() -> None:
+    view = View()
+    m = view.metrics()
+    cad = {"licence": "cad", "product": "CAD Pro"}
+    assert value(m, "licd_seats_licensed", **cad) == 4
+    assert value(m, "licd_seats_in_use", **cad) == 3
+    assert value(m, "licd_seats_available", **cad) == 1
+    assert value(m, "licd_seats_available", licence="viewer", product="Viewer") == 10
+    assert value(m, "licd_licence_time_to_expiry_seconds", licence="cad") == 12.5 * DAY
+    assert value(m, "licd_licence_time_to_expiry_seconds", licence="viewer") is None
+    assert value(m, "licd_connections") == 7
+
+    view.usage = [LicenceUsage("cad", "CAD Pro", 4, 5, NOW - DAY)]  # over-committed, expired
+    view.connections = 0
+    view.wall = NOW + DAY
+    assert value(m, "licd_seats_in_use", **cad) == 5
+    assert value(m, "licd_seats_available", **cad) == 0
+    assert value(m, "licd_licence_time_to_expiry_seconds", licence="cad") == -2 * DAY
+    assert value(m, "licd_seats_licensed", licence="viewer", product="Viewer") is None
+    assert value(m, "licd_connections") == 0
+
+
+def test_engine_usage_reads_the_engine() -> None:
+    engine = Engine(
+        [
+            Licence(key="K-1", id="cad", product="CAD Pro", seats=2, expires=NOW + DAY),
+            Licence(key="K-2", id="viewer", product="Viewer", seats=5),
+        ]
+    )
+    ws1 = Holder(host="ws1", hostid="ws1-id", user="ann", pid=1, app="cad")
+    engine.confirm(engine.checkout("K-1", ws1, request="r1", at=Instant(NOW, 100.0)).lease)
+    assert engine_usage(engine) == [
+        LicenceUsage("cad", "CAD Pro", 2, 1, NOW + DAY),
+        LicenceUsage("viewer", "Viewer", 5, 0, None),
+    ]
+
+
+@pytest.mark.parametrize("openmetrics", [False, True])
+def test_exposition_parses_in_both_formats(openmetrics: bool) -> None:
+    m = View().metrics()
+    feed(m)
+    body, content_type = m.exposition(openmetrics)
+    text = body.decode()
+    if openmetrics:
+        assert content_type.startswith("application/openmetrics-text; version=1.0.0")
+        assert text.endswith("# EOF\n")
+        assert "# UNIT licd_request_seconds seconds" in text
+        from prometheus_client.openmetrics.parser import (
+            text_string_to_metric_families as parse,
+        )
+    else:
+        assert content_type == "text/plain; version=0.0.4; charset=utf-8"
+        parse = text_string_to_metric_families
+    families = {f.name: f for f in parse(text)}  # type: ignore[no-untyped-call]
+    for name in ("licd_checkouts", "licd_denials", "licd_heartbeats", "licd_alerts"):
+        assert families[name].type == "counter"
+        assert families[name].documentation
+    assert families["licd_request_seconds"].type == "histogram"
+    assert families["licd_seats_in_use"].type == "gauge"
+    assert all(name.startswith("licd_") for name in families)
+    denials = {
+        (s.labels["licence"], s.labels["reason"]): s.value
+        for s in families["licd_denials"].samples
+        if s.name == "licd_denials_total"
+    }
+    assert denials == {("cad", "no_seats"): 2, ("", "unknown_licence"): 1}
+    assert "K-1" not in text  # no licence keys anywhere
+
+
+def test_a_registry_of_its_own() -> None:
+    from prometheus_client import REGISTRY
+
+    a, b = View().metrics(), View().metrics()  # two instances do not clash
+    a.heartbeat()
+    assert value(b, "licd_heartbeats_total") == 0
+    assert REGISTRY.get_sample_value("licd_heartbeats_total") is None
+
+
+@pytest.mark.skipif(
+    shutil.which("promtool") is None,
+    reason="promtool is not on PATH (Debian: apt-get install prometheus)",
+)
+def test_promtool_accepts_the_exposition() -> None:
+    m = View().metrics()
+    feed(m)
+    body, _ = m.exposition(openmetrics=False)  # promtool lints the classic text format
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=body, capture_output=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, (result.stdout + result.stderr).decode()
+
+
+# --- the HTTP endpoint ----------------------------------------------------------------
+
+
+@pytest.fixture
+async def endpoint() -> AsyncIterator[tuple[Metrics, int]]:
+    m = View().metrics()
+    feed(m)
+    server = await m.serve("127.0.0.1", 0, read_timeout=0.5)
+    port = server.sockets[0].getsockname()[1]
+    yield m, port
+    server.close()
+    await server.wait_closed()
+
+
+async def exchange(port: int, request: bytes) -> tuple[str, dict[str, str], bytes]:
+    """Send `request`, read until the server closes: (status line, headers, body)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        async with asyncio.timeout(5):
+            response = await reader.read()
+    finally:
+        writer.close()
+        await writer.wait_closed()
+    head, _, body = response.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    assert int(headers["content-length"]) == len(body) or request.startswith(b"HEAD")
+    return status, headers, body
+
+
+def get(path: str, *extra: str, method: str = "GET") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: localhost", *extra, "", ""]
+    return "\r\n".join(lines).encode()
+
+
+async def test_get_metrics_text_format(endpoint: tuple[Metrics, int]) -> None:
+    _, port = endpoint
+    status, headers, body = await exchange(port, get("/metrics", "Accept: text/plain"))
+    assert status == "HTTP/1.1 200 OK"
+    assert headers["content-type"] == "text/plain; version=0.0.4; charset=utf-8"
+    assert headers["connection"] == "close"
+    names = {f.name for f in text_string_to_metric_families(body.decode())}
+    assert {"licd_seats_in_use", "licd_connections", "licd_checkouts"} <= names
+
+
+async def test_get_metrics_openmetrics_when_asked(endpoint: tuple[Metrics, int]) -> None:
+    _, port = endpoint
+    accept = "Accept: application/openmetrics-text;version=1.0.0,text/plain;q=0.5"
+    status, headers, body = await exchange(port, get("/metrics?x=1", accept))
+    assert status == "HTTP/1.1 200 OK"
+    assert headers["content-type"].startswith("application/openmetrics-text")
+    assert body.endswith(b"# EOF\n")
+
+
+async def test_head_has_no_body(endpoint: tuple[Metrics, int]) -> None:
+    _, port = endpoint
+    status, headers, body = await exchange(port, get("/metrics", method="HEAD"))
+    assert status == "HTTP/1.1 200 OK"
+    assert int(headers["content-length"]) > 0
+    assert body == b""
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "expected"),
+    [
+        (get("/"), "HTTP/1.1 404 Not Found"),
+        (get("/metrics/extra"), "HTTP/1.1 404 Not Found"),
+        (get("/metrics", "Content-Length: 0", method="POST"), "HTTP/1.1 405 Method Not Allowed"),
+        (get("/metrics", method="DELETE"), "HTTP/1.1 405 Method Not Allowed"),
+        (
+            b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n",
+            "HTTP/1.1 400 Bad Request",
+        ),
+        (b"GET /metrics\r\n\r\n", "HTTP/1.1 400 Bad Request"),  # HTTP/0.9
+        (b"GET /metrics HTTP/1.1\r\nno colon here\r\n\r\n", "HTTP/1.1 400 Bad Request"),
+        (get("/metrics", "X-Big: " + "a" * 10000), "HTTP/1.1 400 Bad Request"),
+        (get("/metrics", *[f"X-{i}: {i}" for i in range(100)]), "HTTP/1.1 400 Bad Request"),
+        (b"GET /metrics HTTP/1.1\r\n", "HTTP/1.1 400 Bad Request"),  # ends mid-head
+    ],
+)
+async def test_bad_requests_are_answered(
+    endpoint: tuple[Metrics, int], request_bytes: bytes, expected: str
+) -> None:
+    _, port = endpoint
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request_bytes)
+    if request_bytes.endswith(b"HTTP/1.1\r\n"):
+        writer.write_eof()
+    await writer.drain()
+    async with asyncio.timeout(5):
+        response = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    assert response.split(b"\r\n", 1)[0].decode() == expected
+    if "405" in expected:
+        assert b"\r\nAllow: GET, HEAD\r\n" in response
+
+
+async def test_a_silent_client_is_dropped_after_the_read_timeout(
+    endpoint: tuple[Metrics, int],
+) -> None:
+    _, port = endpoint
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metr")  # and nothing more
+    await writer.drain()
+    async with asyncio.timeout(5):  # the endpoint's read timeout is 0.5 s
+        response = await reader.read()
+    writer.close()
+    await writer.wait_closed()
+    assert response.startswith(b"HTTP/1.1 400 ")
+    _, port = endpoint
+    status, _, _ = await exchange(port, get("/metrics"))  # and the endpoint still serves
+    assert status == "HTTP/1.1 200 OK"
+
+
+async def test_a_failing_view_costs_one_scrape(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken() -> list[LicenceUsage]:
+        raise RuntimeError("boom")
+
+    m = Metrics(broken, lambda: 0, lambda: NOW)
+    server = await m.serve("127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        status, _, _ = await exchange(port, get("/metrics"))
+        assert status == "HTTP/1.1 500 Internal Server Error"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_too_many_scrapers_get_503(
+    endpoint: tuple[Metrics, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, port = endpoint
+    monkeypatch.setattr(metrics_module, "MAX_CLIENTS", 1)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /metrics HTTP/1.1\r\n")  # holds the one slot, head unfinished
+    await writer.drain()
+    await asyncio.sleep(0.05)
+    status, _, _ = await exchange(port, get("/metrics"))
+    assert status == "HTTP/1.1 503 Service Unavailable"
+    writer.write(b"\r\n")
+    async with asyncio.timeout(5):
+        assert (await reader.read()).startswith(b"HTTP/1.1 200 OK")
+    writer.close()
+    await writer.wait_closed()
