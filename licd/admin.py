@@ -184,6 +184,7 @@ class AdminOps:
         self.service = service
         self.daemon = daemon
         self._audit_wakeup = asyncio.Event()
+        self.closing = False
         service.events.subscribe(self._on_event)
         self._ops: dict[str, Callable[[Fields, int], Awaitable[dict[str, Any]]]] = {
             "status": self.status,
@@ -199,6 +200,11 @@ class AdminOps:
         }
 
     def _on_event(self, _: Event) -> None:
+        self._audit_wakeup.set()
+
+    def close(self) -> None:
+        """Shutting down: answer waiting `audit` requests now."""
+        self.closing = True
         self._audit_wakeup.set()
 
     async def handle(self, data: dict[str, Any], uid: int) -> dict[str, Any]:
@@ -276,9 +282,9 @@ class AdminOps:
         limit = min(f.uint("limit", required=False) or 1000, MAX_PAGE)
         wait = min(f.number("wait", required=False) or 0.0, MAX_AUDIT_WAIT)
         store = self.service.store
+        self._audit_wakeup.clear()  # before the read: an event during it still wakes us
         entries = await store.audit(after=after, since=since, until=until, limit=limit)
-        if not entries and wait > 0:
-            self._audit_wakeup.clear()
+        if not entries and wait > 0 and not self.closing:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await self._audit_wakeup.wait()
@@ -345,6 +351,7 @@ class AdminServer:
         self.path = path
         self.access = Access.from_config(config)
         self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def start(self) -> None:
         path = self.path
@@ -364,6 +371,9 @@ class AdminServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+            self.ops.close()
+            for writer in list(self._writers):
+                writer.close()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
                     await self._server.wait_closed()
@@ -372,6 +382,7 @@ class AdminServer:
                 self.path.unlink()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
         try:
             sock = writer.get_extra_info("socket")
             peer = peer_credentials(sock)
@@ -385,6 +396,7 @@ class AdminServer:
         except (ConnectionError, OSError):
             pass
         finally:
+            self._writers.discard(writer)
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()
@@ -413,7 +425,7 @@ class AdminServer:
                 reply, close = error_reply(request_id(frame), exc, frame.get("op"))
             writer.write(encode(reply))
             await writer.drain()
-            if close:
+            if close or self.ops.closing:
                 return
 
 

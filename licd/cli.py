@@ -1,32 +1,48 @@
 """`licd`: the daemon's command line. Commands parse, call one function, print.
 
-`serve` runs the daemon (signals wired here); `key show` prints the public key clients
-pin; `check-config` validates a file. Errors are one sentence on stderr and a non-zero
-exit, never a stack trace.
+`serve` runs the daemon (signals wired here); `check-config` validates a file; every
+other command is one or a few admin requests on the daemon's Unix socket, printed as a
+table for people or as JSON (`--json`) for scripts. It never opens the database. Errors
+are one sentence on stderr and exit 1, never a stack trace (usage errors exit 2).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import functools
 import signal
 import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import click
 
 from . import __version__
-from .config import Config, ConfigError, default_config, load_config
+from . import cli_format as fmt
+from .admin_client import AdminClient, AdminError
+from .config import Config, ConfigError, default_config, load_config, parse_duration
 from .daemon import Daemon, StartupError, setup_logging
 from .keys import KeyFileError, key_path, load_key
+from .notify import Notifier
 from .store import StoreError
 
+PAGE = 1000  # entries asked for per admin request when paging
+FOLLOW_WAIT = 10.0  # seconds the daemon holds an `audit --follow` poll open
+CLEAR = "none"  # `licence update --expires none`: remove the date
+
+FILE = click.Path(dir_okay=False, path_type=Path)
 CONFIG_OPTION = click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="The TOML config file (default: the embedded defaults).",
+    "--config", "config_path", type=FILE, help="The TOML config file (default: built in)."
+)
+_ADMIN_OPTIONS = (
+    click.option("--config", "config_path", type=FILE, help="The file `licd serve` was given."),
+    click.option(
+        "--socket", "socket_path", type=FILE, metavar="PATH", help="The daemon's admin socket."
+    ),
+    click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts."),
 )
 
 
@@ -35,6 +51,78 @@ def _config(path: Path | None) -> Config:
         return default_config() if path is None else load_config(path)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@dataclass
+class Admin:
+    """The daemon's admin socket, as one command sees it."""
+
+    socket: Path
+    json: bool
+
+    def call(self, op: str, **args: Any) -> dict[str, Any]:
+        """The op's results (the reply without its envelope); refusals become exit 1."""
+        try:
+            reply = AdminClient(self.socket).call(op, **args)
+        except AdminError as exc:
+            raise click.ClickException(str(exc)) from None
+        return {k: v for k, v in reply.items() if k not in ("id", "ok")}
+
+    def show(self, result: Any, human: Callable[[], str]) -> None:
+        click.echo(fmt.as_json(result) if self.json else human())
+
+
+def admin_command(f: Callable[..., None]) -> Callable[..., None]:
+    """Adds --config / --socket / --json; the command gets an `Admin` first."""
+
+    @functools.wraps(f)
+    def wrapper(
+        *args: Any, config_path: Path | None, socket_path: Path | None, as_json: bool, **kw: Any
+    ) -> None:
+        if config_path is not None and socket_path is not None:
+            raise click.UsageError("give --config or --socket, not both")
+        if socket_path is None:
+            socket_path = _config(config_path).admin_socket
+        f(Admin(socket_path, as_json), *args, **kw)
+
+    for option in reversed(_ADMIN_OPTIONS):
+        wrapper = option(wrapper)
+    return wrapper
+
+
+def _parsed(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    """An option callback reading each value given with `parse` (a ValueError from it
+    becomes a usage error naming the option)."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        try:
+            if isinstance(value, tuple):
+                return tuple(parse(v) for v in value)
+            return None if value is None else parse(value)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc).removeprefix("duration: "), ctx, param) from None
+
+    return callback
+
+
+TIME_OR_NONE = _parsed(lambda v: CLEAR if v == CLEAR else fmt.parse_time(v))
+TTL_OPTION = click.option(
+    "--ttl", callback=_parsed(parse_duration), metavar="DURATION", help="Lease TTL (90s, 5m)."
+)
+GRACE_OPTION = click.option(
+    "--grace",
+    callback=_parsed(functools.partial(parse_duration, allow_zero=True)),
+    metavar="DURATION",
+    help="How long a lapsed lease keeps its seat.",
+)
+FEATURE_OPTION = click.option(
+    "--feature",
+    "feature",
+    multiple=True,
+    metavar="NAME=VALUE",
+    callback=_parsed(fmt.parse_feature),
+    help="A feature (true/false, integers and numbers are typed). Repeatable.",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -46,7 +134,7 @@ def main() -> None:
 @main.command()
 @CONFIG_OPTION
 def serve(config_path: Path | None) -> None:
-    """Run the daemon until SIGTERM or SIGINT."""
+    """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the config file."""
     config = _config(config_path)
     setup_logging(config.server.log_level)
     try:
@@ -60,8 +148,15 @@ async def _serve(config: Config) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    daemon = await Daemon.open(config)
-    await daemon.run(stop)
+    # Until the daemon exists a SIGHUP is ignored (the file was only just read), not fatal.
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
+    notifier = Notifier.from_environ()  # systemd's NOTIFY_SOCKET, when it started us
+    try:
+        daemon = await Daemon.open(config)
+        loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
+        await daemon.run(stop, notifier=notifier)
+    finally:
+        notifier.close()
 
 
 @main.group()
@@ -77,28 +172,249 @@ def key() -> None:
     default=None,
     help="The daemon's state directory (instead of --config).",
 )
+@click.option("--socket", "socket_path", type=FILE, metavar="PATH", help="Ask the running daemon.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def key_show(config_path: Path | None, state_dir: Path | None, as_json: bool) -> None:
+def key_show(
+    config_path: Path | None, state_dir: Path | None, socket_path: Path | None, as_json: bool
+) -> None:
     """Print the public key clients pin (LICD_SERVER_KEY): 64 hex digits."""
+    if socket_path is not None:
+        result = Admin(socket_path, as_json).call("key")
+        click.echo(fmt.as_json(result) if as_json else result["key"])
+        return
     if state_dir is None:
         state_dir = _config(config_path).server.state_dir
     try:
         public = bytes(load_key(key_path(state_dir)).verify_key).hex()
     except KeyFileError as exc:
         raise click.ClickException(str(exc)) from None
-    if as_json:
-        click.echo(json.dumps({"key": public, "state_dir": str(state_dir)}))
-    else:
-        click.echo(public)
+    click.echo(fmt.as_json({"key": public, "state_dir": str(state_dir)}) if as_json else public)
 
 
 @main.command("check-config")
-@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.argument("path", type=FILE)
 def check_config(path: Path) -> None:
     """Validate a config file; print a summary or the first error."""
     config = _config(path)
     addrs = ", ".join(f"{h}:{p}" for h, p in config.server.listen)
     click.echo(f"{path}: ok: listen {addrs}; {len(config.licences)} licence(s)")
+
+
+# ------------------------------------------------------------------ admin commands
+
+
+@main.command()
+@admin_command
+def status(admin: Admin) -> None:
+    """The daemon's state and every licence's seats and expiry."""
+    result = admin.call("status")
+    admin.show(result, lambda: fmt.status_text(result))
+
+
+@main.command()
+@admin_command
+@click.option("--licence", help="Only this licence's leases (its id).")
+@click.option("--host", help="Only leases held from this host.")
+@click.option("--user", help="Only leases held by this user.")
+def leases(admin: Admin, licence: str | None, host: str | None, user: str | None) -> None:
+    """The live leases (never their secrets), in handle order."""
+    found: list[dict[str, Any]] = []
+    after = None
+    while True:
+        page = admin.call("leases", licence=licence, host=host, user=user, after=after, limit=PAGE)
+        found += page["leases"]
+        after = page["next"]
+        if after is None:
+            break
+    admin.show({"leases": found}, lambda: fmt.leases_text(found))
+
+
+@main.command()
+@admin_command
+@click.argument("handles", nargs=-1)
+@click.option("--host", help="Revoke every lease held from this host.")
+@click.option("--user", help="Revoke every lease held by this user.")
+@click.option("--reason", default=None, help="Why (kept in the audit log).")
+def revoke(
+    admin: Admin, handles: tuple[str, ...], host: str | None, user: str | None, reason: str | None
+) -> None:
+    """Revoke leases by handle, host or user.
+
+    The holder's next heartbeat gets lease_unknown, and the seat is free at once.
+    """
+    if not handles and host is None and user is None:
+        raise click.UsageError("name lease handles, --host or --user")
+    result = admin.call("revoke", handles=list(handles), host=host, user=user, reason=reason)
+    admin.show(result, lambda: fmt.revoked_text(result["revoked"]))
+
+
+@main.group()
+def licence() -> None:
+    """List and edit licences, live."""
+
+
+@licence.command("list")
+@admin_command
+@click.option("--show-keys", is_flag=True, help="Also print each licence's key (a secret).")
+def licence_list(admin: Admin, show_keys: bool) -> None:
+    """Every licence with its seats, lease terms, validity and features."""
+    result = admin.call("licence.list", show_keys=show_keys)
+    admin.show(result, lambda: fmt.licences_text(result["licences"], show_keys))
+
+
+@licence.command("add")
+@admin_command
+@click.argument("licence_id", metavar="ID")
+@click.option("--key", required=True, help="The licence key clients present (a secret).")
+@click.option("--product", required=True, help="The product it licenses.")
+@click.option("--seats", type=click.IntRange(min=1), required=True, help="Concurrent seats.")
+@TTL_OPTION
+@GRACE_OPTION
+@click.option("--not-before", callback=_parsed(fmt.parse_time), metavar="ISO", help="Valid from.")
+@click.option("--expires", callback=_parsed(fmt.parse_time), metavar="ISO", help="Valid until.")
+@FEATURE_OPTION
+def licence_add(admin: Admin, licence_id: str, **opts: Any) -> None:
+    """Add a licence, served at once.
+
+    Times are ISO 8601 with an offset or Z, e.g. 2027-01-01T00:00:00Z.
+    """
+    data = {"id": licence_id, "key": opts["key"], "product": opts["product"], **_terms(opts)}
+    if opts["feature"]:
+        data["features"] = dict(opts["feature"])
+    result = admin.call("licence.add", licence=data)
+    admin.show(result, lambda: f"licence {result['licence']}: {result['result']}")
+
+
+@licence.command("update")
+@admin_command
+@click.argument("licence_id", metavar="ID")
+@click.option("--key", help="A new licence key (clients must present it from now on).")
+@click.option("--product", help="A new product name.")
+@click.option("--seats", type=click.IntRange(min=1), help="Concurrent seats.")
+@TTL_OPTION
+@GRACE_OPTION
+@click.option("--not-before", callback=TIME_OR_NONE, metavar="ISO|none", help="Valid from.")
+@click.option("--expires", callback=TIME_OR_NONE, metavar="ISO|none", help="Valid until.")
+@FEATURE_OPTION
+@click.option("--drop-feature", multiple=True, metavar="NAME", help="Remove a feature.")
+@click.option("--clear-features", is_flag=True, help="Remove every feature first.")
+def licence_update(admin: Admin, licence_id: str, **opts: Any) -> None:
+    """Change a licence, live.
+
+    Features given are merged into the licence's (after --clear-features, they replace
+    them); `none` removes a date.
+    """
+    changes = {k: opts[k] for k in ("key", "product") if opts[k] is not None}
+    changes |= {k: None if v == CLEAR else v for k, v in _terms(opts).items()}
+    if opts["feature"] or opts["drop_feature"] or opts["clear_features"]:
+        changes["features"] = _features(admin, licence_id, opts)
+    if not changes:
+        raise click.UsageError("nothing to change: give at least one option")
+    result = admin.call("licence.update", licence=licence_id, changes=changes)
+    admin.show(result, lambda: f"licence {result['licence']}: {result['result']}")
+
+
+def _terms(opts: dict[str, Any]) -> dict[str, Any]:
+    """The licence fields given as options, by their config-file names."""
+    names = {"seats": "seats", "ttl": "lease_ttl", "grace": "grace", "expires": "expires"}
+    names["not_before"] = "not_before"
+    return {key: opts[opt] for opt, key in names.items() if opts[opt] is not None}
+
+
+def _features(admin: Admin, licence_id: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """The licence's features after this edit: the current ones read, then merged."""
+    current: dict[str, Any] = {}
+    if not opts["clear_features"]:
+        listed = admin.call("licence.list")["licences"]
+        current = next((dict(x["features"]) for x in listed if x["id"] == licence_id), {})
+    for name in opts["drop_feature"]:
+        current.pop(name, None)
+    return current | dict(opts["feature"])
+
+
+@licence.command("remove")
+@admin_command
+@click.argument("licence_id", metavar="ID")
+@click.option("--force", is_flag=True, help="Revoke its live leases first.")
+def licence_remove(admin: Admin, licence_id: str, force: bool) -> None:
+    """Remove a licence; one with live leases needs --force."""
+    result = admin.call("licence.remove", licence=licence_id, force=force)
+    revoked = f" ({fmt.revoked_text(result['revoked'])})" if result["revoked"] else ""
+    admin.show(result, lambda: f"licence {result['removed']}: removed{revoked}")
+
+
+@main.command()
+@admin_command
+@click.option(
+    "--since",
+    callback=_parsed(lambda text: fmt.parse_since(text, time.time())),
+    metavar="TIME",
+    help="From this ISO time, or this long ago (1h, 2d).",
+)
+@click.option("--follow", is_flag=True, help="Keep printing new entries until Ctrl-C.")
+@click.option(
+    "--format",
+    "style",
+    type=click.Choice(["table", "csv", "json"]),
+    default=None,
+    help="table (default; json with --json), csv with a header row, json: one entry a line.",
+)
+@click.option("--follow-polls", type=int, default=None, hidden=True)  # tests: stop after N
+def audit(
+    admin: Admin, since: float | None, follow: bool, style: str | None, follow_polls: int | None
+) -> None:
+    """Print the audit log; --follow for new entries.
+
+    Seats taken, returned, reclaimed and denied, revokes, licence edits and reloads.
+    """
+    style = style or ("json" if admin.json else "table")
+    line = {"table": fmt.audit_line, "csv": fmt.audit_csv, "json": fmt.as_json}[style]
+    if style != "json":
+        click.echo(fmt.AUDIT_HEADER if style == "table" else fmt.audit_csv_header())
+    try:
+        for entry in audit_entries(admin.call, since, follow=follow, polls=follow_polls):
+            click.echo(line(entry))
+    except KeyboardInterrupt:  # the way to stop --follow: not an error
+        pass
+
+
+def audit_entries(
+    call: Callable[..., dict[str, Any]],
+    since: float | None,
+    *,
+    follow: bool = False,
+    polls: int | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Every entry (from `since`), page by page; with `follow`, then new ones as the
+    daemon reports them (a long poll each), for `polls` rounds or forever."""
+    after = 0
+    while True:
+        page = call("audit", after=after, since=since, limit=PAGE)
+        yield from page["entries"]
+        after = page["last"]
+        if len(page["entries"]) < PAGE:
+            break
+    rounds = 0
+    while follow and (polls is None or rounds < polls):
+        page = call("audit", after=after, since=since, limit=PAGE, wait=FOLLOW_WAIT)
+        yield from page["entries"]
+        after = page["last"]
+        rounds += 1
+
+
+@main.command()
+@admin_command
+def reload(admin: Admin) -> None:
+    """Re-read the daemon's config file.
+
+    Licences are added or updated live; other settings need a restart (listed).
+    """
+    result = admin.call("reload")
+    admin.show(result, lambda: fmt.reload_text(result))
+    outcomes: dict[str, str] = result["licences"]
+    failed = sorted(name for name, outcome in outcomes.items() if outcome.startswith("error"))
+    if failed:
+        raise click.ClickException(f"not applied: licence(s) {', '.join(failed)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,573 @@
+"""Tests of the `licd` admin commands against a real daemon on its admin socket.
+
+The daemon runs in the test's event loop (tests.support.running); each command runs
+through click's CliRunner on a worker thread, since the admin client blocks. Raw
+protocol peers take and probe seats. The pure helpers of licd.cli_format come last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import csv
+import json
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+
+from licd import __version__
+from licd import cli_format as fmt
+from licd.admin import Access
+from licd.admin_client import AdminClient
+from licd.cli import audit_entries, main
+from licd.clock import FakeClock
+from licd.daemon import Daemon
+from tests.support import DICOM, RawPeer, address, holder, make_config, running
+
+SITE_TOML = """\
+[server]
+listen = ["127.0.0.1:0"]
+state_dir = "{state}"
+site = "{site}"
+
+[[licence]]
+key = "XXXX-YYYY-ZZZZ"
+id = "dicom-hq"
+product = "dicom"
+seats = 3
+"""
+EXTRA_TOML = """
+[[licence]]
+key = "CAD-1"
+id = "cad"
+product = "cad"
+seats = 5
+"""
+
+
+async def licd(*args: str) -> Result:
+    """`licd ARGS...` on a worker thread (the daemon serves on this one)."""
+    return await asyncio.to_thread(CliRunner().invoke, main, list(args))
+
+
+async def ok(*args: str) -> str:
+    result = await licd(*args)
+    assert result.exit_code == 0, (args, result.output, result.exception)
+    return result.stdout
+
+
+async def ok_json(*args: str) -> Any:
+    return json.loads(await ok(*args, "--json"))
+
+
+def sock(daemon: Daemon) -> tuple[str, str]:
+    return ("--socket", str(daemon.admin.path))
+
+
+@contextlib.asynccontextmanager
+async def connected(daemon: Daemon) -> AsyncIterator[RawPeer]:
+    peer = await RawPeer.connect(address(daemon))
+    try:
+        await peer.hello()
+        yield peer
+    finally:
+        await peer.close()
+
+
+async def take(peer: RawPeer, host: str = "machine-a", user: str = "alice", **args: Any) -> Any:
+    reply = await peer.checkout(h=holder(host, user=user), **args)
+    assert reply["ok"] is True, reply
+    return reply
+
+
+async def heartbeat_error(peer: RawPeer, secret: str) -> Any:
+    reply = await peer.call("heartbeat", lease=secret, nonce=os.urandom(16))
+    return reply.get("error")
+
+
+@pytest.fixture
+async def daemon(tmp_path: Path) -> AsyncIterator[Daemon]:
+    async with running(make_config(tmp_path)) as d:
+        yield d
+
+
+@pytest.fixture
+async def peer(daemon: Daemon) -> AsyncIterator[RawPeer]:
+    async with connected(daemon) as p:
+        yield p
+
+
+# ----------------------------------------------------------------- status, leases
+
+
+async def test_status_shows_licences_and_seats_in_use(daemon: Daemon, peer: RawPeer) -> None:
+    await take(peer, seats=2)
+    out = await ok("status", *sock(daemon))
+    assert "site         test" in out
+    assert f"licd {__version__}" in out
+    assert daemon.signer.public.hex() in out
+    row = next(line for line in out.splitlines() if line.startswith("dicom-hq"))
+    assert row.split()[:4] == ["dicom-hq", "dicom", "2/3", "1"]
+    assert row.split()[4:] == ["-", "-"]  # no expiry, no days left
+
+    data = await ok_json("status", *sock(daemon))
+    assert data["site"] == "test" and data["listen"] == daemon.listen
+    assert data["connections"] == 1
+    [item] = data["licences"]
+    assert (item["id"], item["in_use"], item["seats"], item["available"]) == ("dicom-hq", 2, 3, 1)
+    assert "ok" not in data and "id" not in data  # the envelope is not the result
+
+
+async def test_leases_list_and_filter_but_never_show_the_secret(
+    daemon: Daemon, peer: RawPeer
+) -> None:
+    a = await take(peer, "machine-a", "alice")
+    b = await take(peer, "machine-b", "bob")
+    out = await ok("leases", *sock(daemon))
+    assert out.splitlines()[0].split()[:6] == ["HANDLE", "LICENCE", "HOST", "USER", "PID", "SEATS"]
+    assert a["handle"] in out and b["handle"] in out and "127.0.0.1" in out
+    assert "2026-09-21 " in out  # the fake clock's wall time, shown in UTC
+
+    data = await ok_json("leases", *sock(daemon))
+    assert {x["handle"] for x in data["leases"]} == {a["handle"], b["handle"]}
+    assert all("secret" not in x and "lease" not in x for x in data["leases"])
+    assert data["leases"][0]["since"] == 1_790_000_000.0  # epoch, unchanged
+
+    only_b = await ok_json("leases", "--host", "machine-b", *sock(daemon))
+    assert [x["handle"] for x in only_b["leases"]] == [b["handle"]]
+    only_a = await ok_json("leases", "--user", "alice", "--licence", "dicom-hq", *sock(daemon))
+    assert [x["handle"] for x in only_a["leases"]] == [a["handle"]]
+    assert (await ok("leases", "--licence", "nope", *sock(daemon))).strip() == "(no leases)"
+
+    # No command ever prints a lease secret.
+    outputs = [out, json.dumps(data), await ok("status", *sock(daemon))]
+    outputs += [await ok("audit", *sock(daemon), "--format", f) for f in ("table", "csv")]
+    outputs += [await ok("audit", "--json", *sock(daemon))]
+    outputs += [await ok("licence", "list", "--show-keys", *sock(daemon))]
+    for text in outputs:
+        assert a["lease"] not in text and b["lease"] not in text
+
+
+async def test_leases_page_through_every_lease(
+    daemon: Daemon, peer: RawPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("licd.cli.PAGE", 1)  # one lease a page: three pages
+    handles = {(await take(peer, f"m{i}"))["handle"] for i in range(3)}
+    data = await ok_json("leases", *sock(daemon))
+    assert {x["handle"] for x in data["leases"]} == handles
+
+
+# ------------------------------------------------------------------------- revoke
+
+
+async def test_revoke_by_handle_ends_the_holders_lease(daemon: Daemon, peer: RawPeer) -> None:
+    a = await take(peer)
+    b = await take(peer)
+    out = await ok("revoke", a["handle"], "--reason", "left the company", *sock(daemon))
+    assert out.strip() == f"revoked 1 lease(s): {a['handle']}"
+    assert await heartbeat_error(peer, a["lease"]) == "lease_unknown"
+    assert await heartbeat_error(peer, b["lease"]) is None  # the other one lives on
+    entries = [json.loads(x) for x in (await ok("audit", "--json", *sock(daemon))).splitlines()]
+    [revoked] = [e for e in entries if e["event"] == "revoke"]
+    assert revoked["handle"] == a["handle"] and revoked["reason"] == "left the company"
+    assert revoked["admin_uid"] == os.geteuid()
+
+    again = await licd("revoke", a["handle"], *sock(daemon))
+    assert again.exit_code == 1
+    assert again.stderr == f"Error: no live lease with handle {a['handle']!r}\n"
+
+
+async def test_revoke_every_lease_of_a_host_or_user(daemon: Daemon, peer: RawPeer) -> None:
+    a1 = await take(peer, "machine-a", "alice")
+    a2 = await take(peer, "machine-a", "carol")
+    b = await take(peer, "machine-b", "bob")
+    data = await ok_json("revoke", "--host", "machine-a", *sock(daemon))
+    assert sorted(data["revoked"]) == sorted([a1["handle"], a2["handle"]])
+    assert await heartbeat_error(peer, a1["lease"]) == "lease_unknown"
+    assert await heartbeat_error(peer, a2["lease"]) == "lease_unknown"
+    assert await heartbeat_error(peer, b["lease"]) is None
+
+    assert (await ok_json("revoke", "--user", "bob", *sock(daemon)))["revoked"] == [b["handle"]]
+    out = await ok("revoke", "--user", "nobody", *sock(daemon))
+    assert out.strip() == "nothing revoked: no live lease matched"
+    assert daemon.engine.in_use(DICOM.id) == 0
+
+    usage = await licd("revoke", *sock(daemon))
+    assert usage.exit_code == 2 and "name lease handles, --host or --user" in usage.stderr
+
+
+# ----------------------------------------------------------------------- licences
+
+
+async def test_licence_add_update_and_list(daemon: Daemon, peer: RawPeer) -> None:
+    args = ["licence", "add", "cad", "--key", "CAD-SECRET-1", "--product", "cad", "--seats", "5"]
+    args += ["--ttl", "5m", "--grace", "0", "--expires", "2027-01-01T00:00:00Z"]
+    args += ["--feature", "tier=pro", "--feature", "max=4", "--feature", "beta=true"]
+    assert (await ok(*args, *sock(daemon))).strip() == "licence cad: added"
+    cad = daemon.engine.licence_by_id("cad")
+    assert cad is not None and cad.seats == 5 and cad.lease_ttl == 300.0 and cad.grace == 0.0
+    assert cad.expires == 1798761600.0
+    assert cad.features == {"tier": "pro", "max": 4, "beta": True}
+
+    listed = await ok("licence", "list", *sock(daemon))
+    row = next(line for line in listed.splitlines() if line.startswith("cad "))
+    assert "5m 00s" in row and "2027-01-01 00:00:00Z" in row and "beta=true max=4 tier=pro" in row
+    assert "CAD-SECRET-1" not in listed and "KEY" not in listed
+    shown = await ok("licence", "list", "--show-keys", *sock(daemon))
+    assert "CAD-SECRET-1" in shown and DICOM.key in shown
+    data = await ok_json("licence", "list", *sock(daemon))
+    assert [x["id"] for x in data["licences"]] == ["cad", "dicom-hq"]
+    assert all("key" not in x for x in data["licences"])
+
+    # The new licence serves at once; an update changes seats and merges features.
+    assert (await peer.checkout(key="CAD-SECRET-1"))["features"]["max"] == 4
+    out = await ok(
+        "licence",
+        "update",
+        "cad",
+        "--seats",
+        "7",
+        "--feature",
+        "max=8",
+        "--drop-feature",
+        "beta",
+        "--expires",
+        "none",
+        *sock(daemon),
+    )
+    assert out.strip() == "licence cad: updated"
+    cad = daemon.engine.licence_by_id("cad")
+    assert cad is not None and cad.seats == 7 and cad.expires is None
+    assert cad.features == {"tier": "pro", "max": 8}
+    data = await ok_json("licence", "update", "cad", "--clear-features", *sock(daemon))
+    assert data == {"licence": "cad", "result": "updated"}
+    assert daemon.engine.licence_by_id("cad").features == {}  # type: ignore[union-attr]
+    same = await ok_json("licence", "update", "cad", "--seats", "7", *sock(daemon))
+    assert same["result"] == "unchanged"
+
+
+async def test_licence_edits_the_daemon_refuses(daemon: Daemon) -> None:
+    dup = await licd(
+        "licence",
+        "add",
+        "dicom-hq",
+        "--key",
+        "K2",
+        "--product",
+        "p",
+        "--seats",
+        "1",
+        *sock(daemon),
+    )
+    assert dup.exit_code == 1
+    assert "exists already: use licence update" in dup.stderr
+    unknown = await licd("licence", "update", "nope", "--seats", "2", *sock(daemon))
+    assert unknown.exit_code == 1 and "no licence with id 'nope'" in unknown.stderr
+    # Checked here, before a request is sent: bad durations and times are usage errors.
+    bad_ttl = await licd("licence", "update", "dicom-hq", "--ttl", "5x", *sock(daemon))
+    assert bad_ttl.exit_code == 2 and "invalid duration '5x'" in bad_ttl.stderr
+    naive = await licd("licence", "update", "dicom-hq", "--expires", "2027-01-01", *sock(daemon))
+    assert naive.exit_code == 2 and "no time zone" in naive.stderr
+    nothing = await licd("licence", "update", "dicom-hq", *sock(daemon))
+    assert nothing.exit_code == 2 and "nothing to change" in nothing.stderr
+
+
+async def test_licence_remove_needs_force_while_leases_live(daemon: Daemon, peer: RawPeer) -> None:
+    lease = await take(peer)
+    refused = await licd("licence", "remove", "dicom-hq", *sock(daemon))
+    assert refused.exit_code == 1
+    assert refused.stderr == (
+        "Error: licence 'dicom-hq' has 1 seat(s) in use: revoke them or use --force\n"
+    )
+    assert daemon.engine.licence_by_id(DICOM.id) is not None
+    out = await ok("licence", "remove", "dicom-hq", "--force", *sock(daemon))
+    assert out.strip() == f"licence dicom-hq: removed (revoked 1 lease(s): {lease['handle']})"
+    assert daemon.engine.licence_by_id(DICOM.id) is None
+    assert await heartbeat_error(peer, lease["lease"]) == "lease_unknown"
+    assert (await ok("licence", "list", *sock(daemon))).strip() == "(no licences)"
+
+
+# -------------------------------------------------------------------------- audit
+
+
+async def test_audit_table_csv_json_and_since(tmp_path: Path) -> None:
+    clock = FakeClock(wall=time.time() - 7200)  # two hours ago, then now
+    async with running(make_config(tmp_path), clock) as daemon, connected(daemon) as peer:
+        old = await take(peer)
+        clock.set_wall(time.time())
+        assert (await peer.call("checkin", lease=old["lease"]))["ok"] is True
+        new = await take(peer, "machine-b")
+
+        table = (await ok("audit", *sock(daemon))).splitlines()
+        assert table[0].split()[:4] == ["ID", "TIME", "(UTC)", "EVENT"]
+        events = [line.split()[3] for line in table[1:]]
+        assert events == ["licence_added", "checkout", "checkin", "checkout"]
+        assert old["handle"] in table[2] and "machine-a" in table[2]
+
+        rows = list(csv.reader((await ok("audit", "--format", "csv", *sock(daemon))).splitlines()))
+        assert rows[0] == list(fmt.AUDIT_COLUMNS)
+        assert [r[2] for r in rows[1:]] == events
+        assert rows[2][1].endswith("Z") and rows[2][4] == old["handle"] and rows[2][9] == "1"
+
+        lines = (await ok("audit", "--json", *sock(daemon))).splitlines()
+        entries = [json.loads(line) for line in lines]
+        assert [e["id"] for e in entries] == [1, 2, 3, 4]
+        assert set(entries[1]) == set(fmt.AUDIT_COLUMNS)
+        assert isinstance(entries[1]["time"], float)
+
+        recent = await ok("audit", "--since", "1h", "--format", "json", *sock(daemon))
+        handles = [json.loads(line)["handle"] for line in recent.splitlines()]
+        assert handles == [old["handle"], new["handle"]]  # the checkin, then the checkout
+        iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + 60))
+        assert (await ok("audit", "--since", iso, "--json", *sock(daemon))) == ""
+        bad = await licd("audit", "--since", "yesterday", *sock(daemon))
+        assert bad.exit_code == 2 and "or give a duration" in bad.stderr
+
+
+async def test_audit_pages_through_the_log(
+    daemon: Daemon, peer: RawPeer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("licd.cli.PAGE", 2)
+    for i in range(3):
+        await take(peer, f"m{i}")
+    lines = (await ok("audit", "--json", *sock(daemon))).splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [1, 2, 3, 4]  # pages 2, 2, 0
+
+
+async def test_audit_follow_prints_new_entries(daemon: Daemon, peer: RawPeer) -> None:
+    follow = asyncio.create_task(
+        licd("audit", "--follow", "--follow-polls", "1", "--json", *sock(daemon))
+    )
+    # Seats are taken and returned until the follower's one long poll has seen one:
+    # whether it comes before or during that poll, the poll returns at once.
+    async with asyncio.timeout(5):
+        while not follow.done():
+            lease = await take(peer)
+            await peer.call("checkin", lease=lease["lease"])
+            await asyncio.wait({follow}, timeout=0.05)
+    result = follow.result()
+    assert result.exit_code == 0, result.output
+    entries = [json.loads(line) for line in result.stdout.splitlines()]
+    assert entries[0]["event"] == "licence_added"
+    assert {"checkout", "checkin"} & {e["event"] for e in entries[1:]}
+    assert [e["id"] for e in entries] == sorted({e["id"] for e in entries})
+
+
+def test_audit_follow_long_polls_until_ctrl_c(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[dict[str, Any]] = []
+    pages = [
+        {"entries": [{"id": 1, "time": 0.0, "event": "checkout"}], "last": 1},
+        {"entries": [], "last": 1},  # the long poll timed out with nothing new
+        {"entries": [{"id": 2, "time": 60.0, "event": "checkin", "seats": 1}], "last": 2},
+    ]
+
+    def call(self: AdminClient, op: str, **args: Any) -> dict[str, Any]:
+        calls.append({"op": op, **args})
+        if not pages:
+            raise KeyboardInterrupt
+        return {"id": 1, "ok": True, **pages.pop(0)}
+
+    monkeypatch.setattr(AdminClient, "call", call)
+    result = CliRunner().invoke(main, ["audit", "--follow", "--socket", "/x"])
+    assert result.exit_code == 0 and result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:2] == ["ID", "TIME"]
+    assert lines[1].split()[:4] == ["1", "1970-01-01", "00:00:00Z", "checkout"]
+    assert lines[2].split()[:4] == ["2", "1970-01-01", "00:01:00Z", "checkin"]
+    assert [c.get("wait") for c in calls] == [None, 10.0, 10.0, 10.0]
+    assert [c["after"] for c in calls] == [0, 1, 1, 2]
+
+
+def test_audit_entries_stop_without_follow(monkeypatch: pytest.MonkeyPatch) -> None:
+    pages = [{"entries": [{"id": i} for i in (1, 2)], "last": 2}, {"entries": [], "last": 2}]
+    seen: list[int] = []
+
+    def call(op: str, **args: Any) -> dict[str, Any]:
+        seen.append(args["after"])
+        return pages.pop(0)
+
+    monkeypatch.setattr("licd.cli.PAGE", 2)  # a full page: ask for the next one
+    assert [e["id"] for e in audit_entries(call, None)] == [1, 2]
+    assert seen == [0, 2]
+
+
+# ------------------------------------------------------------------------- reload
+
+
+async def test_reload_without_a_config_file_says_so(daemon: Daemon) -> None:
+    result = await licd("reload", *sock(daemon))
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "Error: running on the embedded defaults: there is no file to reload\n"
+    )
+
+
+async def test_reload_applies_the_file_or_names_its_error(tmp_path: Path) -> None:
+    from licd.config import load_config
+
+    path = tmp_path / "licd.toml"
+    path.write_text(SITE_TOML.format(state=tmp_path / "state", site="hq"))
+    async with running(load_config(path)) as daemon:
+        conf = ("--config", str(path))  # the socket found through the file
+        assert (await ok("reload", *conf)).strip() == "licence dicom-hq: unchanged"
+
+        path.write_text(SITE_TOML.format(state=tmp_path / "state", site="hq") + EXTRA_TOML)
+        assert (await ok("reload", *conf)).splitlines() == [
+            "licence cad: added",
+            "licence dicom-hq: unchanged",
+        ]
+        assert (await ok_json("status", *conf))["licences"][0]["id"] == "cad"
+
+        path.write_text(SITE_TOML.format(state=tmp_path / "state", site="branch"))
+        data = await ok_json("reload", *conf)
+        assert data == {"licences": {"dicom-hq": "unchanged"}, "restart_needed": ["server.site"]}
+        out = await ok("reload", *conf)
+        assert out.splitlines()[-1] == "needs a restart to apply: server.site"
+
+        # A licence the daemon cannot take (its key is another's): the rest applies.
+        await ok("licence", "remove", "cad", *conf)
+        await ok(
+            "licence", "add", "other", "--key", "CAD-1", "--product", "p", "--seats", "1", *conf
+        )
+        path.write_text(SITE_TOML.format(state=tmp_path / "state", site="branch") + EXTRA_TOML)
+        clash = await licd("reload", *conf)
+        assert clash.exit_code == 1
+        assert "licence cad: error: licence 'other' already has this key" in clash.stdout
+        assert clash.stderr == "Error: not applied: licence(s) cad\n"
+
+        good = path.read_text()
+        path.write_text(good.replace("seats = 3", "seats = 0"))
+        bad = await licd("reload", "--socket", str(daemon.admin.path))
+        assert bad.exit_code == 1
+        assert bad.stderr == f"Error: {path}: licence[0].seats: must be an integer >= 1\n"
+        assert daemon.engine.licence_by_id("dicom-hq").seats == 3  # type: ignore[union-attr]
+        # Now the file itself is broken, so --config cannot find the socket either.
+        broken = await licd("status", *conf)
+        assert broken.exit_code == 1 and "licence[0].seats" in broken.stderr
+
+
+# ------------------------------------------------------------ finding the daemon
+
+
+def test_not_running(tmp_path: Path) -> None:
+    path = tmp_path / "admin.sock"
+    result = CliRunner().invoke(main, ["status", "--socket", str(path)])
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: the daemon is not running (no admin socket at {path})\n"
+    # A socket file nobody listens on (a daemon that died) reads the same.
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(path))
+    result = CliRunner().invoke(main, ["leases", "--socket", str(path)])
+    assert result.exit_code == 1 and "the daemon is not running" in result.stderr
+
+
+def test_the_config_file_names_the_socket(tmp_path: Path) -> None:
+    path = tmp_path / "licd.toml"
+    path.write_text(SITE_TOML.format(state=tmp_path / "state", site="hq"))
+    result = CliRunner().invoke(main, ["status", "--config", str(path)])
+    assert result.exit_code == 1 and str(tmp_path / "state" / "admin.sock") in result.stderr
+    both = CliRunner().invoke(main, ["status", "--config", str(path), "--socket", "/x"])
+    assert both.exit_code == 2 and "give --config or --socket, not both" in both.stderr
+    missing = CliRunner().invoke(main, ["status", "--config", str(tmp_path / "nope.toml")])
+    assert missing.exit_code == 1 and "nope.toml: cannot read" in missing.stderr
+
+
+def test_the_default_socket_is_in_the_default_state_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    result = CliRunner().invoke(main, ["status"])
+    assert result.exit_code == 1 and str(tmp_path / "licd" / "admin.sock") in result.stderr
+
+
+def test_permission_denied_on_the_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As root a chmod cannot keep us out, so the refusal is simulated at connect().
+    def refuse(self: socket.socket, where: Any) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    result = CliRunner().invoke(main, ["status", "--socket", "/run/licd/admin.sock"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: permission denied on /run/licd/admin.sock: run as")
+    assert "Traceback" not in result.output
+
+
+async def test_the_daemon_refuses_a_user_it_does_not_allow(daemon: Daemon) -> None:
+    daemon.admin.access = Access(uids=frozenset())  # nobody, not even us
+    result = await licd("status", *sock(daemon))
+    assert result.exit_code == 1
+    assert result.stderr == f"Error: uid {os.geteuid()} may not use the admin socket\n"
+
+
+# ------------------------------------------------------------ key, check-config
+
+
+async def test_key_show_asks_the_daemon_or_reads_the_state_dir(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    public = daemon.signer.public.hex()
+    assert (await ok("key", "show", *sock(daemon))).strip() == public
+    assert (await ok_json("key", "show", *sock(daemon))) == {"key": public}
+    assert (await ok("key", "show", "--state-dir", str(tmp_path))).strip() == public
+
+
+def test_check_config(tmp_path: Path) -> None:
+    path = tmp_path / "licd.toml"
+    path.write_text(SITE_TOML.format(state=tmp_path, site="hq"))
+    result = CliRunner().invoke(main, ["check-config", str(path)])
+    assert result.exit_code == 0
+    assert result.stdout == f"{path}: ok: listen 127.0.0.1:0; 1 licence(s)\n"
+    path.write_text(SITE_TOML.format(state=tmp_path, site="hq") + "\nbogus = 1\n")
+    result = CliRunner().invoke(main, ["check-config", str(path)])
+    assert result.exit_code == 1 and "bogus: unknown key" in result.stderr
+
+
+# ------------------------------------------------------------------ cli_format
+
+
+def test_durations_and_times_for_people() -> None:
+    assert [fmt.duration(s) for s in (None, 0, 45.9, 183, 3720, 90000, 12 * 86400 + 5)] == [
+        "-",
+        "0s",
+        "45s",
+        "3m 03s",
+        "1h 02m",
+        "1d 01h",
+        "12d",
+    ]
+    assert fmt.days_left(None) == "-" and fmt.days_left(-0.5) == "expired"
+    assert fmt.days_left(0.25) == "6h 00m" and fmt.days_left(12.4) == "12d"
+    assert fmt.when(None) == "-" and fmt.when(0.0) == "1970-01-01 00:00:00Z"
+    assert fmt.iso(1.5) == "1970-01-01T00:00:01.500Z" and fmt.iso(None) == ""
+
+
+def test_tables_align_and_right_align_numbers() -> None:
+    text = fmt.table(("NAME", "N", "NOTE"), [("a", 1, None), ("bbb", 100, "x")])
+    assert text.splitlines() == ["NAME  N    NOTE", "a       1  -", "bbb   100  x"]
+
+
+def test_parsers() -> None:
+    assert fmt.parse_feature("tier=pro") == ("tier", "pro")
+    assert fmt.parse_feature("n=-4") == ("n", -4)
+    assert fmt.parse_feature("r=1.5") == ("r", 1.5)
+    assert fmt.parse_feature("on=TRUE") == ("on", True)
+    assert fmt.parse_feature("x=inf") == ("x", "inf")
+    assert fmt.parse_feature("list=a=b") == ("list", "a=b")
+    assert fmt.parse_feature("empty=") == ("empty", "")
+    for bad in ("novalue", "=1"):
+        with pytest.raises(ValueError, match="name=value"):
+            fmt.parse_feature(bad)
+    assert fmt.parse_time("1970-01-01T01:00:00+01:00") == 0.0
+    assert fmt.parse_time("1970-01-01T00:00:10Z") == 10.0
+    with pytest.raises(ValueError, match="no time zone"):
+        fmt.parse_time("1970-01-01T00:00:00")
+    with pytest.raises(ValueError, match="not an ISO date-time"):
+        fmt.parse_time("soon")
+    assert fmt.parse_since("1h", now=10_000.0) == 6400.0
+    assert fmt.parse_since("1970-01-01T00:00:10Z", now=10_000.0) == 10.0
