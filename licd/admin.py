@@ -185,6 +185,8 @@ class AdminOps:
         self.daemon = daemon
         self._audit_wakeup = asyncio.Event()
         self.closing = False
+        self.long_polls = 0  # `audit` requests waiting for an entry
+        self.long_polling = asyncio.Event()  # set while there are any
         service.events.subscribe(self._on_event)
         self._ops: dict[str, Callable[[Fields, int], Awaitable[dict[str, Any]]]] = {
             "status": self.status,
@@ -285,9 +287,16 @@ class AdminOps:
         self._audit_wakeup.clear()  # before the read: an event during it still wakes us
         entries = await store.audit(after=after, since=since, until=until, limit=limit)
         if not entries and wait > 0 and not self.closing:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(wait):
-                    await self._audit_wakeup.wait()
+            self.long_polls += 1
+            self.long_polling.set()
+            try:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._audit_wakeup.wait()
+            finally:
+                self.long_polls -= 1
+                if not self.long_polls:
+                    self.long_polling.clear()
             await store.barrier()  # what woke us is committed (or failed) by now
             entries = await store.audit(after=after, since=since, until=until, limit=limit)
         return {
@@ -352,6 +361,7 @@ class AdminServer:
         self.access = Access.from_config(config)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
 
     async def start(self) -> None:
         path = self.path
@@ -371,7 +381,9 @@ class AdminServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
-            self.ops.close()
+            self.ops.close()  # waiting audit requests answer now
+            if self._handlers:
+                await asyncio.wait(set(self._handlers), timeout=2.0)
             for writer in list(self._writers):
                 writer.close()
             with contextlib.suppress(TimeoutError):
@@ -383,6 +395,9 @@ class AdminServer:
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        task = asyncio.current_task()
+        if task is not None:
+            self._handlers.add(task)
         try:
             sock = writer.get_extra_info("socket")
             peer = peer_credentials(sock)
@@ -397,6 +412,8 @@ class AdminServer:
             pass
         finally:
             self._writers.discard(writer)
+            if task is not None:
+                self._handlers.discard(task)
             writer.close()
             with contextlib.suppress(ConnectionError, OSError):
                 await writer.wait_closed()

@@ -267,3 +267,15 @@ def test_sighup_with_a_broken_file_keeps_serving(tmp_path: Path) -> None:
         proc.proc.send_signal(signal.SIGHUP)
         proc.wait_for("event=reload ")
         proc.terminate()
+
+
+async def test_shutdown_answers_a_waiting_audit_request(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        last = (await admin(daemon, "audit"))["last"]
+        waiting = asyncio.create_task(admin(daemon, "audit", after=last, wait=60.0))
+        await asyncio.wait_for(daemon.admin.ops.long_polling.wait(), 10)
+    reply = await asyncio.wait_for(waiting, 10)  # answered at shutdown, not after 60 s
+    assert reply["entries"] == []
+    assert "Traceback" not in caplog.text and "CancelledError" not in caplog.text
