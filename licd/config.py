@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from licd_client.messages import Features
+from licd_client.tokens import key_from_text
 
 from .engine import Licence
 from .tomlreader import (
@@ -94,6 +95,30 @@ class AlertsConfig:
 
 
 @dataclass(frozen=True)
+class UpstreamConfig:
+    """The [upstream] table: the licd this one relays to (a site router's vendor)."""
+
+    servers: tuple[str, ...]  # "host:port", tried in order
+    trust: tuple[bytes, ...]  # keys upstream tokens must chain to
+    tls: bool = False
+    ca_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class RelayedLicence:
+    """A [[licence]] with a `mode`: served through the upstream, not from local seats."""
+
+    key: str  # presented by local clients, and by the router upstream
+    id: str
+    mode: str  # "forward" | "block"
+    block_seats: int | None = None  # block mode: seats asked for
+    block_ttl: float = 7 * 86400.0  # block mode: asked for; upstream may grant less
+    renew_every: float = 86400.0  # block mode
+    lease_ttl: float = 90.0  # block mode: local sub-leases
+    grace: float = 15.0
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole configuration: the server settings and the licences it serves."""
 
@@ -103,6 +128,8 @@ class Config:
     admin: AdminConfig = AdminConfig()
     metrics: MetricsConfig = MetricsConfig()
     alerts: AlertsConfig = AlertsConfig()
+    upstream: UpstreamConfig | None = None
+    relayed: tuple[RelayedLicence, ...] = ()
 
     @property
     def admin_socket(self) -> Path:
@@ -160,9 +187,14 @@ def parse_config(text: str, source: Path) -> Config:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
-    top = Table(doc, "", str(source), ("server", "licence", "admin", "metrics", "alerts"))
+    top = Table(
+        doc, "", str(source), ("server", "licence", "admin", "metrics", "alerts", "upstream")
+    )
     server = _server(top.table("server", _SERVER_KEYS))
-    licences = _licences(top)
+    licences, relayed = _licences(top)
+    upstream = _upstream(top) if "upstream" in doc else None
+    if relayed and upstream is None:
+        raise top.error("upstream", f"licence {relayed[0].id!r} has a mode: it needs [upstream]")
     return Config(
         server=server,
         licences=licences,
@@ -170,6 +202,8 @@ def parse_config(text: str, source: Path) -> Config:
         admin=_admin(top.table("admin", _ADMIN_KEYS)),
         metrics=_metrics(top.table("metrics", _METRICS_KEYS)),
         alerts=_alerts(top.table("alerts", _ALERTS_KEYS)),
+        upstream=upstream,
+        relayed=relayed,
     )
 
 
@@ -251,32 +285,107 @@ def _listen(t: Table) -> tuple[tuple[str, int], ...]:
 _LICENCE_KEYS = tuple(f.name for f in fields(Licence))
 
 
-def _licences(top: Table) -> tuple[Licence, ...]:
+_RELAYED_KEYS = tuple(f.name for f in fields(RelayedLicence))
+
+
+def _licences(top: Table) -> tuple[tuple[Licence, ...], tuple[RelayedLicence, ...]]:
     value = top.get("licence", [])
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         raise top.error("licence", "must be an array of tables: write each one as [[licence]]")
     licences: list[Licence] = []
+    relayed: list[RelayedLicence] = []
     by_id: dict[str, int] = {}
     by_key: dict[str, int] = {}
     for i, item in enumerate(value):
-        t = Table(item, f"licence[{i}]", top.source, _LICENCE_KEYS)
-        licence = _licence(t)
-        if licence.id in by_id:
-            raise t.error("id", f"duplicate: licence[{by_id[licence.id]}] has the same id")
-        if licence.key in by_key:  # the key is a secret: never echo it
-            raise t.error("key", f"duplicate: licence[{by_key[licence.key]}] has the same key")
-        by_id[licence.id] = by_key[licence.key] = i
-        licences.append(licence)
-    return tuple(licences)
+        where = f"licence[{i}]"
+        parsed: Licence | RelayedLicence
+        if "mode" in item:
+            parsed = _relayed(Table(item, where, top.source, _RELAYED_KEYS))
+            relayed.append(parsed)
+        else:
+            parsed = _licence(Table(item, where, top.source, _LICENCE_KEYS))
+            licences.append(parsed)
+        t = Table(item, where, top.source, item)
+        if parsed.id in by_id:
+            raise t.error("id", f"duplicate: licence[{by_id[parsed.id]}] has the same id")
+        if parsed.key in by_key:  # the key is a secret: never echo it
+            raise t.error("key", f"duplicate: licence[{by_key[parsed.key]}] has the same key")
+        by_id[parsed.id] = by_key[parsed.key] = i
+    return tuple(licences), tuple(relayed)
 
 
-def _licence(t: Table) -> Licence:
+def _key_and_id(t: Table) -> tuple[str, str]:
     key = t.text("key", MISSING, MAX_KEY_LEN)
     if key != key.strip():
         raise t.error("key", "must not start or end with white space")
     licence_id = t.get("id")
     if not isinstance(licence_id, str) or not _LICENCE_ID.fullmatch(licence_id):
         raise t.error("id", "must be 1 to 64 characters of A-Z, a-z, 0-9, '.', '_' or '-'")
+    return key, licence_id
+
+
+def _relayed(t: Table) -> RelayedLicence:
+    key, licence_id = _key_and_id(t)
+    mode = t.get("mode")
+    if mode not in ("forward", "block"):
+        raise t.error("mode", 'must be "forward" or "block" (absent: a local licence)')
+    d = RelayedLicence(key, licence_id, mode)
+    if mode == "forward":
+        for name in ("block_seats", "block_ttl", "renew_every", "lease_ttl", "grace"):
+            if name in t.data:
+                raise t.error(name, 'applies to mode = "block" only')
+        return d
+    block_ttl = t.duration("block_ttl", d.block_ttl, minimum=1.0)
+    renew_every = t.duration("renew_every", d.renew_every, minimum=1.0)
+    if renew_every >= block_ttl:
+        raise t.error("renew_every", "must be shorter than block_ttl, to renew before expiry")
+    return RelayedLicence(
+        key,
+        licence_id,
+        mode,
+        block_seats=t.integer("block_seats", MISSING, 1),
+        block_ttl=block_ttl,
+        renew_every=renew_every,
+        lease_ttl=t.duration("lease_ttl", d.lease_ttl, minimum=1.0),
+        grace=t.duration("grace", d.grace, allow_zero=True),
+    )
+
+
+def _upstream(top: Table) -> UpstreamConfig:
+    t = top.table("upstream", tuple(f.name for f in fields(UpstreamConfig)))
+    servers = t.get("servers")
+    if not isinstance(servers, list) or not servers:
+        raise t.error("servers", 'must be a non-empty array of "host:port" strings')
+    for i, item in enumerate(servers):
+        try:
+            parse_address(item if isinstance(item, str) else "")
+        except ValueError as exc:
+            raise t.error("servers", str(exc), i) from None
+    trust = t.get("trust")
+    if not isinstance(trust, list) or not trust:
+        raise t.error("trust", "must be a non-empty array of public keys (64 hex digits)")
+    keys = []
+    for i, item in enumerate(trust):
+        try:
+            keys.append(key_from_text(item if isinstance(item, str) else ""))
+        except ValueError as exc:
+            raise t.error("trust", str(exc), i) from None
+    tls = t.get("tls", False)
+    if not isinstance(tls, bool):
+        raise t.error("tls", "must be true or false")
+    ca_file = t.get("ca_file", None)
+    if ca_file is not None and (not isinstance(ca_file, str) or not ca_file.startswith("/")):
+        raise t.error("ca_file", "must be an absolute path")
+    return UpstreamConfig(
+        servers=tuple(servers),
+        trust=tuple(keys),
+        tls=tls,
+        ca_file=Path(ca_file) if ca_file else None,
+    )
+
+
+def _licence(t: Table) -> Licence:
+    key, licence_id = _key_and_id(t)
     not_before = t.timestamp("not_before")
     expires = t.timestamp("expires")
     if not_before is not None and expires is not None and expires <= not_before:
@@ -291,7 +400,18 @@ def _licence(t: Table) -> Licence:
         not_before=not_before,
         expires=expires,
         features=_features(t),
+        max_ttl=_max_ttl(t),
+        delegable=t.flag("delegable", False),
     )
+
+
+def _max_ttl(t: Table) -> float | None:
+    if "max_ttl" not in t.data:
+        return None
+    max_ttl = t.duration("max_ttl", MISSING, minimum=1.0)
+    if max_ttl < t.duration("lease_ttl", 90.0, minimum=1.0):
+        raise t.error("max_ttl", "must not be shorter than lease_ttl")
+    return max_ttl
 
 
 def _features(t: Table) -> Features:

@@ -157,6 +157,12 @@ class Table:
             raise self.error(name, f"must be an integer {span}")
         return int(value)
 
+    def flag(self, name: str, default: Any) -> bool:
+        value = self.get(name, default)
+        if not isinstance(value, bool):
+            raise self.error(name, "must be true or false")
+        return value
+
     def integers(self, name: str, default: Any, lo: int, hi: int) -> list[int]:
         value = self.get(name, default)
         if not isinstance(value, list | tuple) or any(

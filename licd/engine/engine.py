@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 from licd_client.errors import (
     BadRequest,
+    Denied,
     LeaseUnknown,
     LicenceExpired,
     LicenceNotYetValid,
@@ -177,7 +178,9 @@ class Engine:
         self._check_validity(licence, at)
         if ttl is not None and ttl < MIN_TTL:
             raise BadRequest(f"checkout: 'ttl' must be at least {MIN_TTL:g} second")
-        lease_ttl = licence.lease_ttl if ttl is None else min(ttl, licence.lease_ttl)
+        if delegate is not None and not licence.delegable:
+            raise Denied("this licence may not be delegated to a site router")
+        lease_ttl = licence.lease_ttl if ttl is None else min(ttl, licence.longest_ttl)
 
         existing = self._by_request.get((licence.id, holder.hostid, request))
         if existing is not None and existing.state is not LeaseState.RELEASING:

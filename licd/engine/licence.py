@@ -24,6 +24,12 @@ class Licence:
     not_before: float | None = None
     expires: float | None = None
     features: Features = field(default_factory=dict)
+    max_ttl: float | None = None  # the longest lease (or block) a client may ask for
+    delegable: bool = False  # may a site router take a block of it (`delegate`)?
+
+    @property
+    def longest_ttl(self) -> float:
+        return self.lease_ttl if self.max_ttl is None else max(self.max_ttl, self.lease_ttl)
 
     def validity_error(self, now: float) -> str | None:
         """'licence_expired' / 'licence_not_yet_valid' when `now` is outside validity."""

@@ -85,6 +85,8 @@ def test_example_file_loads_with_expected_values() -> None:
         not_before=epoch("2026-01-01T00:00:00+00:00"),
         expires=epoch("2027-01-01T00:00:00+00:00"),
         features={"tier": "pro", "modules": "core,ocr"},
+        max_ttl=2 * 86400.0,
+        delegable=True,
     )
     assert (builder.id, builder.seats, builder.lease_ttl, builder.grace) == (
         "builder",
@@ -238,7 +240,7 @@ def test_expires_must_be_after_not_before(tmp_path: Path) -> None:
             "server.listne: unknown key (did you mean 'listen'?)",
         ),
         (LICENCE + "seat = 2\n", "licence[0].seat: unknown key (did you mean 'seats'?)"),
-        ("[upstream]\nhost = 'x'\n", "upstream: unknown key"),
+        ("[upstraem]\nhost = 'x'\n", "upstraem: unknown key (did you mean 'upstream'?)"),
         ("licenses = []\n", "licenses: unknown key"),
         ('[server]\n"odd key" = 1\n', 'server."odd key": unknown key'),
         # wrong shapes
@@ -575,3 +577,77 @@ def test_licence_from_mapping_validates_like_the_file() -> None:
     assert (lic.id, lic.seats, lic.lease_ttl) == ("x", 2, 90.0)
     with pytest.raises(ConfigError, match="admin: licence.seats"):
         licence_from_mapping({"key": "K-1", "id": "x", "product": "p", "seats": 0}, "admin")
+
+
+UPSTREAM = """
+[upstream]
+servers = ["vendor.example.net:27500", "[::1]:27501"]
+trust = ["%s"]
+""" % ("ab" * 32)
+
+
+def test_relayed_licences_and_upstream(tmp_path: Path) -> None:
+    text = (
+        UPSTREAM
+        + """
+[[licence]]
+key = "K-1"
+id = "site-block"
+mode = "block"
+block_seats = 10
+block_ttl = "35d"
+renew_every = "24h"
+
+[[licence]]
+key = "K-2"
+id = "site-fwd"
+mode = "forward"
+"""
+    )
+    config = parse_config(text, tmp_path / "c.toml")
+    assert config.licences == ()
+    assert config.upstream is not None
+    assert config.upstream.servers == ("vendor.example.net:27500", "[::1]:27501")
+    assert config.upstream.trust == (bytes.fromhex("ab" * 32),)
+    block, fwd = config.relayed
+    assert (block.mode, block.block_seats, block.block_ttl, block.renew_every) == (
+        "block",
+        10,
+        35 * 86400.0,
+        86400.0,
+    )
+    assert (fwd.mode, fwd.block_seats) == ("forward", None)
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('[[licence]]\nkey = "K"\nid = "x"\nmode = "block"\nblock_seats = 1', "upstream"),
+        (UPSTREAM + '[[licence]]\nkey = "K"\nid = "x"\nmode = "relay"', "licence[0].mode"),
+        (UPSTREAM + '[[licence]]\nkey = "K"\nid = "x"\nmode = "block"', "block_seats"),
+        (
+            UPSTREAM + '[[licence]]\nkey = "K"\nid = "x"\nmode = "forward"\nblock_seats = 2',
+            "licence[0].block_seats",
+        ),
+        (
+            UPSTREAM + '[[licence]]\nkey="K"\nid="x"\nmode="block"\nblock_seats=1\nseats=3',
+            "licence[0].seats: unknown key",
+        ),
+        (
+            UPSTREAM
+            + '[[licence]]\nkey="K"\nid="x"\nmode="block"\nblock_seats=1\n'
+            + 'block_ttl="1h"\nrenew_every="2h"',
+            "licence[0].renew_every",
+        ),
+        ('[upstream]\nservers = []\ntrust = ["%s"]' % ("ab" * 32), "upstream.servers"),
+        ('[upstream]\nservers = ["h:1"]\ntrust = ["nothex"]', "upstream.trust[0]"),
+        (
+            '[[licence]]\nkey="K"\nid="x"\nproduct="p"\nseats=1\nlease_ttl=90\nmax_ttl=10',
+            "licence[0].max_ttl",
+        ),
+        ('[[licence]]\nkey="K"\nid="x"\nproduct="p"\nseats=1\ndelegable=1', "delegable"),
+    ],
+)
+def test_upstream_errors_name_the_key(tmp_path: Path, text: str, where: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(where)):
+        parse_config(text, tmp_path / "c.toml")
