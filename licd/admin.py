@@ -33,6 +33,8 @@ from .config import AdminConfig, licence_from_mapping
 from .dispatch import error_reply
 from .engine import Lease, Licence
 from .events import Event
+from .records import Forwarded
+from .relay import Relay
 from .service import LicenceService
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,8 @@ class DaemonView(Protocol):
     def public_key(self) -> bytes: ...
     @property
     def connections(self) -> int: ...
+    @property
+    def relay(self) -> Relay | None: ...
     async def reload(self, *, admin_uid: int | None = None) -> dict[str, Any]: ...
 
 
@@ -142,6 +146,27 @@ def lease_listing(lease: Lease) -> dict[str, Any]:
         "expires": lease.expires,
         "last_heartbeat": lease.last_heartbeat,
         "state": lease.state.value,
+    }
+
+
+def forwarded_listing(item: Forwarded) -> dict[str, Any]:
+    """A forward-mode lease as a router's admins see it (the seat is held upstream)."""
+    h = item.holder
+    return {
+        "handle": item.handle,
+        "licence": item.licence_id,
+        "host": h.host,
+        "hostid": h.hostid,
+        "user": h.user,
+        "pid": h.pid,
+        "app": None,
+        "instance": None,
+        "ip": item.ip,
+        "seats": item.seats,
+        "since": item.created,
+        "expires": item.expires,
+        "last_heartbeat": None,
+        "state": "forwarded",
     }
 
 
@@ -235,10 +260,22 @@ class AdminOps:
             "key": d.public_key.hex(),
             "connections": d.connections,
             "licences": [
-                licence_status(x, engine.in_use(x.id), now)
+                {**licence_status(x, engine.in_use(x.id), now), "mode": self._mode(x.id)}
                 for x in sorted(engine.licences, key=lambda x: x.id)
             ],
+            "upstream": d.relay.status() if d.relay is not None else None,
         }
+
+    def _mode(self, licence_id: str) -> str:
+        relay = self.daemon.relay
+        return relay.modes.get(licence_id, "local") if relay is not None else "local"
+
+    def _refuse_relayed(self, licence_id: str) -> None:
+        relay = self.daemon.relay
+        if relay is not None and relay.is_relayed(licence_id):
+            raise BadRequest(
+                f"licence {licence_id!r} is relayed from upstream: change it in the config file"
+            )
 
     async def leases(self, f: Fields, uid: int) -> dict[str, Any]:
         licence = f.text("licence", max_len=64, required=False)
@@ -258,12 +295,21 @@ class AdminOps:
             ),
             key=lambda x: x.handle,
         )
-        page = chosen[:limit]
-        more = len(chosen) > limit
-        return {
-            "leases": [lease_listing(x) for x in page],
-            "next": page[-1].handle if more and page else None,
-        }
+        listed = [lease_listing(x) for x in chosen]
+        relay = self.daemon.relay
+        if relay is not None:  # a router's forward-mode leases: held upstream
+            listed += [
+                forwarded_listing(x)
+                for x in relay.forwarded_listing()
+                if (licence is None or x.licence_id == licence)
+                and (host is None or x.holder.host == host)
+                and (user is None or x.holder.user == user)
+                and (after is None or x.handle > after)
+            ]
+            listed.sort(key=lambda x: str(x["handle"]))
+        page = listed[:limit]
+        more = len(listed) > limit
+        return {"leases": page, "next": page[-1]["handle"] if more and page else None}
 
     async def licence_list(self, f: Fields, uid: int) -> dict[str, Any]:
         show_keys = f.flag("show_keys", False)
@@ -323,6 +369,7 @@ class AdminOps:
 
     async def licence_add(self, f: Fields, uid: int) -> dict[str, Any]:
         licence = _parse_licence(f.mapping("licence"))
+        self._refuse_relayed(licence.id)
         if self.service.engine.licence_by_id(licence.id) is not None:
             raise BadRequest(f"licence {licence.id!r} exists already: use licence update")
         result = await self.service.put_licence(licence, admin_uid=uid)
@@ -331,6 +378,7 @@ class AdminOps:
     async def licence_update(self, f: Fields, uid: int) -> dict[str, Any]:
         licence_id = f.text("licence", max_len=64)
         changes = f.mapping("changes")
+        self._refuse_relayed(licence_id)
         current = self.service.engine.licence_by_id(licence_id)
         if current is None:
             raise UnknownLicence(f"no licence with id {licence_id!r}")
@@ -344,6 +392,7 @@ class AdminOps:
     async def licence_remove(self, f: Fields, uid: int) -> dict[str, Any]:
         licence_id = f.text("licence", max_len=64)
         force = f.flag("force", False)
+        self._refuse_relayed(licence_id)
         revoked = await self.service.remove_licence(licence_id, force=force, admin_uid=uid)
         return {"removed": licence_id, "revoked": [x.handle for x in revoked]}
 

@@ -34,6 +34,7 @@ from .events import Event, EventBus, Kind
 from .keys import Signer, key_path, load_or_create_key
 from .metrics import Metrics, engine_usage
 from .notify import Notifier
+from .relay import Relay
 from .server import Server
 from .service import LicenceService
 from .store import DB_FILE, Store
@@ -154,6 +155,10 @@ class Daemon:
         return self.signer.site
 
     @property
+    def relay(self) -> Relay | None:
+        return self.server.dispatcher.relay
+
+    @property
     def public_key(self) -> bytes:
         return self.signer.public
 
@@ -179,6 +184,9 @@ class Daemon:
             raise
         try:
             stored = await store.load_licences()
+            # A relayed licence's terms come from upstream, never from the database.
+            relayed_ids = {r.id for r in config.relayed}
+            stored = [x for x in stored if x.id not in relayed_ids]
             engine = Engine(_merge_licences(stored, config.licences))
             kept = await store.load_leases()
         except Exception:
@@ -196,6 +204,16 @@ class Daemon:
         signer = Signer(key, config.server.site)
         service = LicenceService(engine, store, clock, EventBus())
         server = Server(config.server, Dispatcher(service, signer))
+        if config.upstream is not None:
+            server.dispatcher.relay = Relay(
+                config.upstream,
+                config.relayed,
+                engine=engine,
+                store=store,
+                signer=signer,
+                clock=clock,
+                publish=service.events.publish,
+            )
         daemon = cls(config, store, service, server, signer, lock)
         daemon._stored_licences = {x.id: x for x in stored}
         return daemon
@@ -303,6 +321,9 @@ class Daemon:
                 ]
                 # The file's licences, written to the database (the engine has them).
                 await self._apply_licences(self.config.licences, stored=self._stored_licences)
+                if self.relay is not None:
+                    await self.relay.load()
+                    background.append(tg.create_task(self.relay.run(), name="relay"))
                 self._stored_licences = None
                 try:
                     await self.admin.start()
@@ -343,6 +364,8 @@ class Daemon:
                 for task in background:
                     task.cancel()
                 await self.alerts.drain(grace=self.config.alerts.hook_timeout)
+                if self.relay is not None:
+                    await self.relay.link.close()
                 await self.store.close()
                 watchdog.cancel()
         except BaseExceptionGroup as group:

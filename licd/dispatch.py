@@ -8,6 +8,7 @@ connection. It knows the protocol's messages, not sockets and not SQL.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from licd_client.errors import (
     ShuttingDown,
     Unavailable,
     UnsupportedProtocol,
+    UpstreamUnavailable,
 )
 from licd_client.messages import (
     PROTOCOL_VERSION,
@@ -47,6 +49,7 @@ from . import __version__
 from .config import ConfigError
 from .engine import Grant
 from .keys import Signer
+from .relay import Relay
 from .service import LicenceService
 from .store import StoreError
 
@@ -92,6 +95,7 @@ class Dispatcher:
         self.service = service
         self.signer = signer
         self.shutting_down = False
+        self.relay: Relay | None = None  # a site router's upstream relaying
         #: Told of every request: (op, seconds taken, error code or None). Metrics.
         self.on_request = on_request
 
@@ -126,6 +130,11 @@ class Dispatcher:
 
     async def _answer(self, session: Session, request: Request) -> Reply:
         service = self.service
+        relay = self.relay
+        if relay is not None:
+            relayed = await self._relayed(relay, session, request)
+            if relayed is not None:
+                return relayed
         if isinstance(request, Heartbeat):
             at = service.now()
             return self._lease_reply(
@@ -153,6 +162,25 @@ class Dispatcher:
             return self._hello(session, request)
         raise BadRequest(f"op {request.op!r} is not served")
 
+    @staticmethod
+    async def _relayed(relay: Relay, session: Session, request: Request) -> Reply | None:
+        """The answer for a forward-mode licence's request, relayed upstream; None when
+        the request is not one to relay."""
+        if isinstance(request, Checkout) and request.key in relay.forward_keys:
+            reply = await relay.checkout(request, session.peer)
+        elif isinstance(request, Heartbeat) and request.lease in relay.forwarded:
+            reply = await relay.heartbeat(request)
+        elif isinstance(request, Checkin) and request.lease in relay.forwarded:
+            return CheckinReply(request.id, released=await relay.checkin(request.lease))
+        elif isinstance(request, Available) and request.key in relay.forward_keys:
+            upstream = await relay.link.request(Available(0, key=request.key))
+            if not isinstance(upstream, AvailableReply):
+                raise UpstreamUnavailable("the upstream licence server answered out of protocol")
+            return dataclasses.replace(upstream, id=request.id)
+        else:
+            return None
+        return dataclasses.replace(reply, id=request.id)
+
     def _hello(self, session: Session, request: Hello) -> HelloReply:
         if request.protocol != PROTOCOL_VERSION:
             raise UnsupportedProtocol(
@@ -179,7 +207,7 @@ class Dispatcher:
             rid,
             handle=lease.handle,
             token=self.signer.lease_token(grant, nonce, now),
-            chain=self.signer.chain,
+            chain=self.signer.chain_for(lease.licence_id),
             expires=lease.expires,
             ttl=grant.ttl,
             renew_in=grant.renew_in,

@@ -70,6 +70,12 @@ class Signer:
         self.public = bytes(key.verify_key)
         self.site = site
         self.chain: list[bytes] = []  # empty: clients trust this daemon's key directly
+        #: Per licence, the statements linking this key to the vendor's (a router's
+        #: block-mode licences: upstream chain + block token).
+        self.chains: dict[str, list[bytes]] = {}
+
+    def chain_for(self, licence_id: str) -> list[bytes]:
+        return self.chains.get(licence_id, self.chain)
 
     def lease_token(self, grant: Grant, nonce: bytes, now: float) -> bytes:
         lease, licence = grant.lease, grant.licence

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import msgpack
+
 from licd_client.messages import Holder
 
 from .engine import Lease, Licence
@@ -201,3 +203,118 @@ def row_audit(row: Sequence[Any]) -> AuditEntry:
         detail=json.loads(detail),
     )
     return AuditEntry(entry_id, event)
+
+
+# ------------------------------------------------------------- site router (relay.py)
+
+UPSERT_BLOCK = """
+INSERT OR REPLACE INTO block (licence_id, secret, handle, request, seats, expires, token,
+                              chain, renewed, revoked)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+DELETE_BLOCK = "DELETE FROM block WHERE licence_id = ?"
+SELECT_BLOCKS = """
+SELECT licence_id, secret, handle, request, seats, expires, token, chain, renewed, revoked
+FROM block
+"""
+UPSERT_FORWARDED = """
+INSERT OR REPLACE INTO forwarded (secret, handle, licence_id, host, hostid, user, pid, ip,
+                                  seats, created, expires)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+DELETE_FORWARDED = "DELETE FROM forwarded WHERE secret = ?"
+SELECT_FORWARDED = """
+SELECT secret, handle, licence_id, host, hostid, user, pid, ip, seats, created, expires
+FROM forwarded
+"""
+
+
+@dataclass
+class Block:
+    """A block of seats held upstream by a site router."""
+
+    licence_id: str
+    secret: str
+    handle: str
+    request: str
+    seats: int
+    expires: float
+    token: bytes
+    chain: list[bytes]
+    renewed: float
+    revoked: bool = False
+
+    def row(self) -> Row:
+        chain = msgpack.packb(self.chain, use_bin_type=True)
+        return (
+            self.licence_id,
+            self.secret,
+            self.handle,
+            self.request,
+            self.seats,
+            self.expires,
+            self.token,
+            chain,
+            self.renewed,
+            int(self.revoked),
+        )
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Block:
+        licence_id, secret, handle, request, seats, expires, token, chain, renewed = row[:9]
+        return cls(
+            licence_id,
+            secret,
+            handle,
+            request,
+            seats,
+            expires,
+            token,
+            list(msgpack.unpackb(chain, raw=False)),
+            renewed,
+            bool(row[9]),
+        )
+
+
+@dataclass
+class Forwarded:
+    """A lease a router relayed upstream, as the router's listings show it."""
+
+    secret: str
+    handle: str
+    licence_id: str
+    holder: Holder
+    ip: str | None
+    seats: int
+    created: float
+    expires: float
+
+    def row(self) -> Row:
+        h = self.holder
+        return (
+            self.secret,
+            self.handle,
+            self.licence_id,
+            h.host,
+            h.hostid,
+            h.user,
+            h.pid,
+            self.ip,
+            self.seats,
+            self.created,
+            self.expires,
+        )
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Forwarded:
+        secret, handle, licence_id, host, hostid, user, pid, ip, seats, created, expires = row
+        return cls(
+            secret,
+            handle,
+            licence_id,
+            Holder(host=host, hostid=hostid, user=user, pid=pid),
+            ip,
+            seats,
+            created,
+            expires,
+        )

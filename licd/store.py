@@ -29,16 +29,24 @@ import aiosqlite
 from .engine import Lease, Licence
 from .events import Event
 from .records import (
+    DELETE_BLOCK,
+    DELETE_FORWARDED,
     DELETE_LEASE,
     DELETE_LICENCE,
     INSERT_AUDIT,
     INSERT_LEASE,
     SELECT_AUDIT,
+    SELECT_BLOCKS,
+    SELECT_FORWARDED,
     SELECT_LEASES,
     SELECT_LICENCES,
     TOUCH_LEASE,
+    UPSERT_BLOCK,
+    UPSERT_FORWARDED,
     UPSERT_LICENCE,
     AuditEntry,
+    Block,
+    Forwarded,
     audit_row,
     lease_row,
     licence_row,
@@ -212,6 +220,31 @@ class Store:
     async def append(self, event: Event) -> None:
         """An audit entry on its own (a reload, say); returns once committed."""
         await self._submit(_audit(event))
+
+    # Site router state (relay.py): small, rare writes, each awaited.
+
+    async def load_blocks(self) -> list[Block]:
+        return [Block.from_row(row) for row in await self._read(SELECT_BLOCKS)]
+
+    async def put_block(self, block: Block) -> None:
+        await self._submit([(UPSERT_BLOCK, [block.row()])])
+
+    async def delete_block(self, licence_id: str) -> None:
+        await self._submit([(DELETE_BLOCK, [(licence_id,)])])
+
+    async def load_forwarded(self) -> list[Forwarded]:
+        return [Forwarded.from_row(row) for row in await self._read(SELECT_FORWARDED)]
+
+    async def put_forwarded(self, item: Forwarded, event: Event | None = None) -> None:
+        await self._submit([(UPSERT_FORWARDED, [item.row()]), *_audit(event)])
+
+    async def delete_forwarded(self, secrets: Sequence[str], events: Sequence[Event] = ()) -> None:
+        await self._submit(
+            [
+                (DELETE_FORWARDED, [(s,) for s in secrets]),
+                (INSERT_AUDIT, [audit_row(e) for e in events]),
+            ]
+        )
 
     def touch_lease(self, lease: Lease) -> None:
         """Record a renewal lazily: written with the next batch, within LAZY_INTERVAL."""
