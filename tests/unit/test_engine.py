@@ -10,6 +10,7 @@ from licd.clock import FakeClock
 from licd.engine import Engine, Lease, LeaseState, Licence
 from licd_client.errors import (
     BadRequest,
+    Denied,
     LeaseUnknown,
     LicenceExpired,
     LicenceNotYetValid,
@@ -257,3 +258,48 @@ def test_handles_and_secrets_are_unique_and_unrelated(clock: FakeClock) -> None:
 def test_licence_repr_hides_the_key() -> None:
     assert DICOM.key not in repr(DICOM)
     assert isinstance(DICOM, Licence)
+
+
+def test_max_ttl_bounds_what_a_client_may_ask(clock: FakeClock) -> None:
+    licence = replace(DICOM, max_ttl=2 * 86400.0)
+    engine = Engine([licence])
+    default = engine.checkout(licence.key, holder("a"), request="1", at=clock.now())
+    assert default.ttl == licence.lease_ttl  # no ttl asked: the default
+    long = engine.checkout(licence.key, holder("b"), request="2", at=clock.now(), ttl=86400)
+    assert long.ttl == 86400  # offline use for a day: allowed
+    capped = engine.checkout(licence.key, holder("c"), request="3", at=clock.now(), ttl=1e7)
+    assert capped.ttl == 2 * 86400.0
+
+
+def test_only_a_delegable_licence_gives_blocks(clock: FakeClock) -> None:
+    router_key = b"r" * 32
+    engine = Engine([DICOM, replace(DICOM, key="D2", id="d2", delegable=True)])
+    with pytest.raises(Denied, match="delegated"):
+        engine.checkout(DICOM.key, holder(), request="b", at=clock.now(), delegate=router_key)
+    grant = engine.checkout("D2", holder(), request="b", at=clock.now(), delegate=router_key)
+    assert grant.lease.delegate == router_key
+
+
+def test_licence_edits_apply_to_the_next_renewal(engine: Engine, clock: FakeClock) -> None:
+    lease = live(engine, clock, "a")
+    live(engine, clock, "b")
+    old = engine.put_licence(replace(DICOM, seats=1, features={"tier": "gold"}))
+    assert old == DICOM
+    grant = engine.heartbeat(lease.secret, clock.now())
+    assert grant.licence.features == {"tier": "gold"}
+    assert engine.in_use(DICOM.id) == 2  # lowering seats revokes nobody
+    with pytest.raises(SeatsExhausted):
+        live(engine, clock, "c")
+    with pytest.raises(BadRequest, match="already has this key"):
+        engine.put_licence(replace(DICOM, id="other"))
+
+
+def test_revoke_by_handle_then_remove_the_licence(engine: Engine, clock: FakeClock) -> None:
+    lease = live(engine, clock, "a")
+    with pytest.raises(BadRequest, match="still has leases"):
+        engine.remove_licence(DICOM.id)
+    assert engine.begin_revoke(lease.handle) is lease
+    engine.released(lease)
+    assert engine.remove_licence(DICOM.id) == DICOM
+    with pytest.raises(UnknownLicence):
+        engine.checkout(DICOM.key, holder(), request="x", at=clock.now())
