@@ -18,7 +18,7 @@ import os
 import pwd
 import socket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,7 +29,7 @@ from licd_client.messages import Fields, request_id
 from licd_client.wire import MAX_FRAME_ADMIN, REPLY_LIMITS, FrameDecoder, encode
 
 from . import __version__
-from .config import AdminConfig, licence_from_mapping
+from .config import AdminConfig, licence_from_mapping, licence_to_mapping
 from .dispatch import error_reply
 from .engine import Lease, Licence
 from .events import Event
@@ -179,27 +179,23 @@ def _epoch_to_datetime(value: Any, name: str) -> Any:
     return datetime.fromtimestamp(value, UTC)
 
 
-def _licence_mapping(licence: Licence) -> dict[str, Any]:
-    return {
-        "key": licence.key,
-        "id": licence.id,
-        "product": licence.product,
-        "seats": licence.seats,
-        "lease_ttl": licence.lease_ttl,
-        "grace": licence.grace,
-        "not_before": licence.not_before,
-        "expires": licence.expires,
-        "features": dict(licence.features),
-    }
+def _with_datetimes(data: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """The mapping with its times as datetimes, and without None values."""
+    out = dict(data)
+    for name in names:
+        if name in out:
+            out[name] = _epoch_to_datetime(out[name], name)
+    return {k: v for k, v in out.items() if v is not None}
 
 
-def _parse_licence(data: dict[str, Any]) -> Licence:
-    fields_ = dict(data)
-    for name in ("not_before", "expires"):
-        if name in fields_:
-            fields_[name] = _epoch_to_datetime(fields_[name], name)
-    fields_ = {k: v for k, v in fields_.items() if v is not None}
-    return licence_from_mapping(fields_, "admin request")
+def _parse_licence(data: dict[str, Any], groups: Mapping[str, tuple[str, ...]]) -> Licence:
+    fields_ = _with_datetimes(data, ("not_before", "expires"))
+    addons = fields_.get("addon")
+    if isinstance(addons, list):
+        fields_["addon"] = [
+            _with_datetimes(a, ("starts", "ends")) if isinstance(a, dict) else a for a in addons
+        ]
+    return licence_from_mapping(fields_, "admin request", groups)
 
 
 class AdminOps:
@@ -368,7 +364,7 @@ class AdminOps:
         return {"revoked": [x.handle for x in revoked]}
 
     async def licence_add(self, f: Fields, uid: int) -> dict[str, Any]:
-        licence = _parse_licence(f.mapping("licence"))
+        licence = _parse_licence(f.mapping("licence"), self.service.engine.groups)
         self._refuse_relayed(licence.id)
         if self.service.engine.licence_by_id(licence.id) is not None:
             raise BadRequest(f"licence {licence.id!r} exists already: use licence update")
@@ -384,8 +380,8 @@ class AdminOps:
             raise UnknownLicence(f"no licence with id {licence_id!r}")
         if "id" in changes and changes["id"] != licence_id:
             raise BadRequest("licence update cannot change a licence's id")
-        merged = {**_licence_mapping(current), **changes}
-        licence = _parse_licence(merged)
+        merged = {**licence_to_mapping(current), **changes}
+        licence = _parse_licence(merged, self.service.engine.groups)
         result = await self.service.put_licence(licence, admin_uid=uid)
         return {"result": result, "licence": licence.id}
 

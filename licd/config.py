@@ -7,12 +7,14 @@ message names the file and the key path (`licence[0].seats`; licence indexes cou
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 import socket
 import tomllib
-from dataclasses import dataclass, fields
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from licd_client.messages import Features
 from licd_client.tokens import key_from_text
 
 from .engine import Licence
+from .engine.licence import COUNT_BY, RESETS, Addon, Counter
+from .engine.policy import check_rule
 from .tomlreader import (
     MISSING,
     ConfigError,
@@ -130,6 +134,7 @@ class Config:
     alerts: AlertsConfig = AlertsConfig()
     upstream: UpstreamConfig | None = None
     relayed: tuple[RelayedLicence, ...] = ()
+    groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # [groups]
 
     @property
     def admin_socket(self) -> Path:
@@ -188,10 +193,14 @@ def parse_config(text: str, source: Path) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
     top = Table(
-        doc, "", str(source), ("server", "licence", "admin", "metrics", "alerts", "upstream")
+        doc,
+        "",
+        str(source),
+        ("server", "licence", "admin", "metrics", "alerts", "upstream", "groups"),
     )
     server = _server(top.table("server", _SERVER_KEYS))
-    licences, relayed = _licences(top)
+    groups = _groups(top)
+    licences, relayed = _licences(top, groups)
     upstream = _upstream(top) if "upstream" in doc else None
     if relayed and upstream is None:
         raise top.error("upstream", f"licence {relayed[0].id!r} has a mode: it needs [upstream]")
@@ -204,13 +213,28 @@ def parse_config(text: str, source: Path) -> Config:
         alerts=_alerts(top.table("alerts", _ALERTS_KEYS)),
         upstream=upstream,
         relayed=relayed,
+        groups=groups,
     )
 
 
-def licence_from_mapping(data: dict[str, Any], where: str) -> Licence:
+def licence_from_mapping(
+    data: dict[str, Any], where: str, groups: Mapping[str, tuple[str, ...]]
+) -> Licence:
     """One licence from a mapping of config-file keys (the admin interface's `licence
     add`/`update`), validated exactly as a [[licence]] table; errors name `where`."""
-    return _licence(Table(data, "licence", where, _LICENCE_KEYS))
+    return _licence(Table(data, "licence", where, _LICENCE_KEYS), groups)
+
+
+def licence_to_mapping(licence: Licence) -> dict[str, Any]:
+    """A licence as config-file keys (times as epoch floats): what `licence_from_mapping`
+    reads back, after converting the times."""
+    out = dataclasses.asdict(licence)
+    out["reserve"] = dict(licence.reserve)
+    out["max"] = dict(licence.max)
+    out["allow"], out["deny"] = list(licence.allow), list(licence.deny)
+    out["counter"] = [dataclasses.asdict(c) for c in licence.counter]
+    out["addon"] = [dataclasses.asdict(a) for a in licence.addon]
+    return out
 
 
 # --- the reader -----------------------------------------------------------------------
@@ -288,7 +312,25 @@ _LICENCE_KEYS = tuple(f.name for f in fields(Licence))
 _RELAYED_KEYS = tuple(f.name for f in fields(RelayedLicence))
 
 
-def _licences(top: Table) -> tuple[tuple[Licence, ...], tuple[RelayedLicence, ...]]:
+def _groups(top: Table) -> dict[str, tuple[str, ...]]:
+    t = top.table("groups", top.get("groups", {}))
+    out: dict[str, tuple[str, ...]] = {}
+    for name, rules in t.data.items():
+        if not _LICENCE_ID.fullmatch(name):
+            raise t.error(name, "a group name is 1 to 64 of A-Z, a-z, 0-9, '.', '_' or '-'")
+        if not isinstance(rules, list) or not all(isinstance(r, str) for r in rules):
+            raise t.error(name, 'must be an array of rules, e.g. ["user:alice", "ip:10.0.0.0/8"]')
+        for i, rule in enumerate(rules):
+            problem = check_rule(rule, in_group=True)
+            if problem:
+                raise t.error(name, problem, i)
+        out[name] = tuple(rules)
+    return out
+
+
+def _licences(
+    top: Table, groups: Mapping[str, tuple[str, ...]]
+) -> tuple[tuple[Licence, ...], tuple[RelayedLicence, ...]]:
     value = top.get("licence", [])
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         raise top.error("licence", "must be an array of tables: write each one as [[licence]]")
@@ -303,7 +345,7 @@ def _licences(top: Table) -> tuple[tuple[Licence, ...], tuple[RelayedLicence, ..
             parsed = _relayed(Table(item, where, top.source, _RELAYED_KEYS))
             relayed.append(parsed)
         else:
-            parsed = _licence(Table(item, where, top.source, _LICENCE_KEYS))
+            parsed = _licence(Table(item, where, top.source, _LICENCE_KEYS), groups)
             licences.append(parsed)
         t = Table(item, where, top.source, item)
         if parsed.id in by_id:
@@ -384,7 +426,7 @@ def _upstream(top: Table) -> UpstreamConfig:
     )
 
 
-def _licence(t: Table) -> Licence:
+def _licence(t: Table, groups: Mapping[str, tuple[str, ...]]) -> Licence:
     key, licence_id = _key_and_id(t)
     not_before = t.timestamp("not_before")
     expires = t.timestamp("expires")
@@ -402,6 +444,7 @@ def _licence(t: Table) -> Licence:
         features=_features(t),
         max_ttl=_max_ttl(t),
         delegable=t.flag("delegable", False),
+        **_policies(t, groups),
     )
 
 
@@ -492,3 +535,110 @@ def _alerts(t: Table) -> AlertsConfig:
         hook_timeout=t.duration("hook_timeout", _A.hook_timeout),
         check_interval=t.duration("check_interval", _A.check_interval, minimum=1.0),
     )
+
+
+# --- licence policies (docs/policies.md) ----------------------------------------------
+
+_COUNTER_KEYS = tuple(f.name for f in fields(Counter))
+_ADDON_KEYS = tuple(f.name for f in fields(Addon))
+
+
+def _policies(t: Table, groups: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
+    count_by = t.get("count_by", "lease")
+    if count_by not in COUNT_BY:
+        raise t.error("count_by", f"must be one of {', '.join(COUNT_BY)}")
+    device_period = None
+    if "device_period" in t.data:
+        device_period = t.duration("device_period", MISSING, minimum=1.0)
+    out: dict[str, Any] = {
+        "count_by": count_by,
+        "device_period": device_period,
+        "overdraft": t.integer("overdraft", 0, 0),
+        "allow": _rules(t, "allow", groups),
+        "deny": _rules(t, "deny", groups),
+        "reserve": _seat_map(t, "reserve", groups, lambda k: k in groups, "a group in [groups]"),
+        "max": _seat_map(
+            t,
+            "max",
+            groups,
+            lambda k: k in ("user", "host") or (k.startswith("group:") and k[6:] in groups),
+            '"user", "host" or "group:NAME" of a group in [groups]',
+        ),
+        "counter": _counters(t),
+        "addon": _addons(t),
+    }
+    return out
+
+
+def _rules(t: Table, name: str, groups: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:
+    value = t.get(name, [])
+    if not isinstance(value, list | tuple) or not all(isinstance(r, str) for r in value):
+        raise t.error(name, 'must be an array of rules, e.g. ["group:cad", "host:lab-*"]')
+    for i, rule in enumerate(value):
+        problem = check_rule(rule, groups=groups)
+        if problem:
+            raise t.error(name, problem, i)
+    return tuple(value)
+
+
+def _seat_map(
+    t: Table,
+    name: str,
+    groups: Mapping[str, tuple[str, ...]],
+    valid: Callable[[str], bool],
+    what: str,
+) -> dict[str, int]:
+    value = t.get(name, {})
+    if not isinstance(value, dict):
+        raise t.error(name, "must be a table of name = seats")
+    sub = Table(value, t.key(name), t.source, value)
+    out: dict[str, int] = {}
+    for key in value:
+        if not valid(key):
+            raise sub.error(key, f"must name {what}")
+        out[key] = sub.integer(key, MISSING, 0)
+    return out
+
+
+def _counters(t: Table) -> tuple[Counter, ...]:
+    value = t.get("counter", [])
+    if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
+        raise t.error("counter", "must be an array of tables: write each as [[licence.counter]]")
+    out: list[Counter] = []
+    for i, item in enumerate(value):
+        c = Table(item, f"{t.key('counter')}[{i}]", t.source, _COUNTER_KEYS)
+        name = c.get("name")
+        if not isinstance(name, str) or not _LICENCE_ID.fullmatch(name):
+            raise c.error("name", "must be 1 to 64 of A-Z, a-z, 0-9, '.', '_' or '-'")
+        if any(x.name == name for x in out):
+            raise c.error("name", "duplicate counter name")
+        reset = c.get("reset", "never")
+        if reset not in RESETS:
+            raise c.error("reset", f"must be one of {', '.join(RESETS)}")
+        out.append(
+            Counter(
+                name=name,
+                limit=c.integer("limit", MISSING, 1),
+                reset=reset,
+                dedup_window=c.duration("dedup_window", 3.0, allow_zero=True),
+            )
+        )
+    return tuple(out)
+
+
+def _addons(t: Table) -> tuple[Addon, ...]:
+    value = t.get("addon", [])
+    if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
+        raise t.error("addon", "must be an array of tables: write each as [[licence.addon]]")
+    out: list[Addon] = []
+    for i, item in enumerate(value):
+        a = Table(item, f"{t.key('addon')}[{i}]", t.source, _ADDON_KEYS)
+        starts, ends = a.timestamp("starts"), a.timestamp("ends")
+        if starts is not None and ends is not None and ends <= starts:
+            raise a.error("ends", "must be after starts")
+        seats = a.integer("seats", 0, 0)
+        features = _features(a)
+        if not seats and not features:
+            raise a.error("seats", "an add-on gives seats, features or both")
+        out.append(Addon(seats=seats, features=features, starts=starts, ends=ends))
+    return tuple(out)

@@ -187,8 +187,9 @@ class Daemon:
             # A relayed licence's terms come from upstream, never from the database.
             relayed_ids = {r.id for r in config.relayed}
             stored = [x for x in stored if x.id not in relayed_ids]
-            engine = Engine(_merge_licences(stored, config.licences))
+            engine = Engine(_merge_licences(stored, config.licences), groups=config.groups)
             kept = await store.load_leases()
+            engine.counters.restore(await store.load_counters())
         except Exception:
             await store.close()
             lock.close()
@@ -256,6 +257,7 @@ class Daemon:
                 )
             )
             raise
+        self.engine.groups = dict(new.groups)  # before the licences whose rules name them
         changes = await self._apply_licences(new.licences, admin_uid=admin_uid)
         # Licences and alerts apply live; addresses and the like need a restart.
         old = self.config
@@ -269,7 +271,9 @@ class Daemon:
         ]
         if restart:
             log.warning("event=reload_needs_restart settings=%s", ",".join(restart))
-        self.config = dataclasses.replace(self.config, licences=new.licences, alerts=new.alerts)
+        self.config = dataclasses.replace(
+            self.config, licences=new.licences, alerts=new.alerts, groups=new.groups
+        )
         self.alerts.reconfigure(new.alerts)
         summary = {"licences": changes, "restart_needed": restart}
         await self.service.record(

@@ -34,6 +34,8 @@ from licd_client.messages import (
     Checkin,
     CheckinReply,
     Checkout,
+    Consume,
+    ConsumeReply,
     Heartbeat,
     Hello,
     HelloReply,
@@ -155,6 +157,16 @@ class Dispatcher:
             return self._lease_reply(request.id, grant, request.nonce, at.wall, with_secret=True)
         if isinstance(request, Checkin):
             return CheckinReply(request.id, released=await service.checkin(request.lease))
+        if isinstance(request, Consume):
+            c = await service.consume(request.lease, request.counter, request.units, request.dedup)
+            return ConsumeReply(
+                request.id,
+                counter=c.counter,
+                used=c.used,
+                limit=c.limit,
+                remaining=c.remaining,
+                counted=c.counted,
+            )
         if isinstance(request, Available):
             a = service.available(request.key)
             return AvailableReply(request.id, total=a.total, in_use=a.in_use, available=a.available)
@@ -212,6 +224,7 @@ class Dispatcher:
             ttl=grant.ttl,
             renew_in=grant.renew_in,
             seats=lease.seats,
-            features=grant.licence.features,
+            features=grant.features,
+            overdraft=lease.overdraft or None,
             lease=lease.secret if with_secret else None,
         )

@@ -89,11 +89,13 @@ class Signer:
             "lic": licence.id,
             "product": licence.product,
             "seats": lease.seats,
-            "features": licence.features,
+            "features": grant.features,
             "holder": {"host": holder.host, "hostid": holder.hostid, "user": holder.user},
             "nonce": nonce,
             "site": self.site,
         }
         if lease.delegate is not None:
             payload["del"] = lease.delegate
+        if lease.overdraft:
+            payload["ovr"] = True  # granted beyond the licence's seats, within its overdraft
         return tokens.sign(self._key, payload)

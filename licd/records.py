@@ -7,6 +7,7 @@ the running, the engine the deciding.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,6 +18,8 @@ import msgpack
 from licd_client.messages import Holder
 
 from .engine import Lease, Licence
+from .engine.counters import CounterState
+from .engine.licence import Addon, Counter
 from .events import Event, Kind
 
 Row = tuple[Any, ...]
@@ -25,14 +28,15 @@ Row = tuple[Any, ...]
 
 INSERT_LEASE = """
 INSERT INTO lease (secret, handle, licence_id, request, host, hostid, user, pid, app,
-                   instance, seats, ttl, created, expires, last_heartbeat, delegate, ip)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                   instance, seats, ttl, created, expires, last_heartbeat, delegate, ip,
+                   overdraft, device, unit)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 DELETE_LEASE = "DELETE FROM lease WHERE secret = ?"
 TOUCH_LEASE = "UPDATE lease SET expires = ?, last_heartbeat = ? WHERE secret = ?"
 SELECT_LEASES = """
 SELECT secret, handle, licence_id, request, host, hostid, user, pid, app, instance,
-       seats, ttl, created, expires, last_heartbeat, delegate, ip
+       seats, ttl, created, expires, last_heartbeat, delegate, ip, overdraft, device, unit
 FROM lease
 """
 
@@ -57,12 +61,16 @@ def lease_row(lease: Lease) -> tuple[Any, ...]:
         lease.last_heartbeat,
         lease.delegate,
         lease.ip,
+        int(lease.overdraft),
+        int(lease.device),
+        lease.unit,
     )
 
 
 def row_lease(row: Sequence[Any]) -> Lease:
     (secret, handle, licence_id, request, host, hostid, user, pid, app, instance) = row[:10]
-    seats, ttl, created, expires, last_heartbeat, delegate, ip = row[10:]
+    seats, ttl, created, expires, last_heartbeat, delegate, ip = row[10:17]
+    overdraft, device, unit = row[17:]
     return Lease(
         secret=secret,
         handle=handle,
@@ -76,6 +84,9 @@ def row_lease(row: Sequence[Any]) -> Lease:
         last_heartbeat=last_heartbeat,
         delegate=delegate,
         ip=ip,
+        overdraft=bool(overdraft),
+        device=bool(device),
+        unit=unit,
     )
 
 
@@ -83,17 +94,17 @@ def row_lease(row: Sequence[Any]) -> Lease:
 
 UPSERT_LICENCE = """
 INSERT INTO licence (id, key, product, seats, lease_ttl, grace, not_before, expires,
-                     features, updated)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                     features, updated, policy)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (id) DO UPDATE SET
     key = excluded.key, product = excluded.product, seats = excluded.seats,
     lease_ttl = excluded.lease_ttl, grace = excluded.grace,
     not_before = excluded.not_before, expires = excluded.expires,
-    features = excluded.features, updated = excluded.updated
+    features = excluded.features, updated = excluded.updated, policy = excluded.policy
 """
 DELETE_LICENCE = "DELETE FROM licence WHERE id = ?"
 SELECT_LICENCES = """
-SELECT id, key, product, seats, lease_ttl, grace, not_before, expires, features
+SELECT id, key, product, seats, lease_ttl, grace, not_before, expires, features, policy
 FROM licence ORDER BY id
 """
 
@@ -110,11 +121,34 @@ def licence_row(licence: Licence, now: float) -> Row:
         licence.expires,
         json.dumps(licence.features, sort_keys=True),
         now,
+        json.dumps(_policy(licence), sort_keys=True),
     )
 
 
+_BASIC = ("key", "id", "product", "seats", "lease_ttl", "grace", "not_before", "expires")
+
+
+def _policy(licence: Licence) -> dict[str, Any]:
+    """The licence's terms beyond the basic columns, as JSON-able values."""
+    out = {
+        f.name: getattr(licence, f.name)
+        for f in dataclasses.fields(licence)
+        if f.name not in _BASIC and f.name != "features"
+    }
+    out["allow"], out["deny"] = list(licence.allow), list(licence.deny)
+    out["reserve"], out["max"] = dict(licence.reserve), dict(licence.max)
+    out["counter"] = [dataclasses.asdict(c) for c in licence.counter]
+    out["addon"] = [dataclasses.asdict(a) for a in licence.addon]
+    return out
+
+
 def row_licence(row: Sequence[Any]) -> Licence:
-    licence_id, key, product, seats, lease_ttl, grace, not_before, expires, features = row
+    licence_id, key, product, seats, lease_ttl, grace, not_before, expires, features = row[:9]
+    policy = json.loads(row[9])
+    policy["allow"] = tuple(policy.get("allow", ()))
+    policy["deny"] = tuple(policy.get("deny", ()))
+    policy["counter"] = tuple(Counter(**c) for c in policy.get("counter", ()))
+    policy["addon"] = tuple(Addon(**a) for a in policy.get("addon", ()))
     return Licence(
         key=key,
         id=licence_id,
@@ -125,6 +159,7 @@ def row_licence(row: Sequence[Any]) -> Licence:
         not_before=not_before,
         expires=expires,
         features=json.loads(features),
+        **policy,
     )
 
 
@@ -318,3 +353,20 @@ class Forwarded:
             created,
             expires,
         )
+
+
+# -------------------------------------------------------------------- metered counters
+
+UPSERT_COUNTER = """
+INSERT OR REPLACE INTO counter (licence_id, name, used, period_start) VALUES (?, ?, ?, ?)
+"""
+SELECT_COUNTERS = "SELECT licence_id, name, used, period_start FROM counter"
+
+
+def counter_row(state: CounterState) -> Row:
+    return (state.licence_id, state.name, state.used, state.period_start)
+
+
+def row_counter(row: Sequence[Any]) -> CounterState:
+    licence_id, name, used, period_start = row
+    return CounterState(licence_id, name, used, period_start)

@@ -22,6 +22,7 @@ from licd_client.messages import Holder
 
 from .clock import Clock, Instant
 from .engine import Availability, Engine, Grant, Lease, LeaseState, Licence
+from .engine.counters import Consumed
 from .events import Event, EventBus, Kind
 from .store import Store, StoreError
 
@@ -97,14 +98,13 @@ class LicenceService:
     ) -> Grant:
         try:
             grant = self.engine.checkout(
-                key, holder, request=request, at=at, seats=seats, ttl=ttl, delegate=delegate
+                key, holder, request=request, at=at, seats=seats, ttl=ttl, delegate=delegate, ip=ip
             )
         except LicdError as exc:
             self._deny(key, holder, ip, seats, exc, at)
             raise
         lease = grant.lease
         if grant.fresh:
-            lease.ip = ip
             task = asyncio.create_task(self._commit_checkout(lease, at))
             self._inflight[lease.secret] = task
             await asyncio.shield(task)
@@ -139,7 +139,14 @@ class LicenceService:
         self._published(event)
 
     async def _commit_checkout(self, lease: Lease, at: Instant) -> None:
-        event = lease_event(Kind.CHECKOUT, lease, at.wall)
+        # An overdraft grant is an exception the audit log calls out.
+        event = lease_event(
+            Kind.CHECKOUT,
+            lease,
+            at.wall,
+            reason="overdraft" if lease.overdraft else None,
+            detail={"in_use": self.engine.in_use(lease.licence_id), "overdraft": lease.overdraft},
+        )
         try:
             await self.store.insert_lease(lease, event)
         except StoreError as exc:
@@ -166,8 +173,19 @@ class LicenceService:
         await self._release([lease], Kind.CHECKIN)
         return True
 
+    async def consume(self, secret: str, counter: str, units: int, dedup: str | None) -> Consumed:
+        """Use metered units under a lease; answered once the new count is committed."""
+        consumed = self.engine.consume(secret, counter, units, dedup, self.clock.now())
+        if consumed.counted:
+            try:
+                await self._durably(lambda: self.store.put_counter(consumed.state))
+            except StoreError:
+                self.engine.counters.undo(consumed, units)
+                raise Unavailable() from None
+        return consumed
+
     def available(self, key: str) -> Availability:
-        return self.engine.available(key)
+        return self.engine.available(key, self.clock.now())
 
     async def reap_once(self, at: Instant) -> list[Lease]:
         """Reclaim every lease past `expires + grace`; returns them once committed."""
@@ -210,7 +228,14 @@ class LicenceService:
 
     async def _commit_release(self, leases: Sequence[Lease], kind: Kind, **extra: Any) -> None:
         now = self.clock.now().wall
-        events = [lease_event(kind, lease, now, **extra) for lease in leases]
+        events = []
+        freed: dict[str, int] = {}  # per licence, as each release lands in turn
+        for lease in leases:
+            freed[lease.licence_id] = freed.get(lease.licence_id, 0) + self.engine.seats.freed_by(
+                lease
+            )
+            in_use = self.engine.in_use(lease.licence_id) - freed[lease.licence_id]
+            events.append(lease_event(kind, lease, now, detail={"in_use": in_use}, **extra))
         try:
             await self.store.delete_leases(leases, events)
         except StoreError as exc:

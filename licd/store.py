@@ -27,6 +27,7 @@ from typing import Any
 import aiosqlite
 
 from .engine import Lease, Licence
+from .engine.counters import CounterState
 from .events import Event
 from .records import (
     DELETE_BLOCK,
@@ -37,20 +38,24 @@ from .records import (
     INSERT_LEASE,
     SELECT_AUDIT,
     SELECT_BLOCKS,
+    SELECT_COUNTERS,
     SELECT_FORWARDED,
     SELECT_LEASES,
     SELECT_LICENCES,
     TOUCH_LEASE,
     UPSERT_BLOCK,
+    UPSERT_COUNTER,
     UPSERT_FORWARDED,
     UPSERT_LICENCE,
     AuditEntry,
     Block,
     Forwarded,
     audit_row,
+    counter_row,
     lease_row,
     licence_row,
     row_audit,
+    row_counter,
     row_lease,
     row_licence,
 )
@@ -220,6 +225,14 @@ class Store:
     async def append(self, event: Event) -> None:
         """An audit entry on its own (a reload, say); returns once committed."""
         await self._submit(_audit(event))
+
+    # Metered counters: written with the consume, before its reply.
+
+    async def load_counters(self) -> list[CounterState]:
+        return [row_counter(row) for row in await self._read(SELECT_COUNTERS)]
+
+    async def put_counter(self, state: CounterState) -> None:
+        await self._submit([(UPSERT_COUNTER, [counter_row(state)])])
 
     # Site router state (relay.py): small, rare writes, each awaited.
 

@@ -298,8 +298,33 @@ class Available(Request):
         return cls(rid, key=r.nonempty_str("key", max_len=255))
 
 
+@dataclass(frozen=True)
+class Consume(Request):
+    op: ClassVar[str] = "consume"
+    lease: str
+    counter: str
+    units: int
+    dedup: str | None = None
+
+    def _args(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"lease": self.lease, "counter": self.counter, "units": self.units}
+        if self.dedup is not None:
+            out["dedup"] = self.dedup
+        return out
+
+    @classmethod
+    def read(cls, rid: int, r: Fields) -> Consume:
+        return cls(
+            rid,
+            lease=r.nonempty_str("lease", max_len=255),
+            counter=r.nonempty_str("counter", max_len=64),
+            units=r.uint("units", minimum=1),
+            dedup=r.text("dedup", max_len=MAX_REQUEST_KEY_LEN, required=False),
+        )
+
+
 REQUEST_TYPES: dict[str, Any] = {
-    cls.op: cls for cls in (Hello, Checkout, Heartbeat, Checkin, Available)
+    cls.op: cls for cls in (Hello, Checkout, Heartbeat, Checkin, Available, Consume)
 }
 
 
@@ -386,6 +411,7 @@ class LeaseReply(Reply):
     seats: int
     features: Features = field(default_factory=dict)
     lease: str | None = None
+    overdraft: bool | None = None  # True: granted beyond the licence's seats (its overdraft)
 
     def _results(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -400,11 +426,14 @@ class LeaseReply(Reply):
         }
         if self.lease is not None:
             out["lease"] = self.lease
+        if self.overdraft is not None:
+            out["overdraft"] = self.overdraft
         return out
 
     @classmethod
     def read(cls, rid: int, r: Fields) -> LeaseReply:
         lease = r.text("lease", required=False)
+        overdraft = r.flag("overdraft", False) or None
         return cls(
             rid,
             handle=r.text("handle"),
@@ -416,6 +445,7 @@ class LeaseReply(Reply):
             seats=r.uint("seats"),
             features=r.features("features"),
             lease=lease,
+            overdraft=overdraft,
         )
 
 
@@ -447,6 +477,35 @@ class AvailableReply(Reply):
         )
 
 
+@dataclass(frozen=True)
+class ConsumeReply(Reply):
+    counter: str
+    used: int
+    limit: int
+    remaining: int
+    counted: bool
+
+    def _results(self) -> dict[str, Any]:
+        return {
+            "counter": self.counter,
+            "used": self.used,
+            "limit": self.limit,
+            "remaining": self.remaining,
+            "counted": self.counted,
+        }
+
+    @classmethod
+    def read(cls, rid: int, r: Fields) -> ConsumeReply:
+        return cls(
+            rid,
+            counter=r.text("counter"),
+            used=r.uint("used"),
+            limit=r.uint("limit"),
+            remaining=r.uint("remaining"),
+            counted=r.flag("counted"),
+        )
+
+
 #: Which reply type answers which request op.
 REPLY_TYPES: dict[str, Any] = {
     "hello": HelloReply,
@@ -454,6 +513,7 @@ REPLY_TYPES: dict[str, Any] = {
     "heartbeat": LeaseReply,
     "checkin": CheckinReply,
     "available": AvailableReply,
+    "consume": ConsumeReply,
 }
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import base64
 import heapq
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from licd_client.errors import (
@@ -32,11 +32,14 @@ from licd_client.errors import (
     SeatsExhausted,
     UnknownLicence,
 )
-from licd_client.messages import Holder
+from licd_client.messages import Features, Holder
 
 from ..clock import Instant
+from .counters import Consumed, CounterBook
 from .lease import Lease, LeaseState
 from .licence import Licence
+from .policy import Who, first_match, matches
+from .seats import SeatBook, unit_key
 
 MIN_TTL = 1.0
 
@@ -59,6 +62,7 @@ class Grant:
     licence: Licence
     ttl: float  # seconds from now until `lease.expires`
     fresh: bool  # True: a new lease to persist; False: an existing one renewed
+    features: Features  # the licence's features in force now (add-ons included)
 
     @property
     def renew_in(self) -> float:
@@ -80,6 +84,7 @@ class Engine:
         self,
         licences: Iterable[Licence],
         *,
+        groups: Mapping[str, tuple[str, ...]] | None = None,
         secret_factory: Callable[[], str] = new_secret,
         handle_factory: Callable[[], str] = new_handle,
     ) -> None:
@@ -88,7 +93,10 @@ class Engine:
         self._leases: dict[str, Lease] = {}  # by secret
         self._by_handle: dict[str, Lease] = {}
         self._by_request: dict[tuple[str, str, str], Lease] = {}
-        self._in_use: dict[str, int] = {}  # licence id -> seats counted
+        self._devices: dict[tuple[str, str], Lease] = {}  # (licence id, hostid) -> lease
+        self.seats = SeatBook()
+        self.counters = CounterBook()
+        self.groups: Mapping[str, tuple[str, ...]] = dict(groups or {})
         self._deadlines: list[tuple[float, int, Lease]] = []  # heap, lazily invalidated
         self._seq = 0
         self._new_secret = secret_factory
@@ -114,11 +122,11 @@ class Engine:
         return self._by_handle.get(handle)
 
     def in_use(self, licence_id: str) -> int:
-        return self._in_use.get(licence_id, 0)
+        return self.seats.in_use(licence_id)
 
-    def available(self, key: str) -> Availability:
+    def available(self, key: str, at: Instant) -> Availability:
         licence = self._licence(key)
-        return Availability(licence.seats, self.in_use(licence.id))
+        return Availability(licence.seats_at(at.wall), self.in_use(licence.id))
 
     def leases_of(self, licence_id: str) -> list[Lease]:
         return [x for x in self._leases.values() if x.licence_id == licence_id]
@@ -156,7 +164,7 @@ class Engine:
             raise BadRequest(f"licence {licence_id!r} still has leases")
         del self._by_id[licence_id]
         del self._licences[licence.key]
-        self._in_use.pop(licence_id, None)
+        self.seats.forget(licence_id)
         return licence
 
     # ---------------------------------------------------------------- decisions
@@ -171,28 +179,46 @@ class Engine:
         seats: int = 1,
         ttl: float | None = None,
         delegate: bytes | None = None,
+        ip: str | None = None,
     ) -> Grant:
         """Grant `seats` of the licence with `key`, or renew the lease this `request`
-        already holds (idempotent retry). A fresh grant is PENDING until `confirm`."""
+        (or, for device leases, this device) already holds. A fresh grant is PENDING
+        until `confirm`. The rules, in order: validity; deny, then allow; the holder's
+        caps (`max`); the seats in force (add-ons included) less the seats reserved for
+        groups the holder is not in; beyond that, `overdraft` seats, each flagged."""
         licence = self._licence(key)
         self._check_validity(licence, at)
         if ttl is not None and ttl < MIN_TTL:
             raise BadRequest(f"checkout: 'ttl' must be at least {MIN_TTL:g} second")
         if delegate is not None and not licence.delegable:
             raise Denied("this licence may not be delegated to a site router")
-        lease_ttl = licence.lease_ttl if ttl is None else min(ttl, licence.longest_ttl)
+        who = Who(holder, ip)
+        self._check_access(licence, who)
+        if licence.device_period is not None:
+            lease_ttl = licence.device_period
+        else:
+            lease_ttl = licence.lease_ttl if ttl is None else min(ttl, licence.longest_ttl)
 
         existing = self._by_request.get((licence.id, holder.hostid, request))
+        if licence.device_period is not None and existing is None:
+            existing = self._devices.get((licence.id, holder.hostid))
         if existing is not None and existing.state is not LeaseState.RELEASING:
             return self._renew(existing, licence, at)
 
-        in_use = self.in_use(licence.id)
-        if in_use + seats > licence.seats:
-            raise SeatsExhausted(detail={"in_use": in_use, "total": licence.seats})
+        handle = self._unique(self._new_handle, self._by_handle)
+        unit = unit_key(licence.count_by, holder, handle)
+        extra = max(0, seats - self.seats.held(licence.id, unit))  # what the unit adds
+        overdraft = False
+        if extra:
+            self._check_caps(licence, who, extra)
+            in_use, limit = self.in_use(licence.id), self._limit_for(licence, who, at)
+            if in_use + extra > limit + licence.overdraft:
+                raise SeatsExhausted(detail={"in_use": in_use, "total": limit})
+            overdraft = in_use + extra > limit
 
         lease = Lease(
             secret=self._unique(self._new_secret, self._leases),
-            handle=self._unique(self._new_handle, self._by_handle),
+            handle=handle,
             licence_id=licence.id,
             holder=holder,
             request=request,
@@ -202,11 +228,58 @@ class Engine:
             expires=at.wall,
             last_heartbeat=at.wall,
             delegate=delegate,
+            ip=ip,
+            overdraft=overdraft,
+            device=licence.device_period is not None,
+            unit=unit,
             state=LeaseState.PENDING,
         )
         grant = self._extend(lease, licence, at, fresh=True)
         self._add(lease)
         return grant
+
+    def _check_access(self, licence: Licence, who: Who) -> None:
+        rule = first_match(licence.deny, who, self.groups)
+        if rule is not None:
+            raise Denied(f"refused by the licence's deny rule {rule!r}")
+        if licence.allow and first_match(licence.allow, who, self.groups) is None:
+            raise Denied(f"not in the licence's allow list ({', '.join(licence.allow)})")
+
+    def _check_caps(self, licence: Licence, who: Who, extra: int) -> None:
+        h = who.holder
+        for name, cap in licence.max.items():
+            if name == "user":
+                held, whose = (
+                    self.seats.usage(licence.id, lambda x: x.holder.user == h.user),
+                    h.user,
+                )
+            elif name == "host":
+                held = self.seats.usage(licence.id, lambda x: x.holder.hostid == h.hostid)
+                whose = h.host
+            else:  # "group:NAME"
+                group = name.partition(":")[2]
+                if not matches(name, who, self.groups):
+                    continue
+                held, whose = self._group_usage(licence, group), f"group {group}"
+                name = "group"
+            if held + extra > cap:
+                raise Denied(f"max {cap} seat(s) per {name}: {whose} holds {held}")
+
+    def _group_usage(self, licence: Licence, group: str) -> int:
+        rule = f"group:{group}"
+        return self.seats.usage(
+            licence.id, lambda x: matches(rule, Who(x.holder, x.ip), self.groups)
+        )
+
+    def _limit_for(self, licence: Licence, who: Who, at: Instant) -> int:
+        """The seats this holder may take up to: those in force, less the reserved
+        seats (not yet used by their group's members) of groups it is not in."""
+        held_back = sum(
+            max(0, n - self._group_usage(licence, group))
+            for group, n in licence.reserve.items()
+            if not matches(f"group:{group}", who, self.groups)
+        )
+        return licence.seats_at(at.wall) - held_back
 
     def confirm(self, lease: Lease) -> None:
         """The lease's checkout is committed: it is live."""
@@ -229,13 +302,14 @@ class Engine:
         self._check_validity(licence, at)
         return self._renew(lease, licence, at)
 
-    def begin_release(self, secret: str) -> Lease | None:
+    def begin_release(self, secret: str, *, revoke: bool = False) -> Lease | None:
         """Checkin: mark the lease releasing (its seat stays counted until `released`).
-        None when no such live lease exists."""
+        None when no such live lease exists, or when it is a device lease (its seat stays
+        with the device for the period; only a revoke ends it early)."""
         lease = self._leases.get(secret)
         if lease is None:
             return None
-        if lease.state is LeaseState.PENDING:
+        if lease.state is LeaseState.PENDING or (lease.device and not revoke):
             return None
         lease.state = LeaseState.RELEASING
         return lease
@@ -243,7 +317,7 @@ class Engine:
     def begin_revoke(self, handle: str) -> Lease | None:
         """An admin's revoke: like a checkin, by the lease's public handle."""
         lease = self._by_handle.get(handle)
-        return None if lease is None else self.begin_release(lease.secret)
+        return None if lease is None else self.begin_release(lease.secret, revoke=True)
 
     def released(self, lease: Lease) -> None:
         """The lease's deletion is committed: free its seats."""
@@ -305,6 +379,23 @@ class Engine:
         if problem == "licence_not_yet_valid":
             raise LicenceNotYetValid()
 
+    def consume(
+        self, secret: str, counter: str, units: int, dedup: str | None, at: Instant
+    ) -> Consumed:
+        """Use `units` of a metered counter under the lease with `secret`."""
+        lease = self._leases.get(secret)
+        if lease is None or lease.state is not LeaseState.LIVE:
+            raise LeaseUnknown()
+        licence = self._by_id.get(lease.licence_id)
+        if licence is None:
+            raise LeaseUnknown("the lease's licence no longer exists")
+        self._check_validity(licence, at)
+        spec = licence.counter_named(counter)
+        if spec is None:
+            names = ", ".join(c.name for c in licence.counter) or "none"
+            raise BadRequest(f"consume: no counter {counter!r} on this licence (it has {names})")
+        return self.counters.consume(licence.id, spec, units, dedup, at)
+
     def _renew(self, lease: Lease, licence: Licence, at: Instant) -> Grant:
         lease.last_heartbeat = at.wall
         return self._extend(lease, licence, at, fresh=False)
@@ -316,7 +407,7 @@ class Engine:
         ttl = expires - at.wall
         lease.expires = expires
         self._set_deadline(lease, at.mono + ttl + licence.grace)
-        return Grant(lease, licence, ttl, fresh)
+        return Grant(lease, licence, ttl, fresh, licence.features_at(at.wall))
 
     def _set_deadline(self, lease: Lease, reclaim_at: float) -> None:
         lease.reclaim_at = reclaim_at
@@ -324,17 +415,26 @@ class Engine:
         heapq.heappush(self._deadlines, (reclaim_at, self._seq, lease))
 
     def _add(self, lease: Lease) -> None:
+        if not lease.unit:
+            licence = self._by_id.get(lease.licence_id)
+            count_by = licence.count_by if licence is not None else "lease"
+            lease.unit = unit_key(count_by, lease.holder, lease.handle)
         self._leases[lease.secret] = lease
         self._by_handle[lease.handle] = lease
         self._by_request[lease.request_key] = lease
-        self._in_use[lease.licence_id] = self.in_use(lease.licence_id) + lease.seats
+        if lease.device:
+            self._devices[(lease.licence_id, lease.holder.hostid)] = lease
+        self.seats.add(lease)
 
     def _remove(self, lease: Lease) -> None:
         del self._leases[lease.secret]
         del self._by_handle[lease.handle]
         if self._by_request.get(lease.request_key) is lease:
             del self._by_request[lease.request_key]
-        self._in_use[lease.licence_id] -= lease.seats
+        device = (lease.licence_id, lease.holder.hostid)
+        if self._devices.get(device) is lease:
+            del self._devices[device]
+        self.seats.remove(lease)
 
     @staticmethod
     def _unique(factory: Callable[[], str], taken: dict[str, Lease]) -> str:

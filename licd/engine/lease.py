@@ -33,6 +33,9 @@ class Lease:
     last_heartbeat: float  # wall
     delegate: bytes | None = None
     ip: str | None = None  # the address it was checked out from
+    overdraft: bool = False  # granted beyond the licence's seats, within its overdraft
+    device: bool = False  # a device lease: kept for its period, checkin does not free it
+    unit: str = ""  # what shares its seat (engine.seats), fixed when it is granted
     reclaim_at: float = 0.0  # monotonic: the seat may be reused after this
     state: LeaseState = LeaseState.LIVE
 

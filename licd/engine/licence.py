@@ -1,14 +1,55 @@
-"""What a licence grants: its key, public id, product, seats, lease rules and validity.
+"""What a licence grants: its key, public id, product, seats, lease rules and validity,
+and the policies a vendor sells it under (counting unit, device leases, overdraft,
+access lists, reservations, caps, metered counters, scheduled add-ons).
 
-A plain frozen value built by the config loader (and later the admin interface). It
-holds no state about who uses it: the seat accounting lives in `engine.seats`.
+Plain frozen values built by the config loader (and the admin interface). They hold no
+state about who uses them: the seat accounting lives in `engine.engine`.
 """
 
 from __future__ import annotations
 
+import calendar
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from licd_client.messages import Features
+
+COUNT_BY = ("lease", "host", "user", "host_user")
+RESETS = ("never", "daily", "monthly")
+
+
+@dataclass(frozen=True)
+class Counter:
+    """A metered counter: `limit` units per period, de-duplicated within a window."""
+
+    name: str
+    limit: int
+    reset: str = "never"  # never | daily | monthly (UTC)
+    dedup_window: float = 3.0
+
+    def period_start(self, now: float) -> float:
+        """The start of the period `now` falls in (0 for `never`)."""
+        if self.reset == "never":
+            return 0.0
+        t = time.gmtime(now)
+        day = 1 if self.reset == "monthly" else t.tm_mday
+        return float(calendar.timegm((t.tm_year, t.tm_mon, day, 0, 0, 0)))
+
+
+@dataclass(frozen=True)
+class Addon:
+    """Extra seats or features for a date range (a temporary option)."""
+
+    seats: int = 0
+    features: Features = field(default_factory=dict)
+    starts: float | None = None
+    ends: float | None = None
+
+    def active(self, now: float) -> bool:
+        return (self.starts is None or self.starts <= now) and (
+            self.ends is None or now < self.ends
+        )
 
 
 @dataclass(frozen=True)
@@ -19,13 +60,22 @@ class Licence:
     id: str  # public name, used in tokens, listings and logs
     product: str
     seats: int
-    lease_ttl: float = 90.0  # default (and longest) lease, seconds
+    lease_ttl: float = 90.0  # default lease, seconds
     grace: float = 15.0  # seconds after a lease's expiry before its seat is reused
     not_before: float | None = None
     expires: float | None = None
     features: Features = field(default_factory=dict)
     max_ttl: float | None = None  # the longest lease (or block) a client may ask for
     delegable: bool = False  # may a site router take a block of it (`delegate`)?
+    count_by: str = "lease"  # lease | host | user | host_user: what shares a seat
+    device_period: float | None = None  # device leases: a seat stays this long
+    overdraft: int = 0  # seats that may be granted beyond the limit, each one flagged
+    allow: tuple[str, ...] = ()  # rules (user:, host:, hostid:, ip:, group:); empty: all
+    deny: tuple[str, ...] = ()
+    reserve: Mapping[str, int] = field(default_factory=dict)  # group -> seats kept for it
+    max: Mapping[str, int] = field(default_factory=dict)  # user | host | group:NAME -> cap
+    counter: tuple[Counter, ...] = ()
+    addon: tuple[Addon, ...] = ()
 
     @property
     def longest_ttl(self) -> float:
@@ -38,3 +88,18 @@ class Licence:
         if self.expires is not None and now >= self.expires:
             return "licence_expired"
         return None
+
+    def seats_at(self, now: float) -> int:
+        """The seats in force at `now`: the licence's plus its active add-ons'."""
+        return self.seats + sum(a.seats for a in self.addon if a.active(now))
+
+    def features_at(self, now: float) -> Features:
+        """The features in force at `now`: add-ons' override the licence's."""
+        out = dict(self.features)
+        for a in self.addon:
+            if a.active(now):
+                out.update(a.features)
+        return out
+
+    def counter_named(self, name: str) -> Counter | None:
+        return next((c for c in self.counter if c.name == name), None)

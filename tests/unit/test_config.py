@@ -74,7 +74,25 @@ def test_example_file_loads_with_expected_values() -> None:
     assert (server.hello_timeout, server.frame_timeout, server.write_timeout) == (2, 5, 10)
     assert (server.max_frame, server.max_pipeline) == (16384, 8)
     assert (server.shutdown_timeout, server.reap_interval, server.log_level) == (10, 1, "info")
-    dicom, builder = config.licences
+    dicom, builder, cad = config.licences
+    assert config.groups == {"cad": ("user:alice", "user:bob", "host:ws-7", "ip:10.1.0.0/16")}
+    assert (cad.count_by, cad.overdraft, cad.allow, cad.deny) == (
+        "host",
+        2,
+        ("group:cad", "host:lab-*"),
+        ("user:guest",),
+    )
+    assert (dict(cad.reserve), dict(cad.max)) == ({"cad": 3}, {"user": 1, "group:cad": 6})
+    (scans,) = cad.counter
+    assert (scans.name, scans.limit, scans.reset, scans.dedup_window) == (
+        "scans",
+        100000,
+        "monthly",
+        3.0,
+    )
+    (addon,) = cad.addon
+    assert (addon.seats, addon.features) == (5, {"render": "on"})
+    assert addon.starts == epoch("2026-12-01T00:00:00+00:00")
     assert dicom == Licence(
         key="XXXX-YYYY-ZZZZ",
         id="dicom-hq",
@@ -103,7 +121,8 @@ def test_example_file_documents_every_key() -> None:
     server_fields = {f.name for f in dataclasses.fields(ServerConfig)}
     assert set(doc["server"]) == server_fields
     licence_fields = {f.name for f in dataclasses.fields(Licence)}
-    assert set(doc["licence"][0]) == licence_fields
+    documented = set(doc["licence"][0]) | set(doc["licence"][2]) | {"device_period"}
+    assert documented == licence_fields  # device_period: shown commented out
 
 
 def test_example_server_values_other_than_listen_are_the_defaults() -> None:
@@ -573,10 +592,10 @@ def test_admin_metrics_alerts_errors_name_the_key(tmp_path: Path, text: str, whe
 def test_licence_from_mapping_validates_like_the_file() -> None:
     from licd.config import licence_from_mapping
 
-    lic = licence_from_mapping({"key": "K-1", "id": "x", "product": "p", "seats": 2}, "admin")
+    lic = licence_from_mapping({"key": "K-1", "id": "x", "product": "p", "seats": 2}, "admin", {})
     assert (lic.id, lic.seats, lic.lease_ttl) == ("x", 2, 90.0)
     with pytest.raises(ConfigError, match="admin: licence.seats"):
-        licence_from_mapping({"key": "K-1", "id": "x", "product": "p", "seats": 0}, "admin")
+        licence_from_mapping({"key": "K-1", "id": "x", "product": "p", "seats": 0}, "admin", {})
 
 
 UPSTREAM = """
@@ -649,5 +668,35 @@ mode = "forward"
     ],
 )
 def test_upstream_errors_name_the_key(tmp_path: Path, text: str, where: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(where)):
+        parse_config(text, tmp_path / "c.toml")
+
+
+BASE = '[[licence]]\nkey = "K"\nid = "x"\nproduct = "p"\nseats = 3\n'
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (BASE + 'count_by = "machine"', "licence[0].count_by"),
+        (BASE + 'allow = ["group:nope"]', "licence[0].allow[0]"),
+        (BASE + 'deny = ["colour:red"]', "licence[0].deny[0]"),
+        (BASE + 'allow = ["ip:10.0.0.300/8"]', "licence[0].allow[0]"),
+        (BASE + "reserve = { nope = 1 }", "licence[0].reserve.nope"),
+        (BASE + "max = { planet = 1 }", "licence[0].max.planet"),
+        (BASE + "overdraft = -1", "licence[0].overdraft"),
+        (BASE + '[[licence.counter]]\nname = "s"\nlimit = 0', "licence[0].counter[0].limit"),
+        (BASE + '[[licence.counter]]\nname = "s"\nlimit = 1\nreset = "weekly"', "reset"),
+        (BASE + "[[licence.addon]]\nseats = 0", "licence[0].addon[0].seats"),
+        (
+            BASE + "[[licence.addon]]\nseats = 1\nstarts = 2027-01-02T00:00:00Z\n"
+            "ends = 2027-01-01T00:00:00Z",
+            "licence[0].addon[0].ends",
+        ),
+        ('[groups]\ncad = ["group:other"]', "groups.cad[0]"),
+        ('[groups]\ncad = "user:alice"', "groups.cad"),
+    ],
+)
+def test_policy_errors_name_the_key(tmp_path: Path, text: str, where: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(where)):
         parse_config(text, tmp_path / "c.toml")
