@@ -58,11 +58,11 @@ def test_seed_000_three_seats_then_exhausted(engine: Engine, clock: FakeClock) -
 
 def test_multi_seat_checkout_counts_every_seat(engine: Engine, clock: FakeClock) -> None:
     live(engine, clock, "server", seats=2)
-    assert engine.available(DICOM.key).available == 1
+    assert engine.available(DICOM.key, clock.now()).available == 1
     with pytest.raises(SeatsExhausted):
         live(engine, clock, "other", seats=2)
     live(engine, clock, "small", seats=1)
-    assert engine.available(DICOM.key).in_use == 3
+    assert engine.available(DICOM.key, clock.now()).in_use == 3
 
 
 def test_checkout_is_idempotent_on_request(engine: Engine, clock: FakeClock) -> None:
@@ -101,7 +101,7 @@ def test_unknown_licence_and_lease(engine: Engine, clock: FakeClock) -> None:
     with pytest.raises(UnknownLicence):
         engine.checkout("NOPE", holder(), request="r", at=clock.now())
     with pytest.raises(UnknownLicence):
-        engine.available("NOPE")
+        engine.available("NOPE", clock.now())
     with pytest.raises(LeaseUnknown):
         engine.heartbeat("no-such-secret", clock.now())
     assert engine.begin_release("no-such-secret") is None
