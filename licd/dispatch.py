@@ -178,6 +178,13 @@ class Dispatcher:
     async def _relayed(relay: Relay, session: Session, request: Request) -> Reply | None:
         """The answer for a forward-mode licence's request, relayed upstream; None when
         the request is not one to relay."""
+        key = request.key if isinstance(request, Checkout | Available) else None
+        waiting = relay.block_keys.get(key) if key is not None else None
+        if waiting is not None and waiting.block is None:
+            # A block-mode licence before its first block: retry later, not "unknown".
+            raise UpstreamUnavailable(
+                f"no block of seats from upstream yet ({waiting.last_error or 'taking one'})"
+            )
         if isinstance(request, Checkout) and request.key in relay.forward_keys:
             reply = await relay.checkout(request, session.peer)
         elif isinstance(request, Heartbeat) and request.lease in relay.forwarded:

@@ -34,6 +34,7 @@ from licd_client.errors import (
     ClientError,
     LeaseUnknown,
     LicdError,
+    ProtocolViolation,
     TokenInvalid,
     Unavailable,
     UpstreamUnavailable,
@@ -104,7 +105,13 @@ class UpstreamLink:
             self._mark(True)
             raise exc from None
         except (ClientError, OSError, TimeoutError) as exc:
-            self._mark(False, str(exc) or type(exc).__name__)
+            cause = str(exc) or type(exc).__name__
+            self._mark(False, cause)
+            log.warning("event=upstream_failed error=%r", cause)
+            if isinstance(exc, ProtocolViolation):
+                raise UpstreamUnavailable(
+                    f"the upstream licence server answered out of protocol: {cause}"
+                ) from None
             raise UpstreamUnavailable() from None
         self._mark(True)
         return reply
@@ -137,6 +144,9 @@ class BlockState:
     """A block-mode licence's runtime view, for status."""
 
     relayed: RelayedLicence
+    # One idempotency key per block taken: a retry after a lost reply gets the same
+    # block back from upstream instead of a second one.
+    request: str = field(default_factory=lambda: f"block-{secrets.token_hex(8)}")
     block: Block | None = None
     next_renewal: float | None = None
     last_error: str | None = None
@@ -167,6 +177,7 @@ class Relay:
         self.rng = rng or random.Random()
         self.forward_keys = {r.key: r for r in relayed if r.mode == "forward"}
         self.blocks = {r.id: BlockState(r) for r in relayed if r.mode == "block"}
+        self.block_keys = {state.relayed.key: state for state in self.blocks.values()}
         self.modes = {r.id: r.mode for r in relayed}
         self.forwarded: dict[str, Forwarded] = {}  # by lease secret
         self.router_holder = Holder(
@@ -216,9 +227,13 @@ class Relay:
             ttl=req.ttl,
         )
         reply = _lease_reply(await self.link.request(upstream_req))
-        self.link.verify(reply, req.nonce)
         if reply.lease is None:
             raise UpstreamUnavailable("the upstream licence server sent no lease id")
+        try:
+            self.link.verify(reply, req.nonce)
+        except UpstreamUnavailable:
+            await self._give_back(reply.lease)
+            raise
         now = self.clock.now().wall
         item = Forwarded(
             reply.lease, reply.handle, relayed.id, req.holder, ip, reply.seats, now, reply.expires
@@ -256,6 +271,14 @@ class Relay:
         reply = await self.link.request(Checkin(0, secret))
         await self._forget(item, Kind.CHECKIN, None)
         return bool(getattr(reply, "released", True))
+
+    async def _give_back(self, secret: str) -> None:
+        """Check in a lease upstream granted but the router refused, so its seats do not
+        stay taken for nothing. Best effort: a failure is only logged."""
+        try:
+            await self.link.request(Checkin(0, secret))
+        except LicdError as exc:
+            log.warning("event=refused_lease_not_returned error=%r", exc.message)
 
     async def _forget(self, item: Forwarded, kind: Kind, reason: str | None) -> None:
         event = Event(
@@ -331,7 +354,7 @@ class Relay:
 
     async def take_block(self, state: BlockState) -> None:
         relayed = state.relayed
-        request = state.block.request if state.block else f"block-{secrets.token_hex(8)}"
+        request = state.block.request if state.block else state.request
         nonce = secrets.token_bytes(16)
         req = Checkout(
             0,
@@ -344,8 +367,14 @@ class Relay:
             delegate=self.signer.public,
         )
         reply = _lease_reply(await self.link.request(req))
-        leaf = self._verify_block(state, reply, nonce)
-        assert reply.lease is not None
+        if reply.lease is None:
+            raise UpstreamUnavailable("the upstream licence server sent no lease id")
+        try:
+            leaf = self._verify_block(state, reply, nonce)
+        except UpstreamUnavailable:
+            await self._give_back(reply.lease)
+            state.request = f"block-{secrets.token_hex(8)}"  # that one was given back
+            raise
         block = Block(
             relayed.id,
             reply.lease,
