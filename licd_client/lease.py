@@ -254,6 +254,20 @@ class AsyncLease:
             await self._lose(LeaseUnknown("the lease lapsed: no renewal before its deadline"))
             raise self._gone()
 
+    async def consume(
+        self, counter: str, units: int = 1, *, dedup: str | None = None
+    ) -> messages.ConsumeReply:
+        """Use `units` of a metered counter under this lease. The same `dedup` id within
+        the counter's window counts once (`counted` is False then). Raises
+        QuotaExhausted (nothing consumed), LeaseUnknown, ConnectionLost."""
+        if self.state in (LeaseState.LOST, LeaseState.RELEASED):
+            raise self._gone()
+        request = messages.Consume(0, lease=self._id, counter=counter, units=units, dedup=dedup)
+        reply = await self.client.request(request)
+        if not isinstance(reply, messages.ConsumeReply):
+            raise ProtocolViolation("expected a consume reply")
+        return reply
+
     # ------------------------------------------------------------------ release
 
     async def release(self) -> None:

@@ -258,6 +258,12 @@ class Lease:
         """Raise unless the lease is good (strict mode asks the daemon)."""
         self._client.run(lambda _: self._inner.validate())
 
+    def consume(
+        self, counter: str, units: int = 1, *, dedup: str | None = None
+    ) -> messages.ConsumeReply:
+        """Use `units` of a metered counter under this lease (see AsyncLease.consume)."""
+        return self._client.run(lambda _: self._inner.consume(counter, units, dedup=dedup))
+
     def release(self) -> None:
         """Check the lease in. Idempotent. From a callback it is scheduled, not awaited."""
         if self._inner.state is LeaseState.RELEASED:
