@@ -213,6 +213,8 @@ class AlertMonitor:
         """EventBus subscriber: RECLAIM -> holder_silent; DENIED -> the denial window."""
         if event.kind is Kind.RECLAIM:
             self._raise(self._holder_silent(event))
+        elif event.kind is Kind.CHECKOUT and event.detail.get("overdraft"):
+            self._overdraft(event)
         elif event.kind is Kind.DENIED:
             alert = self._count_denial(event)
             if alert is not None:
@@ -256,6 +258,25 @@ class AlertMonitor:
             f"{len(recent)} checkouts of {subject} denied within {cfg.denial_window:g} s",
             event.time,
             {"denials": len(recent), "window": cfg.denial_window, "reasons": reasons},
+        )
+
+    def _overdraft(self, event: Event) -> None:
+        """A seat granted in overdraft: one alert per licence per denial window, so a
+        licence living in its overdraft is reported without a storm."""
+        now = self._monotonic()
+        key = f"overdraft:{event.licence}"
+        if now < self._denials_muted.get(key, now):
+            return
+        self._denials_muted[key] = now + self.config.denial_window
+        in_use = event.detail.get("in_use")
+        self._raise(
+            Alert(
+                "overdraft",
+                event.licence,
+                f"licence {event.licence} granted a seat in its overdraft ({in_use} in use)",
+                event.time,
+                {"in_use": in_use, "handle": event.handle, "host": event.host},
+            )
         )
 
     # -------------------------------------------------------- raising an alert

@@ -143,6 +143,12 @@ class Metrics:
             "licd_reclaims", "Leases reclaimed after their holder went silent.", lic, registry=r
         )
         self._revokes = Counter("licd_revokes", "Leases revoked by an admin.", lic, registry=r)
+        self._overdraft = Counter(
+            "licd_overdraft_grants",
+            "Seats granted beyond the licence, in its overdraft.",
+            lic,
+            registry=r,
+        )
         self._heartbeats = Counter("licd_heartbeats", "Lease heartbeats answered.", registry=r)
         self._requests = Histogram(
             "licd_request",
@@ -166,6 +172,8 @@ class Metrics:
         licence = event.licence or ""  # a denial of an unknown key names no licence
         if event.kind is Kind.CHECKOUT:
             self._checkouts.labels(licence).inc()
+            if event.detail.get("overdraft"):
+                self._overdraft.labels(licence).inc()
         elif event.kind is Kind.DENIED:
             self._denials.labels(licence, event.reason or "unknown").inc()
         elif event.kind is Kind.CHECKIN:
