@@ -112,19 +112,20 @@ class Access:
 
 
 def licence_status(licence: Licence, in_use: int, now: float) -> dict[str, Any]:
+    """A licence's terms (all but its key) and its state now: `seats` and `features` are
+    those in force (add-ons included); `base_seats` the licence's own."""
     days_left = None if licence.expires is None else (licence.expires - now) / 86400
+    terms = licence_to_mapping(licence)
+    del terms["key"]
+    seats = licence.seats_at(now)
     return {
-        "id": licence.id,
-        "product": licence.product,
-        "seats": licence.seats,
+        **terms,
+        "base_seats": licence.seats,
+        "seats": seats,
+        "features": licence.features_at(now),
         "in_use": in_use,
-        "available": max(0, licence.seats - in_use),
-        "lease_ttl": licence.lease_ttl,
-        "grace": licence.grace,
-        "not_before": licence.not_before,
-        "expires": licence.expires,
+        "available": max(0, seats - in_use),
         "days_left": days_left,
-        "features": licence.features,
     }
 
 
@@ -256,11 +257,32 @@ class AdminOps:
             "key": d.public_key.hex(),
             "connections": d.connections,
             "licences": [
-                {**licence_status(x, engine.in_use(x.id), now), "mode": self._mode(x.id)}
+                {
+                    **licence_status(x, engine.in_use(x.id), now),
+                    "mode": self._mode(x.id),
+                    "counters": self._counters(x),
+                }
                 for x in sorted(engine.licences, key=lambda x: x.id)
             ],
             "upstream": d.relay.status() if d.relay is not None else None,
         }
+
+    def _counters(self, licence: Licence) -> list[dict[str, Any]]:
+        at = self.service.now()
+        out = []
+        for counter in licence.counter:
+            state = self.service.engine.counters.state(licence.id, counter, at)
+            out.append(
+                {
+                    "name": counter.name,
+                    "used": state.used,
+                    "limit": counter.limit,
+                    "remaining": max(0, counter.limit - state.used),
+                    "reset": counter.reset,
+                    "period_start": state.period_start,
+                }
+            )
+        return out
 
     def _mode(self, licence_id: str) -> str:
         relay = self.daemon.relay

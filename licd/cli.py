@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import click
 
 from . import __version__
 from . import cli_format as fmt
+from . import report as reports
 from .admin_client import AdminClient, AdminError
 from .config import Config, ConfigError, default_config, load_config, parse_duration
 from .daemon import Daemon, StartupError, setup_logging
@@ -106,6 +107,7 @@ def _parsed(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Param
 
 
 TIME_OR_NONE = _parsed(lambda v: CLEAR if v == CLEAR else fmt.parse_time(v))
+WHEN = _parsed(lambda text: fmt.parse_since(text, time.time()))  # ISO, or 1h ago
 TTL_OPTION = click.option(
     "--ttl", callback=_parsed(parse_duration), metavar="DURATION", help="Lease TTL (90s, 5m)."
 )
@@ -415,6 +417,34 @@ def reload(admin: Admin) -> None:
     failed = sorted(name for name, outcome in outcomes.items() if outcome.startswith("error"))
     if failed:
         raise click.ClickException(f"not applied: licence(s) {', '.join(failed)}")
+
+
+@main.group()
+def report() -> None:
+    """Reports from the audit log, for sizing licences."""
+
+
+@report.command("usage")
+@admin_command
+@click.option("--licence", help="Only this licence (its id); default: all of them, summed.")
+@click.option("--from", "start", callback=WHEN, metavar="TIME", help="ISO time, or 1h, 2d ago.")
+@click.option("--to", "end", callback=WHEN, metavar="TIME", help="ISO time, or 1h, 2d ago.")
+@click.option("--slot", default="3m", callback=_parsed(reports.parse_slot), help="Slot length.")
+@click.option("--format", "style", type=click.Choice(reports.FORMATS), help="Default table.")
+@click.option("--svg", type=click.File("w", encoding="utf-8"), help="Also write an SVG chart.")
+def report_usage(admin: Admin, licence: str | None, svg: TextIO | None, **opts: Any) -> None:
+    """Peak seats in use, denials and overdraft checkouts per time slot.
+
+    Slots are absolute (3m: 480 a day from 00:00 UTC); the default range: the last 24h.
+    """
+    try:
+        start, end = reports.window(opts["start"], opts["end"], opts["slot"], time.time())
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    usage = reports.fetch(admin.call, licence, start, end, opts["slot"])
+    click.echo(reports.render(usage, opts["style"] or ("json" if admin.json else "table")))
+    if svg is not None:
+        svg.write(reports.svg_text(usage))
 
 
 if __name__ == "__main__":  # pragma: no cover

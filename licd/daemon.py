@@ -182,12 +182,26 @@ class Daemon:
         except Exception:
             lock.close()
             raise
+        signer = Signer(key, config.server.site)
+        events = EventBus()
+        relay: Relay | None = None
         try:
             stored = await store.load_licences()
             # A relayed licence's terms come from upstream, never from the database.
             relayed_ids = {r.id for r in config.relayed}
             stored = [x for x in stored if x.id not in relayed_ids]
             engine = Engine(_merge_licences(stored, config.licences), groups=config.groups)
+            if config.upstream is not None:
+                relay = Relay(
+                    config.upstream,
+                    config.relayed,
+                    engine=engine,
+                    store=store,
+                    signer=signer,
+                    clock=clock,
+                    publish=events.publish,
+                )
+                await relay.load()  # a stored block's licence, before its sub-leases
             kept = await store.load_leases()
             engine.counters.restore(await store.load_counters())
         except Exception:
@@ -202,19 +216,9 @@ class Daemon:
                 lease.handle,
             )
         log.info("event=restored leases=%d", len(kept) - len(skipped))
-        signer = Signer(key, config.server.site)
-        service = LicenceService(engine, store, clock, EventBus())
+        service = LicenceService(engine, store, clock, events)
         server = Server(config.server, Dispatcher(service, signer))
-        if config.upstream is not None:
-            server.dispatcher.relay = Relay(
-                config.upstream,
-                config.relayed,
-                engine=engine,
-                store=store,
-                signer=signer,
-                clock=clock,
-                publish=service.events.publish,
-            )
+        server.dispatcher.relay = relay
         daemon = cls(config, store, service, server, signer, lock)
         daemon._stored_licences = {x.id: x for x in stored}
         return daemon
@@ -326,7 +330,6 @@ class Daemon:
                 # The file's licences, written to the database (the engine has them).
                 await self._apply_licences(self.config.licences, stored=self._stored_licences)
                 if self.relay is not None:
-                    await self.relay.load()
                     background.append(tg.create_task(self.relay.run(), name="relay"))
                 self._stored_licences = None
                 try:

@@ -402,7 +402,13 @@ class Relay:
         try:
             reply = _lease_reply(await self.link.request(Heartbeat(0, block.secret, nonce)))
         except LeaseUnknown:
+            # Upstream no longer counts these seats. Stop issuing, and let the sub-leases
+            # run out at the expiries they already have (no renewal passes them): the
+            # block's expiry becomes that horizon. After it, a new block may be taken.
+            now = self.clock.now().wall
+            live = [x.expires for x in self.engine.leases_of(block.licence_id)]
             block.revoked = True
+            block.expires = min(block.expires, max([now, *live]))
             state.last_error = "upstream revoked the block: issuing stopped"
             log.error("event=block_revoked licence=%s", block.licence_id)
             await self.store.put_block(block)
@@ -431,9 +437,14 @@ class Relay:
         delays = Backoff(base=1.0, cap=300.0).delays(self.rng)
         while True:
             block = state.block
-            if block is not None and block.revoked:
-                return  # stopped issuing: only a new configuration brings it back
             now = self.clock.now().wall
+            if block is not None and block.revoked:
+                # Issuing stopped; once the last sub-lease has run out, start afresh.
+                await asyncio.sleep(max(0.0, block.expires - now))
+                await self.store.delete_block(block.licence_id)
+                state.block = None
+                state.request = f"block-{secrets.token_hex(8)}"
+                continue
             due = 0.0 if block is None else max(0.0, (state.next_renewal or now) - now)
             if block is not None:
                 # Never let a block lapse for want of trying: renew by half its life left.
