@@ -8,6 +8,7 @@ It never opens the database.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import socket
 from pathlib import Path
@@ -39,7 +40,9 @@ class AdminClient:
         request = {"op": op, "id": next(_ids), **{k: v for k, v in args.items() if v is not None}}
         sock = self._connect()
         try:
-            sock.sendall(encode(request))
+            # Refused before the daemon read anything: the refusal is still there to read.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                sock.sendall(encode(request))
             reply = self._read(sock)
         except TimeoutError:
             raise AdminError(f"the daemon did not answer within {self.timeout:g} s") from None
