@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from licd_client.messages import Holder
+
 log = logging.getLogger(__name__)
 
 
@@ -44,6 +46,32 @@ class Event:
     reason: str | None = None  # denial code, revoke reason, reload error
     admin_uid: int | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+
+
+def holder_event(
+    kind: Kind,
+    time: float,
+    *,
+    licence: str,
+    handle: str,
+    holder: Holder,
+    ip: str | None,
+    seats: int,
+    **extra: Any,
+) -> Event:
+    """An event about one holder's lease (local, or relayed upstream by a router)."""
+    return Event(
+        kind=kind,
+        time=time,
+        licence=licence,
+        handle=handle,
+        host=holder.host,
+        hostid=holder.hostid,
+        user=holder.user,
+        ip=ip,
+        seats=seats,
+        **extra,
+    )
 
 
 Subscriber = Callable[[Event], None]

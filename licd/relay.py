@@ -46,7 +46,7 @@ from . import __version__
 from .clock import Clock
 from .config import RelayedLicence, UpstreamConfig
 from .engine import Engine, Licence
-from .events import Event, Kind
+from .events import Event, Kind, holder_event
 from .keys import Signer
 from .records import Block, Forwarded
 from .store import Store, StoreError
@@ -238,14 +238,12 @@ class Relay:
         item = Forwarded(
             reply.lease, reply.handle, relayed.id, req.holder, ip, reply.seats, now, reply.expires
         )
-        event = Event(
+        event = holder_event(
             Kind.CHECKOUT,
             now,
             licence=relayed.id,
             handle=reply.handle,
-            host=req.holder.host,
-            hostid=req.holder.hostid,
-            user=req.holder.user,
+            holder=req.holder,
             ip=ip,
             seats=reply.seats,
             detail={"relayed": "forward"},
@@ -281,14 +279,12 @@ class Relay:
             log.warning("event=refused_lease_not_returned error=%r", exc.message)
 
     async def _forget(self, item: Forwarded, kind: Kind, reason: str | None) -> None:
-        event = Event(
+        event = holder_event(
             kind,
             self.clock.now().wall,
             licence=item.licence_id,
             handle=item.handle,
-            host=item.holder.host,
-            hostid=item.holder.hostid,
-            user=item.holder.user,
+            holder=item.holder,
             ip=item.ip,
             seats=item.seats,
             reason=reason,

@@ -23,7 +23,7 @@ from licd_client.messages import Holder
 from .clock import Clock, Instant
 from .engine import Availability, Engine, Grant, Lease, LeaseState, Licence
 from .engine.counters import Consumed
-from .events import Event, EventBus, Kind
+from .events import Event, EventBus, Kind, holder_event
 from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -32,15 +32,12 @@ T = TypeVar("T")
 
 
 def lease_event(kind: Kind, lease: Lease, time: float, **extra: Any) -> Event:
-    h = lease.holder
-    return Event(
-        kind=kind,
-        time=time,
+    return holder_event(
+        kind,
+        time,
         licence=lease.licence_id,
         handle=lease.handle,
-        host=h.host,
-        hostid=h.hostid,
-        user=h.user,
+        holder=lease.holder,
         ip=lease.ip,
         seats=lease.seats,
         **extra,
@@ -282,15 +279,12 @@ class LicenceService:
             detail={"source": source, "changes": _changes(old, licence)},
         )
 
-        async def commit() -> None:
-            try:
-                await self.store.put_licence(licence, event)
-            except StoreError as exc:
-                raise Unavailable(f"the licence was not saved: {exc}") from None
-            self.engine.put_licence(licence)
-            self._published(event)
-
-        await self._durably(commit)
+        await self._commit_licence_edit(
+            self.store.put_licence(licence, event),
+            lambda: self.engine.put_licence(licence),
+            event,
+            "the licence was not saved",
+        )
         return "added" if old is None else "updated"
 
     async def remove_licence(
@@ -317,16 +311,29 @@ class LicenceService:
             admin_uid=admin_uid,
         )
 
+        await self._commit_licence_edit(
+            self.store.delete_licence(licence_id, event),
+            lambda: self.engine.remove_licence(licence_id),
+            event,
+            "the licence was not removed",
+        )
+        return revoked
+
+    async def _commit_licence_edit(
+        self, write: Awaitable[None], apply: Callable[[], object], event: Event, failure: str
+    ) -> None:
+        """Commit a licence edit, then apply it to the engine and publish it: all of it,
+        even if the caller goes away meanwhile."""
+
         async def commit() -> None:
             try:
-                await self.store.delete_licence(licence_id, event)
+                await write
             except StoreError as exc:
-                raise Unavailable(f"the licence was not removed: {exc}") from None
-            self.engine.remove_licence(licence_id)
+                raise Unavailable(f"{failure}: {exc}") from None
+            apply()
             self._published(event)
 
         await self._durably(commit)
-        return revoked
 
     async def record(self, event: Event) -> None:
         """A committed audit entry for something outside the seat rules (a reload)."""

@@ -293,6 +293,11 @@ class Engine:
 
     def heartbeat(self, secret: str, at: Instant) -> Grant:
         """Renew the lease with `secret`: new expiry, current seats and features."""
+        lease, licence = self._live(secret, at)
+        return self._renew(lease, licence, at)
+
+    def _live(self, secret: str, at: Instant) -> tuple[Lease, Licence]:
+        """The live lease with `secret` and its licence, valid at `at`."""
         lease = self._leases.get(secret)
         if lease is None or lease.state is not LeaseState.LIVE:
             raise LeaseUnknown()
@@ -300,7 +305,7 @@ class Engine:
         if licence is None:
             raise LeaseUnknown("the lease's licence no longer exists")
         self._check_validity(licence, at)
-        return self._renew(lease, licence, at)
+        return lease, licence
 
     def begin_release(self, secret: str, *, revoke: bool = False) -> Lease | None:
         """Checkin: mark the lease releasing (its seat stays counted until `released`).
@@ -383,13 +388,7 @@ class Engine:
         self, secret: str, counter: str, units: int, dedup: str | None, at: Instant
     ) -> Consumed:
         """Use `units` of a metered counter under the lease with `secret`."""
-        lease = self._leases.get(secret)
-        if lease is None or lease.state is not LeaseState.LIVE:
-            raise LeaseUnknown()
-        licence = self._by_id.get(lease.licence_id)
-        if licence is None:
-            raise LeaseUnknown("the lease's licence no longer exists")
-        self._check_validity(licence, at)
+        _, licence = self._live(secret, at)
         spec = licence.counter_named(counter)
         if spec is None:
             names = ", ".join(c.name for c in licence.counter) or "none"
