@@ -146,11 +146,43 @@ def status_text(result: Mapping[str, Any]) -> str:
     )
     rows = [
         (x["id"], x["product"], f"{x['in_use']}/{x['seats']}", x["available"])
-        + (when(x["expires"]), days_left(x["days_left"]))
+        + (when(x["expires"]), days_left(x["days_left"]), x.get("mode", "local"))
         for x in result["licences"]
     ]
-    head = ("LICENCE", "PRODUCT", "IN USE", "AVAILABLE", "EXPIRES", "DAYS LEFT")
-    return f"{daemon}\n\n{table(head, rows) if rows else '(no licences)'}"
+    head = ("LICENCE", "PRODUCT", "IN USE", "AVAILABLE", "EXPIRES", "DAYS LEFT", "MODE")
+    parts = [daemon, table(head, rows) if rows else "(no licences)"]
+    counters = [
+        (x["id"], c["name"], f"{c['used']}/{c['limit']}", c["remaining"], c["reset"])
+        for x in result["licences"]
+        for c in x.get("counters", ())
+    ]
+    if counters:
+        parts.append(table(("LICENCE", "COUNTER", "USED", "REMAINING", "RESET"), counters))
+    upstream = result.get("upstream")
+    if upstream:
+        link = upstream["link"]
+        state = "connected" if link["connected"] else "NOT connected"
+        parts.append(
+            fields(
+                [
+                    ("upstream", ", ".join(upstream["servers"])),
+                    ("link", f"{state} since {when(link['since'])}"),
+                    ("last error", link["last_error"] or NONE),
+                    ("forwarded", upstream["forwarded"]),
+                ]
+            )
+        )
+        blocks = [
+            (b["licence"], b["seats"] if b["seats"] is not None else NONE)
+            + (when(b["expires"]), when(b["last_renewal"]), when(b["next_renewal"]))
+            + ("revoked" if b["revoked"] else "valid" if b["valid"] else "none",)
+            + (b["last_error"] or NONE,)
+            for b in upstream["blocks"]
+        ]
+        if blocks:
+            block_head = ("BLOCK", "SEATS", "EXPIRES", "RENEWED", "NEXT", "STATE", "ERROR")
+            parts.append(table(block_head, blocks))
+    return "\n\n".join(parts)
 
 
 def leases_text(leases: Sequence[Mapping[str, Any]]) -> str:

@@ -114,7 +114,7 @@ async def test_status_shows_licences_and_seats_in_use(daemon: Daemon, peer: RawP
     assert daemon.signer.public.hex() in out
     row = next(line for line in out.splitlines() if line.startswith("dicom-hq"))
     assert row.split()[:4] == ["dicom-hq", "dicom", "2/3", "1"]
-    assert row.split()[4:] == ["-", "-"]  # no expiry, no days left
+    assert row.split()[4:] == ["-", "-", "local"]  # no expiry, no days left, a local licence
 
     data = await ok_json("status", *sock(daemon))
     assert data["site"] == "test" and data["listen"] == daemon.listen
@@ -571,3 +571,52 @@ def test_parsers() -> None:
         fmt.parse_time("soon")
     assert fmt.parse_since("1h", now=10_000.0) == 6400.0
     assert fmt.parse_since("1970-01-01T00:00:10Z", now=10_000.0) == 10.0
+
+
+def test_status_text_shows_counters_and_the_upstream() -> None:
+    from licd.cli_format import status_text
+
+    result = {
+        "version": "0.1.0",
+        "site": "site-1",
+        "uptime": 60.0,
+        "listen": ["127.0.0.1:27500"],
+        "key": "ab" * 32,
+        "connections": 2,
+        "licences": [
+            {
+                "id": "scan",
+                "product": "scan",
+                "in_use": 1,
+                "seats": 5,
+                "available": 4,
+                "expires": None,
+                "days_left": None,
+                "mode": "block",
+                "counters": [
+                    {"name": "scans", "used": 7, "limit": 10, "remaining": 3, "reset": "daily"}
+                ],
+            }
+        ],
+        "upstream": {
+            "servers": ["vendor:27500"],
+            "link": {"connected": False, "since": 1.79e9, "last_error": "refused"},
+            "forwarded": 0,
+            "blocks": [
+                {
+                    "licence": "scan",
+                    "seats": 5,
+                    "expires": 1.8e9,
+                    "last_renewal": 1.79e9,
+                    "next_renewal": 1.7901e9,
+                    "revoked": False,
+                    "valid": True,
+                    "last_error": None,
+                }
+            ],
+        },
+    }
+    text = status_text(result)
+    assert "scans" in text and "7/10" in text and "daily" in text
+    assert "NOT connected" in text and "refused" in text
+    assert "BLOCK" in text and "valid" in text and "block" in text
