@@ -1,36 +1,25 @@
-"""The admin interface: a Unix socket (never TCP) with the protocol's framing and envelope.
+"""The admin ops: what `licd status`, `leases`, `revoke`, `licence ...`, `audit`,
+`reload` and `key` ask of the daemon over the admin socket (admin_server.py).
 
-Who may connect is decided from the peer's credentials (SO_PEERCRED) before a byte is
-read: root, the daemon's own user, members of the configured group and the listed uids.
-Every action is recorded with the admin's uid. The ops (status, leases, revoke, licence
-add / update / remove / list, audit, reload, key) are documented in docs/admin.md; this
-module parses them, calls the service or the daemon, and shapes the results. It never
-decides seat rules itself and never returns a lease secret.
+Each op parses its arguments strictly, calls the service or the daemon, and shapes the
+results (docs/admin.md). Every action is recorded with the admin's uid. It never decides
+seat rules itself and never returns a lease secret.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import grp
 import logging
-import os
-import pwd
-import socket
-import struct
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Protocol
 
-from licd_client.errors import BadRequest, Denied, LicdError, UnknownLicence
-from licd_client.messages import Fields, request_id
-from licd_client.wire import MAX_FRAME_ADMIN, REPLY_LIMITS, FrameDecoder, encode
+from licd_client.errors import BadRequest, UnknownLicence
+from licd_client.messages import Fields
 
 from . import __version__
-from .config import AdminConfig, licence_from_mapping, licence_to_mapping
-from .dispatch import error_reply
+from .config import licence_from_mapping, licence_to_mapping
 from .engine import Lease, Licence
 from .events import Event
 from .records import Forwarded
@@ -39,7 +28,6 @@ from .service import LicenceService
 
 log = logging.getLogger(__name__)
 
-_PEERCRED = struct.Struct("3i")  # pid, uid, gid
 MAX_PAGE = 5000
 MAX_AUDIT_WAIT = 60.0  # longest an `audit` request with `wait` is held open
 
@@ -62,53 +50,6 @@ class DaemonView(Protocol):
     @property
     def relay(self) -> Relay | None: ...
     async def reload(self, *, admin_uid: int | None = None) -> dict[str, Any]: ...
-
-
-@dataclass
-class Peer:
-    pid: int
-    uid: int
-    gid: int
-
-
-def peer_credentials(sock: socket.socket) -> Peer:
-    pid, uid, gid = _PEERCRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-    )
-    return Peer(pid, uid, gid)
-
-
-@dataclass
-class Access:
-    """Who may use the admin socket."""
-
-    group_gid: int | None = None
-    group_members: frozenset[str] = frozenset()
-    uids: frozenset[int] = field(default_factory=frozenset)
-
-    @classmethod
-    def from_config(cls, config: AdminConfig) -> Access:
-        uids = frozenset({0, os.geteuid(), *config.allow_uids})
-        if config.group is None:
-            return cls(uids=uids)
-        try:
-            entry = grp.getgrnam(config.group)
-        except KeyError:
-            raise ValueError(f"admin.group: no group named {config.group!r}") from None
-        return cls(entry.gr_gid, frozenset(entry.gr_mem), uids)
-
-    def allows(self, peer: Peer) -> bool:
-        if peer.uid in self.uids:
-            return True
-        if self.group_gid is None:
-            return False
-        if peer.gid == self.group_gid:
-            return True
-        try:
-            name = pwd.getpwuid(peer.uid).pw_name
-        except KeyError:
-            return False
-        return name in self.group_members
 
 
 def licence_status(licence: Licence, in_use: int, now: float) -> dict[str, Any]:
@@ -416,108 +357,3 @@ class AdminOps:
 
     async def reload(self, f: Fields, uid: int) -> dict[str, Any]:
         return await self.daemon.reload(admin_uid=uid)
-
-
-class AdminServer:
-    """Listens on the admin socket and serves one request at a time per connection."""
-
-    def __init__(self, ops: AdminOps, config: AdminConfig, path: Path) -> None:
-        self.ops = ops
-        self.config = config
-        self.path = path
-        self.access = Access.from_config(config)
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._handlers: set[asyncio.Task[Any]] = set()
-
-    async def start(self) -> None:
-        path = self.path
-        if path.exists() or path.is_symlink():
-            if await _in_use(path):
-                raise OSError(f"{path} is in use by another process")
-            path.unlink()
-        old_umask = os.umask(0o117)  # the socket is born 0660, never wider
-        try:
-            self._server = await asyncio.start_unix_server(self._accept, path=str(path))
-        finally:
-            os.umask(old_umask)
-        os.chmod(path, 0o660)
-        if self.access.group_gid is not None:
-            os.chown(path, -1, self.access.group_gid)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            self.ops.close()  # waiting audit requests answer now
-            if self._handlers:
-                await asyncio.wait(set(self._handlers), timeout=2.0)
-            for writer in list(self._writers):
-                writer.close()
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await self._server.wait_closed()
-            self._server = None
-            with contextlib.suppress(OSError):
-                self.path.unlink()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        task = asyncio.current_task()
-        if task is not None:
-            self._handlers.add(task)
-        try:
-            sock = writer.get_extra_info("socket")
-            peer = peer_credentials(sock)
-            if not self.access.allows(peer):
-                log.warning("event=admin_refused uid=%d pid=%d", peer.uid, peer.pid)
-                refusal = Denied(f"uid {peer.uid} may not use the admin socket")
-                writer.write(encode(error_reply(None, refusal)[0]))
-                await writer.drain()
-                return
-            await self._serve(reader, writer, peer)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            if task is not None:
-                self._handlers.discard(task)
-            writer.close()
-            with contextlib.suppress(ConnectionError, OSError):
-                await writer.wait_closed()
-
-    async def _serve(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, peer: Peer
-    ) -> None:
-        decoder = FrameDecoder(MAX_FRAME_ADMIN, REPLY_LIMITS)
-        while True:
-            try:
-                frame = decoder.next_frame()
-            except LicdError as exc:
-                writer.write(encode(error_reply(None, exc)[0]))
-                await writer.drain()
-                return
-            if frame is None:
-                data = await reader.read(65536)
-                if not data:
-                    return
-                decoder.feed(data)
-                continue
-            try:
-                reply = await self.ops.handle(frame, peer.uid)
-                close = False
-            except Exception as exc:
-                reply, close = error_reply(request_id(frame), exc, frame.get("op"))
-            writer.write(encode(reply))
-            await writer.drain()
-            if close or self.ops.closing:
-                return
-
-
-async def _in_use(path: Path) -> bool:
-    """True when something accepts connections on the Unix socket at `path`."""
-    try:
-        _, writer = await asyncio.open_unix_connection(str(path))
-    except OSError:
-        return False
-    writer.close()
-    return True

@@ -24,7 +24,8 @@ from typing import IO, Any
 
 from licd_client.errors import LicdError
 
-from .admin import AdminOps, AdminServer
+from .admin import AdminOps
+from .admin_server import AdminServer
 from .alerts import AlertMonitor
 from .clock import Clock, SystemClock
 from .config import Config, ConfigError, load_config

@@ -9,137 +9,20 @@ the shapes of messages, not what they mean; it does no I/O.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, ClassVar
 
 from .errors import BadRequest, LicdError, ProtocolViolation, from_wire
+
+# Re-exported: the feature types and the field reader are part of the message vocabulary.
+from .schema import MAX_UINT as MAX_UINT
+from .schema import Features as Features
+from .schema import FeatureValue as FeatureValue
+from .schema import Fields as Fields
 
 PROTOCOL_VERSION = 1
 MAX_REQUEST_KEY_LEN = 64
 NONCE_LEN = 16
 KEY_LEN = 32
-MAX_UINT = 2**64 - 1
-
-FeatureValue: TypeAlias = str | int | bool | float
-Features: TypeAlias = dict[str, FeatureValue]
-
-
-class Fields:
-    """Takes typed fields out of one decoded map; `done()` rejects what is left over."""
-
-    def __init__(self, data: dict[str, Any], what: str, error: type[Exception]) -> None:
-        self._data = dict(data)
-        self._what = what
-        self._error = error
-
-    def _fail(self, name: str, problem: str) -> Exception:
-        return self._error(f"{self._what}: '{name}' {problem}")
-
-    def _get(self, name: str, required: bool) -> Any:
-        if name in self._data:
-            value = self._data.pop(name)
-            if value is None:  # an explicit nil is not an absent optional key
-                raise self._fail(name, "must not be nil")
-            return value
-        if required:
-            raise self._fail(name, "is required")
-        return None
-
-    def text(self, name: str, *, max_len: int = 1024, required: bool = True) -> Any:
-        value = self._get(name, required)
-        if value is None and not required:
-            return None
-        if not isinstance(value, str):
-            raise self._fail(name, "must be a string")
-        if len(value) > max_len:
-            raise self._fail(name, f"must be at most {max_len} characters")
-        return value
-
-    def nonempty_str(self, name: str, *, max_len: int = 1024) -> str:
-        value: str = self.text(name, max_len=max_len)
-        if not value:
-            raise self._fail(name, "must not be empty")
-        return value
-
-    def uint(self, name: str, *, required: bool = True, minimum: int = 0) -> Any:
-        value = self._get(name, required)
-        if value is None and not required:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_UINT:
-            raise self._fail(name, "must be an unsigned integer")
-        if value < minimum:
-            raise self._fail(name, f"must be at least {minimum}")
-        return value
-
-    def number(self, name: str, *, required: bool = True, positive: bool = False) -> Any:
-        value = self._get(name, required)
-        if value is None and not required:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self._fail(name, "must be a number")
-        value = float(value)
-        if value != value or value in (float("inf"), float("-inf")):
-            raise self._fail(name, "must be a finite number")
-        if positive and value <= 0:
-            raise self._fail(name, "must be positive")
-        return value
-
-    def binary(self, name: str, *, length: int | None = None, required: bool = True) -> Any:
-        value = self._get(name, required)
-        if value is None and not required:
-            return None
-        if not isinstance(value, bytes):
-            raise self._fail(name, "must be binary")
-        if length is not None and len(value) != length:
-            raise self._fail(name, f"must be {length} bytes of binary")
-        return value
-
-    def flag(self, name: str, default: bool | None = None) -> bool:
-        value = self._get(name, default is None)
-        if value is None and default is not None:
-            return default
-        if not isinstance(value, bool):
-            raise self._fail(name, "must be a boolean")
-        return value
-
-    def mapping(self, name: str, *, required: bool = True) -> Any:
-        value = self._get(name, required)
-        if value is None and not required:
-            return None
-        if not isinstance(value, dict):
-            raise self._fail(name, "must be a map")
-        return value
-
-    def bins(self, name: str) -> list[bytes]:
-        value = self._get(name, True)
-        if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
-            raise self._fail(name, "must be an array of binaries")
-        return value
-
-    def strings(self, name: str, *, max_len: int = 1024) -> list[str]:
-        """An optional array of strings (empty when absent)."""
-        value = self._get(name, False)
-        if value is None:
-            return []
-        if not isinstance(value, list) or not all(
-            isinstance(v, str) and 0 < len(v) <= max_len for v in value
-        ):
-            raise self._fail(name, "must be an array of non-empty strings")
-        return value
-
-    def features(self, name: str) -> Features:
-        value = self.mapping(name)
-        for k, v in value.items():
-            if not isinstance(k, str) or not isinstance(v, str | int | bool | float):
-                raise self._fail(name, "must map strings to str, int, bool or float")
-        return dict(value)
-
-    def rename(self, what: str) -> None:
-        self._what = what
-
-    def done(self) -> None:
-        if self._data:
-            names = ", ".join(sorted(repr(k) for k in self._data))
-            raise self._error(f"{self._what}: unknown keys {names}")
 
 
 # --------------------------------------------------------------------------- requests

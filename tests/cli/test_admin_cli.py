@@ -23,8 +23,8 @@ from click.testing import CliRunner, Result
 
 from licd import __version__
 from licd import cli_format as fmt
-from licd.admin import Access
 from licd.admin_client import AdminClient
+from licd.admin_server import Access
 from licd.cli import audit_entries, main
 from licd.clock import FakeClock
 from licd.daemon import Daemon
