@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +77,10 @@ def error_reply(rid: int | None, exc: Exception, op: object = None) -> tuple[dic
     return error_frame(rid, Internal()), False
 
 
+#: A reply map and whether to close the connection after it.
+Answer = tuple[dict[str, Any], bool]
+
+
 @dataclass
 class Session:
     """What the daemon knows about one connection."""
@@ -101,23 +105,52 @@ class Dispatcher:
         #: Told of every request: (op, seconds taken, error code or None). Metrics.
         self.on_request = on_request
 
-    async def handle(self, session: Session, data: dict[str, Any]) -> tuple[dict[str, Any], bool]:
-        """Answer one decoded frame: (reply map, whether to close the connection)."""
+    def handle(self, session: Session, data: dict[str, Any]) -> Answer | Awaitable[Answer]:
+        """Answer one decoded frame: (reply map, whether to close the connection) at once
+        when no I/O is needed (hello, heartbeat, available, every error), else an
+        awaitable of it. The hot path (a heartbeat) thus costs no task."""
         started = time.perf_counter()
-        rid = request_id(data)
         try:
             if self.shutting_down:
                 raise ShuttingDown()
             request = parse_request(data)
             if not session.hello_done and not isinstance(request, Hello):
                 raise HelloRequired()
-            reply = await self._answer(session, request)
+            if self._needs_io(request):
+                return self._answer_later(session, request, data, started)
+            reply = self._answer_now(session, request)
         except Exception as exc:
-            frame, close = error_reply(rid, exc, data.get("op"))
-            self._observe(data, started, frame["error"])
-            return frame, close
+            return self._failed(data, started, exc)
         self._observe(data, started, None)
         return reply.to_wire(), False
+
+    async def _answer_later(
+        self, session: Session, request: Request, data: dict[str, Any], started: float
+    ) -> Answer:
+        try:
+            reply = await self._answer(session, request)
+        except Exception as exc:
+            return self._failed(data, started, exc)
+        self._observe(data, started, None)
+        return reply.to_wire(), False
+
+    def _failed(self, data: dict[str, Any], started: float, exc: Exception) -> Answer:
+        frame, close = error_reply(request_id(data), exc, data.get("op"))
+        self._observe(data, started, frame["error"])
+        return frame, close
+
+    def _needs_io(self, request: Request) -> bool:
+        """Whether answering waits for the store or the upstream."""
+        if isinstance(request, Hello | Heartbeat | Available):
+            relay = self.relay
+            if relay is None:
+                return False
+            if isinstance(request, Heartbeat):
+                return request.lease in relay.forwarded
+            if isinstance(request, Available):
+                return request.key in relay.forward_keys or request.key in relay.block_keys
+            return False
+        return True
 
     def _observe(self, data: dict[str, Any], started: float, error: str | None) -> None:
         if self.on_request is not None:
@@ -137,11 +170,6 @@ class Dispatcher:
             relayed = await self._relayed(relay, session, request)
             if relayed is not None:
                 return relayed
-        if isinstance(request, Heartbeat):
-            at = service.now()
-            return self._lease_reply(
-                request.id, service.heartbeat(request.lease, at), request.nonce, at.wall
-            )
         if isinstance(request, Checkout):
             at = service.now()
             grant = await service.checkout(
@@ -166,6 +194,16 @@ class Dispatcher:
                 limit=c.limit,
                 remaining=c.remaining,
                 counted=c.counted,
+            )
+        return self._answer_now(session, request)
+
+    def _answer_now(self, session: Session, request: Request) -> Reply:
+        """The ops answered from memory: hello, heartbeat, available."""
+        service = self.service
+        if isinstance(request, Heartbeat):
+            at = service.now()
+            return self._lease_reply(
+                request.id, service.heartbeat(request.lease, at), request.nonce, at.wall
             )
         if isinstance(request, Available):
             a = service.available(request.key)

@@ -60,13 +60,44 @@ class Connection:
         self._idle = asyncio.Event()  # set when no reply is outstanding
         self._idle.set()
         self._closing = False
+        self._frame_started: float | None = None  # loop time a partial frame began
+        self._activity = 0.0  # loop time of the last read
+        self._hello_deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._decoder: FrameDecoder | None = None
+
+    def _deadline(self) -> float:
+        """When this connection must be closed unless something happens first: hello
+        not done in time, a frame started but not finished, or nothing said at all."""
+        cfg = self.config
+        if self._frame_started is not None:
+            deadline = self._frame_started + cfg.frame_timeout
+        else:
+            deadline = self._activity + cfg.idle_timeout
+        if not self.session.hello_done:
+            deadline = min(deadline, self._hello_deadline)
+        return deadline
+
+    def _check_deadline(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._frame_started is None and self._decoder is not None and self._decoder.buffered:
+            self._frame_started = self._activity
+        deadline = self._deadline()
+        if self._closing:
+            return
+        if loop.time() >= deadline:
+            log.debug("event=timeout peer=%s", self.session.peer)
+            self.close()
+            return
+        self._timer = loop.call_at(deadline, self._check_deadline)
 
     async def run(self) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        decoder = FrameDecoder(MAX_FRAME_BEFORE_HELLO, REQUEST_LIMITS)
-        hello_deadline = loop.time() + cfg.hello_timeout
-        frame_started: float | None = None
+        decoder = self._decoder = FrameDecoder(MAX_FRAME_BEFORE_HELLO, REQUEST_LIMITS)
+        self._hello_deadline = loop.time() + cfg.hello_timeout
+        self._activity = loop.time()
+        self._timer = loop.call_at(self._hello_deadline, self._check_deadline)
         try:
             while not self._closing:
                 try:
@@ -83,8 +114,8 @@ class Connection:
                     else:
                         # Before hello, one request at a time: its answer decides the
                         # frame limit for the next one.
-                        reply = await self.dispatcher.handle(self.session, frame)
-                        self._push_done(reply)
+                        answer = self.dispatcher.handle(self.session, frame)
+                        self._push_done(answer if isinstance(answer, tuple) else await answer)
                         if self.session.hello_done:
                             decoder.max_frame = cfg.max_frame
                     continue
@@ -96,38 +127,37 @@ class Connection:
                         log.warning("event=write_timeout peer=%s", self.session.peer)
                         self.writer.transport.abort()
                         break
-                now = loop.time()
-                if decoder.buffered:
-                    frame_started = frame_started or now
-                    timeout = frame_started + cfg.frame_timeout - now
-                else:
-                    frame_started = None
-                    timeout = cfg.idle_timeout
-                if not self.session.hello_done:
-                    timeout = min(timeout, hello_deadline - now)
-                if timeout <= 0:
-                    break
-                try:
-                    async with asyncio.timeout(timeout):
-                        data = await self.reader.read(READ_CHUNK)
-                except TimeoutError:
-                    log.debug("event=timeout peer=%s", self.session.peer)
-                    break
+                # No timer per read: `_check_deadline` closes a connection whose
+                # deadline passed; a read just records when it happened.
+                if self._frame_started is None and decoder.buffered:
+                    self._frame_started = loop.time()
+                data = await self.reader.read(READ_CHUNK)
                 if not data:
                     break
+                self._activity = loop.time()
                 decoder.feed(data)
+                if self._frame_started is not None and not decoder.buffered:
+                    self._frame_started = None
         except (ConnectionError, OSError):
             pass
         finally:
             await self._finish()
 
     def _push_task(self, frame: dict[str, Any]) -> None:
-        task = asyncio.create_task(self.dispatcher.handle(self.session, frame))
+        answer = self.dispatcher.handle(self.session, frame)
+        if isinstance(answer, tuple):  # answered from memory: no task needed
+            self._push_done(answer)
+            return
+        task = asyncio.ensure_future(answer)
         self._pending.append(task)
         self._after_push()
         task.add_done_callback(self._flush)
 
     def _push_done(self, reply: Reply) -> None:
+        if not self._pending:  # nothing owed before it: out it goes
+            self._write(*reply)
+            self._settle()
+            return
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         fut.set_result(reply)
         self._pending.append(fut)
@@ -138,6 +168,13 @@ class Connection:
         self._idle.clear()
         if len(self._pending) >= self.config.max_pipeline:
             self._room.clear()
+
+    def _write(self, message: dict[str, Any], close: bool) -> None:
+        if self._closing:
+            return
+        self.writer.write(encode(message))
+        if close:
+            self._closing = True
 
     def _flush(self, _: object = None) -> None:
         """Write every reply at the head of the queue that is ready, in order."""
@@ -151,10 +188,11 @@ class Connection:
                 log.error("event=reply_failed error=%r", str(exc))
                 self._closing = True
                 break
-            message, close = fut.result()
-            self.writer.write(encode(message))
-            if close:
-                self._closing = True
+            self._write(*fut.result())
+        self._settle()
+
+    def _settle(self) -> None:
+        pending = self._pending
         if self._closing:
             pending.clear()
             self.writer.close()
@@ -171,6 +209,8 @@ class Connection:
                 await self.writer.drain()
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
         self._closing = True
         self._room.set()
         self.writer.close()
