@@ -18,11 +18,12 @@ import logging
 import math
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 
@@ -67,6 +68,9 @@ MAX_BATCH = 1024
 LAZY_INTERVAL = 1.0  # seconds a renewal or a denial's audit entry may wait to be written
 
 
+T = TypeVar("T")
+
+
 class StoreError(Exception):
     """The database failed; whatever the caller asked for was not committed."""
 
@@ -95,8 +99,9 @@ def migrations() -> list[tuple[int, str]]:
 
 
 class Store:
-    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
-        self._db = db
+    def __init__(self, conn: sqlite3.Connection, writer: ThreadPoolExecutor, path: Path) -> None:
+        self._conn = conn  # used only on the `writer` thread
+        self._writer = writer
         self.path = path
         self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
         self._touched: dict[str, tuple[float, float]] = {}
@@ -117,52 +122,31 @@ class Store:
             os.chmod(path, 0o600)
         except OSError as exc:
             raise StoreError(f"{path}: cannot create the database: {exc.strerror}") from None
+        # One thread owns the writing connection, and a whole transaction runs there in
+        # one hop: a hop per statement (as aiosqlite does) would wait behind a busy event
+        # loop once per statement. Reads use aiosqlite on a connection of their own.
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="licd-store")
         try:
-            db = await aiosqlite.connect(path, isolation_level=None)
+            conn = await asyncio.get_running_loop().run_in_executor(writer, _open_writer, path)
         except sqlite3.Error as exc:
+            writer.shutdown(wait=False)
             raise StoreError(f"{path}: cannot open the database: {exc}") from None
-        try:
-            # WAL: readers never block the writer, and a commit is one append + fsync.
-            await db.execute("PRAGMA journal_mode = WAL")
-            # FULL: a commit is fsynced before it returns, so acknowledged means durable.
-            await db.execute("PRAGMA synchronous = FULL")
-            # Another process (an offline admin tool) may hold a lock for a moment.
-            await db.execute("PRAGMA busy_timeout = 5000")
-            await cls._migrate(db)
-        except sqlite3.Error as exc:
-            await db.close()
-            raise StoreError(f"{path}: cannot prepare the database: {exc}") from None
-        return cls(db, path)
+        return cls(conn, writer, path)
 
-    @staticmethod
-    async def _migrate(db: aiosqlite.Connection) -> None:
-        async with db.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        version = int(row[0]) if row else 0
-        known = migrations()
-        newest = known[-1][0] if known else 0
-        if version > newest:
-            raise sqlite3.DatabaseError(
-                f"schema version {version} is newer than this licd knows ({newest})"
-            )
-        for number, sql in known:
-            if number <= version:
-                continue
-            await db.execute("BEGIN IMMEDIATE")
-            try:
-                for statement in _statements(sql):
-                    await db.execute(statement)
-                await db.execute(f"PRAGMA user_version = {number}")
-                await db.execute("COMMIT")
-            except BaseException:
-                await db.execute("ROLLBACK")
-                raise
-            log.info("event=migrated schema_version=%d", number)
+    async def _on_writer(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+
+    async def pragma(self, name: str) -> Any:
+        """A pragma's value on the writing connection (`synchronous`, `journal_mode`)."""
+
+        def read() -> Any:
+            row = self._conn.execute(f"PRAGMA {name}").fetchone()
+            return row[0] if row else None
+
+        return await self._on_writer(read)
 
     async def schema_version(self) -> int:
-        async with self._db.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
+        return int(await self.pragma("user_version"))
 
     # ------------------------------------------------------------------- reads
 
@@ -341,17 +325,8 @@ class Store:
                 op.done.set_result(None)
 
     async def _transaction(self, statements: Statements) -> None:
-        db = self._db
-        await db.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, rows in _merged(statements):
-                await db.executemany(sql, rows)
-            await db.execute("COMMIT")
-            self.transactions += 1
-        except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                await db.execute("ROLLBACK")
-            raise
+        await self._on_writer(_run_transaction, self._conn, _merged(statements))
+        self.transactions += 1
 
     async def close(self) -> None:
         """Commit what is queued (renewals included), stop the writer, close the file."""
@@ -362,7 +337,8 @@ class Store:
                 await self._stopped.wait()
             if self._reader is not None:
                 await self._reader.close()
-            await self._db.close()
+            await self._on_writer(self._conn.close)
+            self._writer.shutdown(wait=False)
 
 
 def _audit(event: Event | None) -> Statements:
@@ -397,3 +373,59 @@ def _statements(script: str) -> list[str]:
     if pending.strip():
         raise sqlite3.DatabaseError(f"incomplete statement in a migration: {pending[:60]!r}")
     return out
+
+
+def _open_writer(path: Path) -> sqlite3.Connection:
+    """The writing connection, prepared and migrated (runs on the writer thread)."""
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    try:
+        # WAL: readers never block the writer, and a commit is one append + fsync.
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit is fsynced before it returns, so acknowledged means durable.
+        conn.execute("PRAGMA synchronous = FULL")
+        # Another process (an offline admin tool) may hold a lock for a moment.
+        conn.execute("PRAGMA busy_timeout = 5000")
+        _migrate(conn)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    row = conn.execute("PRAGMA user_version").fetchone()
+    version = int(row[0]) if row else 0
+    known = migrations()
+    newest = known[-1][0] if known else 0
+    if version > newest:
+        raise sqlite3.DatabaseError(
+            f"schema version {version} is newer than this licd knows ({newest})"
+        )
+    for number, sql in known:
+        if number <= version:
+            continue
+        with _transaction(conn):
+            for statement in _statements(sql):
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {number}")
+        log.info("event=migrated schema_version=%d", number)
+
+
+@contextlib.contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error (on the writer thread)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        conn.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _run_transaction(conn: sqlite3.Connection, statements: Statements) -> None:
+    """One batch of mutations, all or nothing (runs on the writer thread)."""
+    with _transaction(conn):
+        for sql, rows in statements:
+            conn.executemany(sql, rows)

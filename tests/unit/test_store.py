@@ -61,9 +61,8 @@ async def test_migrations_and_pragmas(store: Store) -> None:
 async def test_synchronous_full_on_the_store_connection(tmp_path: Path) -> None:
     s = await Store.open(tmp_path / "x.db")
     try:
-        async with s._db.execute("PRAGMA synchronous") as cur:
-            row = await cur.fetchone()
-        assert row is not None and row[0] == 2  # FULL
+        assert await s.pragma("synchronous") == 2  # FULL
+        assert await s.pragma("journal_mode") == "wal"
     finally:
         await s.close()
 
