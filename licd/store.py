@@ -1,9 +1,10 @@
-"""The store: persists what the engine decided, in SQLite through aiosqlite.
+"""The store: persists what the engine decided, in SQLite.
 
 Theory of operation: one writer task (`run`) owns every transaction. Callers enqueue
 mutations and await them; the writer takes everything queued so far, commits it in one
-`BEGIN IMMEDIATE ... COMMIT` (one fsync for the whole batch: group commit), then
-resolves each caller's future. A caller replies only after its future resolves, so an
+`BEGIN IMMEDIATE ... COMMIT` (one fsync for the whole batch: group commit) in a single
+hop to the thread that owns the writing connection, then resolves each caller's
+future. Reads go through aiosqlite on a read-only connection of their own. A caller replies only after its future resolves, so an
 acknowledged checkout or checkin is on disk. Heartbeats only `touch` a lease: its new
 expiry rides along with the next batch (or a timer), never delaying the reply; a restart
 covers the gap (see `Engine.restore`). If a batch fails, each mutation is retried alone,
