@@ -24,6 +24,7 @@ from . import __version__
 from . import cli_format as fmt
 from . import report as reports
 from .admin_client import AdminClient, AdminError
+from .cli_policy import policy_changes, policy_options
 from .config import Config, ConfigError, default_config, load_config, parse_duration
 from .daemon import Daemon, StartupError, setup_logging
 from .keys import KeyFileError, key_path, load_key
@@ -275,12 +276,15 @@ def licence_list(admin: Admin, show_keys: bool) -> None:
 @click.option("--not-before", callback=_parsed(fmt.parse_time), metavar="ISO", help="Valid from.")
 @click.option("--expires", callback=_parsed(fmt.parse_time), metavar="ISO", help="Valid until.")
 @FEATURE_OPTION
+@policy_options
 def licence_add(admin: Admin, licence_id: str, **opts: Any) -> None:
     """Add a licence, served at once.
 
-    Times are ISO 8601 with an offset or Z, e.g. 2027-01-01T00:00:00Z.
+    Times are ISO 8601 with an offset or Z, e.g. 2027-01-01T00:00:00Z. The policy options
+    are those of docs/policies.md.
     """
     data = {"id": licence_id, "key": opts["key"], "product": opts["product"], **_terms(opts)}
+    data |= {k: v for k, v in policy_changes(opts).items() if v is not None}
     if opts["feature"]:
         data["features"] = dict(opts["feature"])
     result = admin.call("licence.add", licence=data)
@@ -300,6 +304,7 @@ def licence_add(admin: Admin, licence_id: str, **opts: Any) -> None:
 @FEATURE_OPTION
 @click.option("--drop-feature", multiple=True, metavar="NAME", help="Remove a feature.")
 @click.option("--clear-features", is_flag=True, help="Remove every feature first.")
+@policy_options
 def licence_update(admin: Admin, licence_id: str, **opts: Any) -> None:
     """Change a licence, live.
 
@@ -308,6 +313,7 @@ def licence_update(admin: Admin, licence_id: str, **opts: Any) -> None:
     """
     changes = {k: opts[k] for k in ("key", "product") if opts[k] is not None}
     changes |= {k: None if v == CLEAR else v for k, v in _terms(opts).items()}
+    changes |= policy_changes(opts)
     if opts["feature"] or opts["drop_feature"] or opts["clear_features"]:
         changes["features"] = _features(admin, licence_id, opts)
     if not changes:

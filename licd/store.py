@@ -4,11 +4,12 @@ Theory of operation: one writer task (`run`) owns every transaction. Callers enq
 mutations and await them; the writer takes everything queued so far, commits it in one
 `BEGIN IMMEDIATE ... COMMIT` (one fsync for the whole batch: group commit) in a single
 hop to the thread that owns the writing connection, then resolves each caller's
-future. Reads go through aiosqlite on a read-only connection of their own. A caller replies only after its future resolves, so an
-acknowledged checkout or checkin is on disk. Heartbeats only `touch` a lease: its new
-expiry rides along with the next batch (or a timer), never delaying the reply; a restart
-covers the gap (see `Engine.restore`). If a batch fails, each mutation is retried alone,
-so one bad row fails only its own caller. The store never decides anything.
+future. Reads go through aiosqlite on a read-only connection of their own. A caller
+replies only after its future resolves, so an acknowledged checkout or checkin is on
+disk. Heartbeats only `touch` a lease: its new expiry rides along with the next batch
+(or a timer), never delaying the reply; a restart covers the gap (`Engine.restore`).
+If a batch fails, each mutation is retried alone, so one bad row fails only its own
+caller. The store never decides anything.
 """
 
 from __future__ import annotations

@@ -620,3 +620,35 @@ def test_status_text_shows_counters_and_the_upstream() -> None:
     assert "scans" in text and "7/10" in text and "daily" in text
     assert "NOT connected" in text and "refused" in text
     assert "BLOCK" in text and "valid" in text and "block" in text
+
+
+async def test_licence_policies_from_the_command_line(daemon: Daemon) -> None:
+    await ok(
+        "licence", "add", "cad", "--key", "CAD-1", "--product", "cad", "--seats", "4",
+        "--count-by", "host", "--overdraft", "1", "--max-ttl", "2d",
+        "--allow", "host:lab-*", "--deny", "user:guest", "--max", "user=1",
+        "--counter", "scans:100:daily:3", "--device-period", "30d",
+        "--addon", '{"seats": 2, "starts": "2026-12-01T00:00:00Z", "ends": "2026-12-24T00:00:00Z"}',
+        *sock(daemon),
+    )  # fmt: skip
+    cad = daemon.engine.licence_by_id("cad")
+    assert cad is not None
+    assert (cad.count_by, cad.overdraft, cad.max_ttl, cad.device_period) == (
+        "host",
+        1,
+        2 * 86400.0,
+        30 * 86400.0,
+    )
+    assert (cad.allow, cad.deny, dict(cad.max)) == (("host:lab-*",), ("user:guest",), {"user": 1})
+    assert cad.counter[0].name == "scans" and cad.counter[0].reset == "daily"
+    assert cad.addon[0].seats == 2
+    await ok(
+        "licence", "update", "cad", "--device-period", "none", "--clear-rules",
+        "--overdraft", "0", *sock(daemon),
+    )  # fmt: skip
+    cad = daemon.engine.licence_by_id("cad")
+    assert cad is not None
+    assert (cad.device_period, cad.allow, cad.deny, cad.overdraft) == (None, (), (), 0)
+    assert cad.count_by == "host"  # untouched
+    bad = await licd("licence", "update", "cad", "--allow", "colour:red", *sock(daemon))
+    assert bad.exit_code == 1 and "licence.allow[0]" in bad.stderr
