@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from licd_client.tokens import key_from_text
+from licd_client.wire import MAX_FRAME_AFTER_HELLO
 
 from .config_licences import RelayedLicence as RelayedLicence
 from .config_licences import licence_from_mapping as licence_from_mapping
@@ -49,7 +50,7 @@ class ServerConfig:
     hello_timeout: float = 2.0
     frame_timeout: float = 5.0
     write_timeout: float = 10.0  # a client that never reads is dropped after this
-    max_frame: int = 16384  # frame limit after hello
+    max_frame: int = MAX_FRAME_AFTER_HELLO  # frame limit after hello
     max_pipeline: int = 8
     shutdown_timeout: float = 10.0  # drain time for in-flight requests on stop
     reap_interval: float = 1.0  # how often lapsed leases are reclaimed

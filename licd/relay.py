@@ -180,11 +180,13 @@ class Relay:
         self.block_keys = {state.relayed.key: state for state in self.blocks.values()}
         self.modes = {r.id: r.mode for r in relayed}
         self.forwarded: dict[str, Forwarded] = {}  # by lease secret
+        me = identity.holder()
+        # Upstream lists the router's blocks as held by this machine, for this site.
         self.router_holder = Holder(
             host=socket.gethostname() or signer.site,
-            hostid=identity.holder().hostid,
+            hostid=me.hostid,
             user="licd",
-            pid=identity.holder().pid,
+            pid=me.pid,
             app="licd-router",
             instance=signer.site,
         )

@@ -81,9 +81,6 @@ class CounterBook:
         if consumed.counted:
             consumed.state.used = max(0, consumed.state.used - units)
 
-    def snapshot(self, licence_id: str) -> list[CounterState]:
-        return [s for (lic, _), s in self._state.items() if lic == licence_id]
-
     def _forget_old(self, mono: float) -> None:
         seen = self._seen
         while seen:
