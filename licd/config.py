@@ -55,6 +55,8 @@ class ServerConfig:
     shutdown_timeout: float = 10.0  # drain time for in-flight requests on stop
     reap_interval: float = 1.0  # how often lapsed leases are reclaimed
     log_level: str = "info"
+    tls_cert: Path | None = None  # PEM certificate (chain): serve TLS on every listen address
+    tls_key: Path | None = None  # its PEM private key
 
 
 @dataclass(frozen=True)
@@ -233,7 +235,22 @@ def _server(t: Table) -> ServerConfig:
         shutdown_timeout=t.duration("shutdown_timeout", _D.shutdown_timeout),
         reap_interval=t.duration("reap_interval", _D.reap_interval),
         log_level=log_level,
+        **_tls(t),
     )
+
+
+def _tls(t: Table) -> dict[str, Path | None]:
+    out: dict[str, Path | None] = {}
+    for name in ("tls_cert", "tls_key"):
+        value = t.get(name, None)
+        if value is not None and (not isinstance(value, str) or not value.startswith("/")):
+            raise t.error(name, "must be an absolute path to a PEM file")
+        out[name] = Path(value) if value else None
+    if (out["tls_cert"] is None) != (out["tls_key"] is None):
+        raise t.error(
+            "tls_key" if out["tls_cert"] else "tls_cert", "give both tls_cert and tls_key"
+        )
+    return out
 
 
 def _listen(t: Table) -> tuple[tuple[str, int], ...]:

@@ -15,6 +15,7 @@ import dataclasses
 import fcntl
 import logging
 import os
+import ssl
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -174,6 +175,7 @@ class Daemon:
     @classmethod
     async def open(cls, config: Config, *, clock: Clock | None = None) -> Daemon:
         clock = clock or SystemClock()
+        tls = _tls_context(config)  # a bad certificate stops us before anything is opened
         state_dir = config.server.state_dir
         prepare_state_dir(state_dir)
         lock = _lock(state_dir)
@@ -218,7 +220,7 @@ class Daemon:
             )
         log.info("event=restored leases=%d", len(kept) - len(skipped))
         service = LicenceService(engine, store, clock, events)
-        server = Server(config.server, Dispatcher(service, signer))
+        server = Server(config.server, Dispatcher(service, signer), ssl=tls)
         server.dispatcher.relay = relay
         daemon = cls(config, store, service, server, signer, lock)
         daemon._stored_licences = {x.id: x for x in stored}
@@ -388,6 +390,18 @@ class Daemon:
             await self.store.close()
             self._lock.close()
             log.info("event=stopped")
+
+
+def _tls_context(config: Config) -> ssl.SSLContext | None:
+    cert, key = config.server.tls_cert, config.server.tls_key
+    if cert is None or key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"cannot load the TLS certificate {cert} and key {key}: {exc}") from None
+    return context
 
 
 def _merge_licences(stored: Iterable[Licence], declared: Iterable[Licence]) -> list[Licence]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl as _ssl
 from collections import Counter, deque
 from typing import Any
 
@@ -229,9 +230,12 @@ class Connection:
 
 
 class Server:
-    def __init__(self, config: ServerConfig, dispatcher: Dispatcher) -> None:
+    def __init__(
+        self, config: ServerConfig, dispatcher: Dispatcher, ssl: _ssl.SSLContext | None = None
+    ) -> None:
         self.config = config
         self.dispatcher = dispatcher
+        self.ssl = ssl
         self._servers: list[asyncio.Server] = []
         self._connections: set[Connection] = set()
         self._per_peer: Counter[str] = Counter()
@@ -245,7 +249,9 @@ class Server:
     async def start(self) -> list[tuple[str, int]]:
         """Listen on every configured address; returns the bound (host, port) pairs."""
         for host, port in self.config.listen:
-            server = await asyncio.start_server(self._accept, host, port, limit=READ_CHUNK)
+            server = await asyncio.start_server(
+                self._accept, host, port, limit=READ_CHUNK, ssl=self.ssl
+            )
             self._servers.append(server)
             for sock in server.sockets:
                 addr = sock.getsockname()
