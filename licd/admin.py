@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from licd_client.errors import BadRequest, UnknownLicence
-from licd_client.messages import Fields
+from licd_client.messages import MAX_STORED_INT, Fields
 
 from . import __version__
 from .config import licence_from_mapping, licence_to_mapping
@@ -118,7 +118,10 @@ def _epoch_to_datetime(value: Any, name: str) -> Any:
         return value
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadRequest(f"licence.{name} must be a time in seconds since the epoch")
-    return datetime.fromtimestamp(value, UTC)
+    try:
+        return datetime.fromtimestamp(value, UTC)
+    except (OverflowError, ValueError, OSError):
+        raise BadRequest(f"licence.{name}: {value!r} is not a time licd can hold") from None
 
 
 def _with_datetimes(data: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
@@ -283,11 +286,12 @@ class AdminOps:
         return {"licences": out}
 
     async def audit(self, f: Fields, uid: int) -> dict[str, Any]:
-        after = f.uint("after", required=False) or 0
+        after = f.uint("after", required=False, maximum=MAX_STORED_INT) or 0
         since = f.number("since", required=False)
         until = f.number("until", required=False)
-        limit = min(f.uint("limit", required=False) or 1000, MAX_PAGE)
+        limit = min(f.uint("limit", required=False, maximum=MAX_PAGE) or 1000, MAX_PAGE)
         wait = min(f.number("wait", required=False) or 0.0, MAX_AUDIT_WAIT)
+        f.done()
         store = self.service.store
         self._audit_wakeup.clear()  # before the read: an event during it still wakes us
         entries = await store.audit(after=after, since=since, until=until, limit=limit)
@@ -319,6 +323,7 @@ class AdminOps:
         host = f.text("host", max_len=255, required=False)
         user = f.text("user", max_len=255, required=False)
         reason = f.text("reason", max_len=1024, required=False) or ""
+        f.done()  # every argument read and checked before anything is done
         if not handles and host is None and user is None:
             raise BadRequest("revoke: name handles, a host or a user")
         revoked = await self.service.revoke(
@@ -327,7 +332,9 @@ class AdminOps:
         return {"revoked": [x.handle for x in revoked]}
 
     async def licence_add(self, f: Fields, uid: int) -> dict[str, Any]:
-        licence = _parse_licence(f.mapping("licence"), self.service.engine.groups)
+        data = f.mapping("licence")
+        f.done()
+        licence = _parse_licence(data, self.service.engine.groups)
         self._refuse_relayed(licence.id)
         if self.service.engine.licence_by_id(licence.id) is not None:
             raise BadRequest(f"licence {licence.id!r} exists already: use licence update")
@@ -337,6 +344,7 @@ class AdminOps:
     async def licence_update(self, f: Fields, uid: int) -> dict[str, Any]:
         licence_id = f.text("licence", max_len=64)
         changes = f.mapping("changes")
+        f.done()
         self._refuse_relayed(licence_id)
         current = self.service.engine.licence_by_id(licence_id)
         if current is None:
@@ -351,9 +359,11 @@ class AdminOps:
     async def licence_remove(self, f: Fields, uid: int) -> dict[str, Any]:
         licence_id = f.text("licence", max_len=64)
         force = f.flag("force", False)
+        f.done()
         self._refuse_relayed(licence_id)
         revoked = await self.service.remove_licence(licence_id, force=force, admin_uid=uid)
         return {"removed": licence_id, "revoked": [x.handle for x in revoked]}
 
     async def reload(self, f: Fields, uid: int) -> dict[str, Any]:
+        f.done()
         return await self.daemon.reload(admin_uid=uid)

@@ -23,6 +23,8 @@ from .engine.policy import check_rule
 from .tomlreader import MISSING, Table
 
 MAX_KEY_LEN = 255
+MAX_LICENCE_SEATS = 1_000_000  # seats (and overdraft, reserves, caps) of one licence
+MAX_COUNTER_LIMIT = 2**62  # room for a consume's units on top, within SQLite's integers
 MAX_PRODUCT_LEN = 255
 #: Features travel in every checkout reply and, again, inside its token, so they are kept
 #: well below the 16 KiB frame: a count (the wire's map limit) and a text budget.
@@ -148,7 +150,7 @@ def _relayed(t: Table) -> RelayedLicence:
         key,
         licence_id,
         mode,
-        block_seats=t.integer("block_seats", MISSING, 1),
+        block_seats=t.integer("block_seats", MISSING, 1, MAX_LICENCE_SEATS),
         block_ttl=block_ttl,
         renew_every=renew_every,
         lease_ttl=t.duration("lease_ttl", d.lease_ttl, minimum=1.0),
@@ -166,7 +168,7 @@ def _licence(t: Table, groups: Mapping[str, tuple[str, ...]]) -> Licence:
         key=key,
         id=licence_id,
         product=t.text("product", MISSING, MAX_PRODUCT_LEN),
-        seats=t.integer("seats", MISSING, 1),
+        seats=t.integer("seats", MISSING, 1, MAX_LICENCE_SEATS),
         lease_ttl=t.duration("lease_ttl", 90.0, minimum=1.0),
         grace=t.duration("grace", 15.0, allow_zero=True),
         not_before=not_before,
@@ -229,7 +231,7 @@ def _policies(t: Table, groups: Mapping[str, tuple[str, ...]]) -> dict[str, Any]
     out: dict[str, Any] = {
         "count_by": count_by,
         "device_period": device_period,
-        "overdraft": t.integer("overdraft", 0, 0),
+        "overdraft": t.integer("overdraft", 0, 0, MAX_LICENCE_SEATS),
         "allow": _rules(t, "allow", groups),
         "deny": _rules(t, "deny", groups),
         "reserve": _seat_map(t, "reserve", groups, lambda k: k in groups, "a group in [groups]"),
@@ -272,7 +274,7 @@ def _seat_map(
     for key in value:
         if not valid(key):
             raise sub.error(key, f"must name {what}")
-        out[key] = sub.integer(key, MISSING, 0)
+        out[key] = sub.integer(key, MISSING, 0, MAX_LICENCE_SEATS)
     return out
 
 
@@ -294,7 +296,7 @@ def _counters(t: Table) -> tuple[Counter, ...]:
         out.append(
             Counter(
                 name=name,
-                limit=c.integer("limit", MISSING, 1),
+                limit=c.integer("limit", MISSING, 1, MAX_COUNTER_LIMIT),
                 reset=reset,
                 dedup_window=c.duration("dedup_window", 3.0, allow_zero=True),
             )
@@ -312,7 +314,7 @@ def _addons(t: Table) -> tuple[Addon, ...]:
         starts, ends = a.timestamp("starts"), a.timestamp("ends")
         if starts is not None and ends is not None and ends <= starts:
             raise a.error("ends", "must be after starts")
-        seats = a.integer("seats", 0, 0)
+        seats = a.integer("seats", 0, 0, MAX_LICENCE_SEATS)
         features = _features(a)
         if not seats and not features:
             raise a.error("seats", "an add-on gives seats, features or both")

@@ -73,6 +73,10 @@ class Signer:
         #: Per licence, the statements linking this key to the vendor's (a router's
         #: block-mode licences: upstream chain + block token).
         self.chains: dict[str, list[bytes]] = {}
+        #: Per licence, the latest issue time in its chain: a token is never dated before
+        #: it (clients check that every link was valid when the token was issued), even if
+        #: this machine's clock is behind upstream's.
+        self.chain_iat: dict[str, float] = {}
 
     def chain_for(self, licence_id: str) -> list[bytes]:
         return self.chains.get(licence_id, self.chain)
@@ -83,7 +87,7 @@ class Signer:
         payload: dict[str, Any] = {
             "typ": "lease",
             "iss": self.public,
-            "iat": now,
+            "iat": max(now, self.chain_iat.get(lease.licence_id, now)),
             "exp": lease.expires,
             "lid": lease.handle,
             "lic": licence.id,

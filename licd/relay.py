@@ -250,7 +250,11 @@ class Relay:
             seats=reply.seats,
             detail={"relayed": "forward"},
         )
-        await self._persist(self.store.put_forwarded(item, event))
+        try:
+            await self._persist(self.store.put_forwarded(item, event))
+        except Unavailable:
+            await self._give_back(item.secret)  # not recorded: not kept upstream either
+            raise
         self.forwarded[item.secret] = item
         self.publish(event)
         return reply
@@ -264,6 +268,8 @@ class Relay:
             raise
         self.link.verify(reply, req.nonce)
         item.expires = reply.expires
+        # Kept, so that a restarted router does not prune a lease its holder still renews.
+        await self._persist(self.store.put_forwarded(item))
         return reply
 
     async def checkin(self, secret: str) -> bool:
@@ -331,6 +337,7 @@ class Relay:
         state.block = block
         state.chain = [*block.chain, block.token]
         self.signer.chains[relayed.id] = state.chain
+        self.signer.chain_iat[relayed.id] = leaf.iat
         state.next_renewal = block.renewed + relayed.renew_every
 
     def _verify_block(self, state: BlockState, reply: LeaseReply, nonce: bytes) -> Statement:
@@ -409,9 +416,9 @@ class Relay:
             block.expires = min(block.expires, max([now, *live]))
             state.last_error = "upstream revoked the block: issuing stopped"
             log.error("event=block_revoked licence=%s", block.licence_id)
-            await self.store.put_block(block)
             leaf = verify_chain(self.link.config.trust, block.chain, block.token)
-            self._install(state, block, leaf)
+            self._install(state, block, leaf)  # stop issuing first, whatever the disk says
+            await self.store.put_block(block)
             return
         leaf = self._verify_block(state, reply, nonce)
         renewed = Block(

@@ -65,7 +65,6 @@ class Connection:
         self._activity = 0.0  # loop time of the last read
         self._hello_deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self._decoder: FrameDecoder | None = None
 
     def _deadline(self) -> float:
         """When this connection must be closed unless something happens first: hello
@@ -81,8 +80,6 @@ class Connection:
 
     def _check_deadline(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._frame_started is None and self._decoder is not None and self._decoder.buffered:
-            self._frame_started = self._activity
         deadline = self._deadline()
         if self._closing:
             return
@@ -95,7 +92,7 @@ class Connection:
     async def run(self) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        decoder = self._decoder = FrameDecoder(MAX_FRAME_BEFORE_HELLO, REQUEST_LIMITS)
+        decoder = FrameDecoder(MAX_FRAME_BEFORE_HELLO, REQUEST_LIMITS)
         self._hello_deadline = loop.time() + cfg.hello_timeout
         self._activity = loop.time()
         self._timer = loop.call_at(self._hello_deadline, self._check_deadline)
@@ -130,15 +127,16 @@ class Connection:
                         break
                 # No timer per read: `_check_deadline` closes a connection whose
                 # deadline passed; a read just records when it happened.
-                if self._frame_started is None and decoder.buffered:
-                    self._frame_started = loop.time()
+                # Every whole frame is taken: what is left is a frame begun.
+                if not decoder.buffered:
+                    self._frame_started = None
+                elif self._frame_started is None:
+                    self._frame_started = self._activity
                 data = await self.reader.read(READ_CHUNK)
                 if not data:
                     break
                 self._activity = loop.time()
                 decoder.feed(data)
-                if self._frame_started is not None and not decoder.buffered:
-                    self._frame_started = None
         except (ConnectionError, OSError):
             pass
         finally:

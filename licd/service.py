@@ -297,26 +297,30 @@ class LicenceService:
         leases = self.engine.leases_of(licence_id)
         if leases and not force:
             raise LicenceInUse(licence_id, sum(x.seats for x in leases))
-        revoked = await self.revoke(
-            handles=[x.handle for x in leases if x.state is LeaseState.LIVE],
-            reason="licence removed",
-            admin_uid=admin_uid,
-        )
-        if self.engine.in_use(licence_id):
-            raise Unavailable("leases of the licence are still being committed; try again")
-        event = Event(
-            kind=Kind.LICENCE_REMOVED,
-            time=self.clock.now().wall,
-            licence=licence_id,
-            admin_uid=admin_uid,
-        )
-
-        await self._commit_licence_edit(
-            self.store.delete_licence(licence_id, event),
-            lambda: self.engine.remove_licence(licence_id),
-            event,
-            "the licence was not removed",
-        )
+        self.engine.suspend(licence_id)  # no checkout may slip in while we remove it
+        try:
+            revoked = await self.revoke(
+                handles=[x.handle for x in leases if x.state is LeaseState.LIVE],
+                reason="licence removed",
+                admin_uid=admin_uid,
+            )
+            if self.engine.in_use(licence_id):
+                raise Unavailable("leases of the licence are still being committed; try again")
+            event = Event(
+                kind=Kind.LICENCE_REMOVED,
+                time=self.clock.now().wall,
+                licence=licence_id,
+                admin_uid=admin_uid,
+            )
+            await self._commit_licence_edit(
+                self.store.delete_licence(licence_id, event),
+                lambda: self.engine.remove_licence(licence_id),
+                event,
+                "the licence was not removed",
+            )
+        except BaseException:
+            self.engine.resume(licence_id)
+            raise
         return revoked
 
     async def _commit_licence_edit(

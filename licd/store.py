@@ -297,25 +297,38 @@ class Store:
         finally:
             self._stopped.set()
 
-    async def _commit(self, batch: list[_Op]) -> None:
-        touched, self._touched = self._touched, {}
-        lazy_audit, self._lazy_audit = self._lazy_audit, []
-        lazy: Statements = [
-            (TOUCH_LEASE, [(exp, hb, secret) for secret, (exp, hb) in touched.items()]),
-            (INSERT_AUDIT, [audit_row(e) for e in lazy_audit]),
-        ]
+    async def _commit(self, batch: list[_Op], *, lazy: bool = True) -> None:
+        """Commit `batch` (with the lazy writes), or find what failed and fail only that:
+        any error, not just SQLite's (a value SQLite cannot store raises OverflowError),
+        fails the callers whose mutation caused it and never stops the writer."""
+        statements: Statements = []
+        touched: dict[str, tuple[float, float]] = {}
+        lazy_audit: list[Event] = []
+        if lazy:
+            touched, self._touched = self._touched, {}
+            lazy_audit, self._lazy_audit = self._lazy_audit, []
+            statements = [
+                (TOUCH_LEASE, [(exp, hb, secret) for secret, (exp, hb) in touched.items()]),
+                (INSERT_AUDIT, [audit_row(e) for e in lazy_audit]),
+            ]
         try:
             # Lazy entries first: the denials among them happened before this batch.
-            await self._transaction(lazy + [s for op in batch for s in op.statements])
-        except sqlite3.Error as exc:
-            # Keep the lazy writes for the next attempt; they are nobody's reply.
-            self._touched = {**touched, **self._touched}
-            self._lazy_audit = lazy_audit + self._lazy_audit
+            await self._transaction(statements + [s for op in batch for s in op.statements])
+        except Exception as exc:
+            if touched or lazy_audit:
+                # The batch alone, then the lazy writes alone; if those fail by
+                # themselves they are dropped (renewals are covered on restore).
+                await self._commit(batch, lazy=False)
+                try:
+                    await self._transaction(statements)
+                except Exception as lazy_exc:
+                    log.error("event=lazy_writes_dropped error=%r", str(lazy_exc))
+                return
             if len(batch) > 1:
                 # Find the culprit: each mutation alone, so the others still commit.
                 log.warning("event=batch_failed size=%d error=%r", len(batch), str(exc))
                 for op in batch:
-                    await self._commit([op])
+                    await self._commit([op], lazy=False)
                 return
             log.error("event=commit_failed error=%r", str(exc))
             for op in batch:

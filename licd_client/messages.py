@@ -20,6 +20,11 @@ from .schema import FeatureValue as FeatureValue
 from .schema import Fields as Fields
 
 PROTOCOL_VERSION = 1
+#: Bounds on the integers a request may carry: what the daemon stores must fit SQLite's
+#: signed 64-bit integers with room to add to them.
+MAX_STORED_INT = 2**63 - 1
+MAX_SEATS = 65535  # seats in one lease
+MAX_UNITS = 2**32  # units in one consume
 MAX_REQUEST_KEY_LEN = 64
 NONCE_LEN = 16
 KEY_LEN = 32
@@ -59,7 +64,7 @@ class Holder:
             host=r.nonempty_str("host", max_len=255),
             hostid=r.nonempty_str("hostid", max_len=255),
             user=r.text("user", max_len=255),
-            pid=r.uint("pid"),
+            pid=r.uint("pid", maximum=MAX_STORED_INT),
             app=r.text("app", max_len=255, required=False),
             instance=r.text("instance", max_len=255, required=False),
         )
@@ -124,7 +129,7 @@ class Checkout(Request):
     def read(cls, rid: int, r: Fields) -> Checkout:
         key = r.nonempty_str("key", max_len=255)
         holder = Holder.from_wire(r.mapping("holder"))
-        seats = r.uint("seats", required=False, minimum=1)
+        seats = r.uint("seats", required=False, minimum=1, maximum=MAX_SEATS)
         return cls(
             rid,
             key=key,
@@ -201,7 +206,7 @@ class Consume(Request):
             rid,
             lease=r.nonempty_str("lease", max_len=255),
             counter=r.nonempty_str("counter", max_len=64),
-            units=r.uint("units", minimum=1),
+            units=r.uint("units", minimum=1, maximum=MAX_UNITS),
             dedup=r.text("dedup", max_len=MAX_REQUEST_KEY_LEN, required=False),
         )
 

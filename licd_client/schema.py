@@ -53,7 +53,9 @@ class Fields:
             raise self._fail(name, "must not be empty")
         return value
 
-    def uint(self, name: str, *, required: bool = True, minimum: int = 0) -> Any:
+    def uint(
+        self, name: str, *, required: bool = True, minimum: int = 0, maximum: int = MAX_UINT
+    ) -> Any:
         value = self._get(name, required)
         if value is None and not required:
             return None
@@ -61,6 +63,8 @@ class Fields:
             raise self._fail(name, "must be an unsigned integer")
         if value < minimum:
             raise self._fail(name, f"must be at least {minimum}")
+        if value > maximum:
+            raise self._fail(name, f"must be at most {maximum}")
         return value
 
     def number(self, name: str, *, required: bool = True, positive: bool = False) -> Any:

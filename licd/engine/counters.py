@@ -33,6 +33,7 @@ class Consumed:
     limit: int
     counted: bool
     state: CounterState  # what to persist (unchanged when not counted)
+    dedup_key: tuple[str, str, str] | None = None  # remembered for the window
 
     @property
     def remaining(self) -> int:
@@ -74,12 +75,15 @@ class CounterBook:
         if seen_key is not None:
             self._seen.pop(seen_key, None)  # re-inserted last: the order stays by time
             self._seen[seen_key] = at.mono + counter.dedup_window
-        return Consumed(counter.name, s.used, counter.limit, True, s)
+        return Consumed(counter.name, s.used, counter.limit, True, s, seen_key)
 
     def undo(self, consumed: Consumed, units: int) -> None:
-        """The consume's commit failed: give its units back."""
+        """The consume's commit failed: give its units back, and forget its dedup id so
+        that the client's retry counts."""
         if consumed.counted:
             consumed.state.used = max(0, consumed.state.used - units)
+            if consumed.dedup_key is not None:
+                self._seen.pop(consumed.dedup_key, None)
 
     def _forget_old(self, mono: float) -> None:
         seen = self._seen

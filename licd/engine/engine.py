@@ -94,6 +94,7 @@ class Engine:
         self._by_handle: dict[str, Lease] = {}
         self._by_request: dict[tuple[str, str, str], Lease] = {}
         self._devices: dict[tuple[str, str], Lease] = {}  # (licence id, hostid) -> lease
+        self._removing: set[str] = set()  # licence ids being removed: no new grants
         self.seats = SeatBook()
         self.counters = CounterBook()
         self.groups: Mapping[str, tuple[str, ...]] = dict(groups or {})
@@ -152,6 +153,14 @@ class Engine:
         if holder_of_key is not None and holder_of_key.id != licence.id:
             raise BadRequest(f"licence {holder_of_key.id!r} already has this key")
 
+    def suspend(self, licence_id: str) -> None:
+        """A removal is under way: grant nothing more of this licence."""
+        self._removing.add(licence_id)
+
+    def resume(self, licence_id: str) -> None:
+        """The removal did not happen: grant as before."""
+        self._removing.discard(licence_id)
+
     def licence_for_key(self, key: str) -> Licence | None:
         return self._licences.get(key)
 
@@ -165,6 +174,7 @@ class Engine:
         del self._by_id[licence_id]
         del self._licences[licence.key]
         self.seats.forget(licence_id)
+        self._removing.discard(licence_id)
         return licence
 
     # ---------------------------------------------------------------- decisions
@@ -187,6 +197,8 @@ class Engine:
         caps (`max`); the seats in force (add-ons included) less the seats reserved for
         groups the holder is not in; beyond that, `overdraft` seats, each flagged."""
         licence = self._licence(key)
+        if licence.id in self._removing:
+            raise UnknownLicence("the licence is being removed")
         self._check_validity(licence, at)
         if ttl is not None and ttl < MIN_TTL:
             raise BadRequest(f"checkout: 'ttl' must be at least {MIN_TTL:g} second")

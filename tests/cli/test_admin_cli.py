@@ -445,7 +445,10 @@ async def test_reload_applies_the_file_or_names_its_error(tmp_path: Path) -> Non
         path.write_text(good.replace("seats = 3", "seats = 0"))
         bad = await licd("reload", "--socket", str(daemon.admin.path))
         assert bad.exit_code == 1
-        assert bad.stderr == f"Error: {path}: licence[0].seats: must be an integer >= 1\n"
+        assert (
+            bad.stderr
+            == f"Error: {path}: licence[0].seats: must be an integer between 1 and 1000000\n"
+        )
         assert daemon.engine.licence_by_id("dicom-hq").seats == 3  # type: ignore[union-attr]
         # Now the file itself is broken, so --config cannot find the socket either.
         broken = await licd("status", *conf)
