@@ -119,7 +119,8 @@ class Daemon:
         )
         service.events.subscribe(self.metrics.on_event)
         service.events.subscribe(self.alerts.on_event)
-        server.dispatcher.on_request = self._observe_request
+        if config.metrics.listen is not None:  # no endpoint, nobody to read the timings
+            server.dispatcher.on_request = self._observe_request
 
     def _observe_request(self, op: str, seconds: float, error: str | None) -> None:
         self.metrics.observe_request(op, seconds, error)
