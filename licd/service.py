@@ -52,7 +52,7 @@ class LicenceService:
         self.store = store
         self.clock = clock
         self.events = events or EventBus()
-        self._inflight: dict[str, asyncio.Task[None]] = {}  # lease secret -> its commit
+        self._inflight: dict[str, asyncio.Future[None]] = {}  # lease secret -> its commit
 
     def now(self) -> Instant:
         return self.clock.now()
@@ -102,19 +102,26 @@ class LicenceService:
             raise
         lease = grant.lease
         if grant.fresh:
-            task = asyncio.create_task(self._commit_checkout(lease, at))
-            self._inflight[lease.secret] = task
-            await asyncio.shield(task)
+            await self._committed(self._commit_checkout(lease, at))
         else:
             # An idempotent retry. If the first attempt is still committing, its outcome
             # is this one's too.
             pending = self._inflight.get(lease.secret)
             if pending is not None:
-                await asyncio.shield(pending)
+                await self._committed(pending)
             if lease.state is not LeaseState.LIVE:
                 raise Unavailable()
             self.store.touch_lease(lease)
         return grant
+
+    @staticmethod
+    async def _committed(commit: asyncio.Future[None]) -> None:
+        """Wait for a commit. Shielded: a caller that goes away does not cancel it (what
+        must follow it runs in its done-callback either way)."""
+        try:
+            await asyncio.shield(commit)
+        except StoreError:
+            raise Unavailable() from None
 
     def _deny(
         self, key: str, holder: Holder, ip: str | None, seats: int, exc: LicdError, at: Instant
@@ -135,7 +142,9 @@ class LicenceService:
         self.store.append_later(event)
         self._published(event)
 
-    async def _commit_checkout(self, lease: Lease, at: Instant) -> None:
+    def _commit_checkout(self, lease: Lease, at: Instant) -> asyncio.Future[None]:
+        """Persist a granted lease; once committed it is confirmed (or, if the commit
+        failed, aborted), in a callback that runs whatever happens to the caller."""
         # An overdraft grant is an exception the audit log calls out.
         event = lease_event(
             Kind.CHECKOUT,
@@ -144,18 +153,23 @@ class LicenceService:
             reason="overdraft" if lease.overdraft else None,
             detail={"in_use": self.engine.in_use(lease.licence_id), "overdraft": lease.overdraft},
         )
-        try:
-            await self.store.insert_lease(lease, event)
-        except StoreError as exc:
-            self.engine.abort(lease)
-            log.error(
-                "event=checkout_not_committed licence=%s error=%r", lease.licence_id, str(exc)
-            )
-            raise Unavailable() from None
-        finally:
+        commit = self.store.insert_lease(lease, event)
+        self._inflight[lease.secret] = commit
+
+        def landed(done: asyncio.Future[None]) -> None:
             self._inflight.pop(lease.secret, None)
-        self.engine.confirm(lease)
-        self._published(event)
+            error = _failure(done)
+            if error is not None:
+                self.engine.abort(lease)
+                log.error(
+                    "event=checkout_not_committed licence=%s error=%r", lease.licence_id, error
+                )
+                return
+            self.engine.confirm(lease)
+            self._published(event)
+
+        commit.add_done_callback(landed)
+        return commit
 
     def heartbeat(self, secret: str, at: Instant) -> Grant:
         grant = self.engine.heartbeat(secret, at)
@@ -174,11 +188,14 @@ class LicenceService:
         """Use metered units under a lease; answered once the new count is committed."""
         consumed = self.engine.consume(secret, counter, units, dedup, self.clock.now())
         if consumed.counted:
-            try:
-                await self._durably(lambda: self.store.put_counter(consumed.state))
-            except StoreError:
-                self.engine.counters.undo(consumed, units)
-                raise Unavailable() from None
+            commit = self.store.put_counter(consumed.state)
+
+            def landed(done: asyncio.Future[None]) -> None:
+                if _failure(done) is not None:
+                    self.engine.counters.undo(consumed, units)
+
+            commit.add_done_callback(landed)
+            await self._committed(commit)
         return consumed
 
     def available(self, key: str) -> Availability:
@@ -221,9 +238,9 @@ class LicenceService:
         return leases
 
     async def _release(self, leases: Sequence[Lease], kind: Kind, **extra: Any) -> None:
-        await self._durably(lambda: self._commit_release(leases, kind, **extra))
-
-    async def _commit_release(self, leases: Sequence[Lease], kind: Kind, **extra: Any) -> None:
+        """Delete released leases; once committed their seats are freed (or, if the
+        commit failed, the leases are live again), in a callback whatever happens to
+        the caller."""
         now = self.clock.now().wall
         events = []
         freed: dict[str, int] = {}  # per licence, as each release lands in turn
@@ -233,16 +250,23 @@ class LicenceService:
             )
             in_use = self.engine.in_use(lease.licence_id) - freed[lease.licence_id]
             events.append(lease_event(kind, lease, now, detail={"in_use": in_use}, **extra))
-        try:
-            await self.store.delete_leases(leases, events)
-        except StoreError as exc:
-            for lease in leases:
-                self.engine.cancel_release(lease)
-            log.error("event=%s_not_committed count=%d error=%r", kind.value, len(leases), str(exc))
-            raise Unavailable() from None
-        for lease, event in zip(leases, events, strict=True):
-            self.engine.released(lease)
-            self._published(event)
+        commit = self.store.delete_leases(leases, events)
+
+        def landed(done: asyncio.Future[None]) -> None:
+            error = _failure(done)
+            if error is not None:
+                for lease in leases:
+                    self.engine.cancel_release(lease)
+                log.error(
+                    "event=%s_not_committed count=%d error=%r", kind.value, len(leases), error
+                )
+                return
+            for lease, event in zip(leases, events, strict=True):
+                self.engine.released(lease)
+                self._published(event)
+
+        commit.add_done_callback(landed)
+        await self._committed(commit)
 
     async def run_reaper(self, interval: float) -> None:
         """Reclaim lapsed leases every `interval` seconds, forever."""
@@ -368,3 +392,11 @@ def _changes(old: Licence | None, new: Licence) -> dict[str, Any]:
     if old.key != new.key:
         out["key"] = "changed"
     return out
+
+
+def _failure(done: asyncio.Future[None]) -> str | None:
+    """Why a commit failed, or None if it succeeded."""
+    if done.cancelled():
+        return "cancelled"
+    error = done.exception()
+    return None if error is None else str(error)

@@ -187,14 +187,20 @@ class Store:
 
     # ------------------------------------------------------------------ writes
 
-    async def insert_lease(self, lease: Lease, event: Event | None = None) -> None:
-        """Persist a new lease (and its audit entry); returns once committed."""
-        await self._submit([(INSERT_LEASE, [lease_row(lease)]), *_audit(event)])
+    # The hot writes return their commit's future itself (awaitable): the service hangs
+    # what must follow the commit on it as a callback, which runs even if the caller
+    # is cancelled meanwhile, at no cost of a task.
 
-    async def delete_leases(self, leases: Sequence[Lease], events: Sequence[Event] = ()) -> None:
-        """Delete leases (checkin, reclaim, revoke) with their audit entries; returns once
+    def insert_lease(self, lease: Lease, event: Event | None = None) -> asyncio.Future[None]:
+        """Persist a new lease (and its audit entry): done once committed."""
+        return self._enqueue([(INSERT_LEASE, [lease_row(lease)]), *_audit(event)])
+
+    def delete_leases(
+        self, leases: Sequence[Lease], events: Sequence[Event] = ()
+    ) -> asyncio.Future[None]:
+        """Delete leases (checkin, reclaim, revoke) with their audit entries: done once
         committed."""
-        await self._submit(
+        return self._enqueue(
             [
                 (DELETE_LEASE, [(lease.secret,) for lease in leases]),
                 (INSERT_AUDIT, [audit_row(e) for e in events]),
@@ -217,8 +223,8 @@ class Store:
     async def load_counters(self) -> list[CounterState]:
         return [row_counter(row) for row in await self._read(SELECT_COUNTERS)]
 
-    async def put_counter(self, state: CounterState) -> None:
-        await self._submit([(UPSERT_COUNTER, [counter_row(state)])])
+    def put_counter(self, state: CounterState) -> asyncio.Future[None]:
+        return self._enqueue([(UPSERT_COUNTER, [counter_row(state)])])
 
     # Site router state (relay.py): small, rare writes, each awaited.
 
@@ -258,11 +264,14 @@ class Store:
         await self._submit([])
 
     async def _submit(self, statements: Statements) -> None:
+        await self._enqueue(statements)
+
+    def _enqueue(self, statements: Statements) -> asyncio.Future[None]:
         if self._closed:
             raise StoreError("the store is closed")
         op = _Op(statements)
         self._queue.put_nowait(op)
-        await op.done
+        return op.done
 
     # ------------------------------------------------------------------ writer
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sqlite3
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -19,7 +19,7 @@ from licd.engine import Engine, Licence
 from licd.engine.licence import Counter
 from licd.events import Event, Kind
 from licd.service import LicenceService
-from licd.store import Store, StoreError
+from licd.store import Store
 from licd_client.errors import LicdError, Unavailable, UnknownLicence
 from licd_client.wire import encode
 from tests.support import DICOM, RawPeer, address, holder, make_config, running
@@ -100,21 +100,19 @@ async def test_remove_licence_racing_a_checkout_keeps_engine_and_db_in_step(
 # ------------------------------------------------------------------ metered counters
 
 
-async def test_retry_after_failed_consume_is_counted(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_retry_after_failed_consume_is_counted(tmp_path: Path) -> None:
     licence = replace(DICOM, counter=(Counter("scan", 10, dedup_window=60.0),))
     async with rig(tmp_path, licence) as r:
         grant = await r.service.checkout(licence.key, holder(), request="r1", at=r.clock.now())
         secret = grant.lease.secret
 
-        async def broken(state: Any) -> None:
-            raise StoreError("disk full")
-
-        with monkeypatch.context() as m:
-            m.setattr(r.store, "put_counter", broken)
-            with pytest.raises(Unavailable):
-                await r.service.consume(secret, "scan", 1, "barcode-1")
+        failing = "CREATE TRIGGER full BEFORE INSERT ON counter BEGIN SELECT RAISE(ABORT, 'x'); END"
+        with sqlite3.connect(r.store.path) as db:
+            db.execute(failing)  # the disk refuses the counter's write
+        with pytest.raises(Unavailable):
+            await r.service.consume(secret, "scan", 1, "barcode-1")
+        with sqlite3.connect(r.store.path) as db:
+            db.execute("DROP TRIGGER full")
         consumed = await r.service.consume(secret, "scan", 1, "barcode-1")
         assert consumed.counted
         assert consumed.used == 1
