@@ -380,25 +380,8 @@ class Relay:
             await self._give_back(reply.lease)
             state.request = f"block-{secrets.token_hex(8)}"  # that one was given back
             raise
-        block = Block(
-            relayed.id,
-            reply.lease,
-            reply.handle,
-            request,
-            reply.seats,
-            reply.expires,
-            reply.token,
-            list(reply.chain),
-            self.clock.now().wall,
-        )
-        await self.store.put_block(block)
-        self._install(state, block, leaf)
-        log.info(
-            "event=block_taken licence=%s seats=%d expires=%.0f",
-            relayed.id,
-            block.seats,
-            block.expires,
-        )
+        block = await self._keep(state, reply.lease, request, reply, leaf)
+        log.info("event=block_taken licence=%s seats=%d", relayed.id, block.seats)
 
     async def renew_block(self, state: BlockState) -> None:
         block = state.block
@@ -421,20 +404,27 @@ class Relay:
             await self.store.put_block(block)
             return
         leaf = self._verify_block(state, reply, nonce)
-        renewed = Block(
-            block.licence_id,
-            block.secret,
+        renewed = await self._keep(state, block.secret, block.request, reply, leaf)
+        log.info("event=block_renewed licence=%s expires=%.0f", block.licence_id, renewed.expires)
+
+    async def _keep(
+        self, state: BlockState, secret: str, request: str, reply: LeaseReply, leaf: Statement
+    ) -> Block:
+        """A verified block (taken or renewed): persisted, then served from."""
+        block = Block(
+            state.relayed.id,
+            secret,
             reply.handle,
-            block.request,
+            request,
             reply.seats,
             reply.expires,
             reply.token,
             list(reply.chain),
             self.clock.now().wall,
         )
-        await self.store.put_block(renewed)
-        self._install(state, renewed, leaf)
-        log.info("event=block_renewed licence=%s expires=%.0f", block.licence_id, renewed.expires)
+        await self.store.put_block(block)
+        self._install(state, block, leaf)
+        return block
 
     async def run_block(self, state: BlockState) -> None:
         """Keep one block-mode licence supplied, forever: take the block if there is
