@@ -8,10 +8,11 @@ connection. It knows the protocol's messages, not sockets and not SQL.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,10 +106,10 @@ class Dispatcher:
         #: Told of every request: (op, seconds taken, error code or None). Metrics.
         self.on_request = on_request
 
-    def handle(self, session: Session, data: dict[str, Any]) -> Answer | Awaitable[Answer]:
+    def handle(self, session: Session, data: dict[str, Any]) -> Answer | asyncio.Future[Answer]:
         """Answer one decoded frame: (reply map, whether to close the connection) at once
-        when no I/O is needed (hello, heartbeat, available, every error), else an
-        awaitable of it. The hot path (a heartbeat) thus costs no task."""
+        when no I/O is needed (hello, heartbeat, available, every error), else a future
+        of it. No request costs a task, except a router's (its upstream is awaited)."""
         started = time.perf_counter()
         try:
             if self.shutting_down:
@@ -117,7 +118,11 @@ class Dispatcher:
             if not session.hello_done and not isinstance(request, Hello):
                 raise HelloRequired()
             if self._needs_io(request):
-                return self._answer_later(session, request, data, started)
+                if self.relay is not None:  # a router: the upstream may be involved
+                    return asyncio.ensure_future(
+                        self._answer_later(session, request, data, started)
+                    )
+                return self._answer_durably(session, request, data, started)
             reply = self._answer_now(session, request)
         except Exception as exc:
             return self._failed(data, started, exc)
@@ -127,12 +132,103 @@ class Dispatcher:
     async def _answer_later(
         self, session: Session, request: Request, data: dict[str, Any], started: float
     ) -> Answer:
+        """A site router's request: relayed upstream, or else answered here."""
+        relay = self.relay
         try:
-            reply = await self._answer(session, request)
+            reply = None if relay is None else await self._relayed(relay, session, request)
+            if reply is None:
+                if not isinstance(request, Checkout | Checkin | Consume):
+                    reply = self._answer_now(session, request)
+                else:
+                    answer = self._answer_durably(session, request, data, started)
+                    return answer if isinstance(answer, tuple) else await answer
         except Exception as exc:
             return self._failed(data, started, exc)
         self._observe(data, started, None)
         return reply.to_wire(), False
+
+    def _answer_durably(
+        self, session: Session, request: Request, data: dict[str, Any], started: float
+    ) -> Answer | asyncio.Future[Answer]:
+        """A checkout, checkin or consume: decided now, answered once its commit is done
+        (a future of the answer, settled by the commit's callback: no task)."""
+        service = self.service
+        if isinstance(request, Checkout):
+            at = service.now()
+            grant, commit = service.begin_checkout(
+                request.key,
+                request.holder,
+                request=request.request,
+                at=at,
+                seats=request.seats,
+                ttl=request.ttl,
+                delegate=request.delegate,
+                ip=session.peer,
+            )
+
+            def checked_out() -> Reply:
+                if commit is not None:
+                    service.checkout_landed(grant)
+                return self._lease_reply(
+                    request.id, grant, request.nonce, at.wall, with_secret=True
+                )
+
+            return self._after(commit, checked_out, data, started)
+        if isinstance(request, Checkin):
+            rid = request.id
+            commit = service.begin_checkin(request.lease)
+            return self._after(
+                commit, lambda: CheckinReply(rid, released=commit is not None), data, started
+            )
+        if isinstance(request, Consume):
+            c, commit = service.begin_consume(
+                request.lease, request.counter, request.units, request.dedup
+            )
+            rid = request.id
+            return self._after(
+                commit,
+                lambda: ConsumeReply(
+                    rid,
+                    counter=c.counter,
+                    used=c.used,
+                    limit=c.limit,
+                    remaining=c.remaining,
+                    counted=c.counted,
+                ),
+                data,
+                started,
+            )
+        raise BadRequest(f"op {request.op!r} is not served")
+
+    def _after(
+        self,
+        commit: asyncio.Future[None] | None,
+        reply: Callable[[], Reply],
+        data: dict[str, Any],
+        started: float,
+    ) -> Answer | asyncio.Future[Answer]:
+        """The answer `reply()` makes once `commit` is done (at once without a commit);
+        a failed commit answers `unavailable`."""
+        if commit is None:
+            answer = reply().to_wire(), False
+            self._observe(data, started, None)
+            return answer
+        out: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+
+        def landed(done: asyncio.Future[None]) -> None:
+            try:
+                if done.cancelled() or done.exception() is not None:
+                    raise Unavailable()
+                answer = reply().to_wire(), False
+            except Exception as exc:
+                answer = self._failed(data, started, exc)
+            else:
+                self._observe(data, started, None)
+            if not out.done():
+                out.set_result(answer)
+
+        commit.add_done_callback(landed)
+        return out
 
     def _failed(self, data: dict[str, Any], started: float, exc: Exception) -> Answer:
         frame, close = error_reply(request_id(data), exc, data.get("op"))
@@ -162,40 +258,6 @@ class Dispatcher:
     def error(exc: LicdError) -> dict[str, Any]:
         """The reply for an error found before a request could be decoded."""
         return error_frame(None, exc)
-
-    async def _answer(self, session: Session, request: Request) -> Reply:
-        service = self.service
-        relay = self.relay
-        if relay is not None:
-            relayed = await self._relayed(relay, session, request)
-            if relayed is not None:
-                return relayed
-        if isinstance(request, Checkout):
-            at = service.now()
-            grant = await service.checkout(
-                request.key,
-                request.holder,
-                request=request.request,
-                at=at,
-                seats=request.seats,
-                ttl=request.ttl,
-                delegate=request.delegate,
-                ip=session.peer,
-            )
-            return self._lease_reply(request.id, grant, request.nonce, at.wall, with_secret=True)
-        if isinstance(request, Checkin):
-            return CheckinReply(request.id, released=await service.checkin(request.lease))
-        if isinstance(request, Consume):
-            c = await service.consume(request.lease, request.counter, request.units, request.dedup)
-            return ConsumeReply(
-                request.id,
-                counter=c.counter,
-                used=c.used,
-                limit=c.limit,
-                remaining=c.remaining,
-                counted=c.counted,
-            )
-        return self._answer_now(session, request)
 
     def _answer_now(self, session: Session, request: Request) -> Reply:
         """The ops answered from memory: hello, heartbeat, available."""

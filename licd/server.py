@@ -147,10 +147,9 @@ class Connection:
         if isinstance(answer, tuple):  # answered from memory: no task needed
             self._push_done(answer)
             return
-        task = asyncio.ensure_future(answer)
-        self._pending.append(task)
+        self._pending.append(answer)
         self._after_push()
-        task.add_done_callback(self._flush)
+        answer.add_done_callback(self._flush)
 
     def _push_done(self, reply: Reply) -> None:
         if not self._pending:  # nothing owed before it: out it goes

@@ -3,9 +3,12 @@
 A checkout is granted in the engine, committed by the store with its audit entry, then
 confirmed (or aborted if the commit failed); a checkin, reclaim or revoke is marked in
 the engine, deleted in the store with its audit entries, then released (or restored).
-Licence edits are checked by the engine, committed, then applied. Persistence runs in
-shielded tasks, so a caller that goes away mid-commit never leaves the engine and the
-database disagreeing. After each commit, the event is published (metrics, alerts, logs).
+Licence edits are checked by the engine, committed, then applied. What must follow a
+commit runs in its future's done-callback (licence edits: in a shielded task), so a
+caller that goes away mid-commit never leaves the engine and the database disagreeing.
+The wire's hot ops come in two forms: `begin_*`, which decides at once and returns the
+commit to wait for (dispatch answers from its callback, without a task), and an async
+form that awaits it. After each commit, the event is published (metrics, alerts, logs).
 No wire formats and no signatures here: `dispatch` and `admin` do those.
 """
 
@@ -93,6 +96,29 @@ class LicenceService:
         delegate: bytes | None = None,
         ip: str | None = None,
     ) -> Grant:
+        grant, commit = self.begin_checkout(
+            key, holder, request=request, at=at, seats=seats, ttl=ttl, delegate=delegate, ip=ip
+        )
+        if commit is not None:
+            await self._committed(commit)
+            self.checkout_landed(grant)
+        return grant
+
+    def begin_checkout(
+        self,
+        key: str,
+        holder: Holder,
+        *,
+        request: str,
+        at: Instant,
+        seats: int = 1,
+        ttl: float | None = None,
+        delegate: bytes | None = None,
+        ip: str | None = None,
+    ) -> tuple[Grant, asyncio.Future[None] | None]:
+        """Grant a lease, and the commit it waits for (None: nothing to wait for). The
+        grant may be answered once that commit is done, and `checkout_landed` says so;
+        a commit that failed means `unavailable`. Without a task: the wire's hot path."""
         try:
             grant = self.engine.checkout(
                 key, holder, request=request, at=at, seats=seats, ttl=ttl, delegate=delegate, ip=ip
@@ -102,17 +128,21 @@ class LicenceService:
             raise
         lease = grant.lease
         if grant.fresh:
-            await self._committed(self._commit_checkout(lease, at))
-        else:
-            # An idempotent retry. If the first attempt is still committing, its outcome
-            # is this one's too.
-            pending = self._inflight.get(lease.secret)
-            if pending is not None:
-                await self._committed(pending)
-            if lease.state is not LeaseState.LIVE:
-                raise Unavailable()
-            self.store.touch_lease(lease)
-        return grant
+            return grant, self._commit_checkout(lease, at)
+        # An idempotent retry. If the first attempt is still committing, its outcome is
+        # this one's too.
+        pending = self._inflight.get(lease.secret)
+        if pending is None:
+            self.checkout_landed(grant)
+        return grant, pending
+
+    def checkout_landed(self, grant: Grant) -> None:
+        """After the checkout's commit: raises Unavailable unless its lease is live (a
+        retry whose first attempt failed to commit)."""
+        if grant.lease.state is not LeaseState.LIVE:
+            raise Unavailable()
+        if not grant.fresh:
+            self.store.touch_lease(grant.lease)
 
     @staticmethod
     async def _committed(commit: asyncio.Future[None]) -> None:
@@ -178,25 +208,42 @@ class LicenceService:
 
     async def checkin(self, secret: str) -> bool:
         """Release the lease with `secret`; False when there was none."""
+        commit = self.begin_checkin(secret)
+        if commit is None:
+            return False
+        await self._committed(commit)
+        return True
+
+    def begin_checkin(self, secret: str) -> asyncio.Future[None] | None:
+        """Release the lease with `secret`: the commit to wait for, or None when there
+        was no lease to release."""
         lease = self.engine.begin_release(secret)
         if lease is None:
-            return False
-        await self._release([lease], Kind.CHECKIN)
-        return True
+            return None
+        return self._begin_release([lease], Kind.CHECKIN)
 
     async def consume(self, secret: str, counter: str, units: int, dedup: str | None) -> Consumed:
         """Use metered units under a lease; answered once the new count is committed."""
-        consumed = self.engine.consume(secret, counter, units, dedup, self.clock.now())
-        if consumed.counted:
-            commit = self.store.put_counter(consumed.state)
-
-            def landed(done: asyncio.Future[None]) -> None:
-                if _failure(done) is not None:
-                    self.engine.counters.undo(consumed, units)
-
-            commit.add_done_callback(landed)
+        consumed, commit = self.begin_consume(secret, counter, units, dedup)
+        if commit is not None:
             await self._committed(commit)
         return consumed
+
+    def begin_consume(
+        self, secret: str, counter: str, units: int, dedup: str | None
+    ) -> tuple[Consumed, asyncio.Future[None] | None]:
+        """Count metered units now; the commit the answer waits for, if any."""
+        consumed = self.engine.consume(secret, counter, units, dedup, self.clock.now())
+        if not consumed.counted:
+            return consumed, None
+        commit = self.store.put_counter(consumed.state)
+
+        def landed(done: asyncio.Future[None]) -> None:
+            if _failure(done) is not None:
+                self.engine.counters.undo(consumed, units)
+
+        commit.add_done_callback(landed)
+        return consumed, commit
 
     def available(self, key: str) -> Availability:
         return self.engine.available(key, self.clock.now())
@@ -238,9 +285,14 @@ class LicenceService:
         return leases
 
     async def _release(self, leases: Sequence[Lease], kind: Kind, **extra: Any) -> None:
+        await self._committed(self._begin_release(leases, kind, **extra))
+
+    def _begin_release(
+        self, leases: Sequence[Lease], kind: Kind, **extra: Any
+    ) -> asyncio.Future[None]:
         """Delete released leases; once committed their seats are freed (or, if the
         commit failed, the leases are live again), in a callback whatever happens to
-        the caller."""
+        the caller. Returns the commit."""
         now = self.clock.now().wall
         events = []
         freed: dict[str, int] = {}  # per licence, as each release lands in turn
@@ -266,7 +318,7 @@ class LicenceService:
                 self._published(event)
 
         commit.add_done_callback(landed)
-        await self._committed(commit)
+        return commit
 
     async def run_reaper(self, interval: float) -> None:
         """Reclaim lapsed leases every `interval` seconds, forever."""

@@ -2,14 +2,17 @@
 
 Theory of operation: one writer task (`run`) owns every transaction. Callers enqueue
 mutations and await them; the writer takes everything queued so far, commits it in one
-`BEGIN IMMEDIATE ... COMMIT` (one fsync for the whole batch: group commit) in a single
-hop to the thread that owns the writing connection, then resolves each caller's
-future. Reads go through aiosqlite on a read-only connection of their own. A caller
-replies only after its future resolves, so an acknowledged checkout or checkin is on
-disk. Heartbeats only `touch` a lease: its new expiry rides along with the next batch
-(or a timer), never delaying the reply; a restart covers the gap (`Engine.restore`).
-If a batch fails, each mutation is retried alone, so one bad row fails only its own
-caller. The store never decides anything.
+`BEGIN IMMEDIATE ... COMMIT` (one fsync for the whole batch: group commit), then
+resolves each caller's future. The batch's statements run on the event loop (CPU
+only, into SQLite's page cache); only the COMMIT, which writes the WAL and waits for
+its fsync, runs on a thread of its own. So the loop never waits for the disk, and the
+two threads do not take turns at the GIL for every row (which made every system call
+of the loop wait). Reads go through aiosqlite on a read-only connection of their own.
+A caller replies only after its future resolves, so an acknowledged checkout or
+checkin is on disk. Heartbeats only `touch` a lease: its new expiry rides along with
+the next batch (or a timer), never delaying the reply; a restart covers the gap
+(`Engine.restore`). If a batch fails, each mutation is retried alone, so one bad row
+fails only its own caller. The store never decides anything.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import os
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
@@ -80,14 +82,14 @@ class StoreError(Exception):
 Statements = list[tuple[str, list[tuple[Any, ...]]]]
 
 
-@dataclass
 class _Op:
     """One caller's mutation: statements with their rows, and the caller's future."""
 
-    statements: Statements
-    done: asyncio.Future[None] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    __slots__ = ("statements", "done")
+
+    def __init__(self, statements: Statements, done: asyncio.Future[None]) -> None:
+        self.statements = statements
+        self.done = done
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -105,13 +107,18 @@ class Store:
         self._conn = conn  # used only on the `writer` thread
         self._writer = writer
         self.path = path
-        self._queue: asyncio.Queue[_Op | None] = asyncio.Queue()
+        self._ops: list[_Op] = []  # queued for the next batch
+        self._wake: asyncio.Future[None] | None = None  # the idle writer waits on it
+        self._stopping = False
         self._touched: dict[str, tuple[float, float]] = {}
         self._lazy_audit: list[Event] = []
         self._reader: aiosqlite.Connection | None = None
         self._closed = False
         self._running = False
         self._stopped = asyncio.Event()
+        # The writing connection is used by one party at a time: a transaction (on the
+        # loop, then its COMMIT on the thread) or a pragma.
+        self._conn_lock = asyncio.Lock()
         self.transactions = 0  # committed batches, for metrics and tests
 
     @classmethod
@@ -124,9 +131,8 @@ class Store:
             os.chmod(path, 0o600)
         except OSError as exc:
             raise StoreError(f"{path}: cannot create the database: {exc.strerror}") from None
-        # One thread owns the writing connection, and a whole transaction runs there in
-        # one hop: a hop per statement (as aiosqlite does) would wait behind a busy event
-        # loop once per statement. Reads use aiosqlite on a connection of their own.
+        # The writing connection's COMMITs (and its opening) run on a thread of their
+        # own, in one hop each; reads use aiosqlite on a connection of their own.
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="licd-store")
         try:
             conn = await asyncio.get_running_loop().run_in_executor(writer, _open_writer, path)
@@ -145,7 +151,8 @@ class Store:
             row = self._conn.execute(f"PRAGMA {name}").fetchone()
             return row[0] if row else None
 
-        return await self._on_writer(read)
+        async with self._conn_lock:
+            return await self._on_writer(read)
 
     async def schema_version(self) -> int:
         return int(await self.pragma("user_version"))
@@ -269,9 +276,15 @@ class Store:
     def _enqueue(self, statements: Statements) -> asyncio.Future[None]:
         if self._closed:
             raise StoreError("the store is closed")
-        op = _Op(statements)
-        self._queue.put_nowait(op)
-        return op.done
+        done = asyncio.get_running_loop().create_future()
+        self._ops.append(_Op(statements, done))
+        self._wake_writer()
+        return done
+
+    def _wake_writer(self) -> None:
+        wake = self._wake
+        if wake is not None and not wake.done():
+            wake.set_result(None)
 
     # ------------------------------------------------------------------ writer
 
@@ -279,30 +292,34 @@ class Store:
         return bool(self._touched or self._lazy_audit)
 
     async def run(self) -> None:
-        """The writer: commit queued mutations in batches until `close()`."""
+        """The writer: commit queued mutations in batches until `close()`. Whatever was
+        queued while a batch committed goes in the next one."""
         self._running = True
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                try:
-                    timeout = LAZY_INTERVAL if self._lazy_pending() else None
-                    first = await asyncio.wait_for(self._queue.get(), timeout)
-                except TimeoutError:
-                    await self._commit([])
-                    continue
-                batch: list[_Op] = []
-                stop = first is None
-                if first is not None:
-                    batch.append(first)
-                while not self._queue.empty() and len(batch) < MAX_BATCH:
-                    op = self._queue.get_nowait()
-                    if op is None:
-                        stop = True
-                    else:
-                        batch.append(op)
+                if not self._ops:
+                    if self._stopping:
+                        if self._lazy_pending():
+                            await self._commit([])
+                        return
+                    # Idle: wait for work, or for the lazy writes' deadline.
+                    self._wake = wake = loop.create_future()
+                    timer = (
+                        loop.call_later(LAZY_INTERVAL, self._wake_writer)
+                        if self._lazy_pending()
+                        else None
+                    )
+                    try:
+                        await wake
+                    finally:
+                        self._wake = None
+                        if timer is not None:
+                            timer.cancel()
+                batch = self._ops[:MAX_BATCH]
+                del self._ops[:MAX_BATCH]
                 if batch or self._lazy_pending():
                     await self._commit(batch)
-                if stop and self._queue.empty():
-                    return
         finally:
             self._stopped.set()
 
@@ -349,14 +366,43 @@ class Store:
                 op.done.set_result(None)
 
     async def _transaction(self, statements: Statements) -> None:
-        await self._on_writer(_run_transaction, self._conn, _merged(statements))
+        """One batch of mutations, all or nothing: the statements here, the COMMIT (the
+        disk write and its fsync) on the writer thread."""
+        conn = self._conn
+        async with self._conn_lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                for sql, rows in _merged(statements):
+                    conn.executemany(sql, rows)
+            except BaseException:
+                _rollback(conn)
+                raise
+            await self._committing(conn)
         self.transactions += 1
+
+    def _committing(self, conn: sqlite3.Connection) -> asyncio.Future[None]:
+        """COMMIT on the writer thread; the future is settled from there (one wake-up of
+        the loop, no executor future in between)."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+
+        def work() -> None:
+            try:
+                _commit(conn)
+            except BaseException as exc:  # handed to the loop, never lost
+                loop.call_soon_threadsafe(_settle, done, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, done, None)
+
+        self._writer.submit(work)
+        return done
 
     async def close(self) -> None:
         """Commit what is queued (renewals included), stop the writer, close the file."""
         if not self._closed:
             self._closed = True
-            self._queue.put_nowait(None)
+            self._stopping = True
+            self._wake_writer()
             if self._running:
                 await self._stopped.wait()
             if self._reader is not None:
@@ -448,8 +494,25 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
-def _run_transaction(conn: sqlite3.Connection, statements: Statements) -> None:
-    """One batch of mutations, all or nothing (runs on the writer thread)."""
-    with _transaction(conn):
-        for sql, rows in statements:
-            conn.executemany(sql, rows)
+def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+    if done.cancelled():
+        return
+    if error is None:
+        done.set_result(None)
+    else:
+        done.set_exception(error)
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    with contextlib.suppress(sqlite3.Error):
+        conn.execute("ROLLBACK")
+
+
+def _commit(conn: sqlite3.Connection) -> None:
+    """COMMIT the open transaction, or roll it back if that fails (on the writer
+    thread: this is where SQLite writes the WAL and waits for the fsync)."""
+    try:
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
