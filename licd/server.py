@@ -1,11 +1,14 @@
 """The TCP shell: accepts connections, reads frames, writes replies. Knows no licences.
 
-Per connection: frames are decoded with the sans-I/O `FrameDecoder` (length checked
-before the body is read); before `hello` each request is answered before the next frame
-is decoded (so the 1 KiB pre-hello limit holds), after it each request runs as its own
-task and replies go out in request order, at most `max_pipeline` outstanding (beyond
-that the connection is not read). Timeouts: hello, a started frame, idle, and a write
-deadline for peers that never read. Caps on connections overall and per peer address.
+Each connection is an asyncio Protocol: the event loop hands it the bytes it read, the
+sans-I/O `FrameDecoder` cuts them into frames (length checked before the body is
+read), and each frame is dispatched right there, without a task or a stream in
+between. Before `hello` one request is answered before the next frame is decoded (so
+the 1 KiB pre-hello limit holds); after it, replies that wait for a commit go out in
+request order, at most `max_pipeline` outstanding (beyond that the connection is not
+read). Replies buffered for a peer that does not read pause reading too, and a peer
+that stays so past the write deadline is cut off. Timeouts: hello, a started frame,
+idle; one timer per connection. Caps on connections overall and per peer address.
 `stop()` is the ordered shutdown: stop accepting, refuse new requests, drain, close.
 """
 
@@ -31,40 +34,228 @@ from .dispatch import Dispatcher, Session
 
 log = logging.getLogger(__name__)
 
-READ_CHUNK = 65536
-#: Replies buffered for a peer beyond this are drained (under the write deadline) before
-#: the connection is read again, so a peer that never reads cannot grow our memory.
+#: Replies buffered for a peer beyond this pause reading it until they drain (under the
+#: write deadline), so a peer that never reads cannot grow our memory.
 WRITE_HIGH_WATER = 256 * 1024
 
 Reply = tuple[dict[str, Any], bool]
 
 
-class Connection:
-    """One client connection: its read loop and its queue of replies in request order."""
+#: Why reading a connection is paused (bits): too many replies owed, replies not being
+#: read by the peer, or a stream that cannot be decoded any more.
+PIPELINE, WRITES, BROKEN = 1, 2, 4
 
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        session: Session,
-        dispatcher: Dispatcher,
-        config: ServerConfig,
-    ) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.session = session
-        self.dispatcher = dispatcher
-        self.config = config
+
+class Connection(asyncio.Protocol):
+    """One client connection: its frames in, its replies out in request order."""
+
+    __slots__ = (
+        "server",
+        "dispatcher",
+        "config",
+        "loop",
+        "session",
+        "transport",
+        "decoder",
+        "_pending",
+        "_closing",
+        "_counted",
+        "_frame_started",
+        "_activity",
+        "_hello_deadline",
+        "_timer",
+        "_write_timer",
+        "_paused",
+        "_eof",
+        "_lost",
+        "_closed",
+    )
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.dispatcher = server.dispatcher
+        self.config = server.config
+        self.loop = asyncio.get_running_loop()
+        self.session = Session("?")
+        self.transport: asyncio.Transport | None = None
+        self.decoder = FrameDecoder(MAX_FRAME_BEFORE_HELLO, REQUEST_LIMITS)
         self._pending: deque[asyncio.Future[Reply]] = deque()
-        self._room = asyncio.Event()  # set when fewer than max_pipeline are outstanding
-        self._room.set()
-        self._idle = asyncio.Event()  # set when no reply is outstanding
-        self._idle.set()
         self._closing = False
+        self._counted = False  # in the server's tallies
         self._frame_started: float | None = None  # loop time a partial frame began
         self._activity = 0.0  # loop time of the last read
         self._hello_deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._write_timer: asyncio.TimerHandle | None = None
+        self._paused = 0  # PIPELINE | WRITES | BROKEN
+        self._eof = False
+        self._lost = False
+        self._closed: asyncio.Future[None] | None = None  # made only if someone waits
+
+    # ---------------------------------------------------------------- protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peername = transport.get_extra_info("peername")
+        self.session.peer = peer = str(peername[0]) if peername else "?"
+        refusal = self.server.admit(self, peer)
+        if refusal is not None:
+            log.warning("event=connection_refused peer=%s reason=%s", peer, refusal.code)
+            transport.write(encode(self.dispatcher.error(refusal)))
+            self._closing = True
+            transport.close()
+            return
+        self._counted = True
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        now = self.loop.time()
+        self._hello_deadline = now + self.config.hello_timeout
+        self._activity = now
+        self._timer = self.loop.call_at(self._hello_deadline, self._check_deadline)
+
+    def data_received(self, data: bytes) -> None:
+        if self._closing:
+            return
+        self._activity = self.loop.time()
+        self.decoder.feed(data)
+        self._take_frames()
+
+    def eof_received(self) -> bool:
+        # Replies already owed are still sent; TLS cannot half-close, so there the
+        # transport closes at once.
+        self._eof = True
+        self._close_when_idle()
+        return self.server.ssl is None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = self._lost = True
+        self._pending.clear()
+        for timer in (self._timer, self._write_timer):
+            if timer is not None:
+                timer.cancel()
+        if self._counted:
+            self._counted = False
+            self.server.forget(self, self.session.peer)
+        if self._closed is not None and not self._closed.done():
+            self._closed.set_result(None)
+
+    async def wait_closed(self) -> None:
+        if not self._lost:
+            if self._closed is None:
+                self._closed = self.loop.create_future()
+            await self._closed
+
+    def pause_writing(self) -> None:
+        """The peer is not reading our replies: read nothing more from it until they
+        drain, and cut it off if they do not within the write deadline."""
+        self._pause(WRITES)
+        if self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.config.write_timeout, self._stalled)
+
+    def resume_writing(self) -> None:
+        if self._write_timer is not None:
+            self._write_timer.cancel()
+            self._write_timer = None
+        self._resume(WRITES)
+        self._take_frames()  # what was read meanwhile
+
+    # ------------------------------------------------------------------ frames
+
+    def _take_frames(self) -> None:
+        """Dispatch every whole frame buffered, as far as the pipeline allows."""
+        decoder = self.decoder
+        session = self.session
+        while not self._closing and not self._paused & (WRITES | BROKEN):
+            if session.hello_done and len(self._pending) >= self.config.max_pipeline:
+                self._pause(PIPELINE)
+                return
+            try:
+                frame = decoder.next_frame()
+            except LicdError as exc:  # the stream cannot be read on: answer, then close
+                self._pause(BROKEN)
+                self._push((self.dispatcher.error(exc), True))
+                return
+            if frame is None:
+                break
+            before_hello = not session.hello_done
+            self._push(self.dispatcher.handle(session, frame))
+            if before_hello:
+                if session.hello_done:
+                    decoder.max_frame = self.config.max_frame
+                if self._pending:
+                    # Before hello, one request at a time: its answer decides the frame
+                    # limit for the next one.
+                    self._pause(PIPELINE)
+                    return
+        self._resume(PIPELINE)
+        # Every whole frame is taken: what is left is a frame begun.
+        if not decoder.buffered:
+            self._frame_started = None
+        elif self._frame_started is None:
+            self._frame_started = self._activity
+
+    def _push(self, answer: Reply | asyncio.Future[Reply]) -> None:
+        if isinstance(answer, tuple):
+            if not self._pending:  # nothing owed before it: out it goes
+                self._write(*answer)
+                return
+            ready: asyncio.Future[Reply] = self.loop.create_future()
+            ready.set_result(answer)
+            answer = ready
+        self._pending.append(answer)
+        answer.add_done_callback(self._flush)
+
+    def _write(self, message: dict[str, Any], close: bool) -> None:
+        if self._closing or self.transport is None:
+            return
+        self.transport.write(encode(message))
+        if close:
+            self.close()
+
+    def _flush(self, _: object = None) -> None:
+        """Write every reply at the head of the queue that is ready, in order."""
+        pending = self._pending
+        while pending and pending[0].done() and not self._closing:
+            fut = pending.popleft()
+            if fut.cancelled():
+                continue
+            exc = fut.exception()
+            if exc is not None:  # dispatch never raises; keep the stream sane regardless
+                log.error("event=reply_failed error=%r", str(exc))
+                self.close()
+                return
+            self._write(*fut.result())
+        if self._closing:
+            return
+        if self._paused & PIPELINE and (
+            len(pending) < self.config.max_pipeline if self.session.hello_done else not pending
+        ):
+            self._take_frames()
+        if not pending:
+            self.server.idle_changed()
+            if self._eof:
+                self._close_when_idle()
+
+    # ------------------------------------------------------------ flow control
+
+    def _pause(self, why: int) -> None:
+        if not self._paused and self.transport is not None and not self._closing:
+            self.transport.pause_reading()
+        self._paused |= why
+
+    def _resume(self, why: int) -> None:
+        if not self._paused & why:
+            return
+        self._paused &= ~why
+        if not self._paused and self.transport is not None and not self._closing:
+            self.transport.resume_reading()
+
+    def _stalled(self) -> None:
+        self._write_timer = None
+        log.warning("event=write_timeout peer=%s", self.session.peer)
+        self.abort()
+
+    # --------------------------------------------------------------- deadlines
 
     def _deadline(self) -> float:
         """When this connection must be closed unless something happens first: hello
@@ -79,151 +270,39 @@ class Connection:
         return deadline
 
     def _check_deadline(self) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = self._deadline()
+        # No timer per read: this closes a connection whose deadline passed; a read
+        # just records when it happened.
         if self._closing:
             return
-        if loop.time() >= deadline:
+        deadline = self._deadline()
+        if self.loop.time() >= deadline:
             log.debug("event=timeout peer=%s", self.session.peer)
             self.close()
             return
-        self._timer = loop.call_at(deadline, self._check_deadline)
+        self._timer = self.loop.call_at(deadline, self._check_deadline)
 
-    async def run(self) -> None:
-        cfg = self.config
-        loop = asyncio.get_running_loop()
-        decoder = FrameDecoder(MAX_FRAME_BEFORE_HELLO, REQUEST_LIMITS)
-        self._hello_deadline = loop.time() + cfg.hello_timeout
-        self._activity = loop.time()
-        self._timer = loop.call_at(self._hello_deadline, self._check_deadline)
-        try:
-            while not self._closing:
-                try:
-                    frame = decoder.next_frame()
-                except LicdError as exc:
-                    self._push_done((self.dispatcher.error(exc), True))
-                    break
-                if frame is not None:
-                    if self.session.hello_done:
-                        await self._room.wait()
-                        if self._closing:
-                            break
-                        self._push_task(frame)
-                    else:
-                        # Before hello, one request at a time: its answer decides the
-                        # frame limit for the next one.
-                        answer = self.dispatcher.handle(self.session, frame)
-                        self._push_done(answer if isinstance(answer, tuple) else await answer)
-                        if self.session.hello_done:
-                            decoder.max_frame = cfg.max_frame
-                    continue
-                if self.writer.transport.get_write_buffer_size() > WRITE_HIGH_WATER:
-                    try:
-                        async with asyncio.timeout(cfg.write_timeout):
-                            await self.writer.drain()
-                    except TimeoutError:
-                        log.warning("event=write_timeout peer=%s", self.session.peer)
-                        self.writer.transport.abort()
-                        break
-                # No timer per read: `_check_deadline` closes a connection whose
-                # deadline passed; a read just records when it happened.
-                # Every whole frame is taken: what is left is a frame begun.
-                if not decoder.buffered:
-                    self._frame_started = None
-                elif self._frame_started is None:
-                    self._frame_started = self._activity
-                data = await self.reader.read(READ_CHUNK)
-                if not data:
-                    break
-                self._activity = loop.time()
-                decoder.feed(data)
-        except (ConnectionError, OSError):
-            pass
-        finally:
-            await self._finish()
+    # ----------------------------------------------------------------- closing
 
-    def _push_task(self, frame: dict[str, Any]) -> None:
-        answer = self.dispatcher.handle(self.session, frame)
-        if isinstance(answer, tuple):  # answered from memory: no task needed
-            self._push_done(answer)
-            return
-        self._pending.append(answer)
-        self._after_push()
-        answer.add_done_callback(self._flush)
+    @property
+    def idle(self) -> bool:
+        """No reply owed."""
+        return not self._pending
 
-    def _push_done(self, reply: Reply) -> None:
-        if not self._pending:  # nothing owed before it: out it goes
-            self._write(*reply)
-            self._settle()
-            return
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        fut.set_result(reply)
-        self._pending.append(fut)
-        self._after_push()
-        self._flush(fut)
-
-    def _after_push(self) -> None:
-        self._idle.clear()
-        if len(self._pending) >= self.config.max_pipeline:
-            self._room.clear()
-
-    def _write(self, message: dict[str, Any], close: bool) -> None:
-        if self._closing:
-            return
-        self.writer.write(encode(message))
-        if close:
-            self._closing = True
-
-    def _flush(self, _: object = None) -> None:
-        """Write every reply at the head of the queue that is ready, in order."""
-        pending = self._pending
-        while pending and pending[0].done() and not self._closing:
-            fut = pending.popleft()
-            if fut.cancelled():
-                continue
-            exc = fut.exception()
-            if exc is not None:  # dispatch never raises; keep the stream sane regardless
-                log.error("event=reply_failed error=%r", str(exc))
-                self._closing = True
-                break
-            self._write(*fut.result())
-        self._settle()
-
-    def _settle(self) -> None:
-        pending = self._pending
-        if self._closing:
-            pending.clear()
-            self.writer.close()
-        if len(pending) < self.config.max_pipeline:
-            self._room.set()
-        if not pending:
-            self._idle.set()
-
-    async def drain(self) -> None:
-        """Wait until every outstanding reply has been written."""
-        await self._idle.wait()
-        with contextlib.suppress(ConnectionError, OSError):
-            async with asyncio.timeout(self.config.write_timeout):
-                await self.writer.drain()
+    def _close_when_idle(self) -> None:
+        if not self._pending:
+            self.close()
 
     def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        """Close once what is buffered is written (the peer's write deadline still
+        applies: a peer that does not read is cut off)."""
         self._closing = True
-        self._room.set()
-        self.writer.close()
+        if self.transport is not None:
+            self.transport.close()
 
-    async def _finish(self) -> None:
-        try:
-            # Replies already owed are still sent, unless the peer stops reading.
-            async with asyncio.timeout(self.config.write_timeout):
-                await self.drain()
-        except TimeoutError:
-            self.writer.transport.abort()
-        self.close()
-        with contextlib.suppress(ConnectionError, OSError, TimeoutError):
-            async with asyncio.timeout(1.0):
-                await self.writer.wait_closed()
+    def abort(self) -> None:
+        self._closing = True
+        if self.transport is not None:
+            self.transport.abort()
 
 
 class Server:
@@ -237,52 +316,58 @@ class Server:
         self._connections: set[Connection] = set()
         self._per_peer: Counter[str] = Counter()
         self._stopping = False
+        self._idle_waiter: asyncio.Future[None] | None = None
         self.addresses: list[tuple[str, int]] = []
 
     @property
     def connection_count(self) -> int:
         return len(self._connections)
 
+    @property
+    def connections(self) -> list[Connection]:
+        return list(self._connections)
+
     async def start(self) -> list[tuple[str, int]]:
         """Listen on every configured address; returns the bound (host, port) pairs."""
+        loop = asyncio.get_running_loop()
         for host, port in self.config.listen:
-            server = await asyncio.start_server(
-                self._accept, host, port, limit=READ_CHUNK, ssl=self.ssl
-            )
+            server = await loop.create_server(lambda: Connection(self), host, port, ssl=self.ssl)
             self._servers.append(server)
             for sock in server.sockets:
                 addr = sock.getsockname()
                 self.addresses.append((addr[0], addr[1]))
         return self.addresses
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        peername = writer.get_extra_info("peername")
-        peer = str(peername[0]) if peername else "?"
-        refusal: LicdError | None = None
+    def admit(self, conn: Connection, peer: str) -> LicdError | None:
+        """Count a new connection in, or say why it is refused."""
         if self._stopping:
-            refusal = ShuttingDown()
-        elif len(self._connections) >= self.config.max_connections:
-            refusal = TooManyConnections("the daemon's connection limit is reached")
-        elif self._per_peer[peer] >= self.config.max_connections_per_peer:
-            refusal = TooManyConnections("too many connections from this address")
-        if refusal is not None:
-            log.warning("event=connection_refused peer=%s reason=%s", peer, refusal.code)
-            writer.write(encode(self.dispatcher.error(refusal)))
-            with contextlib.suppress(ConnectionError, OSError, TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await writer.drain()
-            writer.close()
-            return
-        conn = Connection(reader, writer, Session(peer), self.dispatcher, self.config)
+            return ShuttingDown()
+        if len(self._connections) >= self.config.max_connections:
+            return TooManyConnections("the daemon's connection limit is reached")
+        if self._per_peer[peer] >= self.config.max_connections_per_peer:
+            return TooManyConnections("too many connections from this address")
         self._connections.add(conn)
         self._per_peer[peer] += 1
-        try:
-            await conn.run()
-        finally:
-            self._connections.discard(conn)
-            self._per_peer[peer] -= 1
-            if self._per_peer[peer] <= 0:
-                del self._per_peer[peer]
+        return None
+
+    def forget(self, conn: Connection, peer: str) -> None:
+        self._connections.discard(conn)
+        self._per_peer[peer] -= 1
+        if self._per_peer[peer] <= 0:
+            del self._per_peer[peer]
+        self.idle_changed()
+
+    def idle_changed(self) -> None:
+        """A connection has no reply owed any more (or is gone): wake `stop()`."""
+        waiter = self._idle_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _drained(self) -> None:
+        """Until no connection owes a reply."""
+        while any(not c.idle for c in self._connections):
+            self._idle_waiter = asyncio.get_running_loop().create_future()
+            await self._idle_waiter
 
     async def stop(self) -> None:
         """Stop accepting, answer `shutting_down` to new requests, drain what is in
@@ -291,13 +376,21 @@ class Server:
         for server in self._servers:
             server.close()
         self.dispatcher.shutting_down = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.shutdown_timeout):
+                await self._drained()
         conns = list(self._connections)
-        if conns:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self.config.shutdown_timeout):
-                    await asyncio.gather(*(c.drain() for c in conns))
         for conn in conns:
             conn.close()
+        if conns:
+            # Closing writes what is buffered first; a peer that does not read it
+            # within the write deadline is cut off.
+            try:
+                async with asyncio.timeout(self.config.write_timeout):
+                    await asyncio.gather(*(c.wait_closed() for c in conns))
+            except TimeoutError:
+                for conn in conns:
+                    conn.abort()
         for server in self._servers:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import logging
 import os
+import socket
 import sqlite3
 import struct
 import tracemalloc
@@ -231,6 +232,90 @@ async def test_pipelined_requests_are_answered_in_order(tmp_path: Path) -> None:
             ids.append(reply["id"])
         assert ids == list(range(100, 108))
         await peer.close()
+
+
+def _frames(*messages: dict[str, object]) -> bytes:
+    bodies = [msgpack.packb(message) for message in messages]
+    return b"".join(struct.pack(">I", len(body)) + body for body in bodies)
+
+
+async def test_more_pipelined_requests_than_the_cap_are_all_answered_in_order(
+    tmp_path: Path,
+) -> None:
+    # Past max_pipeline (4 here) owed replies, the connection is not read until they go.
+    config = make_config(tmp_path, replace(DICOM, seats=100), max_pipeline=4)
+    async with running(config) as daemon:
+        peer = await connected(address(daemon))
+        messages: list[dict[str, object]] = []
+        for i in range(60):
+            if i % 3:
+                messages.append({"id": 1000 + i, "op": "available", "key": DICOM.key})
+            else:
+                messages.append(
+                    {
+                        "id": 1000 + i,
+                        "op": "checkout",
+                        "key": DICOM.key,
+                        "holder": holder(f"h{i}").to_wire(),
+                        "request": f"r{i}",
+                        "nonce": os.urandom(16),
+                    }
+                )
+        await peer.send_bytes(_frames(*messages))
+        replies = [await peer.recv() for _ in messages]
+        assert [r["id"] for r in replies if r is not None] == [m["id"] for m in messages]
+        assert all(r is not None and r["ok"] is True for r in replies), replies
+        assert (await peer.call("available", key=DICOM.key))["in_use"] == 20
+        await peer.close()
+
+
+async def test_replies_owed_are_sent_after_the_peer_half_closes(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path, replace(DICOM, seats=10))) as daemon:
+        peer = await connected(address(daemon))
+        messages = [
+            {
+                "id": 7 + i,
+                "op": "checkout",
+                "key": DICOM.key,
+                "holder": holder(f"h{i}").to_wire(),
+                "request": f"r{i}",
+                "nonce": os.urandom(16),
+            }
+            for i in range(3)
+        ]
+        peer.writer.write(_frames(*messages))
+        peer.writer.write_eof()  # nothing more from us: the checkouts are still answered
+        replies = [await peer.recv() for _ in messages]
+        assert [(r or {}).get("ok") for r in replies] == [True, True, True]
+        assert await peer.recv() is None  # then the daemon closes
+        await peer.close()
+        assert daemon.engine.in_use(DICOM.id) == 3
+
+
+async def test_a_peer_that_never_reads_is_cut_off_and_others_are_served(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path, write_timeout=0.3, max_connections_per_peer=10)
+    async with running(config) as daemon:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(address(daemon))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        hog = RawPeer(reader, writer)
+        await hog.hello()
+        lease = await hog.checkout()
+        beat = {"op": "heartbeat", "lease": lease["lease"], "nonce": os.urandom(16)}
+        # Thousands of renewals (about 450 bytes of reply each), none of them read.
+        writer.write(_frames(*({"id": i, **beat} for i in range(20_000))))
+        [hog_here] = daemon.server.connections
+        bystander = await connected(address(daemon))
+        async with asyncio.timeout(10):
+            await hog_here.wait_closed()  # the hog is cut off...
+        assert daemon.server.connection_count == 1
+        # ...and everyone else is served as before.
+        assert (await bystander.call("available", key=DICOM.key))["in_use"] == 1
+        await bystander.close()
+        await hog.close()
 
 
 @pytest.mark.parametrize(
