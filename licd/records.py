@@ -216,8 +216,12 @@ def audit_row(e: Event) -> Row:
         e.seats,
         e.reason,
         e.admin_uid,
-        json.dumps(e.detail, sort_keys=True, default=str),
+        _DETAIL.encode(e.detail) if e.detail else "{}",
     )
+
+
+#: One encoder for every audit entry's detail (json.dumps with options builds one a call).
+_DETAIL = json.JSONEncoder(sort_keys=True, default=str)
 
 
 def row_audit(row: Sequence[Any]) -> AuditEntry:
