@@ -4,15 +4,16 @@ Theory of operation: one writer task (`run`) owns every transaction. Callers enq
 mutations and await them; the writer takes everything queued so far, commits it in one
 `BEGIN IMMEDIATE ... COMMIT` (one fsync for the whole batch: group commit), then
 resolves each caller's future. The batch's statements run on the event loop (CPU
-only, into SQLite's page cache); only the COMMIT, which writes the WAL and waits for
-its fsync, runs on a thread of its own. So the loop never waits for the disk, and the
-two threads do not take turns at the GIL for every row (which made every system call
-of the loop wait). Reads go through aiosqlite on a read-only connection of their own.
-A caller replies only after its future resolves, so an acknowledged checkout or
-checkin is on disk. Heartbeats only `touch` a lease: its new expiry rides along with
-the next batch (or a timer), never delaying the reply; a restart covers the gap
-(`Engine.restore`). If a batch fails, each mutation is retried alone, so one bad row
-fails only its own caller. The store never decides anything.
+only, into SQLite's page cache). The COMMIT, which writes the WAL and waits for its
+fsync, runs there too when the batch is small and the disk has been quick (waking a
+thread costs more than that short wait), else on a thread of its own, so the loop keeps
+serving while a big batch or a slow disk is written. Either way the threads never take
+turns at the GIL row by row. Reads go through aiosqlite on a read-only connection of
+their own. A caller replies only after its future resolves, so an acknowledged
+checkout or checkin is on disk. Heartbeats only `touch` a lease: its new expiry rides
+along with the next batch (or a timer), never delaying the reply; a restart covers the
+gap (`Engine.restore`). If a batch fails, each mutation is retried alone, so one bad
+row fails only its own caller. The store never decides anything.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 import math
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -70,6 +72,8 @@ log = logging.getLogger(__name__)
 DB_FILE = "licd.db"
 MAX_BATCH = 1024
 LAZY_INTERVAL = 1.0  # seconds a renewal or a denial's audit entry may wait to be written
+INLINE_MAX_ROWS = 16  # a batch of at most this many rows may COMMIT on the loop...
+INLINE_MAX_SECONDS = 0.002  # ...if the last COMMIT took no longer than this
 
 
 T = TypeVar("T")
@@ -119,6 +123,7 @@ class Store:
         # The writing connection is used by one party at a time: a transaction (on the
         # loop, then its COMMIT on the thread) or a pragma.
         self._conn_lock = asyncio.Lock()
+        self._last_commit = 0.0  # seconds the last COMMIT took
         self.transactions = 0  # committed batches, for metrics and tests
 
     @classmethod
@@ -367,32 +372,42 @@ class Store:
 
     async def _transaction(self, statements: Statements) -> None:
         """One batch of mutations, all or nothing: the statements here, the COMMIT (the
-        disk write and its fsync) on the writer thread."""
+        disk write and its fsync) here too when the batch is small and the disk quick,
+        else on the writer thread."""
         conn = self._conn
+        merged = _merged(statements)
         async with self._conn_lock:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for sql, rows in _merged(statements):
+                for sql, rows in merged:
                     conn.executemany(sql, rows)
             except BaseException:
                 _rollback(conn)
                 raise
-            await self._committing(conn)
+            if commit_inline(sum(len(rows) for _, rows in merged), self._last_commit):
+                started = time.perf_counter()
+                try:
+                    _commit(conn)
+                finally:
+                    self._last_commit = time.perf_counter() - started
+            else:
+                self._last_commit = await self._committing(conn)
         self.transactions += 1
 
-    def _committing(self, conn: sqlite3.Connection) -> asyncio.Future[None]:
-        """COMMIT on the writer thread; the future is settled from there (one wake-up of
-        the loop, no executor future in between)."""
+    def _committing(self, conn: sqlite3.Connection) -> asyncio.Future[float]:
+        """COMMIT on the writer thread; the future (of the seconds it took) is settled
+        from there: one wake-up of the loop, no executor future in between."""
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
+        done: asyncio.Future[float] = loop.create_future()
 
         def work() -> None:
+            started = time.perf_counter()
             try:
                 _commit(conn)
             except BaseException as exc:  # handed to the loop, never lost
                 loop.call_soon_threadsafe(_settle, done, exc)
             else:
-                loop.call_soon_threadsafe(_settle, done, None)
+                loop.call_soon_threadsafe(_settle, done, time.perf_counter() - started)
 
         self._writer.submit(work)
         return done
@@ -494,13 +509,21 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
-def _settle(done: asyncio.Future[None], error: BaseException | None) -> None:
+def commit_inline(rows: int, last_commit: float) -> bool:
+    """Whether to COMMIT on the event loop itself: a small batch, while the disk is
+    quick. Waking the writer thread and being woken back costs the loop more CPU (and
+    its clients more latency) than waiting out a short fsync; a big batch, or a disk
+    that has been slow, goes to the thread so the loop keeps serving meanwhile."""
+    return rows <= INLINE_MAX_ROWS and last_commit <= INLINE_MAX_SECONDS
+
+
+def _settle(done: asyncio.Future[float], result: float | BaseException) -> None:
     if done.cancelled():
         return
-    if error is None:
-        done.set_result(None)
+    if isinstance(result, BaseException):
+        done.set_exception(result)
     else:
-        done.set_exception(error)
+        done.set_result(result)
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

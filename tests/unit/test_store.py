@@ -4,13 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from licd.engine import Lease
-from licd.store import Store, StoreError, migrations
+from licd.store import (
+    INLINE_MAX_ROWS,
+    INLINE_MAX_SECONDS,
+    Store,
+    StoreError,
+    commit_inline,
+    migrations,
+)
 from tests.support import holder
 
 NOW = 1_790_000_000.0
@@ -107,6 +115,27 @@ async def test_group_commit_batches_concurrent_writers(store: Store) -> None:
     assert len(await store.load_leases()) == 300
     # All 300 were queued before the writer ran: far fewer transactions than rows.
     assert store.transactions - before <= 3
+
+
+async def test_commit_on_the_loop_only_for_small_batches_on_a_quick_disk(store: Store) -> None:
+    committed_on: list[int] = []
+    store._conn.set_trace_callback(
+        lambda sql: committed_on.append(threading.get_ident()) if sql == "COMMIT" else None
+    )
+    here = threading.get_ident()
+    await store.insert_lease(lease(1))  # small: the loop waits out the fsync
+    await asyncio.gather(*(store.insert_lease(lease(n)) for n in range(10, 40)))  # big
+    store._last_commit = 1.0  # as if the disk had just taken a second
+    await store.insert_lease(lease(2))  # small, but to the thread
+    await store.insert_lease(lease(3))  # that commit was quick: the loop again
+    assert [t == here for t in committed_on] == [True, False, False, True]
+    assert len(await store.load_leases()) == 33
+
+
+def test_commit_inline_rule() -> None:
+    assert commit_inline(INLINE_MAX_ROWS, INLINE_MAX_SECONDS)
+    assert not commit_inline(INLINE_MAX_ROWS + 1, 0.0)
+    assert not commit_inline(1, INLINE_MAX_SECONDS * 2)
 
 
 async def test_one_failing_mutation_fails_only_its_caller(store: Store) -> None:
