@@ -40,30 +40,45 @@ class SeatBook:
         return max((x.seats for x in leases), default=0) if leases else 0
 
     def add(self, lease: Lease) -> None:
-        units = self._units.setdefault(lease.licence_id, {})
-        before = self.held(lease.licence_id, lease.unit)
-        units.setdefault(lease.unit, []).append(lease)
-        self._in_use[lease.licence_id] = self.in_use(lease.licence_id) + max(
-            0, lease.seats - before
-        )
+        lid = lease.licence_id
+        units = self._units.get(lid)
+        if units is None:
+            units = self._units[lid] = {}
+        leases = units.get(lease.unit)
+        if leases is None:  # the usual case: a unit of its own
+            units[lease.unit] = [lease]
+            grown = lease.seats
+        else:
+            grown = lease.seats - max(x.seats for x in leases)
+            leases.append(lease)
+        if grown > 0:
+            self._in_use[lid] = self._in_use.get(lid, 0) + grown
 
     def remove(self, lease: Lease) -> None:
-        units = self._units.get(lease.licence_id, {})
+        units = self._units.get(lease.licence_id)
+        if units is None:
+            return
         leases = units.get(lease.unit)
         if not leases or lease not in leases:
             return
-        before = self.held(lease.licence_id, lease.unit)
-        leases.remove(lease)
-        if not leases:
+        freed = self.freed_by(lease)
+        if len(leases) == 1:
             del units[lease.unit]
-        after = self.held(lease.licence_id, lease.unit)
-        self._in_use[lease.licence_id] = self.in_use(lease.licence_id) - (before - after)
+        else:
+            leases.remove(lease)
+        if freed:
+            self._in_use[lease.licence_id] -= freed
 
     def freed_by(self, lease: Lease) -> int:
         """Seats that removing `lease` would free (0 while its unit keeps the seat)."""
-        leases = self._units.get(lease.licence_id, {}).get(lease.unit, [])
-        others = max((x.seats for x in leases if x is not lease), default=0)
-        return max(0, self.held(lease.licence_id, lease.unit) - others)
+        units = self._units.get(lease.licence_id)
+        leases = units.get(lease.unit) if units else None
+        if not leases or lease not in leases:
+            return 0
+        if len(leases) == 1:
+            return lease.seats
+        others = max(x.seats for x in leases if x is not lease)
+        return max(0, lease.seats - others)
 
     def usage(self, licence_id: str, where: Callable[[Lease], bool]) -> int:
         """Seats held by the units with at least one lease for which `where` holds."""
