@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,6 +82,58 @@ def error_reply(rid: int | None, exc: Exception, op: object = None) -> tuple[dic
 Answer = tuple[dict[str, Any], bool]
 
 
+class Later:
+    """An answer that comes once a commit is done. Unlike a future, it calls back at
+    once when settled (the server writes the reply in the commit's own callback, not an
+    event-loop turn later). Settled once, never fails: errors are answers too."""
+
+    __slots__ = ("_answer", "_callbacks")
+
+    def __init__(self) -> None:
+        self._answer: Answer | None = None
+        self._callbacks: list[Callable[[Later], object]] = []
+
+    def done(self) -> bool:
+        return self._answer is not None
+
+    def cancelled(self) -> bool:
+        return False
+
+    def exception(self) -> BaseException | None:
+        return None
+
+    def result(self) -> Answer:
+        if self._answer is None:
+            raise asyncio.InvalidStateError("the answer is not there yet")
+        return self._answer
+
+    def add_done_callback(self, fn: Callable[[Later], object]) -> None:
+        if self._answer is not None:
+            fn(self)
+        else:
+            self._callbacks.append(fn)
+
+    def settle(self, answer: Answer) -> None:
+        if self._answer is not None:
+            return
+        self._answer = answer
+        callbacks, self._callbacks = self._callbacks, []
+        for fn in callbacks:
+            fn(self)
+
+    def __await__(self) -> Generator[Any, None, Answer]:
+        if self._answer is None:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def wake(_: Later) -> None:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+            self.add_done_callback(wake)
+            yield from waiter
+        return self.result()
+
+
 @dataclass
 class Session:
     """What the daemon knows about one connection."""
@@ -106,10 +158,10 @@ class Dispatcher:
         #: Told of every request: (op, seconds taken, error code or None). Metrics.
         self.on_request = on_request
 
-    def handle(self, session: Session, data: dict[str, Any]) -> Answer | asyncio.Future[Answer]:
+    def handle(self, session: Session, data: dict[str, Any]) -> Answer | Later:
         """Answer one decoded frame: (reply map, whether to close the connection) at once
-        when no I/O is needed (hello, heartbeat, available, every error), else a future
-        of it. No request costs a task, except a router's (its upstream is awaited)."""
+        when no I/O is needed (hello, heartbeat, available, every error), else `Later`.
+        No request costs a task, except a router's (its upstream is awaited)."""
         started = time.perf_counter()
         try:
             if self.shutting_down:
@@ -119,15 +171,28 @@ class Dispatcher:
                 raise HelloRequired()
             if self._needs_io(request):
                 if self.relay is not None:  # a router: the upstream may be involved
-                    return asyncio.ensure_future(
-                        self._answer_later(session, request, data, started)
-                    )
+                    return self._in_task(session, request, data, started)
                 return self._answer_durably(session, request, data, started)
             reply = self._answer_now(session, request)
         except Exception as exc:
             return self._failed(data, started, exc)
         self._observe(data, started, None)
         return reply.to_wire(), False
+
+    def _in_task(
+        self, session: Session, request: Request, data: dict[str, Any], started: float
+    ) -> Later:
+        out = Later()
+
+        def done(task: asyncio.Task[Answer]) -> None:
+            if task.cancelled():  # the daemon is stopping
+                out.settle(self._failed(data, started, ShuttingDown()))
+            else:
+                out.settle(task.result())
+
+        task = asyncio.ensure_future(self._answer_later(session, request, data, started))
+        task.add_done_callback(done)
+        return out
 
     async def _answer_later(
         self, session: Session, request: Request, data: dict[str, Any], started: float
@@ -149,9 +214,9 @@ class Dispatcher:
 
     def _answer_durably(
         self, session: Session, request: Request, data: dict[str, Any], started: float
-    ) -> Answer | asyncio.Future[Answer]:
+    ) -> Answer | Later:
         """A checkout, checkin or consume: decided now, answered once its commit is done
-        (a future of the answer, settled by the commit's callback: no task)."""
+        (settled by the commit's callback: no task)."""
         service = self.service
         if isinstance(request, Checkout):
             at = service.now()
@@ -206,14 +271,14 @@ class Dispatcher:
         reply: Callable[[], Reply],
         data: dict[str, Any],
         started: float,
-    ) -> Answer | asyncio.Future[Answer]:
+    ) -> Answer | Later:
         """The answer `reply()` makes once `commit` is done (at once without a commit);
         a failed commit answers `unavailable`."""
         if commit is None:
             answer = reply().to_wire(), False
             self._observe(data, started, None)
             return answer
-        out: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        out = Later()
 
         def landed(done: asyncio.Future[None]) -> None:
             try:
@@ -224,8 +289,7 @@ class Dispatcher:
                 answer = self._failed(data, started, exc)
             else:
                 self._observe(data, started, None)
-            if not out.done():
-                out.set_result(answer)
+            out.settle(answer)
 
         commit.add_done_callback(landed)
         return out

@@ -163,6 +163,7 @@ class Metrics:
         )
         self._alerts = Counter("licd_alerts", "Alerts raised, by kind.", ("kind",), registry=r)
         self._request_children: dict[str, Histogram] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
         r.register(_StateCollector(engine_view, connections, clock_wall))
         self._clients = 0
 
@@ -171,18 +172,27 @@ class Metrics:
     def on_event(self, event: Event) -> None:
         """EventBus subscriber: count the changes and denials that matter to operators."""
         licence = event.licence or ""  # a denial of an unknown key names no licence
-        if event.kind is Kind.CHECKOUT:
-            self._checkouts.labels(licence).inc()
+        kind = event.kind
+        if kind is Kind.CHECKOUT:
+            self._child(self._checkouts, licence).inc()
             if event.detail.get("overdraft"):
-                self._overdraft.labels(licence).inc()
-        elif event.kind is Kind.DENIED:
-            self._denials.labels(licence, event.reason or "unknown").inc()
-        elif event.kind is Kind.CHECKIN:
-            self._checkins.labels(licence).inc()
-        elif event.kind is Kind.RECLAIM:
-            self._reclaims.labels(licence).inc()
-        elif event.kind is Kind.REVOKE:
-            self._revokes.labels(licence).inc()
+                self._child(self._overdraft, licence).inc()
+        elif kind is Kind.DENIED:
+            self._child(self._denials, licence, event.reason or "unknown").inc()
+        elif kind is Kind.CHECKIN:
+            self._child(self._checkins, licence).inc()
+        elif kind is Kind.RECLAIM:
+            self._child(self._reclaims, licence).inc()
+        elif kind is Kind.REVOKE:
+            self._child(self._revokes, licence).inc()
+
+    def _child(self, counter: Counter, *labels: str) -> Counter:
+        """`counter.labels(*labels)`, looked up once: labels() takes a lock each call."""
+        key = (id(counter), labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = counter.labels(*labels)
+        return child
 
     def heartbeat(self) -> None:
         self._heartbeats.inc()

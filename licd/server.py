@@ -30,7 +30,7 @@ from licd_client.wire import (
 )
 
 from .config import ServerConfig
-from .dispatch import Dispatcher, Session
+from .dispatch import Dispatcher, Later, Session
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class Connection(asyncio.Protocol):
         self.session = Session("?")
         self.transport: asyncio.Transport | None = None
         self.decoder = FrameDecoder(MAX_FRAME_BEFORE_HELLO, REQUEST_LIMITS)
-        self._pending: deque[asyncio.Future[Reply]] = deque()
+        self._pending: deque[Later] = deque()
         self._closing = False
         self._counted = False  # in the server's tallies
         self._frame_started: float | None = None  # loop time a partial frame began
@@ -194,15 +194,17 @@ class Connection(asyncio.Protocol):
         elif self._frame_started is None:
             self._frame_started = self._activity
 
-    def _push(self, answer: Reply | asyncio.Future[Reply]) -> None:
+    def _push(self, answer: Reply | Later) -> None:
+        pending = self._pending
         if isinstance(answer, tuple):
-            if not self._pending:  # nothing owed before it: out it goes
+            if not pending:  # nothing owed before it: out it goes
                 self._write(*answer)
                 return
-            ready: asyncio.Future[Reply] = self.loop.create_future()
-            ready.set_result(answer)
-            answer = ready
-        self._pending.append(answer)
+            ready = Later()
+            ready.settle(answer)
+            pending.append(ready)  # the head's turn writes it (the head is never ready)
+            return
+        pending.append(answer)
         answer.add_done_callback(self._flush)
 
     def _write(self, message: dict[str, Any], close: bool) -> None:
@@ -216,15 +218,7 @@ class Connection(asyncio.Protocol):
         """Write every reply at the head of the queue that is ready, in order."""
         pending = self._pending
         while pending and pending[0].done() and not self._closing:
-            fut = pending.popleft()
-            if fut.cancelled():
-                continue
-            exc = fut.exception()
-            if exc is not None:  # dispatch never raises; keep the stream sane regardless
-                log.error("event=reply_failed error=%r", str(exc))
-                self.close()
-                return
-            self._write(*fut.result())
+            self._write(*pending.popleft().result())
         if self._closing:
             return
         if self._paused & PIPELINE and (

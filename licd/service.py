@@ -65,6 +65,8 @@ class LicenceService:
         return await asyncio.shield(asyncio.ensure_future(work()))
 
     def _log(self, event: Event) -> None:
+        if not log.isEnabledFor(logging.INFO):
+            return
         log.info(
             "event=%s licence=%s lease=%s seats=%s host=%s user=%s ip=%s%s%s",
             event.kind.value,
