@@ -12,7 +12,7 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,7 @@ from licd_client.messages import (
 
 from . import __version__
 from .config import ConfigError
+from .deferred import Deferred
 from .engine import Grant
 from .keys import Signer
 from .relay import Relay
@@ -82,58 +83,6 @@ def error_reply(rid: int | None, exc: Exception, op: object = None) -> tuple[dic
 Answer = tuple[dict[str, Any], bool]
 
 
-class Later:
-    """An answer that comes once a commit is done. Unlike a future, it calls back at
-    once when settled (the server writes the reply in the commit's own callback, not an
-    event-loop turn later). Settled once, never fails: errors are answers too."""
-
-    __slots__ = ("_answer", "_callbacks")
-
-    def __init__(self) -> None:
-        self._answer: Answer | None = None
-        self._callbacks: list[Callable[[Later], object]] = []
-
-    def done(self) -> bool:
-        return self._answer is not None
-
-    def cancelled(self) -> bool:
-        return False
-
-    def exception(self) -> BaseException | None:
-        return None
-
-    def result(self) -> Answer:
-        if self._answer is None:
-            raise asyncio.InvalidStateError("the answer is not there yet")
-        return self._answer
-
-    def add_done_callback(self, fn: Callable[[Later], object]) -> None:
-        if self._answer is not None:
-            fn(self)
-        else:
-            self._callbacks.append(fn)
-
-    def settle(self, answer: Answer) -> None:
-        if self._answer is not None:
-            return
-        self._answer = answer
-        callbacks, self._callbacks = self._callbacks, []
-        for fn in callbacks:
-            fn(self)
-
-    def __await__(self) -> Generator[Any, None, Answer]:
-        if self._answer is None:
-            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-            def wake(_: Later) -> None:
-                if not waiter.done():
-                    waiter.set_result(None)
-
-            self.add_done_callback(wake)
-            yield from waiter
-        return self.result()
-
-
 @dataclass
 class Session:
     """What the daemon knows about one connection."""
@@ -158,9 +107,9 @@ class Dispatcher:
         #: Told of every request: (op, seconds taken, error code or None). Metrics.
         self.on_request = on_request
 
-    def handle(self, session: Session, data: dict[str, Any]) -> Answer | Later:
+    def handle(self, session: Session, data: dict[str, Any]) -> Answer | Deferred[Answer]:
         """Answer one decoded frame: (reply map, whether to close the connection) at once
-        when no I/O is needed (hello, heartbeat, available, every error), else `Later`.
+        when no I/O is needed (hello, heartbeat, available, every error), else a `Deferred` of it.
         No request costs a task, except a router's (its upstream is awaited)."""
         started = time.perf_counter()
         try:
@@ -181,8 +130,8 @@ class Dispatcher:
 
     def _in_task(
         self, session: Session, request: Request, data: dict[str, Any], started: float
-    ) -> Later:
-        out = Later()
+    ) -> Deferred[Answer]:
+        out = Deferred[Answer]()
 
         def done(task: asyncio.Task[Answer]) -> None:
             if task.cancelled():  # the daemon is stopping
@@ -214,7 +163,7 @@ class Dispatcher:
 
     def _answer_durably(
         self, session: Session, request: Request, data: dict[str, Any], started: float
-    ) -> Answer | Later:
+    ) -> Answer | Deferred[Answer]:
         """A checkout, checkin or consume: decided now, answered once its commit is done
         (settled by the commit's callback: no task)."""
         service = self.service
@@ -267,22 +216,22 @@ class Dispatcher:
 
     def _after(
         self,
-        commit: asyncio.Future[None] | None,
+        commit: Deferred[None] | None,
         reply: Callable[[], Reply],
         data: dict[str, Any],
         started: float,
-    ) -> Answer | Later:
+    ) -> Answer | Deferred[Answer]:
         """The answer `reply()` makes once `commit` is done (at once without a commit);
         a failed commit answers `unavailable`."""
         if commit is None:
             answer = reply().to_wire(), False
             self._observe(data, started, None)
             return answer
-        out = Later()
+        out = Deferred[Answer]()
 
-        def landed(done: asyncio.Future[None]) -> None:
+        def landed(done: Deferred[None]) -> None:
             try:
-                if done.cancelled() or done.exception() is not None:
+                if done.exception() is not None:
                     raise Unavailable()
                 answer = reply().to_wire(), False
             except Exception as exc:

@@ -30,15 +30,14 @@ from licd_client.wire import (
 )
 
 from .config import ServerConfig
-from .dispatch import Dispatcher, Later, Session
+from .deferred import Deferred
+from .dispatch import Answer, Dispatcher, Session
 
 log = logging.getLogger(__name__)
 
 #: Replies buffered for a peer beyond this pause reading it until they drain (under the
 #: write deadline), so a peer that never reads cannot grow our memory.
 WRITE_HIGH_WATER = 256 * 1024
-
-Reply = tuple[dict[str, Any], bool]
 
 
 #: Why reading a connection is paused (bits): too many replies owed, replies not being
@@ -79,7 +78,7 @@ class Connection(asyncio.Protocol):
         self.session = Session("?")
         self.transport: asyncio.Transport | None = None
         self.decoder = FrameDecoder(MAX_FRAME_BEFORE_HELLO, REQUEST_LIMITS)
-        self._pending: deque[Later] = deque()
+        self._pending: deque[Deferred[Answer]] = deque()
         self._closing = False
         self._counted = False  # in the server's tallies
         self._frame_started: float | None = None  # loop time a partial frame began
@@ -194,15 +193,14 @@ class Connection(asyncio.Protocol):
         elif self._frame_started is None:
             self._frame_started = self._activity
 
-    def _push(self, answer: Reply | Later) -> None:
+    def _push(self, answer: Answer | Deferred[Answer]) -> None:
         pending = self._pending
         if isinstance(answer, tuple):
             if not pending:  # nothing owed before it: out it goes
                 self._write(*answer)
                 return
-            ready = Later()
-            ready.settle(answer)
-            pending.append(ready)  # the head's turn writes it (the head is never ready)
+            # Its turn comes when the head's reply is written (the head is never ready).
+            pending.append(Deferred.of(answer))
             return
         pending.append(answer)
         answer.add_done_callback(self._flush)

@@ -24,6 +24,7 @@ from licd_client.errors import BadRequest, LeaseUnknown, LicdError, Unavailable,
 from licd_client.messages import Holder
 
 from .clock import Clock, Instant
+from .deferred import Deferred
 from .engine import Availability, Engine, Grant, Lease, LeaseState, Licence
 from .engine.counters import Consumed
 from .events import Event, EventBus, Kind, holder_event
@@ -55,7 +56,7 @@ class LicenceService:
         self.store = store
         self.clock = clock
         self.events = events or EventBus()
-        self._inflight: dict[str, asyncio.Future[None]] = {}  # lease secret -> its commit
+        self._inflight: dict[str, Deferred[None]] = {}  # lease secret -> its commit
 
     def now(self) -> Instant:
         return self.clock.now()
@@ -117,7 +118,7 @@ class LicenceService:
         ttl: float | None = None,
         delegate: bytes | None = None,
         ip: str | None = None,
-    ) -> tuple[Grant, asyncio.Future[None] | None]:
+    ) -> tuple[Grant, Deferred[None] | None]:
         """Grant a lease, and the commit it waits for (None: nothing to wait for). The
         grant may be answered once that commit is done, and `checkout_landed` says so;
         a commit that failed means `unavailable`. Without a task: the wire's hot path."""
@@ -147,11 +148,11 @@ class LicenceService:
             self.store.touch_lease(grant.lease)
 
     @staticmethod
-    async def _committed(commit: asyncio.Future[None]) -> None:
-        """Wait for a commit. Shielded: a caller that goes away does not cancel it (what
-        must follow it runs in its done-callback either way)."""
+    async def _committed(commit: Deferred[None]) -> None:
+        """Wait for a commit. A caller that goes away does not cancel it (what must
+        follow it runs in its callbacks either way)."""
         try:
-            await asyncio.shield(commit)
+            await commit
         except StoreError:
             raise Unavailable() from None
 
@@ -174,7 +175,7 @@ class LicenceService:
         self.store.append_later(event)
         self._published(event)
 
-    def _commit_checkout(self, lease: Lease, at: Instant) -> asyncio.Future[None]:
+    def _commit_checkout(self, lease: Lease, at: Instant) -> Deferred[None]:
         """Persist a granted lease; once committed it is confirmed (or, if the commit
         failed, aborted), in a callback that runs whatever happens to the caller."""
         # An overdraft grant is an exception the audit log calls out.
@@ -188,7 +189,7 @@ class LicenceService:
         commit = self.store.insert_lease(lease, event)
         self._inflight[lease.secret] = commit
 
-        def landed(done: asyncio.Future[None]) -> None:
+        def landed(done: Deferred[None]) -> None:
             self._inflight.pop(lease.secret, None)
             error = _failure(done)
             if error is not None:
@@ -216,7 +217,7 @@ class LicenceService:
         await self._committed(commit)
         return True
 
-    def begin_checkin(self, secret: str) -> asyncio.Future[None] | None:
+    def begin_checkin(self, secret: str) -> Deferred[None] | None:
         """Release the lease with `secret`: the commit to wait for, or None when there
         was no lease to release."""
         lease = self.engine.begin_release(secret)
@@ -233,14 +234,14 @@ class LicenceService:
 
     def begin_consume(
         self, secret: str, counter: str, units: int, dedup: str | None
-    ) -> tuple[Consumed, asyncio.Future[None] | None]:
+    ) -> tuple[Consumed, Deferred[None] | None]:
         """Count metered units now; the commit the answer waits for, if any."""
         consumed = self.engine.consume(secret, counter, units, dedup, self.clock.now())
         if not consumed.counted:
             return consumed, None
         commit = self.store.put_counter(consumed.state)
 
-        def landed(done: asyncio.Future[None]) -> None:
+        def landed(done: Deferred[None]) -> None:
             if _failure(done) is not None:
                 self.engine.counters.undo(consumed, units)
 
@@ -289,9 +290,7 @@ class LicenceService:
     async def _release(self, leases: Sequence[Lease], kind: Kind, **extra: Any) -> None:
         await self._committed(self._begin_release(leases, kind, **extra))
 
-    def _begin_release(
-        self, leases: Sequence[Lease], kind: Kind, **extra: Any
-    ) -> asyncio.Future[None]:
+    def _begin_release(self, leases: Sequence[Lease], kind: Kind, **extra: Any) -> Deferred[None]:
         """Delete released leases; once committed their seats are freed (or, if the
         commit failed, the leases are live again), in a callback whatever happens to
         the caller. Returns the commit."""
@@ -306,7 +305,7 @@ class LicenceService:
             events.append(lease_event(kind, lease, now, detail={"in_use": in_use}, **extra))
         commit = self.store.delete_leases(leases, events)
 
-        def landed(done: asyncio.Future[None]) -> None:
+        def landed(done: Deferred[None]) -> None:
             error = _failure(done)
             if error is not None:
                 for lease in leases:
@@ -448,9 +447,7 @@ def _changes(old: Licence | None, new: Licence) -> dict[str, Any]:
     return out
 
 
-def _failure(done: asyncio.Future[None]) -> str | None:
+def _failure(done: Deferred[None]) -> str | None:
     """Why a commit failed, or None if it succeeded."""
-    if done.cancelled():
-        return "cancelled"
     error = done.exception()
     return None if error is None else str(error)

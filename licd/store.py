@@ -3,13 +3,13 @@
 Theory of operation: one writer task (`run`) owns every transaction. Callers enqueue
 mutations and await them; the writer takes everything queued so far, commits it in one
 `BEGIN IMMEDIATE ... COMMIT` (one fsync for the whole batch: group commit), then
-resolves each caller's future. The batch's statements run on the event loop (CPU
+settles each caller's `Deferred`. The batch's statements run on the event loop (CPU
 only, into SQLite's page cache). The COMMIT, which writes the WAL and waits for its
 fsync, runs there too when the batch is small and the disk has been quick (waking a
 thread costs more than that short wait), else on a thread of its own, so the loop keeps
 serving while a big batch or a slow disk is written. Either way the threads never take
 turns at the GIL row by row. Reads go through aiosqlite on a read-only connection of
-their own. A caller replies only after its future resolves, so an acknowledged
+their own. A caller replies only after its commit is settled, so an acknowledged
 checkout or checkin is on disk. Heartbeats only `touch` a lease: its new expiry rides
 along with the next batch (or a timer), never delaying the reply; a restart covers the
 gap (`Engine.restore`). If a batch fails, each mutation is retried alone, so one bad
@@ -33,6 +33,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
+from .deferred import Deferred
 from .engine import Lease, Licence
 from .engine.counters import CounterState
 from .events import Event
@@ -87,11 +88,11 @@ Statements = list[tuple[str, list[tuple[Any, ...]]]]
 
 
 class _Op:
-    """One caller's mutation: statements with their rows, and the caller's future."""
+    """One caller's mutation: statements with their rows, and its outcome."""
 
     __slots__ = ("statements", "done")
 
-    def __init__(self, statements: Statements, done: asyncio.Future[None]) -> None:
+    def __init__(self, statements: Statements, done: Deferred[None]) -> None:
         self.statements = statements
         self.done = done
 
@@ -199,17 +200,17 @@ class Store:
 
     # ------------------------------------------------------------------ writes
 
-    # The hot writes return their commit's future itself (awaitable): the service hangs
-    # what must follow the commit on it as a callback, which runs even if the caller
-    # is cancelled meanwhile, at no cost of a task.
+    # The hot writes return their commit as a `Deferred` (awaitable): the service hangs
+    # what must follow the commit on it as a callback, which runs as soon as the commit
+    # is done, even if the caller was cancelled meanwhile, at no cost of a task.
 
-    def insert_lease(self, lease: Lease, event: Event | None = None) -> asyncio.Future[None]:
+    def insert_lease(self, lease: Lease, event: Event | None = None) -> Deferred[None]:
         """Persist a new lease (and its audit entry): done once committed."""
         return self._enqueue([(INSERT_LEASE, [lease_row(lease)]), *_audit(event)])
 
     def delete_leases(
         self, leases: Sequence[Lease], events: Sequence[Event] = ()
-    ) -> asyncio.Future[None]:
+    ) -> Deferred[None]:
         """Delete leases (checkin, reclaim, revoke) with their audit entries: done once
         committed."""
         return self._enqueue(
@@ -235,7 +236,7 @@ class Store:
     async def load_counters(self) -> list[CounterState]:
         return [row_counter(row) for row in await self._read(SELECT_COUNTERS)]
 
-    def put_counter(self, state: CounterState) -> asyncio.Future[None]:
+    def put_counter(self, state: CounterState) -> Deferred[None]:
         return self._enqueue([(UPSERT_COUNTER, [counter_row(state)])])
 
     # Site router state (relay.py): small, rare writes, each awaited.
@@ -278,10 +279,10 @@ class Store:
     async def _submit(self, statements: Statements) -> None:
         await self._enqueue(statements)
 
-    def _enqueue(self, statements: Statements) -> asyncio.Future[None]:
+    def _enqueue(self, statements: Statements) -> Deferred[None]:
         if self._closed:
             raise StoreError("the store is closed")
-        done = asyncio.get_running_loop().create_future()
+        done: Deferred[None] = Deferred()
         self._ops.append(_Op(statements, done))
         self._wake_writer()
         return done
@@ -363,12 +364,10 @@ class Store:
                 return
             log.error("event=commit_failed error=%r", str(exc))
             for op in batch:
-                if not op.done.done():
-                    op.done.set_exception(StoreError(str(exc)))
+                op.done.fail(StoreError(str(exc)))
             return
         for op in batch:
-            if not op.done.done():
-                op.done.set_result(None)
+            op.done.settle(None)  # what follows the commit runs now (see Deferred)
 
     async def _transaction(self, statements: Statements) -> None:
         """One batch of mutations, all or nothing: the statements here, the COMMIT (the
