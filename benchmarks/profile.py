@@ -2,8 +2,8 @@
 
 `Profiler` runs `py-spy record --format raw` (collapsed stacks) against the daemon for a
 bounded number of seconds. Only the event loop's thread is ranked (stacks through
-run_forever; aiosqlite's worker thread is counted apart: it mostly waits on its queue),
-by self and inclusive share of samples (system calls included: no --gil). Each share
+run_forever; the store's writer thread and aiosqlite's reader are counted apart: they
+mostly wait), by self and inclusive share of samples (system calls included: no --gil). Each share
 becomes microseconds of daemon CPU per request using the *unprofiled* run's CPU per
 request: py-spy pauses the daemon at each sample, so the profiled run is slower and is
 never the measured one. py-spy is optional: without it only the profile is skipped.
@@ -131,7 +131,7 @@ class Profiler:
         rate = float(measured["rate"])
         per_req = float(measured["cpu_percent"]) / 100.0 / rate * 1e6 if rate else math.nan
         # The daemon's CPU as the kernel counted it per thread: the event loop's (main
-        # thread) part, the rest is aiosqlite's worker (samples there include fsync
+        # thread) part, the rest is the store's threads (samples there include fsync
         # waits, which are no CPU, so they are not used for this).
         cpu = float(measured["cpu_percent"])
         loop_part = float(measured.get("loop_cpu_percent", cpu)) / cpu if cpu else 1.0
@@ -176,7 +176,7 @@ def render(profile: dict[str, Any], top: int = 15) -> str:
         " daemon CPU each) ==",
     ]
     lines.append(
-        f"-- other threads (aiosqlite's worker: SQL, commits): "
+        f"-- other threads (the store's writer and reader: big or slow COMMITs, reads): "
         f" {profile['us_other_threads']:.1f} us of CPU each (kernel's per-thread count) --"
     )
     for title, key in (("self time", "self"), ("inclusive time", "inclusive")):
