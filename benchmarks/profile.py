@@ -3,10 +3,11 @@
 `Profiler` runs `py-spy record --format raw` (collapsed stacks) against the daemon for a
 bounded number of seconds. Only the event loop's thread is ranked (stacks through
 run_forever; the store's writer thread and aiosqlite's reader are counted apart: they
-mostly wait), by self and inclusive share of samples (system calls included: no --gil). Each share
-becomes microseconds of daemon CPU per request using the *unprofiled* run's CPU per
-request: py-spy pauses the daemon at each sample, so the profiled run is slower and is
-never the measured one. py-spy is optional: without it only the profile is skipped.
+mostly wait), by self and inclusive share of samples (system calls included: no
+--gil). Each share becomes microseconds of daemon CPU per request using the
+*unprofiled* run's CPU per request: py-spy pauses the daemon at each sample, so the
+profiled run is slower and is never the measured one. py-spy is optional: without it
+only the profile is skipped.
 """
 
 from __future__ import annotations
