@@ -131,7 +131,7 @@ class Dispatcher:
     def _in_task(
         self, session: Session, request: Request, data: dict[str, Any], started: float
     ) -> Deferred[Answer]:
-        out = Deferred[Answer]()
+        out: Deferred[Answer] = Deferred()
 
         def done(task: asyncio.Task[Answer]) -> None:
             if task.cancelled():  # the daemon is stopping
@@ -227,7 +227,7 @@ class Dispatcher:
             answer = reply().to_wire(), False
             self._observe(data, started, None)
             return answer
-        out = Deferred[Answer]()
+        out: Deferred[Answer] = Deferred()
 
         def landed(done: Deferred[None]) -> None:
             try:
