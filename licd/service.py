@@ -87,21 +87,9 @@ class LicenceService:
 
     # ------------------------------------------------------------------- leases
 
-    async def checkout(
-        self,
-        key: str,
-        holder: Holder,
-        *,
-        request: str,
-        at: Instant,
-        seats: int = 1,
-        ttl: float | None = None,
-        delegate: bytes | None = None,
-        ip: str | None = None,
-    ) -> Grant:
-        grant, commit = self.begin_checkout(
-            key, holder, request=request, at=at, seats=seats, ttl=ttl, delegate=delegate, ip=ip
-        )
+    async def checkout(self, key: str, holder: Holder, **options: Any) -> Grant:
+        """`begin_checkout`, awaited: the grant once it is committed."""
+        grant, commit = self.begin_checkout(key, holder, **options)
         if commit is not None:
             await self._committed(commit)
             self.checkout_landed(grant)
