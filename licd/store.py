@@ -3,17 +3,17 @@
 Theory of operation: one writer task (`run`) owns every transaction. Callers enqueue
 mutations and await them; the writer takes everything queued so far, commits it in one
 `BEGIN IMMEDIATE ... COMMIT` (one fsync for the whole batch: group commit), then
-settles each caller's `Deferred`. The batch's statements run on the event loop (CPU
-only, into SQLite's page cache). The COMMIT, which writes the WAL and waits for its
-fsync, runs there too while the disk has been quick (waking a thread costs more than
-that short wait), else on a thread of its own, so the loop keeps serving while a huge
-batch or a slow disk is written. Either way the threads never take turns at the GIL
-row by row. Reads go through aiosqlite on a read-only connection of their own. A
-caller replies only after its commit is settled, so an acknowledged checkout or checkin
-is on disk. Heartbeats only `touch` a lease: its new expiry rides along with the next
-batch (or a timer), never delaying the reply; a restart covers the gap
-(`Engine.restore`). If a batch fails, each mutation is retried alone, so one bad row
-fails only its own caller. The store never decides anything.
+settles each caller's `Deferred`. The transaction runs on the event loop itself (the
+statements into SQLite's page cache, then the COMMIT and its fsync) while the disk has
+been quick: waking a thread costs more than that short wait. A huge batch, a disk that
+has been slow, or a write lock held by another connection (an operator's shell) sends
+the whole transaction to a thread of its own, so the loop keeps serving while it waits;
+the loop itself never waits for a lock. Reads go through aiosqlite on a read-only
+connection of their own. A caller replies only after its commit is settled, so an
+acknowledged checkout or checkin is on disk. Heartbeats only `touch` a lease: its new
+expiry rides along with the next batch (or a timer), never delaying the reply; a
+restart covers the gap (`Engine.restore`). If a batch fails, each mutation is retried
+alone, so one bad row fails only its own caller. The store never decides anything.
 """
 
 from __future__ import annotations
@@ -75,6 +75,7 @@ MAX_BATCH = 1024
 LAZY_INTERVAL = 1.0  # seconds a renewal or a denial's audit entry may wait to be written
 INLINE_MAX_ROWS = 1024  # a batch of at most this many rows may COMMIT on the loop...
 INLINE_MAX_SECONDS = 0.002  # ...if the last COMMIT took no longer than this
+BUSY_TIMEOUT_MS = 5000  # how long the writer thread waits for another's write lock
 
 
 T = TypeVar("T")
@@ -108,12 +109,20 @@ def migrations() -> list[tuple[int, str]]:
 
 
 class Store:
-    def __init__(self, conn: sqlite3.Connection, writer: ThreadPoolExecutor, path: Path) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        writer: ThreadPoolExecutor,
+        path: Path,
+        lazy_interval: float = LAZY_INTERVAL,
+    ) -> None:
         self._conn = conn  # used only on the `writer` thread
         self._writer = writer
         self.path = path
         self._ops: list[_Op] = []  # queued for the next batch
         self._wake: asyncio.Future[None] | None = None  # the idle writer waits on it
+        self._lazy_timer: asyncio.TimerHandle | None = None  # wakes it for lazy writes
+        self._lazy_interval = lazy_interval
         self._stopping = False
         self._touched: dict[str, tuple[float, float]] = {}
         self._lazy_audit: list[Event] = []
@@ -128,7 +137,7 @@ class Store:
         self.transactions = 0  # committed batches, for metrics and tests
 
     @classmethod
-    async def open(cls, path: Path) -> Store:
+    async def open(cls, path: Path, *, lazy_interval: float = LAZY_INTERVAL) -> Store:
         """Open (creating if needed) the database at `path` and apply migrations."""
         try:
             # Lease secrets live here: the file (and the -wal and -shm files SQLite
@@ -145,7 +154,7 @@ class Store:
         except sqlite3.Error as exc:
             writer.shutdown(wait=False)
             raise StoreError(f"{path}: cannot open the database: {exc}") from None
-        return cls(conn, writer, path)
+        return cls(conn, writer, path, lazy_interval)
 
     async def _on_writer(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
@@ -267,10 +276,15 @@ class Store:
     def touch_lease(self, lease: Lease) -> None:
         """Record a renewal lazily: written with the next batch, within LAZY_INTERVAL."""
         self._touched[lease.secret] = (lease.expires, lease.last_heartbeat)
+        if self._lazy_timer is None:
+            self._arm_lazy()
 
     def append_later(self, event: Event) -> None:
-        """An audit entry nobody waits for (a denial): written with the next batch."""
+        """An audit entry nobody waits for (a denial): written with the next batch, within
+        LAZY_INTERVAL."""
         self._lazy_audit.append(event)
+        if self._lazy_timer is None:
+            self._arm_lazy()
 
     async def barrier(self) -> None:
         """Wait until everything submitted before this call has been committed."""
@@ -297,6 +311,12 @@ class Store:
     def _lazy_pending(self) -> bool:
         return bool(self._touched or self._lazy_audit)
 
+    def _arm_lazy(self) -> None:
+        """While the writer is idle, wake it within LAZY_INTERVAL for the lazy writes."""
+        if self._wake is not None and self._lazy_timer is None:
+            loop = asyncio.get_running_loop()
+            self._lazy_timer = loop.call_later(self._lazy_interval, self._wake_writer)
+
     async def run(self) -> None:
         """The writer: commit queued mutations in batches until `close()`. Whatever was
         queued while a batch committed goes in the next one."""
@@ -311,17 +331,15 @@ class Store:
                         return
                     # Idle: wait for work, or for the lazy writes' deadline.
                     self._wake = wake = loop.create_future()
-                    timer = (
-                        loop.call_later(LAZY_INTERVAL, self._wake_writer)
-                        if self._lazy_pending()
-                        else None
-                    )
+                    if self._lazy_pending():
+                        self._arm_lazy()
                     try:
                         await wake
                     finally:
                         self._wake = None
-                        if timer is not None:
-                            timer.cancel()
+                        if self._lazy_timer is not None:
+                            self._lazy_timer.cancel()
+                            self._lazy_timer = None
                 batch = self._ops[:MAX_BATCH]
                 del self._ops[:MAX_BATCH]
                 if batch or self._lazy_pending():
@@ -370,46 +388,30 @@ class Store:
             op.done.settle(None)  # what follows the commit runs now (see Deferred)
 
     async def _transaction(self, statements: Statements) -> None:
-        """One batch of mutations, all or nothing: the statements here, the COMMIT (the
-        disk write and its fsync) here too when the batch is small and the disk quick,
-        else on the writer thread."""
+        """One batch of mutations, all or nothing. Here on the loop (the statements into
+        SQLite's page cache, then the COMMIT) while the disk has been quick, the batch
+        is not huge and no other connection holds the database's write lock; else the
+        whole transaction on the writer thread, where waiting (for the disk, or up to
+        BUSY_TIMEOUT_MS for the lock) stalls no client."""
         conn = self._conn
         merged = _merged(statements)
+        rows = sum(len(r) for _, r in merged)
         async with self._conn_lock:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                for sql, rows in merged:
-                    conn.executemany(sql, rows)
-            except BaseException:
-                _rollback(conn)
-                raise
-            if commit_inline(sum(len(rows) for _, rows in merged), self._last_commit):
+            if commit_inline(rows, self._last_commit) and _begin_at_once(conn):
+                try:
+                    for sql, batch in merged:
+                        conn.executemany(sql, batch)
+                except BaseException:
+                    _rollback(conn)
+                    raise
                 started = time.perf_counter()
                 try:
                     _commit(conn)
                 finally:
                     self._last_commit = time.perf_counter() - started
             else:
-                self._last_commit = await self._committing(conn)
+                self._last_commit = await self._on_writer(_transact, conn, merged)
         self.transactions += 1
-
-    def _committing(self, conn: sqlite3.Connection) -> asyncio.Future[float]:
-        """COMMIT on the writer thread; the future (of the seconds it took) is settled
-        from there: one wake-up of the loop, no executor future in between."""
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[float] = loop.create_future()
-
-        def work() -> None:
-            started = time.perf_counter()
-            try:
-                _commit(conn)
-            except BaseException as exc:  # handed to the loop, never lost
-                loop.call_soon_threadsafe(_settle, done, exc)
-            else:
-                loop.call_soon_threadsafe(_settle, done, time.perf_counter() - started)
-
-        self._writer.submit(work)
-        return done
 
     async def close(self) -> None:
         """Commit what is queued (renewals included), stop the writer, close the file."""
@@ -467,9 +469,12 @@ def _open_writer(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode = WAL")
         # FULL: a commit is fsynced before it returns, so acknowledged means durable.
         conn.execute("PRAGMA synchronous = FULL")
-        # Another process (an offline admin tool) may hold a lock for a moment.
-        conn.execute("PRAGMA busy_timeout = 5000")
+        # Another process (an offline admin tool) may hold a lock for a moment: the
+        # migrations (and later any transaction on this thread) wait for it...
+        conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
         _migrate(conn)
+        # ...but a transaction on the event loop never does: it moves to this thread.
+        conn.execute("PRAGMA busy_timeout = 0")
     except BaseException:
         conn.close()
         raise
@@ -509,7 +514,7 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
 
 def commit_inline(rows: int, last_commit: float) -> bool:
-    """Whether to COMMIT on the event loop itself: any batch but a huge one, while the
+    """Whether to commit on the event loop itself: any batch but a huge one, while the
     disk is quick. Waking the writer thread and being woken back costs the loop more
     (CPU, and the GIL changing hands each way) than waiting out a short fsync: measured
     on 2 cores, batches of about 100 rows went faster inline too. A huge batch, or a
@@ -517,13 +522,35 @@ def commit_inline(rows: int, last_commit: float) -> bool:
     return rows <= INLINE_MAX_ROWS and last_commit <= INLINE_MAX_SECONDS
 
 
-def _settle(done: asyncio.Future[float], result: float | BaseException) -> None:
-    if done.cancelled():
-        return
-    if isinstance(result, BaseException):
-        done.set_exception(result)
-    else:
-        done.set_result(result)
+def _begin_at_once(conn: sqlite3.Connection) -> bool:
+    """BEGIN IMMEDIATE without waiting (the connection's busy timeout is 0): False when
+    another connection holds the write lock."""
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_BUSY:
+            return False
+        raise
+    return True
+
+
+def _transact(conn: sqlite3.Connection, statements: Statements) -> float:
+    """A whole transaction, waiting for the write lock if need be (on the writer
+    thread); returns the seconds its COMMIT took."""
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, rows in statements:
+                conn.executemany(sql, rows)
+        except BaseException:
+            _rollback(conn)
+            raise
+        started = time.perf_counter()
+        _commit(conn)
+        return time.perf_counter() - started
+    finally:
+        conn.execute("PRAGMA busy_timeout = 0")
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

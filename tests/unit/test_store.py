@@ -132,6 +132,42 @@ async def test_commit_on_the_loop_only_for_small_batches_on_a_quick_disk(store: 
     assert len(await store.load_leases()) == 3
 
 
+async def test_a_write_lock_held_elsewhere_is_waited_for_off_the_loop(store: Store) -> None:
+    other = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # an operator's shell holds the write lock
+        done = store.insert_lease(lease(1))
+        # Were the loop waiting for the lock, this sleep would end only once the insert
+        # had failed (busy timeout): the insert is still waiting, on the writer thread.
+        await asyncio.sleep(0.2)
+        assert not done.done()
+        other.execute("COMMIT")
+        await asyncio.wait_for(done, 5.0)
+    finally:
+        other.close()
+    assert [x.secret for x in await store.load_leases()] == ["secret-1"]
+    await store.insert_lease(lease(2))  # and the next one is back on the loop
+    assert len(await store.load_leases()) == 2
+
+
+async def test_renewals_on_an_idle_store_are_written_within_the_lazy_interval(
+    tmp_path: Path,
+) -> None:
+    s = await Store.open(tmp_path / "licd.db", lazy_interval=0.05)
+    writer = asyncio.create_task(s.run())
+    try:
+        item = lease(1)
+        await s.insert_lease(item)
+        item.expires = NOW + 500
+        s.touch_lease(item)  # nothing else comes to carry it
+        async with asyncio.timeout(5.0):  # no event says a lazy write landed: look
+            while (await s.load_leases())[0].expires != NOW + 500:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    finally:
+        await s.close()
+        await writer
+
+
 def test_commit_inline_rule() -> None:
     assert commit_inline(INLINE_MAX_ROWS, INLINE_MAX_SECONDS)
     assert not commit_inline(INLINE_MAX_ROWS + 1, 0.0)
