@@ -103,6 +103,7 @@ class Dispatcher:
         self.service = service
         self.signer = signer
         self.shutting_down = False
+        self._tasks: set[asyncio.Task[Answer]] = set()  # a router's requests under way
         self.relay: Relay | None = None  # a site router's upstream relaying
         #: Told of every request: (op, seconds taken, error code or None). Metrics.
         self.on_request = on_request
@@ -140,6 +141,8 @@ class Dispatcher:
                 out.settle(task.result())
 
         task = asyncio.ensure_future(self._answer_later(session, request, data, started))
+        self._tasks.add(task)  # the loop keeps only a weak reference to a task
+        task.add_done_callback(self._tasks.discard)
         task.add_done_callback(done)
         return out
 

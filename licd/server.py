@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import ssl as _ssl
 from collections import Counter, deque
 from typing import Any
@@ -164,6 +165,7 @@ class Connection(asyncio.Protocol):
         """Dispatch every whole frame buffered, as far as the pipeline allows."""
         decoder = self.decoder
         session = self.session
+        took = False
         while not self._closing and not self._paused & (WRITES | BROKEN):
             if session.hello_done and len(self._pending) >= self.config.max_pipeline:
                 self._pause(PIPELINE)
@@ -178,6 +180,7 @@ class Connection(asyncio.Protocol):
                 break
             before_hello = not session.hello_done
             self._push(self.dispatcher.handle(session, frame))
+            took = True
             if before_hello:
                 if session.hello_done:
                     decoder.max_frame = self.config.max_frame
@@ -186,12 +189,16 @@ class Connection(asyncio.Protocol):
                     # limit for the next one.
                     self._pause(PIPELINE)
                     return
+        else:
+            return  # paused or closing: whole frames may wait here, through no fault of the peer
         self._resume(PIPELINE)
-        # Every whole frame is taken: what is left is a frame begun.
+        # Every whole frame is taken: what is left is a frame begun (in the last read,
+        # if frames came before it).
         if not decoder.buffered:
             self._frame_started = None
-        elif self._frame_started is None:
+        elif took or self._frame_started is None:
             self._frame_started = self._activity
+            self._check_by(self._activity + self.config.frame_timeout)
 
     def _push(self, answer: Answer | Deferred[Answer]) -> None:
         pending = self._pending
@@ -241,6 +248,13 @@ class Connection(asyncio.Protocol):
         self._paused &= ~why
         if not self._paused and self.transport is not None and not self._closing:
             self.transport.resume_reading()
+            # The peer's silence, or its frame begun, counts again from now.
+            now = self.loop.time()
+            self._activity = now
+            if self._frame_started is not None:
+                self._frame_started = now
+            if self._timer is None:
+                self._check_deadline()
 
     def _stalled(self) -> None:
         self._write_timer = None
@@ -253,7 +267,9 @@ class Connection(asyncio.Protocol):
         """When this connection must be closed unless something happens first: hello
         not done in time, a frame started but not finished, or nothing said at all."""
         cfg = self.config
-        if self._frame_started is not None:
+        if self._paused:  # we are not reading: neither its silence nor a frame half-read
+            deadline = math.inf  # is the peer's doing (writes have a deadline of their own)
+        elif self._frame_started is not None:
             deadline = self._frame_started + cfg.frame_timeout
         else:
             deadline = self._activity + cfg.idle_timeout
@@ -261,9 +277,20 @@ class Connection(asyncio.Protocol):
             deadline = min(deadline, self._hello_deadline)
         return deadline
 
+    def _check_by(self, when: float) -> None:
+        """Make the deadline timer fire no later than `when` (a frame begun may end the
+        connection sooner than the silence the timer was armed for)."""
+        timer = self._timer
+        if timer is not None and timer.when() <= when:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._timer = self.loop.call_at(when, self._check_deadline)
+
     def _check_deadline(self) -> None:
         # No timer per read: this closes a connection whose deadline passed; a read
-        # just records when it happened.
+        # just records when it happened. Paused, no timer runs: resuming re-arms it.
+        self._timer = None
         if self._closing:
             return
         deadline = self._deadline()
@@ -271,7 +298,8 @@ class Connection(asyncio.Protocol):
             log.debug("event=timeout peer=%s", self.session.peer)
             self.close()
             return
-        self._timer = self.loop.call_at(deadline, self._check_deadline)
+        if deadline != math.inf:
+            self._timer = self.loop.call_at(deadline, self._check_deadline)
 
     # ----------------------------------------------------------------- closing
 
@@ -285,11 +313,15 @@ class Connection(asyncio.Protocol):
             self.close()
 
     def close(self) -> None:
-        """Close once what is buffered is written (the peer's write deadline still
-        applies: a peer that does not read is cut off)."""
+        """Close once what is buffered is written; a peer that does not read it within
+        the write deadline is cut off."""
         self._closing = True
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if transport.get_write_buffer_size() and self._write_timer is None:
+            self._write_timer = self.loop.call_later(self.config.write_timeout, self._stalled)
+        transport.close()
 
     def abort(self) -> None:
         self._closing = True

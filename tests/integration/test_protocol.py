@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import logging
 import os
 import socket
@@ -18,8 +19,10 @@ import pytest
 
 from licd.clock import FakeClock
 from licd.daemon import setup_logging
+from licd.server import WRITE_HIGH_WATER
 from licd_client import tokens
 from licd_client.errors import TokenInvalid
+from licd_client.wire import REPLY_LIMITS, FrameDecoder
 from tests.support import DICOM, RawPeer, address, holder, make_config, running
 
 
@@ -316,6 +319,102 @@ async def test_a_peer_that_never_reads_is_cut_off_and_others_are_served(
         assert (await bystander.call("available", key=DICOM.key))["in_use"] == 1
         await bystander.close()
         await hog.close()
+
+
+async def test_a_closed_connection_whose_peer_never_reads_is_cut_off(tmp_path: Path) -> None:
+    # Replies below the write high-water mark, then a half-close: the daemon closes its
+    # side once they are written, and cuts the peer off if it never reads them.
+    loop = asyncio.get_running_loop()
+    config = make_config(tmp_path, write_timeout=0.5)
+    async with running(config) as daemon:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, address(daemon))
+            hello = {"id": 0, "op": "hello", "protocol": 1, "client": "tests/1"}
+            checkout = {
+                "id": 1,
+                "op": "checkout",
+                "key": DICOM.key,
+                "holder": holder().to_wire(),
+                "request": "r1",
+                "nonce": os.urandom(16),
+            }
+            await loop.sock_sendall(sock, _frames(hello, checkout))
+            decoder = FrameDecoder(1 << 20, REPLY_LIMITS)
+            replies: list[dict[str, object]] = []
+            while len(replies) < 2:  # the last replies this peer reads
+                decoder.feed(await loop.sock_recv(sock, 65536))
+                while (frame := decoder.next_frame()) is not None:
+                    replies.append(frame)
+            beat = {"op": "heartbeat", "lease": replies[1]["lease"], "nonce": os.urandom(16)}
+            [here] = daemon.server.connections
+            assert here.transport is not None
+            for i in range(40_000):  # one at a time, until a reply waits in the daemon
+                await loop.sock_sendall(sock, _frames({"id": i, **beat}))
+                await asyncio.sleep(0)
+                if here.transport.get_write_buffer_size():
+                    break
+            assert 0 < here.transport.get_write_buffer_size() < WRITE_HIGH_WATER
+            sock.shutdown(socket.SHUT_WR)
+            async with asyncio.timeout(10):
+                await here.wait_closed()
+            assert daemon.server.connection_count == 0
+        finally:
+            sock.close()
+
+
+async def test_frames_split_across_reads_keep_a_busy_connection_alive(tmp_path: Path) -> None:
+    # Every read ends inside a frame, for longer than frame_timeout in all: each frame
+    # is on time, so the connection lives.
+    config = make_config(tmp_path, frame_timeout=1.0)
+    async with running(config) as daemon:
+        peer = await connected(address(daemon))
+        stream = _frames(*({"id": i, "op": "available", "key": DICOM.key} for i in range(8)))
+        size = len(stream) // 8  # the frames are all the same size
+        cuts = [0, *(n * size + size // 2 for n in range(1, 8)), len(stream)]
+        for start, end in itertools.pairwise(cuts):  # the rest of a frame, half the next
+            await peer.send_bytes(stream[start:end])
+            await asyncio.sleep(0.2)
+        replies = [await peer.recv() for _ in range(8)]
+        assert [r["id"] for r in replies if r is not None] == list(range(8))
+        await peer.close()
+
+
+async def test_a_frame_half_read_while_we_wait_on_a_commit_is_not_timed_out(
+    tmp_path: Path,
+) -> None:
+    config = make_config(tmp_path, replace(DICOM, seats=10), frame_timeout=0.3, max_pipeline=1)
+    async with running(config) as daemon:
+        peer = await connected(address(daemon))
+        one, two = (
+            _frames(
+                {
+                    "id": i,
+                    "op": "checkout",
+                    "key": DICOM.key,
+                    "holder": holder(f"h{i}").to_wire(),
+                    "request": f"r{i}",
+                    "nonce": os.urandom(16),
+                }
+            )
+            for i in (1, 2)
+        )
+        other = sqlite3.connect(daemon.service.store.path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # the first checkout's commit must wait
+            await peer.send_bytes(one[:10])  # a frame begun...
+            await asyncio.sleep(0.05)
+            await peer.send_bytes(one[10:] + two[:10])  # ...ended, and the next begun
+            await asyncio.sleep(0.6)  # the daemon waits on the commit, not reading us
+            other.execute("COMMIT")
+        finally:
+            other.close()
+        await peer.send_bytes(two[10:])
+        replies = [await peer.recv() for _ in range(2)]
+        assert [(r or {}).get("ok") for r in replies] == [True, True]
+        await peer.close()
 
 
 @pytest.mark.parametrize(
