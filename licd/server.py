@@ -153,7 +153,8 @@ class Connection(asyncio.Protocol):
             self._write_timer = self.loop.call_later(self.config.write_timeout, self._stalled)
 
     def resume_writing(self) -> None:
-        if self._write_timer is not None:
+        # Closing, the deadline stays: it is for writing everything, not just some.
+        if self._write_timer is not None and not self._closing:
             self._write_timer.cancel()
             self._write_timer = None
         self._resume(WRITES)
