@@ -4,7 +4,7 @@ A checkout is granted in the engine, committed by the store with its audit entry
 confirmed (or aborted if the commit failed); a checkin, reclaim or revoke is marked in
 the engine, deleted in the store with its audit entries, then released (or restored).
 Licence edits are checked by the engine, committed, then applied. What must follow a
-commit runs in its future's done-callback (licence edits: in a shielded task), so a
+commit runs in its `Deferred`'s callback (licence edits: in a shielded task), so a
 caller that goes away mid-commit never leaves the engine and the database disagreeing.
 The wire's hot ops come in two forms: `begin_*`, which decides at once and returns the
 commit to wait for (dispatch answers from its callback, without a task), and an async
