@@ -112,7 +112,7 @@ class Dispatcher:
         """Answer one decoded frame: (reply map, whether to close the connection) at once
         when no I/O is needed (hello, heartbeat, available, every error), else a `Deferred` of it.
         No request costs a task, except a router's (its upstream is awaited)."""
-        started = time.perf_counter()
+        started = time.perf_counter() if self.on_request is not None else 0.0
         try:
             if self.shutting_down:
                 raise ShuttingDown()

@@ -398,17 +398,7 @@ class Store:
         rows = sum(len(r) for _, r in merged)
         async with self._conn_lock:
             if commit_inline(rows, self._last_commit) and _begin_at_once(conn):
-                try:
-                    for sql, batch in merged:
-                        conn.executemany(sql, batch)
-                except BaseException:
-                    _rollback(conn)
-                    raise
-                started = time.perf_counter()
-                try:
-                    _commit(conn)
-                finally:
-                    self._last_commit = time.perf_counter() - started
+                self._last_commit = _write_and_commit(conn, merged)
             else:
                 self._last_commit = await self._on_writer(_transact, conn, merged)
         self.transactions += 1
@@ -540,17 +530,23 @@ def _transact(conn: sqlite3.Connection, statements: Statements) -> float:
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     try:
         conn.execute("BEGIN IMMEDIATE")
-        try:
-            for sql, rows in statements:
-                conn.executemany(sql, rows)
-        except BaseException:
-            _rollback(conn)
-            raise
-        started = time.perf_counter()
-        _commit(conn)
-        return time.perf_counter() - started
+        return _write_and_commit(conn, statements)
     finally:
         conn.execute("PRAGMA busy_timeout = 0")
+
+
+def _write_and_commit(conn: sqlite3.Connection, statements: Statements) -> float:
+    """After BEGIN: the statements, then COMMIT, all rolled back on any error. Returns
+    the seconds the COMMIT took (how quick the disk is)."""
+    try:
+        for sql, rows in statements:
+            conn.executemany(sql, rows)
+    except BaseException:
+        _rollback(conn)
+        raise
+    started = time.perf_counter()
+    _commit(conn)
+    return time.perf_counter() - started
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
