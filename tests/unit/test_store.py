@@ -11,11 +11,14 @@ from pathlib import Path
 import pytest
 
 from licd.engine import Lease
+from licd.events import Event, Kind
+from licd.records import INSERT_AUDIT, INSERT_LEASE, audit_row, lease_row
 from licd.store import (
     INLINE_MAX_ROWS,
     INLINE_MAX_SECONDS,
     Store,
     StoreError,
+    _statements,
     commit_inline,
     migrations,
 )
@@ -64,6 +67,57 @@ async def test_migrations_and_pragmas(store: Store) -> None:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert "lease" in tables
+
+
+def _schema_at(path: Path, version: int) -> None:
+    """A database as an older licd left it: migrations up to `version` only."""
+    with sqlite3.connect(path, isolation_level=None) as db:
+        for number, sql in migrations():
+            if number <= version:
+                for statement in _statements(sql):
+                    db.execute(statement)
+        db.execute(f"PRAGMA user_version = {version}")
+
+
+async def test_lean_writes_migration_keeps_every_row_and_the_append_only_log(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "licd.db"
+    _schema_at(path, 4)
+    old = [lease(1, delegate=b"d" * 32), lease(2)]
+    with sqlite3.connect(path) as db:
+        db.executemany(INSERT_LEASE, [lease_row(x) for x in old])
+        for n in range(3):
+            db.execute(INSERT_AUDIT, audit_row(Event(Kind.CHECKOUT, NOW + n, handle=f"h{n}")))
+        before = db.execute("SELECT * FROM audit ORDER BY id").fetchall()
+    s = await Store.open(path)
+    writer = asyncio.create_task(s.run())
+    try:
+        assert await s.schema_version() == migrations()[-1][0]
+        loaded = {x.secret: x for x in await s.load_leases()}
+        assert set(loaded) == {"secret-1", "secret-2"}
+        assert loaded["secret-1"].delegate == b"d" * 32
+        assert loaded["secret-2"].holder == old[1].holder
+        await s.append(Event(Kind.RELOAD, NOW + 10))
+        after = [(e.id, e.event.kind) for e in await s.audit()]
+        assert after == [(row[0], Kind.CHECKOUT) for row in before] + [(4, Kind.RELOAD)]
+    finally:
+        await s.close()
+        await writer
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT * FROM audit ORDER BY id LIMIT 3").fetchall() == before
+        for sql in ("UPDATE audit SET event = 'x'", "DELETE FROM audit"):
+            with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+                db.execute(sql)
+        # What each commit writes: the lease table has no index but its key, and the
+        # audit log no sequence table to update.
+        indexes = db.execute(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name IN "
+            "('lease', 'audit')"
+        ).fetchall()
+        assert indexes == []
+        (audit_sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'audit'").fetchone()
+        assert "AUTOINCREMENT" not in audit_sql
 
 
 async def test_synchronous_full_on_the_store_connection(tmp_path: Path) -> None:
