@@ -10,10 +10,12 @@ has been slow, or a write lock held by another connection (an operator's shell) 
 the whole transaction to a thread of its own, so the loop keeps serving while it waits;
 the loop itself never waits for a lock. Reads go through aiosqlite on a read-only
 connection of their own. A caller replies only after its commit is settled, so an
-acknowledged checkout or checkin is on disk. Heartbeats only `touch` a lease: its new
-expiry rides along with the next batch (or a timer), never delaying the reply; a
-restart covers the gap (`Engine.restore`). If a batch fails, each mutation is retried
-alone, so one bad row fails only its own caller. The store never decides anything.
+acknowledged checkout or checkin is on disk. Heartbeats only `touch` a lease: the
+renewals gathered over LAZY_INTERVAL are written together (with whatever batch commits
+once the interval is up, or by a timer), never delaying a reply nor adding pages to
+every commit of a busy site; a restart covers the gap (`Engine.restore`). If a batch
+fails, each mutation is retried alone, so one bad row fails only its own caller. The
+store never decides anything.
 """
 
 from __future__ import annotations
@@ -125,6 +127,7 @@ class Store:
         self._lazy_interval = lazy_interval
         self._stopping = False
         self._touched: dict[str, tuple[float, float]] = {}
+        self._touched_since = 0.0  # monotonic time of the oldest renewal not yet written
         self._lazy_audit: list[Event] = []
         self._reader: aiosqlite.Connection | None = None
         self._closed = False
@@ -274,8 +277,12 @@ class Store:
         )
 
     def touch_lease(self, lease: Lease) -> None:
-        """Record a renewal lazily: written with the next batch, within LAZY_INTERVAL."""
-        self._touched[lease.secret] = (lease.expires, lease.last_heartbeat)
+        """Record a renewal lazily: written within LAZY_INTERVAL, together with the
+        other renewals of that interval."""
+        touched = self._touched
+        if not touched:
+            self._touched_since = time.monotonic()  # the clock asyncio's loop runs on
+        touched[lease.secret] = (lease.expires, lease.last_heartbeat)
         if self._lazy_timer is None:
             self._arm_lazy()
 
@@ -311,11 +318,27 @@ class Store:
     def _lazy_pending(self) -> bool:
         return bool(self._touched or self._lazy_audit)
 
+    def _touches_due(self) -> bool:
+        """Whether the renewals go with this batch: their interval is up (or the store
+        is closing). Before that they wait, so a busy site's many small commits do not
+        each rewrite the pages of a few renewed leases."""
+        return bool(self._touched) and (
+            self._stopping or time.monotonic() - self._touched_since >= self._lazy_interval
+        )
+
     def _arm_lazy(self) -> None:
-        """While the writer is idle, wake it within LAZY_INTERVAL for the lazy writes."""
+        """While the writer is idle, wake it when the lazy writes are due: a denial's
+        entry within LAZY_INTERVAL, the renewals when their interval is up."""
         if self._wake is not None and self._lazy_timer is None:
             loop = asyncio.get_running_loop()
-            self._lazy_timer = loop.call_later(self._lazy_interval, self._wake_writer)
+            delay = self._lazy_interval
+            if self._touched and not self._lazy_audit:
+                delay = max(0.0, self._touched_since + delay - time.monotonic())
+            self._lazy_timer = loop.call_later(delay, self._lazy_wake)
+
+    def _lazy_wake(self) -> None:
+        self._touched_since = -math.inf  # due now, whatever the clocks' rounding
+        self._wake_writer()
 
     async def run(self) -> None:
         """The writer: commit queued mutations in batches until `close()`. Whatever was
@@ -342,7 +365,7 @@ class Store:
                             self._lazy_timer = None
                 batch = self._ops[:MAX_BATCH]
                 del self._ops[:MAX_BATCH]
-                if batch or self._lazy_pending():
+                if batch or self._lazy_audit or self._touches_due():
                     await self._commit(batch)
         finally:
             self._stopped.set()
@@ -355,7 +378,8 @@ class Store:
         touched: dict[str, tuple[float, float]] = {}
         lazy_audit: list[Event] = []
         if lazy:
-            touched, self._touched = self._touched, {}
+            if self._touches_due():
+                touched, self._touched = self._touched, {}
             lazy_audit, self._lazy_audit = self._lazy_audit, []
             statements = [
                 (TOUCH_LEASE, [(exp, hb, secret) for secret, (exp, hb) in touched.items()]),

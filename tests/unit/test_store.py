@@ -112,8 +112,7 @@ async def test_lean_writes_migration_keeps_every_row_and_the_append_only_log(
         # What each commit writes: the lease table has no index but its key, and the
         # audit log no sequence table to update.
         indexes = db.execute(
-            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name IN "
-            "('lease', 'audit')"
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name IN ('lease', 'audit')"
         ).fetchall()
         assert indexes == []
         (audit_sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'audit'").fetchone()
@@ -148,19 +147,47 @@ async def test_delete(store: Store) -> None:
     assert [x.secret for x in await store.load_leases()] == ["secret-2"]
 
 
-async def test_touch_is_written_lazily_and_on_close(store: Store) -> None:
-    item = lease(1)
-    await store.insert_lease(item)
-    item.expires, item.last_heartbeat = NOW + 500, NOW + 410
-    store.touch_lease(item)
-    await store.barrier()  # rides along with the next batch
-    (loaded,) = await store.load_leases()
-    assert (loaded.expires, loaded.last_heartbeat) == (NOW + 500, NOW + 410)
-    item.expires = NOW + 900
-    store.touch_lease(item)
-    await store.close()
-    (loaded,) = await reopen(store.path)
-    assert loaded.expires == NOW + 900
+async def test_renewals_wait_for_their_interval_then_go_together_and_on_close(
+    tmp_path: Path,
+) -> None:
+    """A renewal does not ride along with every commit (a busy site's commits would
+    each rewrite a few leases' pages): it waits for its interval, then all the
+    renewals of that interval go in one batch; closing writes what is left."""
+    path = tmp_path / "licd.db"
+    s = await Store.open(path, lazy_interval=3600.0)  # never due during this test
+    writer = asyncio.create_task(s.run())
+    a, b = lease(1), lease(2)
+    await s.insert_lease(a)
+    await s.insert_lease(b)
+    a.expires, a.last_heartbeat = NOW + 500, NOW + 410
+    s.touch_lease(a)
+    await s.insert_lease(lease(3))  # a commit while the renewal is not yet due
+    loaded = {x.secret: x for x in await s.load_leases()}
+    assert loaded[a.secret].expires == NOW + 90
+    b.expires = NOW + 900
+    s.touch_lease(b)
+    await s.close()
+    await writer
+    loaded = {x.secret: x for x in await reopen(path)}
+    assert (loaded[a.secret].expires, loaded[a.secret].last_heartbeat) == (NOW + 500, NOW + 410)
+    assert loaded[b.secret].expires == NOW + 900
+    assert len(loaded) == 3
+
+
+async def test_due_renewals_ride_along_with_the_next_batch(tmp_path: Path) -> None:
+    s = await Store.open(tmp_path / "licd.db", lazy_interval=0.0)  # due at once
+    writer = asyncio.create_task(s.run())
+    try:
+        item = lease(1)
+        await s.insert_lease(item)
+        item.expires = NOW + 500
+        s.touch_lease(item)
+        await s.barrier()
+        (loaded,) = await s.load_leases()
+        assert loaded.expires == NOW + 500
+    finally:
+        await s.close()
+        await writer
 
 
 async def test_group_commit_batches_concurrent_writers(store: Store) -> None:
