@@ -12,16 +12,17 @@ the loop itself never waits for a lock. Reads go through aiosqlite on a read-onl
 connection of their own. A caller replies only after its commit is settled, so an
 acknowledged checkout or checkin is on disk. Heartbeats only `touch` a lease: the
 renewals gathered over LAZY_INTERVAL are written together (with whatever batch commits
-once the interval is up, or by a timer), never delaying a reply nor adding pages to
-every commit of a busy site; a restart covers the gap (`Engine.restore`). If a batch
-fails, each mutation is retried alone, so one bad row fails only its own caller. The
-store never decides anything.
+once the interval is up, or by a timer; MAX_RENEWALS per commit, so the loop is never
+held long), never delaying a reply nor adding pages to every commit of a busy site; a
+restart covers the gap (`Engine.restore`). If a batch fails, each mutation is retried
+alone, so one bad row fails only its own caller. The store never decides anything.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import os
@@ -74,6 +75,7 @@ log = logging.getLogger(__name__)
 
 DB_FILE = "licd.db"
 MAX_BATCH = 1024
+MAX_RENEWALS = 256  # renewals per commit: a site's second of them in chunks of ~1 ms each
 LAZY_INTERVAL = 1.0  # seconds a renewal or a denial's audit entry may wait to be written
 INLINE_MAX_ROWS = 1024  # a batch of at most this many rows may COMMIT on the loop...
 INLINE_MAX_SECONDS = 0.002  # ...if the last COMMIT took no longer than this
@@ -326,6 +328,17 @@ class Store:
             self._stopping or time.monotonic() - self._touched_since >= self._lazy_interval
         )
 
+    def _take_touches(self) -> dict[str, tuple[float, float]]:
+        """The oldest MAX_RENEWALS renewals (all, if fewer): the loop commits them in
+        about a millisecond, then serves requests before it writes the next chunk (they
+        are still due: the idle writer's timer fires at once)."""
+        touched = self._touched
+        if len(touched) <= MAX_RENEWALS:
+            self._touched = {}
+            return touched
+        oldest = list(itertools.islice(touched, MAX_RENEWALS))
+        return {secret: touched.pop(secret) for secret in oldest}
+
     def _arm_lazy(self) -> None:
         """While the writer is idle, wake it when the lazy writes are due: a denial's
         entry within LAZY_INTERVAL, the renewals when their interval is up."""
@@ -349,7 +362,7 @@ class Store:
             while True:
                 if not self._ops:
                     if self._stopping:
-                        if self._lazy_pending():
+                        while self._lazy_pending():  # each pass takes (or drops) some
                             await self._commit([])
                         return
                     # Idle: wait for work, or for the lazy writes' deadline.
@@ -379,7 +392,7 @@ class Store:
         lazy_audit: list[Event] = []
         if lazy:
             if self._touches_due():
-                touched, self._touched = self._touched, {}
+                touched = self._take_touches()
             lazy_audit, self._lazy_audit = self._lazy_audit, []
             statements = [
                 (TOUCH_LEASE, [(exp, hb, secret) for secret, (exp, hb) in touched.items()]),

@@ -16,6 +16,7 @@ from licd.records import INSERT_AUDIT, INSERT_LEASE, audit_row, lease_row
 from licd.store import (
     INLINE_MAX_ROWS,
     INLINE_MAX_SECONDS,
+    MAX_RENEWALS,
     Store,
     StoreError,
     _statements,
@@ -188,6 +189,35 @@ async def test_due_renewals_ride_along_with_the_next_batch(tmp_path: Path) -> No
     finally:
         await s.close()
         await writer
+
+
+async def test_many_renewals_are_written_in_chunks_the_loop_can_wait_out(
+    tmp_path: Path,
+) -> None:
+    """A big site's second of renewals is not one long transaction on the event loop:
+    at most MAX_RENEWALS per commit, and every one of them lands."""
+    path = tmp_path / "licd.db"
+    s = await Store.open(path, lazy_interval=0.0)
+    writer = asyncio.create_task(s.run())
+    items = [lease(n) for n in range(2 * MAX_RENEWALS + 88)]
+    await asyncio.gather(*(s.insert_lease(x) for x in items))
+    per_commit: list[int] = [0]
+
+    def trace(sql: str) -> None:
+        if sql.startswith("UPDATE lease"):
+            per_commit[-1] += 1
+        elif sql == "COMMIT":
+            per_commit.append(0)
+
+    s._conn.set_trace_callback(trace)
+    for x in items:
+        x.expires = NOW + 700
+        s.touch_lease(x)
+    await s.close()
+    await writer
+    assert sum(per_commit) == len(items)
+    assert max(per_commit) == MAX_RENEWALS
+    assert all(x.expires == NOW + 700 for x in await reopen(path))
 
 
 async def test_group_commit_batches_concurrent_writers(store: Store) -> None:
