@@ -162,7 +162,10 @@ async def _serve(config: Config) -> None:
     # CPU per checkout + checkin cycle.
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     try:
-        daemon = await Daemon.open(config)
+        # Opening may migrate the database: systemd is kept from timing that out.
+        daemon = await notifier.while_starting(
+            Daemon.open(config), "opening the state (a schema migration can take a while)"
+        )
         loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
         await daemon.run(stop, notifier=notifier, on_ready=lambda _: gc.freeze())
     finally:

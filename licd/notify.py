@@ -1,20 +1,30 @@
 """Tells systemd how the daemon is doing, over the sd_notify(3) datagram protocol.
 
 One AF_UNIX datagram socket to `$NOTIFY_SOCKET`, written directly (no libsystemd):
-readiness, status, reload, shutdown and watchdog pings. It only reports what it is told;
-it must never raise, block the event loop or decide anything about the daemon's state.
+readiness, status, reload, shutdown, watchdog pings and more time to start. It only
+reports what it is told; it must never raise, block the event loop or decide anything
+about the daemon's state.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: While the daemon opens its state, systemd is asked for more time to start every
+#: START_PING seconds (a schema migration of a big audit log can outlast the unit's start
+#: timeout, which would kill it midway and restart it for ever).
+START_PING = 10.0
 
 # What systemd's sd_watchdog_enabled() accepts: a positive count of microseconds below
 # USEC_INFINITY (2**64 - 1, which means "no watchdog").
@@ -102,6 +112,29 @@ class Notifier:
         while True:
             self.watchdog()
             await sleep(interval)
+
+    def extend_start(self, seconds: float, status: str) -> None:
+        """Still starting: systemd's start timeout is to allow `seconds` more."""
+        self._send(f"EXTEND_TIMEOUT_USEC={round(seconds * 1_000_000)}\nSTATUS={_one_line(status)}")
+
+    async def while_starting(
+        self, work: Awaitable[T], status: str, *, every: float = START_PING
+    ) -> T:
+        """`work`'s result, asking systemd for more time to start every `every` seconds
+        until it is done (only the event loop's own turns send them: a loop blocked in
+        start-up code does not). Cancelled, it cancels `work`."""
+        task = asyncio.ensure_future(work)
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=every)
+                if done:
+                    return task.result()
+                self.extend_start(3 * every, status)
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     def close(self) -> None:
         """Close the socket; later messages are no-ops. Safe to call twice."""

@@ -344,9 +344,9 @@ class Store:
         entry within LAZY_INTERVAL, the renewals when their interval is up."""
         if self._wake is not None and self._lazy_timer is None:
             loop = asyncio.get_running_loop()
-            delay = self._lazy_interval
-            if self._touched and not self._lazy_audit:
-                delay = max(0.0, self._touched_since + delay - time.monotonic())
+            delay = self._lazy_interval  # a denial's entry: within the interval from now
+            if self._touched:  # the renewals: when their own interval is up, if sooner
+                delay = max(0.0, min(delay, self._touched_since + delay - time.monotonic()))
             self._lazy_timer = loop.call_later(delay, self._lazy_wake)
 
     def _lazy_wake(self) -> None:

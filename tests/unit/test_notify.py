@@ -295,6 +295,50 @@ async def test_no_pings_while_the_loop_is_blocked(receiver: tuple[socket.socket,
         n.close()
 
 
+async def test_more_time_to_start_is_asked_for_until_the_work_is_done(
+    receiver: tuple[socket.socket, str], notifier: Notifier
+) -> None:
+    sock = receiver[0]
+    loop = asyncio.get_running_loop()
+    release = asyncio.Event()
+
+    async def migrate() -> str:
+        await release.wait()
+        return "opened"
+
+    task = asyncio.create_task(notifier.while_starting(migrate(), "migrating", every=0.01))
+    for _ in range(2):  # bounded waits for the datagrams themselves, not for time to pass
+        message = await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+        assert message == b"EXTEND_TIMEOUT_USEC=30000\nSTATUS=migrating"
+    release.set()
+    assert await asyncio.wait_for(task, 10) == "opened"
+    received(sock)  # one may have crossed the release
+    await asyncio.sleep(0.05)  # five periods: none may follow once the work is done
+    assert received(sock) == []
+
+
+async def test_work_failing_or_cancelled_while_starting(notifier: Notifier) -> None:
+    async def broken() -> None:
+        raise RuntimeError("bad database")
+
+    with pytest.raises(RuntimeError, match="bad database"):
+        await notifier.while_starting(broken(), "opening")
+    cancelled = asyncio.Event()
+
+    async def forever() -> None:
+        try:
+            await asyncio.Event().wait()
+        finally:
+            cancelled.set()
+
+    task = asyncio.create_task(notifier.while_starting(forever(), "opening"))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert cancelled.is_set()  # the work was cancelled with it, not left running
+
+
 # --- failures never raise or block ----------------------------------------------------
 
 

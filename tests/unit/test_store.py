@@ -176,16 +176,59 @@ async def test_renewals_wait_for_their_interval_then_go_together_and_on_close(
 
 
 async def test_due_renewals_ride_along_with_the_next_batch(tmp_path: Path) -> None:
-    s = await Store.open(tmp_path / "licd.db", lazy_interval=0.0)  # due at once
+    """Once their interval is up, renewals go in the same transaction as the next
+    batch: a writer that is never idle (so never arms its timer) still writes them."""
+    s = await Store.open(tmp_path / "licd.db", lazy_interval=3600.0)
     writer = asyncio.create_task(s.run())
     try:
         item = lease(1)
         await s.insert_lease(item)
         item.expires = NOW + 500
         s.touch_lease(item)
-        await s.barrier()
-        (loaded,) = await s.load_leases()
-        assert loaded.expires == NOW + 500
+        s._touched_since -= 7200  # as if its interval were up
+        statements: list[str] = []
+        s._conn.set_trace_callback(lambda sql: statements.append(sql.split(" (")[0].strip()))
+        await s.insert_lease(lease(2))
+        s._conn.set_trace_callback(None)
+        first = statements[: statements.index("COMMIT") + 1]
+        assert [x.split()[0] for x in first] == ["BEGIN", "UPDATE", "INSERT", "COMMIT"]
+    finally:
+        await s.close()
+        await writer
+
+
+async def test_a_denial_waiting_too_does_not_push_back_renewals_already_due(
+    tmp_path: Path,
+) -> None:
+    """The idle writer wakes for the sooner deadline: the renewals' own, not a full
+    interval from when a denial's entry came in during a commit."""
+    s = await Store.open(tmp_path / "licd.db", lazy_interval=3600.0)
+    writer = asyncio.create_task(s.run())
+    try:
+        item = lease(1)
+        await s.insert_lease(item)
+        item.expires = NOW + 500
+        s.touch_lease(item)
+        entered, gate = threading.Event(), threading.Event()
+
+        def hold_commit(sql: str) -> None:
+            if sql == "COMMIT":
+                entered.set()
+                gate.wait(10)
+
+        s._conn.set_trace_callback(hold_commit)
+        s._last_commit = 1.0  # the next commit on the writer thread: the loop runs on
+        committed = s.insert_lease(lease(2))
+        loop = asyncio.get_running_loop()
+        assert await loop.run_in_executor(None, entered.wait, 10)
+        s.append_later(Event(Kind.DENIED, NOW, reason="seats_exhausted"))  # mid-commit
+        s._touched_since -= 7200  # and meanwhile the renewal's interval is up
+        gate.set()
+        await committed
+        async with asyncio.timeout(5.0):  # the writer is idle now: look, do not poke it
+            while (await s.load_leases())[0].expires != NOW + 500:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        s._conn.set_trace_callback(None)
     finally:
         await s.close()
         await writer
@@ -195,29 +238,42 @@ async def test_many_renewals_are_written_in_chunks_the_loop_can_wait_out(
     tmp_path: Path,
 ) -> None:
     """A big site's second of renewals is not one long transaction on the event loop:
-    at most MAX_RENEWALS per commit, and every one of them lands."""
+    at most MAX_RENEWALS per commit, one chunk after another while the daemon runs,
+    and every one of them lands."""
     path = tmp_path / "licd.db"
-    s = await Store.open(path, lazy_interval=0.0)
+    s = await Store.open(path, lazy_interval=3600.0)
     writer = asyncio.create_task(s.run())
-    items = [lease(n) for n in range(2 * MAX_RENEWALS + 88)]
-    await asyncio.gather(*(s.insert_lease(x) for x in items))
-    per_commit: list[int] = [0]
+    try:
+        items = [lease(n) for n in range(2 * MAX_RENEWALS + 88)]
+        await asyncio.gather(*(s.insert_lease(x) for x in items))
+        per_commit: list[int] = [0]
 
-    def trace(sql: str) -> None:
-        if sql.startswith("UPDATE lease"):
-            per_commit[-1] += 1
-        elif sql == "COMMIT":
-            per_commit.append(0)
+        def trace(sql: str) -> None:
+            if sql.startswith("UPDATE lease"):
+                per_commit[-1] += 1
+            elif sql == "COMMIT":
+                per_commit.append(0)
 
-    s._conn.set_trace_callback(trace)
-    for x in items:
-        x.expires = NOW + 700
-        s.touch_lease(x)
-    await s.close()
-    await writer
-    assert sum(per_commit) == len(items)
-    assert max(per_commit) == MAX_RENEWALS
-    assert all(x.expires == NOW + 700 for x in await reopen(path))
+        s._conn.set_trace_callback(trace)
+        for x in items:
+            x.expires = NOW + 700
+            s.touch_lease(x)
+        s._touched_since -= 7200  # as if their interval were up
+        await s.barrier()  # the first chunk goes with it, the others one after another
+        async with asyncio.timeout(5.0):  # nothing else wakes the writer: look
+            while sum(per_commit) < len(items):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        s._conn.set_trace_callback(None)
+        assert [n for n in per_commit if n] == [MAX_RENEWALS, MAX_RENEWALS, 88]
+        assert all(x.expires == NOW + 700 for x in await s.load_leases())
+        # Closing writes whatever is left, in chunks too.
+        for x in items:
+            x.expires = NOW + 800
+            s.touch_lease(x)
+    finally:
+        await s.close()
+        await writer
+    assert all(x.expires == NOW + 800 for x in await reopen(path))
 
 
 async def test_group_commit_batches_concurrent_writers(store: Store) -> None:
