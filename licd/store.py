@@ -403,13 +403,14 @@ class Store:
             await self._transaction(statements + [s for op in batch for s in op.statements])
         except Exception as exc:
             if touched or lazy_audit:
-                # The batch alone, then the lazy writes alone; if those fail by
-                # themselves they are dropped (renewals are covered on restore).
-                await self._commit(batch, lazy=False)
+                # The lazy writes alone (still first: the audit log stays in order), then
+                # the batch alone; lazy writes that fail by themselves are dropped
+                # (renewals are covered on restore).
                 try:
                     await self._transaction(statements)
                 except Exception as lazy_exc:
                     log.error("event=lazy_writes_dropped error=%r", str(lazy_exc))
+                await self._commit(batch, lazy=False)
                 return
             if len(batch) > 1:
                 # Find the culprit: each mutation alone, so the others still commit.

@@ -358,6 +358,23 @@ async def test_one_failing_mutation_fails_only_its_caller(store: Store) -> None:
     ]
 
 
+async def test_a_failed_batch_keeps_a_waiting_denial_first_in_the_audit_log(
+    store: Store,
+) -> None:
+    """A denial written lazily happened before the batch it waited for: when that batch
+    fails and is retried piece by piece, the denial's entry still comes first."""
+    await store.insert_lease(lease(1))
+    store.append_later(Event(Kind.DENIED, NOW, reason="seats_exhausted"))
+    checkout = Event(Kind.CHECKOUT, NOW + 1, handle="h2")
+    results = await asyncio.gather(
+        store.insert_lease(lease(2), checkout),
+        store.insert_lease(lease(1)),  # duplicate secret: the whole batch fails first
+        return_exceptions=True,
+    )
+    assert results[0] is None and isinstance(results[1], StoreError)
+    assert [e.event.kind for e in await store.audit()] == [Kind.DENIED, Kind.CHECKOUT]
+
+
 async def test_failing_disk_fails_the_write(store: Store) -> None:
     with sqlite3.connect(store.path) as db:
         db.execute(
