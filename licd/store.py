@@ -80,6 +80,7 @@ LAZY_INTERVAL = 1.0  # seconds a renewal or a denial's audit entry may wait to b
 INLINE_MAX_ROWS = 1024  # a batch of at most this many rows may COMMIT on the loop...
 INLINE_MAX_SECONDS = 0.002  # ...if the last COMMIT took no longer than this
 BUSY_TIMEOUT_MS = 5000  # how long the writer thread waits for another's write lock
+WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the write-ahead log keeps after a big write
 
 
 T = TypeVar("T")
@@ -497,6 +498,9 @@ def _open_writer(path: Path) -> sqlite3.Connection:
         conn.execute("PRAGMA journal_mode = WAL")
         # FULL: a commit is fsynced before it returns, so acknowledged means durable.
         conn.execute("PRAGMA synchronous = FULL")
+        # The log grows as big as the biggest transaction (a migration, a bulk revoke)
+        # and is then reused from its start: past this size it is cut back once reused.
+        conn.execute(f"PRAGMA journal_size_limit = {WAL_SIZE_LIMIT}")
         # Another process (an offline admin tool) may hold a lock for a moment: the
         # migrations (and later any transaction on this thread) wait for it...
         conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")

@@ -129,6 +129,26 @@ async def test_synchronous_full_on_the_store_connection(tmp_path: Path) -> None:
         await s.close()
 
 
+async def test_the_write_ahead_log_shrinks_back_after_a_big_transaction(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("licd.store.WAL_SIZE_LIMIT", 256 * 1024)
+    path = tmp_path / "licd.db"
+    wal = tmp_path / "licd.db-wal"
+    s = await Store.open(path)
+    writer = asyncio.create_task(s.run())
+    try:
+        # Far past the 1,000-page automatic checkpoint in one transaction.
+        await s.delete_leases([], [Event(Kind.RELOAD, NOW, detail={"x": "y" * 2000})] * 3000)
+        big = wal.stat().st_size
+        assert big > 4 * 1024 * 1024
+        await s.insert_lease(lease(1))  # the next write reuses the checkpointed log
+        assert wal.stat().st_size <= 256 * 1024 < big
+    finally:
+        await s.close()
+        await writer
+
+
 async def test_insert_load_round_trip(store: Store) -> None:
     original = lease(1, delegate=b"k" * 32, holder=holder("ws-1", user="bob", pid=42))
     await store.insert_lease(original)
