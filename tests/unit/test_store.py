@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,13 +47,22 @@ def lease(n: int, **kw: object) -> Lease:
     return Lease(**fields)  # type: ignore[arg-type]
 
 
+@contextlib.asynccontextmanager
+async def running(path: Path, **options: Any) -> AsyncIterator[Store]:
+    """The store at `path` with its writer running; closed (lazy writes written) on exit."""
+    s = await Store.open(path, **options)
+    writer = asyncio.create_task(s.run())
+    try:
+        yield s
+    finally:
+        await s.close()
+        await writer
+
+
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(tmp_path / "licd.db")
-    writer = asyncio.create_task(s.run())
-    yield s
-    await s.close()
-    await writer
+    async with running(tmp_path / "licd.db") as s:
+        yield s
 
 
 async def reopen(path: Path) -> list[Lease]:
@@ -91,9 +102,7 @@ async def test_lean_writes_migration_keeps_every_row_and_the_append_only_log(
         for n in range(3):
             db.execute(INSERT_AUDIT, audit_row(Event(Kind.CHECKOUT, NOW + n, handle=f"h{n}")))
         before = db.execute("SELECT * FROM audit ORDER BY id").fetchall()
-    s = await Store.open(path)
-    writer = asyncio.create_task(s.run())
-    try:
+    async with running(path) as s:
         assert await s.schema_version() == migrations()[-1][0]
         loaded = {x.secret: x for x in await s.load_leases()}
         assert set(loaded) == {"secret-1", "secret-2"}
@@ -102,9 +111,6 @@ async def test_lean_writes_migration_keeps_every_row_and_the_append_only_log(
         await s.append(Event(Kind.RELOAD, NOW + 10))
         after = [(e.id, e.event.kind) for e in await s.audit()]
         assert after == [(row[0], Kind.CHECKOUT) for row in before] + [(4, Kind.RELOAD)]
-    finally:
-        await s.close()
-        await writer
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT * FROM audit ORDER BY id LIMIT 3").fetchall() == before
         for sql in ("UPDATE audit SET event = 'x'", "DELETE FROM audit"):
@@ -135,18 +141,13 @@ async def test_the_write_ahead_log_shrinks_back_after_a_big_transaction(
     monkeypatch.setattr("licd.store.WAL_SIZE_LIMIT", 256 * 1024)
     path = tmp_path / "licd.db"
     wal = tmp_path / "licd.db-wal"
-    s = await Store.open(path)
-    writer = asyncio.create_task(s.run())
-    try:
+    async with running(path) as s:
         # Far past the 1,000-page automatic checkpoint in one transaction.
         await s.delete_leases([], [Event(Kind.RELOAD, NOW, detail={"x": "y" * 2000})] * 3000)
         big = wal.stat().st_size
         assert big > 4 * 1024 * 1024
         await s.insert_lease(lease(1))  # the next write reuses the checkpointed log
         assert wal.stat().st_size <= 256 * 1024 < big
-    finally:
-        await s.close()
-        await writer
 
 
 async def test_insert_load_round_trip(store: Store) -> None:
@@ -175,20 +176,17 @@ async def test_renewals_wait_for_their_interval_then_go_together_and_on_close(
     each rewrite a few leases' pages): it waits for its interval, then all the
     renewals of that interval go in one batch; closing writes what is left."""
     path = tmp_path / "licd.db"
-    s = await Store.open(path, lazy_interval=3600.0)  # never due during this test
-    writer = asyncio.create_task(s.run())
     a, b = lease(1), lease(2)
-    await s.insert_lease(a)
-    await s.insert_lease(b)
-    a.expires, a.last_heartbeat = NOW + 500, NOW + 410
-    s.touch_lease(a)
-    await s.insert_lease(lease(3))  # a commit while the renewal is not yet due
-    loaded = {x.secret: x for x in await s.load_leases()}
-    assert loaded[a.secret].expires == NOW + 90
-    b.expires = NOW + 900
-    s.touch_lease(b)
-    await s.close()
-    await writer
+    async with running(path, lazy_interval=3600.0) as s:  # never due during this test
+        await s.insert_lease(a)
+        await s.insert_lease(b)
+        a.expires, a.last_heartbeat = NOW + 500, NOW + 410
+        s.touch_lease(a)
+        await s.insert_lease(lease(3))  # a commit while the renewal is not yet due
+        loaded = {x.secret: x for x in await s.load_leases()}
+        assert loaded[a.secret].expires == NOW + 90
+        b.expires = NOW + 900
+        s.touch_lease(b)
     loaded = {x.secret: x for x in await reopen(path)}
     assert (loaded[a.secret].expires, loaded[a.secret].last_heartbeat) == (NOW + 500, NOW + 410)
     assert loaded[b.secret].expires == NOW + 900
@@ -198,9 +196,7 @@ async def test_renewals_wait_for_their_interval_then_go_together_and_on_close(
 async def test_due_renewals_ride_along_with_the_next_batch(tmp_path: Path) -> None:
     """Once their interval is up, renewals go in the same transaction as the next
     batch: a writer that is never idle (so never arms its timer) still writes them."""
-    s = await Store.open(tmp_path / "licd.db", lazy_interval=3600.0)
-    writer = asyncio.create_task(s.run())
-    try:
+    async with running(tmp_path / "licd.db", lazy_interval=3600.0) as s:
         item = lease(1)
         await s.insert_lease(item)
         item.expires = NOW + 500
@@ -212,9 +208,6 @@ async def test_due_renewals_ride_along_with_the_next_batch(tmp_path: Path) -> No
         s._conn.set_trace_callback(None)
         first = statements[: statements.index("COMMIT") + 1]
         assert [x.split()[0] for x in first] == ["BEGIN", "UPDATE", "INSERT", "COMMIT"]
-    finally:
-        await s.close()
-        await writer
 
 
 async def test_a_denial_waiting_too_does_not_push_back_renewals_already_due(
@@ -222,9 +215,7 @@ async def test_a_denial_waiting_too_does_not_push_back_renewals_already_due(
 ) -> None:
     """The idle writer wakes for the sooner deadline: the renewals' own, not a full
     interval from when a denial's entry came in during a commit."""
-    s = await Store.open(tmp_path / "licd.db", lazy_interval=3600.0)
-    writer = asyncio.create_task(s.run())
-    try:
+    async with running(tmp_path / "licd.db", lazy_interval=3600.0) as s:
         item = lease(1)
         await s.insert_lease(item)
         item.expires = NOW + 500
@@ -249,9 +240,6 @@ async def test_a_denial_waiting_too_does_not_push_back_renewals_already_due(
             while (await s.load_leases())[0].expires != NOW + 500:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
         s._conn.set_trace_callback(None)
-    finally:
-        await s.close()
-        await writer
 
 
 async def test_many_renewals_are_written_in_chunks_the_loop_can_wait_out(
@@ -261,9 +249,7 @@ async def test_many_renewals_are_written_in_chunks_the_loop_can_wait_out(
     at most MAX_RENEWALS per commit, one chunk after another while the daemon runs,
     and every one of them lands."""
     path = tmp_path / "licd.db"
-    s = await Store.open(path, lazy_interval=3600.0)
-    writer = asyncio.create_task(s.run())
-    try:
+    async with running(path, lazy_interval=3600.0) as s:
         items = [lease(n) for n in range(2 * MAX_RENEWALS + 88)]
         await asyncio.gather(*(s.insert_lease(x) for x in items))
         per_commit: list[int] = [0]
@@ -290,9 +276,6 @@ async def test_many_renewals_are_written_in_chunks_the_loop_can_wait_out(
         for x in items:
             x.expires = NOW + 800
             s.touch_lease(x)
-    finally:
-        await s.close()
-        await writer
     assert all(x.expires == NOW + 800 for x in await reopen(path))
 
 
@@ -340,9 +323,7 @@ async def test_a_write_lock_held_elsewhere_is_waited_for_off_the_loop(store: Sto
 async def test_renewals_on_an_idle_store_are_written_within_the_lazy_interval(
     tmp_path: Path,
 ) -> None:
-    s = await Store.open(tmp_path / "licd.db", lazy_interval=0.05)
-    writer = asyncio.create_task(s.run())
-    try:
+    async with running(tmp_path / "licd.db", lazy_interval=0.05) as s:
         item = lease(1)
         await s.insert_lease(item)
         item.expires = NOW + 500
@@ -350,9 +331,6 @@ async def test_renewals_on_an_idle_store_are_written_within_the_lazy_interval(
         async with asyncio.timeout(5.0):  # no event says a lazy write landed: look
             while (await s.load_leases())[0].expires != NOW + 500:  # noqa: ASYNC110
                 await asyncio.sleep(0.01)
-    finally:
-        await s.close()
-        await writer
 
 
 def test_commit_inline_rule() -> None:
