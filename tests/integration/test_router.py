@@ -60,6 +60,10 @@ BLOCK = RelayedLicence(
     lease_ttl=90.0,
     grace=15.0,
 )
+#: A block that an outage test can outlive in a few clock steps.
+SHORT_BLOCK = dataclasses.replace(
+    BLOCK, block_ttl=600.0, renew_every=200.0, lease_ttl=60.0, grace=10.0
+)
 FORWARD = RelayedLicence(key=VENDOR.key, id="site-dicom-fwd", mode="forward")
 
 
@@ -443,10 +447,7 @@ async def test_two_routers_never_hand_out_more_than_the_vendor_licence(
 async def test_outage_shorter_than_the_block_goes_unnoticed(
     sites: list[Site], tmp_path: Path, clock: FakeClock
 ) -> None:
-    short = dataclasses.replace(
-        BLOCK, block_ttl=600.0, renew_every=200.0, lease_ttl=60.0, grace=10.0
-    )
-    vendor, router = await vendor_and_router(sites, tmp_path, clock, short)
+    vendor, router = await vendor_and_router(sites, tmp_path, clock, SHORT_BLOCK)
     state = await block_taken(router.daemon)
     assert state.block is not None
     handle, first_expiry = state.block.handle, state.block.expires
@@ -475,9 +476,9 @@ async def test_outage_shorter_than_the_block_goes_unnoticed(
         await relay.renew_block(state)
         assert state.block is not None
         assert state.block.handle == handle  # the same block, renewed
-        assert state.block.expires == clock.now().wall + short.block_ttl > first_expiry
+        assert state.block.expires == clock.now().wall + SHORT_BLOCK.block_ttl > first_expiry
         assert relay.link.state.connected is True
-        assert vendor.daemon.engine.in_use(VENDOR.id) == short.block_seats
+        assert vendor.daemon.engine.in_use(VENDOR.id) == SHORT_BLOCK.block_seats
         for _ in range(3):
             clock.advance(40)
             await lease.renew_once()
@@ -489,10 +490,7 @@ async def test_outage_shorter_than_the_block_goes_unnoticed(
 async def test_outage_longer_than_the_block_stops_new_checkouts(
     sites: list[Site], tmp_path: Path, clock: FakeClock
 ) -> None:
-    short = dataclasses.replace(
-        BLOCK, block_ttl=600.0, renew_every=200.0, lease_ttl=60.0, grace=10.0
-    )
-    vendor, router = await vendor_and_router(sites, tmp_path, clock, short)
+    vendor, router = await vendor_and_router(sites, tmp_path, clock, SHORT_BLOCK)
     state = await block_taken(router.daemon)
     assert state.block is not None
     block_expires = state.block.expires
