@@ -19,7 +19,7 @@ import resource
 import time
 from array import array
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -239,24 +239,31 @@ class _Worker:
 
     # --- the load -------------------------------------------------------------------
 
-    async def renew_loop(
-        self, rec: Recorder, client: FrameClient, lease: str, interval: float
-    ) -> None:
-        """Heartbeats: back to back (interval 0) or on a fixed schedule."""
+    async def _sends(self, rec: Recorder, interval: float, requests: int) -> AsyncIterator[float]:
+        """When to send next (the monotonic time, yielded): back to back (interval 0) or
+        every `interval` s from a random phase, until the window ends or the request cap
+        is reached; each send counts `requests` towards the cap."""
         end = rec.end
         next_at = time.monotonic() + random.uniform(0, interval)
         while rec.sent < self.plan.max_requests:
             if interval:
-                delay = next_at - time.monotonic()
                 if next_at >= end:
                     return
+                delay = next_at - time.monotonic()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 next_at += interval
             sent_at = time.monotonic()
             if sent_at >= end:
                 return
-            rec.sent += 1
+            rec.sent += requests
+            yield sent_at
+
+    async def renew_loop(
+        self, rec: Recorder, client: FrameClient, lease: str, interval: float
+    ) -> None:
+        """Heartbeats: back to back (interval 0) or on a fixed schedule."""
+        async for sent_at in self._sends(rec, interval, 1):
             t0 = time.perf_counter()
             try:
                 await client.call({"op": "heartbeat", "lease": lease, "nonce": os.urandom(16)})
@@ -273,20 +280,7 @@ class _Worker:
         self, rec: Recorder, client: FrameClient, conn: int, interval: float
     ) -> None:
         """checkout + checkin cycles: back to back (interval 0) or on a schedule."""
-        end = rec.end
-        next_at = time.monotonic() + random.uniform(0, interval)
-        while rec.sent < self.plan.max_requests:
-            if interval:
-                if next_at >= end:
-                    return
-                delay = next_at - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                next_at += interval
-            sent_at = time.monotonic()
-            if sent_at >= end:
-                return
-            rec.sent += 2
+        async for sent_at in self._sends(rec, interval, 2):
             try:
                 t0 = time.perf_counter()
                 reply = await client.call(self.checkout_msg(conn, "c"))
