@@ -83,11 +83,11 @@ class Access:
 class AdminServer:
     """Listens on the admin socket and serves one request at a time per connection."""
 
-    def __init__(self, ops: AdminOps, config: AdminConfig, path: Path) -> None:
+    def __init__(self, ops: AdminOps, config: AdminConfig, path: Path, access: Access) -> None:
         self.ops = ops
         self.config = config
         self.path = path
-        self.access = Access.from_config(config)
+        self.access = access
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[Any]] = set()

@@ -21,13 +21,15 @@ from typing import Any, TextIO
 
 import click
 
+from licd_client.connection import format_address
+
 from . import __version__
 from . import cli_format as fmt
 from . import report as reports
 from .admin_client import AdminClient, AdminError
 from .cli_policy import policy_changes, policy_options
 from .config import Config, ConfigError, default_config, load_config, parse_duration
-from .daemon import Daemon, StartupError, setup_logging
+from .daemon import Daemon, StartupError, resolve_surroundings, setup_logging
 from .keys import KeyFileError, key_path, load_key
 from .notify import Notifier
 from .store import StoreError
@@ -207,10 +209,16 @@ def key_show(
 @main.command("check-config")
 @click.argument("path", type=FILE)
 def check_config(path: Path) -> None:
-    """Validate a config file; print a summary or the first error."""
+    """Validate a config file and what it names (certificates, CA file, admin group);
+    print a summary or the first error."""
     config = _config(path)
-    addrs = ", ".join(f"{h}:{p}" for h, p in config.server.listen)
-    click.echo(f"{path}: ok: listen {addrs}; {len(config.licences)} licence(s)")
+    try:
+        resolve_surroundings(config)
+    except StartupError as exc:
+        raise click.ClickException(str(exc)) from None
+    addrs = ", ".join(format_address(a) for a in config.server.listen)
+    relayed = f", {len(config.relayed)} relayed" if config.relayed else ""
+    click.echo(f"{path}: ok: listen {addrs}; {len(config.licences)} licence(s){relayed}")
 
 
 # ------------------------------------------------------------------ admin commands

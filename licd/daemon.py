@@ -23,10 +23,11 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Any
 
+from licd_client.connection import format_address
 from licd_client.errors import LicdError
 
 from .admin import AdminOps
-from .admin_server import AdminServer
+from .admin_server import Access, AdminServer
 from .alerts import AlertMonitor
 from .clock import Clock, SystemClock
 from .config import Config, ConfigError, load_config
@@ -92,6 +93,7 @@ class Daemon:
         server: Server,
         signer: Signer,
         lock: IO[str],
+        admin_access: Access,
     ) -> None:
         self.config = config
         self.store = store
@@ -105,7 +107,9 @@ class Daemon:
         self._stored_licences: dict[str, Licence] | None = None  # until written at start
         self.started = time.time()
         self._started_mono = time.monotonic()
-        self.admin = AdminServer(AdminOps(service, self), config.admin, config.admin_socket)
+        self.admin = AdminServer(
+            AdminOps(service, self), config.admin, config.admin_socket, admin_access
+        )
         # Metrics and alerts listen to the service's events.
         clock = service.clock
         view = partial(engine_usage, service.engine)
@@ -151,7 +155,7 @@ class Daemon:
 
     @property
     def listen(self) -> list[str]:
-        return [_addr(host, port) for host, port in self.server.addresses]
+        return [format_address(a) for a in self.server.addresses]
 
     @property
     def site(self) -> str:
@@ -176,7 +180,8 @@ class Daemon:
     @classmethod
     async def open(cls, config: Config, *, clock: Clock | None = None) -> Daemon:
         clock = clock or SystemClock()
-        tls = _tls_context(config)  # a bad certificate stops us before anything is opened
+        # A missing certificate, CA file or group stops us before anything is opened.
+        surroundings = resolve_surroundings(config)
         state_dir = config.server.state_dir
         prepare_state_dir(state_dir)
         lock = _lock(state_dir)
@@ -186,32 +191,47 @@ class Daemon:
         except Exception:
             lock.close()
             raise
-        signer = Signer(key, config.server.site)
-        events = EventBus()
-        relay: Relay | None = None
         try:
-            stored = await store.load_licences()
-            # A relayed licence's terms come from upstream, never from the database.
-            relayed_ids = {r.id for r in config.relayed}
-            stored = [x for x in stored if x.id not in relayed_ids]
-            engine = Engine(_merge_licences(stored, config.licences), groups=config.groups)
-            if config.upstream is not None:
-                relay = Relay(
-                    config.upstream,
-                    config.relayed,
-                    engine=engine,
-                    store=store,
-                    signer=signer,
-                    clock=clock,
-                    publish=events.publish,
-                )
-                await relay.load()  # a stored block's licence, before its sub-leases
-            kept = await store.load_leases()
-            engine.counters.restore(await store.load_counters())
-        except Exception:
+            return await cls._build(
+                config, clock, surroundings, store, Signer(key, config.server.site), lock
+            )
+        except BaseException:
             await store.close()
             lock.close()
             raise
+
+    @classmethod
+    async def _build(
+        cls,
+        config: Config,
+        clock: Clock,
+        surroundings: Surroundings,
+        store: Store,
+        signer: Signer,
+        lock: IO[str],
+    ) -> Daemon:
+        """The engine from the database and the config, and the daemon around it."""
+        events = EventBus()
+        relay: Relay | None = None
+        stored = await store.load_licences()
+        # A relayed licence's terms come from upstream, never from the database.
+        relayed_ids = {r.id for r in config.relayed}
+        stored = [x for x in stored if x.id not in relayed_ids]
+        engine = Engine(_merge_licences(stored, config.licences), groups=config.groups)
+        if config.upstream is not None:
+            relay = Relay(
+                config.upstream,
+                config.relayed,
+                engine=engine,
+                store=store,
+                signer=signer,
+                clock=clock,
+                publish=events.publish,
+                ssl=surroundings.upstream_tls,
+            )
+            await relay.load()  # a stored block's licence, before its sub-leases
+        kept = await store.load_leases()
+        engine.counters.restore(await store.load_counters())
         skipped = engine.restore(kept, clock.now())
         for lease in skipped:
             log.warning(
@@ -221,9 +241,9 @@ class Daemon:
             )
         log.info("event=restored leases=%d", len(kept) - len(skipped))
         service = LicenceService(engine, store, clock, events)
-        server = Server(config.server, Dispatcher(service, signer), ssl=tls)
+        server = Server(config.server, Dispatcher(service, signer), ssl=surroundings.tls)
         server.dispatcher.relay = relay
-        daemon = cls(config, store, service, server, signer, lock)
+        daemon = cls(config, store, service, server, signer, lock, surroundings.admin_access)
         daemon._stored_licences = {x.id: x for x in stored}
         return daemon
 
@@ -347,12 +367,12 @@ class Daemon:
                         self._metrics_server = await self.metrics.serve(*listen)
                         log.info(
                             "event=metrics_listening addr=%s",
-                            _addr(*(self.metrics_address or listen)),
+                            format_address(self.metrics_address or listen),
                         )
                 except OSError as exc:
                     raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
                 for host, port in addresses:
-                    log.info("event=listening addr=%s", _addr(host, port))
+                    log.info("event=listening addr=%s", format_address((host, port)))
                 log.info("event=admin_listening path=%s", self.admin.path)
                 log.info(
                     "event=ready site=%s key=%s licences=%d",
@@ -360,7 +380,7 @@ class Daemon:
                     self.signer.public.hex(),
                     len(self.config.licences),
                 )
-                listening = ", ".join(_addr(h, p) for h, p in addresses)
+                listening = ", ".join(format_address(a) for a in addresses)
                 self._notifier.ready(
                     f"serving {len(self.engine.licences)} licence(s) on {listening}"
                 )
@@ -393,6 +413,22 @@ class Daemon:
             log.info("event=stopped")
 
 
+@dataclasses.dataclass(frozen=True)
+class Surroundings:
+    """What the config names outside itself, resolved before anything is opened: the
+    listener's certificate, the upstream's CA file and the admin group. `check-config`
+    resolves them too, so a file it passes does not fail at start."""
+
+    tls: ssl.SSLContext | None
+    upstream_tls: ssl.SSLContext | None
+    admin_access: Access
+
+
+def resolve_surroundings(config: Config) -> Surroundings:
+    """Each missing file or group is a StartupError naming it."""
+    return Surroundings(_tls_context(config), _upstream_tls(config), _admin_access(config))
+
+
 def _tls_context(config: Config) -> ssl.SSLContext | None:
     cert, key = config.server.tls_cert, config.server.tls_key
     if cert is None or key is None:
@@ -403,6 +439,26 @@ def _tls_context(config: Config) -> ssl.SSLContext | None:
     except (OSError, ssl.SSLError) as exc:
         raise StartupError(f"cannot load the TLS certificate {cert} and key {key}: {exc}") from None
     return context
+
+
+def _upstream_tls(config: Config) -> ssl.SSLContext | None:
+    upstream = config.upstream
+    if upstream is None or not upstream.tls:
+        return None
+    ca_file = upstream.ca_file
+    try:
+        return ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(
+            f"cannot load the upstream CA file {ca_file}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+
+
+def _admin_access(config: Config) -> Access:
+    try:
+        return Access.from_config(config.admin)
+    except ValueError as exc:
+        raise StartupError(str(exc)) from None
 
 
 def _merge_licences(stored: Iterable[Licence], declared: Iterable[Licence]) -> list[Licence]:
@@ -421,10 +477,6 @@ def _merge_licences(stored: Iterable[Licence], declared: Iterable[Licence]) -> l
             continue
         out.append(licence)
     return out
-
-
-def _addr(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def setup_logging(level: str) -> None:

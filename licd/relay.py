@@ -23,9 +23,9 @@ import logging
 import random
 import secrets
 import socket
-import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from ssl import SSLContext
 from typing import Any
 
 from licd_client import AsyncClient, identity
@@ -71,19 +71,16 @@ class LinkState:
 class UpstreamLink:
     """Requests to the upstream licd, each one attempt, with the link's state kept."""
 
-    def __init__(self, config: UpstreamConfig, clock: Clock, site: str) -> None:
-        context: ssl.SSLContext | None = None
-        if config.tls:
-            context = ssl.create_default_context(
-                cafile=str(config.ca_file) if config.ca_file else None
-            )
+    def __init__(
+        self, config: UpstreamConfig, clock: Clock, site: str, ssl: SSLContext | None
+    ) -> None:
         self.config = config
         self.clock = clock
         self.client = AsyncClient(
             list(config.servers),
             list(config.trust),
             client_name=f"licd-router/{__version__} ({site})",
-            ssl=context,
+            ssl=ssl,
             retry_for=0.0,
         )
         self.state = LinkState()
@@ -166,9 +163,10 @@ class Relay:
         signer: Signer,
         clock: Clock,
         publish: Callable[[Event], None],
+        ssl: SSLContext | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        self.link = UpstreamLink(config, clock, signer.site)
+        self.link = UpstreamLink(config, clock, signer.site, ssl)
         self.engine = engine
         self.store = store
         self.signer = signer

@@ -529,6 +529,16 @@ def test_check_config(tmp_path: Path) -> None:
     path.write_text(SITE_TOML.format(state=tmp_path, site="hq") + "\nbogus = 1\n")
     result = CliRunner().invoke(main, ["check-config", str(path)])
     assert result.exit_code == 1 and "bogus: unknown key" in result.stderr
+    # IPv6 addresses in brackets; a router's relayed licences counted apart.
+    router = SITE_TOML.format(state=tmp_path, site="hq").replace(
+        '"127.0.0.1:0"', '"127.0.0.1:0", "[::1]:0"'
+    ) + (
+        f'\n[upstream]\nservers = ["127.0.0.1:1"]\ntrust = ["{"ab" * 32}"]\n'
+        '\n[[licence]]\nkey = "SITE-1"\nid = "site"\nmode = "forward"\n'
+    )
+    path.write_text(router)
+    result = CliRunner().invoke(main, ["check-config", str(path)])
+    assert result.stdout == f"{path}: ok: listen 127.0.0.1:0, [::1]:0; 1 licence(s), 1 relayed\n"
 
 
 # ------------------------------------------------------------------ cli_format

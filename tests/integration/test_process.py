@@ -191,3 +191,28 @@ async def test_port_in_use_is_a_clear_error(daemons: Daemons, tmp_path: Path) ->
     assert last.startswith("Error: cannot listen"), result.stderr
     assert first.running()
     await first.aterminate()
+
+
+def test_a_missing_admin_group_or_ca_file_is_one_line_from_serve_and_check_config(
+    tmp_path: Path,
+) -> None:
+    path = write_config(tmp_path)
+    base = path.read_text(encoding="utf-8")
+    missing_ca = tmp_path / "missing-ca.pem"
+    cases = {
+        '\n[admin]\ngroup = "licd-no-such-group"\n': (
+            "admin.group: no group named 'licd-no-such-group'"
+        ),
+        (
+            f'\n[upstream]\nservers = ["127.0.0.1:1"]\ntrust = ["{"ab" * 32}"]\n'
+            f'tls = true\nca_file = "{missing_ca}"\n'
+        ): f"cannot load the upstream CA file {missing_ca}: No such file or directory",
+    }
+    for extra, message in cases.items():
+        path.write_text(base + extra, encoding="utf-8")
+        for args in (("check-config", str(path)), ("serve", "--config", str(path))):
+            result = run_licd(*args)
+            assert result.returncode == 1, (args, result.stderr)
+            assert one_line_error(result.stderr) == f"Error: {message}", args
+    # Nothing was left behind: not even the state directory was made.
+    assert not (tmp_path / "state").exists()
