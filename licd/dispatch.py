@@ -116,9 +116,10 @@ class Dispatcher:
         try:
             if self.shutting_down:
                 raise ShuttingDown()
-            request = parse_request(data)
-            if not session.hello_done and not isinstance(request, Hello):
+            # Before hello, any op but hello is refused whatever its arguments.
+            if not session.hello_done and _known_op(data) not in (None, "hello"):
                 raise HelloRequired()
+            request = parse_request(data)
             if self._needs_io(request):
                 if self.relay is not None:  # a router: the upstream may be involved
                     return self._in_task(session, request, data, started)
@@ -266,9 +267,7 @@ class Dispatcher:
 
     def _observe(self, data: dict[str, Any], started: float, error: str | None) -> None:
         if self.on_request is not None:
-            op = data.get("op")
-            name = op if isinstance(op, str) and op in REQUEST_TYPES else "invalid"
-            self.on_request(name, time.perf_counter() - started, error)
+            self.on_request(_known_op(data) or "invalid", time.perf_counter() - started, error)
 
     @staticmethod
     def error(exc: LicdError) -> dict[str, Any]:
@@ -351,3 +350,9 @@ class Dispatcher:
             overdraft=lease.overdraft or None,
             lease=lease.secret if with_secret else None,
         )
+
+
+def _known_op(data: dict[str, Any]) -> str | None:
+    """The request's op when it names one of the protocol's, else None."""
+    op = data.get("op")
+    return op if isinstance(op, str) and op in REQUEST_TYPES else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from typing import Any
 from .client import DEFAULT_CLIENT_NAME, SERVER_KEY_ENV
 from .connection import SERVER_ENV
 from .errors import ClientError, LicdError
+from .messages import MAX_SEATS, MIN_TTL
 from .sync import Client, Lease
 
 EXIT_OK = 0
@@ -206,10 +208,17 @@ def _positive(text: str) -> float:
     return value
 
 
+def _ttl(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= MIN_TTL):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, at least {MIN_TTL:g}")
+    return value
+
+
 def _seats(text: str) -> int:
     value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
+    if not 1 <= value <= MAX_SEATS:
+        raise argparse.ArgumentTypeError(f"must be 1..{MAX_SEATS}")
     return value
 
 
@@ -244,7 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def lease_options(p: argparse.ArgumentParser) -> None:
         p.add_argument("--seats", type=_seats, default=1, help="seats to hold (default 1)")
-        p.add_argument("--ttl", type=_positive, default=None, help="a shorter lease, seconds")
+        p.add_argument(
+            "--ttl",
+            type=_ttl,
+            default=None,
+            help="the lease's length in seconds (default: the licence's; at most its max_ttl)",
+        )
         p.add_argument(
             "--wait",
             type=float,

@@ -25,6 +25,7 @@ PROTOCOL_VERSION = 1
 MAX_STORED_INT = 2**63 - 1
 MAX_SEATS = 65535  # seats in one lease
 MAX_UNITS = 2**32  # units in one consume
+MIN_TTL = 1.0  # seconds: the shortest lease a checkout may ask for
 MAX_REQUEST_KEY_LEN = 64
 NONCE_LEN = 16
 KEY_LEN = 32
@@ -405,9 +406,16 @@ REPLY_TYPES: dict[str, Any] = {
 }
 
 
+#: The longest `message` an error frame carries, in characters (longer ones are cut).
+MAX_MESSAGE = 1000
+
+
 def error_frame(rid: int | None, exc: LicdError) -> dict[str, Any]:
     """The failure envelope of PROTOCOL.md section 2 for one error."""
-    out: dict[str, Any] = {"id": rid, "ok": False, "error": exc.code, "message": exc.message}
+    message = exc.message
+    if len(message) > MAX_MESSAGE:
+        message = message[: MAX_MESSAGE - 1] + "…"
+    out: dict[str, Any] = {"id": rid, "ok": False, "error": exc.code, "message": message}
     if exc.retry_after is not None:
         out["retry_after"] = float(exc.retry_after)
     if exc.detail is not None:

@@ -11,6 +11,10 @@ from __future__ import annotations
 from typing import Any, TypeAlias
 
 MAX_UINT = 2**64 - 1
+#: An error names at most this many unknown keys, each cut to NAME_CHARS characters:
+#: the reply stays small whatever the request carried.
+MAX_NAMED = 5
+NAME_CHARS = 40
 
 FeatureValue: TypeAlias = str | int | bool | float
 Features: TypeAlias = dict[str, FeatureValue]
@@ -135,5 +139,11 @@ class Fields:
 
     def done(self) -> None:
         if self._data:
-            names = ", ".join(sorted(repr(k) for k in self._data))
-            raise self._error(f"{self._what}: unknown keys {names}")
+            names = sorted(_shortened(repr(k)) for k in self._data)
+            more = len(names) - MAX_NAMED
+            listed = ", ".join(names[:MAX_NAMED]) + (f" and {more} more" if more > 0 else "")
+            raise self._error(f"{self._what}: unknown keys {listed}")
+
+
+def _shortened(name: str) -> str:
+    return name if len(name) <= NAME_CHARS else name[: NAME_CHARS - 1] + "…"

@@ -32,7 +32,7 @@ from licd_client.errors import (
     SeatsExhausted,
     UnknownLicence,
 )
-from licd_client.messages import Features, Holder
+from licd_client.messages import MIN_TTL, Features, Holder
 
 from ..clock import Instant
 from .counters import Consumed, CounterBook
@@ -40,8 +40,6 @@ from .lease import Lease, LeaseState
 from .licence import Licence
 from .policy import Who, first_match, matches
 from .seats import SeatBook, unit_key
-
-MIN_TTL = 1.0
 
 
 def new_secret() -> str:

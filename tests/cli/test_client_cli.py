@@ -101,6 +101,31 @@ def test_exec_needs_a_command(server: ThreadedFakeLicd, capsys: pytest.CaptureFi
     assert server.fake.ops() == []
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "problem"),
+    [
+        ("--ttl", "0.5", "at least 1"),
+        ("--ttl", "inf", "at least 1"),
+        ("--ttl", "nan", "at least 1"),
+        ("--seats", "0", "1..65535"),
+        ("--seats", "65536", "1..65535"),
+    ],
+)
+def test_a_ttl_or_seats_the_protocol_refuses_is_a_usage_error(
+    server: ThreadedFakeLicd,
+    capsys: pytest.CaptureFixture[str],
+    option: str,
+    value: str,
+    problem: str,
+) -> None:
+    for command in (["checkout", KEY], ["exec", "--key", KEY]):
+        with pytest.raises(SystemExit) as caught:
+            main([*command, option, value])
+        assert caught.value.code == EXIT_USAGE
+        assert problem in capsys.readouterr().err
+    assert server.fake.ops() == []
+
+
 def test_without_a_server_key_it_says_what_to_set(
     server: ThreadedFakeLicd, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

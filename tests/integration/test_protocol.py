@@ -65,6 +65,19 @@ async def test_op_before_hello_is_refused_and_closed(tmp_path: Path) -> None:
         assert daemon.engine.in_use(DICOM.id) == 0
 
 
+async def test_op_before_hello_is_hello_required_even_with_bad_arguments(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        peer = await RawPeer.connect(address(daemon))
+        reply = await peer.call("checkout", seats="x")
+        assert (reply["ok"], reply["error"]) == (False, "hello_required")
+        assert await peer.closed()
+        # Not an op of the protocol at all: the request is malformed, hello or not.
+        peer = await RawPeer.connect(address(daemon))
+        reply = await peer.call("no-such-op")
+        assert (reply["ok"], reply["error"]) == (False, "bad_request")
+        assert await peer.closed()
+
+
 async def test_seed_000_scenario_with_verified_tokens(tmp_path: Path) -> None:
     async with running(make_config(tmp_path)) as daemon:
         anchor = daemon.signer.public

@@ -23,6 +23,7 @@ from licd_client.errors import (
     UnsupportedProtocol,
 )
 from licd_client.messages import (
+    MAX_MESSAGE,
     MAX_UINT,
     Available,
     AvailableReply,
@@ -237,6 +238,20 @@ def test_holder_with_unknown_key_is_bad_request() -> None:
     bad(with_holder(uid=1000), "uid")
 
 
+def test_unknown_keys_are_named_briefly_whatever_the_request_carried() -> None:
+    # 15 keys of 1,004 characters, mostly NULs (each escaped to 4 characters by repr).
+    data = valid("available", **{f"k{n:02d}" + "\x00" * 1000: 1 for n in range(15)})
+    with pytest.raises(BadRequest) as caught:
+        parse_request(data)
+    message = caught.value.message
+    assert message.startswith("available: unknown keys 'k00\\x00")
+    assert message.endswith("… and 10 more")
+    assert message.count("…") == 5 and len(message) < 300
+    few = valid("available", b=1, a=2)
+    with pytest.raises(BadRequest, match=r"^available: unknown keys 'a', 'b'$"):
+        parse_request(few)
+
+
 # ---------------------------------------------------------------- wrong types
 
 WRONG: list[Any] = [
@@ -382,6 +397,11 @@ def test_error_frame_with_null_id_and_default_message() -> None:
         "message": "maximum allowed concurrent licences reached",
         "detail": {"in_use": 3, "total": 3},
     }
+
+
+def test_error_frame_cuts_a_long_message() -> None:
+    assert error_frame(1, BadRequest("x" * 5000))["message"] == "x" * (MAX_MESSAGE - 1) + "…"
+    assert error_frame(1, BadRequest("x" * MAX_MESSAGE))["message"] == "x" * MAX_MESSAGE
 
 
 def test_error_frame_retry_after_is_a_float() -> None:
