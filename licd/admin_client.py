@@ -38,11 +38,19 @@ class AdminClient:
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """Send `op` with `args` (None values left out); the reply's results."""
         request = {"op": op, "id": next(_ids), **{k: v for k, v in args.items() if v is not None}}
+        try:
+            frame = encode(request)
+        except OverflowError:
+            raise AdminError(
+                f"{op}: a number is out of range (msgpack integers are -2^63..2^64-1)"
+            ) from None
+        except (TypeError, ValueError) as exc:
+            raise AdminError(f"{op}: a value cannot be sent: {exc}") from None
         sock = self._connect()
         try:
             # Refused before the daemon read anything: the refusal is still there to read.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                sock.sendall(encode(request))
+                sock.sendall(frame)
             reply = self._read(sock)
         except TimeoutError:
             raise AdminError(f"the daemon did not answer within {self.timeout:g} s") from None

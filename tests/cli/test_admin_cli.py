@@ -276,6 +276,20 @@ async def test_licence_edits_the_daemon_refuses(daemon: Daemon) -> None:
     assert naive.exit_code == 2 and "no time zone" in naive.stderr
     nothing = await licd("licence", "update", "dicom-hq", *sock(daemon))
     assert nothing.exit_code == 2 and "nothing to change" in nothing.stderr
+    # A number msgpack cannot carry: one line, nothing sent, nothing changed.
+    before = daemon.engine.licence_by_id("dicom-hq")
+    huge = "9" * 20
+    for args in (
+        ["--seats", huge],
+        ["--counter", f"a:{huge}"],
+        ["--addon", f'{{"seats": {huge}}}'],
+    ):
+        result = await licd("licence", "update", "dicom-hq", *args, *sock(daemon))
+        assert result.exit_code == 1, result.exception
+        assert result.stderr == (
+            "Error: licence.update: a number is out of range (msgpack integers are -2^63..2^64-1)\n"
+        ), args
+    assert daemon.engine.licence_by_id("dicom-hq") == before
 
 
 async def test_licence_remove_needs_force_while_leases_live(daemon: Daemon, peer: RawPeer) -> None:
