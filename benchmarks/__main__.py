@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--profile",
         action="store_true",
-        help="profile the daemon under the heartbeat load with py-spy",
+        help="profile the daemon with py-spy under the heartbeat and churn loads",
     )
     p.add_argument("--profile-seconds", type=float, help="profile length (8)")
     p.add_argument(

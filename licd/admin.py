@@ -244,8 +244,7 @@ class AdminOps:
         host = f.text("host", max_len=255, required=False)
         user = f.text("user", max_len=255, required=False)
         after = f.text("after", max_len=64, required=False)
-        limit = f.uint("limit", required=False) or 1000
-        limit = min(limit, MAX_PAGE)
+        limit = f.uint("limit", required=False, maximum=MAX_PAGE) or 1000
         chosen = sorted(
             (
                 x
@@ -289,7 +288,7 @@ class AdminOps:
         after = f.uint("after", required=False, maximum=MAX_STORED_INT) or 0
         since = f.number("since", required=False)
         until = f.number("until", required=False)
-        limit = min(f.uint("limit", required=False, maximum=MAX_PAGE) or 1000, MAX_PAGE)
+        limit = f.uint("limit", required=False, maximum=MAX_PAGE) or 1000
         wait = min(f.number("wait", required=False) or 0.0, MAX_AUDIT_WAIT)
         f.done()
         store = self.service.store

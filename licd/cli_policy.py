@@ -22,7 +22,9 @@ F = TypeVar("F", bound=Callable[..., Any])
 CLEAR = "none"
 
 
-def _pairs(what: str) -> Callable[[click.Context, click.Parameter, Any], dict[str, int] | None]:
+def _pairs(
+    what: str, example: str
+) -> Callable[[click.Context, click.Parameter, Any], dict[str, int] | None]:
     def parse(ctx: click.Context, param: click.Parameter, values: Any) -> dict[str, int] | None:
         if not values:
             return None
@@ -30,7 +32,7 @@ def _pairs(what: str) -> Callable[[click.Context, click.Parameter, Any], dict[st
         for text in values:
             name, sep, number = str(text).partition("=")
             if not sep or not number.isdigit():
-                raise click.BadParameter(f"{text!r}: write {what}=SEATS, e.g. cad=3")
+                raise click.BadParameter(f"{text!r}: write {what}=SEATS, e.g. {example}")
             out[name] = int(number)
         return out
 
@@ -110,7 +112,7 @@ _OPTIONS = [
         "--reserve",
         multiple=True,
         metavar="GROUP=SEATS",
-        callback=_pairs("GROUP"),
+        callback=_pairs("GROUP", "cad=3"),
         help="Seats kept for a group (replaces the table).",
     ),
     click.option(
@@ -118,7 +120,7 @@ _OPTIONS = [
         "max_",
         multiple=True,
         metavar="KEY=SEATS",
-        callback=_pairs("user|host|group:NAME"),
+        callback=_pairs("user|host|group:NAME", "user=1"),
         help="A cap per user, host or group (replaces the table).",
     ),
     click.option(

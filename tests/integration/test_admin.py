@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from licd.admin import MAX_PAGE
 from licd.admin_client import AdminClient, AdminError
 from licd.clock import FakeClock
 from licd.config import AdminConfig
@@ -179,6 +180,14 @@ async def test_audit_records_every_change_with_the_holder(tmp_path: Path) -> Non
         later = await admin(daemon, "audit", after=entries[2]["id"])
         assert [e["event"] for e in later["entries"]] == kinds[3:]
         await peer.close()
+
+
+async def test_a_page_larger_than_the_most_is_refused_by_leases_and_audit(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        for op in ("leases", "audit"):
+            await admin(daemon, op, limit=MAX_PAGE)  # the most is allowed
+            with pytest.raises(AdminError, match=f"'limit' must be at most {MAX_PAGE}"):
+                await admin(daemon, op, limit=MAX_PAGE + 1)
 
 
 async def test_audit_long_poll_wakes_on_a_new_entry(tmp_path: Path) -> None:
