@@ -15,6 +15,7 @@ import logging
 import os
 import pwd
 import socket
+import stat
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,10 +95,11 @@ class AdminServer:
 
     async def start(self) -> None:
         path = self.path
+        check_socket_path(path)
         if path.exists() or path.is_symlink():
             if await _in_use(path):
                 raise OSError(f"{path} is in use by another process")
-            path.unlink()
+            path.unlink()  # a stale socket of an earlier run
         old_umask = os.umask(0o117)  # the socket is born 0660, never wider
         try:
             self._server = await asyncio.start_unix_server(self._accept, path=str(path))
@@ -173,6 +175,23 @@ class AdminServer:
             await writer.drain()
             if close or self.ops.closing:
                 return
+
+
+#: The longest path a Unix socket address holds (sun_path, less its NUL).
+MAX_SOCKET_PATH = 107
+
+
+def check_socket_path(path: Path) -> None:
+    """ValueError unless `path` can be the admin socket: short enough, and nothing but a
+    (stale) socket there now, so that replacing it never deletes a file."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ValueError(f"the path is longer than a Unix socket allows ({MAX_SOCKET_PATH} bytes)")
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ValueError("something that is not a socket is there; name a path of its own")
 
 
 async def _in_use(path: Path) -> bool:

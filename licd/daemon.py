@@ -27,7 +27,7 @@ from licd_client.connection import format_address
 from licd_client.errors import LicdError
 
 from .admin import AdminOps
-from .admin_server import Access, AdminServer
+from .admin_server import Access, AdminServer, check_socket_path
 from .alerts import AlertMonitor
 from .clock import Clock, SystemClock
 from .config import Config, ConfigError, load_config
@@ -416,8 +416,8 @@ class Daemon:
 @dataclasses.dataclass(frozen=True)
 class Surroundings:
     """What the config names outside itself, resolved before anything is opened: the
-    listener's certificate, the upstream's CA file and the admin group. `check-config`
-    resolves them too, so a file it passes does not fail at start."""
+    listener's certificate, the upstream's CA file, the admin socket's path and group.
+    `check-config` resolves them too, so a file it passes does not fail at start."""
 
     tls: ssl.SSLContext | None
     upstream_tls: ssl.SSLContext | None
@@ -455,6 +455,10 @@ def _upstream_tls(config: Config) -> ssl.SSLContext | None:
 
 
 def _admin_access(config: Config) -> Access:
+    try:
+        check_socket_path(config.admin_socket)
+    except ValueError as exc:
+        raise StartupError(f"admin socket {config.admin_socket}: {exc}") from None
     try:
         return Access.from_config(config.admin)
     except ValueError as exc:

@@ -193,7 +193,7 @@ async def test_port_in_use_is_a_clear_error(daemons: Daemons, tmp_path: Path) ->
     await first.aterminate()
 
 
-def test_a_missing_admin_group_or_ca_file_is_one_line_from_serve_and_check_config(
+def test_what_the_config_names_outside_itself_is_checked_by_serve_and_check_config(
     tmp_path: Path,
 ) -> None:
     path = write_config(tmp_path)
@@ -208,6 +208,15 @@ def test_a_missing_admin_group_or_ca_file_is_one_line_from_serve_and_check_confi
             f'tls = true\nca_file = "{missing_ca}"\n'
         ): f"cannot load the upstream CA file {missing_ca}: No such file or directory",
     }
+    precious = tmp_path / "precious.db"
+    precious.write_bytes(b"an operator's file")
+    long_path = tmp_path / ("s" * 120)
+    cases[f'\n[admin]\nsocket = "{precious}"\n'] = (
+        f"admin socket {precious}: something that is not a socket is there; name a path of its own"
+    )
+    cases[f'\n[admin]\nsocket = "{long_path}"\n'] = (
+        f"admin socket {long_path}: the path is longer than a Unix socket allows (107 bytes)"
+    )
     for extra, message in cases.items():
         path.write_text(base + extra, encoding="utf-8")
         for args in (("check-config", str(path)), ("serve", "--config", str(path))):
@@ -216,3 +225,4 @@ def test_a_missing_admin_group_or_ca_file_is_one_line_from_serve_and_check_confi
             assert one_line_error(result.stderr) == f"Error: {message}", args
     # Nothing was left behind: not even the state directory was made.
     assert not (tmp_path / "state").exists()
+    assert precious.read_bytes() == b"an operator's file"
