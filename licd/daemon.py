@@ -274,6 +274,7 @@ class Daemon:
         log.info("event=reloading file=%s", source)
         try:
             new = load_config(source)
+            self._check_reload(new)
         except ConfigError as exc:
             log.error("event=reload_failed error=%r", str(exc))
             await self.service.record(
@@ -308,6 +309,27 @@ class Daemon:
             Event(Kind.RELOAD, self.service.now().wall, admin_uid=admin_uid, detail=summary)
         )
         return summary
+
+    def _check_reload(self, new: Config) -> None:
+        """ConfigError when the new file cannot apply whole: a licence with the key of
+        another licence of the daemon's, or a group gone that a kept licence names."""
+        declared = {x.id for x in new.licences}
+        for licence in new.licences:
+            holder = self.engine.licence_for_key(licence.key)
+            if holder is not None and holder.id != licence.id and holder.id not in declared:
+                raise ConfigError(
+                    f"licence {licence.id!r} has the key of licence {holder.id!r}: a licence "
+                    f"keeps its id; remove {holder.id!r} first (licd licence remove)"
+                )
+        for kept in self.engine.licences:
+            missing = (
+                sorted(kept.groups_named() - set(new.groups)) if kept.id not in declared else []
+            )
+            if missing:
+                raise ConfigError(
+                    f"licence {kept.id!r} names group {missing[0]!r}, which the file no "
+                    "longer declares in [groups]"
+                )
 
     async def _apply_licences(
         self,
@@ -467,20 +489,23 @@ def _admin_access(config: Config) -> Access:
 
 def _merge_licences(stored: Iterable[Licence], declared: Iterable[Licence]) -> list[Licence]:
     """The database's licences, with the config file's replacing those of the same id.
-    A stored licence whose key a declared one now uses is left out (and logged)."""
+    A declared licence with the key of a stored licence the file does not declare is a
+    StartupError: leaving the stored one out would drop its leases and grant their seats
+    again, and keeping both would give one key two licences."""
     by_id = {licence.id: licence for licence in stored}
+    stored_keys = {licence.key: licence.id for licence in by_id.values()}
     declared = list(declared)
-    keys = {licence.key: licence.id for licence in declared}
+    declared_ids = {licence.id for licence in declared}
     for licence in declared:
+        owner = stored_keys.get(licence.key)
+        if owner is not None and owner not in declared_ids:  # not also given another key
+            raise StartupError(
+                f"licence {licence.id!r} in the config has the key of licence {owner!r} in "
+                f"the database: a licence keeps its id. Give it the id {owner!r} again, or "
+                f"remove {owner!r} first (licd licence remove) and then reload"
+            )
         by_id[licence.id] = licence
-    out = []
-    for licence in by_id.values():
-        owner = keys.get(licence.key)
-        if owner is not None and owner != licence.id:
-            log.warning("event=licence_key_taken licence=%s by=%s", licence.id, owner)
-            continue
-        out.append(licence)
-    return out
+    return list(by_id.values())
 
 
 def setup_logging(level: str) -> None:

@@ -101,5 +101,14 @@ class Licence:
                 out.update(a.features)
         return out
 
+    def groups_named(self) -> set[str]:
+        """The [groups] its rules (`group:NAME`), reservations and caps refer to."""
+        named = set(self.reserve)
+        for rule in (*self.allow, *self.deny, *self.max):
+            kind, _, value = rule.partition(":")
+            if kind == "group":
+                named.add(value)
+        return named
+
     def counter_named(self, name: str) -> Counter | None:
         return next((c for c in self.counter if c.name == name), None)

@@ -444,16 +444,41 @@ async def test_reload_applies_the_file_or_names_its_error(tmp_path: Path) -> Non
         out = await ok("reload", *conf)
         assert out.splitlines()[-1] == "needs a restart to apply: server.site"
 
-        # A licence the daemon cannot take (its key is another's): the rest applies.
+        # A licence with the key of another licence the daemon keeps: nothing applies.
         await ok("licence", "remove", "cad", *conf)
         await ok(
             "licence", "add", "other", "--key", "CAD-1", "--product", "p", "--seats", "1", *conf
         )
-        path.write_text(SITE_TOML.format(state=tmp_path / "state", site="branch") + EXTRA_TOML)
+        site = SITE_TOML.format(state=tmp_path / "state", site="branch")
+        path.write_text(site.replace("seats = 3", "seats = 4") + EXTRA_TOML)
         clash = await licd("reload", *conf)
         assert clash.exit_code == 1
-        assert "licence cad: error: licence 'other' already has this key" in clash.stdout
-        assert clash.stderr == "Error: not applied: licence(s) cad\n"
+        assert clash.stderr == (
+            "Error: licence 'cad' has the key of licence 'other': a licence keeps its id; "
+            "remove 'other' first (licd licence remove)\n"
+        )
+        assert daemon.engine.licence_by_id("dicom-hq").seats == 3  # type: ignore[union-attr]
+        assert daemon.engine.licence_by_id("cad") is None
+        await ok("licence", "remove", "other", *conf)
+
+        # A group that a licence kept in the database names cannot go.
+        grouped = site + '\n[groups]\ncad = ["user:alice"]\n'
+        path.write_text(grouped)
+        await ok("reload", *conf)
+        await ok(
+            "licence", "add", "res", "--key", "RES-1", "--product", "p", "--seats", "2",
+            "--reserve", "cad=1", *conf,
+        )  # fmt: skip
+        path.write_text(site.replace("seats = 3", "seats = 4"))
+        gone = await licd("reload", *conf)
+        assert gone.exit_code == 1
+        assert gone.stderr == (
+            "Error: licence 'res' names group 'cad', which the file no longer declares in "
+            "[groups]\n"
+        )
+        assert daemon.engine.groups == {"cad": ("user:alice",)}
+        assert daemon.engine.licence_by_id("dicom-hq").seats == 3  # type: ignore[union-attr]
+        path.write_text(site)
 
         good = path.read_text()
         path.write_text(good.replace("seats = 3", "seats = 0"))

@@ -21,7 +21,7 @@ from licd.admin import MAX_PAGE
 from licd.admin_client import AdminClient, AdminError
 from licd.clock import FakeClock
 from licd.config import AdminConfig
-from licd.daemon import Daemon
+from licd.daemon import Daemon, StartupError
 from licd_client import AsyncClient, LeaseState
 from licd_client.errors import LeaseUnknown
 from licd_client.wire import REPLY_LIMITS, FrameDecoder
@@ -228,6 +228,31 @@ async def test_admin_licences_survive_a_restart(tmp_path: Path) -> None:
         assert daemon.engine.licence_by_id("extra") is not None
         peer = await connected(daemon)
         assert (await peer.checkout(key="NEW-KEY-1"))["ok"] is True
+        await peer.close()
+
+
+async def test_a_licence_renamed_in_the_config_keeps_its_leases_by_refusing_to_start(
+    tmp_path: Path,
+) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        peer = await connected(daemon)
+        held = [(await peer.checkout(h=holder(f"ws-{n}")))["lease"] for n in range(3)]
+        await peer.close()
+    renamed = make_config(tmp_path, dataclasses.replace(DICOM, id="dicom-renamed"))
+    with pytest.raises(StartupError) as refused:
+        await Daemon.open(renamed)
+    assert str(refused.value) == (
+        "licence 'dicom-renamed' in the config has the key of licence 'dicom-hq' in the "
+        "database: a licence keeps its id. Give it the id 'dicom-hq' again, or remove "
+        "'dicom-hq' first (licd licence remove) and then reload"
+    )
+    # Nothing was lost, and the state directory is free for the next start.
+    async with running(make_config(tmp_path)) as daemon:
+        assert daemon.engine.in_use(DICOM.id) == 3
+        peer = await connected(daemon)
+        assert (await peer.checkout(h=holder("ws-9")))["error"] == "seats_exhausted"
+        for lease in held:
+            assert (await peer.call("heartbeat", lease=lease, nonce=os.urandom(16)))["ok"]
         await peer.close()
 
 
