@@ -333,11 +333,12 @@ class AdminOps:
     async def licence_add(self, f: Fields, uid: int) -> dict[str, Any]:
         data = f.mapping("licence")
         f.done()
-        licence = _parse_licence(data, self.service.engine.groups)
-        self._refuse_relayed(licence.id)
-        if self.service.engine.licence_by_id(licence.id) is not None:
-            raise BadRequest(f"licence {licence.id!r} exists already: use licence update")
-        result = await self.service.put_licence(licence, admin_uid=uid)
+        async with self.service.licence_edits:
+            licence = _parse_licence(data, self.service.engine.groups)
+            self._refuse_relayed(licence.id)
+            if self.service.engine.licence_by_id(licence.id) is not None:
+                raise BadRequest(f"licence {licence.id!r} exists already: use licence update")
+            result = await self.service.put_licence(licence, admin_uid=uid)
         return {"result": result, "licence": licence.id}
 
     async def licence_update(self, f: Fields, uid: int) -> dict[str, Any]:
@@ -345,14 +346,15 @@ class AdminOps:
         changes = f.mapping("changes")
         f.done()
         self._refuse_relayed(licence_id)
-        current = self.service.engine.licence_by_id(licence_id)
-        if current is None:
-            raise UnknownLicence(f"no licence with id {licence_id!r}")
         if "id" in changes and changes["id"] != licence_id:
             raise BadRequest("licence update cannot change a licence's id")
-        merged = {**licence_to_mapping(current), **changes}
-        licence = _parse_licence(merged, self.service.engine.groups)
-        result = await self.service.put_licence(licence, admin_uid=uid)
+        async with self.service.licence_edits:
+            current = self.service.engine.licence_by_id(licence_id)
+            if current is None:
+                raise UnknownLicence(f"no licence with id {licence_id!r}")
+            merged = {**licence_to_mapping(current), **changes}
+            licence = _parse_licence(merged, self.service.engine.groups)
+            result = await self.service.put_licence(licence, admin_uid=uid)
         return {"result": result, "licence": licence.id}
 
     async def licence_remove(self, f: Fields, uid: int) -> dict[str, Any]:
@@ -360,7 +362,8 @@ class AdminOps:
         force = f.flag("force", False)
         f.done()
         self._refuse_relayed(licence_id)
-        revoked = await self.service.remove_licence(licence_id, force=force, admin_uid=uid)
+        async with self.service.licence_edits:
+            revoked = await self.service.remove_licence(licence_id, force=force, admin_uid=uid)
         return {"removed": licence_id, "revoked": [x.handle for x in revoked]}
 
     async def reload(self, f: Fields, uid: int) -> dict[str, Any]:

@@ -268,6 +268,10 @@ class Daemon:
     async def reload(self, *, admin_uid: int | None = None) -> dict[str, Any]:
         """Re-read the config file: licences it declares are created or updated, live.
         A bad file changes nothing and raises ConfigError saying why."""
+        async with self.service.licence_edits:  # no admin edit in between
+            return await self._reload(admin_uid)
+
+    async def _reload(self, admin_uid: int | None) -> dict[str, Any]:
         source = self.config.source
         if source is None:
             raise ConfigError("running on the embedded defaults: there is no file to reload")

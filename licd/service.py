@@ -57,6 +57,10 @@ class LicenceService:
         self.clock = clock
         self.events = events or EventBus()
         self._inflight: dict[str, Deferred[None]] = {}  # lease secret -> its commit
+        #: Licence edits (admin add, update, remove; reload) one at a time, each from
+        #: reading the licence to its commit: two at once would merge into the same old
+        #: version, and the later commit would undo the earlier one.
+        self.licence_edits = asyncio.Lock()
 
     def now(self) -> Instant:
         return self.clock.now()

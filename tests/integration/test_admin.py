@@ -23,7 +23,7 @@ from licd.clock import FakeClock
 from licd.config import AdminConfig
 from licd.daemon import Daemon, StartupError
 from licd_client import AsyncClient, LeaseState
-from licd_client.errors import LeaseUnknown
+from licd_client.errors import LeaseUnknown, UnknownLicence
 from licd_client.wire import REPLY_LIMITS, FrameDecoder
 from tests.integration.procs import DICOM_TOML, Daemons, write_config
 from tests.support import DICOM, RawPeer, address, free_port, holder, make_config, running
@@ -254,6 +254,36 @@ async def test_a_licence_renamed_in_the_config_keeps_its_leases_by_refusing_to_s
         for lease in held:
             assert (await peer.call("heartbeat", lease=lease, nonce=os.urandom(16)))["ok"]
         await peer.close()
+
+
+async def test_concurrent_licence_edits_each_take_effect(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        uid = os.geteuid()
+
+        def update(n: int, changes: dict[str, Any]) -> dict[str, Any]:
+            return {"op": "licence.update", "id": n, "licence": DICOM.id, "changes": changes}
+
+        ops = daemon.admin.ops
+        # Both start before either commits: each must merge into the other's result.
+        await asyncio.gather(
+            ops.handle(update(1, {"seats": 7}), uid),
+            ops.handle(update(2, {"lease_ttl": 30}), uid),
+        )
+        licence = daemon.engine.licence_by_id(DICOM.id)
+        assert licence is not None and (licence.seats, licence.lease_ttl) == (7, 30.0)
+        # A removal and an update at once: the update after the removal finds nothing.
+        removed, updated = await asyncio.gather(
+            ops.handle({"op": "licence.remove", "id": 3, "licence": DICOM.id}, uid),
+            ops.handle(update(4, {"seats": 9}), uid),
+            return_exceptions=True,
+        )
+        assert isinstance(removed, dict) and removed["removed"] == DICOM.id
+        assert isinstance(updated, UnknownLicence)
+        assert daemon.engine.licence_by_id(DICOM.id) is None
+    async with running(
+        make_config(tmp_path, dataclasses.replace(DICOM, id="other", key="K9"))
+    ) as daemon:
+        assert daemon.engine.licence_by_id(DICOM.id) is None  # the removal was saved
 
 
 async def test_reload_applies_the_file_and_keeps_the_old_one_when_broken(
