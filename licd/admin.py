@@ -54,7 +54,7 @@ class DaemonView(Protocol):
 
 def licence_status(licence: Licence, in_use: int, now: float) -> dict[str, Any]:
     """A licence's terms (all but its key) and its state now: `seats` and `features` are
-    those in force (add-ons included); `base_seats` the licence's own."""
+    those in force (add-ons included); `base_seats` and `base_features` the licence's own."""
     days_left = None if licence.expires is None else (licence.expires - now) / 86400
     terms = licence_to_mapping(licence)
     del terms["key"]
@@ -64,6 +64,7 @@ def licence_status(licence: Licence, in_use: int, now: float) -> dict[str, Any]:
         "base_seats": licence.seats,
         "seats": seats,
         "features": licence.features_at(now),
+        "base_features": dict(licence.features),
         "in_use": in_use,
         "available": max(0, seats - in_use),
         "days_left": days_left,

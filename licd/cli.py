@@ -348,11 +348,12 @@ def _terms(opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def _features(admin: Admin, licence_id: str, opts: dict[str, Any]) -> dict[str, Any]:
-    """The licence's features after this edit: the current ones read, then merged."""
+    """The licence's own features after this edit (its add-ons' are theirs): the
+    current ones read, then merged."""
     current: dict[str, Any] = {}
     if not opts["clear_features"]:
         listed = admin.call("licence.list")["licences"]
-        current = next((dict(x["features"]) for x in listed if x["id"] == licence_id), {})
+        current = next((dict(x["base_features"]) for x in listed if x["id"] == licence_id), {})
     for name in opts["drop_feature"]:
         current.pop(name, None)
     return current | dict(opts["feature"])

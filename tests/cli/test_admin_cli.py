@@ -704,3 +704,22 @@ async def test_licence_policies_from_the_command_line(daemon: Daemon) -> None:
     assert cad.count_by == "host"  # untouched
     bad = await licd("licence", "update", "cad", "--allow", "colour:red", *sock(daemon))
     assert bad.exit_code == 1 and "licence.allow[0]" in bad.stderr
+
+
+async def test_feature_edits_keep_an_add_ons_features_out_of_the_licences_own(
+    daemon: Daemon,
+) -> None:
+    addon = '{"seats": 5, "features": {"render": "on", "tier": "pro"}, '
+    addon += '"starts": "2026-01-01T00:00:00Z", "ends": "2027-01-01T00:00:00Z"}'
+    await ok(
+        "licence", "add", "cad", "--key", "CAD-1", "--product", "cad", "--seats", "1",
+        "--feature", "tier=basic", "--addon", addon, *sock(daemon),
+    )  # fmt: skip
+    await ok("licence", "update", "cad", "--feature", "extra=1", *sock(daemon))
+    cad = daemon.engine.licence_by_id("cad")
+    assert cad is not None
+    assert cad.features == {"tier": "basic", "extra": 1}
+    licences = (await ok_json("licence", "list", *sock(daemon)))["licences"]
+    (listed,) = [x for x in licences if x["id"] == "cad"]
+    assert listed["base_features"] == {"tier": "basic", "extra": 1}
+    assert listed["features"] == {"tier": "pro", "extra": 1, "render": "on"}

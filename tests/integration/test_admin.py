@@ -272,11 +272,12 @@ async def test_concurrent_licence_edits_each_take_effect(tmp_path: Path) -> None
         licence = daemon.engine.licence_by_id(DICOM.id)
         assert licence is not None and (licence.seats, licence.lease_ttl) == (7, 30.0)
         # A removal and an update at once: the update after the removal finds nothing.
-        removed, updated = await asyncio.gather(
+        outcomes: list[Any] = await asyncio.gather(
             ops.handle({"op": "licence.remove", "id": 3, "licence": DICOM.id}, uid),
             ops.handle(update(4, {"seats": 9}), uid),
             return_exceptions=True,
         )
+        removed, updated = outcomes
         assert isinstance(removed, dict) and removed["removed"] == DICOM.id
         assert isinstance(updated, UnknownLicence)
         assert daemon.engine.licence_by_id(DICOM.id) is None
