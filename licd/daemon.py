@@ -16,12 +16,13 @@ import fcntl
 import logging
 import os
 import ssl
+import stat
 import sys
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from licd_client.connection import format_address
 from licd_client.errors import LicdError
@@ -44,8 +45,6 @@ from .store import DB_FILE, Store
 
 log = logging.getLogger(__name__)
 
-LOCK_FILE = "licd.lock"
-
 
 class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
@@ -60,7 +59,12 @@ def prepare_state_dir(path: Path) -> None:
         raise StartupError(f"the state directory {path} is not writable")
     # The database holds lease secrets: only the daemon's user may look inside, even
     # when the directory was made beforehand by someone else's umask.
-    mode = path.stat().st_mode & 0o777
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & (stat.S_ISVTX | stat.S_IWOTH):
+        raise StartupError(
+            f"the state directory {path} is shared (mode {mode:o}), like /tmp: give licd "
+            "a directory of its own"
+        )
     if mode & 0o077:
         try:
             path.chmod(0o700)
@@ -72,16 +76,33 @@ def prepare_state_dir(path: Path) -> None:
         log.warning("event=state_dir_made_private path=%s old_mode=%o", path, mode)
 
 
-def _lock(state_dir: Path) -> IO[str]:
-    fh = (state_dir / LOCK_FILE).open("a+")
+class StateLock:
+    """The state directory itself, locked (flock) while a daemon uses it. A lock file
+    could be deleted from under a running daemon and let a second one in; the
+    directory cannot be."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # and with it the lock
+            self._fd = -1
+
+
+def _lock(state_dir: Path) -> StateLock:
     try:
-        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StartupError(f"cannot open the state directory {state_dir}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        fh.close()
+        os.close(fd)
         raise StartupError(
             f"another licd is already running with the state directory {state_dir}"
         ) from None
-    return fh
+    return StateLock(fd)
 
 
 class Daemon:
@@ -92,7 +113,7 @@ class Daemon:
         service: LicenceService,
         server: Server,
         signer: Signer,
-        lock: IO[str],
+        lock: StateLock,
         admin_access: Access,
     ) -> None:
         self.config = config
@@ -208,7 +229,7 @@ class Daemon:
         surroundings: Surroundings,
         store: Store,
         signer: Signer,
-        lock: IO[str],
+        lock: StateLock,
     ) -> Daemon:
         """The engine from the database and the config, and the daemon around it."""
         events = EventBus()

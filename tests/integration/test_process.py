@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from licd.daemon import Daemon, StartupError
 from tests.integration.procs import (
     DICOM_TOML,
     Daemons,
@@ -19,7 +20,7 @@ from tests.integration.procs import (
     run_licd,
     write_config,
 )
-from tests.support import RawPeer, holder
+from tests.support import RawPeer, holder, make_config, running
 
 KEY = str(DICOM_TOML["key"])
 SEATS = int(str(DICOM_TOML["seats"]))
@@ -226,3 +227,24 @@ def test_what_the_config_names_outside_itself_is_checked_by_serve_and_check_conf
     # Nothing was left behind: not even the state directory was made.
     assert not (tmp_path / "state").exists()
     assert precious.read_bytes() == b"an operator's file"
+
+
+async def test_the_state_directory_itself_is_locked_and_never_a_shared_one(
+    tmp_path: Path,
+) -> None:
+    state_dir = tmp_path / "state"
+    config = make_config(state_dir)
+    async with running(config):
+        # No file in it to delete that would let a second daemon in.
+        for path in state_dir.iterdir():
+            assert path.name.startswith(("licd.db", "daemon.key", "admin.sock")), path
+        with pytest.raises(StartupError, match="another licd is already running"):
+            await Daemon.open(config)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    for mode in (0o1777, 0o777):
+        shared.chmod(mode)
+        with pytest.raises(StartupError, match=r"is shared \(mode 1?777\), like /tmp"):
+            await Daemon.open(make_config(shared))
+        assert stat.S_IMODE(shared.stat().st_mode) == mode  # left as it was
+        assert list(shared.iterdir()) == []
