@@ -76,6 +76,18 @@ def prepare_state_dir(path: Path) -> None:
         log.warning("event=state_dir_made_private path=%s old_mode=%o", path, mode)
 
 
+def _check_key_kept(state_dir: Path) -> None:
+    """StartupError when a database is there but its key is gone: a new key would
+    silently invalidate every token and chain that clients and sites hold."""
+    db = state_dir / DB_FILE
+    key = key_path(state_dir)
+    if not key.exists() and db.exists() and db.stat().st_size > 0:
+        raise StartupError(
+            f"{db} exists but its signing key {key} is missing: clients trust that key. "
+            f"Restore it from the backup, or move {DB_FILE} away to start afresh with a new key"
+        )
+
+
 class StateLock:
     """The state directory itself, locked (flock) while a daemon uses it. A lock file
     could be deleted from under a running daemon and let a second one in; the
@@ -207,6 +219,7 @@ class Daemon:
         prepare_state_dir(state_dir)
         lock = _lock(state_dir)
         try:
+            _check_key_kept(state_dir)
             key = load_or_create_key(key_path(state_dir))
             store = await Store.open(state_dir / DB_FILE)
         except Exception:

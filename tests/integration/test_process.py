@@ -248,3 +248,16 @@ async def test_the_state_directory_itself_is_locked_and_never_a_shared_one(
             await Daemon.open(make_config(shared))
         assert stat.S_IMODE(shared.stat().st_mode) == mode  # left as it was
         assert list(shared.iterdir()) == []
+
+
+async def test_a_database_whose_key_is_gone_is_not_given_a_new_key(tmp_path: Path) -> None:
+    state_dir = tmp_path / "state"
+    async with running(make_config(state_dir)) as daemon:
+        key = daemon.signer.public
+    (state_dir / "daemon.key").rename(tmp_path / "daemon.key")
+    with pytest.raises(StartupError, match=r"daemon\.key is missing: clients trust that key"):
+        await Daemon.open(make_config(state_dir))
+    assert not (state_dir / "daemon.key").exists()
+    (tmp_path / "daemon.key").rename(state_dir / "daemon.key")  # restored from the backup
+    async with running(make_config(state_dir)) as daemon:
+        assert daemon.signer.public == key
