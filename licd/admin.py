@@ -122,7 +122,7 @@ def _epoch_to_datetime(value: Any, name: str) -> Any:
     try:
         return datetime.fromtimestamp(value, UTC)
     except (OverflowError, ValueError, OSError):
-        raise BadRequest(f"licence.{name}: {value!r} is not a time licd can hold") from None
+        raise BadRequest(f"licence.{name} must fall within the years 1 to 9999 in UTC") from None
 
 
 def _with_datetimes(data: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ import ipaddress
 import math
 import re
 from collections.abc import Iterable
-from datetime import date, datetime, time
+from datetime import UTC, date, datetime, time
 from typing import Any
 
 #: Upper bound of every duration in the file (366 days): keeps deadlines finite and sane.
@@ -205,7 +205,12 @@ class Table:
                     "a local date-time has no time zone: add an offset like Z,"
                     f" e.g. {_DATETIME_EXAMPLE}",
                 )
-            return value.timestamp()
+            seconds = value.timestamp()
+            try:  # what the admin commands and the report must be able to show
+                datetime.fromtimestamp(seconds, UTC)
+            except (OverflowError, ValueError, OSError):
+                raise self.error(name, "must fall within the years 1 to 9999 in UTC") from None
+            return seconds
         if isinstance(value, date):
             raise self.error(
                 name,

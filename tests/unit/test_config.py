@@ -245,6 +245,24 @@ def test_datetime_without_offset_is_an_error(tmp_path: Path, value: str, hint: s
     assert hint in message
 
 
+def test_times_outside_the_years_1_to_9999_utc_are_refused(tmp_path: Path) -> None:
+    late = LICENCE + "expires = 9999-12-31T23:59:59-05:00\n"
+    early = LICENCE + "not_before = 0001-01-01T00:00:00+05:00\n"
+    assert "licence[0].expires: must fall within the years 1 to 9999 in UTC" in error(
+        tmp_path, late
+    )
+    assert "licence[0].not_before: must fall within the years 1 to 9999 in UTC" in error(
+        tmp_path, early
+    )
+    edge = LICENCE + "expires = 9999-12-31T23:59:59Z\n"
+    path = tmp_path / "edge.toml"
+    path.write_text(edge)
+    assert (
+        load_config(path).licences[0].expires
+        == datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp()
+    )
+
+
 def test_expires_must_be_after_not_before(tmp_path: Path) -> None:
     text = LICENCE + "not_before = 2027-01-01T00:00:00Z\nexpires = 2026-01-01T00:00:00Z\n"
     assert "licence[0].expires: must be after not_before" in error(tmp_path, text)
