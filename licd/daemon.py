@@ -411,8 +411,17 @@ class Daemon:
                     tg.create_task(self._run_reloads(), name="reloads"),
                     tg.create_task(self.alerts.run(), name="alerts"),
                 ]
-                # The file's licences, written to the database (the engine has them).
-                await self._apply_licences(self.config.licences, stored=self._stored_licences)
+                # The file's licences, written to the database (the engine has them). One
+                # that cannot be saved stops the start: it would be served from memory only.
+                applied = await self._apply_licences(
+                    self.config.licences, stored=self._stored_licences
+                )
+                for licence_id, outcome in applied.items():
+                    if outcome.startswith("error"):
+                        raise StartupError(
+                            f"cannot save licence {licence_id!r} from the config: "
+                            f"{outcome.removeprefix('error: ')}"
+                        )
                 if self.relay is not None:
                     background.append(tg.create_task(self.relay.run(), name="relay"))
                 self._stored_licences = None

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from licd.daemon import Daemon, StartupError
+from licd.service import LicenceService
+from licd_client.errors import Unavailable
 from tests.integration.procs import (
     DICOM_TOML,
     Daemons,
@@ -261,3 +263,21 @@ async def test_a_database_whose_key_is_gone_is_not_given_a_new_key(tmp_path: Pat
     (tmp_path / "daemon.key").rename(state_dir / "daemon.key")  # restored from the backup
     async with running(make_config(state_dir)) as daemon:
         assert daemon.signer.public == key
+
+
+async def test_a_config_licence_that_cannot_be_saved_stops_the_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def failing(*args: object, **kwargs: object) -> str:
+        raise Unavailable("the licence was not saved")
+
+    monkeypatch.setattr(LicenceService, "put_licence", failing)
+    with pytest.raises(StartupError) as refused:
+        async with running(make_config(tmp_path)):
+            pass
+    assert str(refused.value) == (
+        "cannot save licence 'dicom-hq' from the config: the licence was not saved"
+    )
+    monkeypatch.undo()
+    async with running(make_config(tmp_path)):  # the state directory was let go
+        pass
