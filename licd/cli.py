@@ -142,6 +142,10 @@ def main() -> None:
 @CONFIG_OPTION
 def serve(config_path: Path | None) -> None:
     """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the config file."""
+    # Until the event loop takes them over: a SIGHUP is not fatal, and a SIGINT ends
+    # the process as SIGTERM would, without a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     config = _config(config_path)
     setup_logging(config.server.log_level)
     try:
