@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from licd_client.errors import Denied, LicdError
+from licd_client.errors import Denied, LicdError, Unavailable
 from licd_client.messages import request_id
 from licd_client.wire import MAX_FRAME_ADMIN, REPLY_LIMITS, FrameDecoder, encode
 
@@ -171,11 +171,16 @@ class AdminServer:
                 close = False
             except Exception as exc:
                 reply, close = error_reply(request_id(frame), exc, frame.get("op"))
+                if reply["message"] == Unavailable.default_message:  # said for clients
+                    reply["message"] = ADMIN_UNAVAILABLE
             writer.write(encode(reply))
             await writer.drain()
             if close or self.ops.closing:
                 return
 
+
+#: An admin request the store failed: what a person is told (the log says more).
+ADMIN_UNAVAILABLE = "the database failed: nothing was changed (the daemon's log says why)"
 
 #: The longest path a Unix socket address holds (sun_path, less its NUL).
 MAX_SOCKET_PATH = 107

@@ -145,13 +145,7 @@ class Store:
     @classmethod
     async def open(cls, path: Path, *, lazy_interval: float = LAZY_INTERVAL) -> Store:
         """Open (creating if needed) the database at `path` and apply migrations."""
-        try:
-            # Lease secrets live here: the file (and the -wal and -shm files SQLite
-            # derives from it) readable by the daemon's user only.
-            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-            os.chmod(path, 0o600)
-        except OSError as exc:
-            raise StoreError(f"{path}: cannot create the database: {exc.strerror}") from None
+        _make_private(path)
         # The writing connection's COMMITs (and its opening) run on a thread of their
         # own, in one hop each; reads use aiosqlite on a connection of their own.
         writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="licd-store")
@@ -604,3 +598,15 @@ def _commit(conn: sqlite3.Connection) -> None:
     except BaseException:
         _rollback(conn)
         raise
+
+
+def _make_private(path: Path) -> None:
+    """The database file, created if need be, readable by the daemon's user only: lease
+    secrets live there (and in the -wal and -shm files SQLite derives from it)."""
+    existed = path.exists()
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        verb = "open" if existed else "create"
+        raise StoreError(f"{path}: cannot {verb} the database: {exc.strerror}") from None

@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import tempfile
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ import pytest
 
 from licd.admin import MAX_PAGE
 from licd.admin_client import AdminClient, AdminError
+from licd.admin_server import ADMIN_UNAVAILABLE
 from licd.clock import FakeClock
 from licd.config import AdminConfig
 from licd.daemon import Daemon, StartupError
@@ -285,6 +287,21 @@ async def test_concurrent_licence_edits_each_take_effect(tmp_path: Path) -> None
         make_config(tmp_path, dataclasses.replace(DICOM, id="other", key="K9"))
     ) as daemon:
         assert daemon.engine.licence_by_id(DICOM.id) is None  # the removal was saved
+
+
+async def test_a_revoke_the_database_fails_says_nothing_was_changed(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        peer = await connected(daemon)
+        handle = (await peer.checkout())["handle"]
+        with sqlite3.connect(daemon.store.path) as db:
+            db.execute(
+                "CREATE TRIGGER boom BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'x'); END"
+            )
+        with pytest.raises(AdminError) as failed:
+            await admin(daemon, "revoke", handles=[handle])
+        assert str(failed.value) == ADMIN_UNAVAILABLE and failed.value.code == "unavailable"
+        assert daemon.engine.in_use(DICOM.id) == 1
+        await peer.close()
 
 
 async def test_reload_applies_the_file_and_keeps_the_old_one_when_broken(
