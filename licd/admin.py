@@ -345,6 +345,9 @@ class AdminOps:
     async def licence_update(self, f: Fields, uid: int) -> dict[str, Any]:
         licence_id = f.text("licence", max_len=64)
         changes = f.mapping("changes")
+        # Feature edits merged here, under the lock, so two at once both take effect.
+        drop = f.strings("drop_features", max_len=255)
+        put = f.mapping("set_features", required=False) or {}
         f.done()
         self._refuse_relayed(licence_id)
         if "id" in changes and changes["id"] != licence_id:
@@ -354,6 +357,11 @@ class AdminOps:
             if current is None:
                 raise UnknownLicence(f"no licence with id {licence_id!r}")
             merged = {**licence_to_mapping(current), **changes}
+            if drop or put:
+                features = dict(merged.get("features") or {})
+                for name in drop:
+                    features.pop(name, None)
+                merged["features"] = features | put
             licence = _parse_licence(merged, self.service.engine.groups)
             result = await self.service.put_licence(licence, admin_uid=uid)
         return {"result": result, "licence": licence.id}

@@ -336,11 +336,18 @@ def licence_update(admin: Admin, licence_id: str, **opts: Any) -> None:
     changes = {k: opts[k] for k in ("key", "product") if opts[k] is not None}
     changes |= {k: None if v == CLEAR else v for k, v in _terms(opts).items()}
     changes |= policy_changes(opts)
-    if opts["feature"] or opts["drop_feature"] or opts["clear_features"]:
-        changes["features"] = _features(admin, licence_id, opts)
-    if not changes:
+    if opts["clear_features"]:
+        changes["features"] = {}
+    drop, put = list(opts["drop_feature"]), dict(opts["feature"])
+    if not (changes or drop or put):
         raise click.UsageError("nothing to change: give at least one option")
-    result = admin.call("licence.update", licence=licence_id, changes=changes)
+    result = admin.call(
+        "licence.update",
+        licence=licence_id,
+        changes=changes,
+        drop_features=drop or None,
+        set_features=put or None,
+    )
     admin.show(result, lambda: f"licence {result['licence']}: {result['result']}")
 
 
@@ -349,18 +356,6 @@ def _terms(opts: dict[str, Any]) -> dict[str, Any]:
     names = {"seats": "seats", "ttl": "lease_ttl", "grace": "grace", "expires": "expires"}
     names["not_before"] = "not_before"
     return {key: opts[opt] for opt, key in names.items() if opts[opt] is not None}
-
-
-def _features(admin: Admin, licence_id: str, opts: dict[str, Any]) -> dict[str, Any]:
-    """The licence's own features after this edit (its add-ons' are theirs): the
-    current ones read, then merged."""
-    current: dict[str, Any] = {}
-    if not opts["clear_features"]:
-        listed = admin.call("licence.list")["licences"]
-        current = next((dict(x["base_features"]) for x in listed if x["id"] == licence_id), {})
-    for name in opts["drop_feature"]:
-        current.pop(name, None)
-    return current | dict(opts["feature"])
 
 
 @licence.command("remove")

@@ -273,6 +273,14 @@ async def test_concurrent_licence_edits_each_take_effect(tmp_path: Path) -> None
         )
         licence = daemon.engine.licence_by_id(DICOM.id)
         assert licence is not None and (licence.seats, licence.lease_ttl) == (7, 30.0)
+        # Feature edits too: each adds its own to what the other left.
+        await asyncio.gather(
+            ops.handle({**update(5, {}), "set_features": {"a": 1}}, uid),
+            ops.handle({**update(6, {}), "set_features": {"b": 2}, "drop_features": ["tier"]}, uid),
+        )
+        licence = daemon.engine.licence_by_id(DICOM.id)
+        assert licence is not None
+        assert licence.features == {"modules": "core,ocr", "a": 1, "b": 2}
         # A removal and an update at once: the update after the removal finds nothing.
         outcomes: list[Any] = await asyncio.gather(
             ops.handle({"op": "licence.remove", "id": 3, "licence": DICOM.id}, uid),
