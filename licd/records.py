@@ -158,9 +158,17 @@ def row_licence(row: Sequence[Any]) -> Licence:
         grace=grace,
         not_before=not_before,
         expires=expires,
-        features=json.loads(features),
+        features=_features(json.loads(features)),
         **policy,
     )
+
+
+def _features(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str | int | bool | float) for k, v in value.items()
+    ):
+        raise ValueError("features must map names to str, int, bool or float")
+    return value
 
 
 # ----------------------------------------------------------------------------- audit

@@ -175,10 +175,26 @@ class Store:
     # ------------------------------------------------------------------- reads
 
     async def load_leases(self) -> list[Lease]:
-        return [row_lease(row) for row in await self._read(SELECT_LEASES)]
+        rows = await self._read(SELECT_LEASES)
+        return [self._decoded(row_lease, row, "lease", row[1]) for row in rows]
 
     async def load_licences(self) -> list[Licence]:
-        return [row_licence(row) for row in await self._read(SELECT_LICENCES)]
+        rows = await self._read(SELECT_LICENCES)
+        return [self._decoded(row_licence, row, "licence", row[0]) for row in rows]
+
+    def _decoded(
+        self, decode: Callable[[Sequence[Any]], T], row: Sequence[Any], what: str, name: Any
+    ) -> T:
+        """One stored row as its object, or StoreError naming it (by licence id or lease
+        handle, never a secret): a row licd did not write (a hand edit, a damaged file)
+        stops the start instead of a traceback."""
+        try:
+            return decode(row)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise StoreError(
+                f"{self.path}: the {what} {name!r} cannot be read ({exc}): the database "
+                "was changed outside licd; restore it from the backup"
+            ) from None
 
     async def audit(
         self,

@@ -25,7 +25,7 @@ from licd.store import (
     commit_inline,
     migrations,
 )
-from tests.support import holder
+from tests.support import DICOM, holder
 
 NOW = 1_790_000_000.0
 
@@ -403,3 +403,27 @@ async def test_not_a_database(tmp_path: Path) -> None:
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StoreError):
         await Store.open(path)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "problem"),
+    [
+        ("policy", "{not json", "Expecting property name"),
+        ("policy", '{"colour": "red"}', "unexpected keyword argument 'colour'"),
+        ("features", '["a", "b"]', "features must map names to str, int, bool or float"),
+    ],
+)
+async def test_a_licence_row_licd_did_not_write_is_a_clear_store_error(
+    tmp_path: Path, column: str, value: str, problem: str
+) -> None:
+    path = tmp_path / "licd.db"
+    async with running(path) as s:
+        await s.put_licence(DICOM, Event(Kind.LICENCE_ADDED, NOW, licence=DICOM.id))
+    with sqlite3.connect(path) as db:
+        db.execute(f"UPDATE licence SET {column} = ?", (value,))  # a hand edit
+    async with running(path) as s:
+        with pytest.raises(StoreError) as caught:
+            await s.load_licences()
+    message = str(caught.value)
+    assert message.startswith(f"{path}: the licence 'dicom-hq' cannot be read (")
+    assert problem in message and message.endswith("restore it from the backup")
