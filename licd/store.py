@@ -6,8 +6,9 @@ mutations and await them; the writer takes everything queued so far, commits it 
 settles each caller's `Deferred`. The transaction runs on the event loop itself (the
 statements into SQLite's page cache, then the COMMIT and its fsync) while the disk has
 been quick: waking a thread costs more than that short wait. A huge batch, a disk that
-has been slow, or a write lock held by another connection (an operator's shell) sends
-the whole transaction to a thread of its own, so the loop keeps serving while it waits;
+has been slow (the last COMMIT, or any in the last STALL_HOLDOFF seconds that stalled),
+or a write lock held by another connection (an operator's shell) sends the whole
+transaction to a thread of its own, so the loop keeps serving while it waits;
 the loop itself never waits for a lock. Reads go through aiosqlite on a read-only
 connection of their own. A caller replies only after its commit is settled, so an
 acknowledged checkout or checkin is on disk. Heartbeats only `touch` a lease: the
@@ -78,7 +79,9 @@ MAX_BATCH = 1024
 MAX_RENEWALS = 256  # renewals per commit: a site's second of them in chunks of ~1 ms each
 LAZY_INTERVAL = 1.0  # seconds a renewal or a denial's audit entry may wait to be written
 INLINE_MAX_ROWS = 1024  # a batch of at most this many rows may COMMIT on the loop...
-INLINE_MAX_SECONDS = 0.002  # ...if the last COMMIT took no longer than this
+INLINE_MAX_SECONDS = 0.002  # ...if the last COMMIT took no longer than this...
+STALL_SECONDS = 0.010  # ...and none took longer than this (it froze the loop as long)...
+STALL_HOLDOFF = 10.0  # ...in the last this many seconds: a disk's slow flushes come in spells
 BUSY_TIMEOUT_MS = 5000  # how long the writer thread waits for another's write lock
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the write-ahead log keeps after a big write
 
@@ -140,6 +143,7 @@ class Store:
         # loop, then its COMMIT on the thread) or a pragma.
         self._conn_lock = asyncio.Lock()
         self._last_commit = 0.0  # seconds the last COMMIT took
+        self._stalled_at = -math.inf  # monotonic time of the last COMMIT over STALL_SECONDS
         self.transactions = 0  # committed batches, for metrics and tests
 
     @classmethod
@@ -446,10 +450,21 @@ class Store:
         merged = _merged(statements)
         rows = sum(len(r) for _, r in merged)
         async with self._conn_lock:
-            if commit_inline(rows, self._last_commit) and _begin_at_once(conn):
-                self._last_commit = _write_and_commit(conn, merged)
+            since_stall = time.monotonic() - self._stalled_at
+            if commit_inline(rows, self._last_commit, since_stall) and _begin_at_once(conn):
+                took = _write_and_commit(conn, merged)
             else:
-                self._last_commit = await self._on_writer(_transact, conn, merged)
+                took = await self._on_writer(_transact, conn, merged)
+        self._last_commit = took
+        if took > STALL_SECONDS:
+            if time.monotonic() - self._stalled_at >= STALL_HOLDOFF:
+                log.warning(
+                    "event=slow_commit seconds=%.3f holdoff=%g "
+                    "(commits go to the writer thread meanwhile)",
+                    took,
+                    STALL_HOLDOFF,
+                )
+            self._stalled_at = time.monotonic()
         self.transactions += 1
 
     async def close(self) -> None:
@@ -555,13 +570,20 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
-def commit_inline(rows: int, last_commit: float) -> bool:
+def commit_inline(rows: int, last_commit: float, since_stall: float) -> bool:
     """Whether to commit on the event loop itself: any batch but a huge one, while the
     disk is quick. Waking the writer thread and being woken back costs the loop more
     (CPU, and the GIL changing hands each way) than waiting out a short fsync: measured
     on 2 cores, batches of about 100 rows went faster inline too. A huge batch, or a
-    disk that has been slow, goes to the thread so the loop keeps serving meanwhile."""
-    return rows <= INLINE_MAX_ROWS and last_commit <= INLINE_MAX_SECONDS
+    disk that has been slow, goes to the thread so the loop keeps serving meanwhile:
+    slow just now (`last_commit`), or stalled (over STALL_SECONDS) in the last
+    STALL_HOLDOFF seconds (`since_stall`), because one quick flush in a spell of slow
+    ones says nothing of the next, and each one inline holds every heartbeat up."""
+    return (
+        rows <= INLINE_MAX_ROWS
+        and last_commit <= INLINE_MAX_SECONDS
+        and since_stall >= STALL_HOLDOFF
+    )
 
 
 def _begin_at_once(conn: sqlite3.Connection) -> bool:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import sqlite3
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,8 @@ from licd.store import (
     INLINE_MAX_ROWS,
     INLINE_MAX_SECONDS,
     MAX_RENEWALS,
+    STALL_HOLDOFF,
+    STALL_SECONDS,
     Store,
     StoreError,
     _statements,
@@ -334,9 +338,42 @@ async def test_renewals_on_an_idle_store_are_written_within_the_lazy_interval(
 
 
 def test_commit_inline_rule() -> None:
-    assert commit_inline(INLINE_MAX_ROWS, INLINE_MAX_SECONDS)
-    assert not commit_inline(INLINE_MAX_ROWS + 1, 0.0)
-    assert not commit_inline(1, INLINE_MAX_SECONDS * 2)
+    calm = STALL_HOLDOFF  # seconds since the last stalled COMMIT
+    assert commit_inline(INLINE_MAX_ROWS, INLINE_MAX_SECONDS, calm)
+    assert not commit_inline(INLINE_MAX_ROWS + 1, 0.0, calm)
+    assert not commit_inline(1, INLINE_MAX_SECONDS * 2, calm)
+    assert not commit_inline(1, 0.0, calm - 0.001)  # quick just now, but a stall lately
+
+
+async def test_a_stalled_commit_keeps_commits_off_the_loop_for_the_holdoff(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One quick COMMIT in a spell of slow flushes says nothing of the next: after a
+    stall, commits go to the writer thread (the loop serves meanwhile) until
+    STALL_HOLDOFF has passed without one; the operator is told once per spell."""
+    committed_on: list[int] = []
+
+    def trace(sql: str) -> None:
+        if sql == "COMMIT":
+            committed_on.append(threading.get_ident())
+            if len(committed_on) in (1, 3):
+                time.sleep(STALL_SECONDS * 2)  # the disk stalls, and again soon after
+
+    store._conn.set_trace_callback(trace)
+    here = threading.get_ident()
+    with caplog.at_level(logging.WARNING, logger="licd.store"):
+        await store.insert_lease(lease(1))  # on the loop, which it holds up
+        await store.insert_lease(lease(2))  # on the thread (the last was slow): quick
+        await store.insert_lease(lease(3))  # the last was quick, yet still the thread
+        assert [t == here for t in committed_on] == [True, False, False]
+        store._stalled_at -= STALL_HOLDOFF  # as if the holdoff were over...
+        store._last_commit = 0.0  # ...with the disk quick since
+        await store.insert_lease(lease(4))  # back on the loop
+    store._conn.set_trace_callback(None)
+    assert committed_on[3] == here
+    assert len(await store.load_leases()) == 4
+    warned = [r.getMessage() for r in caplog.records if "event=slow_commit" in r.getMessage()]
+    assert len(warned) == 1, warned
 
 
 async def test_one_failing_mutation_fails_only_its_caller(store: Store) -> None:
