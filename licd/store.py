@@ -441,20 +441,24 @@ class Store:
             op.done.settle(None)  # what follows the commit runs now (see Deferred)
 
     async def _transaction(self, statements: Statements) -> None:
-        """One batch of mutations, all or nothing. Here on the loop (the statements into
-        SQLite's page cache, then the COMMIT) while the disk has been quick, the batch
-        is not huge and no other connection holds the database's write lock; else the
-        whole transaction on the writer thread, where waiting (for the disk, or up to
-        BUSY_TIMEOUT_MS for the lock) stalls no client."""
+        """One batch of mutations, all or nothing. The statements go into SQLite's page
+        cache on the loop, unless the batch is huge or another connection holds the
+        database's write lock: then the whole transaction runs on the writer thread,
+        where waiting (up to BUSY_TIMEOUT_MS for the lock) stalls no client. The COMMIT
+        (the fsync) runs on the loop while the disk has been quick (`commit_inline`),
+        else on the writer thread, so the loop serves heartbeats while the disk flushes."""
         conn = self._conn
         merged = _merged(statements)
         rows = sum(len(r) for _, r in merged)
         async with self._conn_lock:
-            since_stall = time.monotonic() - self._stalled_at
-            if commit_inline(rows, self._last_commit, since_stall) and _begin_at_once(conn):
-                took = _write_and_commit(conn, merged)
-            else:
+            if rows > INLINE_MAX_ROWS or not _begin_at_once(conn):
                 took = await self._on_writer(_transact, conn, merged)
+            else:
+                _write(conn, merged)
+                if commit_inline(self._last_commit, time.monotonic() - self._stalled_at):
+                    took = _timed_commit(conn)
+                else:
+                    took = await self._on_writer(_timed_commit, conn)
         self._last_commit = took
         if took > STALL_SECONDS:
             if time.monotonic() - self._stalled_at >= STALL_HOLDOFF:
@@ -570,20 +574,16 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
         raise
 
 
-def commit_inline(rows: int, last_commit: float, since_stall: float) -> bool:
-    """Whether to commit on the event loop itself: any batch but a huge one, while the
-    disk is quick. Waking the writer thread and being woken back costs the loop more
-    (CPU, and the GIL changing hands each way) than waiting out a short fsync: measured
-    on 2 cores, batches of about 100 rows went faster inline too. A huge batch, or a
-    disk that has been slow, goes to the thread so the loop keeps serving meanwhile:
-    slow just now (`last_commit`), or stalled (over STALL_SECONDS) in the last
-    STALL_HOLDOFF seconds (`since_stall`), because one quick flush in a spell of slow
-    ones says nothing of the next, and each one inline holds every heartbeat up."""
-    return (
-        rows <= INLINE_MAX_ROWS
-        and last_commit <= INLINE_MAX_SECONDS
-        and since_stall >= STALL_HOLDOFF
-    )
+def commit_inline(last_commit: float, since_stall: float) -> bool:
+    """Whether to COMMIT on the event loop itself: while the disk is quick, waking the
+    writer thread and being woken back costs the loop more (CPU, and the GIL changing
+    hands each way) than waiting out a short fsync; measured on 2 cores, batches of
+    about 100 rows went faster inline too. A disk that has been slow gets the thread,
+    so the loop keeps serving meanwhile: slow just now (`last_commit`), or stalled
+    (over STALL_SECONDS) in the last STALL_HOLDOFF seconds (`since_stall`), because one
+    quick flush in a spell of slow ones says nothing of the next, and each one inline
+    holds every heartbeat up."""
+    return last_commit <= INLINE_MAX_SECONDS and since_stall >= STALL_HOLDOFF
 
 
 def _begin_at_once(conn: sqlite3.Connection) -> bool:
@@ -604,20 +604,24 @@ def _transact(conn: sqlite3.Connection, statements: Statements) -> float:
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     try:
         conn.execute("BEGIN IMMEDIATE")
-        return _write_and_commit(conn, statements)
+        _write(conn, statements)
+        return _timed_commit(conn)
     finally:
         conn.execute("PRAGMA busy_timeout = 0")
 
 
-def _write_and_commit(conn: sqlite3.Connection, statements: Statements) -> float:
-    """After BEGIN: the statements, then COMMIT, all rolled back on any error. Returns
-    the seconds the COMMIT took (how quick the disk is)."""
+def _write(conn: sqlite3.Connection, statements: Statements) -> None:
+    """After BEGIN: the statements, all rolled back on any error."""
     try:
         for sql, rows in statements:
             conn.executemany(sql, rows)
     except BaseException:
         _rollback(conn)
         raise
+
+
+def _timed_commit(conn: sqlite3.Connection) -> float:
+    """COMMIT (see `_commit`); returns the seconds it took (how quick the disk is)."""
     started = time.perf_counter()
     _commit(conn)
     return time.perf_counter() - started
@@ -629,8 +633,8 @@ def _rollback(conn: sqlite3.Connection) -> None:
 
 
 def _commit(conn: sqlite3.Connection) -> None:
-    """COMMIT the open transaction, or roll it back if that fails (on the writer
-    thread: this is where SQLite writes the WAL and waits for the fsync)."""
+    """COMMIT the open transaction, or roll it back if that fails (this is where
+    SQLite writes the WAL and waits for the fsync)."""
     try:
         conn.execute("COMMIT")
     except BaseException:

@@ -339,10 +339,9 @@ async def test_renewals_on_an_idle_store_are_written_within_the_lazy_interval(
 
 def test_commit_inline_rule() -> None:
     calm = STALL_HOLDOFF  # seconds since the last stalled COMMIT
-    assert commit_inline(INLINE_MAX_ROWS, INLINE_MAX_SECONDS, calm)
-    assert not commit_inline(INLINE_MAX_ROWS + 1, 0.0, calm)
-    assert not commit_inline(1, INLINE_MAX_SECONDS * 2, calm)
-    assert not commit_inline(1, 0.0, calm - 0.001)  # quick just now, but a stall lately
+    assert commit_inline(INLINE_MAX_SECONDS, calm)
+    assert not commit_inline(INLINE_MAX_SECONDS * 2, calm)
+    assert not commit_inline(0.0, calm - 0.001)  # quick just now, but a stall lately
 
 
 async def test_a_stalled_commit_keeps_commits_off_the_loop_for_the_holdoff(
