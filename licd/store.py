@@ -5,12 +5,12 @@ mutations and await them; the writer takes everything queued so far, commits it 
 `BEGIN IMMEDIATE ... COMMIT` (one fsync for the whole batch: group commit), then
 settles each caller's `Deferred`. The transaction runs on the event loop itself (the
 statements into SQLite's page cache, then the COMMIT and its fsync) while the disk has
-been quick: waking a thread costs more than that short wait. A huge batch, a disk that
-has been slow (the last COMMIT, or any in the last STALL_HOLDOFF seconds that stalled),
-or a write lock held by another connection (an operator's shell) sends the whole
-transaction to a thread of its own, so the loop keeps serving while it waits;
-the loop itself never waits for a lock. Reads go through aiosqlite on a read-only
-connection of their own. A caller replies only after its commit is settled, so an
+been quick: waking a thread costs more than that short wait. A disk that has been slow
+(the last COMMIT, or any that stalled in the last STALL_HOLDOFF seconds) gets the COMMIT
+on a thread of its own, and a huge batch or a write lock held by another connection (an
+operator's shell) the whole transaction, so the loop keeps serving while it waits: it
+never waits for a lock, and for the first slow flush of a spell only. Reads go through
+aiosqlite on a read-only connection of their own. A caller replies only after its commit is settled, so an
 acknowledged checkout or checkin is on disk. Heartbeats only `touch` a lease: the
 renewals gathered over LAZY_INTERVAL are written together (with whatever batch commits
 once the interval is up, or by a timer; MAX_RENEWALS per commit, so the loop is never
