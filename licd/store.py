@@ -10,13 +10,14 @@ been quick: waking a thread costs more than that short wait. A disk that has bee
 on a thread of its own, and a huge batch or a write lock held by another connection (an
 operator's shell) the whole transaction, so the loop keeps serving while it waits: it
 never waits for a lock, and for the first slow flush of a spell only. Reads go through
-aiosqlite on a read-only connection of their own. A caller replies only after its commit is settled, so an
-acknowledged checkout or checkin is on disk. Heartbeats only `touch` a lease: the
-renewals gathered over LAZY_INTERVAL are written together (with whatever batch commits
-once the interval is up, or by a timer; MAX_RENEWALS per commit, so the loop is never
-held long), never delaying a reply nor adding pages to every commit of a busy site; a
-restart covers the gap (`Engine.restore`). If a batch fails, each mutation is retried
-alone, so one bad row fails only its own caller. The store never decides anything.
+aiosqlite on a read-only connection of their own. A caller replies only after its
+commit is settled, so an acknowledged checkout or checkin is on disk. Heartbeats only
+`touch` a lease: the renewals gathered over LAZY_INTERVAL are written together (with
+whatever batch commits once the interval is up, or by a timer; MAX_RENEWALS per commit,
+so the loop is never held long), never delaying a reply nor adding pages to every
+commit of a busy site; a restart covers the gap (`Engine.restore`). If a batch fails,
+each mutation is retried alone, so one bad row fails only its own caller. The store
+never decides anything.
 """
 
 from __future__ import annotations
