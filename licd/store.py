@@ -462,14 +462,15 @@ class Store:
                     took = await self._on_writer(_timed_commit, conn)
         self._last_commit = took
         if took > STALL_SECONDS:
-            if time.monotonic() - self._stalled_at >= STALL_HOLDOFF:
+            now = time.monotonic()
+            if now - self._stalled_at >= STALL_HOLDOFF:
                 log.warning(
                     "event=slow_commit seconds=%.3f holdoff=%g "
                     "(commits go to the writer thread meanwhile)",
                     took,
                     STALL_HOLDOFF,
                 )
-            self._stalled_at = time.monotonic()
+            self._stalled_at = now
         self.transactions += 1
 
     async def close(self) -> None:
