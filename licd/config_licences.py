@@ -18,12 +18,13 @@ from typing import Any
 from licd_client.messages import Features
 
 from .engine import Licence
-from .engine.licence import COUNT_BY, RESETS, Addon, Counter
+from .engine.licence import COUNT_BY, LEASES_PER_UNIT, RESETS, Addon, Counter
 from .engine.policy import check_rule
 from .tomlreader import MISSING, Table
 
 MAX_KEY_LEN = 255
 MAX_LICENCE_SEATS = 1_000_000  # seats (and overdraft, reserves, caps) of one licence
+MAX_LEASES_PER_UNIT = 10_000  # leases sharing one seat under count_by
 MAX_COUNTER_LIMIT = 2**62  # room for a consume's units on top, within SQLite's integers
 MAX_PRODUCT_LEN = 255
 #: Features travel in every checkout reply and, again, inside its token, so they are kept
@@ -230,6 +231,7 @@ def _policies(t: Table, groups: Mapping[str, tuple[str, ...]]) -> dict[str, Any]
         device_period = t.duration("device_period", MISSING, minimum=1.0)
     out: dict[str, Any] = {
         "count_by": count_by,
+        "leases_per_unit": t.integer("leases_per_unit", LEASES_PER_UNIT, 1, MAX_LEASES_PER_UNIT),
         "device_period": device_period,
         "overdraft": t.integer("overdraft", 0, 0, MAX_LICENCE_SEATS),
         "allow": _rules(t, "allow", groups),

@@ -14,7 +14,6 @@ import os
 import random
 import secrets
 import ssl as _ssl
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -227,7 +226,7 @@ class AsyncClient:
         if not self.anchors:
             raise TokenInvalid(NO_KEY_MESSAGE)  # before a seat is taken, not after
         holder = identity.holder(app, instance)
-        request_key = uuid.uuid4().hex
+        request_key = secrets.token_hex(16)  # 128 random bits, as the protocol asks
 
         async def attempt() -> tuple[messages.LeaseReply, bytes, float]:
             nonce = secrets.token_bytes(messages.NONCE_LEN)

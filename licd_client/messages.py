@@ -26,6 +26,10 @@ MAX_STORED_INT = 2**63 - 1
 MAX_SEATS = 65535  # seats in one lease
 MAX_UNITS = 2**32  # units in one consume
 MIN_TTL = 1.0  # seconds: the shortest lease a checkout may ask for
+#: A checkout's idempotency key: at least 128 random bits (e.g. 32 hex digits or 22
+#: base64url characters). The daemon refuses shorter ones: a key someone could guess
+#: would let them join another holder's checkout.
+MIN_REQUEST_KEY_LEN = 22
 MAX_REQUEST_KEY_LEN = 64
 NONCE_LEN = 16
 KEY_LEN = 32
@@ -135,7 +139,9 @@ class Checkout(Request):
             rid,
             key=key,
             holder=holder,
-            request=r.nonempty_str("request", max_len=MAX_REQUEST_KEY_LEN),
+            request=r.nonempty_str(
+                "request", min_len=MIN_REQUEST_KEY_LEN, max_len=MAX_REQUEST_KEY_LEN
+            ),
             nonce=r.binary("nonce", length=NONCE_LEN),
             seats=1 if seats is None else seats,
             ttl=r.number("ttl", required=False, positive=True),

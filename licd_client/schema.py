@@ -51,10 +51,12 @@ class Fields:
             raise self._fail(name, f"must be at most {max_len} characters")
         return value
 
-    def nonempty_str(self, name: str, *, max_len: int = 1024) -> str:
+    def nonempty_str(self, name: str, *, max_len: int = 1024, min_len: int = 1) -> str:
         value: str = self.text(name, max_len=max_len)
         if not value:
             raise self._fail(name, "must not be empty")
+        if len(value) < min_len:
+            raise self._fail(name, f"must be at least {min_len} characters")
         return value
 
     def uint(

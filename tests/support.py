@@ -116,7 +116,7 @@ class RawPeer:
     async def checkout(
         self, key: str = DICOM.key, h: Holder | None = None, **args: Any
     ) -> dict[str, Any]:
-        args.setdefault("request", os.urandom(8).hex())
+        args.setdefault("request", os.urandom(16).hex())
         args.setdefault("nonce", os.urandom(16))
         return await self.call("checkout", key=key, holder=(h or holder()).to_wire(), **args)
 

@@ -11,7 +11,15 @@ Theory of operation:
   persists the deletion, then calls `released`. Until then the seat stays counted.
 - A lease's seat is reclaimed only after `expires + grace`, measured on the monotonic
   clock, so a wall clock set forward cannot free a seat whose token is still valid.
-- On restore after a restart every reclaim deadline becomes at least now + ttl + grace.
+- On restore after a restart every reclaim deadline becomes now + ttl + grace on the
+  monotonic clock, with the lease's own ttl: a wall clock set back while the daemon was
+  down keeps no dead holder's seat longer, one set forward frees nothing early.
+- A checkout's `request` key makes it idempotent: a retry (same licence, hostid and
+  key) joins the first attempt, whatever state it is in, and is answered only to the
+  same holder from the same address with the same seats and ttl.
+- Memory is O(live leases) whatever clients send: the reclaim heap holds at most one
+  entry per lease between compactions, a unit holds at most `leases_per_unit` leases,
+  and a lease is renewed at most `RENEW_BURST` times at once (then at a steady rate).
 No I/O, no awaits, no clock reads: every call takes the `Instant` it happens at.
 """
 
@@ -29,6 +37,7 @@ from licd_client.errors import (
     LeaseUnknown,
     LicenceExpired,
     LicenceNotYetValid,
+    RateLimited,
     SeatsExhausted,
     UnknownLicence,
 )
@@ -40,6 +49,18 @@ from .lease import Lease, LeaseState
 from .licence import Licence
 from .policy import Who, first_match, matches
 from .seats import SeatBook, unit_key
+
+#: Renewals one lease may make back to back; after that they come back at the steady rate
+#: below. A client renews every ttl/3 seconds (sooner after a lost reply), so this never
+#: stops one that follows the protocol, only a heartbeat loop.
+RENEW_BURST = 10
+#: The steady rate: twice the protocol's (3 per ttl), and at least one a second.
+RENEW_MIN_RATE = 1.0
+
+
+def renew_rate(ttl: float) -> float:
+    """Renewals a second one lease may make, steadily, for a lease of `ttl` seconds."""
+    return max(RENEW_MIN_RATE, 6.0 / ttl)
 
 
 def new_secret() -> str:
@@ -101,7 +122,10 @@ class Engine:
         self.seats = SeatBook()
         self.counters = CounterBook()
         self.groups: Mapping[str, tuple[str, ...]] = dict(groups or {})
-        self._deadlines: list[tuple[float, int, Lease]] = []  # heap, lazily invalidated
+        #: Reclaim deadlines: (monotonic time, tie-break, lease), at most one entry a
+        #: lease (its `scheduled`) plus stale ones of leases gone, compacted when those
+        #: outnumber the live.
+        self._deadlines: list[tuple[float, int, Lease]] = []
         self._seq = 0
         self._new_secret = secret_factory
         self._new_handle = handle_factory
@@ -215,13 +239,19 @@ class Engine:
             lease_ttl = licence.lease_ttl if ttl is None else min(ttl, licence.longest_ttl)
 
         existing = self._by_request.get((licence.id, holder.hostid, request))
-        if licence.device_period is not None and existing is None:
-            existing = self._devices.get((licence.id, holder.hostid))
         if existing is not None and existing.state is not LeaseState.RELEASING:
+            self._check_retry(existing, who, seats, ttl)
             return self._renew(existing, licence, at)
+        if licence.device_period is not None:
+            device = self._devices.get((licence.id, holder.hostid))
+            if device is not None and device.state is not LeaseState.RELEASING:
+                self._check_same_device(device, holder)
+                return self._renew(device, licence, at)
 
         handle = self._unique(self._new_handle, self._by_handle)
         unit = unit_key(licence.count_by, holder, handle)
+        if licence.count_by != "lease":
+            self._check_unit(licence, unit)
         extra = max(0, seats - self.seats.held(licence.id, unit))  # what the unit adds
         overdraft = False
         if extra:
@@ -248,10 +278,47 @@ class Engine:
             device=licence.device_period is not None,
             unit=unit,
             state=LeaseState.PENDING,
+            asked=(seats, ttl),
         )
         grant = self._extend(lease, licence, at, fresh=True)
         self._add(lease)
         return grant
+
+    @staticmethod
+    def _check_retry(lease: Lease, who: Who, seats: int, ttl: float | None) -> None:
+        """A retry of `lease`'s checkout: only its holder, from its address, may have it
+        back (its secret is in the answer), and only for what it asked the first time."""
+        if lease.holder != who.holder or lease.ip != who.ip:
+            raise Denied("this request key belongs to another holder's checkout")
+        asked = lease.asked
+        if asked is None:  # restored after a restart: what it asked is not kept
+            same = seats == lease.seats and (ttl is None or min(ttl, lease.ttl) == lease.ttl)
+        else:
+            same = (seats, ttl) == asked
+        if not same:
+            raise BadRequest(
+                "checkout: this request key was used with other seats or ttl; "
+                "a retry must repeat the first attempt exactly (a new checkout needs a new key)"
+            )
+
+    @staticmethod
+    def _check_same_device(lease: Lease, holder: Holder) -> None:
+        """A device lease goes back to its device after a restart of the app (a new
+        process, a new request key), but only to the same machine and user: a hostid
+        alone is no secret."""
+        mine = lease.holder
+        if (mine.host, mine.user) != (holder.host, holder.user):
+            raise Denied("this device's lease is held by another host or user")
+
+    def _check_unit(self, licence: Licence, unit: str) -> None:
+        """A unit (one host, user, ...) shares its seat among at most `leases_per_unit`
+        leases: one machine cannot pile unbounded leases onto one seat."""
+        held = self.seats.leases_in(licence.id, unit)
+        if held >= licence.leases_per_unit:
+            raise Denied(
+                f"at most {licence.leases_per_unit} leases share one seat "
+                f"(count_by = {licence.count_by}); check one in first"
+            )
 
     def _check_access(self, licence: Licence, who: Who) -> None:
         rule = first_match(licence.deny, who, self.groups)
@@ -307,9 +374,24 @@ class Engine:
             self._remove(lease)
 
     def heartbeat(self, secret: str, at: Instant) -> Grant:
-        """Renew the lease with `secret`: new expiry, current seats and features."""
+        """Renew the lease with `secret`: new expiry, current seats and features.
+        RateLimited when it renews faster than `renew_rate` allows beyond a burst."""
         lease, licence = self._live(secret, at)
+        self._spend_renewal(lease, at)
         return self._renew(lease, licence, at)
+
+    @staticmethod
+    def _spend_renewal(lease: Lease, at: Instant) -> None:
+        rate = renew_rate(lease.ttl)
+        tokens = min(RENEW_BURST, lease.renewals + (at.mono - lease.renewed_at) * rate)
+        lease.renewed_at = at.mono
+        if tokens < 1.0:
+            lease.renewals = tokens
+            raise RateLimited(
+                "this lease is renewed too often; renew every renew_in seconds",
+                retry_after=(1.0 - tokens) / rate,
+            )
+        lease.renewals = tokens - 1.0
 
     def _live(self, secret: str, at: Instant) -> tuple[Lease, Licence]:
         """The live lease with `secret` and its licence, valid at `at`."""
@@ -355,32 +437,43 @@ class Engine:
         """Live leases whose reclaim deadline (expires + grace) has passed, marked
         RELEASING; the caller deletes them and calls `released`."""
         out: list[Lease] = []
+        later: list[Lease] = []  # renewed since their entry was made: due again later
         heap = self._deadlines
         while heap and heap[0][0] <= at.mono:
             deadline, _, lease = heapq.heappop(heap)
-            if (
-                lease.reclaim_at == deadline
-                and lease.state is LeaseState.LIVE
-                and self._leases.get(lease.secret) is lease
-            ):
+            if lease.scheduled != deadline or self._leases.get(lease.secret) is not lease:
+                continue  # a stale entry: the lease is gone, or has an earlier one
+            lease.scheduled = None
+            if lease.reclaim_at > at.mono or lease.state is LeaseState.PENDING:
+                later.append(lease)
+            elif lease.state is LeaseState.LIVE:
                 lease.state = LeaseState.RELEASING
                 out.append(lease)
+            # RELEASING: released, or back with `cancel_release`, which schedules it
+        for lease in later:  # a commit still under way is looked at again in a second
+            when = lease.reclaim_at
+            self._schedule(lease, when if when > at.mono else at.mono + 1.0)
         return out
 
+    @property
+    def scheduled(self) -> int:
+        """Entries in the reclaim heap (at most twice the leases, plus a few)."""
+        return len(self._deadlines)
+
     def restore(self, leases: Iterable[Lease], at: Instant) -> list[Lease]:
-        """Load leases kept across a restart. Every reclaim deadline becomes
-        max(stored expires + grace, now + ttl + grace). Returns the leases skipped
-        because their licence no longer exists."""
+        """Load leases kept across a restart. Every reclaim deadline becomes now + the
+        lease's ttl + grace on the monotonic clock: what the wall clock says of the time
+        the daemon was down (it may have been set back a day) changes nothing. Returns
+        the leases skipped because their licence no longer exists."""
         skipped: list[Lease] = []
         for lease in leases:
             licence = self._by_id.get(lease.licence_id)
             if licence is None:
                 skipped.append(lease)
                 continue
-            remaining = max(lease.expires - at.wall, lease.ttl)
             lease.state = LeaseState.LIVE
             self._add(lease)
-            self._set_deadline(lease, at.mono + remaining + licence.grace)
+            self._set_deadline(lease, at.mono + lease.ttl + licence.grace)
         return skipped
 
     # ---------------------------------------------------------------- internals
@@ -424,9 +517,29 @@ class Engine:
         return Grant(lease, licence, ttl, fresh, licence.features_at(at.wall))
 
     def _set_deadline(self, lease: Lease, reclaim_at: float) -> None:
+        """Move the lease's reclaim deadline. A later one (every renewal) keeps its heap
+        entry, which finds the new deadline when it comes up; only an earlier one, or a
+        lease with no entry (new, or back from a failed release), needs a new entry."""
         lease.reclaim_at = reclaim_at
+        if lease.scheduled is None or reclaim_at < lease.scheduled:
+            self._schedule(lease, reclaim_at)
+
+    def _schedule(self, lease: Lease, when: float) -> None:
+        heap = self._deadlines
+        if len(heap) > 2 * len(self._leases) + 64:  # mostly stale: rebuild from the leases
+            self._compact()
+        lease.scheduled = when
         self._seq += 1
-        heapq.heappush(self._deadlines, (reclaim_at, self._seq, lease))
+        heapq.heappush(heap, (when, self._seq, lease))
+
+    def _compact(self) -> None:
+        """Drop every stale entry: one entry per lease that has one."""
+        self._deadlines = [
+            (d, seq, lease)
+            for d, seq, lease in self._deadlines
+            if lease.scheduled == d and self._leases.get(lease.secret) is lease
+        ]
+        heapq.heapify(self._deadlines)
 
     def _add(self, lease: Lease) -> None:
         if not lease.unit:

@@ -38,6 +38,11 @@ class Lease:
     unit: str = ""  # what shares its seat (engine.seats), fixed when it is granted
     reclaim_at: float = 0.0  # monotonic: the seat may be reused after this
     state: LeaseState = LeaseState.LIVE
+    # Runtime bookkeeping of the engine's, never persisted:
+    scheduled: float | None = None  # monotonic: its entry in the reclaim heap, if any
+    renewals: float = 0.0  # renewals it may still make at once (a token bucket) ...
+    renewed_at: float = 0.0  # ... as of this monotonic time
+    asked: tuple[int, float | None] | None = None  # its checkout's seats and ttl
 
     @property
     def request_key(self) -> tuple[str, str, str]:

@@ -17,6 +17,9 @@ from licd_client.messages import Features
 
 COUNT_BY = ("lease", "host", "user", "host_user")
 RESETS = ("never", "daily", "monthly")
+#: Leases that may share one unit's seat (`count_by` other than "lease") by default: a
+#: machine running a few instances of an app, not one piling up leases without end.
+LEASES_PER_UNIT = 16
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,7 @@ class Licence:
     max_ttl: float | None = None  # the longest lease (or block) a client may ask for
     delegable: bool = False  # may a site router take a block of it (`delegate`)?
     count_by: str = "lease"  # lease | host | user | host_user: what shares a seat
+    leases_per_unit: int = LEASES_PER_UNIT  # at most this many leases share a unit's seat
     device_period: float | None = None  # device leases: a seat stays this long
     overdraft: int = 0  # seats that may be granted beyond the limit, each one flagged
     allow: tuple[str, ...] = ()  # rules (user:, host:, hostid:, ip:, group:); empty: all

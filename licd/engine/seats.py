@@ -5,10 +5,15 @@ every lease its own (`lease`), or all leases of one machine (`host`, by hostid),
 user (`user`) or one user on one machine (`host_user`). A unit holds as many seats as
 its largest lease; a licence's seats in use are the sum over its units. So the shared
 seat is freed only when the last lease of its unit goes. Pure bookkeeping, no rules.
+
+Every operation but `usage` costs O(1) whatever a unit holds: a unit keeps its leases in
+a dict and a tally of their sizes, and its largest size is recomputed from the tally's
+few distinct sizes only when the last lease of that size goes.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 
 from licd_client.messages import Holder
@@ -26,9 +31,41 @@ def unit_key(count_by: str, holder: Holder, handle: str) -> str:
     return "l:" + handle
 
 
+class _Unit:
+    """The leases sharing one seat, and the seats they hold together (the largest)."""
+
+    __slots__ = ("leases", "sizes", "seats")
+
+    def __init__(self) -> None:
+        self.leases: dict[str, Lease] = {}  # by handle
+        self.sizes: Counter[int] = Counter()  # lease seats -> how many leases
+        self.seats = 0
+
+    def add(self, lease: Lease) -> None:
+        self.leases[lease.handle] = lease
+        self.sizes[lease.seats] += 1
+        self.seats = max(self.seats, lease.seats)
+
+    def remove(self, lease: Lease) -> None:
+        del self.leases[lease.handle]
+        left = self.sizes[lease.seats] - 1
+        if left:
+            self.sizes[lease.seats] = left
+            return
+        del self.sizes[lease.seats]
+        if lease.seats == self.seats:
+            self.seats = max(self.sizes, default=0)
+
+    def without(self, lease: Lease) -> int:
+        """The seats the unit would hold without `lease`."""
+        if lease.seats < self.seats or self.sizes[lease.seats] > 1:
+            return self.seats
+        return max((n for n in self.sizes if n != lease.seats), default=0)
+
+
 class SeatBook:
     def __init__(self) -> None:
-        self._units: dict[str, dict[str, list[Lease]]] = {}  # licence id -> unit -> leases
+        self._units: dict[str, dict[str, _Unit]] = {}  # licence id -> unit key -> unit
         self._in_use: dict[str, int] = {}
 
     def in_use(self, licence_id: str) -> int:
@@ -36,58 +73,57 @@ class SeatBook:
 
     def held(self, licence_id: str, unit: str) -> int:
         """Seats the unit holds now (0 if it holds none)."""
-        leases = self._units.get(licence_id, {}).get(unit)
-        return max((x.seats for x in leases), default=0) if leases else 0
+        found = self._units.get(licence_id, {}).get(unit)
+        return found.seats if found is not None else 0
+
+    def leases_in(self, licence_id: str, unit: str) -> int:
+        """How many leases the unit has."""
+        found = self._units.get(licence_id, {}).get(unit)
+        return len(found.leases) if found is not None else 0
 
     def add(self, lease: Lease) -> None:
         lid = lease.licence_id
-        units = self._units.get(lid)
-        if units is None:
-            units = self._units[lid] = {}
-        leases = units.get(lease.unit)
-        if leases is None:  # the usual case: a unit of its own
-            units[lease.unit] = [lease]
-            grown = lease.seats
-        else:
-            grown = lease.seats - max(x.seats for x in leases)
-            leases.append(lease)
-        if grown > 0:
-            self._in_use[lid] = self._in_use.get(lid, 0) + grown
+        units = self._units.setdefault(lid, {})
+        unit = units.get(lease.unit)
+        if unit is None:
+            unit = units[lease.unit] = _Unit()
+        before = unit.seats
+        unit.add(lease)
+        if unit.seats > before:
+            self._in_use[lid] = self._in_use.get(lid, 0) + unit.seats - before
 
     def remove(self, lease: Lease) -> None:
-        units = self._units.get(lease.licence_id)
-        if units is None:
+        unit = self._unit_of(lease)
+        if unit is None:
             return
-        leases = units.get(lease.unit)
-        if not leases or lease not in leases:
-            return
-        freed = self.freed_by(lease)
-        if len(leases) == 1:
-            del units[lease.unit]
-        else:
-            leases.remove(lease)
-        if freed:
-            self._in_use[lease.licence_id] -= freed
+        before = unit.seats
+        unit.remove(lease)
+        if not unit.leases:
+            del self._units[lease.licence_id][lease.unit]
+        if unit.seats < before:
+            self._in_use[lease.licence_id] -= before - unit.seats
 
     def freed_by(self, lease: Lease) -> int:
         """Seats that removing `lease` would free (0 while its unit keeps the seat)."""
-        units = self._units.get(lease.licence_id)
-        leases = units.get(lease.unit) if units else None
-        if not leases or lease not in leases:
-            return 0
-        if len(leases) == 1:
-            return lease.seats
-        others = max(x.seats for x in leases if x is not lease)
-        return max(0, lease.seats - others)
+        unit = self._unit_of(lease)
+        return 0 if unit is None else unit.seats - unit.without(lease)
 
     def usage(self, licence_id: str, where: Callable[[Lease], bool]) -> int:
-        """Seats held by the units with at least one lease for which `where` holds."""
+        """Seats held by the units with at least one lease for which `where` holds. A
+        scan of the licence's units: only the `max` and `reserve` policies ask."""
         return sum(
-            max(x.seats for x in leases)
-            for leases in self._units.get(licence_id, {}).values()
-            if any(where(x) for x in leases)
+            unit.seats
+            for unit in self._units.get(licence_id, {}).values()
+            if any(where(x) for x in unit.leases.values())
         )
 
     def forget(self, licence_id: str) -> None:
         self._units.pop(licence_id, None)
         self._in_use.pop(licence_id, None)
+
+    def _unit_of(self, lease: Lease) -> _Unit | None:
+        """The unit `lease` is counted in, or None when it is not counted."""
+        unit = self._units.get(lease.licence_id, {}).get(lease.unit)
+        if unit is None or unit.leases.get(lease.handle) is not lease:
+            return None
+        return unit

@@ -125,7 +125,7 @@ class LoadClient:
                     exhausted = False
                     continue
                 seats = 2 if self.rng.random() < 0.2 else 1
-                request = os.urandom(8).hex()
+                request = os.urandom(16).hex()
                 pending_out = (request, self.holder, seats)
                 reply = await self.ask(
                     peer,
@@ -317,7 +317,7 @@ async def test_acknowledged_checkout_and_checkin_survive_an_immediate_sigkill(
     released: list[str] = []
     for _ in range(2):
         peer = await connected(daemon.addr)
-        request = os.urandom(8).hex()
+        request = os.urandom(16).hex()
         secret, seats = lease_fields(await peer.checkout(KEY, request=request, seats=2))
         daemon.kill()  # nothing between the ack and the kill
         await peer.close()

@@ -155,14 +155,14 @@ async def test_retried_checkout_holds_one_seat(tmp_path: Path) -> None:
                 "id": 1,
                 "key": DICOM.key,
                 "holder": holder().to_wire(),
-                "request": "logical-1",
+                "request": "logical-1-0123456789abcdef",
                 "nonce": os.urandom(16),
             }
         )
         await first.close()  # the reply is lost with the connection
         second = await connected(address(daemon))
-        reply = await second.checkout(request="logical-1")
-        again = await second.checkout(request="logical-1")
+        reply = await second.checkout(request="logical-1-0123456789abcdef")
+        again = await second.checkout(request="logical-1-0123456789abcdef")
         assert reply["ok"] and again["ok"]
         assert reply["lease"] == again["lease"]
         assert reply["token"] != again["token"]
@@ -234,7 +234,7 @@ async def test_pipelined_requests_are_answered_in_order(tmp_path: Path) -> None:
                     "op": "checkout",
                     "key": DICOM.key,
                     "holder": holder(f"h{i}").to_wire(),
-                    "request": f"r{i}",
+                    "request": f"r{i:021d}",
                     "nonce": os.urandom(16),
                 }
             )
@@ -273,7 +273,7 @@ async def test_more_pipelined_requests_than_the_cap_are_all_answered_in_order(
                         "op": "checkout",
                         "key": DICOM.key,
                         "holder": holder(f"h{i}").to_wire(),
-                        "request": f"r{i}",
+                        "request": f"r{i:021d}",
                         "nonce": os.urandom(16),
                     }
                 )
@@ -294,7 +294,7 @@ async def test_replies_owed_are_sent_after_the_peer_half_closes(tmp_path: Path) 
                 "op": "checkout",
                 "key": DICOM.key,
                 "holder": holder(f"h{i}").to_wire(),
-                "request": f"r{i}",
+                "request": f"r{i:021d}",
                 "nonce": os.urandom(16),
             }
             for i in range(3)
@@ -321,8 +321,9 @@ async def test_a_peer_that_never_reads_is_cut_off_and_others_are_served(
         await hog.hello()
         lease = await hog.checkout()
         beat = {"op": "heartbeat", "lease": lease["lease"], "nonce": os.urandom(16)}
-        # Thousands of renewals (about 450 bytes of reply each), none of them read.
-        writer.write(_frames(*({"id": i, **beat} for i in range(20_000))))
+        # Tens of thousands of renewals, none of them read: all but the first few are
+        # answered rate_limited (about 130 bytes each), megabytes more than any buffer.
+        writer.write(_frames(*({"id": i, **beat} for i in range(100_000))))
         [hog_here] = daemon.server.connections
         bystander = await connected(address(daemon))
         async with asyncio.timeout(10):
@@ -351,7 +352,7 @@ async def test_a_closed_connection_whose_peer_never_reads_is_cut_off(tmp_path: P
                 "op": "checkout",
                 "key": DICOM.key,
                 "holder": holder().to_wire(),
-                "request": "r1",
+                "request": "r1" * 11,
                 "nonce": os.urandom(16),
             }
             await loop.sock_sendall(sock, _frames(hello, checkout))
@@ -408,7 +409,7 @@ async def test_a_frame_half_read_while_we_wait_on_a_commit_is_not_timed_out(
                     "op": "checkout",
                     "key": DICOM.key,
                     "holder": holder(f"h{i}").to_wire(),
-                    "request": f"r{i}",
+                    "request": f"r{i:021d}",
                     "nonce": os.urandom(16),
                 }
             )

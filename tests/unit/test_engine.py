@@ -8,12 +8,14 @@ import pytest
 
 from licd.clock import FakeClock
 from licd.engine import Engine, Lease, LeaseState, Licence
+from licd.engine.engine import RENEW_BURST, renew_rate
 from licd_client.errors import (
     BadRequest,
     Denied,
     LeaseUnknown,
     LicenceExpired,
     LicenceNotYetValid,
+    RateLimited,
     SeatsExhausted,
     UnknownLicence,
 )
@@ -213,7 +215,11 @@ def test_restore_extends_every_deadline(engine: Engine, clock: FakeClock) -> Non
     assert fresh.due(clock.now()) == [kept]
 
 
-def test_restore_keeps_a_later_stored_deadline(clock: FakeClock) -> None:
+def test_restore_after_the_clock_was_set_back_keeps_no_seat_past_ttl_and_grace(
+    clock: FakeClock,
+) -> None:
+    # The daemon stopped; its wall clock was then set back a day. The stored expiry now
+    # looks a day away, but a holder that died with the daemon must not keep its seat.
     licence = replace(DICOM, lease_ttl=10)
     engine = Engine([licence])
     stored = Lease(
@@ -225,11 +231,11 @@ def test_restore_keeps_a_later_stored_deadline(clock: FakeClock) -> None:
         seats=1,
         ttl=10,
         created=clock.wall,
-        expires=clock.wall + 100,  # granted under an older, longer ttl
-        last_heartbeat=clock.wall,
+        expires=clock.wall + 86_400 + 10,
+        last_heartbeat=clock.wall + 86_400,
     )
     engine.restore([stored], clock.now())
-    clock.advance(100 + licence.grace - 1)
+    clock.advance(10 + licence.grace - 1)
     assert engine.due(clock.now()) == []
     clock.advance(2)
     assert engine.due(clock.now()) == [stored]
@@ -303,3 +309,140 @@ def test_revoke_by_handle_then_remove_the_licence(engine: Engine, clock: FakeClo
     assert engine.remove_licence(DICOM.id) == DICOM
     with pytest.raises(UnknownLicence):
         engine.checkout(DICOM.key, holder(), request="x", at=clock.now())
+
+
+# ------------------------------------------------ attacks: retries, floods, piles of leases
+
+
+def test_a_retry_while_the_first_attempt_commits_joins_it(engine: Engine, clock: FakeClock) -> None:
+    first = engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now())
+    assert first.lease.state is LeaseState.PENDING  # not yet committed
+    retry = engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now())
+    assert retry.lease is first.lease and not retry.fresh
+    assert engine.in_use(DICOM.id) == 1
+
+
+def test_a_retry_must_repeat_seats_and_ttl(engine: Engine, clock: FakeClock) -> None:
+    first = engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now(), ttl=30)
+    for changed in ({"seats": 2, "ttl": 30}, {"ttl": 40}, {}):
+        with pytest.raises(BadRequest, match="other seats or ttl"):
+            engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now(), **changed)
+    engine.confirm(first.lease)
+    same = engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now(), ttl=30)
+    assert same.lease is first.lease
+    assert engine.in_use(DICOM.id) == 1
+
+
+def test_a_restored_lease_is_retried_with_its_own_seats(clock: FakeClock) -> None:
+    engine = Engine([DICOM])
+    lease = live(engine, clock, "a", seats=2)
+    restored = Engine([DICOM])
+    lease.asked = None  # what a restart keeps: the lease, not the request
+    restored.restore([lease], clock.now())
+    again = restored.checkout(
+        DICOM.key, holder("a"), request=lease.request, at=clock.now(), seats=2
+    )
+    assert again.lease is lease
+    with pytest.raises(BadRequest):
+        restored.checkout(DICOM.key, holder("a"), request=lease.request, at=clock.now())
+
+
+def test_a_retry_goes_back_only_to_the_same_holder_and_address(
+    engine: Engine, clock: FakeClock
+) -> None:
+    first = engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now(), ip="10.0.0.1")
+    engine.confirm(first.lease)
+    victim = holder("a")
+    for thief, ip in (
+        (replace(victim, host="evil"), "10.0.0.1"),  # same hostid, another machine
+        (replace(victim, user="mallory"), "10.0.0.1"),
+        (replace(victim, pid=victim.pid + 1), "10.0.0.1"),
+        (victim, "10.6.6.6"),  # every field copied, from elsewhere
+    ):
+        with pytest.raises(Denied, match="another holder"):
+            engine.checkout(DICOM.key, thief, request="r1", at=clock.now(), ip=ip)
+    again = engine.checkout(DICOM.key, victim, request="r1", at=clock.now(), ip="10.0.0.1")
+    assert again.lease is first.lease
+    assert engine.in_use(DICOM.id) == 1
+
+
+def test_a_device_lease_goes_back_only_to_its_machine_and_user(clock: FakeClock) -> None:
+    licence = replace(DICOM, device_period=86_400.0)
+    engine = Engine([licence])
+    mine = holder("scanner")
+    first = engine.checkout(licence.key, mine, request="boot-1", at=clock.now())
+    engine.confirm(first.lease)
+    # The app restarts: a new process, a new request key; the same device gets its lease.
+    restarted = replace(mine, pid=mine.pid + 1)
+    again = engine.checkout(licence.key, restarted, request="boot-2", at=clock.now())
+    assert again.lease is first.lease
+    with pytest.raises(Denied, match="another host or user"):
+        engine.checkout(licence.key, replace(mine, host="evil"), request="x", at=clock.now())
+    assert engine.in_use(licence.id) == 1
+
+
+def test_one_unit_holds_at_most_leases_per_unit_leases(clock: FakeClock) -> None:
+    licence = replace(DICOM, seats=1, count_by="host", leases_per_unit=3)
+    engine = Engine([licence])
+    leases = []
+    for i in range(3):
+        grant = engine.checkout(licence.key, holder("a"), request=f"r{i}", at=clock.now())
+        engine.confirm(grant.lease)
+        leases.append(grant.lease)
+    assert engine.in_use(licence.id) == 1
+    with pytest.raises(Denied, match="at most 3 leases share one seat"):
+        engine.checkout(licence.key, holder("a"), request="r3", at=clock.now())
+    # A retry of one it holds is no new lease: still answered.
+    assert (
+        engine.checkout(licence.key, holder("a"), request="r0", at=clock.now()).lease is leases[0]
+    )
+    released = engine.begin_release(leases[0].secret)
+    assert released is not None
+    engine.released(released)
+    engine.confirm(engine.checkout(licence.key, holder("a"), request="r3", at=clock.now()).lease)
+    assert engine.in_use(licence.id) == 1
+
+
+def test_heartbeats_on_one_lease_keep_one_reclaim_entry(engine: Engine, clock: FakeClock) -> None:
+    lease = live(engine, clock, "a")
+    for _ in range(20_000):
+        clock.advance(1.0)
+        engine.heartbeat(lease.secret, clock.now())
+    assert engine.scheduled == 1
+    clock.advance(DICOM.lease_ttl + DICOM.grace + 1)
+    assert engine.due(clock.now()) == [lease]
+
+
+def test_churn_keeps_the_reclaim_heap_in_proportion_to_the_leases(
+    engine: Engine, clock: FakeClock
+) -> None:
+    keep = live(engine, clock, "keeper")
+    for i in range(5_000):
+        grant = engine.checkout(DICOM.key, holder("a"), request=f"c{i}", at=clock.now())
+        engine.confirm(grant.lease)
+        released = engine.begin_release(grant.lease.secret)
+        assert released is not None
+        engine.released(released)
+    assert engine.scheduled <= 2 * 1 + 64 + 1
+    clock.advance(DICOM.lease_ttl + DICOM.grace + 1)
+    assert engine.due(clock.now()) == [keep]
+
+
+def test_a_heartbeat_loop_is_rate_limited(engine: Engine, clock: FakeClock) -> None:
+    lease = live(engine, clock, "a")
+    for _ in range(RENEW_BURST):
+        engine.heartbeat(lease.secret, clock.now())
+    with pytest.raises(RateLimited) as err:
+        engine.heartbeat(lease.secret, clock.now())
+    assert err.value.retry_after == pytest.approx(1 / renew_rate(DICOM.lease_ttl))
+    expires = lease.expires
+    clock.advance(err.value.retry_after or 0)
+    assert engine.heartbeat(lease.secret, clock.now()).lease.expires > expires
+    # A holder that renews as told (every renew_in) is never refused, even a short lease.
+    short = replace(DICOM, key="S", id="short", lease_ttl=1.0, seats=1)
+    other = Engine([short])
+    grant = other.checkout("S", holder("b"), request="s", at=clock.now())
+    other.confirm(grant.lease)
+    for _ in range(1_000):
+        clock.advance(grant.renew_in)
+        grant = other.heartbeat(grant.lease.secret, clock.now())

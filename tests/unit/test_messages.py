@@ -55,7 +55,7 @@ _VALID: dict[str, dict[str, Any]] = {
         "id": 2,
         "key": "XXXX-YYYY-ZZZZ",
         "holder": HOLDER,
-        "request": "req-1",
+        "request": "req-1-" + "0" * 17,
         "nonce": NONCE,
     },
     "heartbeat": {"op": "heartbeat", "id": 3, "lease": "L" * 32, "nonce": NONCE},
@@ -111,7 +111,7 @@ def test_parse_checkout_with_defaults() -> None:
         2,
         key="XXXX-YYYY-ZZZZ",
         holder=Holder(host="machine-a", hostid="id-a", user="alice", pid=4242),
-        request="req-1",
+        request="req-1-" + "0" * 17,
         nonce=NONCE,
     )
     assert isinstance(request, Checkout)
@@ -164,7 +164,7 @@ REQUESTS: list[Request] = [
         7,
         key="K-1",
         holder=Holder("h", "hid", "u", 1),
-        request="r",
+        request="r" * 22,
         nonce=NONCE,
     ),
     Checkout(
@@ -281,6 +281,9 @@ WRONG: list[Any] = [
     pytest.param("checkout", "seats", 2.0, id="seats-float"),
     pytest.param("checkout", "request", "", id="request-empty"),
     pytest.param("checkout", "request", "r" * 65, id="request-too-long"),
+    # under 128 bits: guessable, so another holder's checkout could be joined
+    pytest.param("checkout", "request", "r" * 21, id="request-too-short"),
+    pytest.param("checkout", "request", "0123456789abcdef", id="request-64-bits"),
     pytest.param("checkout", "request", 17, id="request-int"),
     pytest.param("checkout", "nonce", NONCE[:15], id="nonce-15"),
     pytest.param("checkout", "nonce", NONCE + b"\x00", id="nonce-17"),
