@@ -278,6 +278,8 @@ class Engine:
             device=licence.device_period is not None,
             unit=unit,
             state=LeaseState.PENDING,
+            renewals=RENEW_BURST,
+            renewed_at=at.mono,
             asked=(seats, ttl),
         )
         grant = self._extend(lease, licence, at, fresh=True)
@@ -472,6 +474,7 @@ class Engine:
                 skipped.append(lease)
                 continue
             lease.state = LeaseState.LIVE
+            lease.renewals, lease.renewed_at = RENEW_BURST, at.mono
             self._add(lease)
             self._set_deadline(lease, at.mono + lease.ttl + licence.grace)
         return skipped

@@ -446,3 +446,15 @@ def test_a_heartbeat_loop_is_rate_limited(engine: Engine, clock: FakeClock) -> N
     for _ in range(1_000):
         clock.advance(grant.renew_in)
         grant = other.heartbeat(grant.lease.secret, clock.now())
+
+
+def test_a_new_or_restored_lease_starts_with_its_whole_burst() -> None:
+    clock = FakeClock(mono=0.0)  # a machine just booted: monotonic time near zero
+    engine = Engine([DICOM])
+    lease = live(engine, clock, "a")
+    for _ in range(RENEW_BURST):
+        engine.heartbeat(lease.secret, clock.now())
+    restored = Engine([DICOM])
+    restored.restore([lease], clock.now())
+    for _ in range(RENEW_BURST):
+        restored.heartbeat(lease.secret, clock.now())
