@@ -54,13 +54,14 @@ from .seats import SeatBook, unit_key
 #: below. A client renews every ttl/3 seconds (sooner after a lost reply), so this never
 #: stops one that follows the protocol, only a heartbeat loop.
 RENEW_BURST = 10
-#: The steady rate: twice the protocol's (3 per ttl), and at least one a second.
+#: The steady rate: twice the protocol's (3 per ttl), and at least this many a second
+#: (the config's `[server] renewals_per_second`).
 RENEW_MIN_RATE = 1.0
 
 
-def renew_rate(ttl: float) -> float:
+def renew_rate(ttl: float, floor: float = RENEW_MIN_RATE) -> float:
     """Renewals a second one lease may make, steadily, for a lease of `ttl` seconds."""
-    return max(RENEW_MIN_RATE, 6.0 / ttl)
+    return max(floor, 6.0 / ttl)
 
 
 def new_secret() -> str:
@@ -111,6 +112,7 @@ class Engine:
         groups: Mapping[str, tuple[str, ...]] | None = None,
         secret_factory: Callable[[], str] = new_secret,
         handle_factory: Callable[[], str] = new_handle,
+        renew_min_rate: float = RENEW_MIN_RATE,
     ) -> None:
         self._licences: dict[str, Licence] = {}  # by key
         self._by_id: dict[str, Licence] = {}
@@ -129,6 +131,7 @@ class Engine:
         self._seq = 0
         self._new_secret = secret_factory
         self._new_handle = handle_factory
+        self._renew_min_rate = renew_min_rate
         for licence in licences:
             self._licences[licence.key] = licence
             self._by_id[licence.id] = licence
@@ -382,9 +385,8 @@ class Engine:
         self._spend_renewal(lease, at)
         return self._renew(lease, licence, at)
 
-    @staticmethod
-    def _spend_renewal(lease: Lease, at: Instant) -> None:
-        rate = renew_rate(lease.ttl)
+    def _spend_renewal(self, lease: Lease, at: Instant) -> None:
+        rate = renew_rate(lease.ttl, self._renew_min_rate)
         tokens = min(RENEW_BURST, lease.renewals + (at.mono - lease.renewed_at) * rate)
         lease.renewed_at = at.mono
         if tokens < 1.0:

@@ -458,3 +458,14 @@ def test_a_new_or_restored_lease_starts_with_its_whole_burst() -> None:
     restored.restore([lease], clock.now())
     for _ in range(RENEW_BURST):
         restored.heartbeat(lease.secret, clock.now())
+
+
+def test_the_steady_renewal_rate_is_the_engines_to_set(clock: FakeClock) -> None:
+    engine = Engine([DICOM], renew_min_rate=100.0)
+    lease = live(engine, clock, "a")
+    for _ in range(RENEW_BURST + 100):
+        clock.advance(0.01)
+        engine.heartbeat(lease.secret, clock.now())
+    with pytest.raises(RateLimited):
+        for _ in range(RENEW_BURST + 1):
+            engine.heartbeat(lease.secret, clock.now())
