@@ -324,9 +324,12 @@ def test_a_retry_while_the_first_attempt_commits_joins_it(engine: Engine, clock:
 
 def test_a_retry_must_repeat_seats_and_ttl(engine: Engine, clock: FakeClock) -> None:
     first = engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now(), ttl=30)
-    for changed in ({"seats": 2, "ttl": 30}, {"ttl": 40}, {}):
+    seats_ttl: list[tuple[int, float | None]] = [(2, 30), (1, 40), (1, None)]
+    for seats, ttl in seats_ttl:
         with pytest.raises(BadRequest, match="other seats or ttl"):
-            engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now(), **changed)
+            engine.checkout(
+                DICOM.key, holder("a"), request="r1", at=clock.now(), seats=seats, ttl=ttl
+            )
     engine.confirm(first.lease)
     same = engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now(), ttl=30)
     assert same.lease is first.lease
