@@ -3,7 +3,8 @@
 `serve` runs the daemon (signals wired here); `check-config` validates a file; every
 other command is one or a few admin requests on the daemon's Unix socket, printed as a
 table for people or as JSON (`--json`) for scripts. It never opens the database. Errors
-are one sentence on stderr and exit 1, never a stack trace (usage errors exit 2).
+are one sentence on stderr and exit 1, never a stack trace (usage errors exit 2). What
+the daemon sends is printed through cli_format (values escaped, licd_client.safetext).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, TextIO
 import click
 
 from licd_client.connection import format_address
+from licd_client.safetext import escape, one_line
 
 from . import __version__
 from . import cli_format as fmt
@@ -71,7 +73,7 @@ class Admin:
         try:
             reply = AdminClient(self.socket).call(op, **args)
         except AdminError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(one_line(str(exc))) from None
         return {k: v for k, v in reply.items() if k not in ("id", "ok")}
 
     def show(self, result: Any, human: Callable[[], str]) -> None:
@@ -310,7 +312,7 @@ def licence_add(admin: Admin, licence_id: str, **opts: Any) -> None:
     if opts["feature"]:
         data["features"] = dict(opts["feature"])
     result = admin.call("licence.add", licence=data)
-    admin.show(result, lambda: f"licence {result['licence']}: {result['result']}")
+    admin.show(result, lambda: fmt.licence_text(result["licence"], result["result"]))
 
 
 @licence.command("update")
@@ -348,7 +350,7 @@ def licence_update(admin: Admin, licence_id: str, **opts: Any) -> None:
         drop_features=drop or None,
         set_features=put or None,
     )
-    admin.show(result, lambda: f"licence {result['licence']}: {result['result']}")
+    admin.show(result, lambda: fmt.licence_text(result["licence"], result["result"]))
 
 
 def _terms(opts: dict[str, Any]) -> dict[str, Any]:
@@ -366,7 +368,7 @@ def licence_remove(admin: Admin, licence_id: str, force: bool) -> None:
     """Remove a licence; one with live leases needs --force."""
     result = admin.call("licence.remove", licence=licence_id, force=force)
     revoked = f" ({fmt.revoked_text(result['revoked'])})" if result["revoked"] else ""
-    admin.show(result, lambda: f"licence {result['removed']}: removed{revoked}")
+    admin.show(result, lambda: fmt.licence_text(result["removed"], "removed") + revoked)
 
 
 @main.command()
@@ -440,7 +442,7 @@ def reload(admin: Admin) -> None:
     outcomes: dict[str, str] = result["licences"]
     failed = sorted(name for name, outcome in outcomes.items() if outcome.startswith("error"))
     if failed:
-        raise click.ClickException(f"not applied: licence(s) {', '.join(failed)}")
+        raise click.ClickException(f"not applied: licence(s) {', '.join(map(escape, failed))}")
 
 
 @main.group()

@@ -1,8 +1,10 @@
 """Rendering and reading values for the `licd` admin commands: tables, times, CSV, JSON.
 
 People get aligned tables, UTC times as `YYYY-MM-DD HH:MM:SS` with a Z and durations
-like `1h 02m`; scripts get the daemon's values unchanged as JSON. Also the few parsers
-the commands share (ISO times, `name=value` features). No sockets and no click here.
+like `1h 02m`; scripts get the daemon's values unchanged as JSON. Every value shown to a
+person or written to CSV passes licd_client.safetext here (a client chose many of them),
+so none can carry a control character or start a spreadsheet formula. Also the few
+parsers the commands share (ISO times, `name=value` features). No sockets and no click.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
+
+from licd_client.safetext import csv_cell, escape, one_line, quoted
 
 from .config import parse_duration
 
@@ -80,15 +84,20 @@ def features(values: Mapping[str, Any]) -> str:
     """`modules=core,ocr tier=pro`, `-` for none."""
     if not values:
         return NONE
-    return " ".join(f"{k}={_scalar(v)}" for k, v in sorted(values.items()))
+    return " ".join(f"{k}={_text(v)}" for k, v in sorted(values.items()))
 
 
-def _scalar(value: Any) -> str:
+def _text(value: Any) -> str:
     if value is None:
         return NONE
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)
+
+
+def _scalar(value: Any) -> str:
+    """A value as a person sees it in a table or a line: its control characters escaped."""
+    return escape(_text(value))
 
 
 def as_json(value: Any) -> str:
@@ -215,14 +224,20 @@ def revoked_text(handles: Sequence[str]) -> str:
     """`revoked 2 lease(s): h1, h2`, or that nothing matched."""
     if not handles:
         return "nothing revoked: no live lease matched"
-    return f"revoked {len(handles)} lease(s): {', '.join(handles)}"
+    return f"revoked {len(handles)} lease(s): {', '.join(map(escape, handles))}"
+
+
+def licence_text(licence: str, outcome: str) -> str:
+    """`licence ID: OUTCOME`, what a licence edit or a reload did to one licence."""
+    return f"licence {escape(licence)}: {escape(outcome)}"
 
 
 def reload_text(result: Mapping[str, Any]) -> str:
     outcomes = result["licences"]
-    lines = [f"licence {name}: {outcome}" for name, outcome in sorted(outcomes.items())]
+    lines = [licence_text(name, outcome) for name, outcome in sorted(outcomes.items())]
     if result["restart_needed"]:
-        lines.append("needs a restart to apply: " + ", ".join(result["restart_needed"]))
+        needed = ", ".join(map(escape, result["restart_needed"]))
+        lines.append(f"needs a restart to apply: {needed}")
     return "\n".join(lines) or "reloaded: the file declares no licences"
 
 
@@ -230,11 +245,12 @@ def reload_text(result: Mapping[str, Any]) -> str:
 
 
 def audit_csv_header() -> str:
-    return _csv_line(AUDIT_COLUMNS)
+    return csv_line(AUDIT_COLUMNS)
 
 
 def audit_csv(entry: Mapping[str, Any]) -> str:
-    """One audit entry as a CSV line: ISO times, the detail as compact JSON."""
+    """One audit entry as a CSV line: ISO times, the detail as compact JSON (every cell
+    neutralised by `csv_line`)."""
     values = []
     for name in AUDIT_COLUMNS:
         value = entry.get(name)
@@ -244,12 +260,14 @@ def audit_csv(entry: Mapping[str, Any]) -> str:
             values.append(json.dumps(value, sort_keys=True) if value else "")
         else:
             values.append("" if value is None else str(value))
-    return _csv_line(values)
+    return csv_line(values)
 
 
-def _csv_line(values: Sequence[str]) -> str:
+def csv_line(values: Sequence[Any]) -> str:
+    """One CSV row with no line terminator; every cell escaped, and one that would start
+    a spreadsheet formula (`=`, `+`, `-`, `@`) prefixed with `'` (safetext.csv_cell)."""
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="").writerow(values)
+    csv.writer(buf, lineterminator="").writerow([csv_cell(v) for v in values])
     return buf.getvalue()
 
 
@@ -261,18 +279,15 @@ AUDIT_HEADER = (
 
 def audit_line(entry: Mapping[str, Any]) -> str:
     """One audit entry in fixed-width columns (so `--follow` output stays aligned)."""
-    extra = []
-    if entry.get("reason"):
-        extra.append(f"reason={entry['reason']!r}")
-    if entry.get("ip"):
-        extra.append(f"ip={entry['ip']}")
+    extra = [f"{name}={quoted(entry[name])}" for name in ("reason", "ip") if entry.get(name)]
     if entry.get("admin_uid") is not None:
-        extra.append(f"admin_uid={entry['admin_uid']}")
-    if entry.get("detail"):
-        extra.append(json.dumps(entry["detail"], sort_keys=True))
+        extra.append(f"admin_uid={quoted(entry['admin_uid'])}")
+    if entry.get("detail"):  # JSON escapes all but DEL: one_line gets that too
+        extra.append(one_line(json.dumps(entry["detail"], sort_keys=True)))
     seats = entry.get("seats")
+    id_, event = _scalar(entry["id"]), _scalar(entry.get("event", ""))
     return (
-        f"{entry['id']:>6}  {when(entry.get('time')):<20}  {entry.get('event', ''):<15}  "
+        f"{id_:>6}  {when(entry.get('time')):<20}  {event:<15}  "
         f"{_scalar(entry.get('licence')):<14}  {_scalar(entry.get('handle')):<14}  "
         f"{_scalar(entry.get('host')):<14}  {_scalar(entry.get('user')):<10}  "
         f"{_scalar(seats):>5}  {' '.join(extra) or NONE}"

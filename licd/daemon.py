@@ -26,6 +26,7 @@ from typing import Any
 
 from licd_client.connection import format_address
 from licd_client.errors import LicdError
+from licd_client.safetext import OneLineFormatter
 
 from .admin import AdminOps
 from .admin_server import Access, AdminServer, check_socket_path
@@ -556,10 +557,12 @@ def _merge_licences(stored: Iterable[Licence], declared: Iterable[Licence]) -> l
 
 
 def setup_logging(level: str) -> None:
-    """One structured line per event on stderr, which journald collects."""
+    """One structured line per event on stderr, which journald collects: whatever a
+    module logs (a client's host, a traceback), each record stays one line with no
+    escape sequences."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        logging.Formatter("%(asctime)s level=%(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+        OneLineFormatter("%(asctime)s level=%(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

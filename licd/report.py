@@ -3,19 +3,20 @@
 Checkout, checkin, reclaim and revoke entries record `detail.in_use` (a licence's seats
 in use right after them), so the level at any time is the last such value before it. A
 slot's peak is the most of the level carried into it and every value recorded within it.
+Output goes through cli_format's escaping and CSV cells, like every `licd` command's.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from xml.sax.saxutils import escape
+from xml.sax.saxutils import escape as xml_escape
+
+from licd_client.safetext import escape
 
 from . import cli_format as fmt
 from .config import parse_duration
@@ -231,11 +232,9 @@ def slot_rows(usage: Usage) -> list[dict[str, Any]]:
 
 
 def csv_text(usage: Usage) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(slot_rows(usage))
-    return buf.getvalue().rstrip("\n")
+    """A header row, then one row per slot (cells neutralised as every licd CSV's are)."""
+    rows = [[row[name] for name in CSV_COLUMNS] for row in slot_rows(usage)]
+    return "\n".join(fmt.csv_line(row) for row in [list(CSV_COLUMNS), *rows])
 
 
 def json_text(usage: Usage) -> str:
@@ -251,7 +250,7 @@ def span_text(seconds: float) -> str:
 
 
 def _subject(usage: Usage) -> str:
-    name = "all licences" if usage.licence is None else f"licence {usage.licence}"
+    name = "all licences" if usage.licence is None else f"licence {escape(usage.licence)}"
     return name if usage.seats is None else f"{name} ({usage.seats} seats now)"
 
 
@@ -436,7 +435,7 @@ def _slot_title(s: Slot) -> str:
 
 
 def _esc(text: str) -> str:
-    return escape(text, {'"': "&quot;"})
+    return xml_escape(text, {'"': "&quot;"})
 
 
 def _line(x1: float, y1: float, x2: float, y2: float, colour: str, *, dashed: bool = False) -> str:

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 from licd_client.errors import BadRequest, LeaseUnknown, LicdError, Unavailable, UnknownLicence
 from licd_client.messages import Holder
+from licd_client.safetext import quoted
 
 from .clock import Clock, Instant
 from .deferred import Deferred
@@ -70,20 +71,24 @@ class LicenceService:
         return await asyncio.shield(asyncio.ensure_future(work()))
 
     def _log(self, event: Event) -> None:
+        """One `key=value` line; a value with a space, `=`, quote or control character
+        in it (a client chooses host and user) is repr-quoted, so it forges no key."""
         if not log.isEnabledFor(logging.INFO):
             return
-        log.info(
-            "event=%s licence=%s lease=%s seats=%s host=%s user=%s ip=%s%s%s",
-            event.kind.value,
-            event.licence,
-            event.handle,
-            event.seats,
-            event.host,
-            event.user,
-            event.ip,
-            f" reason={event.reason!r}" if event.reason else "",
-            f" admin_uid={event.admin_uid}" if event.admin_uid is not None else "",
-        )
+        pairs = [
+            ("event", event.kind.value),
+            ("licence", event.licence),
+            ("lease", event.handle),
+            ("seats", event.seats),
+            ("host", event.host),
+            ("user", event.user),
+            ("ip", event.ip),
+        ]
+        if event.reason:
+            pairs.append(("reason", event.reason))
+        if event.admin_uid is not None:
+            pairs.append(("admin_uid", event.admin_uid))
+        log.info("%s", " ".join(f"{key}={quoted(value)}" for key, value in pairs))
 
     def _published(self, event: Event) -> None:
         self._log(event)

@@ -2,7 +2,8 @@
 
 Parses arguments (argparse), calls the blocking client API, prints the result (plain
 text for people, `--json` for scripts) and maps failures to exit codes with a one-line
-message, never a stack trace. It holds no protocol logic of its own.
+message, never a stack trace. What the daemon sent (its error texts, handles, features)
+is shown through safetext, never raw. It holds no protocol logic of its own.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .client import DEFAULT_CLIENT_NAME, SERVER_KEY_ENV
 from .connection import SERVER_ENV
 from .errors import ClientError, LicdError
 from .messages import MAX_SEATS, MIN_TTL
+from .safetext import OneLineFormatter, escape, one_line
 from .sync import Client, Lease
 
 EXIT_OK = 0
@@ -52,7 +54,7 @@ class _Interrupted(Exception):
 
 
 def _say(text: str) -> None:
-    print(f"licd-client: {text}", file=sys.stderr, flush=True)
+    print(f"licd-client: {one_line(text)}", file=sys.stderr, flush=True)
 
 
 def _emit(args: argparse.Namespace, data: dict[str, Any], text: str) -> None:
@@ -113,7 +115,8 @@ def _describe_lease(lease: Lease) -> tuple[dict[str, Any], str]:
         "expires": lease.expires,
     }
     features = ", ".join(f"{k}={v}" for k, v in sorted(lease.features.items())) or "-"
-    return data, f"handle     {lease.handle}\nseats      {lease.seats}\nfeatures   {features}"
+    text = f"handle     {escape(lease.handle)}\nseats      {lease.seats}\n"
+    return data, text + f"features   {escape(features)}"
 
 
 def _checkout(client: Client, args: argparse.Namespace, **callbacks: Any) -> Lease:
@@ -290,7 +293,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     library_log = logging.getLogger("licd_client")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("licd-client: %(message)s"))
+    handler.setFormatter(OneLineFormatter("licd-client: %(message)s"))
     if args.verbose:
         library_log.addHandler(handler)
         library_log.setLevel(logging.INFO)

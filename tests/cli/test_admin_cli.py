@@ -12,6 +12,7 @@ import contextlib
 import csv
 import json
 import os
+import secrets
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -409,6 +410,78 @@ def test_audit_entries_stop_without_follow(monkeypatch: pytest.MonkeyPatch) -> N
     monkeypatch.setattr("licd.cli.PAGE", 2)  # a full page: ask for the next one
     assert [e["id"] for e in audit_entries(call, None)] == [1, 2]
     assert seen == [0, 2]
+
+
+# ----------------------------------------------------------- client-chosen strings
+
+HOSTILE_HOST = "ws1\n     1  2026-01-01 00:00:00Z  licence_added\x1b[31m\u202eexe.txt"
+HOSTILE_USER = '=HYPERLINK("http://evil.example/","open me")'
+SHOWN_HOST = "ws1\\n     1  2026-01-01 00:00:00Z  licence_added\\x1b[31m\\u202eexe.txt"
+
+
+def raw_controls(text: str) -> list[str]:
+    """Control characters other than the line breaks between rows."""
+    return [c for c in text if c in "\x1b\r\u202e\u2028" or (ord(c) < 32 and c != "\n")]
+
+
+async def test_client_strings_are_escaped_in_tables_and_neutralised_in_csv(
+    daemon: Daemon, peer: RawPeer
+) -> None:
+    lease = await take(peer, HOSTILE_HOST, HOSTILE_USER, request=secrets.token_hex(16))
+    denied = await peer.checkout(
+        "NO-SUCH-KEY", holder(HOSTILE_HOST, user=HOSTILE_USER), request=secrets.token_hex(16)
+    )
+    assert denied["error"] == "unknown_licence"
+    await daemon.store.barrier()  # the denial's audit entry is written with the next batch
+
+    table = await ok("leases", *sock(daemon))
+    assert len(table.splitlines()) == 2 and raw_controls(table) == []  # a header and one row
+    assert SHOWN_HOST in table and HOSTILE_USER in table  # a table is not a spreadsheet
+    [listed] = (await ok_json("leases", *sock(daemon)))["leases"]  # JSON: the exact strings
+    assert (listed["handle"], listed["host"], listed["user"]) == (
+        lease["handle"], HOSTILE_HOST, HOSTILE_USER,
+    )  # fmt: skip
+
+    audit = await ok("audit", *sock(daemon))
+    entries = [
+        json.loads(line) for line in (await ok("audit", "--json", *sock(daemon))).splitlines()
+    ]
+    assert len(audit.splitlines()) == 1 + len(entries) and raw_controls(audit) == []
+    assert sum(SHOWN_HOST in line for line in audit.splitlines()) == 2  # the lease, the denial
+    assert sum(e["host"] == HOSTILE_HOST for e in entries) == 2
+
+    text = await ok("audit", "--format", "csv", *sock(daemon))
+    assert len(text.splitlines()) == 1 + len(entries) and raw_controls(text) == []
+    rows = list(csv.DictReader(text.splitlines()))
+    hostile = [r for r in rows if r["host"] == SHOWN_HOST]
+    assert len(hostile) == 2
+    assert all(r["user"] == "'" + HOSTILE_USER for r in hostile)
+    for row in rows:
+        assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in row.values())
+
+
+def test_every_table_value_and_error_is_escaped(monkeypatch: pytest.MonkeyPatch) -> None:
+    from licd.admin_client import AdminError
+
+    def call(self: AdminClient, op: str, **args: Any) -> dict[str, Any]:
+        if op == "reload":
+            return {"licences": {"a\x1b]0;pwned\x07": "error: bad\nkey"}, "restart_needed": []}
+        raise AdminError("no licence 'x\n\x1b[2J'")
+
+    monkeypatch.setattr(AdminClient, "call", call)
+    reloaded = CliRunner().invoke(main, ["reload", "--socket", "/x"])
+    assert reloaded.stdout == "licence a\\x1b]0;pwned\\x07: error: bad\\nkey\n"
+    assert reloaded.stderr == "Error: not applied: licence(s) a\\x1b]0;pwned\\x07\n"
+    refused = CliRunner().invoke(main, ["status", "--socket", "/x"])
+    assert refused.exit_code == 1 and refused.stderr == "Error: no licence 'x\\n\\x1b[2J'\n"
+    features = fmt.licences_text(
+        [
+            {"id": "l\u202e", "product": "p", "seats": 1, "in_use": 0, "lease_ttl": 60.0}
+            | {"grace": 0, "not_before": None, "expires": None, "features": {"t": "\x9b2J"}}
+        ],
+        show_keys=False,
+    )
+    assert "l\\u202e" in features and "t=\\x9b2J" in features and raw_controls(features) == []
 
 
 # ------------------------------------------------------------------------- reload

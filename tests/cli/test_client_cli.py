@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from licd_client import errors
 from licd_client.cli import EXIT_ERROR, EXIT_LOST, EXIT_REFUSED, EXIT_USAGE, main
 from tests.fakelicd import LICENCE, ThreadedFakeLicd
 
@@ -54,6 +55,18 @@ def test_available_of_an_unknown_licence(
     assert main(["available", "nope"]) == EXIT_REFUSED
     err = capsys.readouterr().err
     assert err == "licd-client: unknown_licence: no such licence key\n"
+
+
+def test_the_daemons_text_is_shown_escaped(
+    server: ThreadedFakeLicd, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An error's message may quote what some client sent: it reaches no terminal raw.
+    refusal = errors.UnknownLicence("no seat for host 'ws1\nlicd-client: ok\x1b[2J\u202e'")
+    server.call(lambda: server.fake.fail.__setitem__("available", refusal))
+    assert main(["available", KEY]) == EXIT_REFUSED
+    assert capsys.readouterr().err == (
+        "licd-client: unknown_licence: no seat for host 'ws1\\nlicd-client: ok\\x1b[2J\\u202e'\n"
+    )
 
 
 def test_exec_holds_a_seat_while_the_command_runs(

@@ -461,3 +461,11 @@ def test_fetch_pages_through_the_log_up_to_the_end(monkeypatch: pytest.MonkeyPat
     assert all(a["until"] == DAY0 + 120 and "since" not in a for a in audits)
     assert report.fetch(call, None, DAY0, DAY0 + 120, 60).seats == 14
     assert report.fetch(call, "gone", DAY0, DAY0 + 120, 60).seats is None
+
+
+def test_a_licence_name_with_control_characters_is_shown_escaped() -> None:
+    slots = (Slot(DAY0, DAY0 + 60, 2, 0, 0),)
+    usage = Usage("cad\n\x1b[2J\x00", DAY0, DAY0 + 60, 60, None, slots)
+    for text in (report.table_text(usage), report.svg_text(usage)):
+        assert "\x1b" not in text and "\x00" not in text and "licence cad\\n\\x1b[2J\\x00" in text
+    ET.fromstring(report.svg_text(usage))  # XML 1.0 allows no NUL or ESC: still well-formed
