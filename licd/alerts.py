@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from licd_client.safetext import escape
+
 from .config import AlertsConfig
 from .events import Event, Kind
 from .metrics import LicenceUsage
@@ -226,7 +228,7 @@ class AlertMonitor:
             "holder_silent",
             event.licence,
             f"lease {event.handle} of licence {event.licence} lapsed without a checkin"
-            f" (host {event.host}, user {event.user})",
+            f" (host {escape(event.host or '')}, user {escape(event.user or '')})",
             event.time,
             {
                 "handle": event.handle,

@@ -191,6 +191,18 @@ def test_a_reclaim_raises_holder_silent() -> None:
     assert "ws7" in alert.message and "bob" in alert.message
 
 
+def test_a_holders_chosen_strings_reach_the_alert_message_escaped() -> None:
+    # The hook may print or mail the message: a client's host must not carry a line
+    # break or a terminal escape into it. The detail keeps the exact value (JSON).
+    w = World()
+    host = "ws7\nSubject: urgent\x1b[2J"
+    w.monitor.on_event(event(Kind.RECLAIM, handle="h-1", host=host, user="bob", seats=1))
+    [alert] = w.raised
+    assert "\n" not in alert.message and "\x1b" not in alert.message
+    assert "ws7\\nSubject: urgent\\x1b[2J" in alert.message
+    assert alert.detail["host"] == host
+
+
 def test_other_events_raise_nothing() -> None:
     w = World()
     for kind in (Kind.CHECKOUT, Kind.CHECKIN, Kind.REVOKE, Kind.RELOAD, Kind.LICENCE_ADDED):
