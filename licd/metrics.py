@@ -34,15 +34,35 @@ LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 )  # fmt: skip
-#: The endpoint's own limits: a request head larger than this, or slower than the read
-#: timeout, is dropped; beyond MAX_CLIENTS concurrent scrapers new ones get a 503.
+#: A request head larger than this, or in more lines, is answered 400.
 MAX_REQUEST_HEAD = 8192
 MAX_HEADER_LINES = 64
-READ_TIMEOUT = 5.0
-WRITE_TIMEOUT = 10.0
-MAX_CLIENTS = 16
-LINGER_TIME = 1.0
+#: After a response, what the peer still sends is read (and dropped) this many times at most.
 LINGER_CHUNKS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointLimits:
+    """The HTTP endpoint's bounds. A request head not whole within `read_timeout` is
+    answered 408 and closed. Past `max_per_address` connections from one peer address, or
+    `max_clients` in all, a new connection is still served: room is made by closing the
+    oldest connection of its own address if that is full, else of the address holding the
+    most, one still waiting for its request head before one being answered. So idle
+    connections cost only their own address, and a scraper that sends its request at once
+    is served even from an address that floods."""
+
+    max_clients: int = 64
+    max_per_address: int = 8
+    read_timeout: float = 5.0  # seconds for a whole request head
+    write_timeout: float = 10.0  # seconds for the response to drain
+    linger: float = 1.0  # seconds to read what the peer still sends after the response
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_per_address <= self.max_clients:
+            raise ValueError("need 1 <= max_per_address <= max_clients")
+
+
+DEFAULT_LIMITS = EndpointLimits()
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,49 +240,57 @@ class Metrics:
         return text_latest(self.registry), TEXT_TYPE
 
     async def serve(
-        self, host: str, port: int, *, read_timeout: float = READ_TIMEOUT
+        self, host: str, port: int, *, limits: EndpointLimits = DEFAULT_LIMITS
     ) -> asyncio.Server:
         """Listen for scrapes at `host:port`; the caller closes the returned server."""
+        clients = _Clients(limits)
 
         async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             # Nobody awaits this task: cancelled at shutdown, it simply ends (Python 3.11's
             # start_server would otherwise log the CancelledError as an error).
             with contextlib.suppress(asyncio.CancelledError):
-                await self._handle(reader, writer, read_timeout)
+                await self._handle(reader, writer, clients, limits)
 
         return await asyncio.start_server(handle, host, port, limit=MAX_REQUEST_HEAD)
 
     async def _handle(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, read_timeout: float
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        clients: _Clients,
+        limits: EndpointLimits,
     ) -> None:
-        self._clients += 1
+        peername = writer.get_extra_info("peername")
+        client = _Client(str(peername[0]) if peername else "?", writer)
+        clients.admit(client)
         try:
-            if self._clients > MAX_CLIENTS:
-                response = _response(HTTPStatus.SERVICE_UNAVAILABLE)
+            try:
+                async with asyncio.timeout(limits.read_timeout):
+                    head = await _read_head(reader)
+            except TimeoutError:
+                response = _response(HTTPStatus.REQUEST_TIMEOUT)
+            except (ValueError, asyncio.IncompleteReadError) as exc:
+                log.debug("event=metrics_bad_request error=%r", str(exc) or type(exc).__name__)
+                response = _response(HTTPStatus.BAD_REQUEST)
             else:
-                try:
-                    async with asyncio.timeout(read_timeout):
-                        head = await _read_head(reader)
-                except (TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
-                    log.debug("event=metrics_bad_request error=%r", str(exc) or type(exc).__name__)
-                    head = None
                 response = self._respond(head)
+            if writer.is_closing():  # closed to make room for another
+                return
+            client.answering = True
             writer.write(response)
-            async with asyncio.timeout(WRITE_TIMEOUT):
+            async with asyncio.timeout(limits.write_timeout):
                 await writer.drain()
-            await _linger(reader, writer)
+            await _linger(reader, writer, limits.linger)
         except (OSError, TimeoutError) as exc:
             log.debug("event=metrics_write_failed error=%r", str(exc) or type(exc).__name__)
         finally:
-            self._clients -= 1
+            clients.forget(client)
             writer.close()
             with contextlib.suppress(OSError, TimeoutError):
                 async with asyncio.timeout(1.0):
                     await writer.wait_closed()
 
-    def _respond(self, head: _Head | None) -> bytes:
-        if head is None:
-            return _response(HTTPStatus.BAD_REQUEST)
+    def _respond(self, head: _Head) -> bytes:
         if head.path != METRICS_PATH:
             return _response(HTTPStatus.NOT_FOUND)
         if head.method not in ("GET", "HEAD"):
@@ -275,7 +303,52 @@ class Metrics:
         return _response(HTTPStatus.OK, body, content_type, head_only=head.method == "HEAD")
 
 
-# --- the HTTP/1.1 endpoint's request reader -------------------------------------------
+# --- the HTTP/1.1 endpoint's connections and request reader ---------------------------
+
+
+class _Client:
+    """One connection to the endpoint, from `peer` (its address)."""
+
+    __slots__ = ("peer", "writer", "answering")
+
+    def __init__(self, peer: str, writer: asyncio.StreamWriter) -> None:
+        self.peer = peer
+        self.writer = writer
+        self.answering = False  # its request head is read: it is being answered
+
+
+class _Clients:
+    """The endpoint's open connections by peer address, oldest first, within the caps of
+    `EndpointLimits` (whose docstring says which connection makes room for a new one)."""
+
+    def __init__(self, limits: EndpointLimits) -> None:
+        self._limits = limits
+        self._by_peer: dict[str, dict[_Client, None]] = {}
+        self._count = 0
+
+    def admit(self, client: _Client) -> None:
+        own = self._by_peer.setdefault(client.peer, {})
+        if len(own) >= self._limits.max_per_address:
+            self._close_one(own)
+        elif self._count >= self._limits.max_clients:
+            self._close_one(max(self._by_peer.values(), key=len))
+        own[client] = None
+        self._count += 1
+
+    def forget(self, client: _Client) -> None:
+        own = self._by_peer.get(client.peer)
+        if own is None or client not in own:
+            return  # closed earlier to make room
+        del own[client]
+        self._count -= 1
+        if not own:
+            del self._by_peer[client.peer]
+
+    def _close_one(self, clients: dict[_Client, None]) -> None:
+        victim = next((c for c in clients if not c.answering), None) or next(iter(clients))
+        self.forget(victim)
+        log.debug("event=metrics_connection_dropped peer=%s", victim.peer)
+        victim.writer.transport.abort()
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,14 +394,16 @@ async def _read_head(reader: asyncio.StreamReader) -> _Head:
     raise ValueError("too many header lines")
 
 
-async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+async def _linger(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, seconds: float
+) -> None:
     """Half-close, then read what the peer still sends (a body, the rest of a refused
     request) until it closes too, briefly and bounded: closing with unread input would
     reset the connection and the peer could lose the response."""
     if writer.can_write_eof():
         writer.write_eof()
     with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(LINGER_TIME):
+        async with asyncio.timeout(seconds):
             for _ in range(LINGER_CHUNKS):
                 if not await reader.read(MAX_REQUEST_HEAD):
                     break

@@ -20,7 +20,7 @@ import logging
 import math
 import ssl as _ssl
 from collections import Counter, deque
-from typing import Any
+from typing import Any, cast
 
 from licd_client.errors import LicdError, ShuttingDown, TooManyConnections
 from licd_client.wire import (
@@ -95,7 +95,9 @@ class Connection(asyncio.Protocol):
     # ---------------------------------------------------------------- protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # A stream server's transport has Transport's methods whatever the loop; only the
+        # standard loop's classes derive from asyncio.Transport (uvloop's do not).
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         peername = transport.get_extra_info("peername")
         self.session.peer = peer = str(peername[0]) if peername else "?"

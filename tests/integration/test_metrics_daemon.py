@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
-
 from licd.config import MetricsConfig
-from tests.support import DICOM, RawPeer, address, make_config, running
-
-
-async def scrape(addr: tuple[str, int]) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    reader, writer = await asyncio.open_connection(*addr)
-    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-    await writer.drain()
-    async with asyncio.timeout(10):
-        raw = await reader.read()
-    writer.close()
-    head, _, body = raw.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200")
-    out = {}
-    for family in text_string_to_metric_families(body.decode()):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
+from tests.support import DICOM, RawPeer, address, make_config, running, scrape
 
 
 async def test_metrics_follow_the_daemon(tmp_path: Path) -> None:

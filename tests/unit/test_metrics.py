@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -10,11 +11,10 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from licd import metrics as metrics_module
 from licd.clock import Instant
 from licd.engine import Engine, Licence
 from licd.events import Event, Kind
-from licd.metrics import LicenceUsage, Metrics, engine_usage
+from licd.metrics import DEFAULT_LIMITS, EndpointLimits, LicenceUsage, Metrics, engine_usage
 from licd_client.messages import Holder
 
 NOW = 1_790_000_000.0
@@ -179,7 +179,7 @@ def test_promtool_accepts_the_exposition() -> None:
 async def endpoint() -> AsyncIterator[tuple[Metrics, int]]:
     m = View().metrics()
     feed(m)
-    server = await m.serve("127.0.0.1", 0, read_timeout=0.5)
+    server = await m.serve("127.0.0.1", 0, limits=EndpointLimits(read_timeout=0.5))
     port = server.sockets[0].getsockname()[1]
     yield m, port
     server.close()
@@ -272,7 +272,7 @@ async def test_bad_requests_are_answered(
         assert b"\r\nAllow: GET, HEAD\r\n" in response
 
 
-async def test_a_silent_client_is_dropped_after_the_read_timeout(
+async def test_a_client_that_never_finishes_its_head_gets_408(
     endpoint: tuple[Metrics, int],
 ) -> None:
     _, port = endpoint
@@ -283,7 +283,7 @@ async def test_a_silent_client_is_dropped_after_the_read_timeout(
         response = await reader.read()
     writer.close()
     await writer.wait_closed()
-    assert response.startswith(b"HTTP/1.1 400 ")
+    assert response.startswith(b"HTTP/1.1 408 Request Timeout\r\n")
     _, port = endpoint
     status, _, _ = await exchange(port, get("/metrics"))  # and the endpoint still serves
     assert status == "HTTP/1.1 200 OK"
@@ -304,19 +304,137 @@ async def test_a_failing_view_costs_one_scrape(monkeypatch: pytest.MonkeyPatch) 
         await server.wait_closed()
 
 
-async def test_too_many_scrapers_get_503(
-    endpoint: tuple[Metrics, int], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    _, port = endpoint
-    monkeypatch.setattr(metrics_module, "MAX_CLIENTS", 1)
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /metrics HTTP/1.1\r\n")  # holds the one slot, head unfinished
-    await writer.drain()
-    await asyncio.sleep(0.05)
-    status, _, _ = await exchange(port, get("/metrics"))
-    assert status == "HTTP/1.1 503 Service Unavailable"
-    writer.write(b"\r\n")
+# --- the endpoint under a flood of idle connections -------------------------------------
+
+
+class Flooded:
+    """An endpoint on 127.0.0.1 and the idle connections a test opens to it."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def idle(self, source: str, n: int) -> list[asyncio.StreamReader]:
+        """`n` connections from `source` that never send a byte: their readers, oldest
+        first."""
+        readers = []
+        for _ in range(n):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", self.port, local_addr=(source, 0)
+            )
+            readers.append(reader)
+            self._writers.append(writer)
+        return readers
+
+    async def scrape(self, source: str) -> str:
+        """GET /metrics from `source`: the status line."""
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", self.port, local_addr=(source, 0)
+        )
+        writer.write(get("/metrics"))
+        async with asyncio.timeout(5):
+            response = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        return response.split(b"\r\n", 1)[0].decode()
+
+    async def answered_but_open(self, source: str) -> None:
+        """A scrape that reads its whole response but leaves its end open, so the endpoint
+        lingers on it (within `EndpointLimits.linger`)."""
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", self.port, local_addr=(source, 0)
+        )
+        self._writers.append(writer)
+        writer.write(get("/metrics"))
+        async with asyncio.timeout(5):
+            assert (await reader.read()).startswith(b"HTTP/1.1 200 OK\r\n")
+
+    async def close(self) -> None:
+        for writer in self._writers:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+async def dropped(reader: asyncio.StreamReader) -> bool:
+    """Wait for the endpoint to close this connection: True if it sent nothing first."""
     async with asyncio.timeout(5):
-        assert (await reader.read()).startswith(b"HTTP/1.1 200 OK")
-    writer.close()
-    await writer.wait_closed()
+        try:
+            data = await reader.read()
+        except ConnectionResetError:
+            data = b""
+    return data == b""
+
+
+@contextlib.asynccontextmanager
+async def flooded(limits: EndpointLimits = DEFAULT_LIMITS) -> AsyncIterator[Flooded]:
+    server = await View().metrics().serve("127.0.0.1", 0, limits=limits)
+    endpoint = Flooded(server.sockets[0].getsockname()[1])
+    try:
+        yield endpoint
+    finally:
+        await endpoint.close()
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.fixture
+async def small() -> AsyncIterator[Flooded]:
+    """Four connections per address, eight in all; the read timeout never fires here."""
+    limits = EndpointLimits(max_clients=8, max_per_address=4, read_timeout=300.0)
+    async with flooded(limits) as endpoint:
+        yield endpoint
+
+
+async def test_idle_connections_do_not_starve_scrapers_with_the_default_limits() -> None:
+    async with flooded() as endpoint:
+        flood = await endpoint.idle("127.0.0.1", 20)
+        assert await endpoint.scrape("127.0.0.2") == "HTTP/1.1 200 OK"
+        assert await endpoint.scrape("127.0.0.1") == "HTTP/1.1 200 OK"
+        assert await dropped(flood[0])
+
+
+async def test_a_flooding_address_loses_its_own_oldest_idle_connections(
+    small: Flooded,
+) -> None:
+    flood = await small.idle("127.0.0.1", 16)
+    assert await small.scrape("127.0.0.1") == "HTTP/1.1 200 OK"
+    # Each connection past the fourth closed the oldest: twelve by the flood, one by the
+    # scrape, whose connection was then the newest and got its answer.
+    for reader in flood[:13]:
+        assert await dropped(reader)
+    # The three newest were still open: with one more, the next scrape closes the oldest.
+    await small.idle("127.0.0.1", 1)
+    assert await small.scrape("127.0.0.1") == "HTTP/1.1 200 OK"
+    assert await dropped(flood[13])
+
+
+async def test_a_flooding_address_costs_another_address_nothing(small: Flooded) -> None:
+    flood = await small.idle("127.0.0.1", 16)
+    mine = await small.idle("127.0.0.2", 3)
+    assert await small.scrape("127.0.0.2") == "HTTP/1.1 200 OK"  # its own fourth
+    for reader in flood[:12]:
+        assert await dropped(reader)
+    await small.idle("127.0.0.3", 1)  # 4 + 3 + 1: the overall cap of 8
+    assert await small.scrape("127.0.0.4") == "HTTP/1.1 200 OK"  # the ninth: the flood pays
+    assert await dropped(flood[12])
+    assert not any(reader.at_eof() for reader in mine)
+
+
+async def test_the_overall_cap_closes_the_oldest_of_the_busiest_address(
+    small: Flooded,
+) -> None:
+    busiest = await small.idle("127.0.0.9", 3)
+    others = [await small.idle(f"127.0.0.{i}", 1) for i in range(2, 7)]  # 3 + 5: the cap
+    # The ninth, from an address that holds one: the busiest address pays, not its own.
+    assert await small.scrape("127.0.0.2") == "HTTP/1.1 200 OK"
+    assert await dropped(busiest[0])
+    assert not any(reader.at_eof() for (reader,) in others)
+
+
+async def test_an_idle_connection_makes_room_before_one_being_answered() -> None:
+    limits = EndpointLimits(max_clients=8, max_per_address=2, read_timeout=300.0, linger=300.0)
+    async with flooded(limits) as endpoint:
+        await endpoint.answered_but_open("127.0.0.1")
+        first, _ = await endpoint.idle("127.0.0.1", 2)  # the third: one must go
+        assert await dropped(first)  # not the older one, still being answered
