@@ -44,6 +44,10 @@ def _holder(i: int) -> dict[str, Any]:
     return {"host": f"h{i}", "hostid": f"id-{i}", "user": "bench", "pid": 1}
 
 
+#: Request keys must have at least 22 characters (128 bits): this makes each one so.
+REQUEST_PAD = "x" * 22
+
+
 async def _cycles(d: Dispatcher, session: Session, i: int, n: int) -> None:
     for k in range(n):
         checkout = {
@@ -51,7 +55,7 @@ async def _cycles(d: Dispatcher, session: Session, i: int, n: int) -> None:
             "id": 1,
             "key": LICENCE_KEY,
             "holder": _holder(i),
-            "request": f"r{i}-{k}",
+            "request": f"r{i}-{k}-{REQUEST_PAD}",
             "nonce": os.urandom(16),
         }
         lease = (await _answer(d, session, checkout))["lease"]
@@ -64,7 +68,7 @@ async def _renewals(d: Dispatcher, session: Session, i: int, n: int) -> None:
         "id": 1,
         "key": LICENCE_KEY,
         "holder": _holder(i),
-        "request": f"r{i}",
+        "request": f"r{i}-{REQUEST_PAD}",
         "nonce": os.urandom(16),
     }
     lease = (await _answer(d, session, checkout))["lease"]

@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import random
 import resource
+import secrets
 import time
 from array import array
 from collections import Counter
@@ -187,10 +188,12 @@ class _Worker:
         self.churners: list[FrameClient] = []
         self.setup_errors: Counter[str] = Counter()
         self._n = 0
+        self._salt = secrets.token_hex(11)  # 22 characters: request keys long enough alone
 
     def request_key(self, prefix: str, conn: int) -> str:
+        """Unique, and at least the 22 characters (128 bits) the protocol asks for."""
         self._n += 1
-        return f"{prefix}{self.plan.worker}-{conn}-{self._n}"
+        return f"{prefix}{self.plan.worker}-{conn}-{self._n}-{self._salt}"
 
     def checkout_msg(self, conn: int, prefix: str) -> dict[str, Any]:
         return {

@@ -30,6 +30,7 @@ from .daemon import (
     rss_bytes,
     write_config,
 )
+from .flood import flood
 from .floor import FloorServer
 from .harness import MIB, Context, Options, Run, drive, errors, lat, noise, per_req, profile
 from .stats import Figure, Target
@@ -506,4 +507,5 @@ SCENARIOS = {
     "site": site,
     "scale": scale,
     "restart": restart,
+    "flood": flood,
 }

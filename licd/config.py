@@ -35,6 +35,10 @@ DEFAULT_PORT = 27500
 DEFAULT_LISTEN = (("127.0.0.1", DEFAULT_PORT),)
 LOG_LEVELS = ("debug", "info", "warning", "error")
 MAX_SITE_LEN = 64
+MAX_RATE = 1_000_000.0  # checkouts a second per peer: the rate limits' upper bound
+MAX_BURST = 10_000_000
+MAX_KEEP = 100 * 366 * 86400.0  # [audit] keep: at most a century
+MAX_DENIAL_INTERVAL = 3600.0
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,14 @@ class ServerConfig:
     write_timeout: float = 10.0  # a client that never reads is dropped after this
     max_frame: int = MAX_FRAME_AFTER_HELLO  # frame limit after hello
     max_pipeline: int = 8
+    # Checkouts per peer address (token buckets; docs/admin.md, "Limits"): refused ones
+    # and granted ones, each `*_rate` a second with bursts of `*_burst`. A site of 10,000
+    # clients behind one NAT address, restarting at once and waiting for seats, stays
+    # under them.
+    denied_rate: float = 2000.0
+    denied_burst: int = 100_000
+    checkout_rate: float = 1000.0
+    checkout_burst: int = 20_000
     shutdown_timeout: float = 10.0  # drain time for in-flight requests on stop
     reap_interval: float = 1.0  # how often lapsed leases are reclaimed
     log_level: str = "info"
@@ -89,6 +101,15 @@ class AlertsConfig:
 
 
 @dataclass(frozen=True)
+class AuditConfig:
+    """The [audit] table: how long audit entries are kept, and where old ones go."""
+
+    keep: float = 400 * 86400.0  # entries older than this are exported, then deleted
+    export_dir: Path | None = None  # None: <state_dir>/audit-export
+    denial_interval: float = 60.0  # repeated denials of one group: one entry per interval
+
+
+@dataclass(frozen=True)
 class UpstreamConfig:
     """The [upstream] table: the licd this one relays to (a site router's vendor)."""
 
@@ -108,6 +129,7 @@ class Config:
     admin: AdminConfig = AdminConfig()
     metrics: MetricsConfig = MetricsConfig()
     alerts: AlertsConfig = AlertsConfig()
+    audit: AuditConfig = AuditConfig()
     upstream: UpstreamConfig | None = None
     relayed: tuple[RelayedLicence, ...] = ()
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # [groups]
@@ -115,6 +137,10 @@ class Config:
     @property
     def admin_socket(self) -> Path:
         return self.admin.socket or self.server.state_dir / "admin.sock"
+
+    @property
+    def audit_export_dir(self) -> Path:
+        return self.audit.export_dir or self.server.state_dir / "audit-export"
 
 
 # --- public helpers -------------------------------------------------------------------
@@ -172,7 +198,7 @@ def parse_config(text: str, source: Path) -> Config:
         doc,
         "",
         str(source),
-        ("server", "licence", "admin", "metrics", "alerts", "upstream", "groups"),
+        ("server", "licence", "admin", "metrics", "alerts", "audit", "upstream", "groups"),
     )
     server = _server(top.table("server", _SERVER_KEYS))
     groups = parse_groups(top)
@@ -187,6 +213,7 @@ def parse_config(text: str, source: Path) -> Config:
         admin=_admin(top.table("admin", _ADMIN_KEYS)),
         metrics=_metrics(top.table("metrics", _METRICS_KEYS)),
         alerts=_alerts(top.table("alerts", _ALERTS_KEYS)),
+        audit=_audit(top.table("audit", _AUDIT_KEYS)),
         upstream=upstream,
         relayed=relayed,
         groups=groups,
@@ -232,6 +259,10 @@ def _server(t: Table) -> ServerConfig:
         write_timeout=t.duration("write_timeout", _D.write_timeout),
         max_frame=t.integer("max_frame", _D.max_frame, 1024, 1024 * 1024),
         max_pipeline=t.integer("max_pipeline", _D.max_pipeline, 1, 64),
+        denied_rate=t.number("denied_rate", _D.denied_rate, 0.01, MAX_RATE),
+        denied_burst=t.integer("denied_burst", _D.denied_burst, 1, MAX_BURST),
+        checkout_rate=t.number("checkout_rate", _D.checkout_rate, 0.01, MAX_RATE),
+        checkout_burst=t.integer("checkout_burst", _D.checkout_burst, 1, MAX_BURST),
         shutdown_timeout=t.duration("shutdown_timeout", _D.shutdown_timeout),
         reap_interval=t.duration("reap_interval", _D.reap_interval),
         log_level=log_level,
@@ -303,6 +334,27 @@ def _upstream(top: Table) -> UpstreamConfig:
         trust=tuple(keys),
         tls=tls,
         ca_file=Path(ca_file) if ca_file else None,
+    )
+
+
+# --- [audit] --------------------------------------------------------------------------
+
+_AUDIT_KEYS = tuple(f.name for f in fields(AuditConfig))
+_AU = AuditConfig()
+
+
+def _audit(t: Table) -> AuditConfig:
+    export_dir = t.get("export_dir", None)
+    if export_dir is not None and (
+        not isinstance(export_dir, str) or not export_dir.startswith("/") or "\0" in export_dir
+    ):
+        raise t.error("export_dir", "must be an absolute path")
+    return AuditConfig(
+        keep=t.duration("keep", _AU.keep, minimum=86400.0, maximum=MAX_KEEP),
+        export_dir=Path(export_dir) if export_dir else None,
+        denial_interval=t.duration(
+            "denial_interval", _AU.denial_interval, minimum=1.0, maximum=MAX_DENIAL_INTERVAL
+        ),
     )
 
 

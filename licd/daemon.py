@@ -2,9 +2,10 @@
 
 `Daemon.open()` prepares the state directory (mode 0700, one daemon per directory by a
 lock), the key, the store and the engine with the leases kept across a restart.
-`Daemon.run()` starts the writer, the reaper and the listeners in one TaskGroup (a
-crashed background task stops the daemon instead of dying silently) and, when the stop
-event is set, shuts down in order. Signals are wired by the CLI, not here.
+`Daemon.run()` starts the writer, the reaper, the audit upkeep (counted denials,
+retention) and the listeners in one TaskGroup (a crashed background task stops the
+daemon instead of dying silently) and, when the stop event is set, shuts down in order.
+Signals are wired by the CLI, not here.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from licd_client.safetext import OneLineFormatter
 from .admin import AdminOps
 from .admin_server import Access, AdminServer, check_socket_path
 from .alerts import AlertMonitor
+from .audit_upkeep import RETIRE_CHUNK, RETIRE_MAX_CHUNKS, DenialLog, retire
 from .clock import Clock, SystemClock
 from .config import Config, ConfigError, load_config
 from .dispatch import Dispatcher
@@ -39,12 +41,16 @@ from .events import Event, EventBus, Kind
 from .keys import Signer, key_path, load_or_create_key
 from .metrics import Metrics, engine_usage
 from .notify import Notifier
+from .ratelimit import CheckoutLimits, PeerBuckets
 from .relay import Relay
 from .server import Server
 from .service import LicenceService
-from .store import DB_FILE, Store
+from .store import DB_FILE, Store, StoreError
 
 log = logging.getLogger(__name__)
+
+DENIAL_FLUSH_EVERY = 1.0  # seconds between looks for denial groups whose interval is over
+RETIRE_EVERY = 3600.0  # seconds between audit retention runs (the first soon after start)
 
 
 class StartupError(Exception):
@@ -276,7 +282,13 @@ class Daemon:
             )
         log.info("event=restored leases=%d", len(kept) - len(skipped))
         service = LicenceService(engine, store, clock, events)
-        server = Server(config.server, Dispatcher(service, signer), ssl=surroundings.tls)
+        service.denial_log = DenialLog(config.audit.denial_interval)
+        s = config.server
+        limits = CheckoutLimits(
+            denied=PeerBuckets(s.denied_rate, s.denied_burst),
+            granted=PeerBuckets(s.checkout_rate, s.checkout_burst),
+        )
+        server = Server(s, Dispatcher(service, signer, limits=limits), ssl=surroundings.tls)
         server.dispatcher.relay = relay
         daemon = cls(config, store, service, server, signer, lock, surroundings.admin_access)
         daemon._stored_licences = {x.id: x for x in stored}
@@ -335,7 +347,9 @@ class Daemon:
             if getattr(new.server, f.name) != getattr(old.server, f.name)
         ]
         restart += [
-            name for name in ("admin", "metrics") if getattr(new, name) != getattr(old, name)
+            name
+            for name in ("admin", "metrics", "audit")
+            if getattr(new, name) != getattr(old, name)
         ]
         if restart:
             log.warning("event=reload_needs_restart settings=%s", ",".join(restart))
@@ -389,6 +403,31 @@ class Daemon:
                 out[licence.id] = f"error: {exc.message}"
         return out
 
+    async def _flush_denials(self) -> None:
+        """Write the counted entries of repeated denials as their intervals end."""
+        while True:
+            await asyncio.sleep(DENIAL_FLUSH_EVERY)
+            self.service.flush_denials(self.service.now())
+
+    async def retire_audit(self) -> int:
+        """Export, then delete, audit entries older than `[audit] keep`; how many."""
+        cutoff = self.service.now().wall - self.config.audit.keep
+        return await retire(self.store, cutoff=cutoff, directory=self.config.audit_export_dir)
+
+    async def _retire_audit(self) -> None:
+        """Retention, every RETIRE_EVERY seconds. A failure (a full disk for the export,
+        a database error) is logged and tried again next time; nothing is deleted that
+        was not exported."""
+        delay = 10.0  # not in the way of the start
+        while True:
+            await asyncio.sleep(delay)
+            delay = RETIRE_EVERY
+            try:
+                if await self.retire_audit() >= RETIRE_CHUNK * RETIRE_MAX_CHUNKS:
+                    delay = 1.0  # a backlog: go on soon, in bounded steps
+            except (OSError, StoreError) as exc:
+                log.error("event=audit_retention_failed error=%r", str(exc))
+
     async def run(
         self,
         stop: asyncio.Event,
@@ -411,6 +450,8 @@ class Daemon:
                     ),
                     tg.create_task(self._run_reloads(), name="reloads"),
                     tg.create_task(self.alerts.run(), name="alerts"),
+                    tg.create_task(self._flush_denials(), name="denials"),
+                    tg.create_task(self._retire_audit(), name="audit-retention"),
                 ]
                 # The file's licences, written to the database (the engine has them). One
                 # that cannot be saved stops the start: it would be served from memory only.
@@ -467,6 +508,7 @@ class Daemon:
                 await self.alerts.drain(grace=self.config.alerts.hook_timeout)
                 if self.relay is not None:
                     await self.relay.link.close()
+                self.service.flush_denials(self.service.now(), every=True)
                 await self.store.close()
                 watchdog.cancel()
         except BaseExceptionGroup as group:

@@ -3,7 +3,9 @@
 This is the only place where exceptions become wire error codes: a LicdError becomes
 its own code, a StoreError `unavailable`, anything else `internal` with its text kept
 out of the reply (it is logged instead). It also decides which errors close the
-connection. It knows the protocol's messages, not sockets and not SQL.
+connection, and applies the per-peer checkout limits (`ratelimit`): a peer whose budget
+of denied, or of granted, checkouts is spent gets `rate_limited` with `retry_after`
+before the engine is consulted. It knows the protocol's messages, not sockets and not SQL.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from licd_client.errors import (
     HelloRequired,
     Internal,
     LicdError,
+    RateLimited,
     ShuttingDown,
     Unavailable,
     UnsupportedProtocol,
@@ -53,6 +56,7 @@ from .config import ConfigError
 from .deferred import Deferred
 from .engine import Grant
 from .keys import Signer
+from .ratelimit import CheckoutLimits
 from .relay import Relay
 from .service import LicenceService
 from .store import StoreError
@@ -63,6 +67,9 @@ SERVER_NAME = f"licd/{__version__}"
 
 #: Errors after which the connection is closed: the stream or the client is broken.
 FATAL = (BadRequest, FrameTooLarge, HelloRequired)
+#: A checkout's errors that are no verdict on it (this daemon or its upstream could not
+#: decide): they spend neither of the peer's budgets.
+NO_VERDICT = (RateLimited, ShuttingDown, Unavailable, UpstreamUnavailable)
 
 
 def error_reply(rid: int | None, exc: Exception, op: object = None) -> tuple[dict[str, Any], bool]:
@@ -99,9 +106,11 @@ class Dispatcher:
         signer: Signer,
         *,
         on_request: Callable[[str, float, str | None], None] | None = None,
+        limits: CheckoutLimits | None = None,
     ) -> None:
         self.service = service
         self.signer = signer
+        self.limits = limits  # per-peer checkout budgets; None: unlimited
         self.shutting_down = False
         self._tasks: set[asyncio.Task[Answer]] = set()  # a router's requests under way
         self.relay: Relay | None = None  # a site router's upstream relaying
@@ -120,6 +129,8 @@ class Dispatcher:
             if not session.hello_done and _known_op(data) not in (None, "hello"):
                 raise HelloRequired()
             request = parse_request(data)
+            if isinstance(request, Checkout):
+                self._admit(session)
             if self._needs_io(request):
                 if self.relay is not None:  # a router: the upstream may be involved
                     return self._in_task(session, request, data, started)
@@ -129,6 +140,27 @@ class Dispatcher:
             return self._failed(data, started, exc)
         self._observe(data, started, None)
         return reply.to_wire(), False
+
+    def _admit(self, session: Session) -> None:
+        """Raise RateLimited when the peer's denied or granted checkouts are spent."""
+        limits = self.limits
+        if limits is not None:
+            wait = limits.refusal(session.peer, self.service.now().mono)
+            if wait is not None:
+                raise RateLimited(
+                    "too many checkouts from this address; retry later", retry_after=wait
+                )
+
+    def _charge(self, session: Session, error: Exception | None, now: float | None = None) -> None:
+        """Count a checkout's outcome against the peer's budget: granted, or denied
+        (the engine's, or upstream's, refusal). `now`: monotonic, if already read."""
+        limits = self.limits
+        verdict = error is None or (
+            isinstance(error, LicdError) and not isinstance(error, NO_VERDICT)
+        )
+        if limits is not None and verdict:
+            mono = self.service.now().mono if now is None else now
+            limits.charge(session.peer, mono, granted=error is None)
 
     def _in_task(
         self, session: Session, request: Request, data: dict[str, Any], started: float
@@ -153,7 +185,14 @@ class Dispatcher:
         """A site router's request: relayed upstream, or else answered here."""
         relay = self.relay
         try:
-            reply = None if relay is None else await self._relayed(relay, session, request)
+            try:
+                reply = None if relay is None else await self._relayed(relay, session, request)
+            except Exception as exc:
+                if isinstance(request, Checkout):
+                    self._charge(session, exc)
+                raise
+            if isinstance(request, Checkout) and reply is not None:
+                self._charge(session, None)
             if reply is None:
                 if not isinstance(request, Checkout | Checkin | Consume):
                     reply = self._answer_now(session, request)
@@ -173,16 +212,21 @@ class Dispatcher:
         service = self.service
         if isinstance(request, Checkout):
             at = service.now()
-            grant, commit = service.begin_checkout(
-                request.key,
-                request.holder,
-                request=request.request,
-                at=at,
-                seats=request.seats,
-                ttl=request.ttl,
-                delegate=request.delegate,
-                ip=session.peer,
-            )
+            try:
+                grant, commit = service.begin_checkout(
+                    request.key,
+                    request.holder,
+                    request=request.request,
+                    at=at,
+                    seats=request.seats,
+                    ttl=request.ttl,
+                    delegate=request.delegate,
+                    ip=session.peer,
+                )
+            except Exception as exc:
+                self._charge(session, exc, at.mono)
+                raise
+            self._charge(session, None, at.mono)
 
             def checked_out() -> Reply:
                 if commit is not None:

@@ -183,6 +183,9 @@ SELECT id, time, event, licence, handle, host, hostid, user, ip, seats, reason, 
        detail
 FROM audit WHERE id > ? AND time >= ? AND time < ? ORDER BY id LIMIT ?
 """
+# Retention (migration 006): the cut-off first, then the delete it permits.
+SET_AUDIT_CUTOFF = "UPDATE audit_retention SET cutoff = ? WHERE id = 1"
+DELETE_OLD_AUDIT = "DELETE FROM audit WHERE id <= ? AND time < ?"
 
 
 @dataclass(frozen=True)
@@ -382,3 +385,4 @@ def counter_row(state: CounterState) -> Row:
 def row_counter(row: Sequence[Any]) -> CounterState:
     licence_id, name, used, period_start = row
     return CounterState(licence_id, name, used, period_start)
+

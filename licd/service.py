@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from licd_client.errors import BadRequest, LeaseUnknown, LicdError, Unavailable,
 from licd_client.messages import Holder
 from licd_client.safetext import quoted
 
+from .audit_upkeep import DenialLog
 from .clock import Clock, Instant
 from .deferred import Deferred
 from .engine import Availability, Engine, Grant, Lease, LeaseState, Licence
@@ -169,8 +171,33 @@ class LicenceService:
             reason=exc.code,
             detail=dict(exc.detail or {}),
         )
-        self.store.append_later(event)
-        self._published(event)
+        # Every denial is told to metrics and alerts; the audit log (and the log) gets
+        # the first of a group at once and the rest as one counted entry per interval.
+        self.events.publish(event)
+        entry = self.denial_log.note(event, at.mono)
+        if entry is not None:
+            self._log(entry)
+            self.store.append_later(entry)
+
+    @functools.cached_property
+    def denial_log(self) -> DenialLog:
+        """Which denials become audit entries (the daemon sets its own, configured)."""
+        return DenialLog()
+
+    def flush_denials(self, at: Instant, *, every: bool = False) -> int:
+        """Write the counted entries of denial groups whose interval is over (of every
+        group: `every`, at shutdown); returns how many."""
+        entries = self.denial_log.due(at.mono, every=every)
+        for entry in entries:
+            log.info(
+                "event=denied_repeatedly licence=%s ip=%s reason=%s count=%s",
+                entry.licence,
+                entry.ip,
+                entry.reason,
+                entry.detail.get("count"),
+            )
+            self.store.append_later(entry)
+        return len(entries)
 
     def _commit_checkout(self, lease: Lease, at: Instant) -> Deferred[None]:
         """Persist a granted lease; once committed it is confirmed (or, if the commit

@@ -47,6 +47,7 @@ from .records import (
     DELETE_FORWARDED,
     DELETE_LEASE,
     DELETE_LICENCE,
+    DELETE_OLD_AUDIT,
     INSERT_AUDIT,
     INSERT_LEASE,
     SELECT_AUDIT,
@@ -55,6 +56,7 @@ from .records import (
     SELECT_FORWARDED,
     SELECT_LEASES,
     SELECT_LICENCES,
+    SET_AUDIT_CUTOFF,
     TOUCH_LEASE,
     UPSERT_BLOCK,
     UPSERT_COUNTER,
@@ -124,8 +126,12 @@ class Store:
         writer: ThreadPoolExecutor,
         path: Path,
         lazy_interval: float = LAZY_INTERVAL,
+        timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self._conn = conn  # used only on the `writer` thread
+        #: Monotonic seconds for the stall rule (how long a COMMIT took, how long since
+        #: one stalled); injected so that tests, not the disk, say how quick it is.
+        self._timer = timer
         self._writer = writer
         self.path = path
         self._ops: list[_Op] = []  # queued for the next batch
@@ -148,7 +154,13 @@ class Store:
         self.transactions = 0  # committed batches, for metrics and tests
 
     @classmethod
-    async def open(cls, path: Path, *, lazy_interval: float = LAZY_INTERVAL) -> Store:
+    async def open(
+        cls,
+        path: Path,
+        *,
+        lazy_interval: float = LAZY_INTERVAL,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> Store:
         """Open (creating if needed) the database at `path` and apply migrations."""
         _make_private(path)
         # The writing connection's COMMITs (and its opening) run on a thread of their
@@ -159,7 +171,7 @@ class Store:
         except sqlite3.Error as exc:
             writer.shutdown(wait=False)
             raise StoreError(f"{path}: cannot open the database: {exc}") from None
-        return cls(conn, writer, path, lazy_interval)
+        return cls(conn, writer, path, lazy_interval, timer)
 
     async def _on_writer(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
@@ -260,6 +272,12 @@ class Store:
     async def append(self, event: Event) -> None:
         """An audit entry on its own (a reload, say); returns once committed."""
         await self._submit(_audit(event))
+
+    async def retire_audit(self, *, upto: int, cutoff: float) -> None:
+        """Delete the audit entries with id <= `upto` older than `cutoff` (wall time),
+        after raising the cut-off that permits it, in one transaction; returns once
+        committed. The caller has exported them first (audit_upkeep.retire)."""
+        await self._submit([(SET_AUDIT_CUTOFF, [(cutoff,)]), (DELETE_OLD_AUDIT, [(upto, cutoff)])])
 
     # Metered counters: written with the consume, before its reply.
 
@@ -453,16 +471,16 @@ class Store:
         rows = sum(len(r) for _, r in merged)
         async with self._conn_lock:
             if rows > INLINE_MAX_ROWS or not _begin_at_once(conn):
-                took = await self._on_writer(_transact, conn, merged)
+                took = await self._on_writer(_transact, conn, merged, self._timer)
             else:
                 _write(conn, merged)
-                if commit_inline(self._last_commit, time.monotonic() - self._stalled_at):
-                    took = _timed_commit(conn)
+                if commit_inline(self._last_commit, self._timer() - self._stalled_at):
+                    took = _timed_commit(conn, self._timer)
                 else:
-                    took = await self._on_writer(_timed_commit, conn)
+                    took = await self._on_writer(_timed_commit, conn, self._timer)
         self._last_commit = took
         if took > STALL_SECONDS:
-            now = time.monotonic()
+            now = self._timer()
             if now - self._stalled_at >= STALL_HOLDOFF:
                 log.warning(
                     "event=slow_commit seconds=%.3f holdoff=%g "
@@ -600,14 +618,16 @@ def _begin_at_once(conn: sqlite3.Connection) -> bool:
     return True
 
 
-def _transact(conn: sqlite3.Connection, statements: Statements) -> float:
+def _transact(
+    conn: sqlite3.Connection, statements: Statements, timer: Callable[[], float]
+) -> float:
     """A whole transaction, waiting for the write lock if need be (on the writer
     thread); returns the seconds its COMMIT took."""
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     try:
         conn.execute("BEGIN IMMEDIATE")
         _write(conn, statements)
-        return _timed_commit(conn)
+        return _timed_commit(conn, timer)
     finally:
         conn.execute("PRAGMA busy_timeout = 0")
 
@@ -622,11 +642,12 @@ def _write(conn: sqlite3.Connection, statements: Statements) -> None:
         raise
 
 
-def _timed_commit(conn: sqlite3.Connection) -> float:
-    """COMMIT (see `_commit`); returns the seconds it took (how quick the disk is)."""
-    started = time.perf_counter()
+def _timed_commit(conn: sqlite3.Connection, timer: Callable[[], float]) -> float:
+    """COMMIT (see `_commit`); returns the seconds it took by `timer` (how quick the
+    disk is)."""
+    started = timer()
     _commit(conn)
-    return time.perf_counter() - started
+    return timer() - started
 
 
 def _rollback(conn: sqlite3.Connection) -> None:

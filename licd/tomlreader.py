@@ -105,6 +105,19 @@ def _host(text: str, host: str) -> str:
     return host.lower()
 
 
+def _number(value: float) -> str:
+    """1000000 as "1,000,000", 0.01 as "0.01": bounds as people write them."""
+    return f"{value:,.0f}" if float(value).is_integer() else f"{value:g}"
+
+
+def _span(seconds: float) -> str:
+    """A duration bound in days when it is whole days, else in seconds."""
+    days, rest = divmod(seconds, 86400.0)
+    if days and not rest:
+        return f"{days:g} day" if days == 1 else f"{days:g} days"
+    return f"{seconds:g} s"
+
+
 # --- the reader -----------------------------------------------------------------------
 
 MISSING: Any = object()
@@ -179,19 +192,37 @@ class Table:
             raise self.error(name, "must not contain control characters")
         return value
 
+    def number(self, name: str, default: Any, lo: float, hi: float) -> float:
+        """A finite number (an integer or a float) between `lo` and `hi`."""
+        value = self.get(name, default)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or not lo <= value <= hi
+        ):
+            raise self.error(name, f"must be a number between {_number(lo)} and {_number(hi)}")
+        return float(value)
+
     def duration(
-        self, name: str, default: Any, *, minimum: float = 0.0, allow_zero: bool = False
+        self,
+        name: str,
+        default: Any,
+        *,
+        minimum: float = 0.0,
+        allow_zero: bool = False,
+        maximum: float = MAX_DURATION,
     ) -> float:
-        """A duration > 0 (>= 0 with `allow_zero`), >= `minimum`, <= MAX_DURATION."""
+        """A duration > 0 (>= 0 with `allow_zero`), >= `minimum`, <= `maximum`."""
         value = self.get(name, default)
         try:
             seconds = parse_duration(value, what=self.key(name), allow_zero=allow_zero)
         except ValueError as exc:
             raise ConfigError(f"{self.source}: {exc}") from None
         if seconds < minimum:
-            raise self.error(name, f"must be at least {minimum:g} s")
-        if seconds > MAX_DURATION:
-            raise self.error(name, "must be at most 366 days")
+            raise self.error(name, f"must be at least {_span(minimum)}")
+        if seconds > maximum:
+            raise self.error(name, f"must be at most {_span(maximum)}")
         return seconds
 
     def timestamp(self, name: str) -> float | None:

@@ -14,6 +14,7 @@ import pytest
 from licd.config import (
     AdminConfig,
     AlertsConfig,
+    AuditConfig,
     Config,
     ConfigError,
     MetricsConfig,
@@ -128,6 +129,9 @@ def test_example_file_documents_every_key() -> None:
     licence_fields = {f.name for f in dataclasses.fields(Licence)}
     documented = set(doc["licence"][0]) | set(doc["licence"][2]) | {"device_period"}
     assert documented == licence_fields  # device_period: shown commented out
+    audit_fields = {f.name for f in dataclasses.fields(AuditConfig)}
+    assert set(doc["audit"]) | {"export_dir"} == audit_fields
+    assert "# export_dir = " in text
 
 
 def test_example_server_values_other_than_listen_are_the_defaults() -> None:
@@ -734,4 +738,47 @@ BASE = '[[licence]]\nkey = "K"\nid = "x"\nproduct = "p"\nseats = 3\n'
 )
 def test_policy_errors_name_the_key(tmp_path: Path, text: str, where: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(where)):
+        parse_config(text, tmp_path / "c.toml")
+
+
+def test_rate_limits_and_audit_retention(tmp_path: Path) -> None:
+    text = (
+        f'[server]\nstate_dir = "{tmp_path}"\ndenied_rate = 2.5\ndenied_burst = 10\n'
+        "checkout_rate = 100\ncheckout_burst = 50\n"
+        '[audit]\nkeep = "30d"\nexport_dir = "/srv/audit"\ndenial_interval = "5m"\n'
+    )
+    config = parse_config(text, tmp_path / "c.toml")
+    s = config.server
+    assert (s.denied_rate, s.denied_burst, s.checkout_rate, s.checkout_burst) == (2.5, 10, 100, 50)
+    assert config.audit == AuditConfig(
+        keep=30 * 86400.0, export_dir=Path("/srv/audit"), denial_interval=300.0
+    )
+    assert config.audit_export_dir == Path("/srv/audit")
+    default = parse_config(f'[server]\nstate_dir = "{tmp_path}"\n', tmp_path / "c.toml")
+    assert default.audit.keep == 400 * 86400.0
+    assert default.audit_export_dir == tmp_path / "audit-export"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\ndenied_rate = 0", "server.denied_rate: must be a number between 0.01 and"),
+        ("[server]\ndenied_rate = nan", "server.denied_rate: must be a number between"),
+        ("[server]\ncheckout_rate = '5'", "server.checkout_rate: must be a number between"),
+        ("[server]\ncheckout_rate = true", "server.checkout_rate: must be a number between"),
+        ("[server]\ndenied_burst = 0", "server.denied_burst: must be an integer between 1 and"),
+        ("[server]\ncheckout_burst = 2.5", "server.checkout_burst: must be an integer between"),
+        ('[audit]\nkeep = "12h"', "audit.keep: must be at least 1 day"),
+        ('[audit]\nkeep = "40000d"', "audit.keep: must be at most 36600 days"),
+        ('[audit]\nkeep = "forever"', "audit.keep: invalid duration 'forever'"),
+        ('[audit]\nexport_dir = "relative"', "audit.export_dir: must be an absolute path"),
+        ("[audit]\nexport_dir = 5", "audit.export_dir: must be an absolute path"),
+        ('[audit]\ndenial_interval = "2h"', "audit.denial_interval: must be at most 3600 s"),
+        ("[audit]\ndenial_interval = 0.5", "audit.denial_interval: must be at least 1 s"),
+        ("[audit]\nkepe = 1", "audit.kepe: unknown key (did you mean 'keep'?)"),
+        ("audit = 1", "audit: must be a table"),
+    ],
+)
+def test_rate_limit_and_audit_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(text, tmp_path / "c.toml")

@@ -7,7 +7,6 @@ import contextlib
 import logging
 import sqlite3
 import threading
-import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -128,6 +127,45 @@ async def test_lean_writes_migration_keeps_every_row_and_the_append_only_log(
         assert indexes == []
         (audit_sql,) = db.execute("SELECT sql FROM sqlite_master WHERE name = 'audit'").fetchone()
         assert "AUTOINCREMENT" not in audit_sql
+
+
+async def test_retention_migration_permits_only_the_retention_delete(tmp_path: Path) -> None:
+    """Migration 006 on a v5 database with rows: every row kept, UPDATE and any DELETE
+    still refused, except the delete of entries older than the cut-off the retention
+    job records in the same transaction."""
+    path = tmp_path / "licd.db"
+    _schema_at(path, 5)
+    with sqlite3.connect(path) as db:
+        for n in range(4):
+            db.execute(INSERT_AUDIT, audit_row(Event(Kind.CHECKOUT, NOW + n, handle=f"h{n}")))
+        before = db.execute("SELECT * FROM audit ORDER BY id").fetchall()
+    async with running(path) as s:
+        assert await s.schema_version() >= 6
+        assert [(e.id, e.event.handle) for e in await s.audit()] == [
+            (row[0], row[4]) for row in before
+        ]
+        with pytest.raises(StoreError, match="append-only"):  # nothing older than -inf
+            await s._submit([("DELETE FROM audit WHERE id = 1", [()])])
+        await s.retire_audit(upto=3, cutoff=NOW + 2)  # ids 1..3, but only times < NOW + 2
+        assert [e.event.handle for e in await s.audit()] == ["h2", "h3"]
+    with sqlite3.connect(path, isolation_level=None) as db:
+        assert db.execute("SELECT cutoff FROM audit_retention").fetchall() == [(NOW + 2,)]
+        refused = [
+            "UPDATE audit SET event = 'x'",
+            "DELETE FROM audit",
+            f"DELETE FROM audit WHERE time >= {NOW + 2}",
+            "DELETE FROM audit_retention",
+            "INSERT INTO audit_retention (id, cutoff) VALUES (2, 1e308)",
+        ]
+        for sql in refused:
+            with pytest.raises(sqlite3.DatabaseError, match="append-only|cut-off|constraint"):
+                db.execute(sql)
+        assert db.execute("SELECT count(*) FROM audit").fetchone() == (2,)
+        # Without a cut-off row (a hand edit) nothing may be deleted: it fails closed.
+        db.execute("DROP TRIGGER audit_retention_kept")
+        db.execute("DELETE FROM audit_retention")
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            db.execute(f"DELETE FROM audit WHERE time < {NOW + 100}")
 
 
 async def test_synchronous_full_on_the_store_connection(tmp_path: Path) -> None:
@@ -291,19 +329,46 @@ async def test_group_commit_batches_concurrent_writers(store: Store) -> None:
     assert store.transactions - before <= 3
 
 
-async def test_commit_on_the_loop_only_for_small_batches_on_a_quick_disk(store: Store) -> None:
-    committed_on: list[int] = []
-    store._conn.set_trace_callback(
-        lambda sql: committed_on.append(threading.get_ident()) if sql == "COMMIT" else None
-    )
-    here = threading.get_ident()
-    await store.insert_lease(lease(1))  # small: the loop waits out the fsync
-    await store.delete_leases([lease(n) for n in range(100, 100 + INLINE_MAX_ROWS + 1)])  # big
-    store._last_commit = 1.0  # as if the disk had just taken a second
-    await store.insert_lease(lease(2))  # small, but to the thread
-    await store.insert_lease(lease(3))  # that commit was quick: the loop again
-    assert [t == here for t in committed_on] == [True, False, False, True]
-    assert len(await store.load_leases()) == 3
+class DiskTimer:
+    """The store's stall-rule timer, moved by the test: each COMMIT "takes" the next of
+    `takes` (seconds; the last one repeats), whatever the real disk did."""
+
+    def __init__(self, *takes: float) -> None:
+        self.now = 1000.0
+        self.takes = list(takes) or [INLINE_MAX_SECONDS / 2]
+        self.committed_on: list[int] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def trace(self, sql: str) -> None:  # the store connection's trace callback
+        if sql == "COMMIT":
+            self.committed_on.append(threading.get_ident())
+            took = self.takes[0] if len(self.takes) == 1 else self.takes.pop(0)
+            self.now += took
+
+
+@contextlib.asynccontextmanager
+async def timed(path: Path, timer: DiskTimer) -> AsyncIterator[Store]:
+    async with running(path, timer=timer) as s:
+        s._conn.set_trace_callback(timer.trace)
+        yield s
+
+
+async def test_commit_on_the_loop_only_for_small_batches_on_a_quick_disk(tmp_path: Path) -> None:
+    disk = DiskTimer()  # every COMMIT quick, however slow this machine's disk is
+    async with timed(tmp_path / "licd.db", disk) as store:
+        here = threading.get_ident()
+        await store.insert_lease(lease(1))  # small: the loop waits out the fsync
+        await store.delete_leases([lease(n) for n in range(100, 100 + INLINE_MAX_ROWS + 1)])
+        disk.takes = [1.0, INLINE_MAX_SECONDS / 2]  # the disk takes a second, once
+        await store.insert_lease(lease(2))  # small, on the loop: it was quick so far
+        await store.insert_lease(lease(3))  # after that slow one: to the thread
+        await store.insert_lease(lease(4))  # that one was quick, but a stall is recent
+        disk.now += STALL_HOLDOFF  # the holdoff passes with the disk quick
+        await store.insert_lease(lease(5))  # back on the loop
+        assert [t == here for t in disk.committed_on] == [True, False, True, False, False, True]
+        assert len(await store.load_leases()) == 5
 
 
 async def test_a_write_lock_held_elsewhere_is_waited_for_off_the_loop(store: Store) -> None:
@@ -345,32 +410,26 @@ def test_commit_inline_rule() -> None:
 
 
 async def test_a_stalled_commit_keeps_commits_off_the_loop_for_the_holdoff(
-    store: Store, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """One quick COMMIT in a spell of slow flushes says nothing of the next: after a
     stall, commits go to the writer thread (the loop serves meanwhile) until
     STALL_HOLDOFF has passed without one; the operator is told once per spell."""
-    committed_on: list[int] = []
-
-    def trace(sql: str) -> None:
-        if sql == "COMMIT":
-            committed_on.append(threading.get_ident())
-            if len(committed_on) in (1, 3):
-                time.sleep(STALL_SECONDS * 2)  # the disk stalls, and again soon after
-
-    store._conn.set_trace_callback(trace)
+    quick, stall = INLINE_MAX_SECONDS / 2, STALL_SECONDS * 2
+    disk = DiskTimer(stall, quick, stall, quick)  # the disk stalls, and again soon after
     here = threading.get_ident()
     with caplog.at_level(logging.WARNING, logger="licd.store"):
-        await store.insert_lease(lease(1))  # on the loop, which it holds up
-        await store.insert_lease(lease(2))  # on the thread (the last was slow): quick
-        await store.insert_lease(lease(3))  # the last was quick, yet still the thread
-        assert [t == here for t in committed_on] == [True, False, False]
-        store._stalled_at -= STALL_HOLDOFF  # as if the holdoff were over...
-        store._last_commit = 0.0  # ...with the disk quick since
-        await store.insert_lease(lease(4))  # back on the loop
-    store._conn.set_trace_callback(None)
-    assert committed_on[3] == here
-    assert len(await store.load_leases()) == 4
+        async with timed(tmp_path / "licd.db", disk) as store:
+            await store.insert_lease(lease(1))  # on the loop, which it holds up
+            await store.insert_lease(lease(2))  # on the thread (the last was slow): quick
+            await store.insert_lease(lease(3))  # the last was quick, yet still the thread
+            assert [t == here for t in disk.committed_on] == [True, False, False]
+            disk.now += STALL_HOLDOFF - 0.001  # not quite over (the stall of lease 3)
+            await store.insert_lease(lease(4))  # still the thread
+            disk.now += 0.001  # now it is, with the disk quick since
+            await store.insert_lease(lease(5))  # back on the loop
+            assert [t == here for t in disk.committed_on[3:]] == [False, True]
+            assert len(await store.load_leases()) == 5
     warned = [r.getMessage() for r in caplog.records if "event=slow_commit" in r.getMessage()]
     assert len(warned) == 1, warned
 
