@@ -507,7 +507,7 @@ class Daemon:
                     task.cancel()
                 await self.alerts.drain(grace=self.config.alerts.hook_timeout)
                 if self.relay is not None:
-                    await self.relay.link.close()
+                    await self.relay.close()
                 self.service.flush_denials(self.service.now(), every=True)
                 await self.store.close()
                 watchdog.cancel()

@@ -386,3 +386,11 @@ def row_counter(row: Sequence[Any]) -> CounterState:
     licence_id, name, used, period_start = row
     return CounterState(licence_id, name, used, period_start)
 
+
+# ------------------------------------------- site router's wall-clock mark (migration 007)
+
+UPSERT_WALL_MARK = """
+INSERT INTO wall_mark (id, wall) VALUES (1, ?)
+ON CONFLICT (id) DO UPDATE SET wall = max(wall, excluded.wall)
+"""
+SELECT_WALL_MARK = "SELECT wall FROM wall_mark WHERE id = 1"

@@ -13,37 +13,62 @@ token that does not verify is logged and never turned into a local answer.
   token]`. The block is renewed every `renew_every` (retried with backoff through
   outages) and kept in table `block`, so a restarted router resumes it. If upstream
   answers `lease_unknown`, the router stops issuing and lets sub-leases run out.
+- time: a block (and a forwarded lease) lasts for elapsed monotonic time: the ttl
+  upstream granted, or after a restart its expiry less the latest wall time known to
+  have passed (`WallMark`, kept in table `wall_mark`). A wall clock set back lengthens
+  nothing; the engine's licence expiry is the monotonic deadline seen on the wall clock.
+- errors: `classify` is the one place that sorts upstream's answers into decisions about
+  the request (passed on as they are) and faults of upstream or the link (the local
+  client gets `upstream_unavailable`, the log a line per kind of fault per `FaultLog`).
+The rules (classification, renewal schedule, remaining life) are pure functions below.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from ssl import SSLContext
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from licd_client import AsyncClient, identity
 from licd_client.backoff import Backoff
 from licd_client.errors import (
     ClientError,
+    Denied,
     LeaseUnknown,
     LicdError,
+    LicenceExpired,
+    LicenceNotYetValid,
     ProtocolViolation,
+    QuotaExhausted,
+    RateLimited,
+    SeatsExhausted,
     TokenInvalid,
     Unavailable,
+    UnknownLicence,
     UpstreamUnavailable,
 )
-from licd_client.messages import Checkin, Checkout, Heartbeat, Holder, LeaseReply, Reply
+from licd_client.messages import (
+    Checkin,
+    CheckinReply,
+    Checkout,
+    Heartbeat,
+    Holder,
+    LeaseReply,
+    Reply,
+    Request,
+)
 from licd_client.tokens import Statement, verify_chain, verify_lease
 
 from . import __version__
-from .clock import Clock
+from .clock import Clock, Instant
 from .config import RelayedLicence, UpstreamConfig
 from .engine import Engine, Licence
 from .events import Event, Kind, holder_event
@@ -56,6 +81,140 @@ log = logging.getLogger(__name__)
 #: Seconds a block's renewal is retried before giving up until the next round, and the
 #: shortest wait between renewal rounds.
 MIN_RENEW_WAIT = 1.0
+#: Seconds between two checkpoints of the wall-clock mark (and sweeps of stale
+#: forwarded records): what a restart with the clock set back may give a block back.
+CHECKPOINT_EVERY = 60.0
+#: Seconds after which a kind of upstream fault already logged is logged again.
+FAULT_LOG_QUIET = 300.0
+
+R = TypeVar("R", bound=Reply)
+
+
+def request_key() -> str:
+    """A fresh idempotency key for a block checkout: 128 random bits."""
+    return f"block-{secrets.token_hex(16)}"
+
+
+# ------------------------------------------------------ the rules, pure, clock passed in
+
+#: Upstream's refusals that are decisions about the request relayed: the local client
+#: gets them as they are (code, message, retry_after, detail). Any other error upstream
+#: answers is a fault of upstream or of the link (docs/router.md, "Upstream errors").
+DECISIONS: frozenset[type[LicdError]] = frozenset(
+    {
+        UnknownLicence,
+        LicenceExpired,
+        LicenceNotYetValid,
+        SeatsExhausted,
+        LeaseUnknown,
+        Denied,
+        QuotaExhausted,
+        RateLimited,
+    }
+)
+
+
+class UpstreamFault(UpstreamUnavailable):
+    """Upstream or the link failed a request. On the wire it is `upstream_unavailable`
+    with the router's own sentence; `cause` (what went wrong, upstream's text included)
+    is for the log and `licd status` only, and `kind` names the fault for `FaultLog`."""
+
+    def __init__(self, message: str, *, cause: str, kind: str) -> None:
+        super().__init__(message)
+        self.cause = cause
+        self.kind = kind
+
+
+def classify(exc: BaseException) -> LicdError:
+    """What the local client gets for `exc`, raised by a request to upstream: a decision
+    (DECISIONS) as it is, anything else (an error code of upstream's own failing, a
+    code this licd does not know, a broken or refused link, an answer out of protocol)
+    as an UpstreamFault that never carries upstream's text."""
+    if isinstance(exc, LicdError):
+        if type(exc) in DECISIONS:
+            return exc
+        code = exc.code  # one of the registry's: an unknown code arrives as `internal`
+        return UpstreamFault(
+            f"the upstream licence server failed the request ({code})",
+            cause=f"{code}: {exc.message}",
+            kind=code,
+        )
+    cause = str(exc) or type(exc).__name__
+    if isinstance(exc, ProtocolViolation):
+        return UpstreamFault(
+            "the upstream licence server answered out of protocol",
+            cause=cause,
+            kind="out_of_protocol",
+        )
+    return UpstreamFault(UpstreamUnavailable.default_message, cause=cause, kind="unreachable")
+
+
+class FaultLog:
+    """Which upstream faults to log: each kind the first time, then again only once
+    `quiet` seconds (monotonic) have passed, saying how many went unlogged meanwhile. A
+    flood of failing requests makes a line per kind per `quiet`, not one per request."""
+
+    def __init__(self, quiet: float = FAULT_LOG_QUIET) -> None:
+        self.quiet = quiet
+        self._kinds: dict[str, tuple[float, int]] = {}  # kind -> (logged at, unlogged since)
+
+    def admit(self, kind: str, mono: float) -> int | None:
+        """None to stay silent, else how many faults of `kind` were not logged since its
+        last line. Kinds are few (wire codes and a handful of link failures)."""
+        last = self._kinds.get(kind)
+        if last is not None and mono - last[0] < self.quiet:
+            self._kinds[kind] = (last[0], last[1] + 1)
+            return None
+        self._kinds[kind] = (mono, 0)
+        return 0 if last is None else last[1]
+
+
+@dataclass
+class WallMark:
+    """The latest wall time known to have passed: never earlier than a wall reading, and
+    moving on with monotonic time between readings, so a wall clock set back turns it
+    back neither while running nor (it is checkpointed) across a restart."""
+
+    wall: float
+    mono: float  # the monotonic time at which `wall` was known
+
+    def now(self, at: Instant) -> float:
+        """The effective wall time at `at`: max(wall now, the mark moved on since)."""
+        return max(at.wall, self.wall + (at.mono - self.mono))
+
+    def seen(self, wall: float, at: Instant) -> None:
+        """Take in `wall` (a checkpoint read back) as passed by `at`."""
+        self.wall = max(self.now(at), wall)
+        self.mono = at.mono
+
+
+def remaining_life(expires: float, effective_now: float) -> float:
+    """Seconds left of something expiring at wall time `expires`, after a restart: judged
+    from the mark's effective wall time, never from a clock that was set back."""
+    return max(0.0, expires - effective_now)
+
+
+def renewal_at(mono: float, due_in: float, deadline: float) -> float:
+    """The monotonic time of a block's next renewal, decided at `mono`: in `due_in`
+    seconds (its `renew_every`), brought forward to when half the block's remaining
+    life is gone if that is sooner (a block granted shorter than asked is renewed in
+    time too)."""
+    return mono + max(0.0, min(due_in, (deadline - mono) / 2))
+
+
+def served_until(expires: float, deadline: float, at: Instant) -> float:
+    """The wall time until which the engine serves a block, seen at `at`: its monotonic
+    deadline on the wall clock, never past the expiry upstream granted (the sub-leases'
+    tokens must not outlive the block's)."""
+    return min(expires, on_wall(deadline, at))
+
+
+def on_wall(mono: float, at: Instant) -> float:
+    """Monotonic time `mono` as the wall clock at `at` shows it."""
+    return at.wall + (mono - at.mono)
+
+
+# ------------------------------------------------------------------- the upstream link
 
 
 @dataclass
@@ -84,6 +243,7 @@ class UpstreamLink:
             retry_for=0.0,
         )
         self.state = LinkState()
+        self.faults = FaultLog()
 
     def _mark(self, connected: bool, error: str | None = None) -> None:
         if connected != self.state.connected:
@@ -93,25 +253,38 @@ class UpstreamLink:
         if error is not None:
             self.state.last_error = error
 
-    async def request(self, req: Any) -> Reply:
-        """One attempt. Upstream's own refusals (LicdError) pass through; a link that
-        cannot be used becomes UpstreamUnavailable."""
+    @overload
+    async def request(self, req: Request) -> Reply: ...
+    @overload
+    async def request(self, req: Request, expect: type[R]) -> R: ...
+
+    async def request(self, req: Request, expect: type[Reply] = Reply) -> Reply:
+        """One attempt, answered with an `expect`. Upstream's decisions pass through;
+        every other failure raises an UpstreamFault (see `classify`)."""
         try:
             reply = await self.client.request(req)
-        except LicdError as exc:
-            self._mark(True)
-            raise exc from None
-        except (ClientError, OSError, TimeoutError) as exc:
-            cause = str(exc) or type(exc).__name__
-            self._mark(False, cause)
-            log.warning("event=upstream_failed error=%r", cause)
-            if isinstance(exc, ProtocolViolation):
-                raise UpstreamUnavailable(
-                    f"the upstream licence server answered out of protocol: {cause}"
-                ) from None
-            raise UpstreamUnavailable() from None
+        except (LicdError, ClientError, OSError, TimeoutError) as exc:
+            raise self.failed(exc) from None
+        if not isinstance(reply, expect):
+            raise self.failed(ProtocolViolation(f"{req.op} answered with {type(reply).__name__}"))
         self._mark(True)
         return reply
+
+    def failed(self, exc: BaseException) -> LicdError:
+        """The error for the local client when a request upstream raised `exc` (or its
+        answer broke the protocol): the link's state and the log are told of a fault."""
+        out = classify(exc)
+        if not isinstance(out, UpstreamFault):
+            self._mark(True)  # upstream decided: the link works
+            return out
+        # A refused or broken link is down; an error upstream answered leaves it up.
+        self._mark(isinstance(exc, LicdError), out.cause)
+        unlogged = self.faults.admit(out.kind, self.clock.now().mono)
+        if unlogged is not None:
+            log.warning(
+                "event=upstream_failed kind=%s error=%r unlogged=%d", out.kind, out.cause, unlogged
+            )
+        return out
 
     def verify(self, reply: LeaseReply, nonce: bytes) -> Statement:
         """Upstream's token checked against the trust anchors, or UpstreamUnavailable."""
@@ -121,7 +294,9 @@ class UpstreamLink:
             )
         except TokenInvalid as exc:
             self.state.last_error = f"upstream token refused: {exc}"
-            log.error("event=upstream_token_refused error=%r", str(exc))
+            unlogged = self.faults.admit("token_refused", self.clock.now().mono)
+            if unlogged is not None:
+                log.error("event=upstream_token_refused error=%r unlogged=%d", str(exc), unlogged)
             raise UpstreamUnavailable(
                 "the upstream licence server's answer did not verify"
             ) from None
@@ -130,24 +305,23 @@ class UpstreamLink:
         await self.client.aclose()
 
 
-def _lease_reply(reply: Reply) -> LeaseReply:
-    if not isinstance(reply, LeaseReply):
-        raise UpstreamUnavailable("the upstream licence server answered out of protocol")
-    return reply
-
-
 @dataclass
 class BlockState:
-    """A block-mode licence's runtime view, for status."""
+    """A block-mode licence's runtime view: the block, its clocks, and status."""
 
     relayed: RelayedLicence
     # One idempotency key per block taken: a retry after a lost reply gets the same
     # block back from upstream instead of a second one.
-    request: str = field(default_factory=lambda: f"block-{secrets.token_hex(8)}")
+    request: str = field(default_factory=request_key)
     block: Block | None = None
-    next_renewal: float | None = None
+    licence: Licence | None = None  # the block's terms, as the engine serves them
+    deadline: float = 0.0  # monotonic time the block lapses at
+    renew_at: float | None = None  # monotonic time of the next renewal (or retry)
     last_error: str | None = None
     chain: list[bytes] = field(default_factory=list)
+
+    def valid(self, at: Instant) -> bool:
+        return self.block is not None and not self.block.revoked and self.deadline > at.mono
 
 
 class Relay:
@@ -165,6 +339,7 @@ class Relay:
         publish: Callable[[Event], None],
         ssl: SSLContext | None = None,
         rng: random.Random | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.link = UpstreamLink(config, clock, signer.site, ssl)
         self.engine = engine
@@ -173,11 +348,15 @@ class Relay:
         self.clock = clock
         self.publish = publish
         self.rng = rng or random.Random()
+        self.sleep = sleep  # the keepers' waits: a test's own moves its clock instead
         self.forward_keys = {r.key: r for r in relayed if r.mode == "forward"}
         self.blocks = {r.id: BlockState(r) for r in relayed if r.mode == "block"}
         self.block_keys = {state.relayed.key: state for state in self.blocks.values()}
         self.modes = {r.id: r.mode for r in relayed}
         self.forwarded: dict[str, Forwarded] = {}  # by lease secret
+        self._lapses: dict[str, float] = {}  # forwarded lease secret -> monotonic expiry
+        at = clock.now()
+        self.mark = WallMark(at.wall, at.mono)  # raised to the stored one by load()
         me = identity.holder()
         # Upstream lists the router's blocks as held by this machine, for this site.
         self.router_holder = Holder(
@@ -196,9 +375,15 @@ class Relay:
 
     async def load(self) -> None:
         """Resume what the database kept: blocks (installed in the engine) and the
-        forwarded leases' records."""
+        forwarded leases' records, each lasting what it has left by the wall-clock mark."""
+        at = self.clock.now()
+        stored = await self.store.load_wall_mark()
+        if stored is not None:
+            self.mark.seen(stored, at)
+        now = self.mark.now(at)
         for item in await self.store.load_forwarded():
             self.forwarded[item.secret] = item
+            self._lapses[item.secret] = at.mono + remaining_life(item.expires, now)
         for block in await self.store.load_blocks():
             state = self.blocks.get(block.licence_id)
             if state is None:
@@ -210,8 +395,21 @@ class Relay:
                     "event=stored_block_refused licence=%s error=%r", block.licence_id, str(exc)
                 )
                 continue
-            self._install(state, block, leaf)
+            due_in = remaining_life(block.renewed + state.relayed.renew_every, now)
+            self._install(state, block, leaf, at, remaining_life(block.expires, now), due_in)
             log.info("event=block_resumed licence=%s seats=%d", block.licence_id, block.seats)
+
+    async def checkpoint(self) -> None:
+        """Record the wall-clock mark; a failure is logged (the next one may succeed)."""
+        try:
+            await self.store.put_wall_mark(self.mark.now(self.clock.now()))
+        except StoreError as exc:
+            log.warning("event=wall_mark_not_recorded error=%r", str(exc))
+
+    async def close(self) -> None:
+        """At shutdown, before the store closes: the mark recorded, the link closed."""
+        await self.checkpoint()
+        await self.link.close()
 
     # -------------------------------------------------------------------- forward
 
@@ -226,9 +424,10 @@ class Relay:
             seats=req.seats,
             ttl=req.ttl,
         )
-        reply = _lease_reply(await self.link.request(upstream_req))
+        at = self.clock.now()
+        reply = await self.link.request(upstream_req, LeaseReply)
         if reply.lease is None:
-            raise UpstreamUnavailable("the upstream licence server sent no lease id")
+            raise self.link.failed(ProtocolViolation("checkout reply without a lease id"))
         try:
             self.link.verify(reply, req.nonce)
         except UpstreamUnavailable:
@@ -254,27 +453,30 @@ class Relay:
             await self._give_back(item.secret)  # not recorded: not kept upstream either
             raise
         self.forwarded[item.secret] = item
+        self._lapses[item.secret] = at.mono + max(0.0, reply.ttl)
         self.publish(event)
         return reply
 
     async def heartbeat(self, req: Heartbeat) -> LeaseReply:
         item = self.forwarded[req.lease]
+        at = self.clock.now()
         try:
-            reply = _lease_reply(await self.link.request(Heartbeat(0, req.lease, req.nonce)))
+            reply = await self.link.request(Heartbeat(0, req.lease, req.nonce), LeaseReply)
         except LeaseUnknown:
             await self._forget(item, Kind.RECLAIM, "upstream no longer knows the lease")
             raise
         self.link.verify(reply, req.nonce)
         item.expires = reply.expires
+        self._lapses[item.secret] = at.mono + max(0.0, reply.ttl)
         # Kept, so that a restarted router does not prune a lease its holder still renews.
         await self._persist(self.store.put_forwarded(item))
         return reply
 
     async def checkin(self, secret: str) -> bool:
         item = self.forwarded[secret]
-        reply = await self.link.request(Checkin(0, secret))
+        reply = await self.link.request(Checkin(0, secret), CheckinReply)
         await self._forget(item, Kind.CHECKIN, None)
-        return bool(getattr(reply, "released", True))
+        return reply.released
 
     async def _give_back(self, secret: str) -> None:
         """Check in a lease upstream granted but the router refused, so its seats do not
@@ -297,12 +499,14 @@ class Relay:
         )
         await self._persist(self.store.delete_forwarded([item.secret], [event]))
         self.forwarded.pop(item.secret, None)
+        self._lapses.pop(item.secret, None)
         self.publish(event)
 
     async def prune_forwarded(self, grace: float = 60.0) -> None:
-        """Forget forwarded leases long past their expiry (their holders went away)."""
-        now = self.clock.now().wall
-        stale = [x for x in self.forwarded.values() if x.expires + grace < now]
+        """Forget forwarded leases `grace` seconds past their expiry on the monotonic
+        clock (their holders went away; a wall clock set forward forgets nobody early)."""
+        mono = self.clock.now().mono
+        stale = [x for x in self.forwarded.values() if self._lapses[x.secret] + grace < mono]
         for item in stale:
             with contextlib.suppress(LicdError):
                 await self._forget(item, Kind.RECLAIM, "lapsed")
@@ -316,27 +520,46 @@ class Relay:
 
     # ---------------------------------------------------------------------- block
 
-    def _install(self, state: BlockState, block: Block, leaf: Statement) -> None:
-        """Serve local checkouts from `block`: the engine's licence follows it."""
+    def _install(
+        self,
+        state: BlockState,
+        block: Block,
+        leaf: Statement,
+        at: Instant,
+        life: float,
+        due_in: float,
+    ) -> None:
+        """Serve local checkouts from `block`, which has `life` seconds left at `at` and
+        is due for renewal in `due_in` (or sooner: `renewal_at`)."""
         relayed = state.relayed
-        seats = 0 if block.revoked else block.seats
         product = leaf.payload.get("product")
-        licence = Licence(
+        state.licence = Licence(
             key=relayed.key,
             id=relayed.id,
             product=product if isinstance(product, str) else relayed.id,
-            seats=max(seats, 0),
+            seats=0 if block.revoked else max(block.seats, 0),
             lease_ttl=relayed.lease_ttl,
             grace=relayed.grace,
             expires=block.expires,
             features=leaf.features,
         )
-        self.engine.put_licence(licence)
         state.block = block
+        state.deadline = at.mono + life
+        state.renew_at = renewal_at(at.mono, due_in, state.deadline)
         state.chain = [*block.chain, block.token]
         self.signer.chains[relayed.id] = state.chain
         self.signer.chain_iat[relayed.id] = leaf.iat
-        state.next_renewal = block.renewed + relayed.renew_every
+        self._serve(state, at)
+
+    def _serve(self, state: BlockState, at: Instant) -> None:
+        """The engine's licence follows the block, lapsing at its monotonic deadline as
+        the wall clock shows it at `at` (the keeper calls this again at every wake-up,
+        and wakes at the deadline, so a wall clock set back meanwhile gains nothing)."""
+        block, licence = state.block, state.licence
+        if block is None or licence is None:
+            return
+        expires = served_until(block.expires, state.deadline, at)
+        self.engine.put_licence(dataclasses.replace(licence, expires=expires))
 
     def _verify_block(self, state: BlockState, reply: LeaseReply, nonce: bytes) -> Statement:
         leaf = self.link.verify(reply, nonce)
@@ -369,46 +592,57 @@ class Relay:
             ttl=relayed.block_ttl,
             delegate=self.signer.public,
         )
-        reply = _lease_reply(await self.link.request(req))
+        at = self.clock.now()
+        reply = await self.link.request(req, LeaseReply)
         if reply.lease is None:
-            raise UpstreamUnavailable("the upstream licence server sent no lease id")
+            raise self.link.failed(ProtocolViolation("checkout reply without a lease id"))
         try:
             leaf = self._verify_block(state, reply, nonce)
         except UpstreamUnavailable:
             await self._give_back(reply.lease)
-            state.request = f"block-{secrets.token_hex(8)}"  # that one was given back
+            state.request = request_key()  # that one was given back
             raise
-        block = await self._keep(state, reply.lease, request, reply, leaf)
+        block = await self._keep(state, reply.lease, request, reply, leaf, at)
         log.info("event=block_taken licence=%s seats=%d", relayed.id, block.seats)
 
     async def renew_block(self, state: BlockState) -> None:
         block = state.block
         assert block is not None
         nonce = secrets.token_bytes(16)
+        at = self.clock.now()
         try:
-            reply = _lease_reply(await self.link.request(Heartbeat(0, block.secret, nonce)))
+            reply = await self.link.request(Heartbeat(0, block.secret, nonce), LeaseReply)
         except LeaseUnknown:
             # Upstream no longer counts these seats. Stop issuing, and let the sub-leases
             # run out at the expiries they already have (no renewal passes them): the
-            # block's expiry becomes that horizon. After it, a new block may be taken.
-            now = self.clock.now().wall
-            live = [x.expires for x in self.engine.leases_of(block.licence_id)]
+            # block's end becomes that horizon. After it, a new block may be taken.
+            at = self.clock.now()
+            horizon = max([at.wall, *(x.expires for x in self.engine.leases_of(block.licence_id))])
             block.revoked = True
-            block.expires = min(block.expires, max([now, *live]))
+            block.expires = min(block.expires, horizon)
             state.last_error = "upstream revoked the block: issuing stopped"
             log.error("event=block_revoked licence=%s", block.licence_id)
-            leaf = verify_chain(self.link.config.trust, block.chain, block.token)
-            self._install(state, block, leaf)  # stop issuing first, whatever the disk says
+            assert state.licence is not None
+            state.licence = dataclasses.replace(state.licence, seats=0)
+            state.deadline = min(state.deadline, at.mono + remaining_life(horizon, at.wall))
+            self._serve(state, at)  # stop issuing first, whatever the disk says
             await self.store.put_block(block)
             return
         leaf = self._verify_block(state, reply, nonce)
-        renewed = await self._keep(state, block.secret, block.request, reply, leaf)
+        renewed = await self._keep(state, block.secret, block.request, reply, leaf, at)
         log.info("event=block_renewed licence=%s expires=%.0f", block.licence_id, renewed.expires)
 
     async def _keep(
-        self, state: BlockState, secret: str, request: str, reply: LeaseReply, leaf: Statement
+        self,
+        state: BlockState,
+        secret: str,
+        request: str,
+        reply: LeaseReply,
+        leaf: Statement,
+        asked: Instant,
     ) -> Block:
-        """A verified block (taken or renewed): persisted, then served from."""
+        """A verified block (taken or renewed), asked for at `asked`: persisted, then
+        served from for the ttl upstream granted, counted from the asking."""
         block = Block(
             state.relayed.id,
             secret,
@@ -421,28 +655,36 @@ class Relay:
             self.clock.now().wall,
         )
         await self.store.put_block(block)
-        self._install(state, block, leaf)
+        await self.checkpoint()
+        at = self.clock.now()
+        life = asked.mono + max(0.0, reply.ttl) - at.mono
+        self._install(state, block, leaf, at, life, state.relayed.renew_every)
         return block
 
     async def run_block(self, state: BlockState) -> None:
         """Keep one block-mode licence supplied, forever: take the block if there is
-        none, renew it every `renew_every`, retry with backoff through outages."""
+        none, renew it when `renewal_at` says, retry with backoff through outages, and
+        wake at the block's deadline (if sooner) to stop serving it then."""
         delays = Backoff(base=1.0, cap=300.0).delays(self.rng)
         while True:
+            at = self.clock.now()
+            self._serve(state, at)
             block = state.block
-            now = self.clock.now().wall
             if block is not None and block.revoked:
                 # Issuing stopped; once the last sub-lease has run out, start afresh.
-                await asyncio.sleep(max(0.0, block.expires - now))
+                if state.deadline > at.mono:
+                    await self.sleep(state.deadline - at.mono)
+                    continue
                 await self.store.delete_block(block.licence_id)
-                state.block = None
-                state.request = f"block-{secrets.token_hex(8)}"
+                state.block = state.licence = state.renew_at = None
+                state.request = request_key()
                 continue
-            due = 0.0 if block is None else max(0.0, (state.next_renewal or now) - now)
-            if block is not None:
-                # Never let a block lapse for want of trying: renew by half its life left.
-                due = min(due, max(0.0, (block.expires - now) / 2))
-            await asyncio.sleep(due)
+            wait = 0.0 if state.renew_at is None else state.renew_at - at.mono
+            if block is not None and state.deadline > at.mono:
+                wait = min(wait, state.deadline - at.mono)
+            if wait > 0:
+                await self.sleep(wait)
+                continue
             try:
                 if state.block is None:
                     await self.take_block(state)
@@ -457,22 +699,23 @@ class Relay:
                     "event=block_attempt_failed licence=%s error=%r", state.relayed.id, message
                 )
                 wait = max(MIN_RENEW_WAIT, next(delays))
-                state.next_renewal = self.clock.now().wall + wait
-                await asyncio.sleep(wait)
+                state.renew_at = self.clock.now().mono + wait
 
     async def run(self) -> None:
-        """Every block-mode licence's keeper, and a sweep of stale forwarded records."""
+        """Every block-mode licence's keeper; a checkpoint of the wall-clock mark and a
+        sweep of stale forwarded records every CHECKPOINT_EVERY seconds."""
         async with asyncio.TaskGroup() as tg:
             for state in self.blocks.values():
                 tg.create_task(self.run_block(state), name=f"block-{state.relayed.id}")
             while True:
-                await asyncio.sleep(60)
+                await self.sleep(CHECKPOINT_EVERY)
+                await self.checkpoint()
                 await self.prune_forwarded()
 
     # --------------------------------------------------------------------- status
 
     def status(self) -> dict[str, Any]:
-        now = self.clock.now().wall
+        at = self.clock.now()
         blocks = []
         for state in self.blocks.values():
             b = state.block
@@ -482,9 +725,9 @@ class Relay:
                     "seats": b.seats if b else None,
                     "expires": b.expires if b else None,
                     "last_renewal": b.renewed if b else None,
-                    "next_renewal": state.next_renewal,
+                    "next_renewal": None if state.renew_at is None else on_wall(state.renew_at, at),
                     "revoked": b.revoked if b else False,
-                    "valid": bool(b and not b.revoked and b.expires > now),
+                    "valid": state.valid(at),
                     "last_error": state.last_error,
                 }
             )

@@ -56,12 +56,14 @@ from .records import (
     SELECT_FORWARDED,
     SELECT_LEASES,
     SELECT_LICENCES,
+    SELECT_WALL_MARK,
     SET_AUDIT_CUTOFF,
     TOUCH_LEASE,
     UPSERT_BLOCK,
     UPSERT_COUNTER,
     UPSERT_FORWARDED,
     UPSERT_LICENCE,
+    UPSERT_WALL_MARK,
     AuditEntry,
     Block,
     Forwarded,
@@ -503,6 +505,17 @@ class Store:
                 await self._reader.close()
             await self._on_writer(self._conn.close)
             self._writer.shutdown(wait=False)
+
+    # A site router's wall-clock high-water mark (relay.py, migration 007).
+
+    async def load_wall_mark(self) -> float | None:
+        """The latest wall time the router recorded, or None before the first."""
+        rows = await self._read(SELECT_WALL_MARK)
+        return float(rows[0][0]) if rows else None
+
+    async def put_wall_mark(self, wall: float) -> None:
+        """Record `wall` as passed; a lower value than the one kept changes nothing."""
+        await self._submit([(UPSERT_WALL_MARK, [(wall,)])])
 
 
 def _audit(event: Event | None) -> Statements:

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from licd.engine import Licence
 from licd.events import Event, Kind
 from licd.keys import key_path, load_key
 from licd.relay import BlockState, Relay
-from licd_client import AsyncClient, AsyncLease, LeaseState, ManualClock, tokens
+from licd_client import AsyncClient, AsyncLease, LeaseState, ManualClock, errors, messages, tokens
 from licd_client.errors import Denied, TokenInvalid, UpstreamUnavailable
 from licd_client.messages import Checkout
 from tests.fakelicd import FakeLicd
@@ -1032,3 +1033,198 @@ async def test_revoked_block_is_replaced_once_its_sub_leases_ran_out(
         reply, nonce = await checkout(p, "machine-b")
         verify(reply, nonce, vendor.daemon.signer.public)
         assert reply["chain"] == [fresh.block.token]
+
+
+# ------------------------------------------------- upstream's errors: decisions or faults
+
+#: Text an upstream puts in its error messages, which must never reach a local client.
+UPSTREAM_TEXT = "upstream's own words\x1b[2J"
+#: Errors that are upstream's fault (or the link's), not a decision about the request.
+FAULTS = ("bad_request", "hello_required", "frame_too_large", "unavailable", "internal")
+
+
+def upstream_failed(caplog: pytest.LogCaptureFixture, kind: str) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.getMessage().startswith(f"event=upstream_failed kind={kind} ")
+    ]
+
+
+async def test_upstream_faults_reach_local_clients_as_upstream_unavailable(
+    sites: list[Site], tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with FakeLicd() as fake:
+        rcfg = router_config(tmp_path / "r", fake.address, fake.public_key, FORWARD)
+        router = await start(sites, rcfg, clock)
+        async with peer(router.daemon) as p:
+            for code in FAULTS:
+                fake.fail["checkout"] = errors.from_wire(code, UPSTREAM_TEXT)
+                for _ in range(3):
+                    reply, _ = await checkout(p, "machine-a")  # 128-bit request keys
+                    assert reply["ok"] is False and "token" not in reply
+                    assert reply["error"] == "upstream_unavailable", reply
+                    assert reply["message"] == (
+                        f"the upstream licence server failed the request ({code})"
+                    )
+                    assert "detail" not in reply and "retry_after" not in reply
+                # Logged once for the three, with upstream's detail; the link says it too.
+                [line] = upstream_failed(caplog, code)
+                assert repr(f"{code}: {UPSTREAM_TEXT}") in line
+                link = relay_of(router.daemon).link.state
+                assert link.last_error == f"{code}: {UPSTREAM_TEXT}"
+            # The local client's connection stayed open through all of it.
+            answer = await p.call("available", key=DICOM.key)
+            assert answer["ok"] is True, answer
+        assert fake.ops().count("checkout") == 3 * len(FAULTS)
+
+
+async def test_upstream_decisions_reach_local_clients_as_they_are(
+    sites: list[Site], tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with FakeLicd() as fake:
+        rcfg = router_config(tmp_path / "r", fake.address, fake.public_key, FORWARD)
+        router = await start(sites, rcfg, clock)
+        decisions = [
+            errors.RateLimited("slow down", retry_after=12.5),
+            errors.SeatsExhausted(detail={"in_use": 3, "total": 3}),
+            errors.Denied("a policy excludes this holder"),
+            errors.UnknownLicence(),
+            errors.LicenceExpired(),
+        ]
+        async with peer(router.daemon) as p:
+            for decision in decisions:
+                fake.fail["checkout"] = decision
+                reply, _ = await checkout(p, "machine-a")
+                expected = messages.error_frame(reply["id"], decision)
+                assert reply == expected
+        assert not any("event=upstream_failed" in r.getMessage() for r in caplog.records)
+        assert relay_of(router.daemon).link.state.connected is True
+
+
+async def test_upstream_fault_on_a_block_renewal_keeps_the_block(
+    sites: list[Site], tmp_path: Path, clock: FakeClock
+) -> None:
+    async with MisbehavingUpstream(block_reply, clock) as fake:
+        router = await start(
+            sites, router_config(tmp_path / "r", fake.address, fake.public_key), clock
+        )
+        state = await block_taken(router.daemon)
+        block = state.block
+        assert block is not None
+        fake.fail["heartbeat"] = errors.HelloRequired(UPSTREAM_TEXT)
+        with pytest.raises(UpstreamUnavailable) as raised:
+            await relay_of(router.daemon).renew_block(state)
+        assert raised.value.code == "upstream_unavailable"
+        assert UPSTREAM_TEXT not in raised.value.message
+        assert state.block is block and not block.revoked
+        async with peer(router.daemon) as p:  # still served from the block
+            reply, nonce = await checkout(p, "machine-a")
+            verify(reply, nonce, fake.public_key)
+        await router.stop()
+
+
+# ----------------------------------------------------- block time: the monotonic clock
+
+
+async def test_router_restarted_with_its_clock_a_day_behind_stops_serving_in_time(
+    sites: list[Site], tmp_path: Path, clock: FakeClock
+) -> None:
+    vendor, router = await vendor_and_router(sites, tmp_path, clock)
+    state = await block_taken(router.daemon)
+    assert state.block is not None
+    granted = state.block.expires  # taken now, for BLOCK.block_ttl = 3600 s
+    clock.advance(1000)
+    await relay_of(router.daemon).checkpoint()  # what the keeper does every minute
+    await vendor.stop()  # no renewal from here on
+    await router.stop()
+    clock.set_wall(clock.now().wall - 86400)  # the router comes back a day behind
+    await router.start()
+    left = granted - (clock.now().wall + 86400)  # 2600 s of the block's real life
+    assert left == BLOCK.block_ttl - 1000
+
+    async with peer(router.daemon) as p:
+        assert (await checkout(p, "machine-a"))[0]["ok"] is True
+        clock.advance(left - 1)
+        assert (await checkout(p, "machine-b"))[0]["ok"] is True
+        clock.advance(2)  # the block's real life is over; its wall expiry a day away
+        refused, _ = await checkout(p, "machine-c")
+        assert refused["ok"] is False and "token" not in refused
+        assert refused["error"] == "licence_expired"
+    [block] = (await admin(router.daemon, "status"))["upstream"]["blocks"]
+    assert block["valid"] is False and block["expires"] == granted
+
+
+async def test_block_renewal_is_brought_forward_to_half_its_remaining_life(
+    sites: list[Site], tmp_path: Path, clock: FakeClock
+) -> None:
+    licence = dataclasses.replace(VENDOR, max_ttl=1000.0)  # less than the router asks
+    vendor = await start(sites, vendor_config(tmp_path / "v", licence), clock)
+    rcfg = router_config(tmp_path / "r", server_of(vendor.daemon), vendor.daemon.signer.public)
+    router = await start(sites, rcfg, clock)
+    state = await block_taken(router.daemon)
+    assert BLOCK.renew_every == 600.0  # later than half of the 1000 s granted
+    for _ in range(2):
+        [block] = (await admin(router.daemon, "status"))["upstream"]["blocks"]
+        assert block["expires"] == block["last_renewal"] + 1000.0
+        assert block["next_renewal"] == block["last_renewal"] + 500.0
+        clock.advance(500)
+        await relay_of(router.daemon).renew_block(state)
+
+
+async def test_forwarded_records_lapse_on_the_monotonic_clock(
+    sites: list[Site], tmp_path: Path, clock: FakeClock
+) -> None:
+    vendor, router = await vendor_and_router(sites, tmp_path, clock, FORWARD)
+    relay = relay_of(router.daemon)
+    async with peer(router.daemon) as p:
+        reply, _ = await checkout(p, "machine-a")
+    assert reply["ok"] is True and reply["ttl"] == VENDOR.lease_ttl
+    clock.set_wall(clock.now().wall + 86400)  # set forward: its holder may still renew
+    await relay.prune_forwarded(grace=60.0)
+    assert list(relay.forwarded) == [reply["lease"]]
+    clock.advance(VENDOR.lease_ttl + 60)
+    await relay.prune_forwarded(grace=60.0)
+    assert list(relay.forwarded) == [reply["lease"]]  # not yet past expiry + grace
+    clock.advance(1)
+    await relay.prune_forwarded(grace=60.0)
+    assert relay.forwarded == {}
+
+
+class Stop(Exception):
+    """Ends a keeper loop run by a test."""
+
+
+async def test_keeper_stops_serving_at_the_deadline_when_the_clock_is_set_back_meanwhile(
+    sites: list[Site], tmp_path: Path, clock: FakeClock
+) -> None:
+    vendor, router = await vendor_and_router(sites, tmp_path, clock)
+    state = await block_taken(router.daemon)
+    deadline = state.deadline
+    relay, engine = relay_of(router.daemon), router.daemon.engine
+    await vendor.stop()  # no renewal: the block runs out
+    naps: list[float] = []
+
+    def serving() -> bool:
+        licence = engine.licence_by_id(BLOCK.id)
+        return licence is not None and licence.validity_error(clock.now().wall) is None
+
+    async def sleep(seconds: float) -> None:
+        """The keeper's wait, on the test's clock, 10 s at a time: whenever monotonic
+        time is past the block's deadline, the engine must refuse the block."""
+        if not naps:
+            clock.set_wall(clock.now().wall - 86400)  # an admin sets the clock back
+        naps.append(seconds)
+        if clock.now().mono >= deadline:
+            raise Stop
+        end = clock.now().mono + seconds
+        while clock.now().mono < end:
+            clock.advance(min(10.0, end - clock.now().mono))
+            assert not (clock.now().mono > deadline + 1e-6 and serving()), naps
+
+    relay.sleep = sleep
+    relay.rng = random.Random(13)  # the retries' jitter, the same every run
+    with pytest.raises(Stop):
+        await relay.run_block(state)  # a second keeper, on this clock; the first sleeps
+    assert clock.now().mono == pytest.approx(deadline) and not serving()
+    assert len(naps) > 2  # it slept, tried to renew, and slept again
