@@ -69,6 +69,11 @@ def write_config(directory: Path, lic: Mapping[str, TomlValue], **server: TomlVa
         "idle_timeout": "1h",
         "max_connections": 20000,
         "max_connections_per_peer": 20000,
+        # The load generator drives each lease, and all its checkouts from one address,
+        # as fast as it can: just what the per-lease and per-peer limits refuse.
+        "renewals_per_second": 1_000_000.0,
+        "checkout_rate": 1_000_000.0,
+        "checkout_burst": 10_000_000,
     }
     settings.update(server)
     lines = ["[server]", *(f"{k} = {toml_value(v)}" for k, v in settings.items())]

@@ -22,6 +22,7 @@ from .config_licences import licence_from_mapping as licence_from_mapping
 from .config_licences import licence_to_mapping as licence_to_mapping
 from .config_licences import parse_groups, parse_licences
 from .engine import Licence
+from .engine.engine import RENEW_MIN_RATE
 from .tomlreader import (
     ConfigError,
     Table,
@@ -64,6 +65,9 @@ class ServerConfig:
     denied_burst: int = 100_000
     checkout_rate: float = 1000.0
     checkout_burst: int = 20_000
+    # One lease's renewals: 10 back to back, then at least this many a second (more for
+    # a short lease: twice what its renew_in asks). A heartbeat loop gets rate_limited.
+    renewals_per_second: float = RENEW_MIN_RATE
     shutdown_timeout: float = 10.0  # drain time for in-flight requests on stop
     reap_interval: float = 1.0  # how often lapsed leases are reclaimed
     log_level: str = "info"
@@ -263,6 +267,7 @@ def _server(t: Table) -> ServerConfig:
         denied_burst=t.integer("denied_burst", _D.denied_burst, 1, MAX_BURST),
         checkout_rate=t.number("checkout_rate", _D.checkout_rate, 0.01, MAX_RATE),
         checkout_burst=t.integer("checkout_burst", _D.checkout_burst, 1, MAX_BURST),
+        renewals_per_second=t.number("renewals_per_second", _D.renewals_per_second, 0.01, MAX_RATE),
         shutdown_timeout=t.duration("shutdown_timeout", _D.shutdown_timeout),
         reap_interval=t.duration("reap_interval", _D.reap_interval),
         log_level=log_level,

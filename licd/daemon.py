@@ -258,7 +258,11 @@ class Daemon:
         # A relayed licence's terms come from upstream, never from the database.
         relayed_ids = {r.id for r in config.relayed}
         stored = [x for x in stored if x.id not in relayed_ids]
-        engine = Engine(_merge_licences(stored, config.licences), groups=config.groups)
+        engine = Engine(
+            _merge_licences(stored, config.licences),
+            groups=config.groups,
+            renew_min_rate=config.server.renewals_per_second,
+        )
         if config.upstream is not None:
             relay = Relay(
                 config.upstream,

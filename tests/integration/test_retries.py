@@ -64,3 +64,22 @@ async def test_retries_over_the_wire(tmp_path: Path) -> None:
         assert daemon.engine.in_use(DICOM.id) == 2
         for peer in (b, c):
             await peer.close()
+
+
+async def test_a_heartbeat_loop_is_rate_limited_as_configured(tmp_path: Path) -> None:
+    clock = FakeClock()
+    for per_second, refused in ((1.0, True), (1_000.0, False)):
+        state = tmp_path / str(per_second)
+        config = make_config(state, renewals_per_second=per_second)
+        async with running(config, clock) as daemon:
+            peer = await RawPeer.connect(address(daemon))
+            await peer.hello()
+            lease = (await peer.checkout())["lease"]
+            errors = []
+            for _ in range(100):
+                clock.advance(0.01)
+                beat = await peer.call("heartbeat", lease=lease, nonce=os.urandom(16))
+                errors.append(beat.get("error"))
+            assert ("rate_limited" in errors) is refused, errors
+            assert errors[:10] == [None] * 10  # the burst, whatever the rate
+            await peer.close()

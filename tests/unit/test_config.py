@@ -782,3 +782,10 @@ def test_rate_limits_and_audit_retention(tmp_path: Path) -> None:
 def test_rate_limit_and_audit_errors_name_the_key(tmp_path: Path, text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(text, tmp_path / "c.toml")
+
+
+def test_renewals_per_second_reaches_the_engine(tmp_path: Path) -> None:
+    config = parse_config("[server]\nrenewals_per_second = 50\n", tmp_path / "licd.toml")
+    assert config.server.renewals_per_second == 50.0
+    with pytest.raises(ConfigError, match=r"renewals_per_second"):
+        parse_config("[server]\nrenewals_per_second = 0\n", tmp_path / "licd.toml")
