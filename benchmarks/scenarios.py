@@ -33,6 +33,7 @@ from .daemon import (
 from .flood import flood
 from .floor import FloorServer
 from .harness import MIB, Context, Options, Run, drive, errors, lat, noise, per_req, profile
+from .renewals import renewals
 from .stats import Figure, Target
 
 __all__ = ["SCENARIOS", "Context", "Options"]
@@ -508,4 +509,5 @@ SCENARIOS = {
     "scale": scale,
     "restart": restart,
     "flood": flood,
+    "renewals": renewals,
 }
