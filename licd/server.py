@@ -182,8 +182,14 @@ class Connection(asyncio.Protocol):
             if frame is None:
                 break
             before_hello = not session.hello_done
-            self._push(self.dispatcher.handle(session, frame))
+            answer = self.dispatcher.handle(session, frame)
+            self._push(answer)
             took = True
+            if isinstance(answer, tuple) and answer[1]:
+                # An answer that closes the connection ends it here, even while replies
+                # before it are still owed: no frame after it is carried out.
+                self._pause(BROKEN)
+                return
             if before_hello:
                 if session.hello_done:
                     decoder.max_frame = self.config.max_frame
