@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, cast
 
 from licd_client.wire import MAX_FRAME_AFTER_HELLO, REPLY_LIMITS, FrameDecoder, encode
 
@@ -102,8 +102,7 @@ class FrameClient(asyncio.Protocol):
         self._rid = 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)  # any asyncio loop's
 
     def data_received(self, data: bytes) -> None:
         try:
