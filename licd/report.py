@@ -133,7 +133,10 @@ def usage_slots(
             seeded += 1
             peaks[seeded] = total
         if entry.get("event") == "denied":
-            denials[k] += 1
+            # Repeated denials are one audit entry with their `count` (docs/admin.md),
+            # all of them counted in the slot of the entry's time (the latest).
+            times = (entry.get("detail") or {}).get("count", 1)
+            denials[k] += times if isinstance(times, int) and times > 0 else 1
         elif is_overdraft(entry):
             overdraft[k] += 1
         level = level_after(entry)

@@ -294,6 +294,16 @@ def test_overdraft_checkouts_and_denials_are_counted_per_slot() -> None:
     assert [(s.peak, s.denials, s.overdraft) for s in slots] == [(12, 1, 2), (12, 2, 0)]
 
 
+def test_a_counted_denial_entry_counts_every_denial_it_stands_for() -> None:
+    entries = [
+        entry(DAY0 + 1, "denied", reason="seats_exhausted"),
+        entry(DAY0 + 50, "denied", reason="seats_exhausted", detail={"count": 41}),
+        entry(DAY0 + SLOT + 1, "denied", reason="seats_exhausted", detail={"count": "x"}),
+    ]
+    slots = usage_slots(entries, licence="cad", start=DAY0, end=DAY0 + 2 * SLOT, slot=SLOT)
+    assert [s.denials for s in slots] == [42, 1]
+
+
 def test_a_range_off_the_boundaries_ends_with_a_partial_slot() -> None:
     slots = usage_slots([], licence=None, start=DAY0, end=DAY0 + 400, slot=SLOT)
     assert [(s.start - DAY0, s.end - DAY0) for s in slots] == [(0, 180), (180, 360), (360, 400)]
