@@ -123,14 +123,19 @@ class RawPeer:
         return await self.call("checkout", key=key, holder=(h or holder()).to_wire(), **args)
 
     async def closed(self, within: float = 5.0) -> bool:
-        """True when the daemon closes the connection (after any pending replies)."""
+        """True when the daemon closes the connection (after any pending replies, which
+        are dropped) within `within` seconds; False when it is still open then. Either
+        way our end is closed afterwards."""
         try:
             async with asyncio.timeout(within):
                 while await self.reader.read(65536):
                     pass
-        except (ConnectionError, OSError):
+        except TimeoutError:  # before OSError: since Python 3.11 it is one
+            return False
+        except OSError:  # a reset closes it too
             pass
-        await self.close()
+        finally:
+            await self.close()
         return True
 
     async def close(self) -> None:
@@ -157,8 +162,35 @@ async def scrape(addr: tuple[str, int]) -> dict[tuple[str, tuple[tuple[str, str]
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+#: Sockets holding the ports `reserved_port()` handed out; closed after each test by
+#: the autouse fixture in tests/conftest.py.
+_RESERVED: list[socket.socket] = []
+
+
+def reserved_port(host: str = "127.0.0.1") -> int:
+    """A port on `host` that daemons of this test may bind, again and again, and no other
+    process can take until the test ends: for a daemon restarted on the same address, or
+    an address that must be named (router upstream) before its daemon starts.
+
+    Prefer port 0 and `address(daemon)`: only use this where the port must outlive one
+    daemon. The port is held by a bound, never listening socket with SO_REUSEADDR. Linux
+    lets another SO_REUSEADDR socket (asyncio's `create_server` sets it) bind and listen
+    on it, while a plain `bind` elsewhere fails with EADDRINUSE and `bind(port 0)` or an
+    outgoing connection never picks it. Connecting to it while no daemon listens is
+    refused at once.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+    except BaseException:
+        sock.close()
+        raise
+    _RESERVED.append(sock)
+    return port
+
+
+def release_reserved_ports() -> None:
+    while _RESERVED:
+        _RESERVED.pop().close()

@@ -28,7 +28,7 @@ from licd_client import AsyncClient, LeaseState
 from licd_client.errors import LeaseUnknown, UnknownLicence
 from licd_client.wire import REPLY_LIMITS, FrameDecoder
 from tests.integration.procs import DICOM_TOML, Daemons, write_config
-from tests.support import DICOM, RawPeer, address, free_port, holder, make_config, running
+from tests.support import DICOM, RawPeer, address, holder, make_config, running
 
 
 async def admin(daemon: Daemon, op: str, **args: Any) -> dict[str, Any]:
@@ -106,8 +106,8 @@ async def test_a_uid_not_allowed_is_refused_before_any_command(
 
 
 async def test_admin_edits_reach_the_holder_on_its_next_heartbeat(tmp_path: Path) -> None:
-    port = free_port()
-    async with running(make_config(tmp_path, listen=(("127.0.0.1", port),))) as daemon:
+    async with running(make_config(tmp_path)) as daemon:
+        _, port = address(daemon)
         client = AsyncClient(f"127.0.0.1:{port}", daemon.signer.public, retry_for=0)
         lease = await client.checkout(DICOM.key)
         assert lease.features == DICOM.features
@@ -128,8 +128,8 @@ async def test_admin_edits_reach_the_holder_on_its_next_heartbeat(tmp_path: Path
 
 
 async def test_revoke_is_seen_by_the_client_as_lost(tmp_path: Path) -> None:
-    port = free_port()
-    async with running(make_config(tmp_path, listen=(("127.0.0.1", port),))) as daemon:
+    async with running(make_config(tmp_path)) as daemon:
+        _, port = address(daemon)
         lost: list[Exception] = []
         client = AsyncClient(f"127.0.0.1:{port}", daemon.signer.public, retry_for=0)
         lease = await client.checkout(DICOM.key, on_lost=lost.append)

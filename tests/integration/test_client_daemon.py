@@ -9,7 +9,7 @@ import pytest
 from licd.clock import FakeClock
 from licd_client import AsyncClient, LeaseState, ManualClock
 from licd_client.errors import ConnectionLost, LeaseUnknown, SeatsExhausted
-from tests.support import DICOM, free_port, make_config, running
+from tests.support import DICOM, address, make_config, reserved_port, running
 
 
 def client_for(
@@ -19,8 +19,8 @@ def client_for(
 
 
 async def test_seed_000_with_the_client_library(tmp_path: Path) -> None:
-    port = free_port()
-    async with running(make_config(tmp_path, listen=(("127.0.0.1", port),))) as daemon:
+    async with running(make_config(tmp_path)) as daemon:
+        _, port = address(daemon)
         key = daemon.signer.public
         clients = [client_for(port, key) for _ in range(4)]
         a, b, c = [await cl.checkout(DICOM.key) for cl in clients[:3]]
@@ -39,8 +39,8 @@ async def test_seed_000_with_the_client_library(tmp_path: Path) -> None:
 
 async def test_renewal_reaches_the_daemon(tmp_path: Path) -> None:
     clock = FakeClock()
-    port = free_port()
-    async with running(make_config(tmp_path, listen=(("127.0.0.1", port),)), clock) as daemon:
+    async with running(make_config(tmp_path), clock) as daemon:
+        _, port = address(daemon)
         cclock = ManualClock()
         client = client_for(port, daemon.signer.public, cclock)
         lease = await client.checkout(DICOM.key)
@@ -57,7 +57,7 @@ async def test_renewal_reaches_the_daemon(tmp_path: Path) -> None:
 
 async def test_lease_survives_a_daemon_restart(tmp_path: Path) -> None:
     clock = FakeClock()
-    port = free_port()
+    port = reserved_port()  # the restarted daemon must be where the client knows it
     config = make_config(tmp_path, listen=(("127.0.0.1", port),))
     cclock = ManualClock()
     async with running(config, clock) as daemon:
@@ -75,8 +75,8 @@ async def test_lease_survives_a_daemon_restart(tmp_path: Path) -> None:
 
 async def test_reclaimed_lease_is_reported_lost(tmp_path: Path) -> None:
     clock = FakeClock()
-    port = free_port()
-    async with running(make_config(tmp_path, listen=(("127.0.0.1", port),)), clock) as daemon:
+    async with running(make_config(tmp_path), clock) as daemon:
+        _, port = address(daemon)
         lost: list[Exception] = []
         client = client_for(port, daemon.signer.public)
         lease = await client.checkout(DICOM.key, on_lost=lost.append)
@@ -90,7 +90,7 @@ async def test_reclaimed_lease_is_reported_lost(tmp_path: Path) -> None:
 
 
 async def test_strict_validation_needs_the_daemon(tmp_path: Path) -> None:
-    port = free_port()
+    port = reserved_port()  # while no daemon listens there, connecting is refused
     config = make_config(tmp_path, listen=(("127.0.0.1", port),))
     async with running(config) as daemon:
         # The real clock: after the daemon stops, the final checkin gives up after 0.3 s.

@@ -20,7 +20,7 @@ from licd.engine.licence import Counter
 from licd.events import Event, Kind
 from licd.service import LicenceService
 from licd.store import Store
-from licd_client.errors import LicdError, Unavailable, UnknownLicence
+from licd_client.errors import BadRequest, LicdError, Unavailable, UnknownLicence
 from licd_client.wire import encode
 from tests.support import DICOM, RawPeer, address, holder, make_config, running
 
@@ -81,20 +81,36 @@ async def test_checkout_with_huge_pid_fails_alone(tmp_path: Path) -> None:
 
 
 async def test_remove_licence_racing_a_checkout_keeps_engine_and_db_in_step(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with rig(tmp_path) as r:
         await r.store.put_licence(DICOM, Event(Kind.LICENCE_ADDED, r.clock.now().wall))
+        # The removal's DELETE waits at a gate the test opens: the checkout is placed
+        # while the removal is under way and before its DELETE is committed.
+        committing, gate = asyncio.Event(), asyncio.Event()
+        delete_licence = r.store.delete_licence
+
+        async def gated_delete(licence_id: str, event: Event) -> None:
+            committing.set()
+            await gate.wait()
+            await delete_licence(licence_id, event)
+
+        monkeypatch.setattr(r.store, "delete_licence", gated_delete)
         removing = asyncio.create_task(r.service.remove_licence(DICOM.id))
-        for _ in range(3):
-            await asyncio.sleep(0)  # the removal is now committing its DELETE
-        with contextlib.suppress(LicdError):
-            await r.service.checkout(DICOM.key, holder(), request="r1", at=r.clock.now())
-        with contextlib.suppress(LicdError):
-            await removing
-        in_db = DICOM.id in {x.id for x in await r.store.load_licences()}
-        in_engine = r.engine.licence_by_id(DICOM.id) is not None
-        assert in_db == in_engine
+        await asyncio.wait_for(committing.wait(), 5.0)
+        # The race is on: the removal started and has not committed...
+        assert not removing.done()
+        assert DICOM.id in {x.id for x in await r.store.load_licences()}
+        assert r.engine.licence_by_id(DICOM.id) is not None
+        # ...and a checkout comes now. It must not be granted.
+        with pytest.raises(UnknownLicence, match="being removed"):
+            await r.service.checkout(DICOM.key, holder(), request="r" * 22, at=r.clock.now())
+        assert r.engine.in_use(DICOM.id) == 0
+        gate.set()
+        assert await asyncio.wait_for(removing, 5.0) == []
+        assert DICOM.id not in {x.id for x in await r.store.load_licences()}
+        assert r.engine.licence_by_id(DICOM.id) is None
+        assert await r.store.load_leases() == []
 
 
 # ------------------------------------------------------------------ metered counters
@@ -128,12 +144,26 @@ async def test_split_frame_does_not_doom_the_connection(tmp_path: Path) -> None:
         try:
             await peer.hello()
             frame = encode({"op": "available", "id": 7, "key": DICOM.key})
+            [here] = daemon.server.connections
             await peer.send_bytes(frame[:3])
-            await asyncio.sleep(0.1)
+            # A round trip on another connection: by its answer the daemon has read every
+            # connection that was readable before, so it holds the frame's first part.
+            witness = await RawPeer.connect(address(daemon))
+            await witness.hello()
+            await witness.close()
+            assert here.decoder.buffered
+            started = here._frame_started
+            assert started is not None  # a frame begun: the frame timeout runs
+            assert here._deadline() <= started + config.server.frame_timeout
             await peer.send_bytes(frame[3:])
             first = await peer.recv()
             assert first is not None and first["ok"] is True
-            await asyncio.sleep(1.5)  # well within idle_timeout; that frame completed long ago
+            # The frame is whole: only silence counts now, against idle_timeout, so the
+            # connection outlives the frame timeout it was under a moment ago.
+            loop = asyncio.get_running_loop()
+            assert here._frame_started is None
+            assert here._deadline() > loop.time() + config.server.idle_timeout - 5
+            here._check_deadline()  # as the timer would, at any time from now on
             reply = await peer.call("available", key=DICOM.key)
             assert reply["ok"] is True
         finally:
@@ -171,8 +201,15 @@ async def test_admin_licence_add_with_huge_seats_is_refused(tmp_path: Path) -> N
         assert daemon.engine.licence_by_id("big") is None
 
 
-async def test_admin_audit_with_huge_after_is_a_bad_request(tmp_path: Path) -> None:
+@pytest.mark.parametrize("after", [HUGE, 2**64 - 1, -1], ids=["2**63", "2**64-1", "-1"])
+async def test_admin_audit_with_huge_after_is_a_bad_request(tmp_path: Path, after: int) -> None:
     async with running(make_config(tmp_path)) as daemon:
-        request = {"op": "audit", "id": 1, "after": HUGE}
-        with contextlib.suppress(LicdError):  # bad_request is a fine answer
-            await daemon.admin.ops.handle(request, 0)
+        request = {"op": "audit", "id": 1, "after": after}
+        with pytest.raises(BadRequest, match="audit: 'after' must be") as refused:
+            await asyncio.wait_for(daemon.admin.ops.handle(request, 0), 5.0)
+        assert refused.value.code == "bad_request"
+        await asyncio.wait_for(daemon.service.store.barrier(), 5.0)  # the writer lives
+        # The largest value SQLite holds is still a fine `after`: nothing after it.
+        largest = {"op": "audit", "id": 2, "after": HUGE - 1}
+        reply = await asyncio.wait_for(daemon.admin.ops.handle(largest, 0), 5.0)
+        assert reply["ok"] is True and reply["entries"] == []

@@ -15,7 +15,7 @@ from licd.daemon import Daemon
 from licd.engine.licence import Counter
 from licd_client import AsyncClient, tokens
 from licd_client.errors import QuotaExhausted
-from tests.support import DICOM, RawPeer, address, free_port, holder, make_config, running
+from tests.support import DICOM, RawPeer, address, holder, make_config, running
 
 METERED = replace(
     DICOM, seats=2, overdraft=1, counter=(Counter("scans", limit=5, dedup_window=3.0),)
@@ -56,10 +56,9 @@ async def test_consume_is_durable_and_deduplicated(tmp_path: Path) -> None:
 
 
 async def test_consume_through_the_client_library(tmp_path: Path) -> None:
-    port = free_port()
-    config = make_config(tmp_path, METERED, listen=(("127.0.0.1", port),))
-    async with running(config) as daemon:
-        client = AsyncClient(f"127.0.0.1:{port}", daemon.signer.public, retry_for=0)
+    async with running(make_config(tmp_path, METERED)) as daemon:
+        host, port = address(daemon)
+        client = AsyncClient(f"{host}:{port}", daemon.signer.public, retry_for=0)
         lease = await client.checkout(DICOM.key)
         assert (await lease.consume("scans", 5)).remaining == 0
         try:

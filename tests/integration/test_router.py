@@ -36,7 +36,7 @@ from licd_client.errors import Denied, TokenInvalid, UpstreamUnavailable
 from licd_client.messages import Checkout
 from tests.fakelicd import FakeLicd
 from tests.integration.procs import run_licd
-from tests.support import DICOM, RawPeer, address, free_port, holder, make_config, running
+from tests.support import DICOM, RawPeer, address, holder, make_config, reserved_port, running
 
 WAIT = 10.0  # bound on every wait for a background step
 
@@ -114,7 +114,7 @@ class Site:
 
 def fixed_port(config: Config) -> Config:
     """`config` listening on a port of its own, so a restart keeps the address."""
-    server = dataclasses.replace(config.server, listen=(("127.0.0.1", free_port()),))
+    server = dataclasses.replace(config.server, listen=(("127.0.0.1", reserved_port()),))
     return dataclasses.replace(config, server=server)
 
 
@@ -841,7 +841,7 @@ async def test_refused_upstream_lease_is_given_back(
 async def test_router_without_a_block_answers_upstream_unavailable(
     sites: list[Site], tmp_path: Path, clock: FakeClock
 ) -> None:
-    nobody = f"127.0.0.1:{free_port()}"  # no upstream listening there
+    nobody = f"127.0.0.1:{reserved_port()}"  # no upstream listening there
     rcfg = router_config(tmp_path / "r", nobody, bytes(SigningKey.generate().verify_key))
     router = await start(sites, rcfg, clock)
     state = await block_refused(router.daemon)

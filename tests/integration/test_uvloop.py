@@ -5,6 +5,7 @@ must do, not only the standard one (whose classes uvloop's transports do not der
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
 import secrets
@@ -25,10 +26,11 @@ async def _serve_everyone(tmp_path: Path) -> None:
     config = dataclasses.replace(
         make_config(tmp_path), metrics=MetricsConfig(listen=("127.0.0.1", 0))
     )
-    async with running(config) as daemon:
+    async with running(config) as daemon, contextlib.AsyncExitStack() as cleanup:
         host, port = address(daemon)
         # By hand: hello, checkout, heartbeat, checkin.
         peer = await RawPeer.connect((host, port))
+        cleanup.push_async_callback(peer.close)
         await peer.hello()
         lease = await peer.checkout(request=secrets.token_hex(16))
         assert lease["ok"], lease
@@ -41,6 +43,7 @@ async def _serve_everyone(tmp_path: Path) -> None:
         assert await peer.closed()
         # The client library, on this loop too.
         client = AsyncClient(f"{host}:{port}", daemon.signer.public, retry_for=0)
+        cleanup.push_async_callback(client.aclose)
         held = await client.checkout(DICOM.key)
         await held.renew_once()
         # The admin socket and the metrics endpoint.
@@ -55,7 +58,6 @@ async def _serve_everyone(tmp_path: Path) -> None:
         await held.release()
         assert held.state is LeaseState.RELEASED
         assert daemon.engine.in_use(DICOM.id) == 0
-        await client.aclose()
 
 
 def test_a_daemon_under_uvloop_serves_clients_admins_and_scrapers(tmp_path: Path) -> None:
