@@ -1,5 +1,5 @@
 """The daemon's Ed25519 key: created on first start, kept in the state directory, and
-used to sign every lease token (PROTOCOL.md section 4).
+used to sign every lease token (docs/protocol.md section 4).
 
 The key file holds the 32-byte seed as 64 hex digits, mode 0600, written once with
 O_EXCL so two starting daemons cannot overwrite each other's key.

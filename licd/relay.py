@@ -1,4 +1,4 @@
-"""The site router: licd relaying to an upstream licd (PROTOCOL.md section 5).
+"""The site router: licd relaying to an upstream licd (docs/protocol.md section 5).
 
 Theory of operation. The upstream link is an ordinary `licd_client.AsyncClient`; every
 token upstream returns is verified against `[upstream] trust` before it is used, and a

@@ -28,7 +28,7 @@ Address: TypeAlias = tuple[str, int]
 SERVER_ENV = "LICD_SERVER"
 DEFAULT_PORT = 27500
 DEFAULT_SERVERS: tuple[Address, ...] = (("127.0.0.1", DEFAULT_PORT),)
-#: At most this many requests in flight on one connection (PROTOCOL.md section 1).
+#: At most this many requests in flight on one connection (docs/protocol.md section 1).
 MAX_PIPELINE = 8
 READ_CHUNK = 65536
 

@@ -1,6 +1,6 @@
 """The one exception tree shared by the daemon and every client.
 
-Each wire error code of PROTOCOL.md section 6 has exactly one class here, carrying its
+Each wire error code of docs/protocol.md section 6 has exactly one class here, carrying its
 code; `from_wire` maps a received error frame back to its class. The daemon raises these
 and `licd.dispatch` turns them into error frames; the client raises them to the app.
 Errors that never cross the wire (a bad token, a lost connection) derive from
@@ -127,7 +127,7 @@ class Internal(LicdError):
 
 
 #: Wire code -> class. Built from the classes above; a unit test checks it is one-to-one
-#: and covers exactly the codes of PROTOCOL.md section 6.
+#: and covers exactly the codes of docs/protocol.md section 6.
 REGISTRY: dict[str, type[LicdError]] = {
     cls.code: cls
     for cls in (

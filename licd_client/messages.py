@@ -1,4 +1,4 @@
-"""Typed messages of PROTOCOL.md sections 2 and 3: frozen dataclasses, strict schemas.
+"""Typed messages of docs/protocol.md sections 2 and 3: frozen dataclasses, strict schemas.
 
 Past the decoder nothing handles raw dicts: `parse_request()` turns a decoded map into a
 request type (exact keys, types and lengths, else BadRequest), `parse_reply()` does the
@@ -417,7 +417,7 @@ MAX_MESSAGE = 1000
 
 
 def error_frame(rid: int | None, exc: LicdError) -> dict[str, Any]:
-    """The failure envelope of PROTOCOL.md section 2 for one error."""
+    """The failure envelope of docs/protocol.md section 2 for one error."""
     message = exc.message
     if len(message) > MAX_MESSAGE:
         message = message[: MAX_MESSAGE - 1] + "…"

@@ -1,4 +1,4 @@
-"""Signed statements of PROTOCOL.md section 4: lease tokens, certificates, delegation.
+"""Signed statements of docs/protocol.md section 4: lease tokens, certificates, delegation.
 
 A statement is a 64-byte Ed25519 signature followed by the msgpack payload it signs
 (PyNaCl's `SigningKey.sign()` output). `sign()` makes one; `verify_lease()` accepts a

@@ -1,4 +1,4 @@
-"""Framing of PROTOCOL.md section 1, with no I/O: bytes in, msgpack maps out, and back.
+"""Framing of docs/protocol.md section 1, with no I/O: bytes in, msgpack maps out, and back.
 
 Theory of operation: a frame is a 4-byte big-endian length N and N bytes holding one
 msgpack map with string keys. `FrameDecoder.feed()` buffers bytes; `next_frame()` returns
@@ -21,10 +21,10 @@ from .errors import BadRequest, FrameTooLarge, LicdError
 
 PREFIX = struct.Struct(">I")
 
-#: Frame limits of PROTOCOL.md section 1.
+#: Frame limits of docs/protocol.md section 1.
 MAX_FRAME_BEFORE_HELLO = 1024
 MAX_FRAME_AFTER_HELLO = 16384
-#: Admin frames on the Unix socket (PROTOCOL.md section 8).
+#: Admin frames on the Unix socket (docs/protocol.md section 8).
 MAX_FRAME_ADMIN = 1024 * 1024
 
 
@@ -38,7 +38,7 @@ class DecodeLimits:
     max_map_len: int = 32
 
 
-#: What the daemon accepts from clients (PROTOCOL.md section 1).
+#: What the daemon accepts from clients (docs/protocol.md section 1).
 REQUEST_LIMITS = DecodeLimits()
 #: What a client accepts from the daemon: replies carry tokens and chains larger than
 #: any request field, but are still bounded by the frame length.

@@ -1,6 +1,6 @@
 """A fake licd for client tests: the wire protocol over real TCP, with knobs to misbehave.
 
-It speaks PROTOCOL.md sections 1-4 with `licd_client.wire`/`messages`, signs tokens with
+It speaks docs/protocol.md sections 1-4 with `licd_client.wire`/`messages`, signs tokens with
 a test key, keeps its leases across `restart()` on the same port, and can drop replies,
 answer errors or tamper with tokens on demand. It is not the daemon: no durability, no
 reaping, no policies. `ThreadedFakeLicd` runs one in a background loop for blocking tests.

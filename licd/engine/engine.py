@@ -4,7 +4,7 @@ Theory of operation:
 - A licence's seats in use are the seats of its leases in any state (pending, live,
   releasing). A seat is counted from the moment it is granted in memory, before its
   commit, and until its release is committed: so a failed commit can never leave more
-  seats granted than the licence allows (PROTOCOL.md section 7, never over-allocate).
+  seats granted than the licence allows (docs/protocol.md section 7, never over-allocate).
 - `checkout` grants and returns a PENDING lease; the caller persists it, then calls
   `confirm` (or `abort` if the commit failed, which frees the seat again).
 - `begin_release` (checkin) and `due` (reclaim) mark leases RELEASING; the caller

@@ -1,4 +1,4 @@
-"""Site routers (PROTOCOL.md section 5) against a vendor licd, all on 127.0.0.1.
+"""Site routers (docs/protocol.md section 5) against a vendor licd, all on 127.0.0.1.
 
 Every daemon runs in the test's event loop (`tests.support.running`) on one shared
 `FakeClock`, so "a day later" is `clock.advance(86400)`. The relay's own keeper loop

@@ -20,7 +20,7 @@ from licd_client.errors import (
     from_wire,
 )
 
-#: The codes of PROTOCOL.md section 6, written out by hand on purpose.
+#: The codes of docs/protocol.md section 6, written out by hand on purpose.
 PROTOCOL_CODES = [
     "bad_request",
     "frame_too_large",

@@ -1,6 +1,6 @@
 """Unit tests of licd_client.messages: strict request schemas, envelopes, typed replies.
 
-Requests are held to PROTOCOL.md sections 2 and 3 exactly (every problem is a
+Requests are held to docs/protocol.md sections 2 and 3 exactly (every problem is a
 BadRequest naming the key); replies are parsed leniently about new keys but strictly
 about the ones they carry.
 """

@@ -1,4 +1,4 @@
-"""Unit tests of licd_client.tokens: signed statements and trust chains (PROTOCOL.md s. 4).
+"""Unit tests of licd_client.tokens: signed statements and trust chains (protocol section 4).
 
 Payloads are built here by hand, with PyNaCl keys, exactly as the protocol describes them,
 so the verifier is checked against the contract rather than against the daemon's signer.

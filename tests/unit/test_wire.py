@@ -1,6 +1,6 @@
 """Unit tests of licd_client.wire: sans-I/O framing, decode limits, no resynchronisation.
 
-No sockets: bytes go into a FrameDecoder and maps come out (PROTOCOL.md section 1,
+No sockets: bytes go into a FrameDecoder and maps come out (docs/protocol.md section 1,
 ARCHITECTURE lesson 1).
 """
 
