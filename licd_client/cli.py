@@ -24,6 +24,7 @@ from typing import Any
 from .client import DEFAULT_CLIENT_NAME, SERVER_KEY_ENV
 from .connection import SERVER_ENV
 from .errors import ClientError, LicdError
+from .identity import HOSTID_ENV
 from .messages import MAX_SEATS, MIN_TTL
 from .safetext import OneLineFormatter, escape, one_line
 from .sync import Client, Lease
@@ -39,6 +40,8 @@ environment:
   {SERVER_ENV}      daemon address(es), host:port[,host:port...] (default 127.0.0.1:27500)
   {SERVER_KEY_ENV}  the daemon's public key, 64 hex digits (from `licd key show`);
                    a comma-separated list is allowed
+  {HOSTID_ENV}      this machine's host id, up to 255 characters (default: a salted
+                   hash of the machine id); set it in containers, which share one
 exit status:
   0 success; 1 no daemon reached or bad configuration; 2 usage error;
   3 the daemon refused (e.g. seats_exhausted); 4 the lease was lost while held.

@@ -234,3 +234,12 @@ def test_checkout_exits_when_the_lease_is_lost(server: ThreadedFakeLicd) -> None
         err == "licd-client: lease lost: lease_unknown: no such lease: it expired, "
         "was reclaimed or was revoked\n"
     )
+
+
+def test_help_names_every_environment_variable(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("LICD_SERVER", "LICD_SERVER_KEY", "LICD_HOSTID"):
+        assert f"  {name} " in out, name
