@@ -246,6 +246,13 @@ class AdminOps:
         user = f.text("user", max_len=255, required=False)
         after = f.text("after", max_len=64, required=False)
         limit = f.uint("limit", required=False, maximum=MAX_PAGE) or 1000
+        relay = self.daemon.relay
+        if (
+            licence is not None
+            and self.service.engine.licence_by_id(licence) is None
+            and (relay is None or not relay.is_relayed(licence))
+        ):
+            raise UnknownLicence(f"no licence with id {licence!r}")
         chosen = sorted(
             (
                 x
@@ -258,7 +265,6 @@ class AdminOps:
             key=lambda x: x.handle,
         )
         listed = [lease_listing(x) for x in chosen]
-        relay = self.daemon.relay
         if relay is not None:  # a router's forward-mode leases: held upstream
             listed += [
                 forwarded_listing(x)

@@ -144,7 +144,9 @@ async def test_leases_list_and_filter_but_never_show_the_secret(
     assert [x["handle"] for x in only_b["leases"]] == [b["handle"]]
     only_a = await ok_json("leases", "--user", "alice", "--licence", "dicom-hq", *sock(daemon))
     assert [x["handle"] for x in only_a["leases"]] == [a["handle"]]
-    assert (await ok("leases", "--licence", "nope", *sock(daemon))).strip() == "(no leases)"
+    # A licence that does not exist is an error, not an empty listing.
+    nope = await licd("leases", "--licence", "nope", *sock(daemon))
+    assert nope.exit_code != 0 and "no licence with id 'nope'" in nope.output
 
     # No command ever prints a lease secret.
     outputs = [out, json.dumps(data), await ok("status", *sock(daemon))]
