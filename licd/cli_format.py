@@ -197,9 +197,9 @@ def status_text(result: Mapping[str, Any]) -> str:
 def leases_text(leases: Sequence[Mapping[str, Any]]) -> str:
     if not leases:
         return "(no leases)"
-    head = ("HANDLE", "LICENCE", "HOST", "USER", "PID", "SEATS", "SINCE", "EXPIRES")
+    head = ("HANDLE", "LICENCE", "HOST", "HOSTID", "USER", "PID", "SEATS", "SINCE", "EXPIRES")
     rows = [
-        (x["handle"], x["licence"], x["host"], x["user"], x["pid"], x["seats"])
+        (x["handle"], x["licence"], x["host"], x["hostid"], x["user"], x["pid"], x["seats"])
         + (when(x["since"]), when(x["expires"]), when(x["last_heartbeat"]), x["ip"])
         for x in leases
     ]
@@ -279,7 +279,8 @@ AUDIT_HEADER = (
 
 def audit_line(entry: Mapping[str, Any]) -> str:
     """One audit entry in fixed-width columns (so `--follow` output stays aligned)."""
-    extra = [f"{name}={quoted(entry[name])}" for name in ("reason", "ip") if entry.get(name)]
+    names = ("hostid", "reason", "ip")
+    extra = [f"{name}={quoted(entry[name])}" for name in names if entry.get(name)]
     if entry.get("admin_uid") is not None:
         extra.append(f"admin_uid={quoted(entry['admin_uid'])}")
     if entry.get("detail"):  # JSON escapes all but DEL: one_line gets that too

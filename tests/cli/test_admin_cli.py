@@ -131,8 +131,12 @@ async def test_leases_list_and_filter_but_never_show_the_secret(
     a = await take(peer, "machine-a", "alice")
     b = await take(peer, "machine-b", "bob")
     out = await ok("leases", *sock(daemon))
-    assert out.splitlines()[0].split()[:6] == ["HANDLE", "LICENCE", "HOST", "USER", "PID", "SEATS"]
+    head = ["HANDLE", "LICENCE", "HOST", "HOSTID", "USER", "PID", "SEATS"]
+    assert out.splitlines()[0].split()[:7] == head
     assert a["handle"] in out and b["handle"] in out and "127.0.0.1" in out
+    # Machines are told apart by hostid too (two may share a host name).
+    assert "id-machine-a" in out and "id-machine-b" in out
+    assert "hostid=id-machine-a" in await ok("audit", *sock(daemon))
     assert "2026-09-21 " in out  # the fake clock's wall time, shown in UTC
 
     data = await ok_json("leases", *sock(daemon))
