@@ -84,7 +84,7 @@ class AlertMonitor:
     def __init__(
         self,
         config: AlertsConfig,
-        engine_view: Callable[[], Iterable[LicenceUsage]],
+        engine_view: Callable[[float], Iterable[LicenceUsage]],
         *,
         wall: Callable[[], float],
         monotonic: Callable[[], float],
@@ -129,7 +129,7 @@ class AlertMonitor:
         now = self._wall()
         alerts: list[Alert] = []
         seen: set[str] = set()
-        for usage in self._engine_view():
+        for usage in self._engine_view(now):
             seen.add(usage.id)
             expiring = self._check_expiry(usage, now)
             if expiring is not None:

@@ -215,8 +215,8 @@ def key_show(
 @main.command("check-config")
 @click.argument("path", type=FILE)
 def check_config(path: Path) -> None:
-    """Validate a config file and what it names (certificates, CA file, admin group);
-    print a summary or the first error."""
+    """Validate a config file and what it names (certificates, CA file, admin group and
+    socket, alert hook); print a summary or the first error."""
     config = _config(path)
     try:
         resolve_surroundings(config)

@@ -541,8 +541,27 @@ class Surroundings:
 
 
 def resolve_surroundings(config: Config) -> Surroundings:
-    """Each missing file or group is a StartupError naming it."""
+    """Each missing file or group, or an alert hook that cannot run, is a StartupError
+    naming it."""
+    _check_alert_hook(config)
     return Surroundings(_tls_context(config), _upstream_tls(config), _admin_access(config))
+
+
+def _check_alert_hook(config: Config) -> None:
+    """The [alerts] hook's command must be an executable regular file (if one is set)."""
+    if not config.alerts.hook:
+        return
+    command = config.alerts.hook[0]
+    try:
+        mode = os.stat(command).st_mode
+    except FileNotFoundError:
+        raise StartupError(f"alerts.hook: {command} does not exist") from None
+    except OSError as exc:
+        raise StartupError(f"alerts.hook: cannot read {command}: {exc.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise StartupError(f"alerts.hook: {command} is not a regular file")
+    if not os.access(command, os.X_OK):
+        raise StartupError(f"alerts.hook: {command} is not executable")
 
 
 def _tls_context(config: Config) -> ssl.SSLContext | None:

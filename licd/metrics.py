@@ -71,7 +71,7 @@ class LicenceUsage:
 
     id: str
     product: str
-    total: int  # seats the licence grants
+    total: int  # seats in force at that instant: the licence's plus its active add-ons'
     in_use: int
     expires: float | None  # wall clock seconds; None: never
 
@@ -80,10 +80,12 @@ class LicenceUsage:
         return max(0, self.total - self.in_use)
 
 
-def engine_usage(engine: Engine) -> list[LicenceUsage]:
-    """The current usage of every licence the engine serves (an `engine_view`)."""
+def engine_usage(engine: Engine, now: float) -> list[LicenceUsage]:
+    """The usage of every licence the engine serves at wall time `now` (an `engine_view`).
+    The one place a usage view's seats are computed: `Licence.seats_at(now)`, add-ons
+    included, as `licd status` and checkouts count them."""
     return [
-        LicenceUsage(lic.id, lic.product, lic.seats, engine.in_use(lic.id), lic.expires)
+        LicenceUsage(lic.id, lic.product, lic.seats_at(now), engine.in_use(lic.id), lic.expires)
         for lic in engine.licences
     ]
 
@@ -93,7 +95,7 @@ class _StateCollector:
 
     def __init__(
         self,
-        engine_view: Callable[[], Iterable[LicenceUsage]],
+        engine_view: Callable[[float], Iterable[LicenceUsage]],
         connections: Callable[[], int],
         clock_wall: Callable[[], float],
     ) -> None:
@@ -106,7 +108,9 @@ class _StateCollector:
         seat_labels = ("licence", "product")
         return (
             GaugeMetricFamily(
-                "licd_seats_licensed", "Seats the licence grants.", labels=seat_labels
+                "licd_seats_licensed",
+                "Seats in force: the licence's plus its active add-ons'.",
+                labels=seat_labels,
             ),
             GaugeMetricFamily(
                 "licd_seats_in_use", "Seats held by live leases.", labels=seat_labels
@@ -131,7 +135,7 @@ class _StateCollector:
     def collect(self) -> Iterator[Metric]:
         licensed, in_use, available, expiry, connections = self._families()
         now = self._wall()
-        for usage in self._engine_view():
+        for usage in self._engine_view(now):
             labels = (usage.id, usage.product)
             licensed.add_metric(labels, usage.total)
             in_use.add_metric(labels, usage.in_use)
@@ -147,7 +151,7 @@ class Metrics:
 
     def __init__(
         self,
-        engine_view: Callable[[], Iterable[LicenceUsage]],
+        engine_view: Callable[[float], Iterable[LicenceUsage]],
         connections: Callable[[], int],
         clock_wall: Callable[[], float],
     ) -> None:

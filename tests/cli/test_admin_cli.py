@@ -28,7 +28,8 @@ from licd.admin_client import AdminClient
 from licd.admin_server import Access
 from licd.cli import audit_entries, main
 from licd.clock import FakeClock
-from licd.daemon import Daemon
+from licd.config import load_config
+from licd.daemon import Daemon, StartupError
 from tests.support import DICOM, RawPeer, address, holder, make_config, running
 
 SITE_TOML = """\
@@ -657,6 +658,45 @@ def test_check_config(tmp_path: Path) -> None:
     path.write_text(router)
     result = CliRunner().invoke(main, ["check-config", str(path)])
     assert result.stdout == f"{path}: ok: listen 127.0.0.1:0, [::1]:0; 1 licence(s), 1 relayed\n"
+
+
+def test_check_config_passes_on_the_shipped_example() -> None:
+    example = Path(__file__).resolve().parents[2] / "config.example.toml"
+    result = CliRunner().invoke(main, ["check-config", str(example)])
+    assert (result.exit_code, result.stderr) == (0, "")
+    assert result.stdout == f"{example}: ok: listen 127.0.0.1:27500, [::1]:27500; 3 licence(s)\n"
+
+
+@pytest.mark.parametrize("problem", ["missing", "not executable", "a directory"])
+async def test_check_config_and_start_up_check_the_alert_hook(tmp_path: Path, problem: str) -> None:
+    hook = tmp_path / "licd-alert"
+    if problem == "a directory":
+        hook.mkdir(mode=0o755)
+        message = f"alerts.hook: {hook} is not a regular file"
+    elif problem == "not executable":
+        hook.write_text("#!/bin/sh\n")
+        hook.chmod(0o644)
+        message = f"alerts.hook: {hook} is not executable"
+    else:
+        message = f"alerts.hook: {hook} does not exist"
+    path = tmp_path / "licd.toml"
+    state = tmp_path / "state"
+    site = SITE_TOML.format(state=state, site="hq")
+    path.write_text(site + f'\n[alerts]\nhook = ["{hook}", "--page"]\n')
+    result = await asyncio.to_thread(CliRunner().invoke, main, ["check-config", str(path)])
+    assert (result.exit_code, result.stdout) == (1, "")
+    assert result.stderr == f"Error: {message}\n"  # one line, naming the key
+    with pytest.raises(StartupError) as raised:  # the daemon refuses to start alike
+        await Daemon.open(load_config(path))
+    assert str(raised.value) == message
+    assert not state.exists()  # refused before anything was made
+    # Once it is an executable file, both accept it.
+    if problem == "a directory":
+        hook.rmdir()
+    hook.write_text("#!/bin/sh\n")
+    hook.chmod(0o755)
+    result = await asyncio.to_thread(CliRunner().invoke, main, ["check-config", str(path)])
+    assert result.exit_code == 0, result.stderr
 
 
 # ------------------------------------------------------------------ cli_format

@@ -7,15 +7,20 @@ import json
 import logging
 import sys
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from licd import alerts as alerts_module
 from licd.alerts import Alert, AlertMonitor, run_hook_command
+from licd.clock import Instant
 from licd.config import AlertsConfig
+from licd.engine import Engine, Licence
+from licd.engine.licence import Addon
 from licd.events import Event, Kind
-from licd.metrics import LicenceUsage
+from licd.metrics import LicenceUsage, engine_usage
+from licd_client.messages import Holder
 
 NOW = 1_790_000_000.0
 DAY = 86400.0
@@ -32,7 +37,7 @@ class World:
         self.hooked: list[Alert] = []
         self.monitor = AlertMonitor(
             config or AlertsConfig(),
-            lambda: list(self.usage.values()),
+            lambda now: list(self.usage.values()),
             wall=lambda: self.wall,
             monotonic=lambda: self.mono,
             on_alert=self.raised.append,
@@ -176,6 +181,30 @@ def test_usage_of_each_licence_is_separate() -> None:
     assert w.kinds() == []
 
 
+def test_usage_counts_the_addon_seats_in_force() -> None:
+    """Usage is measured against the seats in force at the check's wall time: a licence of
+    2 seats with a +2 add-on holding 2 is at 50 % while the add-on runs, 100 % after."""
+    addon = Addon(seats=2, starts=NOW - DAY, ends=NOW + DAY)
+    engine = Engine([Licence(key="K-1", id="cad", product="CAD Pro", seats=2, addon=(addon,))])
+    for n in (1, 2):
+        holder = Holder(host=f"ws{n}", hostid=f"ws{n}-id", user="ann", pid=n, app="cad")
+        engine.confirm(engine.checkout("K-1", holder, request=f"r{n}", at=Instant(NOW, 1.0)).lease)
+    wall = [NOW]
+    monitor = AlertMonitor(
+        AlertsConfig(), partial(engine_usage, engine), wall=lambda: wall[0], monotonic=lambda: 0.0
+    )
+    assert monitor.check() == []  # 2 of 4: 50 %
+    holder = Holder(host="ws3", hostid="ws3-id", user="ann", pid=3, app="cad")
+    engine.confirm(engine.checkout("K-1", holder, request="r3", at=Instant(NOW, 1.0)).lease)
+    [alert] = monitor.check()  # 3 of 4
+    assert alert.message == "licence cad has 3 of 4 seats in use (75 %, threshold 75 %)"
+    assert (alert.detail["in_use"], alert.detail["total"]) == (3, 4)
+    wall[0] = NOW + DAY  # the add-on ends: 3 seats in use of 2
+    [alert] = monitor.check()
+    assert alert.message == "licence cad has 3 of 2 seats in use (150 %, threshold 100 %)"
+    assert alert.detail["total"] == 2
+
+
 # --- events: silent holders and denials -------------------------------------------------
 
 
@@ -303,7 +332,7 @@ def test_a_failing_callback_is_logged_not_raised(caplog: pytest.LogCaptureFixtur
 
     monitor = AlertMonitor(
         AlertsConfig(),
-        lambda: [LicenceUsage("cad", "CAD", 1, 1, None)],
+        lambda now: [LicenceUsage("cad", "CAD", 1, 1, None)],
         wall=lambda: NOW,
         monotonic=lambda: 0.0,
         on_alert=broken,
@@ -353,7 +382,7 @@ async def test_hooks_run_in_the_background_and_drain() -> None:
 
     monitor = AlertMonitor(
         AlertsConfig(),
-        lambda: [],
+        lambda now: [],
         wall=lambda: NOW,
         monotonic=lambda: 0.0,
         run_hook=hook,
@@ -382,7 +411,7 @@ async def test_hooks_are_bounded(
         running -= 1
 
     monitor = AlertMonitor(
-        AlertsConfig(), lambda: [], wall=lambda: NOW, monotonic=lambda: 0.0, run_hook=hook
+        AlertsConfig(), lambda now: [], wall=lambda: NOW, monotonic=lambda: 0.0, run_hook=hook
     )
     monkeypatch.setattr(monitor, "_hook_slots", asyncio.Semaphore(2))
     for n in range(5):
@@ -398,7 +427,7 @@ async def test_drain_cancels_hooks_that_outlast_the_grace() -> None:
         await asyncio.Event().wait()
 
     monitor = AlertMonitor(
-        AlertsConfig(), lambda: [], wall=lambda: NOW, monotonic=lambda: 0.0, run_hook=forever
+        AlertsConfig(), lambda now: [], wall=lambda: NOW, monotonic=lambda: 0.0, run_hook=forever
     )
     monitor.on_event(event(Kind.RECLAIM))
     await monitor.drain(grace=0.01)
@@ -410,7 +439,7 @@ async def test_a_hook_that_raises_is_logged(caplog: pytest.LogCaptureFixture) ->
         raise RuntimeError("hook broke")
 
     monitor = AlertMonitor(
-        AlertsConfig(), lambda: [], wall=lambda: NOW, monotonic=lambda: 0.0, run_hook=broken
+        AlertsConfig(), lambda now: [], wall=lambda: NOW, monotonic=lambda: 0.0, run_hook=broken
     )
     monitor.on_event(event(Kind.RECLAIM))
     await monitor.drain()
@@ -419,7 +448,7 @@ async def test_a_hook_that_raises_is_logged(caplog: pytest.LogCaptureFixture) ->
 
 def test_without_an_event_loop_the_hook_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
     config = AlertsConfig(hook=("/bin/true",))
-    monitor = AlertMonitor(config, lambda: [], wall=lambda: NOW, monotonic=lambda: 0.0)
+    monitor = AlertMonitor(config, lambda now: [], wall=lambda: NOW, monotonic=lambda: 0.0)
     monitor.on_event(event(Kind.RECLAIM))
     assert "reason=no_event_loop" in caplog.text
 
@@ -437,7 +466,7 @@ async def test_the_configured_hook_gets_the_alert_on_stdin(tmp_path: Path) -> No
     out = tmp_path / "alert.json"
     code = f"import sys; open({str(out)!r}, 'wb').write(sys.stdin.buffer.read())"
     config = replace(AlertsConfig(), hook=script(code), hook_timeout=30.0)
-    monitor = AlertMonitor(config, lambda: [], wall=lambda: NOW, monotonic=lambda: 0.0)
+    monitor = AlertMonitor(config, lambda now: [], wall=lambda: NOW, monotonic=lambda: 0.0)
     monitor.on_event(event(Kind.RECLAIM, handle="h9", host="ws9", user="eve"))
     await monitor.drain()
     document = json.loads(out.read_bytes())

@@ -589,18 +589,23 @@ def test_xdg_state_home_unset_empty_or_relative(
 
 
 def test_example_documents_admin_metrics_and_alerts() -> None:
-    doc = tomllib.loads(EXAMPLE.read_text(encoding="utf-8"))
+    text = EXAMPLE.read_text(encoding="utf-8")
+    doc = tomllib.loads(text)
+    # Shown commented out: they name a group and a file the machine must have.
+    commented = {"admin": {"group"}, "metrics": set(), "alerts": {"hook"}}
     for table, cls in (
         ("admin", AdminConfig),
         ("metrics", MetricsConfig),
         ("alerts", AlertsConfig),
     ):
-        assert set(doc[table]) == {f.name for f in dataclasses.fields(cls)}, table
+        assert set(doc[table]) | commented[table] == {f.name for f in dataclasses.fields(cls)}
+    assert '# group = "licd-admin"' in text
+    assert '# hook = ["/usr/local/bin/licd-alert"]' in text
     config = load_config(EXAMPLE)
-    assert config.admin == AdminConfig(Path("/var/lib/licd/admin.sock"), "licd-admin", (1000,))
+    assert config.admin == AdminConfig(Path("/var/lib/licd/admin.sock"), None, (1000,))
     assert config.metrics.listen == ("127.0.0.1", 9750)
     assert config.alerts.expiry_days == (15, 10) and config.alerts.denial_window == 600
-    assert config.alerts.hook == ("/usr/local/bin/licd-alert",)
+    assert config.alerts.hook == ()
 
 
 def test_admin_socket_defaults_to_the_state_dir(tmp_path: Path) -> None:

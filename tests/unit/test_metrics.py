@@ -7,12 +7,14 @@ import contextlib
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
+from functools import partial
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from licd.clock import Instant
 from licd.engine import Engine, Licence
+from licd.engine.licence import Addon
 from licd.events import Event, Kind
 from licd.metrics import DEFAULT_LIMITS, EndpointLimits, LicenceUsage, Metrics, engine_usage
 from licd_client.messages import Holder
@@ -33,7 +35,7 @@ class View:
         self.wall = NOW
 
     def metrics(self) -> Metrics:
-        return Metrics(lambda: self.usage, lambda: self.connections, lambda: self.wall)
+        return Metrics(lambda now: self.usage, lambda: self.connections, lambda: self.wall)
 
 
 def value(m: Metrics, name: str, **labels: str) -> float | None:
@@ -111,10 +113,36 @@ def test_engine_usage_reads_the_engine() -> None:
     )
     ws1 = Holder(host="ws1", hostid="ws1-id", user="ann", pid=1, app="cad")
     engine.confirm(engine.checkout("K-1", ws1, request="r1", at=Instant(NOW, 100.0)).lease)
-    assert engine_usage(engine) == [
+    assert engine_usage(engine, NOW) == [
         LicenceUsage("cad", "CAD Pro", 2, 1, NOW + DAY),
         LicenceUsage("viewer", "Viewer", 5, 0, None),
     ]
+
+
+def test_seat_gauges_count_the_addon_seats_in_force() -> None:
+    """An add-on's seats count in licd_seats_licensed/available while it is active, and
+    only then, at the scrape's wall time (as `licd status` and checkouts count them)."""
+    addon = Addon(seats=5, starts=NOW + DAY, ends=NOW + 2 * DAY)
+    engine = Engine([Licence(key="K-1", id="cad", product="CAD Pro", seats=10, addon=(addon,))])
+    ws1 = Holder(host="ws1", hostid="ws1-id", user="ann", pid=1, app="cad")
+    engine.confirm(engine.checkout("K-1", ws1, request="r1", at=Instant(NOW, 100.0)).lease)
+    wall = [NOW]
+    m = Metrics(partial(engine_usage, engine), lambda: 0, lambda: wall[0])
+    cad = {"licence": "cad", "product": "CAD Pro"}
+
+    def seats() -> tuple[float | None, ...]:
+        return tuple(
+            value(m, name, **cad)
+            for name in ("licd_seats_licensed", "licd_seats_in_use", "licd_seats_available")
+        )
+
+    assert seats() == (10, 1, 9)  # before the add-on starts
+    wall[0] = NOW + DAY  # it starts
+    assert seats() == (15, 1, 14)
+    wall[0] = NOW + 2 * DAY - 1
+    assert seats() == (15, 1, 14)
+    wall[0] = NOW + 2 * DAY  # it ends
+    assert seats() == (10, 1, 9)
 
 
 @pytest.mark.parametrize("openmetrics", [False, True])
@@ -290,7 +318,7 @@ async def test_a_client_that_never_finishes_its_head_gets_408(
 
 
 async def test_a_failing_view_costs_one_scrape(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken() -> list[LicenceUsage]:
+    def broken(now: float) -> list[LicenceUsage]:
         raise RuntimeError("boom")
 
     m = Metrics(broken, lambda: 0, lambda: NOW)
