@@ -27,7 +27,7 @@ from typing import Any
 
 from licd_client.connection import format_address
 from licd_client.errors import LicdError
-from licd_client.safetext import OneLineFormatter
+from licd_client.safetext import OneLineFormatter, kv_line
 
 from .admin import AdminOps
 from .admin_server import Access, AdminServer, check_socket_path
@@ -263,6 +263,8 @@ class Daemon:
             groups=config.groups,
             renew_min_rate=config.server.renewals_per_second,
         )
+        # The service publishes (and logs) every event, the relay's forwarded ones too.
+        service = LicenceService(engine, store, clock, events)
         if config.upstream is not None:
             relay = Relay(
                 config.upstream,
@@ -271,7 +273,7 @@ class Daemon:
                 store=store,
                 signer=signer,
                 clock=clock,
-                publish=events.publish,
+                publish=service.publish,
                 ssl=surroundings.upstream_tls,
             )
             await relay.load()  # a stored block's licence, before its sub-leases
@@ -285,7 +287,6 @@ class Daemon:
                 lease.handle,
             )
         log.info("event=restored leases=%d", len(kept) - len(skipped))
-        service = LicenceService(engine, store, clock, events)
         service.denial_log = DenialLog(config.audit.denial_interval)
         s = config.server
         limits = CheckoutLimits(
@@ -489,11 +490,20 @@ class Daemon:
                 for host, port in addresses:
                     log.info("event=listening addr=%s", format_address((host, port)))
                 log.info("event=admin_listening path=%s", self.admin.path)
+                # Served: the engine's own (database and config) and, on a router, every
+                # relayed one (forward-mode ones are never in the engine, block-mode ones
+                # only while a block is held), each counted once.
+                relayed = {r.id for r in self.config.relayed}
+                own = [x for x in self.engine.licences if x.id not in relayed]
                 log.info(
-                    "event=ready site=%s key=%s licences=%d",
-                    self.signer.site,
-                    self.signer.public.hex(),
-                    len(self.config.licences),
+                    "%s",
+                    kv_line(
+                        event="ready",
+                        site=self.signer.site,
+                        key=self.signer.public.hex(),
+                        licences=len(own) + len(relayed),
+                        relayed=len(relayed) if self.relay is not None else None,
+                    ),
                 )
                 listening = ", ".join(format_address(a) for a in addresses)
                 self._notifier.ready(

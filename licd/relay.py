@@ -346,7 +346,7 @@ class Relay:
         self.store = store
         self.signer = signer
         self.clock = clock
-        self.publish = publish
+        self.publish = publish  # the service's: logs the event, tells its subscribers
         self.rng = rng or random.Random()
         self.sleep = sleep  # the keepers' waits: a test's own moves its clock instead
         self.forward_keys = {r.key: r for r in relayed if r.mode == "forward"}

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from licd_client.errors import BadRequest, LeaseUnknown, LicdError, Unavailable, UnknownLicence
 from licd_client.messages import Holder
-from licd_client.safetext import quoted
+from licd_client.safetext import kv_line
 
 from .audit_upkeep import DenialLog
 from .clock import Clock, Instant
@@ -73,26 +73,29 @@ class LicenceService:
         return await asyncio.shield(asyncio.ensure_future(work()))
 
     def _log(self, event: Event) -> None:
-        """One `key=value` line; a value with a space, `=`, quote or control character
-        in it (a client chooses host and user) is repr-quoted, so it forges no key."""
+        """One `key=value` line (`kv_line`): absent fields left out, a value with a space,
+        `=`, quote or control character in it (a client chooses host and user)
+        repr-quoted, so it forges no key."""
         if not log.isEnabledFor(logging.INFO):
             return
-        pairs = [
-            ("event", event.kind.value),
-            ("licence", event.licence),
-            ("lease", event.handle),
-            ("seats", event.seats),
-            ("host", event.host),
-            ("user", event.user),
-            ("ip", event.ip),
-        ]
-        if event.reason:
-            pairs.append(("reason", event.reason))
-        if event.admin_uid is not None:
-            pairs.append(("admin_uid", event.admin_uid))
-        log.info("%s", " ".join(f"{key}={quoted(value)}" for key, value in pairs))
+        log.info(
+            "%s",
+            kv_line(
+                event=event.kind.value,
+                licence=event.licence,
+                lease=event.handle,
+                seats=event.seats,
+                host=event.host,
+                user=event.user,
+                ip=event.ip,
+                reason=event.reason or None,
+                admin_uid=event.admin_uid,
+            ),
+        )
 
-    def _published(self, event: Event) -> None:
+    def publish(self, event: Event) -> None:
+        """Log a committed change and tell the subscribers: the one path for every event
+        of the daemon's, its own and a router's relayed ones (`Relay.publish`)."""
         self._log(event)
         self.events.publish(event)
 
@@ -190,11 +193,14 @@ class LicenceService:
         entries = self.denial_log.due(at.mono, every=every)
         for entry in entries:
             log.info(
-                "event=denied_repeatedly licence=%s ip=%s reason=%s count=%s",
-                entry.licence,
-                entry.ip,
-                entry.reason,
-                entry.detail.get("count"),
+                "%s",
+                kv_line(
+                    event="denied_repeatedly",
+                    licence=entry.licence,
+                    ip=entry.ip,
+                    reason=entry.reason,
+                    count=entry.detail.get("count"),
+                ),
             )
             self.store.append_later(entry)
         return len(entries)
@@ -223,7 +229,7 @@ class LicenceService:
                 )
                 return
             self.engine.confirm(lease)
-            self._published(event)
+            self.publish(event)
 
         commit.add_done_callback(landed)
         return commit
@@ -340,7 +346,7 @@ class LicenceService:
                 return
             for lease, event in zip(leases, events, strict=True):
                 self.engine.released(lease)
-                self._published(event)
+                self.publish(event)
 
         commit.add_done_callback(landed)
         return commit
@@ -436,7 +442,7 @@ class LicenceService:
             except StoreError as exc:
                 raise Unavailable(f"{failure}: {exc}") from None
             apply()
-            self._published(event)
+            self.publish(event)
 
         await self._durably(commit)
 
@@ -444,7 +450,7 @@ class LicenceService:
         """A committed audit entry for something outside the seat rules (a reload)."""
         with contextlib.suppress(StoreError):
             await self.store.append(event)
-        self._published(event)
+        self.publish(event)
 
 
 class LicenceInUse(BadRequest):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 
 # What a terminal or a log reader would act on instead of showing: C0 (newline, ESC...),
 # DEL, C1 (NEL, CSI...), the line and paragraph separators, the bidirectional formatting
@@ -59,6 +60,14 @@ def quoted(value: object) -> str:
     if not isinstance(value, str):
         return str(value)
     return value if _BARE.fullmatch(value) else repr(value)
+
+
+def kv_line(pairs: Iterable[tuple[str, object]] = (), /, **more: object) -> str:
+    """A `key=value` log line from `pairs`, then `more`, in order: each value `quoted`,
+    and a key whose value is None (absent, unknown) left out rather than shown as
+    `None`, so `licence=None` can never be read as a licence of that name."""
+    items = [*pairs, *more.items()]
+    return " ".join(f"{key}={quoted(value)}" for key, value in items if value is not None)
 
 
 def csv_cell(value: object) -> str:

@@ -73,8 +73,6 @@ async def test_a_denial_with_a_newline_in_its_host_is_one_log_line(
     assert pairs(line) == {
         "level": "INFO",
         "event": "denied",
-        "licence": "None",
-        "lease": "None",
         "seats": "1",
         "host": FORGED_HOST,
         "user": FORGED_USER,

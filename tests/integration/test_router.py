@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import random
 from collections.abc import AsyncIterator, Callable
@@ -1228,3 +1229,67 @@ async def test_keeper_stops_serving_at_the_deadline_when_the_clock_is_set_back_m
         await relay.run_block(state)  # a second keeper, on this clock; the first sleeps
     assert clock.now().mono == pytest.approx(deadline) and not serving()
     assert len(naps) > 2  # it slept, tried to renew, and slept again
+
+
+# ------------------------------------------------------------------------------ logs
+
+
+def log_lines(caplog: pytest.LogCaptureFixture, start: str, level: int = logging.INFO) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno >= level and r.getMessage().startswith(start)
+    ]
+
+
+async def test_forward_mode_checkout_and_checkin_are_logged_once_each(
+    sites: list[Site], tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    _, router = await vendor_and_router(sites, tmp_path, clock, FORWARD)
+    async with peer(router.daemon) as p:
+        reply, _ = await checkout(p, "machine-a")
+        assert reply["ok"] is True, reply
+        assert (await p.call("checkin", lease=reply["lease"]))["released"] is True
+    common = f"licence={FORWARD.id} lease={reply['handle']} seats=1 host=machine-a user=alice"
+    assert log_lines(caplog, f"event=checkout licence={FORWARD.id} ") == [
+        f"event=checkout {common} ip=127.0.0.1"
+    ]
+    assert log_lines(caplog, f"event=checkin licence={FORWARD.id} ") == [
+        f"event=checkin {common} ip=127.0.0.1"
+    ]
+
+
+async def test_an_upstream_outage_logs_one_warning_not_one_per_request(
+    sites: list[Site], tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    other = dataclasses.replace(VENDOR, key="VEND-DICOM-0002", id="vendor-dicom-2")
+    block = dataclasses.replace(BLOCK, key=other.key)
+    vendor = await start(sites, vendor_config(tmp_path / "v", VENDOR, other), clock)
+    upstream, trust = server_of(vendor.daemon), vendor.daemon.signer.public
+    router = await start(
+        sites, router_config(tmp_path / "r", upstream, trust, FORWARD, block), clock
+    )
+    state = await block_taken(router.daemon)
+    async with peer(router.daemon) as p:
+        held, _ = await checkout(p, "machine-a")
+        assert held["ok"] is True
+        await vendor.stop()
+        before = len(caplog.records)
+        for n in range(10):
+            gone, _ = await checkout(p, f"machine-{n}")
+            assert gone["error"] == "upstream_unavailable"
+            beat = await p.call("heartbeat", lease=held["lease"], nonce=os.urandom(16))
+            assert beat["error"] == "upstream_unavailable"
+            if n < 3:  # block mode goes on from its block (of 3 seats), saying nothing
+                served = await p.checkout(block.key, holder(f"local-{n}"), nonce=os.urandom(16))
+                assert served["ok"] is True, served
+        for _ in range(3):  # the block keeper's retries, one line each at most
+            with contextlib.suppress(UpstreamUnavailable):
+                await relay_of(router.daemon).renew_block(state)
+    records = caplog.records[before:]
+    warnings = [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    [line] = warnings
+    assert line.startswith("event=upstream_failed kind=unreachable "), warnings
+    assert [r.getMessage() for r in records].count("event=upstream_disconnected") == 1

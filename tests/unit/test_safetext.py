@@ -11,7 +11,7 @@ import sys
 from hypothesis import given
 from hypothesis import strategies as st
 
-from licd_client.safetext import OneLineFormatter, csv_cell, escape, one_line, quoted
+from licd_client.safetext import OneLineFormatter, csv_cell, escape, kv_line, one_line, quoted
 
 # Every character the rule covers, spelled out here independently of the module.
 CONTROLS = [
@@ -129,3 +129,9 @@ def test_a_log_record_is_one_line_even_with_a_traceback() -> None:
     assert "\n" not in text and "\x1b" not in text
     assert text.startswith("level=ERROR host=a\\nlevel=INFO forged\\x1b[2J\\nTraceback")
     assert "ValueError: bad\\nvalue" in text
+
+
+def test_kv_line_leaves_absent_fields_out_and_quotes_the_rest() -> None:
+    line = kv_line([("event", "denied"), ("licence", None)], seats=0, user="a b", ip=None)
+    assert line == "event=denied seats=0 user='a b'"
+    assert kv_line() == ""
