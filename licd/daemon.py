@@ -370,7 +370,12 @@ class Daemon:
 
     def _check_reload(self, new: Config) -> None:
         """ConfigError when the new file cannot apply whole: a licence with the key of
-        another licence of the daemon's, or a group gone that a kept licence names."""
+        another licence of the daemon's, a group gone that a kept licence names, or an
+        alert hook that cannot run (reload applies [alerts] live)."""
+        try:
+            _check_alert_hook(new)
+        except StartupError as exc:
+            raise ConfigError(str(exc)) from None
         declared = {x.id for x in new.licences}
         for licence in new.licences:
             holder = self.engine.licence_for_key(licence.key)
@@ -495,20 +500,19 @@ class Daemon:
                 # only while a block is held), each counted once.
                 relayed = {r.id for r in self.config.relayed}
                 own = [x for x in self.engine.licences if x.id not in relayed]
+                served = len(own) + len(relayed)
                 log.info(
                     "%s",
                     kv_line(
                         event="ready",
                         site=self.signer.site,
                         key=self.signer.public.hex(),
-                        licences=len(own) + len(relayed),
+                        licences=served,
                         relayed=len(relayed) if self.relay is not None else None,
                     ),
                 )
                 listening = ", ".join(format_address(a) for a in addresses)
-                self._notifier.ready(
-                    f"serving {len(self.engine.licences)} licence(s) on {listening}"
-                )
+                self._notifier.ready(f"serving {served} licence(s) on {listening}")
                 if on_ready is not None:
                     on_ready(self)
                 await stop.wait()
