@@ -32,12 +32,12 @@ async def test_a_reload_naming_an_alert_hook_that_cannot_run_changes_nothing(
     async with running(config) as daemon:
         with pytest.raises(AdminError, match=r"alerts\.hook: .*alert-hook is not executable"):
             await admin(daemon, "reload")
-        assert daemon.config.alerts.hook == ()  # the old [alerts] stays
+        assert not daemon.config.alerts.hook  # the old [alerts] stays
         kinds = [e["event"] for e in (await admin(daemon, "audit"))["entries"]]
         assert kinds[-1] == "reload_failed"
         hook.chmod(0o755)
         await admin(daemon, "reload")
-        assert daemon.config.alerts.hook == (str(hook),)
+        assert list(daemon.config.alerts.hook) == [str(hook)]
 
 
 async def test_ready_status_counts_forward_mode_licences(tmp_path: Path) -> None:
