@@ -1,9 +1,9 @@
 """The admin CLI's side of the admin socket: one blocking request, one reply.
 
-It finds the socket (from the config file or an explicit path), sends one admin op in
-the protocol's framing and returns the reply map, or raises AdminError with a sentence
-a person can act on (daemon not running, socket not permitted, the daemon's refusal).
-It never opens the database.
+It is given the socket's path (and where that path came from, for its messages), sends
+one admin op in the protocol's framing and returns the reply map, or raises AdminError
+with a sentence a person can act on (no socket, a stale socket, socket not permitted, the
+daemon's refusal). It never opens the database.
 """
 
 from __future__ import annotations
@@ -19,6 +19,10 @@ from licd_client.messages import parse_error
 from licd_client.wire import MAX_FRAME_ADMIN, REPLY_LIMITS, FrameDecoder, encode
 
 DEFAULT_TIMEOUT = 30.0
+#: Ends every "not running": how to reach a daemon other than the one tried.
+ELSEWHERE = (
+    "to ask another daemon give --config FILE or --socket PATH, or set LICD_CONFIG or LICD_SOCKET"
+)
 _ids = itertools.count(1)
 
 
@@ -31,8 +35,13 @@ class AdminError(Exception):
 
 
 class AdminClient:
-    def __init__(self, path: Path, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """`origin` says where `path` came from ("from --config FILE"), in the messages."""
+
+    def __init__(
+        self, path: Path, *, origin: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
         self.path = path
+        self.origin = origin
         self.timeout = timeout
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
@@ -71,26 +80,29 @@ class AdminClient:
         sock.settimeout(self.timeout)
         try:
             sock.connect(str(self.path))
-        except FileNotFoundError:
-            sock.close()
-            raise AdminError(
-                f"the daemon is not running (no admin socket at {self.path})"
-            ) from None
-        except ConnectionRefusedError:
-            sock.close()
-            raise AdminError(
-                f"the daemon is not running (nothing listens on {self.path})"
-            ) from None
-        except PermissionError:
-            sock.close()
-            raise AdminError(
-                f"permission denied on {self.path}: run as the daemon's user, root, or a "
-                "member of the admin group ([admin] group in the config)"
-            ) from None
         except OSError as exc:
             sock.close()
-            raise AdminError(f"cannot reach the daemon at {self.path}: {exc.strerror}") from None
+            raise AdminError(self._unreachable(exc)) from None
         return sock
+
+    def _unreachable(self, exc: OSError) -> str:
+        """Why connecting to the socket failed, where it was (and why there), what to do."""
+        where = f"{self.path} ({self.origin})" if self.origin else str(self.path)
+        if isinstance(exc, FileNotFoundError | NotADirectoryError):
+            return f"the daemon is not running: no socket at {where}; {ELSEWHERE}"
+        if isinstance(exc, ConnectionRefusedError) and not self.path.is_socket():
+            return f"the daemon is not running: {where} is not a socket; {ELSEWHERE}"
+        if isinstance(exc, ConnectionRefusedError):
+            return (
+                f"the daemon is not running: connection refused on {where}, a socket left "
+                f"behind by a daemon that stopped; {ELSEWHERE}"
+            )
+        if isinstance(exc, PermissionError):
+            return (
+                f"permission denied on {where}: run as the daemon's user, root, or a member "
+                "of the admin group ([admin] group in the config)"
+            )
+        return f"cannot reach the daemon at {where}: {exc.strerror or exc}"
 
     @staticmethod
     def _read(sock: socket.socket) -> dict[str, Any]:

@@ -1,10 +1,12 @@
 """`licd`: the daemon's command line. Commands parse, call one function, print.
 
 `serve` runs the daemon (signals wired here); `check-config` validates a file; every
-other command is one or a few admin requests on the daemon's Unix socket, printed as a
-table for people or as JSON (`--json`) for scripts. It never opens the database. Errors
-are one sentence on stderr and exit 1, never a stack trace (usage errors exit 2). What
-the daemon sends is printed through cli_format (values escaped, licd_client.safetext).
+other command is one or a few admin requests on the daemon's Unix socket (chosen by
+--socket, --config, LICD_SOCKET, LICD_CONFIG or the embedded default, in that order),
+printed as a table for people or as JSON (`--json`) for scripts. It never opens the
+database. Errors are one sentence on stderr and exit 1, never a stack trace (usage
+errors exit 2). What the daemon sends is printed through cli_format (values escaped,
+licd_client.safetext).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import click
+from click.core import ParameterSource
 
 from licd_client.connection import format_address
 from licd_client.safetext import escape, one_line
@@ -42,36 +45,84 @@ FOLLOW_WAIT = 10.0  # seconds the daemon holds an `audit --follow` poll open
 CLEAR = "none"  # `licence update --expires none`: remove the date
 
 FILE = click.Path(dir_okay=False, path_type=Path)
+CONFIG_ENV = "LICD_CONFIG"  # the config file, wherever --config is not given
+SOCKET_ENV = "LICD_SOCKET"  # the admin socket, for the admin commands
+DEFAULT_ORIGIN = "the embedded default"
 CONFIG_OPTION = click.option(
-    "--config", "config_path", type=FILE, help="The TOML config file (default: built in)."
+    "--config",
+    "config_path",
+    type=FILE,
+    envvar=CONFIG_ENV,
+    show_envvar=True,
+    help="The TOML config file (default: built in).",
 )
 _ADMIN_OPTIONS = (
-    click.option("--config", "config_path", type=FILE, help="The file `licd serve` was given."),
     click.option(
-        "--socket", "socket_path", type=FILE, metavar="PATH", help="The daemon's admin socket."
+        "--config",
+        "config_path",
+        type=FILE,
+        envvar=CONFIG_ENV,
+        show_envvar=True,
+        help="The file `licd serve` was given; the daemon's admin socket is read from it.",
+    ),
+    click.option(
+        "--socket",
+        "socket_path",
+        type=FILE,
+        envvar=SOCKET_ENV,
+        show_envvar=True,
+        metavar="PATH",
+        help="The daemon's admin socket.",
     ),
     click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts."),
 )
 
 
-def _config(path: Path | None) -> Config:
+def _from_env(param: str) -> bool:
+    """Whether the current command's `param` was taken from its environment variable."""
+    source = click.get_current_context().get_parameter_source(param)
+    return source is ParameterSource.ENVIRONMENT
+
+
+def _config(path: Path | None, param: str = "config_path") -> Config:
+    """The config file at `path` (None: the embedded defaults), or exit 1 naming the
+    error, and LICD_CONFIG when the path came from there."""
     try:
         return default_config() if path is None else load_config(path)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(
+            f"{CONFIG_ENV}: {exc}" if _from_env(param) else str(exc)
+        ) from None
+
+
+def _admin_socket(config_path: Path | None, socket_path: Path | None) -> tuple[Path, str]:
+    """The admin socket and where its path came from. The command line beats the
+    environment, which beats the embedded default; at each, a socket beats a config file
+    (both on the command line is an error)."""
+    given_socket = socket_path is not None and not _from_env("socket_path")
+    given_config = config_path is not None and not _from_env("config_path")
+    if given_socket and given_config:
+        raise click.UsageError("give --config or --socket, not both")
+    if socket_path is not None and (given_socket or not given_config):
+        return socket_path, "from --socket" if given_socket else f"from {SOCKET_ENV}"
+    if config_path is not None:
+        name = "--config " if given_config else f"{CONFIG_ENV}="
+        return _config(config_path).admin_socket, f"from {name}{config_path}"
+    return default_config().admin_socket, DEFAULT_ORIGIN
 
 
 @dataclass
 class Admin:
-    """The daemon's admin socket, as one command sees it."""
+    """The daemon's admin socket (and where its path came from), as one command sees it."""
 
     socket: Path
+    origin: str
     json: bool
 
     def call(self, op: str, **args: Any) -> dict[str, Any]:
         """The op's results (the reply without its envelope); refusals become exit 1."""
         try:
-            reply = AdminClient(self.socket).call(op, **args)
+            reply = AdminClient(self.socket, origin=self.origin).call(op, **args)
         except AdminError as exc:
             raise click.ClickException(one_line(str(exc))) from None
         return {k: v for k, v in reply.items() if k not in ("id", "ok")}
@@ -87,11 +138,7 @@ def admin_command(f: Callable[..., None]) -> Callable[..., None]:
     def wrapper(
         *args: Any, config_path: Path | None, socket_path: Path | None, as_json: bool, **kw: Any
     ) -> None:
-        if config_path is not None and socket_path is not None:
-            raise click.UsageError("give --config or --socket, not both")
-        if socket_path is None:
-            socket_path = _config(config_path).admin_socket
-        f(Admin(socket_path, as_json), *args, **kw)
+        f(Admin(*_admin_socket(config_path, socket_path), as_json), *args, **kw)
 
     for option in reversed(_ADMIN_OPTIONS):
         wrapper = option(wrapper)
@@ -200,7 +247,7 @@ def key_show(
 ) -> None:
     """Print the public key clients pin (LICD_SERVER_KEY): 64 hex digits."""
     if socket_path is not None:
-        result = Admin(socket_path, as_json).call("key")
+        result = Admin(socket_path, "from --socket", as_json).call("key")
         click.echo(fmt.as_json(result) if as_json else result["key"])
         return
     if state_dir is None:
@@ -213,11 +260,11 @@ def key_show(
 
 
 @main.command("check-config")
-@click.argument("path", type=FILE)
+@click.argument("path", type=FILE, envvar=CONFIG_ENV)
 def check_config(path: Path) -> None:
-    """Validate a config file and what it names (certificates, CA file, admin group and
-    socket, alert hook); print a summary or the first error."""
-    config = _config(path)
+    """Validate a config file (PATH, else $LICD_CONFIG) and what it names (certificates,
+    CA file, admin group and socket, alert hook); print a summary or the first error."""
+    config = _config(path, "path")
     try:
         resolve_surroundings(config)
     except StartupError as exc:
@@ -235,7 +282,10 @@ def check_config(path: Path) -> None:
 def status(admin: Admin) -> None:
     """The daemon's state and every licence's seats and expiry."""
     result = admin.call("status")
-    admin.show(result, lambda: fmt.status_text(result))
+    # Which daemon this is: a `make run` one is never shown as if it were the one meant.
+    hint = "; --config, --socket or LICD_CONFIG choose another"
+    where = f"{admin.socket} ({admin.origin}{hint if admin.origin == DEFAULT_ORIGIN else ''})"
+    admin.show(result | {"admin_socket": str(admin.socket)}, lambda: fmt.status_text(result, where))
 
 
 @main.command()

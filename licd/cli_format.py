@@ -141,10 +141,13 @@ def fields(pairs: Sequence[tuple[str, Any]]) -> str:
 # ---------------------------------------------------------------------- commands
 
 
-def status_text(result: Mapping[str, Any]) -> str:
-    """`licd status`: the daemon's own state, then a table of licences."""
+def status_text(result: Mapping[str, Any], socket: str | None = None) -> str:
+    """`licd status`: the admin socket asked (`socket`, when given), the daemon's own
+    state, then a table of licences."""
+    asked = [] if socket is None else [("socket", socket)]
     daemon = fields(
-        [
+        asked
+        + [
             ("daemon", f"licd {result['version']}"),
             ("site", result["site"]),
             ("uptime", duration(result["uptime"])),

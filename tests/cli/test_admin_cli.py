@@ -15,7 +15,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from licd.cli import audit_entries, main
 from licd.clock import FakeClock
 from licd.config import load_config
 from licd.daemon import Daemon, StartupError
+from tests.integration.procs import run_licd
 from tests.support import DICOM, RawPeer, address, holder, make_config, running
 
 SITE_TOML = """\
@@ -53,19 +54,20 @@ seats = 5
 """
 
 
-async def licd(*args: str) -> Result:
-    """`licd ARGS...` on a worker thread (the daemon serves on this one)."""
-    return await asyncio.to_thread(CliRunner().invoke, main, list(args))
+async def licd(*args: str, env: Mapping[str, str] | None = None) -> Result:
+    """`licd ARGS...` (with `env` added to the environment) on a worker thread (the
+    daemon serves on this one)."""
+    return await asyncio.to_thread(CliRunner(env=env).invoke, main, list(args))
 
 
-async def ok(*args: str) -> str:
-    result = await licd(*args)
+async def ok(*args: str, env: Mapping[str, str] | None = None) -> str:
+    result = await licd(*args, env=env)
     assert result.exit_code == 0, (args, result.output, result.exception)
     return result.stdout
 
 
-async def ok_json(*args: str) -> Any:
-    return json.loads(await ok(*args, "--json"))
+async def ok_json(*args: str, env: Mapping[str, str] | None = None) -> Any:
+    return json.loads(await ok(*args, "--json", env=env))
 
 
 def sock(daemon: Daemon) -> tuple[str, str]:
@@ -91,6 +93,15 @@ async def take(peer: RawPeer, host: str = "machine-a", user: str = "alice", **ar
 async def heartbeat_error(peer: RawPeer, secret: str) -> Any:
     reply = await peer.call("heartbeat", lease=secret, nonce=os.urandom(16))
     return reply.get("error")
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_chosen_by_the_shell(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Neither a LICD_CONFIG or LICD_SOCKET exported where the tests run nor a daemon on
+    the embedded default (`make run`) reaches them."""
+    monkeypatch.delenv("LICD_CONFIG", raising=False)
+    monkeypatch.delenv("LICD_SOCKET", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "xdg"))
 
 
 @pytest.fixture
@@ -577,35 +588,130 @@ async def test_reload_applies_the_file_or_names_its_error(tmp_path: Path) -> Non
 # ------------------------------------------------------------ finding the daemon
 
 
-def test_not_running(tmp_path: Path) -> None:
+ELSEWHERE = (
+    "to ask another daemon give --config FILE or --socket PATH, or set LICD_CONFIG or LICD_SOCKET"
+)
+
+
+def test_not_running_names_the_socket_tried_and_where_it_came_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
     path = tmp_path / "admin.sock"
-    result = CliRunner().invoke(main, ["status", "--socket", str(path)])
+    config = tmp_path / "licd.toml"
+    config.write_text(SITE_TOML.format(state=tmp_path / "state", site="hq"))
+    in_config = tmp_path / "state" / "admin.sock"
+    cases = [
+        (["--socket", str(path)], {}, path, "from --socket"),
+        (["--config", str(config)], {}, in_config, f"from --config {config}"),
+        ([], {"LICD_CONFIG": str(config)}, in_config, f"from LICD_CONFIG={config}"),
+        ([], {"LICD_SOCKET": str(path)}, path, "from LICD_SOCKET"),
+        ([], {}, tmp_path / "licd" / "admin.sock", "the embedded default"),
+    ]
+    for args, env, tried, origin in cases:
+        result = CliRunner(env=env).invoke(main, ["status", *args])
+        assert result.exit_code == 1, (args, env)
+        assert result.stderr == (
+            f"Error: the daemon is not running: no socket at {tried} ({origin}); {ELSEWHERE}\n"
+        )
+    # A file that is no socket (the config file, given as --socket, say) says so.
+    result = CliRunner().invoke(main, ["status", "--socket", str(config)])
     assert result.exit_code == 1
-    assert result.stderr == f"Error: the daemon is not running (no admin socket at {path})\n"
-    # A socket file nobody listens on (a daemon that died) reads the same.
+    assert result.stderr == (
+        f"Error: the daemon is not running: {config} (from --socket) is not a socket; {ELSEWHERE}\n"
+    )
+    # A socket file nobody listens on (a daemon that died) says so.
     with socket.socket(socket.AF_UNIX) as s:
         s.bind(str(path))
     result = CliRunner().invoke(main, ["leases", "--socket", str(path)])
-    assert result.exit_code == 1 and "the daemon is not running" in result.stderr
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"Error: the daemon is not running: connection refused on {path} (from --socket), a "
+        f"socket left behind by a daemon that stopped; {ELSEWHERE}\n"
+    )
 
 
-def test_the_config_file_names_the_socket(tmp_path: Path) -> None:
+def test_both_options_or_a_missing_config_file_are_errors(tmp_path: Path) -> None:
     path = tmp_path / "licd.toml"
     path.write_text(SITE_TOML.format(state=tmp_path / "state", site="hq"))
-    result = CliRunner().invoke(main, ["status", "--config", str(path)])
-    assert result.exit_code == 1 and str(tmp_path / "state" / "admin.sock") in result.stderr
     both = CliRunner().invoke(main, ["status", "--config", str(path), "--socket", "/x"])
     assert both.exit_code == 2 and "give --config or --socket, not both" in both.stderr
     missing = CliRunner().invoke(main, ["status", "--config", str(tmp_path / "nope.toml")])
     assert missing.exit_code == 1 and "nope.toml: cannot read" in missing.stderr
 
 
-def test_the_default_socket_is_in_the_default_state_dir(
+async def test_options_beat_the_environment_which_beats_the_default(tmp_path: Path) -> None:
+    path = tmp_path / "licd.toml"
+    path.write_text(SITE_TOML.format(state=tmp_path / "state", site="hq"))
+    broken = tmp_path / "broken.toml"
+    broken.write_text("bogus = 1\n")
+    nowhere = str(tmp_path / "nowhere.sock")
+    async with running(load_config(path)) as daemon:
+        real = str(daemon.admin.path)
+
+        def asked(out: str) -> str:
+            first = out.splitlines()[0]
+            assert first.startswith(f"socket       {real} (")
+            return first.removeprefix(f"socket       {real} ")
+
+        # LICD_CONFIG picks the config file, and so the socket.
+        assert asked(await ok("status", env={"LICD_CONFIG": str(path)})) == (
+            f"(from LICD_CONFIG={path})"
+        )
+        # --config beats LICD_CONFIG and LICD_SOCKET (neither is looked at).
+        env = {"LICD_CONFIG": str(broken), "LICD_SOCKET": nowhere}
+        assert (
+            asked(await ok("status", "--config", str(path), env=env)) == f"(from --config {path})"
+        )
+        # --socket beats both.
+        assert asked(await ok("status", "--socket", real, env=env)) == "(from --socket)"
+        # LICD_SOCKET beats LICD_CONFIG.
+        data = await ok_json("status", env={"LICD_CONFIG": str(broken), "LICD_SOCKET": real})
+        assert data["admin_socket"] == real and data["site"] == "hq"
+        listed = await ok_json("licence", "list", env={"LICD_SOCKET": real})  # every command
+        assert [x["id"] for x in listed["licences"]] == ["dicom-hq"]
+        # A bad LICD_CONFIG is named as such (it beats the embedded default).
+        bad = await licd("leases", env={"LICD_CONFIG": str(broken)})
+        assert (bad.exit_code, bad.stdout) == (1, "")
+        assert bad.stderr == f"Error: LICD_CONFIG: {broken}: bogus: unknown key\n"
+
+
+async def test_status_says_when_it_shows_the_default_daemon(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
-    result = CliRunner().invoke(main, ["status"])
-    assert result.exit_code == 1 and str(tmp_path / "licd" / "admin.sock") in result.stderr
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))  # the embedded default's state dir
+    async with running(make_config(tmp_path / "licd")) as daemon:
+        out = await ok("status")
+        assert out.splitlines()[:2] == [
+            f"socket       {daemon.admin.path} (the embedded default; --config, --socket or "
+            "LICD_CONFIG choose another)",
+            f"daemon       licd {__version__}",
+        ]
+        data = await ok_json("status")  # JSON only, naming the socket too
+        assert data["admin_socket"] == str(daemon.admin.path) and data["site"] == "test"
+
+
+def test_serve_and_check_config_read_licd_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "licd.toml"
+    path.write_text(SITE_TOML.format(state=tmp_path, site="hq"))
+    monkeypatch.setenv("LICD_CONFIG", str(path))
+    result = CliRunner().invoke(main, ["check-config"])
+    assert (result.exit_code, result.stdout) == (
+        0,
+        f"{path}: ok: listen 127.0.0.1:0; 1 licence(s)\n",
+    )
+    path.write_text("bogus = 1\n")
+    refused = f"Error: LICD_CONFIG: {path}: bogus: unknown key\n"
+    for args in (["check-config"], ["key", "show"]):
+        result = CliRunner().invoke(main, args)
+        assert (result.exit_code, result.stdout, result.stderr) == (1, "", refused), args
+    serve = run_licd("serve")  # a process of its own: `serve` takes over signals
+    assert (serve.returncode, serve.stdout, serve.stderr) == (1, "", refused)
+    # The command line beats it.
+    result = CliRunner().invoke(main, ["check-config", "/nope"])
+    assert result.stderr == "Error: /nope: cannot read: No such file or directory\n"
 
 
 def test_permission_denied_on_the_socket(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -616,7 +722,9 @@ def test_permission_denied_on_the_socket(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setattr(socket.socket, "connect", refuse)
     result = CliRunner().invoke(main, ["status", "--socket", "/run/licd/admin.sock"])
     assert result.exit_code == 1
-    assert result.stderr.startswith("Error: permission denied on /run/licd/admin.sock: run as")
+    assert result.stderr.startswith(
+        "Error: permission denied on /run/licd/admin.sock (from --socket): run as"
+    )
     assert "Traceback" not in result.output
 
 
