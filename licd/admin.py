@@ -20,7 +20,7 @@ from licd_client.messages import MAX_STORED_INT, Fields
 
 from . import __version__
 from .config import licence_from_mapping, licence_to_mapping
-from .engine import Lease, Licence
+from .engine import Availability, Lease, Licence
 from .events import Event
 from .records import Forwarded
 from .relay import Relay
@@ -52,21 +52,22 @@ class DaemonView(Protocol):
     async def reload(self, *, admin_uid: int | None = None) -> dict[str, Any]: ...
 
 
-def licence_status(licence: Licence, in_use: int, now: float) -> dict[str, Any]:
+def licence_status(licence: Licence, usage: Availability, now: float) -> dict[str, Any]:
     """A licence's terms (all but its key) and its state now: `seats` and `features` are
-    those in force (add-ons included); `base_seats` and `base_features` the licence's own."""
+    those in force (add-ons included); `base_seats` and `base_features` the licence's own;
+    `reserved` and `available` as the `available` op counts them."""
     days_left = None if licence.expires is None else (licence.expires - now) / 86400
     terms = licence_to_mapping(licence)
     del terms["key"]
-    seats = licence.seats_at(now)
     return {
         **terms,
         "base_seats": licence.seats,
-        "seats": seats,
+        "seats": usage.total,
         "features": licence.features_at(now),
         "base_features": dict(licence.features),
-        "in_use": in_use,
-        "available": max(0, seats - in_use),
+        "in_use": usage.in_use,
+        "reserved": usage.reserved,
+        "available": usage.available,
         "days_left": days_left,
     }
 
@@ -203,7 +204,7 @@ class AdminOps:
             "connections": d.connections,
             "licences": [
                 {
-                    **licence_status(x, engine.in_use(x.id), now),
+                    **licence_status(x, engine.usage(x, now), now),
                     "mode": self._mode(x.id),
                     "counters": self._counters(x),
                 }
@@ -285,7 +286,7 @@ class AdminOps:
         now = self.service.now().wall
         out = []
         for licence in sorted(engine.licences, key=lambda x: x.id):
-            item = licence_status(licence, engine.in_use(licence.id), now)
+            item = licence_status(licence, engine.usage(licence, now), now)
             if show_keys:
                 item["key"] = licence.key
             out.append(item)

@@ -328,7 +328,13 @@ class Dispatcher:
             )
         if isinstance(request, Available):
             a = service.available(request.key)
-            return AvailableReply(request.id, total=a.total, in_use=a.in_use, available=a.available)
+            return AvailableReply(
+                request.id,
+                total=a.total,
+                in_use=a.in_use,
+                available=a.available,
+                reserved=a.reserved,
+            )
         if isinstance(request, Hello):
             return self._hello(session, request)
         raise BadRequest(f"op {request.op!r} is not served")

@@ -74,20 +74,27 @@ class LicenceUsage:
     total: int  # seats in force at that instant: the licence's plus its active add-ons'
     in_use: int
     expires: float | None  # wall clock seconds; None: never
+    reserved: int = 0  # free seats kept for groups' members (Availability.reserved)
 
     @property
     def available(self) -> int:
-        return max(0, self.total - self.in_use)
+        """Free seats anyone may take, as the `available` op counts them."""
+        return max(0, self.total - self.in_use - self.reserved)
 
 
 def engine_usage(engine: Engine, now: float) -> list[LicenceUsage]:
     """The usage of every licence the engine serves at wall time `now` (an `engine_view`).
-    The one place a usage view's seats are computed: `Licence.seats_at(now)`, add-ons
-    included, as `licd status` and checkouts count them."""
-    return [
-        LicenceUsage(lic.id, lic.product, lic.seats_at(now), engine.in_use(lic.id), lic.expires)
-        for lic in engine.licences
-    ]
+    The engine counts the seats (`Engine.usage`: add-ons included, reservations held
+    back), as `licd status`, `available` and checkouts do."""
+    out = []
+    for lic in engine.licences:
+        seats = engine.usage(lic, now)
+        out.append(
+            LicenceUsage(
+                lic.id, lic.product, seats.total, seats.in_use, lic.expires, seats.reserved
+            )
+        )
+    return out
 
 
 class _StateCollector:
@@ -116,7 +123,14 @@ class _StateCollector:
                 "licd_seats_in_use", "Seats held by live leases.", labels=seat_labels
             ),
             GaugeMetricFamily(
-                "licd_seats_available", "Seats free for checkout now.", labels=seat_labels
+                "licd_seats_available",
+                "Seats free for anyone to check out now.",
+                labels=seat_labels,
+            ),
+            GaugeMetricFamily(
+                "licd_seats_reserved",
+                "Free seats kept for the groups a reservation names.",
+                labels=seat_labels,
             ),
             GaugeMetricFamily(
                 "licd_licence_time_to_expiry_seconds",
@@ -133,17 +147,18 @@ class _StateCollector:
         yield from self._families()
 
     def collect(self) -> Iterator[Metric]:
-        licensed, in_use, available, expiry, connections = self._families()
+        licensed, in_use, available, reserved, expiry, connections = self._families()
         now = self._wall()
         for usage in self._engine_view(now):
             labels = (usage.id, usage.product)
             licensed.add_metric(labels, usage.total)
             in_use.add_metric(labels, usage.in_use)
             available.add_metric(labels, usage.available)
+            reserved.add_metric(labels, usage.reserved)
             if usage.expires is not None:
                 expiry.add_metric((usage.id,), usage.expires - now)
         connections.add_metric((), self._connections())
-        yield from (licensed, in_use, available, expiry, connections)
+        yield from (licensed, in_use, available, reserved, expiry, connections)
 
 
 class Metrics:

@@ -298,8 +298,8 @@ class LicenceService:
         admin_uid: int | None = None,
     ) -> list[Lease]:
         """An admin's revoke of leases by handle, or of all of a holder's leases. The
-        holders' next heartbeat gets lease_unknown. Raises LeaseUnknown for an unknown
-        handle (and revokes nothing then)."""
+        holders' next heartbeat gets lease_unknown, saying "revoked by the administrator"
+        and `reason`. Raises LeaseUnknown for an unknown handle (and revokes nothing then)."""
         chosen: dict[str, Lease] = {}
         for handle in handles:
             lease = self.engine.lease_by_handle(handle)
@@ -312,7 +312,7 @@ class LicenceService:
                 or (user is not None and lease.holder.user == user)
             ):
                 chosen[lease.handle] = lease
-        leases = [x for x in chosen.values() if self.engine.begin_revoke(x.handle) is x]
+        leases = [x for x in chosen.values() if self.engine.begin_revoke(x.handle, reason) is x]
         if leases:
             await self._release(leases, Kind.REVOKE, reason=reason, admin_uid=admin_uid)
         return leases

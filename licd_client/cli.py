@@ -106,6 +106,8 @@ def cmd_available(args: argparse.Namespace) -> int:
     with _client(args) as client:
         reply = client.available(args.key)
     data = {"total": reply.total, "in_use": reply.in_use, "available": reply.available}
+    if reply.reserved:  # free seats only a reservation's group may take
+        data["reserved"] = reply.reserved
     _emit(args, data, "\n".join(f"{k:<10} {v}" for k, v in data.items()))
     return EXIT_OK
 

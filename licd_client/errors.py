@@ -77,8 +77,22 @@ class SeatsExhausted(LicdError):
 
 
 class LeaseUnknown(LicdError):
+    """The daemon does not know the lease. When an administrator revoked it, `revoked`
+    is True and `reason` is what they gave ("" if nothing); the message says so too."""
+
     code = "lease_unknown"
     default_message = "no such lease: it expired, was reclaimed or was revoked"
+
+    @property
+    def revoked(self) -> bool:
+        return (self.detail or {}).get("revoked") is True
+
+    @property
+    def reason(self) -> str | None:
+        """The administrator's reason for a revoke ("" when none was given); None when
+        the lease was not revoked."""
+        reason = (self.detail or {}).get("reason")
+        return reason if self.revoked and isinstance(reason, str) else None
 
 
 class Denied(LicdError):

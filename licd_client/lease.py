@@ -241,7 +241,9 @@ class AsyncLease:
     def _gone(self) -> LeaseUnknown:
         if self.state is LeaseState.RELEASED:
             return LeaseUnknown("the lease was released")
-        return LeaseUnknown(f"the lease was lost: {self.lost_reason}")
+        why = self.lost_reason
+        detail = why.detail if isinstance(why, LicdError) else None  # e.g. revoked, reason
+        return LeaseUnknown(f"the lease was lost: {why}", detail=detail)
 
     async def validate(self) -> None:
         """Raise unless the lease is good. Strict mode asks the daemon (a heartbeat) and

@@ -360,15 +360,25 @@ class CheckinReply(Reply):
 class AvailableReply(Reply):
     total: int
     in_use: int
-    available: int
+    available: int  # seats anyone may take now
+    reserved: int = 0  # free seats held back for groups (0 when a daemon does not say)
 
     def _results(self) -> dict[str, Any]:
-        return {"total": self.total, "in_use": self.in_use, "available": self.available}
+        return {
+            "total": self.total,
+            "in_use": self.in_use,
+            "available": self.available,
+            "reserved": self.reserved,
+        }
 
     @classmethod
     def read(cls, rid: int, r: Fields) -> AvailableReply:
         return cls(
-            rid, total=r.uint("total"), in_use=r.uint("in_use"), available=r.uint("available")
+            rid,
+            total=r.uint("total"),
+            in_use=r.uint("in_use"),
+            available=r.uint("available"),
+            reserved=r.uint("reserved", required=False) or 0,
         )
 
 

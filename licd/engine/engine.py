@@ -7,8 +7,9 @@ Theory of operation:
   seats granted than the licence allows (docs/protocol.md section 7, never over-allocate).
 - `checkout` grants and returns a PENDING lease; the caller persists it, then calls
   `confirm` (or `abort` if the commit failed, which frees the seat again).
-- `begin_release` (checkin) and `due` (reclaim) mark leases RELEASING; the caller
-  persists the deletion, then calls `released`. Until then the seat stays counted.
+- `begin_release` (checkin), `begin_revoke` and `due` (reclaim) mark leases RELEASING;
+  the caller persists the deletion, then calls `released`. Until then the seat stays
+  counted. A revoked or reclaimed lease's holder is told why for a while (`endings`).
 - A lease's seat is reclaimed only after `expires + grace`, measured on the monotonic
   clock, so a wall clock set forward cannot free a seat whose token is still valid.
 - On restore after a restart every reclaim deadline becomes now + ttl + grace on the
@@ -45,6 +46,7 @@ from licd_client.messages import MIN_TTL, Features, Holder
 
 from ..clock import Instant
 from .counters import Consumed, CounterBook
+from .endings import RECLAIM, RECLAIMED, Endings, revoked
 from .lease import Lease, LeaseState
 from .licence import Licence
 from .policy import Who, first_match, matches
@@ -96,12 +98,22 @@ class Grant:
 
 @dataclass(frozen=True, slots=True)
 class Availability:
-    total: int
+    """A licence's seats at one instant: in_use + reserved + available = total, unless
+    more seats are in use than in force (then reserved and available are 0)."""
+
+    total: int  # seats in force, add-ons included
     in_use: int
+    held_back: int = 0  # seats reserved for groups and not in use by their members
+
+    @property
+    def reserved(self) -> int:
+        """Free seats only a reservation's group members may take."""
+        return min(self.held_back, max(0, self.total - self.in_use))
 
     @property
     def available(self) -> int:
-        return max(0, self.total - self.in_use)
+        """Free seats anyone may take (a group's members may take its reserved ones too)."""
+        return max(0, self.total - self.in_use - self.held_back)
 
 
 class Engine:
@@ -124,6 +136,7 @@ class Engine:
         self.seats = SeatBook()
         self.counters = CounterBook()
         self.groups: Mapping[str, tuple[str, ...]] = dict(groups or {})
+        self.endings = Endings()  # why leases taken away went, for their holders
         #: Reclaim deadlines: (monotonic time, tie-break, lease), at most one entry a
         #: lease (its `scheduled`) plus stale ones of leases gone, compacted when those
         #: outnumber the live.
@@ -156,8 +169,13 @@ class Engine:
         return self.seats.in_use(licence_id)
 
     def available(self, key: str, at: Instant) -> Availability:
-        licence = self._licence(key)
-        return Availability(licence.seats_at(at.wall), self.in_use(licence.id))
+        return self.usage(self._licence(key), at.wall)
+
+    def usage(self, licence: Licence, now: float) -> Availability:
+        """The licence's seats at wall time `now`: in force, in use, held back for groups."""
+        return Availability(
+            licence.seats_at(now), self.in_use(licence.id), self._held_back(licence)
+        )
 
     def leases_of(self, licence_id: str) -> list[Lease]:
         return [x for x in self._leases.values() if x.licence_id == licence_id]
@@ -361,12 +379,15 @@ class Engine:
     def _limit_for(self, licence: Licence, who: Who, at: Instant) -> int:
         """The seats this holder may take up to: those in force, less the reserved
         seats (not yet used by their group's members) of groups it is not in."""
-        held_back = sum(
+        return licence.seats_at(at.wall) - self._held_back(licence, who)
+
+    def _held_back(self, licence: Licence, who: Who | None = None) -> int:
+        """Seats reserved for groups (but `who`'s own) and not in use by their members."""
+        return sum(
             max(0, n - self._group_usage(licence, group))
             for group, n in licence.reserve.items()
-            if not matches(f"group:{group}", who, self.groups)
+            if who is None or not matches(f"group:{group}", who, self.groups)
         )
-        return licence.seats_at(at.wall) - held_back
 
     def confirm(self, lease: Lease) -> None:
         """The lease's checkout is committed: it is live."""
@@ -398,10 +419,12 @@ class Engine:
         lease.renewals = tokens - 1.0
 
     def _live(self, secret: str, at: Instant) -> tuple[Lease, Licence]:
-        """The live lease with `secret` and its licence, valid at `at`."""
+        """The live lease with `secret` and its licence, valid at `at`. LeaseUnknown
+        otherwise, saying why when the lease was revoked or reclaimed."""
         lease = self._leases.get(secret)
         if lease is None or lease.state is not LeaseState.LIVE:
-            raise LeaseUnknown()
+            ending = self.endings.find(secret, at.mono) if lease is None else lease.ending
+            raise LeaseUnknown() if ending is None else ending.error()
         licence = self._by_id.get(lease.licence_id)
         if licence is None:
             raise LeaseUnknown("the lease's licence no longer exists")
@@ -420,26 +443,38 @@ class Engine:
         lease.state = LeaseState.RELEASING
         return lease
 
-    def begin_revoke(self, handle: str) -> Lease | None:
-        """An admin's revoke: like a checkin, by the lease's public handle."""
+    def begin_revoke(self, handle: str, reason: str = "") -> Lease | None:
+        """An admin's revoke: like a checkin, by the lease's public handle. Its holder is
+        told, with `reason`, until the lease's reclaim deadline would have passed."""
         lease = self._by_handle.get(handle)
-        return None if lease is None else self.begin_release(lease.secret, revoke=True)
+        if lease is None or self.begin_release(lease.secret, revoke=True) is None:
+            return None
+        lease.ending = revoked(reason)
+        return lease
 
     def released(self, lease: Lease) -> None:
-        """The lease's deletion is committed: free its seats."""
+        """The lease's deletion is committed: free its seats (and keep why it went, if
+        it was taken away, for its holder)."""
         if self._leases.get(lease.secret) is lease:
             self._remove(lease)
+            ending = lease.ending
+            if ending is not None:
+                until = lease.reclaim_at + (lease.ttl if ending.kind == RECLAIMED else 0.0)
+                self.endings.remember(lease.secret, ending, until)
 
     def cancel_release(self, lease: Lease) -> None:
         """The deletion failed to commit: the lease is live again, and due for reclaim
         at its old deadline (so a failed reclaim is retried)."""
         if self._leases.get(lease.secret) is lease and lease.state is LeaseState.RELEASING:
             lease.state = LeaseState.LIVE
+            lease.ending = None
             self._set_deadline(lease, lease.reclaim_at)
 
     def due(self, at: Instant) -> list[Lease]:
         """Live leases whose reclaim deadline (expires + grace) has passed, marked
-        RELEASING; the caller deletes them and calls `released`."""
+        RELEASING; the caller deletes them and calls `released`. (Endings kept no
+        longer than `at` are dropped on the way.)"""
+        self.endings.forget_until(at.mono)
         out: list[Lease] = []
         later: list[Lease] = []  # renewed since their entry was made: due again later
         heap = self._deadlines
@@ -452,6 +487,7 @@ class Engine:
                 later.append(lease)
             elif lease.state is LeaseState.LIVE:
                 lease.state = LeaseState.RELEASING
+                lease.ending = RECLAIM
                 out.append(lease)
             # RELEASING: released, or back with `cancel_release`, which schedules it
         for lease in later:  # a commit still under way is looked at again in a second

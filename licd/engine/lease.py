@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from licd_client.messages import Holder
 
+from .endings import Ending
+
 
 class LeaseState(enum.Enum):
     PENDING = "pending"  # granted in memory, its commit not yet confirmed
@@ -43,6 +45,7 @@ class Lease:
     renewals: float = 0.0  # renewals it may still make at once (a token bucket) ...
     renewed_at: float = 0.0  # ... as of this monotonic time
     asked: tuple[int, float | None] | None = None  # its checkout's seats and ttl
+    ending: Ending | None = None  # why it is releasing, when it was taken away (revoke, reclaim)
 
     @property
     def request_key(self) -> tuple[str, str, str]:

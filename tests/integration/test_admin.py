@@ -138,11 +138,58 @@ async def test_revoke_is_seen_by_the_client_as_lost(tmp_path: Path) -> None:
         with pytest.raises(LeaseUnknown):
             await lease.renew_once()
         assert lease.state is LeaseState.LOST and isinstance(lost[0], LeaseUnknown)
+        # on_lost is told who took the lease and why, in its text and as data.
+        assert str(lost[0]) == "revoked by the administrator: seat needed"
+        assert (lost[0].revoked, lost[0].reason) == (True, "seat needed")
+        with pytest.raises(LeaseUnknown) as later:  # and so is whoever uses it after
+            await lease.validate()
+        assert str(later.value) == "the lease was lost: revoked by the administrator: seat needed"
+        assert later.value.reason == "seat needed"
         (entry,) = [e for e in (await admin(daemon, "audit"))["entries"] if e["event"] == "revoke"]
         assert entry["reason"] == "seat needed" and entry["admin_uid"] == os.geteuid()
         with pytest.raises(AdminError, match="no live lease"):
             await admin(daemon, "revoke", handles=[lease.handle])
         await client.aclose()
+
+
+async def test_a_revokes_reason_is_on_the_wire_for_heartbeat_and_consume(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        peer = await connected(daemon)
+        lease = await peer.checkout()
+        reason = "audit\nfinding 7"  # the wire carries it as given; the message, one line
+        await admin(daemon, "revoke", handles=[lease["handle"]], reason=reason)
+        hb = await peer.call("heartbeat", lease=lease["lease"], nonce=os.urandom(16))
+        used = await peer.call("consume", lease=lease["lease"], counter="scans", units=1)
+        for reply in (hb, used):
+            assert (reply["ok"], reply["error"]) == (False, "lease_unknown")
+            assert reply["message"] == "revoked by the administrator: audit\\nfinding 7"
+            assert reply["detail"] == {"revoked": True, "reason": reason}
+        await peer.close()
+
+
+async def test_available_status_and_the_client_agree_on_reserved_seats(tmp_path: Path) -> None:
+    licence = dataclasses.replace(DICOM, seats=5, reserve={"cad": 2})
+    config = dataclasses.replace(make_config(tmp_path, licence), groups={"cad": ("user:bob",)})
+    async with running(config) as daemon:
+        peer = await connected(daemon)
+        for name, user in (("ws-1", "bob"), ("ws-2", "alice")):
+            assert (await peer.checkout(h=holder(name, user=user)))["ok"] is True
+        wire = await peer.call("available", key=DICOM.key)
+        expected = {"total": 5, "in_use": 2, "reserved": 1, "available": 2}
+        assert {k: wire[k] for k in expected} == expected
+        _, port = address(daemon)
+        client = AsyncClient(f"127.0.0.1:{port}", daemon.signer.public, retry_for=0)
+        seen = await client.available(DICOM.key)
+        assert (seen.total, seen.in_use, seen.reserved, seen.available) == (5, 2, 1, 2)
+        await client.aclose()
+        for op, key in (("status", "licences"), ("licence.list", "licences")):
+            (row,) = (await admin(daemon, op))[key]
+            assert {k: row[k] for k in ("in_use", "reserved", "available")} == {
+                "in_use": 2,
+                "reserved": 1,
+                "available": 2,
+            }
+        await peer.close()
 
 
 async def test_audit_records_every_change_with_the_holder(tmp_path: Path) -> None:
@@ -213,6 +260,7 @@ async def test_removing_a_licence_with_leases_needs_force(tmp_path: Path) -> Non
         assert reply["revoked"] == [lease["handle"]]
         hb = await peer.call("heartbeat", lease=lease["lease"], nonce=os.urandom(16))
         assert hb["error"] == "lease_unknown"
+        assert hb["detail"] == {"revoked": True, "reason": "licence removed"}
         assert (await peer.checkout())["error"] == "unknown_licence"
         await peer.close()
 

@@ -8,6 +8,7 @@ import pytest
 
 from licd.clock import FakeClock
 from licd.engine import Engine, Lease, LeaseState, Licence
+from licd.engine.endings import MAX_REASON, Endings, revoked
 from licd.engine.engine import RENEW_BURST, renew_rate
 from licd_client.errors import (
     BadRequest,
@@ -19,6 +20,7 @@ from licd_client.errors import (
     SeatsExhausted,
     UnknownLicence,
 )
+from licd_client.safetext import one_line
 from tests.support import DICOM, holder
 
 
@@ -309,6 +311,101 @@ def test_revoke_by_handle_then_remove_the_licence(engine: Engine, clock: FakeClo
     assert engine.remove_licence(DICOM.id) == DICOM
     with pytest.raises(UnknownLicence):
         engine.checkout(DICOM.key, holder(), request="x", at=clock.now())
+
+
+def refusal(engine: Engine, clock: FakeClock, lease: Lease) -> LeaseUnknown:
+    """What a heartbeat of `lease` is answered now; a consume is answered the same."""
+    with pytest.raises(LeaseUnknown) as heartbeat:
+        engine.heartbeat(lease.secret, clock.now())
+    with pytest.raises(LeaseUnknown) as consume:
+        engine.consume(lease.secret, "scans", 1, None, clock.now())
+    assert (consume.value.message, consume.value.detail) == (
+        heartbeat.value.message,
+        heartbeat.value.detail,
+    )
+    return heartbeat.value
+
+
+def test_a_revoked_lease_tells_its_holder_why_until_its_deadline(
+    engine: Engine, clock: FakeClock
+) -> None:
+    lease = live(engine, clock, "a")
+    clock.advance(30)
+    engine.heartbeat(lease.secret, clock.now())  # the deadline is now + ttl + grace
+    assert engine.begin_revoke(lease.handle, "seat needed") is lease
+    said = refusal(engine, clock, lease)  # while the revoke commits, too
+    assert said.message == "revoked by the administrator: seat needed"
+    assert said.detail == {"revoked": True, "reason": "seat needed"}
+    engine.released(lease)
+    assert engine.in_use(DICOM.id) == 0
+    clock.advance(DICOM.lease_ttl + DICOM.grace - 1)
+    assert engine.due(clock.now()) == []
+    assert refusal(engine, clock, lease).message == said.message
+    clock.advance(1)
+    engine.due(clock.now())  # the reaper's round forgets it: its holder has given up
+    said = refusal(engine, clock, lease)
+    assert (said.message, said.detail) == (LeaseUnknown.default_message, None)
+    assert len(engine.endings) == 0
+
+
+def test_a_revoke_without_a_reason_or_with_a_long_odd_one(engine: Engine, clock: FakeClock) -> None:
+    plain, odd = live(engine, clock, "a"), live(engine, clock, "b")
+    reason = "line one\nline two \x1b[31m" + "x" * 300
+    for lease, why in ((plain, ""), (odd, reason)):
+        engine.begin_revoke(lease.handle, why)
+        engine.released(lease)
+    said = refusal(engine, clock, plain)
+    assert said.message == "revoked by the administrator"
+    assert said.detail == {"revoked": True, "reason": ""}
+    said = refusal(engine, clock, odd)
+    assert said.detail is not None
+    cut = said.detail["reason"]  # data, as given, but bounded
+    assert len(cut) == MAX_REASON and cut == reason[: MAX_REASON - 1] + "…"
+    # The message is one line: what a terminal would act on is shown escaped.
+    assert said.message == "revoked by the administrator: " + one_line(cut)
+    assert "\n" not in said.message and "\x1b" not in said.message
+
+
+def test_a_revoke_that_failed_to_commit_leaves_the_lease_as_it_was(
+    engine: Engine, clock: FakeClock
+) -> None:
+    lease = live(engine, clock, "a")
+    engine.begin_revoke(lease.handle, "seat needed")
+    engine.cancel_release(lease)
+    engine.heartbeat(lease.secret, clock.now())  # live again
+    engine.begin_release(lease.secret)  # its holder then checks it in
+    engine.released(lease)
+    assert refusal(engine, clock, lease).detail is None  # not revoked after all
+    assert len(engine.endings) == 0
+
+
+def test_a_reclaimed_lease_says_so_for_one_more_lease_length(
+    engine: Engine, clock: FakeClock
+) -> None:
+    lease = live(engine, clock, "a")
+    clock.advance(DICOM.lease_ttl + DICOM.grace)
+    assert engine.due(clock.now()) == [lease]
+    engine.released(lease)
+    said = refusal(engine, clock, lease)
+    assert said.message.startswith("the lease was reclaimed: it was not renewed")
+    assert said.detail == {"reclaimed": True}
+    clock.advance(DICOM.lease_ttl)
+    engine.due(clock.now())
+    assert refusal(engine, clock, lease).detail is None
+
+
+def test_endings_kept_are_bounded_and_the_soonest_to_go_go_first() -> None:
+    endings = Endings(cap=2)
+    first, second, third = revoked("1"), revoked("2"), revoked("3")
+    endings.remember("s1", first, until=30.0)
+    endings.remember("s2", second, until=10.0)
+    endings.remember("s3", third, until=20.0)
+    assert len(endings) == 2
+    assert endings.find("s2", 0.0) is None  # the one due to go soonest made room
+    assert (endings.find("s1", 0.0), endings.find("s3", 0.0)) == (first, third)
+    assert endings.find("s3", 20.0) is None  # not after its time, even before a sweep
+    endings.forget_until(20.0)
+    assert len(endings) == 1 and endings.find("s1", 29.9) == first
 
 
 # ------------------------------------------------ attacks: retries, floods, piles of leases

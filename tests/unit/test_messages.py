@@ -620,3 +620,11 @@ def test_a_success_reply_missing_a_key_is_a_protocol_violation(name: str) -> Non
 def test_explicit_nil_for_an_optional_key_is_refused(name: str) -> None:
     with pytest.raises(BadRequest, match=name):
         parse_request(valid("checkout", **{name: None}))
+
+
+def test_an_available_reply_without_reserved_reads_as_none_reserved() -> None:
+    # A daemon of an earlier revision (a router's upstream, say) does not send it.
+    wire = {"id": 5, "ok": True, "total": 3, "in_use": 1, "available": 2}
+    assert parse_reply("available", wire) == AvailableReply(5, 3, 1, 2, reserved=0)
+    with pytest.raises(ProtocolViolation, match="'reserved' must be an unsigned integer"):
+        parse_reply("available", {**wire, "reserved": -1})

@@ -145,6 +145,29 @@ def test_seat_gauges_count_the_addon_seats_in_force() -> None:
     assert seats() == (10, 1, 9)
 
 
+def test_seat_gauges_hold_back_the_seats_reserved_for_groups() -> None:
+    """Seats a reservation keeps for a group are not `available` to anyone (as the
+    `available` op and `licd status` count them) until the group's members use them."""
+    licence = Licence(key="K-1", id="cad", product="CAD Pro", seats=4, reserve={"team": 2})
+    engine = Engine([licence], groups={"team": ("user:ann",)})
+    m = Metrics(partial(engine_usage, engine), lambda: 0, lambda: NOW)
+    cad = {"licence": "cad", "product": "CAD Pro"}
+
+    def seats() -> tuple[float | None, ...]:
+        return tuple(
+            value(m, name, **cad)
+            for name in ("licd_seats_in_use", "licd_seats_reserved", "licd_seats_available")
+        )
+
+    assert seats() == (0, 2, 2)
+    bob = Holder(host="ws2", hostid="ws2-id", user="bob", pid=2)
+    engine.confirm(engine.checkout("K-1", bob, request="r" * 22, at=Instant(NOW, 1.0)).lease)
+    assert seats() == (1, 2, 1)
+    ann = Holder(host="ws1", hostid="ws1-id", user="ann", pid=1)
+    engine.confirm(engine.checkout("K-1", ann, request="s" * 22, at=Instant(NOW, 1.0)).lease)
+    assert seats() == (2, 1, 1)  # ann is of the team: one of its seats is used
+
+
 @pytest.mark.parametrize("openmetrics", [False, True])
 def test_exposition_parses_in_both_formats(openmetrics: bool) -> None:
     m = View().metrics()

@@ -204,6 +204,55 @@ def test_reserved_seats_used_by_members_free_the_pool() -> None:
     assert w.in_use == 3
 
 
+def seats(w: World) -> tuple[int, int, int, int]:
+    """`available`'s answer now: total, in_use, reserved, available."""
+    a = w.engine.available(w.licence.key, w.clock.now())
+    return a.total, a.in_use, a.reserved, a.available
+
+
+def fill_as_outsiders(w: World) -> int:
+    """Check out one seat after another as people outside every group until refused;
+    returns how many were granted."""
+    granted = 0
+    while True:
+        try:
+            w.take(who(f"outsider-{granted}"))
+        except SeatsExhausted:
+            return granted
+        granted += 1
+
+
+def test_available_leaves_out_seats_reserved_for_others() -> None:
+    w = World(replace(BASE, seats=6, reserve={"cad": 3}))
+    assert seats(w) == (6, 0, 3, 3)
+    w.take(who("x", "alice"))  # the reservation, partly used by a member
+    w.take(who("a"))
+    assert seats(w) == (6, 2, 2, 2)
+    assert fill_as_outsiders(w) == 2  # exactly what `available` said
+    assert seats(w) == (6, 4, 2, 0)
+
+
+def test_available_once_a_group_uses_its_reservation_or_more() -> None:
+    w = World(replace(BASE, seats=6, reserve={"cad": 2}))
+    w.take(who("x", "alice"))
+    w.take(who("y", "bob"))  # the reservation, fully used
+    assert seats(w) == (6, 2, 0, 4)
+    w.take(who("ws-7"))  # beyond it, a member takes a seat anyone could have had
+    assert seats(w) == (6, 3, 0, 3)
+    assert fill_as_outsiders(w) == 3
+
+
+def test_available_and_reserved_never_go_negative() -> None:
+    w = World(replace(BASE, seats=4, reserve={"cad": 2}))
+    w.take(who("a"))
+    w.take(who("b"))
+    assert seats(w) == (4, 2, 2, 0)
+    w.engine.put_licence(replace(w.licence, seats=3))  # lowered: 1 seat left, cad's
+    assert seats(w) == (3, 2, 1, 0)
+    w.engine.put_licence(replace(w.licence, seats=1))  # below the seats in use
+    assert seats(w) == (1, 2, 0, 0)
+
+
 def test_caps_per_user_host_and_group() -> None:
     w = World(replace(BASE, seats=10, max={"user": 1, "host": 2, "group:cad": 2}))
     w.take(who("a", "dave"))
