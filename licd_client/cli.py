@@ -23,7 +23,7 @@ from typing import Any
 
 from .client import DEFAULT_CLIENT_NAME, SERVER_KEY_ENV
 from .connection import SERVER_ENV
-from .errors import ClientError, LicdError
+from .errors import ClientError, LicdError, UntrustedKey
 from .identity import HOSTID_ENV
 from .messages import MAX_SEATS, MIN_TTL
 from .safetext import OneLineFormatter, escape, one_line
@@ -118,10 +118,14 @@ def _describe_lease(lease: Lease) -> tuple[dict[str, Any], str]:
         "seats": lease.seats,
         "features": lease.features,
         "expires": lease.expires,
+        "overdraft": lease.overdraft,
     }
     features = ", ".join(f"{k}={v}" for k, v in sorted(lease.features.items())) or "-"
     text = f"handle     {escape(lease.handle)}\nseats      {lease.seats}\n"
-    return data, text + f"features   {escape(features)}"
+    text += f"features   {escape(features)}"
+    if lease.overdraft:
+        text += "\noverdraft  true: granted beyond the licence's seats, within its overdraft"
+    return data, text
 
 
 def _checkout(client: Client, args: argparse.Namespace, **callbacks: Any) -> Lease:
@@ -206,6 +210,10 @@ class _UsageError(Exception):
 def _message(exc: BaseException) -> str:
     if isinstance(exc, LicdError):
         return f"{exc.code}: {exc.message}"
+    if isinstance(exc, UntrustedKey):
+        return (
+            f"{exc} (check {SERVER_KEY_ENV} or --server-key against `licd key show` on the server)"
+        )
     return str(exc) or type(exc).__name__
 
 

@@ -189,6 +189,15 @@ class TokenInvalid(ClientError):
     """A signed statement or chain failed verification: the lease must not be used."""
 
 
+class UntrustedKey(TokenInvalid):
+    """The server's statement is genuinely signed, by a key the client does not trust
+    (`signer`): a wrong LICD_SERVER_KEY, or the wrong server."""
+
+    def __init__(self, message: str, *, signer: bytes) -> None:
+        super().__init__(message)
+        self.signer = signer
+
+
 class ConnectionLost(ClientError):
     """No daemon could be reached, or the connection broke mid-request."""
 

@@ -125,6 +125,12 @@ class AsyncLease:
         return max(0.0, self._deadline - self.client.clock.now())
 
     @property
+    def overdraft(self) -> bool:
+        """True when the daemon granted this lease beyond the licence's seats, within its
+        overdraft (the verified token's `ovr`, as of the last checkout or renewal)."""
+        return self.statement is not None and self.statement.overdraft
+
+    @property
     def valid(self) -> bool:
         """Held and within its local deadline (a local check, in either mode)."""
         return self.state in (LeaseState.ACTIVE, LeaseState.DEGRADED) and self.remaining() > 0

@@ -251,6 +251,11 @@ class Lease:
         return self._inner.remaining()
 
     @property
+    def overdraft(self) -> bool:
+        """Granted beyond the licence's seats, within its overdraft."""
+        return self._inner.overdraft
+
+    @property
     def valid(self) -> bool:
         return self._inner.valid
 

@@ -1,11 +1,13 @@
-"""Signed statements of docs/protocol.md section 4: lease tokens, certificates, delegation.
+"""Signed statements of docs/protocol.md section 4: lease tokens and delegation chains.
 
 A statement is a 64-byte Ed25519 signature followed by the msgpack payload it signs
 (PyNaCl's `SigningKey.sign()` output). `sign()` makes one; `verify_lease()` accepts a
 lease token only when a chain leads from a trust anchor to it: the anchor signed
 chain[0], whose `del` key signed chain[1], ..., and the last key signed the token. Every
-link must have been valid when the token was issued and may not outlive its parent.
-No I/O, and no wall clock: callers pass the instants to check.
+link is a statement of a known type (`LINK_TYPES`), was valid when the token was issued,
+may not outlive its parent, and binds content: what it delegates (product, seats,
+features) bounds every statement below it. No I/O, and no wall clock: callers pass the
+instants to check.
 """
 
 from __future__ import annotations
@@ -20,18 +22,28 @@ import msgpack
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
-from .errors import TokenInvalid
+from .errors import TokenInvalid, UntrustedKey
 from .messages import Features
 from .wire import REPLY_LIMITS, decode_body
 
 SIGNATURE_LEN = 64
 KEY_LEN = 32
+#: The statement types a chain link may be (section 4): a block, i.e. a lease taken with
+#: `delegate`. The token itself is always a "lease".
+LINK_TYPES = frozenset({"lease"})
+#: Hex digits of a key shown as its fingerprint in messages (section 4).
+FINGERPRINT_LEN = 16
 _HEX = re.compile(r"[0-9a-fA-F]+")
 
 
 def key_to_text(key: bytes) -> str:
     """A public key as text: 64 lowercase hex digits."""
     return key.hex()
+
+
+def fingerprint(key: bytes) -> str:
+    """A key's short name in messages: the first 16 of the hex digits `licd key show` prints."""
+    return key_to_text(key)[:FINGERPRINT_LEN]
 
 
 def key_from_text(text: str) -> bytes:
@@ -72,6 +84,11 @@ class Statement:
         return v if isinstance(v, bytes) else None
 
     @property
+    def product(self) -> str | None:
+        v = self.payload.get("product")
+        return v if isinstance(v, str) else None
+
+    @property
     def seats(self) -> int | None:
         v = self.payload.get("seats")
         return v if isinstance(v, int) and not isinstance(v, bool) else None
@@ -80,6 +97,11 @@ class Statement:
     def features(self) -> Features:
         v = self.payload.get("features")
         return dict(v) if isinstance(v, dict) else {}
+
+    @property
+    def overdraft(self) -> bool:
+        """licd: `ovr`, a lease granted beyond the licence's seats, within its overdraft."""
+        return self.payload.get("ovr") is True
 
 
 def open_statement(blob: bytes, signer: bytes) -> Statement:
@@ -121,13 +143,26 @@ def verify_chain(
 ) -> Statement:
     """Verify `token` through `chain` from one of `anchors`; return the token's payload.
 
-    Each link must hold a `del` key, be valid at the token's issue time (and at `at`, if
-    given), and expire no later than its parent. The token must be within every link's
-    validity too. Raises TokenInvalid naming the first failure.
+    Each link must be of a known type, hold a `del` key, be valid at the token's issue
+    time (and at `at`, if given), expire no later than its parent, and bound the content
+    of the statement below it (`_check_bounds`). The token must be within every link's
+    validity too. Raises TokenInvalid naming the first failure; UntrustedKey when the
+    statement nearest the anchor is genuinely signed, by a key that is no anchor.
     """
     anchor_set = set(anchors)
     if not anchor_set:
         raise TokenInvalid("no trust anchor configured")
+    first = chain[0] if chain else token
+    signer = _claimed_signer(first)
+    if signer is not None and signer not in anchor_set and _signed_by(first, signer):
+        trusted = ", ".join(sorted(fingerprint(a) for a in anchor_set))
+        whose = "chain[0]'s" if chain else "the token's"
+        are = "fingerprints are" if len(anchor_set) > 1 else "fingerprint is"
+        raise UntrustedKey(
+            f"the server's key is not the trusted one: {whose} signature is by key "
+            f"fingerprint {fingerprint(signer)}, the trusted key {are} {trusted}",
+            signer=signer,
+        )
     failures: list[str] = []
     for anchor in anchor_set:
         try:
@@ -135,6 +170,60 @@ def verify_chain(
         except TokenInvalid as exc:
             failures.append(str(exc))
     raise TokenInvalid(failures[0] if len(failures) == 1 else "; ".join(sorted(set(failures))))
+
+
+def _claimed_signer(blob: bytes) -> bytes | None:
+    """The key a statement names as its `iss` (not yet checked), if it names one."""
+    try:
+        iss = decode_body(blob[SIGNATURE_LEN:], REPLY_LIMITS).get("iss")
+    except Exception:  # not a statement at all: the ordinary checks name the fault
+        return None
+    return iss if isinstance(iss, bytes) and len(iss) == KEY_LEN else None
+
+
+def _signed_by(blob: bytes, key: bytes) -> bool:
+    try:
+        VerifyKey(key).verify(blob)
+    except (BadSignatureError, ValueError, TypeError):
+        return False
+    return True
+
+
+def _check_bounds(parent: Statement, child: Statement, where: str) -> None:
+    """`child` stays within what `parent` delegates, or TokenInvalid naming `where`.
+
+    Product equal (when the parent names one), seats a uint no more than the parent's,
+    features a subset of the parent's: the same keys with the same values and types.
+    """
+    for st, name in ((parent, f"{where}'s parent"), (child, where)):
+        features = st.payload.get("features")
+        if features is not None and not isinstance(features, dict):
+            raise TokenInvalid(f"{name}'s 'features' is not a map")
+        if st.seats is None or st.seats < 0:
+            raise TokenInvalid(f"{name} names no seats")
+    if parent.product is not None and child.product != parent.product:
+        raise TokenInvalid(
+            f"{where} is for product {_shown(child.product)}, "
+            f"its parent for {_shown(parent.product)}"
+        )
+    held, bound = child.seats or 0, parent.seats or 0  # both present: checked above
+    if held > bound:
+        raise TokenInvalid(f"{where} holds {held} seat(s), more than its parent's {bound}")
+    granted = parent.features
+    for name, value in child.features.items():
+        if name not in granted:
+            raise TokenInvalid(f"{where} has feature {_shown(name)}, which its parent has not")
+        if type(value) is not type(granted[name]) or value != granted[name]:
+            raise TokenInvalid(
+                f"{where} has feature {_shown(name)} = {_shown(value)}, "
+                f"its parent {_shown(granted[name])}"
+            )
+
+
+def _shown(value: object) -> str:
+    """A value the server chose, quoted and cut short for a message."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _verify_from(
@@ -147,10 +236,14 @@ def _verify_from(
             link = open_statement(blob, signer)
         except TokenInvalid as exc:
             raise TokenInvalid(f"chain[{i}]: {exc}") from None
+        if link.typ not in LINK_TYPES:
+            raise TokenInvalid(f"chain[{i}] is a {link.typ!r} statement, not a known link type")
         if link.delegate is None:
             raise TokenInvalid(f"chain[{i}] delegates to no key")
         if links and link.exp > links[-1].exp:
             raise TokenInvalid(f"chain[{i}] expires after its parent")
+        if links:
+            _check_bounds(links[-1], link, f"chain[{i}]")
         links.append(link)
         signer = link.delegate
     try:
@@ -161,6 +254,8 @@ def _verify_from(
         raise TokenInvalid("token is not a lease statement")
     if links and leaf.exp > links[-1].exp:
         raise TokenInvalid("token expires after the statement that delegated to its signer")
+    if links:
+        _check_bounds(links[-1], leaf, "token")
     for i, link in enumerate(links):
         if not link.iat <= leaf.iat <= link.exp:
             raise TokenInvalid(f"chain[{i}] was not valid when the token was issued")

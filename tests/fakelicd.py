@@ -244,14 +244,17 @@ class FakeLicd:
             token = self.tamper(token)
         chain: list[bytes] = []
         if self.delegator is not None:
-            cert = {
-                "typ": "cert",
+            block = {  # a router's block: a lease with `del`, bounding the token's content
+                "typ": "lease",
                 "iss": bytes(self.delegator.verify_key),
                 "iat": now - 60,
                 "exp": now + 3600,
+                "product": lic.product,
+                "seats": lic.total,
+                "features": dict(lic.features),
                 "del": bytes(signer.verify_key),
             }
-            chain = [tokens.sign(self.delegator, cert)]
+            chain = [tokens.sign(self.delegator, block)]
         return messages.LeaseReply(
             rid,
             handle=lease.handle,

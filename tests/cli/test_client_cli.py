@@ -1,25 +1,30 @@
 """Tests of `licd-client` (licd_client.cli) against a fake daemon on its own thread.
 
 Most run `main(argv)` in-process; the signal tests run the real command in a child
-process and signal it.
+process and signal it. The overdraft test runs the command against a real daemon served
+in the test's event loop (tests.support.running), as only the daemon grants overdraft.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from nacl.signing import SigningKey
 
 from licd_client import errors
 from licd_client.cli import EXIT_ERROR, EXIT_LOST, EXIT_REFUSED, EXIT_USAGE, main
 from tests.fakelicd import LICENCE, ThreadedFakeLicd
+from tests.support import DICOM, address, make_config, running
 
 KEY = LICENCE.key
 PY = sys.executable
@@ -150,6 +155,22 @@ def test_without_a_server_key_it_says_what_to_set(
     assert leases(server) == {}
 
 
+def test_a_server_key_that_is_not_the_trusted_one_is_named(
+    server: ThreadedFakeLicd, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong LICD_SERVER_KEY: both keys' fingerprints, and where to look; no seat kept."""
+    trusted = SigningKey(b"\x07" * 32).verify_key.encode().hex()
+    monkeypatch.setenv("LICD_SERVER_KEY", trusted)
+    assert main(["exec", "--key", KEY, "--", PY, "-c", "pass"]) == EXIT_ERROR
+    assert capsys.readouterr().err == (
+        "licd-client: the server's key is not the trusted one: the token's signature is by "
+        f"key fingerprint {server.fake.key_hex[:16]}, the trusted key fingerprint is "
+        f"{trusted[:16]} (check LICD_SERVER_KEY or --server-key against `licd key show` on "
+        "the server)\n"
+    )
+    assert leases(server) == {}  # the seat was given back
+
+
 def test_bad_server_key_and_address(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--server-key", "xyz", "available", KEY]) == EXIT_ERROR
     assert "64 hex digits" in capsys.readouterr().err
@@ -215,6 +236,63 @@ def test_exec_forwards_sigterm_to_the_command(server: ThreadedFakeLicd) -> None:
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert err == ""
     assert leases(server) == {}
+
+
+async def test_checkout_shows_an_overdraft_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real daemon, 1 seat plus an overdraft of 2: the first lease is a plain one, the
+    second and third are granted in overdraft, and `checkout` says so."""
+    licence = replace(DICOM, seats=1, overdraft=2)
+    async with running(make_config(tmp_path, licence)) as daemon:
+        host, port = address(daemon)
+        monkeypatch.setenv("LICD_SERVER", f"{host}:{port}")
+        monkeypatch.setenv("LICD_SERVER_KEY", daemon.signer.public.hex())
+        procs: list[subprocess.Popen[str]] = []
+        try:
+            firsts = []
+            for json_flag in (["--json"], [], ["--json"]):
+                procs.append(spawn(*json_flag, "checkout", DICOM.key))
+                firsts.append(await first_line(procs[-1]))  # the lease is held and shown
+            assert daemon.engine.in_use(DICOM.id) == 3
+            for proc in procs:
+                proc.send_signal(signal.SIGTERM)
+            ends = [await asyncio.to_thread(rest_of_output, proc) for proc in procs]
+        finally:
+            for proc in procs:
+                if proc.returncode is None:
+                    proc.kill()
+                    proc.communicate()
+        assert [proc.returncode for proc in procs] == [0, 0, 0], ends
+        assert daemon.engine.in_use(DICOM.id) == 0
+    # Each summary: its first line, then the rest read once the command had exited.
+    shown = [first + out for first, (out, _) in zip(firsts, ends, strict=True)]
+    assert [json.loads(shown[i])["overdraft"] for i in (0, 2)] == [False, True]
+    assert shown[1] == (
+        f"handle     {shown[1].split()[1]}\n"  # a random handle
+        "seats      1\n"
+        "features   modules=core,ocr, tier=pro\n"
+        "overdraft  true: granted beyond the licence's seats, within its overdraft\n"
+    )
+
+
+async def first_line(proc: subprocess.Popen[str]) -> str:
+    """The child's first line of output, read off the event loop (the daemon runs on it);
+    a child that exits without one fails the test with its stderr."""
+    assert proc.stdout is not None
+    line = await asyncio.to_thread(proc.stdout.readline)
+    assert line, f"no output; stderr: {proc.communicate(timeout=30)[1]}"
+    return line
+
+
+def rest_of_output(proc: subprocess.Popen[str]) -> tuple[str, str]:
+    """What the child writes after what was read (through the same buffered pipes, which
+    `communicate` would bypass), once it has exited."""
+    assert proc.stdout is not None and proc.stderr is not None
+    with proc.stdout, proc.stderr:
+        out, err = proc.stdout.read(), proc.stderr.read()
+    proc.wait(timeout=30)
+    return out, err
 
 
 def test_checkout_exits_when_the_lease_is_lost(server: ThreadedFakeLicd) -> None:

@@ -811,7 +811,11 @@ async def test_upstream_signing_with_an_untrusted_key_is_refused(
         assert refused["ok"] is False and "token" not in refused
         if mode == "forward":
             assert refused["error"] == "upstream_unavailable"
-    assert relay.link.state.last_error == "upstream token refused: token: bad signature"
+    assert relay.link.state.last_error == (
+        "upstream token refused: the server's key is not the trusted one: the token's "
+        f"signature is by key fingerprint {vendor.daemon.signer.public.hex()[:16]}, "
+        f"the trusted key fingerprint is {other.hex()[:16]}"
+    )
     assert any("event=upstream_token_refused" in r.getMessage() for r in caplog.records)
 
 

@@ -13,9 +13,10 @@ import msgpack
 import pytest
 from nacl.signing import SigningKey
 
-from licd_client.errors import TokenInvalid
+from licd_client.errors import TokenInvalid, UntrustedKey
 from licd_client.tokens import (
     SIGNATURE_LEN,
+    fingerprint,
     key_from_text,
     key_to_text,
     open_statement,
@@ -39,8 +40,8 @@ def pub(k: SigningKey) -> bytes:
 
 
 VENDOR = key(1)  # the trust anchor
-SITE = key(2)  # certified by the vendor
-DAEMON = key(3)  # certified by the site; signs lease tokens
+SITE = key(2)  # delegated to by the vendor (a site router)
+DAEMON = key(3)  # delegated to by the site; signs lease tokens
 STRANGER = key(9)  # trusted by no one
 
 
@@ -63,15 +64,17 @@ def lease_payload(signer: SigningKey, **changes: Any) -> dict[str, Any]:
     return {k: v for k, v in payload.items() if v is not None}
 
 
-def cert_payload(signer: SigningKey, delegate: SigningKey, **changes: Any) -> dict[str, Any]:
-    payload: dict[str, Any] = {
-        "typ": "cert",
-        "iss": pub(signer),
-        "iat": T0 - 86_400.0,
-        "exp": T0 + 30 * 86_400.0,
-        "site": "hq",
-        "del": pub(delegate),
-    }
+def block_payload(signer: SigningKey, delegate: SigningKey, **changes: Any) -> dict[str, Any]:
+    """A block: a lease taken with `delegate`, the one link type of section 4. Its content
+    (product, seats, features) bounds every statement below it."""
+    payload = lease_payload(
+        signer,
+        iat=T0 - 86_400.0,
+        exp=T0 + 30 * 86_400.0,
+        seats=10,
+        features={"tier": "pro", "max_studies": 10, "beta": False, "ratio": 0.5},
+        **{"del": pub(delegate)},
+    )
     payload.update(changes)
     return {k: v for k, v in payload.items() if v is not None}
 
@@ -80,15 +83,15 @@ def token(signer: SigningKey = VENDOR, **changes: Any) -> bytes:
     return sign(signer, lease_payload(signer, **changes))
 
 
-def cert(signer: SigningKey, delegate: SigningKey, **changes: Any) -> bytes:
-    return sign(signer, cert_payload(signer, delegate, **changes))
+def block(signer: SigningKey, delegate: SigningKey, **changes: Any) -> bytes:
+    return sign(signer, block_payload(signer, delegate, **changes))
 
 
-def two_link_chain(**site_cert_changes: Any) -> list[bytes]:
+def two_link_chain(**site_block_changes: Any) -> list[bytes]:
     """VENDOR -> SITE -> DAEMON: chain[0] signed by the vendor, chain[1] by the site."""
     return [
-        cert(VENDOR, SITE, exp=T0 + 30 * 86_400.0),
-        cert(SITE, DAEMON, **{"exp": T0 + 7 * 86_400.0, **site_cert_changes}),
+        block(VENDOR, SITE, exp=T0 + 30 * 86_400.0),
+        block(SITE, DAEMON, **{"exp": T0 + 7 * 86_400.0, "seats": 5, **site_block_changes}),
     ]
 
 
@@ -127,7 +130,7 @@ def test_verify_lease_with_its_nonce_and_handle() -> None:
     assert leaf.lid == HANDLE
 
 
-def test_chain_of_two_certs_from_a_root_anchor() -> None:
+def test_chain_of_two_blocks_from_a_root_anchor() -> None:
     chain = two_link_chain()
     leaf = verify_lease([pub(VENDOR)], chain, token(DAEMON), nonce=NONCE, handle=HANDLE, at=T0)
     assert leaf.iss == pub(DAEMON)
@@ -140,14 +143,18 @@ def test_intermediate_key_can_be_an_anchor_too() -> None:
     assert verify_chain([pub(SITE)], chain[1:], token(DAEMON), at=T0).iss == pub(DAEMON)
 
 
-def test_block_token_with_del_can_be_a_link() -> None:
-    """Section 5: a router's local chain is the upstream chain + [block token]."""
-    block = sign(
-        DAEMON, lease_payload(DAEMON, exp=T0 + 86_400.0, seats=5, **{"del": pub(STRANGER)})
-    )
-    chain = [*two_link_chain(), block]
-    leaf = verify_chain([pub(VENDOR)], chain, token(STRANGER, seats=1), at=T0 + 5)
-    assert leaf.iss == pub(STRANGER)
+def test_a_routers_block_chain_is_accepted() -> None:
+    """Section 5: a router's chain is the upstream chain + [its block]; its sub-leases copy
+    the block's product and features and hold some or all of its seats."""
+    chain = [*two_link_chain(), block(DAEMON, STRANGER, exp=T0 + 86_400.0, seats=5)]
+    block_features = block_payload(DAEMON, STRANGER)["features"]
+    for seats in (1, 5):
+        sub_lease = token(STRANGER, seats=seats, features=block_features)
+        leaf = verify_chain([pub(VENDOR)], chain, sub_lease, at=T0 + 5)
+        assert leaf.iss == pub(STRANGER) and leaf.seats == seats
+    # Fewer features than the block (a subset), and none at all, are within it too.
+    assert verify_chain([pub(VENDOR)], chain, token(STRANGER)).features["tier"] == "pro"
+    assert verify_chain([pub(VENDOR)], chain, token(STRANGER, features=None)).features == {}
 
 
 def test_several_anchors_where_only_one_is_right() -> None:
@@ -245,11 +252,11 @@ def test_a_properly_signed_non_map_payload_is_invalid(body: bytes) -> None:
 def test_a_link_signed_by_the_wrong_key_is_invalid() -> None:
     chain = two_link_chain()
     # chain[1] should be signed by SITE (chain[0]'s del); sign it with VENDOR instead.
-    chain[1] = sign(VENDOR, cert_payload(SITE, DAEMON, exp=T0 + 86_400.0))
+    chain[1] = sign(VENDOR, block_payload(SITE, DAEMON, exp=T0 + 86_400.0))
     with pytest.raises(TokenInvalid, match=r"chain\[1\]"):
         verify_chain([pub(VENDOR)], chain, token(DAEMON))
     # ...and honestly labelled as VENDOR's, it is still not SITE's signature.
-    chain[1] = cert(VENDOR, DAEMON, exp=T0 + 86_400.0)
+    chain[1] = block(VENDOR, DAEMON, exp=T0 + 86_400.0)
     with pytest.raises(TokenInvalid, match=r"chain\[1\]"):
         verify_chain([pub(VENDOR)], chain, token(DAEMON))
 
@@ -279,7 +286,7 @@ def test_iss_not_matching_the_signer_is_invalid() -> None:
 
 def test_link_iss_not_matching_its_signer_is_invalid() -> None:
     chain = two_link_chain()
-    chain[0] = sign(VENDOR, cert_payload(VENDOR, SITE, iss=pub(STRANGER)))
+    chain[0] = sign(VENDOR, block_payload(VENDOR, SITE, iss=pub(STRANGER)))
     with pytest.raises(TokenInvalid, match=r"chain\[0\]"):
         verify_chain([pub(VENDOR)], chain, token(DAEMON))
 
@@ -308,14 +315,14 @@ def test_token_without_a_valid_period_is_invalid(changes: dict[str, Any]) -> Non
 
 def test_a_link_without_del_is_invalid() -> None:
     chain = two_link_chain()
-    chain[0] = sign(VENDOR, cert_payload(VENDOR, SITE, **{"del": None}))
+    chain[0] = sign(VENDOR, block_payload(VENDOR, SITE, **{"del": None}))
     with pytest.raises(TokenInvalid, match="delegates to no key"):
         verify_chain([pub(VENDOR)], chain, token(DAEMON))
 
 
 @pytest.mark.parametrize("delegate", [b"\x01" * 31, b"\x01" * 33, "aa" * 32])
 def test_a_link_with_a_malformed_del_is_invalid(delegate: Any) -> None:
-    chain = [sign(VENDOR, cert_payload(VENDOR, DAEMON, **{"del": delegate}))]
+    chain = [sign(VENDOR, block_payload(VENDOR, DAEMON, **{"del": delegate}))]
     with pytest.raises(TokenInvalid):
         verify_chain([pub(VENDOR)], chain, token(DAEMON))
 
@@ -351,7 +358,7 @@ def test_token_issued_after_a_link_expired_is_invalid() -> None:
 
 def test_token_issued_before_the_root_link_was_valid_is_invalid() -> None:
     chain = two_link_chain()
-    chain[0] = cert(VENDOR, SITE, iat=T0 + 5.0, exp=T0 + 30 * 86_400.0)
+    chain[0] = block(VENDOR, SITE, iat=T0 + 5.0, exp=T0 + 30 * 86_400.0)
     with pytest.raises(TokenInvalid, match=r"chain\[0\]"):
         verify_chain([pub(VENDOR)], chain, token(DAEMON))
 
@@ -365,12 +372,207 @@ def test_at_outside_the_token_validity_is_invalid(at: float) -> None:
 
 
 def test_at_outside_a_link_validity_is_invalid() -> None:
-    # The site cert and the token lapse together; the lapsed link is reported.
+    # The site's block and the token lapse together; the lapsed link is reported.
     chain = two_link_chain(exp=T0 + 3600.0)
     tok = token(DAEMON, exp=T0 + 3600.0)
     assert verify_chain([pub(VENDOR)], chain, tok, at=T0 + 3600.0).iss == pub(DAEMON)
     with pytest.raises(TokenInvalid, match=r"chain\[1\] is not valid now"):
         verify_chain([pub(VENDOR)], chain, tok, at=T0 + 3600.5)
+
+
+# ------------------------------------------------------------ content binding
+
+
+def untrusted_key_message(whose: str, signer: SigningKey, *anchors: SigningKey) -> str:
+    trusted = ", ".join(sorted(pub(a).hex()[:16] for a in anchors))
+    are = "fingerprints are" if len(anchors) > 1 else "fingerprint is"
+    return (
+        f"the server's key is not the trusted one: {whose} signature is by key "
+        f"fingerprint {pub(signer).hex()[:16]}, the trusted key {are} {trusted}"
+    )
+
+
+def test_fingerprint_is_the_first_16_hex_digits_of_the_key() -> None:
+    assert fingerprint(pub(VENDOR)) == key_to_text(pub(VENDOR))[:16]
+    assert fingerprint(bytes(range(32))) == "0001020304050607"
+
+
+@pytest.mark.parametrize(
+    ("link", "token_changes", "error"),
+    [
+        (0, {}, r"chain\[1\] is for product 'imaging', its parent for 'dicom'"),
+        (1, {}, r"token is for product 'dicom', its parent for 'imaging'"),
+        (1, {"product": "imaging"}, None),
+    ],
+    ids=["link-vs-link", "token-vs-link", "consistent"],
+)
+def test_a_statement_for_another_product_is_invalid(
+    link: int, token_changes: dict[str, Any], error: str | None
+) -> None:
+    """chain[1] names product 'imaging': with chain[0] for 'dicom' the link is refused;
+    with chain[0] naming none, the token must be for 'imaging'."""
+    chain = two_link_chain(product="imaging")
+    if link == 1:
+        chain[0] = block(VENDOR, SITE, product=None)
+    tok = token(DAEMON, **token_changes)
+    if error is None:
+        assert verify_chain([pub(VENDOR)], chain, tok).payload["product"] == "imaging"
+    else:
+        with pytest.raises(TokenInvalid, match=error):
+            verify_chain([pub(VENDOR)], chain, tok)
+
+
+def test_a_token_without_the_product_its_link_names_is_invalid() -> None:
+    with pytest.raises(TokenInvalid, match="token is for product None, its parent for 'dicom'"):
+        verify_chain([pub(VENDOR)], two_link_chain(), token(DAEMON, product=None))
+
+
+def test_a_link_naming_no_product_leaves_the_product_free() -> None:
+    chain = [block(VENDOR, SITE, product=None), block(SITE, DAEMON, product=None, seats=5)]
+    leaf = verify_chain([pub(VENDOR)], chain, token(DAEMON, product="anything"))
+    assert leaf.payload["product"] == "anything"
+
+
+@pytest.mark.parametrize(
+    ("site_seats", "token_seats", "error"),
+    [
+        (11, 2, r"chain\[1\] holds 11 seat\(s\), more than its parent's 10"),
+        (5, 6, "token holds 6 seat\\(s\\), more than its parent's 5"),
+        (10, 10, None),
+        (5, 5, None),
+        (0, 0, None),
+        (0, 1, "token holds 1 seat\\(s\\), more than its parent's 0"),
+    ],
+)
+def test_a_statement_with_more_seats_than_its_parent_is_invalid(
+    site_seats: int, token_seats: int, error: str | None
+) -> None:
+    chain = two_link_chain(seats=site_seats)  # chain[0] holds 10
+    tok = token(DAEMON, seats=token_seats)
+    if error is None:
+        assert verify_chain([pub(VENDOR)], chain, tok).seats == token_seats
+    else:
+        with pytest.raises(TokenInvalid, match=error):
+            verify_chain([pub(VENDOR)], chain, tok)
+
+
+@pytest.mark.parametrize("seats", [None, -1, True, 2.0, "2"], ids=repr)
+def test_seats_that_are_no_uint_bound_nothing_and_are_invalid(seats: Any) -> None:
+    with pytest.raises(TokenInvalid, match=r"chain\[1\]'s parent names no seats"):
+        verify_chain(
+            [pub(VENDOR)], [block(VENDOR, SITE, seats=seats), two_link_chain()[1]], token(DAEMON)
+        )
+    with pytest.raises(TokenInvalid, match=r"chain\[1\] names no seats"):
+        verify_chain([pub(VENDOR)], two_link_chain(seats=seats), token(DAEMON))
+    with pytest.raises(TokenInvalid, match="token names no seats"):
+        verify_chain([pub(VENDOR)], two_link_chain(), token(DAEMON, seats=seats))
+    # With no chain there is no parent to bound the token: the anchor signed it.
+    assert verify_chain([pub(VENDOR)], [], token(VENDOR, seats=seats)).iss == pub(VENDOR)
+
+
+@pytest.mark.parametrize(
+    ("features", "error"),
+    [
+        ({"tier": "pro", "gpu": True}, "token has feature 'gpu', which its parent has not"),
+        ({"tier": "enterprise"}, "token has feature 'tier' = 'enterprise', its parent 'pro'"),
+        ({"max_studies": 11}, "token has feature 'max_studies' = 11, its parent 10"),
+        ({"beta": True}, "token has feature 'beta' = True, its parent False"),
+        ({"beta": 0}, "token has feature 'beta' = 0, its parent False"),
+        ({"max_studies": 10.0}, "token has feature 'max_studies' = 10.0, its parent 10"),
+        ({"max_studies": True}, "token has feature 'max_studies' = True, its parent 10"),
+        ({"ratio": 0.25}, "token has feature 'ratio' = 0.25, its parent 0.5"),
+        ({"tier": "pro", "max_studies": 10, "beta": False, "ratio": 0.5}, None),
+        ({"ratio": 0.5}, None),
+    ],
+    ids=[
+        "extra",
+        "other-str",
+        "other-int",
+        "other-bool",
+        "int-for-bool",
+        "float-for-int",
+        "bool-for-int",
+        "other-float",
+        "all",
+        "one",
+    ],
+)
+def test_token_features_must_be_a_subset_of_its_links(
+    features: dict[str, Any], error: str | None
+) -> None:
+    tok = token(DAEMON, features=features)
+    if error is None:
+        assert verify_chain([pub(VENDOR)], two_link_chain(), tok).features == features
+    else:
+        with pytest.raises(TokenInvalid, match=re.escape(error)):
+            verify_chain([pub(VENDOR)], two_link_chain(), tok)
+
+
+def test_link_features_must_be_a_subset_of_their_parents() -> None:
+    chain = two_link_chain(features={"tier": "pro", "seats_per_gpu": 4})
+    with pytest.raises(TokenInvalid, match=r"chain\[1\] has feature 'seats_per_gpu'"):
+        verify_chain([pub(VENDOR)], chain, token(DAEMON, features={}))
+    chain = two_link_chain(features={"tier": "enterprise"})
+    with pytest.raises(TokenInvalid, match=r"chain\[1\] has feature 'tier' = 'enterprise'"):
+        verify_chain([pub(VENDOR)], chain, token(DAEMON, features={}))
+
+
+@pytest.mark.parametrize("features", [["tier"], "pro", 1])
+def test_features_that_are_no_map_are_invalid(features: Any) -> None:
+    with pytest.raises(TokenInvalid, match="token's 'features' is not a map"):
+        verify_chain([pub(VENDOR)], two_link_chain(), token(DAEMON, features=features))
+    chain = [block(VENDOR, SITE, features=features), two_link_chain()[1]]
+    with pytest.raises(TokenInvalid, match=r"chain\[1\]'s parent's 'features' is not a map"):
+        verify_chain([pub(VENDOR)], chain, token(DAEMON))
+
+
+def test_a_long_value_is_cut_short_in_the_message() -> None:
+    chain = two_link_chain(product="p" * 500)
+    with pytest.raises(TokenInvalid) as info:
+        verify_chain([pub(VENDOR)], chain, token(DAEMON))
+    assert "'ppppp" in str(info.value) and len(str(info.value)) < 120
+
+
+@pytest.mark.parametrize("typ", ["cert", "entitlement", "Lease", "", None, 7])
+def test_a_link_of_an_unknown_type_is_invalid(typ: Any) -> None:
+    chain = two_link_chain(typ=typ)
+    with pytest.raises(TokenInvalid, match=r"chain\[1\]"):
+        verify_chain([pub(VENDOR)], chain, token(DAEMON))
+    if isinstance(typ, str):
+        with pytest.raises(TokenInvalid, match=f"is a '{typ}' statement, not a known link type"):
+            verify_chain([pub(VENDOR)], chain, token(DAEMON))
+
+
+# ------------------------------------------------------------ an untrusted server key
+
+
+def test_a_token_signed_by_an_untrusted_key_names_both_fingerprints() -> None:
+    with pytest.raises(UntrustedKey) as info:
+        verify_chain([pub(VENDOR)], [], token(STRANGER))
+    assert str(info.value) == untrusted_key_message("the token's", STRANGER, VENDOR)
+    assert info.value.signer == pub(STRANGER)
+    assert isinstance(info.value, TokenInvalid)  # callers catching TokenInvalid see it
+
+
+def test_a_chain_from_an_untrusted_key_names_both_fingerprints() -> None:
+    anchors = [pub(STRANGER), pub(key(40))]
+    with pytest.raises(UntrustedKey) as info:
+        verify_lease(anchors, two_link_chain(), token(DAEMON), nonce=NONCE)
+    expected = untrusted_key_message("chain[0]'s", VENDOR, STRANGER, key(40))
+    assert str(info.value) == expected
+    assert info.value.signer == pub(VENDOR)
+
+
+def test_a_statement_only_claiming_an_untrusted_key_is_a_bad_signature() -> None:
+    """Only a key that really signed is named: a forged or damaged statement is not
+    blamed on the key it claims."""
+    forged = sign(VENDOR, lease_payload(STRANGER))  # iss says STRANGER
+    with pytest.raises(TokenInvalid, match="^token: statement's 'iss' is not the key") as info:
+        verify_chain([pub(VENDOR)], [], forged)
+    assert not isinstance(info.value, UntrustedKey)
+    with pytest.raises(TokenInvalid, match="^token: bad signature$") as info:
+        verify_chain([pub(VENDOR)], [], flip(token(STRANGER), 3))
+    assert not isinstance(info.value, UntrustedKey)
 
 
 # ------------------------------------------------------------ the client's checks
@@ -402,8 +604,8 @@ def test_handle_is_not_checked_when_not_given() -> None:
 
 
 def test_open_statement_returns_the_delegate() -> None:
-    st = open_statement(cert(VENDOR, SITE), pub(VENDOR))
-    assert st.typ == "cert"
+    st = open_statement(block(VENDOR, SITE), pub(VENDOR))
+    assert st.typ == "lease"
     assert st.delegate == pub(SITE)
 
 
