@@ -54,7 +54,7 @@ from licd_client.messages import (
 from . import __version__
 from .config import ConfigError
 from .deferred import Deferred
-from .engine import Grant
+from .engine import Grant, Lease
 from .keys import Signer
 from .ratelimit import CheckoutLimits
 from .relay import Relay
@@ -90,6 +90,40 @@ def error_reply(rid: int | None, exc: Exception, op: object = None) -> tuple[dic
 Answer = tuple[dict[str, Any], bool]
 
 
+class Handover(Deferred[Answer]):
+    """A checkout's answer, which hands a fresh lease to its client. The server says
+    whether it got there: `delivered()` once written, `undelivered()` when the client
+    left first (docs/protocol.md, "checkout"); then, once settled, the lease is checked
+    in at once, unless another checkout was given it meanwhile (a retry of the same
+    request, a device's repeat), which `Dispatcher` tracks in `_unclaimed`."""
+
+    __slots__ = ("_dispatcher", "lease")
+
+    def __init__(self, dispatcher: Dispatcher, lease: Lease | None = None) -> None:
+        super().__init__()
+        self._dispatcher = dispatcher
+        self.lease = lease  # None: nothing to give back (e.g. a router's forwarded lease)
+        if lease is not None:
+            dispatcher._unclaimed.add(lease.secret)
+
+    def take(self, inner: Handover) -> None:
+        """Answer for `inner`'s lease (a router's checkout answered locally in a task)."""
+        self.lease, inner.lease = inner.lease, None
+
+    def delivered(self) -> None:
+        if self.lease is not None:
+            self._dispatcher._unclaimed.discard(self.lease.secret)
+
+    def undelivered(self) -> None:
+        self.add_done_callback(self._give_back)
+
+    def _give_back(self, _: Deferred[Answer]) -> None:
+        lease, unclaimed = self.lease, self._dispatcher._unclaimed
+        if lease is not None and lease.secret in unclaimed:
+            unclaimed.discard(lease.secret)
+            self._dispatcher.service.release_abandoned(lease)
+
+
 @dataclass
 class Session:
     """What the daemon knows about one connection."""
@@ -113,6 +147,9 @@ class Dispatcher:
         self.limits = limits  # per-peer checkout budgets; None: unlimited
         self.shutting_down = False
         self._tasks: set[asyncio.Task[Answer]] = set()  # a router's requests under way
+        #: Secrets of fresh leases whose checkout answer has not reached its client and
+        #: that no other checkout was given: the ones a `Handover` may give back.
+        self._unclaimed: set[str] = set()
         self.relay: Relay | None = None  # a site router's upstream relaying
         #: Told of every request: (op, seconds taken, error code or None). Metrics.
         self.on_request = on_request
@@ -165,7 +202,7 @@ class Dispatcher:
     def _in_task(
         self, session: Session, request: Request, data: dict[str, Any], started: float
     ) -> Deferred[Answer]:
-        out: Deferred[Answer] = Deferred()
+        out: Deferred[Answer] = Handover(self) if isinstance(request, Checkout) else Deferred()
 
         def done(task: asyncio.Task[Answer]) -> None:
             if task.cancelled():  # the daemon is stopping
@@ -173,16 +210,22 @@ class Dispatcher:
             else:
                 out.settle(task.result())
 
-        task = asyncio.ensure_future(self._answer_later(session, request, data, started))
+        task = asyncio.ensure_future(self._answer_later(session, request, data, started, out))
         self._tasks.add(task)  # the loop keeps only a weak reference to a task
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(done)
         return out
 
     async def _answer_later(
-        self, session: Session, request: Request, data: dict[str, Any], started: float
+        self,
+        session: Session,
+        request: Request,
+        data: dict[str, Any],
+        started: float,
+        out: Deferred[Answer],
     ) -> Answer:
-        """A site router's request: relayed upstream, or else answered here."""
+        """A site router's request: relayed upstream, or else answered here (and then `out`,
+        the answer the server holds, hands over the lease a checkout got here)."""
         relay = self.relay
         try:
             try:
@@ -198,6 +241,8 @@ class Dispatcher:
                     reply = self._answer_now(session, request)
                 else:
                     answer = self._answer_durably(session, request, data, started)
+                    if isinstance(answer, Handover) and isinstance(out, Handover):
+                        out.take(answer)
                     return answer if isinstance(answer, tuple) else await answer
         except Exception as exc:
             return self._failed(data, started, exc)
@@ -235,7 +280,11 @@ class Dispatcher:
                     request.id, grant, request.nonce, at.wall, with_secret=True
                 )
 
-            return self._after(commit, checked_out, data, started)
+            if not grant.fresh:  # a retry, or a device's repeat: the lease is shared now
+                self._unclaimed.discard(grant.lease.secret)
+                return self._after(commit, checked_out, data, started)
+            # A fresh lease always waits for its commit, so the handover reaches the server.
+            return self._after(commit, checked_out, data, started, Handover(self, grant.lease))
         if isinstance(request, Checkin):
             rid = request.id
             commit = service.begin_checkin(request.lease)
@@ -268,14 +317,15 @@ class Dispatcher:
         reply: Callable[[], Reply],
         data: dict[str, Any],
         started: float,
+        out: Deferred[Answer] | None = None,
     ) -> Answer | Deferred[Answer]:
-        """The answer `reply()` makes once `commit` is done (at once without a commit);
-        a failed commit answers `unavailable`."""
+        """The answer `reply()` makes once `commit` is done (at once without a commit),
+        settled into `out` if given; a failed commit answers `unavailable`."""
         if commit is None:
             answer = reply().to_wire(), False
             self._observe(data, started, None)
             return answer
-        out: Deferred[Answer] = Deferred()
+        settled: Deferred[Answer] = Deferred() if out is None else out
 
         def landed(done: Deferred[None]) -> None:
             try:
@@ -286,10 +336,10 @@ class Dispatcher:
                 answer = self._failed(data, started, exc)
             else:
                 self._observe(data, started, None)
-            out.settle(answer)
+            settled.settle(answer)
 
         commit.add_done_callback(landed)
-        return out
+        return settled
 
     def _failed(self, data: dict[str, Any], started: float, exc: Exception) -> Answer:
         frame, close = error_reply(request_id(data), exc, data.get("op"))

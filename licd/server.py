@@ -9,6 +9,8 @@ request order, at most `max_pipeline` outstanding (beyond that the connection is
 read). Replies buffered for a peer that does not read pause reading too, and a peer
 that stays so past the write deadline is cut off. Timeouts: hello, a started frame,
 idle; one timer per connection. Caps on connections overall and per peer address.
+A checkout's answer (a `Handover`) is told whether it reached its client: a client that
+left before it (closed, reset, or ended its side while it was owed) gets nothing more.
 `stop()` is the ordered shutdown: stop accepting, refuse new requests, drain, close.
 """
 
@@ -32,7 +34,7 @@ from licd_client.wire import (
 
 from .config import ServerConfig
 from .deferred import Deferred
-from .dispatch import Answer, Dispatcher, Session
+from .dispatch import Answer, Dispatcher, Handover, Session
 
 log = logging.getLogger(__name__)
 
@@ -124,13 +126,21 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # Replies already owed are still sent; TLS cannot half-close, so there the
-        # transport closes at once.
+        # transport closes at once. But a client that ends its side while a checkout is
+        # owed has left (closed, exited, killed: TCP does not tell these from a
+        # half-close): it is closed now, and the lease goes back (connection_lost).
         self._eof = True
-        self._close_when_idle()
+        if any(isinstance(owed, Handover) for owed in self._pending):
+            self.close()
+        else:
+            self._close_when_idle()
         return self.server.ssl is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = self._lost = True
+        for owed in self._pending:  # never to be written: a checkout's lease goes back
+            if isinstance(owed, Handover):
+                owed.undelivered()
         self._pending.clear()
         for timer in (self._timer, self._write_timer):
             if timer is not None:
@@ -232,7 +242,10 @@ class Connection(asyncio.Protocol):
         """Write every reply at the head of the queue that is ready, in order."""
         pending = self._pending
         while pending and pending[0].done() and not self._closing:
-            self._write(*pending.popleft().result())
+            owed = pending.popleft()
+            self._write(*owed.result())
+            if isinstance(owed, Handover):
+                owed.delivered()
         if self._closing:
             return
         if self._paused & PIPELINE and (

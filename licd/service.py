@@ -255,6 +255,21 @@ class LicenceService:
             return None
         return self._begin_release([lease], Kind.CHECKIN)
 
+    def release_abandoned(self, lease: Lease) -> Deferred[None] | None:
+        """Check in a fresh lease whose checkout reply never reached its client (it left
+        first: closed the connection, exited, was killed), at once rather than after its
+        ttl and grace: a checkin audited with reason `abandoned`. None when nothing is
+        released: the commit failed, the lease is already going, or it is a device lease
+        (a checkin does not free one). Whether another checkout shares the lease (a
+        retry) is the caller's to know: such a lease is not abandoned."""
+        if lease.state is not LeaseState.LIVE or self.engine.begin_release(lease.secret) is None:
+            return None
+        try:
+            return self._begin_release([lease], Kind.CHECKIN, reason="abandoned")
+        except StoreError:  # the daemon is closing its store: the lease lapses as before
+            self.engine.cancel_release(lease)
+            return None
+
     async def consume(self, secret: str, counter: str, units: int, dedup: str | None) -> Consumed:
         """Use metered units under a lease; answered once the new count is committed."""
         consumed, commit = self.begin_consume(secret, counter, units, dedup)

@@ -3,7 +3,8 @@
 `AsyncClient` resolves servers and trust anchors (arguments or LICD_SERVER /
 LICD_SERVER_KEY), keeps one connection (reopened on demand), retries transient failures
 with jittered backoff, and verifies every lease token before handing out an `AsyncLease`
-(see lease.py). It never blocks the event loop and never reads the wall clock.
+(see lease.py); a checkout cancelled after it was sent checks in the lease its reply
+brings. It never blocks the event loop and never reads the wall clock.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import random
 import secrets
 import ssl as _ssl
 from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from . import identity, messages, tokens
 from .backoff import Backoff, is_retryable, retry_delay
@@ -50,6 +51,11 @@ NO_KEY_MESSAGE = (
     "no server key: set LICD_SERVER_KEY (or pass the server key) to the daemon's public "
     "key, as printed by `licd key show`"
 )
+
+#: A checkout interrupted once its request is out (Ctrl-C, a cancelled task) waits this
+#: long, on the client's clock, for the reply, so that a lease it brings is checked in
+#: (each for as long again) instead of being held until it lapses.
+INTERRUPT_GRACE = 2.0
 
 T = TypeVar("T")
 
@@ -151,10 +157,12 @@ class AsyncClient:
             )
             return self._conn
 
-    async def request(self, req: messages.Request) -> messages.Reply:
+    async def request(
+        self, req: messages.Request, *, reply_timeout: float | None = None
+    ) -> messages.Reply:
         """One attempt at one request, on the shared connection (opened if need be)."""
         conn = await self._connection()
-        return await conn.request(req)
+        return await conn.request(req, reply_timeout=reply_timeout)
 
     async def retrying(
         self, attempt: Callable[[], Awaitable[T]], *, retry_for: float, wait: float = 0.0
@@ -233,7 +241,7 @@ class AsyncClient:
             req = messages.Checkout(
                 0, key=key, holder=holder, request=request_key, nonce=nonce, seats=seats, ttl=ttl
             )
-            reply = as_lease_reply(await self.request(req))
+            reply = as_lease_reply(await self._checkout_once(req))
             return reply, nonce, self.clock.now()
 
         reply, nonce, received = await self.retrying(attempt, retry_for=self.retry_for, wait=wait)
@@ -262,9 +270,47 @@ class AsyncClient:
         lease._start()
         return lease
 
-    async def _checkin_quietly(self, lease_id: str) -> None:
+    async def _checkout_once(self, req: messages.Checkout) -> messages.Reply:
+        """One checkout attempt. Cancelled after it is sent, it gives back the lease its
+        reply brings (`_give_back`) before the cancellation goes on: an interrupted
+        checkout holds no seat (docs/protocol.md, "checkout")."""
+        conn = await self._connection()
+        # Its own task, so that a cancellation does not drop the reply on the floor.
+        sent = asyncio.ensure_future(conn.request(req))
         try:
-            await self.request(messages.Checkin(0, lease=lease_id))
+            return await asyncio.shield(sent)
+        except asyncio.CancelledError:
+            await self._give_back(conn, sent)
+            raise
+
+    async def _give_back(self, conn: Connection, sent: asyncio.Future[messages.Reply]) -> None:
+        """Wait up to INTERRUPT_GRACE for an interrupted checkout's reply and check in the
+        lease it brings. No reply by then: close the connection, and the daemon, seeing
+        its client gone, releases the lease itself."""
+        if not sent.done():
+            log.info(
+                "licd_client: checkout interrupted: waiting up to %gs for its reply to "
+                "check the lease in",
+                INTERRUPT_GRACE,
+            )
+            timer = asyncio.ensure_future(self.clock.sleep(INTERRUPT_GRACE))
+            either: set[asyncio.Future[Any]] = {sent, timer}
+            try:
+                await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                timer.cancel()
+            if not sent.done():
+                await conn.close()  # fails the request: `sent` ends at once
+                await asyncio.wait({sent})
+        if sent.cancelled() or sent.exception() is not None:
+            return  # no reply: the daemon releases a lease it granted (see above)
+        reply = sent.result()
+        if isinstance(reply, messages.LeaseReply) and reply.lease is not None:
+            await self._checkin_quietly(reply.lease, reply_timeout=INTERRUPT_GRACE)
+
+    async def _checkin_quietly(self, lease_id: str, *, reply_timeout: float | None = None) -> None:
+        try:
+            await self.request(messages.Checkin(0, lease=lease_id), reply_timeout=reply_timeout)
         except LicdError as exc:  # e.g. lease_unknown: nothing left to release
             log.debug("licd_client: checkin: %s", exc)
         except Exception as exc:

@@ -2,7 +2,8 @@
 
 A `Client` owns one daemon thread running an event loop (started on first use) and an
 `AsyncClient` inside it; its methods hand coroutines to that loop and wait. Leases keep
-renewing on that thread; callbacks run there too and must not block. An exit hook checks
+renewing on that thread; callbacks run there too and must not block. A call interrupted
+(Ctrl-C) cancels its operation and waits, bounded, while it winds up. An exit hook checks
 in every lease still held. No protocol logic here: it all lives in client.py/lease.py.
 """
 
@@ -21,7 +22,7 @@ from typing import Any, TypeVar
 
 from . import messages, tokens
 from .backoff import Backoff
-from .client import AsyncClient, resolve_anchors, resolve_servers
+from .client import INTERRUPT_GRACE, AsyncClient, resolve_anchors, resolve_servers
 from .connection import Address
 from .errors import ConnectionLost
 from .lease import AsyncLease, LeaseState, Mode
@@ -31,6 +32,9 @@ log = logging.getLogger("licd_client")
 T = TypeVar("T")
 #: How long `close()` (and the exit hook) waits for check-ins before giving up.
 CLOSE_TIMEOUT = 10.0
+#: How long an interrupted call waits for its operation to wind up: an interrupted
+#: checkout's wait for its reply, then its checkin (client.py), and a little slack.
+INTERRUPT_WAIT = 2 * INTERRUPT_GRACE + 1.0
 
 
 class Client:
@@ -117,8 +121,36 @@ class Client:
         if self._on_loop_thread():
             raise RuntimeError("blocking licd_client calls cannot be made from a callback")
         loop, client = self._start()
-        result: T = self._submit(loop, make(client)).result()
+
+        async def call() -> T:  # makes the coroutine on the loop: none is left unawaited
+            return await make(client)
+
+        coro = call()
+        done = self._submit(loop, coro)
+        try:
+            result: T = done.result()
+        except BaseException:
+            if not done.done():  # interrupted: KeyboardInterrupt, a signal handler's error
+                self._interrupt(loop, done, coro)
+            raise
         return result
+
+    @staticmethod
+    def _interrupt(
+        loop: asyncio.AbstractEventLoop,
+        done: concurrent.futures.Future[Any],
+        coro: Coroutine[Any, Any, Any],
+    ) -> None:
+        """Cancel the operation whose caller was interrupted and wait (bounded) while it
+        winds up, so that an interrupted checkout gives back the lease it was granted."""
+
+        def cancel() -> None:  # on the loop, where the operation's task already exists
+            for task in asyncio.all_tasks(loop):
+                if task.get_coro() is coro:
+                    task.cancel()
+
+        loop.call_soon_threadsafe(cancel)
+        concurrent.futures.wait([done], timeout=INTERRUPT_WAIT)
 
     # --------------------------------------------------------------- operations
 
@@ -236,6 +268,11 @@ class Lease:
         return self._inner.expires
 
     @property
+    def overdraft(self) -> bool:
+        """Granted beyond the licence's seats, within its overdraft."""
+        return self._inner.overdraft
+
+    @property
     def statement(self) -> tokens.Statement | None:
         return self._inner.statement
 
@@ -249,11 +286,6 @@ class Lease:
 
     def remaining(self) -> float:
         return self._inner.remaining()
-
-    @property
-    def overdraft(self) -> bool:
-        """Granted beyond the licence's seats, within its overdraft."""
-        return self._inner.overdraft
 
     @property
     def valid(self) -> bool:

@@ -294,24 +294,17 @@ async def test_more_pipelined_requests_than_the_cap_are_all_answered_in_order(
 async def test_replies_owed_are_sent_after_the_peer_half_closes(tmp_path: Path) -> None:
     async with running(make_config(tmp_path, replace(DICOM, seats=10))) as daemon:
         peer = await connected(address(daemon))
-        messages = [
-            {
-                "id": 7 + i,
-                "op": "checkout",
-                "key": DICOM.key,
-                "holder": holder(f"h{i}").to_wire(),
-                "request": f"r{i:021d}",
-                "nonce": os.urandom(16),
-            }
-            for i in range(3)
-        ]
+        leases = [(await peer.checkout(h=holder(f"h{i}")))["lease"] for i in range(3)]
+        # Checkins, which wait for their commit too (a checkout owed at a half-close is
+        # another matter: tests/integration/test_interrupted_checkout.py).
+        messages = [{"id": 7 + i, "op": "checkin", "lease": x} for i, x in enumerate(leases)]
         peer.writer.write(_frames(*messages))
-        peer.writer.write_eof()  # nothing more from us: the checkouts are still answered
+        peer.writer.write_eof()  # nothing more from us: the checkins are still answered
         replies = [await peer.recv() for _ in messages]
-        assert [(r or {}).get("ok") for r in replies] == [True, True, True]
+        assert [(r or {}).get("released") for r in replies] == [True, True, True]
         assert await peer.recv() is None  # then the daemon closes
         await peer.close()
-        assert daemon.engine.in_use(DICOM.id) == 3
+        assert daemon.engine.in_use(DICOM.id) == 0
 
 
 async def test_a_peer_that_never_reads_is_cut_off_and_others_are_served(

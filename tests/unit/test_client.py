@@ -211,6 +211,26 @@ async def test_a_lost_checkout_reply_is_retried_with_the_same_request_key(
     await lease.release()
 
 
+async def test_a_checkout_cancelled_after_it_was_sent_checks_in_the_lease_it_got(
+    fake: FakeLicd, client: AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answer = fake._answer
+    tasks: list[asyncio.Task[AsyncLease]] = []
+
+    def cancel_then_answer(req: messages.Request) -> dict[str, object]:
+        if isinstance(req, messages.Checkout):
+            tasks[0].cancel()  # the request is out, its reply not yet read: Ctrl-C now
+        return answer(req)
+
+    monkeypatch.setattr(fake, "_answer", cancel_then_answer)
+    tasks.append(asyncio.create_task(client.checkout(KEY)))
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(tasks[0], 5)
+    assert fake.ops()[-2:] == ["checkout", "checkin"]
+    assert fake.leases == {}  # given back before the cancellation went on
+    assert client.leases == []
+
+
 async def test_retries_give_up_after_the_budget(fake: FakeLicd, clock: ManualClock) -> None:
     await fake.stop()
     c = AsyncClient(fake.address, fake.key_hex, clock=clock, retry_for=10.0)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import atexit
+import signal
 import threading
 from collections.abc import Callable, Iterator
+from types import FrameType
 from typing import Any
 
 import pytest
 
 import licd_client
-from licd_client import errors, sync
+from licd_client import errors, messages, sync
 from licd_client.lease import LeaseState
 from tests.fakelicd import LICENCE, ThreadedFakeLicd
 
@@ -152,4 +154,36 @@ def test_without_a_key_checkout_says_what_to_set(
         pytest.raises(errors.TokenInvalid, match="licd key show"),
     ):
         client.checkout(KEY)
+    assert leases(server) == {}
+
+
+def test_ctrl_c_during_a_checkout_checks_in_the_lease_it_was_granted(
+    server: ThreadedFakeLicd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    interrupted = threading.Event()
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    answer = server.fake._answer
+
+    def interrupt_then_answer(req: messages.Request) -> dict[str, Any]:
+        if isinstance(req, messages.Checkout):
+            # A real SIGINT to the caller, blocked in checkout(); the reply goes out only
+            # once the interruption has reached it.
+            signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+            assert interrupted.wait(10)
+        return answer(req)
+
+    monkeypatch.setattr(server.fake, "_answer", interrupt_then_answer)
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        with make_client(server) as client, pytest.raises(KeyboardInterrupt):
+            client.checkout(KEY)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    # The client never had the lease to hold, so neither close() nor its exit hook
+    # could check it in: the interrupted checkout did.
+    assert server.fake.ops()[-2:] == ["checkout", "checkin"]
     assert leases(server) == {}
