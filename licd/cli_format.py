@@ -172,14 +172,11 @@ def status_text(result: Mapping[str, Any], socket: str | None = None) -> str:
         parts.append(table(("LICENCE", "COUNTER", "USED", "REMAINING", "RESET"), counters))
     upstream = result.get("upstream")
     if upstream:
-        link = upstream["link"]
-        state = "connected" if link["connected"] else "NOT connected"
         parts.append(
             fields(
                 [
                     ("upstream", ", ".join(upstream["servers"])),
-                    ("link", f"{state} since {when(link['since'])}"),
-                    ("last error", link["last_error"] or NONE),
+                    *link_fields(upstream["link"]),
                     ("forwarded", upstream["forwarded"]),
                 ]
             )
@@ -195,6 +192,27 @@ def status_text(result: Mapping[str, Any], socket: str | None = None) -> str:
             block_head = ("BLOCK", "SEATS", "EXPIRES", "RENEWED", "NEXT", "STATE", "ERROR")
             parts.append(table(block_head, blocks))
     return "\n\n".join(parts)
+
+
+def link_fields(link: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """A router's upstream link for people: its state since a time (the router's start
+    while it has not connected yet), the next attempt while it is down, and the last
+    error with its time, `(recovered at T)` once the link is back up after it."""
+    state = link["state"]
+    if state == "connected":
+        shown = f"connected since {when(link['since'])}"
+    elif state == "connecting":
+        shown = f"connecting since {when(link['since'])} (not yet connected)"
+    else:
+        shown = f"NOT connected since {when(link['since'])}"
+        if link["next_attempt"] is not None:
+            shown += f", next attempt {when(link['next_attempt'])}"
+    error = NONE
+    if link["last_error"] is not None:
+        error = f"{when(link['last_error_at'])}  {link['last_error']}"
+        if link["recovered_at"] is not None:
+            error += f" (recovered at {when(link['recovered_at'])})"
+    return [("link", shown), ("last error", error)]
 
 
 def leases_text(leases: Sequence[Mapping[str, Any]]) -> str:

@@ -244,6 +244,10 @@ class Connection:
             async with asyncio.timeout(self.io_timeout):
                 await self._writer.wait_closed()
 
+    async def wait_closed(self) -> None:
+        """Return once the connection has ended: closed by either side, or broken."""
+        await asyncio.wait({self._task})
+
     async def close(self) -> None:
         """Close the connection; pending requests fail with ConnectionLost. Idempotent."""
         self._fail(ConnectionLost("connection closed"))

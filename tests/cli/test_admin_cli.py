@@ -879,7 +879,15 @@ def test_status_text_shows_counters_and_the_upstream() -> None:
         ],
         "upstream": {
             "servers": ["vendor:27500"],
-            "link": {"connected": False, "since": 1.79e9, "last_error": "refused"},
+            "link": {
+                "state": "down",
+                "connected": False,
+                "since": 1.79e9,
+                "last_error": "refused",
+                "last_error_at": 1.79e9,
+                "recovered_at": None,
+                "next_attempt": None,
+            },
             "forwarded": 0,
             "blocks": [
                 {

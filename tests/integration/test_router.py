@@ -4,7 +4,9 @@ Every daemon runs in the test's event loop (`tests.support.running`) on one shar
 `FakeClock`, so "a day later" is `clock.advance(86400)`. The relay's own keeper loop
 sleeps in real time: it takes the first block as the router starts (the tests wait for
 that with a bounded wait) and then sleeps for minutes, so every later renewal is driven
-here by calling `Relay.renew_block` directly. No test sleeps and hopes.
+here by calling `Relay.renew_block` directly. The link's keeper also waits in real time:
+a test that waits for it to dial again shortens its backoff and polls status within a
+deadline, or steps its sleep (`Naps`). No test sleeps and hopes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import os
@@ -25,14 +28,25 @@ import pytest
 from nacl.signing import SigningKey
 
 from licd.admin_client import AdminClient
+from licd.cli_format import when
 from licd.clock import FakeClock
 from licd.config import Config, RelayedLicence, UpstreamConfig
 from licd.daemon import Daemon
 from licd.engine import Licence
 from licd.events import Event, Kind
 from licd.keys import key_path, load_key
-from licd.relay import BlockState, Relay
+from licd.relay import (
+    KEEPALIVE,
+    REDIAL,
+    STEADY,
+    BlockState,
+    LinkPhase,
+    Redial,
+    Relay,
+    UpstreamLink,
+)
 from licd_client import AsyncClient, AsyncLease, LeaseState, ManualClock, errors, messages, tokens
+from licd_client.backoff import Backoff
 from licd_client.errors import Denied, TokenInvalid, UpstreamUnavailable
 from licd_client.messages import Checkout
 from tests.fakelicd import FakeLicd
@@ -82,6 +96,25 @@ async def until(predicate: Callable[[], object], what: str, within: float = WAIT
                 await asyncio.sleep(0.01)
     except TimeoutError:
         raise AssertionError(f"timed out after {within}s waiting for {what}") from None
+
+
+async def link_becomes(daemon: Daemon, state: str) -> dict[str, Any]:
+    """The router's link as `licd status --json` shows it, once it is `state`: status is
+    polled through the admin socket every 20 ms within WAIT (the link's keeper works in
+    the background and publishes nothing a test could wait on)."""
+    link: dict[str, Any] | None = None
+    try:
+        async with asyncio.timeout(WAIT):
+            while True:
+                link = (await admin(daemon, "status"))["upstream"]["link"]
+                assert link is not None
+                if link["state"] == state:
+                    return link
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(
+            f"timed out after {WAIT}s waiting for a link {state}: {link}"
+        ) from None
 
 
 class Site:
@@ -455,10 +488,13 @@ async def test_outage_shorter_than_the_block_goes_unnoticed(
     handle, first_expiry = state.block.handle, state.block.expires
     vendor_key = vendor.daemon.signer.public
     relay = relay_of(router.daemon)
+    upstream = server_of(vendor.daemon)
 
     async with client_of(router.daemon, vendor_key) as client:
         lease = await client.checkout(VENDOR.key)
         await vendor.stop()
+        stopped = clock.now().wall
+        assert (await link_becomes(router.daemon, "down"))["since"] == stopped
         for _ in range(10):  # 400 s without upstream, past the renewal due at 200 s
             clock.advance(40)
             await lease.renew_once()  # the sub-lease heartbeat keeps working
@@ -466,9 +502,9 @@ async def test_outage_shorter_than_the_block_goes_unnoticed(
         with pytest.raises(UpstreamUnavailable):
             await relay.renew_block(state)
         link = (await admin(router.daemon, "status"))["upstream"]["link"]
-        assert link["connected"] is False
-        assert link["since"] == clock.now().wall
-        assert link["last_error"]
+        assert (link["state"], link["connected"], link["since"]) == ("down", False, stopped)
+        assert link["last_error_at"] == clock.now().wall  # the renewal's failure
+        assert link["last_error"].startswith(f"cannot reach the licence daemon ({upstream}: ")
         async with peer(router.daemon) as p:  # new checkouts still served from the block
             reply, nonce = await checkout(p, "machine-new")
             assert verify(reply, nonce, vendor_key).exp <= first_expiry
@@ -933,7 +969,15 @@ async def test_router_status_shows_link_blocks_and_modes(
     status = await admin(router.daemon, "status")
     up = status["upstream"]
     assert up["servers"] == [server_of(vendor.daemon)]
-    assert up["link"] == {"connected": True, "since": started, "last_error": None}
+    assert up["link"] == {
+        "state": "connected",
+        "connected": True,
+        "since": started,
+        "last_error": None,
+        "last_error_at": None,
+        "recovered_at": None,
+        "next_attempt": None,
+    }
     assert up["modes"] == {BLOCK.id: "block", forward.id: "forward"}
     assert up["blocks"] == [
         {
@@ -965,13 +1009,17 @@ async def test_router_status_shows_link_blocks_and_modes(
     await relay_of(router.daemon).renew_block(state)
     renewed = clock.now().wall
     await vendor.stop()
+    await link_becomes(router.daemon, "down")  # by itself, at once
     clock.advance(30)
     with pytest.raises(UpstreamUnavailable):
         await relay_of(router.daemon).renew_block(state)
     up = (await admin(router.daemon, "status"))["upstream"]
-    assert up["link"]["connected"] is False
-    assert up["link"]["since"] == renewed + 30
-    assert up["link"]["last_error"]
+    assert (up["link"]["state"], up["link"]["connected"]) == ("down", False)
+    assert up["link"]["since"] == renewed  # when upstream went, not when a request noticed
+    assert up["link"]["last_error"].startswith(
+        f"cannot reach the licence daemon ({up['servers'][0]}: "
+    )
+    assert (up["link"]["last_error_at"], up["link"]["recovered_at"]) == (renewed + 30, None)
     [block] = up["blocks"]
     assert block["valid"] is True
     assert block["last_renewal"] == renewed
@@ -1078,6 +1126,7 @@ async def test_upstream_faults_reach_local_clients_as_upstream_unavailable(
                 assert repr(f"{code}: {UPSTREAM_TEXT}") in line
                 link = relay_of(router.daemon).link.state
                 assert link.last_error == f"{code}: {UPSTREAM_TEXT}"
+                assert link.connected  # upstream answered: the link is up all along
             # The local client's connection stayed open through all of it.
             answer = await p.call("available", key=DICOM.key)
             assert answer["ok"] is True, answer
@@ -1279,8 +1328,8 @@ async def test_an_upstream_outage_logs_one_warning_not_one_per_request(
     async with peer(router.daemon) as p:
         held, _ = await checkout(p, "machine-a")
         assert held["ok"] is True
-        await vendor.stop()
         before = len(caplog.records)
+        await vendor.stop()
         for n in range(10):
             gone, _ = await checkout(p, f"machine-{n}")
             assert gone["error"] == "upstream_unavailable"
@@ -1297,3 +1346,213 @@ async def test_an_upstream_outage_logs_one_warning_not_one_per_request(
     [line] = warnings
     assert line.startswith("event=upstream_failed kind=unreachable "), warnings
     assert [r.getMessage() for r in records].count("event=upstream_disconnected") == 1
+
+
+# ------------------------------------------------------------ the link, by itself
+
+
+async def link_status_text(router: Daemon) -> str:
+    """`licd status` on the router, as a person reads it."""
+    shown = await asyncio.to_thread(run_licd, "status", "--socket", str(router.admin.path))
+    assert shown.returncode == 0, shown.stderr
+    return shown.stdout
+
+
+async def test_the_link_comes_back_by_itself_and_status_tells_the_truth(
+    sites: list[Site], tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    started = clock.now().wall
+    vendor, router = await vendor_and_router(sites, tmp_path, clock)
+    await block_taken(router.daemon)  # the router's one request upstream in this test
+    vendor_key = vendor.daemon.signer.public
+    assert (await link_becomes(router.daemon, "connected"))["since"] == started
+    relay = relay_of(router.daemon)
+    relay.link.redial.backoff = Backoff(base=0.05, cap=0.2)  # the keeper's waits are real
+    naps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        naps.append(seconds)
+        await asyncio.sleep(seconds)
+
+    relay.link.sleep = sleep
+
+    # Upstream stops: the router says so at once, and since when, with no request made.
+    clock.advance(100)
+    before = len(caplog.records)
+    await vendor.stop()
+    stopped = clock.now().wall
+    down = await link_becomes(router.daemon, "down")
+    assert (down["connected"], down["since"], down["recovered_at"]) == (False, stopped, None)
+    assert down["last_error"].startswith("cannot reach the licence daemon (")
+    assert down["last_error_at"] == stopped
+    # It keeps dialling, a backoff step apart, logging the outage once.
+    await until(lambda: len(naps) >= 3, "three attempts to reach upstream")
+    assert all(0 <= x <= 0.2 for x in naps), naps
+    text = await link_status_text(router.daemon)
+    assert f"NOT connected since {when(stopped)}" in text
+    assert f"last error  {when(stopped)}  cannot reach the licence daemon (" in text
+
+    # Upstream back: connected within a step, still without a request; the error stays
+    # shown with its time, and when the link recovered.
+    clock.advance(50)
+    await vendor.start()
+    back = await link_becomes(router.daemon, "connected")
+    assert back["since"] == stopped + 50 == back["recovered_at"]
+    assert stopped <= back["last_error_at"] <= stopped + 50
+    assert back["next_attempt"] is None
+    text = await link_status_text(router.daemon)
+    assert f"connected since {when(stopped + 50)}" in text
+    assert f"(recovered at {when(stopped + 50)})" in text
+    lines = [r.getMessage() for r in caplog.records[before:]]
+    assert lines.count("event=upstream_disconnected") == 1
+    assert lines.count("event=upstream_connected") == 1
+    failed = [x for x in lines if x.startswith("event=upstream_failed ")]
+    assert len(failed) == 1 and "kind=unreachable" in failed[0], failed
+    assert len(await vendor_checkouts(vendor.daemon)) == 1  # the block, nothing since
+
+    # The router restarted while upstream is away: its block works, and status shows
+    # the link down since the restart, never "since -".
+    await vendor.stop()
+    await router.stop()
+    clock.advance(10)
+    restarted = clock.now().wall
+    await router.start()
+    link = (await admin(router.daemon, "status"))["upstream"]["link"]
+    assert link["state"] in ("connecting", "down") and link["since"] == restarted
+    relay_of(router.daemon).link.redial = Redial(Backoff(base=0.05, cap=0.2))
+    down = await link_becomes(router.daemon, "down")
+    assert down["since"] == restarted and down["last_error_at"] == restarted
+    status = (await admin(router.daemon, "status"))["upstream"]
+    [block] = status["blocks"]
+    assert (block["valid"], block["seats"]) == (True, BLOCK.block_seats)
+    assert block["expires"] == started + BLOCK.block_ttl
+    assert block["next_renewal"] == started + BLOCK.renew_every
+    text = await link_status_text(router.daemon)
+    assert f"NOT connected since {when(restarted)}" in text and "since -" not in text
+    async with peer(router.daemon) as p:
+        reply, nonce = await checkout(p, "machine-a")
+        verify(reply, nonce, vendor_key)
+    clock.advance(5)
+    await vendor.start()
+    back = await link_becomes(router.daemon, "connected")
+    assert back["since"] == restarted + 5 == back["recovered_at"]
+    assert len(await vendor_checkouts(vendor.daemon)) == 1  # the block resumed
+
+
+class HangingUp(FakeLicd):
+    """A fake upstream that can hang up on its clients and go on listening, as a licd
+    closing an idle connection does."""
+
+    def hang_up(self) -> None:
+        for writer in list(self._writers):
+            writer.close()
+
+
+class Naps:
+    """The link keeper's sleep, stepped by the test: a nap lasts until `wake`, which
+    first moves the clock on by its length. A nap the keeper gave up (its connection
+    ended) is skipped."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self._asked: asyncio.Queue[tuple[float, asyncio.Future[None]]] = asyncio.Queue()
+        self._current: tuple[float, asyncio.Future[None]] | None = None
+
+    async def sleep(self, seconds: float) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._asked.put_nowait((seconds, done))
+        await done
+
+    async def next(self) -> float:
+        """How long the keeper's next nap is (it is in it now), within WAIT."""
+        async with asyncio.timeout(WAIT):
+            while True:
+                seconds, done = await self._asked.get()
+                if not done.done():
+                    self._current = (seconds, done)
+                    return seconds
+
+    def wake(self) -> None:
+        assert self._current is not None
+        (seconds, done), self._current = self._current, None
+        self.clock.advance(seconds)
+        done.set_result(None)
+
+
+async def test_the_link_keeper_keeps_alive_and_redials_with_backoff(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    naps = Naps(clock)
+    expected = list(itertools.islice(REDIAL.delays(random.Random(5)), 5))
+
+    def events(name: str) -> int:
+        return sum(r.getMessage().startswith(f"event=upstream_{name}") for r in caplog.records)
+
+    fake = HangingUp()
+    async with fake:
+        config = UpstreamConfig(servers=(fake.address,), trust=(fake.public_key,))
+        link = UpstreamLink(config, clock, "site-1", None, rng=random.Random(5), sleep=naps.sleep)
+        keeper = asyncio.create_task(link.run())
+        try:
+            # Dialled at once; then a keepalive hello every KEEPALIVE seconds.
+            t0 = clock.now().wall
+            assert await naps.next() == KEEPALIVE
+            assert (link.state.phase, link.state.since) == (LinkPhase.CONNECTED, t0)
+            assert fake.ops() == ["hello"]
+            naps.wake()
+            assert await naps.next() == KEEPALIVE
+            assert fake.ops() == ["hello"] * 2
+
+            # Upstream hangs up on a connection open for a while: dialled again at once,
+            # and the link never was down.
+            fake.hang_up()
+            assert await naps.next() == KEEPALIVE
+            assert fake.ops() == ["hello"] * 3
+            assert (link.state.phase, link.state.since, link.state.last_error) == (
+                LinkPhase.CONNECTED,
+                t0,
+                None,
+            )
+            assert (events("connected"), events("disconnected")) == (1, 0)
+
+            # Upstream gone: dialled at once, then a backoff step after each failure.
+            clock.advance(STEADY)
+            await fake.stop()
+            stopped = clock.now()
+            for n in range(4):
+                assert await naps.next() == expected[n]
+                status = link.state.to_json(clock.now())
+                assert (status["state"], status["since"]) == ("down", stopped.wall)
+                assert status["next_attempt"] == clock.now().wall + expected[n]
+                assert status["last_error"].startswith("cannot reach the licence daemon (")
+                if n < 3:
+                    naps.wake()
+            assert (events("disconnected"), events("failed")) == (1, 1)  # one line, 4 tries
+
+            # Back: connected at the next attempt, the error shown as recovered.
+            await fake.start()
+            naps.wake()
+            assert await naps.next() == KEEPALIVE
+            status = link.state.to_json(clock.now())
+            assert status["state"] == "connected" and status["next_attempt"] is None
+            assert status["since"] == status["recovered_at"] == clock.now().wall
+            assert status["last_error_at"] < status["since"]
+            assert events("connected") == 2
+
+            # Hung up on at once: no tight loop, the next step of the same backoff.
+            fake.hang_up()
+            assert await naps.next() == expected[4]
+            assert (link.state.phase, link.state.last_error) == (
+                LinkPhase.DOWN,
+                "the upstream licence server closed the connection",
+            )
+            naps.wake()
+            assert await naps.next() == KEEPALIVE
+            assert link.state.connected and events("failed") == 1
+        finally:
+            keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await keeper
+            await link.close()

@@ -1,18 +1,26 @@
 """The site router's rules (licd/relay.py), without sockets: how upstream's answers are
 classified, how often a fault is logged, the wall-clock mark, a block's remaining life,
-its renewal schedule and what the engine serves it until. Time is passed in."""
+its renewal schedule and what the engine serves it until, the link's state and what
+status shows of it, and when the link's keeper dials again. Time is passed in."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import random
 from pathlib import Path
 
 import pytest
 
+from licd.cli_format import link_fields, when
 from licd.clock import Instant
 from licd.relay import (
     DECISIONS,
+    REDIAL,
+    STEADY,
     FaultLog,
+    LinkState,
+    Redial,
     UpstreamFault,
     WallMark,
     classify,
@@ -203,3 +211,128 @@ def test_block_request_keys_carry_128_random_bits() -> None:
     keys = {request_key() for _ in range(100)}
     assert len(keys) == 100
     assert all(len(k) >= 22 and len(k.removeprefix("block-")) == 32 for k in keys)
+
+
+# ------------------------------------------------------------------ the link's state
+
+START = Instant(wall=1_790_000_000.0, mono=1000.0)
+
+
+def test_a_new_link_is_connecting_since_the_start_then_connected_at_the_first_answer() -> None:
+    state = LinkState(since=START.wall)
+    assert state.to_json(START) == {
+        "state": "connecting",
+        "connected": False,
+        "since": START.wall,
+        "last_error": None,
+        "last_error_at": None,
+        "recovered_at": None,
+        "next_attempt": None,
+    }
+    assert state.up(START.wall + 0.2) is True  # news: logged
+    assert state.up(START.wall + 5) is False  # already up: `since` stays
+    shown = state.to_json(START)
+    assert (shown["state"], shown["connected"], shown["since"]) == (
+        "connected",
+        True,
+        START.wall + 0.2,
+    )
+    assert shown["recovered_at"] is None  # nothing to recover from
+
+
+def test_a_link_down_from_the_start_has_not_been_up_since_the_start() -> None:
+    state = LinkState(since=START.wall)
+    assert state.down(START.wall + 1, "refused") is False  # it never was up: no news
+    state.next_attempt = START.mono + 3  # the keeper waits to dial again
+    shown = state.to_json(START.after(1))
+    assert (shown["state"], shown["since"]) == ("down", START.wall)
+    assert (shown["last_error"], shown["last_error_at"]) == ("refused", START.wall + 1)
+    assert shown["next_attempt"] == START.wall + 3
+
+
+def test_down_and_up_again_keeps_the_error_with_its_time_and_when_it_recovered() -> None:
+    state = LinkState(since=START.wall)
+    state.up(START.wall)
+    assert state.down(START.wall + 60, "cannot reach") is True
+    assert state.down(START.wall + 70, "cannot reach still") is False  # one outage
+    shown = state.to_json(START)
+    assert (shown["state"], shown["since"], shown["recovered_at"]) == (
+        "down",
+        START.wall + 60,
+        None,
+    )
+    assert (shown["last_error"], shown["last_error_at"]) == ("cannot reach still", START.wall + 70)
+    assert state.up(START.wall + 90) is True
+    shown = state.to_json(START)
+    assert (shown["state"], shown["since"]) == ("connected", START.wall + 90)
+    assert (shown["last_error_at"], shown["recovered_at"]) == (START.wall + 70, START.wall + 90)
+
+
+def test_an_error_upstream_answers_leaves_the_link_up_and_is_not_recovered_from() -> None:
+    state = LinkState(since=START.wall)
+    state.down(START.wall + 1, "refused")
+    state.up(START.wall + 2)
+    state.fault(START.wall + 30, "internal: upstream's own trouble")
+    shown = state.to_json(START)
+    assert (shown["state"], shown["since"]) == ("connected", START.wall + 2)
+    assert (shown["last_error_at"], shown["recovered_at"]) == (START.wall + 30, None)
+
+
+def test_status_shows_the_link_with_times_never_since_dash() -> None:
+    state = LinkState(since=START.wall)
+    assert link_fields(state.to_json(START)) == [
+        ("link", f"connecting since {when(START.wall)} (not yet connected)"),
+        ("last error", "-"),
+    ]
+    state.down(START.wall + 1, "cannot reach the licence daemon")
+    state.next_attempt = START.mono + 5
+    assert link_fields(state.to_json(START)) == [
+        ("link", f"NOT connected since {when(START.wall)}, next attempt {when(START.wall + 5)}"),
+        ("last error", f"{when(START.wall + 1)}  cannot reach the licence daemon"),
+    ]
+    state.next_attempt = None  # dialling now
+    assert link_fields(state.to_json(START))[0] == (
+        "link",
+        f"NOT connected since {when(START.wall)}",
+    )
+    state.up(START.wall + 65)
+    assert link_fields(state.to_json(START)) == [
+        ("link", f"connected since {when(START.wall + 65)}"),
+        (
+            "last error",
+            f"{when(START.wall + 1)}  cannot reach the licence daemon"
+            f" (recovered at {when(START.wall + 65)})",
+        ),
+    ]
+
+
+# ------------------------------------------------------------- the keeper's redials
+
+
+class Highest(random.Random):
+    """Draws the top of every range: each backoff step at its ceiling."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+def test_redial_waits_a_growing_capped_backoff_step_after_each_failed_attempt() -> None:
+    redial = Redial(REDIAL, Highest())
+    assert [redial.failed() for _ in range(7)] == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    jittered = Redial(REDIAL, random.Random(3))
+    waits = [jittered.failed() for _ in range(8)]
+    assert waits == list(itertools.islice(REDIAL.delays(random.Random(3)), 8))
+    assert all(0 <= w <= min(30.0, 2.0**n) for n, w in enumerate(waits))
+
+
+def test_redial_at_once_after_a_steady_connection_and_the_backoff_starts_over() -> None:
+    redial = Redial(REDIAL, Highest())
+    assert [redial.failed() for _ in range(3)] == [1.0, 2.0, 4.0]
+    assert redial.lost(STEADY) == 0.0  # upstream restarted, or closed an idle connection
+    assert redial.failed() == 1.0
+
+
+def test_redial_after_a_connection_that_ended_at_once_is_the_next_step_never_a_loop() -> None:
+    redial = Redial(REDIAL, Highest())
+    assert redial.failed() == 1.0
+    assert [redial.lost(STEADY - 0.5) for _ in range(6)] == [2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
