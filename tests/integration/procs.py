@@ -120,10 +120,25 @@ def run_licd(*args: str, timeout: float = RUN_TIMEOUT) -> subprocess.CompletedPr
 
 
 class DaemonProcess:
-    """One `licd serve` process. `addr` is known once `start()` returns."""
+    """One `licd serve` process. `addr` is known once `start()` returns.
 
-    def __init__(self, config: Path, stderr_path: Path) -> None:
+    `command` and `env` replace `licd serve --config CONFIG` and child_env(), e.g. for a
+    daemon on its embedded defaults (then `config` is None: there is no file)."""
+
+    def __init__(
+        self,
+        config: Path | None,
+        stderr_path: Path,
+        *,
+        command: Sequence[str] | None = None,
+        env: Mapping[str, str] | None = None,
+    ) -> None:
+        if command is None:
+            assert config is not None, "give a config file or a command"
+            command = licd_command("serve", "--config", str(config))
         self.config = config
+        self.command = list(command)
+        self.env = env
         self.stderr_path = stderr_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -149,11 +164,11 @@ class DaemonProcess:
         assert self.proc is None, "already started"
         with self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
-                licd_command("serve", "--config", str(self.config)),
+                self.command,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
-                env=child_env(),
+                env=child_env() if self.env is None else dict(self.env),
                 cwd=ROOT,
             )
         deadline = time.monotonic() + timeout
