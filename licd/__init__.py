@@ -1,3 +1,3 @@
 """licd: a floating-licence daemon. See README.md and docs/."""
 
-__version__ = "0.1.0"
+from licd_client import __version__ as __version__  # one release for daemon and client

@@ -36,6 +36,10 @@ from .lease import AsyncLease, LeaseState
 from .messages import AvailableReply, Holder
 from .sync import Client, Lease, available, checkout, default_client
 
+#: The release of licd and licd-client, both built from this tree: written here only
+#: (pyproject.toml, setup.py and wheels/licd-client/pyproject.toml read it).
+__version__ = "0.1.0"
+
 # A library logs, the app decides where it goes (and nothing is printed by default).
 logging.getLogger("licd_client").addHandler(logging.NullHandler())
 
