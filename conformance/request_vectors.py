@@ -214,6 +214,7 @@ def _request_cases() -> list[Case]:
             BAD,
         ),
         c("ttl_0", "ttl 0.", changed(checkout, ttl=0.0), BAD),
+        c("ttl_below_1", "ttl 0.999: a lease is at least 1 s.", changed(checkout, ttl=0.999), BAD),
         c("ttl_negative", "ttl -90.", changed(checkout, ttl=-90.0), BAD),
         c("ttl_nan", "ttl NaN.", changed(checkout, ttl=float("nan")), BAD),
         c("ttl_inf", "ttl infinity.", changed(checkout, ttl=float("inf")), BAD),

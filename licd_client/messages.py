@@ -144,7 +144,7 @@ class Checkout(Request):
             ),
             nonce=r.binary("nonce", length=NONCE_LEN),
             seats=1 if seats is None else seats,
-            ttl=r.number("ttl", required=False, positive=True),
+            ttl=r.number("ttl", required=False, minimum=MIN_TTL),
             delegate=r.binary("delegate", length=KEY_LEN, required=False),
         )
 

@@ -73,7 +73,14 @@ class Fields:
             raise self._fail(name, f"must be at most {maximum}")
         return value
 
-    def number(self, name: str, *, required: bool = True, positive: bool = False) -> Any:
+    def number(
+        self,
+        name: str,
+        *,
+        required: bool = True,
+        positive: bool = False,
+        minimum: float | None = None,
+    ) -> Any:
         value = self._get(name, required)
         if value is None and not required:
             return None
@@ -84,6 +91,8 @@ class Fields:
             raise self._fail(name, "must be a finite number")
         if positive and value <= 0:
             raise self._fail(name, "must be positive")
+        if minimum is not None and value < minimum:
+            raise self._fail(name, f"must be at least {minimum:g}")
         return value
 
     def binary(self, name: str, *, length: int | None = None, required: bool = True) -> Any:

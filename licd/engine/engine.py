@@ -42,7 +42,7 @@ from licd_client.errors import (
     SeatsExhausted,
     UnknownLicence,
 )
-from licd_client.messages import MIN_TTL, Features, Holder
+from licd_client.messages import Features, Holder
 
 from ..clock import Instant
 from .counters import Consumed, CounterBook
@@ -248,8 +248,6 @@ class Engine:
         if licence.id in self._removing:
             raise UnknownLicence("the licence is being removed")
         self._check_validity(licence, at)
-        if ttl is not None and ttl < MIN_TTL:
-            raise BadRequest(f"checkout: 'ttl' must be at least {MIN_TTL:g} second")
         if delegate is not None and not licence.delegable:
             raise Denied("this licence may not be delegated to a site router")
         who = Who(holder, ip)

@@ -25,6 +25,7 @@ from licd_client.errors import (
 from licd_client.messages import (
     MAX_MESSAGE,
     MAX_UINT,
+    MIN_TTL,
     Available,
     AvailableReply,
     Checkin,
@@ -155,7 +156,9 @@ def test_parse_accepts_boundary_values() -> None:
     assert parse_request(valid("hello", id=0)).id == 0
     assert parse_request(valid("hello", id=MAX_UINT)).id == MAX_UINT
     assert parse_request(with_holder(user="")) is not None  # user may be empty
-    assert parse_request(valid("checkout", ttl=0.001)) is not None
+    assert parse_request(valid("checkout", ttl=MIN_TTL)) is not None
+    with pytest.raises(BadRequest, match="'ttl' must be at least 1"):
+        parse_request(valid("checkout", ttl=0.999))
 
 
 REQUESTS: list[Request] = [
