@@ -23,8 +23,10 @@ $(STAMP): pyproject.toml setup.py wheels/licd-client/pyproject.toml
 		--dest $(WHEELHOUSE) ./wheels/licd-client .
 	touch $(STAMP)
 
+# The embedded defaults, always: a LICD_CONFIG exported for the admin commands does not
+# turn `make run` into the daemon of that file (ARGS="--config FILE" does).
 run: $(STAMP)
-	$(BIN)/licd serve $(ARGS)
+	env -u LICD_CONFIG $(BIN)/licd serve $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/pytest $(ARGS)
