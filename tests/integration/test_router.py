@@ -35,16 +35,8 @@ from licd.daemon import Daemon
 from licd.engine import Licence
 from licd.events import Event, Kind
 from licd.keys import key_path, load_key
-from licd.relay import (
-    KEEPALIVE,
-    REDIAL,
-    STEADY,
-    BlockState,
-    LinkPhase,
-    Redial,
-    Relay,
-    UpstreamLink,
-)
+from licd.relay import BlockState, Relay
+from licd.upstream import KEEPALIVE, REDIAL, STEADY, LinkPhase, Redial, UpstreamLink
 from licd_client import AsyncClient, AsyncLease, LeaseState, ManualClock, errors, messages, tokens
 from licd_client.backoff import Backoff
 from licd_client.errors import Denied, TokenInvalid, UpstreamUnavailable
