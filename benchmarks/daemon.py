@@ -266,8 +266,8 @@ def add_leases(state_dir: Path, count: int, ttl: float) -> list[str]:
     import secrets
 
     from licd.engine import Lease
-    from licd.records import INSERT_LEASE, lease_row
-    from licd.store import DB_FILE
+    from licd.store.records import INSERT_LEASE, lease_row
+    from licd.store.sqlite import DB_FILE
     from licd_client.messages import Holder
 
     now = time.time()

@@ -400,11 +400,15 @@ def first_heartbeat(port: int, lease: str) -> dict[str, Any]:
 
 
 def _restart_floor(state_db: Path) -> dict[str, float]:
-    """Interpreter start + `import licd.cli` (a child process), plus reading every lease
+    """Interpreter start + `import licd.cli.main` (a child process), plus reading every lease
     row with raw sqlite3: what any daemon in Python must pay before READY."""
     t0 = time.monotonic()
     subprocess.run(
-        [sys.executable, "-c", "import licd.cli"], env=child_env(), cwd=ROOT, check=True, timeout=60
+        [sys.executable, "-c", "import licd.cli.main"],
+        env=child_env(),
+        cwd=ROOT,
+        check=True,
+        timeout=60,
     )
     t_import = time.monotonic() - t0
     db = sqlite3.connect(f"{state_db.resolve().as_uri()}?mode=ro", uri=True)

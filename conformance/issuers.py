@@ -15,8 +15,8 @@ from typing import Any
 import msgpack
 from nacl.signing import SigningKey
 
+from licd.core.keys import Signer
 from licd.engine import Grant, Lease, Licence
-from licd.keys import Signer
 from licd_client.messages import Features, Holder
 from licd_client.tokens import SIGNATURE_LEN, sign
 

@@ -1,5 +1,5 @@
 """`python -m licd`: the same as the `licd` command."""
 
-from .cli import main
+from licd.cli.main import main
 
 main()

@@ -25,27 +25,26 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from licd.clock import Clock, SystemClock
+from licd.config.settings import Config, ConfigError, load_config
+from licd.core.admin import AdminOps
+from licd.core.audit_upkeep import RETIRE_CHUNK, RETIRE_MAX_CHUNKS, DenialLog, retire
+from licd.core.dispatch import Dispatcher
+from licd.core.events import Event, EventBus, Kind
+from licd.core.keys import Signer, key_path, load_or_create_key
+from licd.core.relay import Relay
+from licd.core.service import LicenceService
+from licd.engine import Engine, Licence
+from licd.engine.ratelimit import CheckoutLimits, PeerBuckets
+from licd.observe.alerts import AlertMonitor
+from licd.observe.metrics import Metrics, engine_usage
+from licd.shells.admin_server import Access, AdminServer, check_socket_path
+from licd.shells.notify import Notifier
+from licd.shells.server import Server
+from licd.store.sqlite import DB_FILE, Store, StoreError
 from licd_client.connection import format_address
 from licd_client.errors import LicdError
 from licd_client.safetext import OneLineFormatter, kv_line
-
-from .admin import AdminOps
-from .admin_server import Access, AdminServer, check_socket_path
-from .alerts import AlertMonitor
-from .audit_upkeep import RETIRE_CHUNK, RETIRE_MAX_CHUNKS, DenialLog, retire
-from .clock import Clock, SystemClock
-from .config import Config, ConfigError, load_config
-from .dispatch import Dispatcher
-from .engine import Engine, Licence
-from .events import Event, EventBus, Kind
-from .keys import Signer, key_path, load_or_create_key
-from .metrics import Metrics, engine_usage
-from .notify import Notifier
-from .ratelimit import CheckoutLimits, PeerBuckets
-from .relay import Relay
-from .server import Server
-from .service import LicenceService
-from .store import DB_FILE, Store, StoreError
 
 log = logging.getLogger(__name__)
 

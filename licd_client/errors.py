@@ -2,7 +2,7 @@
 
 Each wire error code of docs/protocol.md section 6 has exactly one class here, carrying its
 code; `from_wire` maps a received error frame back to its class. The daemon raises these
-and `licd.dispatch` turns them into error frames; the client raises them to the app.
+and `licd.core.dispatch` turns them into error frames; the client raises them to the app.
 Errors that never cross the wire (a bad token, a lost connection) derive from
 `ClientError` and have no code.
 """

@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from licd.clock import Clock, FakeClock
-from licd.config import Config, ServerConfig
+from licd.config.settings import Config, ServerConfig
 from licd.daemon import Daemon
 from licd.engine import Licence
 from licd_client.messages import Holder

@@ -4,8 +4,8 @@ No sockets, no awaits, no SQL, no clock of its own: every decision takes the ins
 is made at. Everything else carries data to and from it.
 """
 
-from .engine import Availability, Engine, Grant
-from .lease import Lease, LeaseState
-from .licence import Licence
+from licd.engine.engine import Availability, Engine, Grant
+from licd.engine.lease import Lease, LeaseState
+from licd.engine.licence import Licence
 
 __all__ = ["Availability", "Engine", "Grant", "Lease", "LeaseState", "Licence"]

@@ -12,10 +12,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from licd.clock import Instant
+from licd.engine.licence import Counter
 from licd_client.errors import QuotaExhausted
-
-from ..clock import Instant
-from .licence import Counter
 
 
 @dataclass

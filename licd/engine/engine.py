@@ -32,6 +32,13 @@ import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from licd.clock import Instant
+from licd.engine.counters import Consumed, CounterBook
+from licd.engine.endings import RECLAIM, RECLAIMED, Endings, revoked
+from licd.engine.lease import Lease, LeaseState
+from licd.engine.licence import Licence
+from licd.engine.policy import Who, first_match, matches
+from licd.engine.seats import SeatBook, unit_key
 from licd_client.errors import (
     BadRequest,
     Denied,
@@ -43,14 +50,6 @@ from licd_client.errors import (
     UnknownLicence,
 )
 from licd_client.messages import Features, Holder
-
-from ..clock import Instant
-from .counters import Consumed, CounterBook
-from .endings import RECLAIM, RECLAIMED, Endings, revoked
-from .lease import Lease, LeaseState
-from .licence import Licence
-from .policy import Who, first_match, matches
-from .seats import SeatBook, unit_key
 
 #: Renewals one lease may make back to back; after that they come back at the steady rate
 #: below. A client renews every ttl/3 seconds (sooner after a lost reply), so this never

@@ -10,9 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
+from licd.engine.endings import Ending
 from licd_client.messages import Holder
-
-from .endings import Ending
 
 
 class LeaseState(enum.Enum):

@@ -16,9 +16,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
+from licd.engine.lease import Lease
 from licd_client.messages import Holder
-
-from .lease import Lease
 
 
 def unit_key(count_by: str, holder: Holder, handle: str) -> str:

@@ -2,7 +2,7 @@
 
 The daemon runs in the test's event loop (tests.support.running); each command runs
 through click's CliRunner on a worker thread, since the admin client blocks. Raw
-protocol peers take and probe seats. The pure helpers of licd.cli_format come last.
+protocol peers take and probe seats. The pure helpers of licd.cli.format come last.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ import pytest
 from click.testing import CliRunner, Result
 
 from licd import __version__
-from licd import cli_format as fmt
-from licd.admin_client import AdminClient
-from licd.admin_server import Access
-from licd.cli import audit_entries, main
+from licd.cli import format as fmt
+from licd.cli.admin_client import AdminClient
+from licd.cli.main import audit_entries, main
 from licd.clock import FakeClock
-from licd.config import load_config
+from licd.config.settings import load_config
 from licd.daemon import Daemon, StartupError
+from licd.shells.admin_server import Access
 from tests.integration.procs import run_licd
 from tests.support import DICOM, RawPeer, address, holder, make_config, running
 
@@ -176,7 +176,7 @@ async def test_leases_list_and_filter_but_never_show_the_secret(
 async def test_leases_page_through_every_lease(
     daemon: Daemon, peer: RawPeer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("licd.cli.PAGE", 1)  # one lease a page: three pages
+    monkeypatch.setattr("licd.cli.main.PAGE", 1)  # one lease a page: three pages
     handles = {(await take(peer, f"m{i}"))["handle"] for i in range(3)}
     data = await ok_json("leases", *sock(daemon))
     assert {x["handle"] for x in data["leases"]} == handles
@@ -366,7 +366,7 @@ async def test_audit_table_csv_json_and_since(tmp_path: Path) -> None:
 async def test_audit_pages_through_the_log(
     daemon: Daemon, peer: RawPeer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("licd.cli.PAGE", 2)
+    monkeypatch.setattr("licd.cli.main.PAGE", 2)
     for i in range(3):
         await take(peer, f"m{i}")
     lines = (await ok("audit", "--json", *sock(daemon))).splitlines()
@@ -425,7 +425,7 @@ def test_audit_entries_stop_without_follow(monkeypatch: pytest.MonkeyPatch) -> N
         seen.append(args["after"])
         return pages.pop(0)
 
-    monkeypatch.setattr("licd.cli.PAGE", 2)  # a full page: ask for the next one
+    monkeypatch.setattr("licd.cli.main.PAGE", 2)  # a full page: ask for the next one
     assert [e["id"] for e in audit_entries(call, None)] == [1, 2]
     assert seen == [0, 2]
 
@@ -479,7 +479,7 @@ async def test_client_strings_are_escaped_in_tables_and_neutralised_in_csv(
 
 
 def test_every_table_value_and_error_is_escaped(monkeypatch: pytest.MonkeyPatch) -> None:
-    from licd.admin_client import AdminError
+    from licd.cli.admin_client import AdminError
 
     def call(self: AdminClient, op: str, **args: Any) -> dict[str, Any]:
         if op == "reload":
@@ -514,7 +514,7 @@ async def test_reload_without_a_config_file_says_so(daemon: Daemon) -> None:
 
 
 async def test_reload_applies_the_file_or_names_its_error(tmp_path: Path) -> None:
-    from licd.config import load_config
+    from licd.config.settings import load_config
 
     path = tmp_path / "licd.toml"
     path.write_text(SITE_TOML.format(state=tmp_path / "state", site="hq"))
@@ -853,7 +853,7 @@ def test_parsers() -> None:
 
 
 def test_status_text_shows_counters_and_the_upstream() -> None:
-    from licd.cli_format import status_text
+    from licd.cli.format import status_text
 
     result = {
         "version": "0.1.0",

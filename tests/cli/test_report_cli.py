@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from licd import cli_format as fmt
+from licd.cli import format as fmt
 from licd.clock import FakeClock
 from licd.daemon import Daemon
 from tests.cli.test_admin_cli import connected, licd, ok, sock, take

@@ -18,12 +18,12 @@ from typing import Any
 
 import pytest
 
-from licd.admin import MAX_PAGE
-from licd.admin_client import AdminClient, AdminError
-from licd.admin_server import ADMIN_UNAVAILABLE
+from licd.cli.admin_client import AdminClient, AdminError
 from licd.clock import FakeClock
-from licd.config import AdminConfig
+from licd.config.settings import AdminConfig
+from licd.core.admin import MAX_PAGE
 from licd.daemon import Daemon, StartupError
+from licd.shells.admin_server import ADMIN_UNAVAILABLE
 from licd_client import AsyncClient, LeaseState
 from licd_client.errors import LeaseUnknown, UnknownLicence
 from licd_client.wire import REPLY_LIMITS, FrameDecoder

@@ -152,7 +152,7 @@ def test_the_client_wheel_is_licd_client_needing_msgpack_and_pynacl_only(wheels:
 def test_the_daemon_wheel_requires_the_client_of_its_own_version(wheels: Wheels) -> None:
     assert shipped(wheels.daemon) == in_tree("licd")  # migrations too; licd_client is not
     assert f"licd-client=={VERSION}" in requirements(wheels.daemon)
-    assert commands(wheels.daemon) == {"licd": "licd.cli:main"}
+    assert commands(wheels.daemon) == {"licd": "licd.cli.main:main"}
     assert "Apache" in read(wheels.daemon, f"{dist_info(wheels.daemon)}/licenses/LICENSE")
 
 

@@ -14,7 +14,7 @@ A block's language (the word after its opening fence) decides what is done with 
   without output must exit 0. Background jobs (`&`) are seat holders: before the next
   block, the test waits (bounded) until the daemon holds one lease per running job, as
   a reader sees each `licd-client checkout` print its lease before typing on.
-- `toml`: loaded by the daemon's config loader (licd/config.py). A fragment is merged
+- `toml`: loaded by the daemon's config loader (licd/config/settings.py). A fragment is merged
   into a minimal config first: keys before any table header, or `[[licence.NAME]]`
   tables without a `[[licence]]`, belong to a licence with a made-up key, id, product
   and seats (those the fragment sets are its own).
@@ -50,8 +50,8 @@ from pathlib import Path
 
 import pytest
 
-from licd.admin_client import AdminClient
-from licd.config import ConfigError, parse_config
+from licd.cli.admin_client import AdminClient
+from licd.config.settings import ConfigError, parse_config
 from tests.integration.procs import (
     ROOT,
     RUN_TIMEOUT,
@@ -231,9 +231,9 @@ class Site:
 #: `licd serve` with no --config, as `make run` runs it, on `sys.argv[1]` for a port.
 _SERVE_EMBEDDED = """\
 import sys
-import licd.config
-licd.config.DEFAULT_LISTEN = (("127.0.0.1", int(sys.argv[1])),)
-from licd.cli import main
+import licd.config.settings
+licd.config.settings.DEFAULT_LISTEN = (("127.0.0.1", int(sys.argv[1])),)
+from licd.cli.main import main
 main(["serve"], prog_name="licd")
 """
 

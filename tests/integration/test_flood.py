@@ -15,9 +15,9 @@ import secrets
 import sqlite3
 from pathlib import Path
 
-from licd.audit_upkeep import MAX_ENTRY_BYTES, max_entries_per_interval
 from licd.clock import FakeClock
-from licd.store import DB_FILE
+from licd.core.audit_upkeep import MAX_ENTRY_BYTES, max_entries_per_interval
+from licd.store.sqlite import DB_FILE
 from licd_client.messages import Holder
 from tests.support import DICOM, RawPeer, address, holder, make_config, running
 

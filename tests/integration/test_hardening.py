@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from licd.clock import FakeClock
-from licd.config import ConfigError
+from licd.config.settings import ConfigError
+from licd.core.events import Event, Kind
+from licd.core.service import LicenceService
 from licd.engine import Engine, Licence
 from licd.engine.licence import Counter
-from licd.events import Event, Kind
-from licd.service import LicenceService
-from licd.store import Store
+from licd.store.sqlite import Store
 from licd_client.errors import BadRequest, LicdError, Unavailable, UnknownLicence
 from licd_client.wire import encode
 from tests.support import DICOM, RawPeer, address, holder, make_config, running

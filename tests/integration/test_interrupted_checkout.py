@@ -22,11 +22,11 @@ from typing import Any
 import pytest
 
 from licd.clock import FakeClock
-from licd.config import Config
+from licd.config.settings import Config
+from licd.core.deferred import Deferred
+from licd.core.events import Event, Kind
 from licd.daemon import Daemon
-from licd.deferred import Deferred
 from licd.engine import Grant, Lease
-from licd.events import Event, Kind
 from licd_client import AsyncClient, ManualClock
 from licd_client.client import INTERRUPT_GRACE
 from tests.cli.test_client_cli import spawn

@@ -6,7 +6,7 @@ import dataclasses
 import os
 from pathlib import Path
 
-from licd.config import MetricsConfig
+from licd.config.settings import MetricsConfig
 from tests.support import DICOM, RawPeer, address, make_config, running, scrape
 
 

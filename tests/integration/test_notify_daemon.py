@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from licd.daemon import Daemon
-from licd.notify import Notifier
+from licd.shells.notify import Notifier
 from tests.integration.procs import DICOM_TOML, write_config
 from tests.support import make_config
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from licd.admin_client import AdminClient
+from licd.cli.admin_client import AdminClient
 from licd.clock import FakeClock
 from licd.daemon import Daemon
 from licd.engine.licence import Counter

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from licd.core.service import LicenceService
 from licd.daemon import Daemon, StartupError
-from licd.service import LicenceService
 from licd_client.errors import Unavailable
 from tests.integration.procs import (
     DICOM_TOML,

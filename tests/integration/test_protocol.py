@@ -21,11 +21,11 @@ import pytest
 import licd
 import licd_client
 from licd.clock import FakeClock
+from licd.core.deferred import Deferred
+from licd.core.events import Event
 from licd.daemon import setup_logging
-from licd.deferred import Deferred
 from licd.engine import Lease
-from licd.events import Event
-from licd.server import WRITE_HIGH_WATER
+from licd.shells.server import WRITE_HIGH_WATER
 from licd_client import tokens
 from licd_client.errors import TokenInvalid
 from licd_client.wire import REPLY_LIMITS, FrameDecoder, encode

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from licd.admin_client import AdminError
-from licd.config import UpstreamConfig
-from licd.config_licences import RelayedLicence
+from licd.cli.admin_client import AdminError
+from licd.config.licences import RelayedLicence
+from licd.config.settings import UpstreamConfig
 from licd.daemon import Daemon
-from licd.notify import Notifier
+from licd.shells.notify import Notifier
 from tests.integration.procs import DICOM_TOML, write_config
 from tests.integration.test_admin import admin
 from tests.support import make_config, reserved_port, running

@@ -27,16 +27,16 @@ import msgpack
 import pytest
 from nacl.signing import SigningKey
 
-from licd.admin_client import AdminClient
-from licd.cli_format import when
+from licd.cli.admin_client import AdminClient
+from licd.cli.format import when
 from licd.clock import FakeClock
-from licd.config import Config, RelayedLicence, UpstreamConfig
+from licd.config.settings import Config, RelayedLicence, UpstreamConfig
+from licd.core.events import Event, Kind
+from licd.core.keys import key_path, load_key
+from licd.core.relay import BlockState, Relay
 from licd.daemon import Daemon
 from licd.engine import Licence
-from licd.events import Event, Kind
-from licd.keys import key_path, load_key
-from licd.relay import BlockState, Relay
-from licd.upstream import KEEPALIVE, REDIAL, STEADY, LinkPhase, Redial, UpstreamLink
+from licd.shells.upstream import KEEPALIVE, REDIAL, STEADY, LinkPhase, Redial, UpstreamLink
 from licd_client import AsyncClient, AsyncLease, LeaseState, ManualClock, errors, messages, tokens
 from licd_client.backoff import Backoff
 from licd_client.errors import Denied, TokenInvalid, UpstreamUnavailable

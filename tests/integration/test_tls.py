@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from licd.config import RelayedLicence, UpstreamConfig
+from licd.config.settings import RelayedLicence, UpstreamConfig
 from licd.daemon import StartupError
 from licd.engine import Licence
 from licd_client import AsyncClient

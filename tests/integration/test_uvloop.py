@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from licd.admin_client import AdminClient
-from licd.config import MetricsConfig
+from licd.cli.admin_client import AdminClient
+from licd.config.settings import MetricsConfig
 from licd_client import AsyncClient, LeaseState
 from tests.support import DICOM, RawPeer, address, make_config, running, scrape
 

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import pytest
 
-from licd import alerts as alerts_module
-from licd.alerts import Alert, AlertMonitor, run_hook_command
 from licd.clock import Instant
-from licd.config import AlertsConfig
+from licd.config.settings import AlertsConfig
+from licd.core.events import Event, Kind
 from licd.engine import Engine, Licence
 from licd.engine.licence import Addon
-from licd.events import Event, Kind
-from licd.metrics import LicenceUsage, engine_usage
+from licd.observe import alerts as alerts_module
+from licd.observe.alerts import Alert, AlertMonitor, run_hook_command
+from licd.observe.metrics import LicenceUsage, engine_usage
 from licd_client.messages import Holder
 
 NOW = 1_790_000_000.0
@@ -317,7 +317,7 @@ def test_reconfigure_applies_new_thresholds_and_windows() -> None:
 def test_each_alert_is_one_warning_line(caplog: pytest.LogCaptureFixture) -> None:
     w = World()
     w.licence(expires=NOW + DAY)
-    with caplog.at_level(logging.WARNING, logger="licd.alerts"):
+    with caplog.at_level(logging.WARNING, logger="licd.observe.alerts"):
         w.monitor.check()
     [record] = caplog.records
     assert record.levelno == logging.WARNING
@@ -477,7 +477,7 @@ async def test_the_configured_hook_gets_the_alert_on_stdin(tmp_path: Path) -> No
 
 async def test_hook_output_is_logged_truncated(caplog: pytest.LogCaptureFixture) -> None:
     code = "import sys; sys.stdout.write('x' * 100000); sys.stderr.write('oops')"
-    with caplog.at_level(logging.INFO, logger="licd.alerts"):
+    with caplog.at_level(logging.INFO, logger="licd.observe.alerts"):
         await run_hook_command(script(code), ALERT, 30.0)
     [record] = [r for r in caplog.records if "alert_hook_done" in r.getMessage()]
     assert record.levelno == logging.INFO
@@ -519,6 +519,6 @@ async def test_a_missing_hook_is_logged(caplog: pytest.LogCaptureFixture) -> Non
 
 async def test_a_hook_that_ignores_stdin_is_fine(caplog: pytest.LogCaptureFixture) -> None:
     big = replace(ALERT, detail={"pad": "x" * 300000})  # more than a pipe holds
-    with caplog.at_level(logging.INFO, logger="licd.alerts"):
+    with caplog.at_level(logging.INFO, logger="licd.observe.alerts"):
         await run_hook_command(script("pass"), big, 30.0)
     assert "status=0" in caplog.text

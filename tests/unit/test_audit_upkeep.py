@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from licd.audit_upkeep import DenialLog, export_file, max_entries_per_interval, retire
 from licd.clock import FakeClock
-from licd.events import Event, Kind
-from licd.store import Store
+from licd.core.audit_upkeep import DenialLog, export_file, max_entries_per_interval, retire
+from licd.core.events import Event, Kind
+from licd.store.sqlite import Store
 
 NOW = 1_790_000_000.0
 

@@ -1,4 +1,4 @@
-"""licd.config: the example file, the defaults, and one test per kind of error."""
+"""licd.config.settings: the example file, the defaults, and one test per kind of error."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from licd.config import (
+from licd.config.settings import (
     AdminConfig,
     AlertsConfig,
     AuditConfig,
@@ -634,7 +634,7 @@ def test_admin_metrics_alerts_errors_name_the_key(tmp_path: Path, text: str, whe
 
 
 def test_licence_from_mapping_validates_like_the_file() -> None:
-    from licd.config import licence_from_mapping
+    from licd.config.settings import licence_from_mapping
 
     lic = licence_from_mapping({"key": "K-1", "id": "x", "product": "p", "seats": 2}, "admin", {})
     assert (lic.id, lic.seats, lic.lease_ttl) == ("x", 2, 90.0)

@@ -87,7 +87,7 @@ def forbidden_imports(source: str) -> list[str]:
         ("from prometheus_client import Counter", ["prometheus_client"]),
         ("import licd.engine as e", ["licd.engine"]),
         ("from licd import engine", ["licd"]),
-        ("from licd.store import Store", ["licd.store"]),
+        ("from licd.store.sqlite import Store", ["licd.store.sqlite"]),
         ("def f():\n    import click\n", ["click"]),
         ("try:\n    import aiosqlite\nexcept ImportError:\n    pass\n", ["aiosqlite"]),
         ("import os, licd", ["licd"]),

@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 
 import licd
-from licd.admin_client import AdminClient, AdminError
+from licd.cli.admin_client import AdminClient, AdminError
 from licd.clock import FakeClock
 from licd.daemon import Daemon
-from licd.store import DB_FILE
+from licd.store.sqlite import DB_FILE
 from tests.support import DICOM, RawPeer, address, holder, make_config, running
 
 LICD_DIR = Path(licd.__file__).resolve().parent
@@ -46,7 +46,7 @@ async def test_a_store_error_is_unavailable_never_internal(
             db.execute("ALTER TABLE audit RENAME TO audit_gone")
         client = AdminClient(daemon.admin.path, timeout=10)
         with (
-            caplog.at_level(logging.ERROR, logger="licd.dispatch"),
+            caplog.at_level(logging.ERROR, logger="licd.core.dispatch"),
             pytest.raises(AdminError) as refused,
         ):
             await asyncio.to_thread(client.call, "audit")
@@ -67,7 +67,7 @@ async def test_a_failed_commit_answers_a_checkout_unavailable(tmp_path: Path) ->
 
 
 def test_only_dispatch_turns_exceptions_into_error_frames() -> None:
-    """`error_frame` (an exception to a wire error) is called in licd/dispatch.py only;
+    """`error_frame` (an exception to a wire error) is called in licd/core/dispatch.py only;
     everything else goes through `dispatch.error_reply` or `Dispatcher.error`."""
     callers = []
     for path in sorted(LICD_DIR.rglob("*.py")):
@@ -79,7 +79,7 @@ def test_only_dispatch_turns_exceptions_into_error_frames() -> None:
             if isinstance(node, ast.Dict):  # nor does anyone write an error reply by hand
                 keys = {k.value for k in node.keys if isinstance(k, ast.Constant)}
                 assert not {"ok", "error"} <= keys, path
-    assert set(callers) == {"dispatch.py"}
+    assert set(callers) == {"core/dispatch.py"}
 
 
 async def test_a_peer_over_its_denied_budget_is_rate_limited_and_not_audited(

@@ -13,10 +13,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from licd.clock import Instant
+from licd.core.events import Event, Kind
 from licd.engine import Engine, Licence
 from licd.engine.licence import Addon
-from licd.events import Event, Kind
-from licd.metrics import DEFAULT_LIMITS, EndpointLimits, LicenceUsage, Metrics, engine_usage
+from licd.observe.metrics import DEFAULT_LIMITS, EndpointLimits, LicenceUsage, Metrics, engine_usage
 from licd_client.messages import Holder
 
 NOW = 1_790_000_000.0

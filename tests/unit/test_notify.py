@@ -1,4 +1,4 @@
-"""Unit tests of licd.notify: the sd_notify protocol against real AF_UNIX datagram sockets.
+"""Unit tests of licd.shells.notify: the sd_notify protocol against real AF_UNIX datagram sockets.
 
 A test binds the socket systemd would, hands its address to a Notifier and reads back
 the exact datagrams. A local datagram is queued by the time sendto() returns, so each
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from licd.notify import Notifier
+from licd.shells.notify import Notifier
 
 
 @pytest.fixture
@@ -349,7 +349,7 @@ def test_send_to_a_vanished_socket_warns_once(
     sock.bind(str(path))
     n = Notifier.from_environ({"NOTIFY_SOCKET": str(path)})
     sock.close()  # the service manager's socket goes away: ECONNREFUSED
-    with caplog.at_level(logging.WARNING, logger="licd.notify"):
+    with caplog.at_level(logging.WARNING, logger="licd.shells.notify"):
         n.ready()
         path.unlink()  # and then its path: ENOENT
         n.watchdog()
@@ -364,7 +364,7 @@ def test_send_to_a_vanished_socket_warns_once(
 def test_abstract_socket_nobody_listens_on(caplog: pytest.LogCaptureFixture) -> None:
     n = Notifier.from_environ({"NOTIFY_SOCKET": f"@licd-test-{uuid.uuid4().hex}"})
     assert n.enabled
-    with caplog.at_level(logging.WARNING, logger="licd.notify"):
+    with caplog.at_level(logging.WARNING, logger="licd.shells.notify"):
         n.ready()
         n.ready()
     n.close()
@@ -376,7 +376,7 @@ def test_full_queue_does_not_block(
 ) -> None:
     # Nobody reads the socket: the kernel's queue fills after a few datagrams
     # (net.unix.max_dgram_qlen). A blocking send would hang here forever.
-    with caplog.at_level(logging.WARNING, logger="licd.notify"):
+    with caplog.at_level(logging.WARNING, logger="licd.shells.notify"):
         for _ in range(10_000):
             notifier.status("x" * 1000)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from licd.clock import FakeClock
-from licd.ratelimit import CheckoutLimits, PeerBuckets
+from licd.engine.ratelimit import CheckoutLimits, PeerBuckets
 
 
 def test_a_peer_spends_its_burst_then_waits_for_the_rate() -> None:

@@ -1,4 +1,4 @@
-"""The site router's rules (licd/relay.py), without sockets: the wall-clock mark, a
+"""The site router's rules (licd/core/relay.py), without sockets: the wall-clock mark, a
 block's remaining life, its renewal schedule and what the engine serves it until, and
 the keys blocks are asked for with. Time is passed in. (The upstream link's rules are
 tests/unit/test_upstream.py's.)"""
@@ -9,8 +9,8 @@ import asyncio
 from pathlib import Path
 
 from licd.clock import Instant
-from licd.relay import WallMark, remaining_life, renewal_at, request_key, served_until
-from licd.store import Store
+from licd.core.relay import WallMark, remaining_life, renewal_at, request_key, served_until
+from licd.store.sqlite import Store
 
 # ------------------------------------------------------------------- the wall mark
 

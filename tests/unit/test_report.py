@@ -1,4 +1,4 @@
-"""Tests of licd.report: per-slot peaks, denials and overdrafts from audit entries.
+"""Tests of licd.cli.report: per-slot peaks, denials and overdrafts from audit entries.
 
 The main check simulates a day of audit entries (seeded; a 10-seat licence with 2 seats
 of overdraft, and another beside it) and compares all 480 slots with peaks found another
@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from licd import report
-from licd.report import Slot, Usage, usage_slots
+from licd.cli import report
+from licd.cli.report import Slot, Usage, usage_slots
 
 DAY = 86400
 DAY0 = 1_789_948_800.0  # 2026-09-21 00:00:00 UTC

@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
+from licd.core.events import Event, Kind
 from licd.engine import Lease
-from licd.events import Event, Kind
-from licd.records import INSERT_AUDIT, INSERT_LEASE, audit_row, lease_row
-from licd.store import (
+from licd.store.records import INSERT_AUDIT, INSERT_LEASE, audit_row, lease_row
+from licd.store.sqlite import (
     INLINE_MAX_ROWS,
     INLINE_MAX_SECONDS,
     MAX_RENEWALS,
@@ -180,7 +180,7 @@ async def test_synchronous_full_on_the_store_connection(tmp_path: Path) -> None:
 async def test_the_write_ahead_log_shrinks_back_after_a_big_transaction(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("licd.store.WAL_SIZE_LIMIT", 256 * 1024)
+    monkeypatch.setattr("licd.store.sqlite.WAL_SIZE_LIMIT", 256 * 1024)
     path = tmp_path / "licd.db"
     wal = tmp_path / "licd.db-wal"
     async with running(path) as s:
@@ -418,7 +418,7 @@ async def test_a_stalled_commit_keeps_commits_off_the_loop_for_the_holdoff(
     quick, stall = INLINE_MAX_SECONDS / 2, STALL_SECONDS * 2
     disk = DiskTimer(stall, quick, stall, quick)  # the disk stalls, and again soon after
     here = threading.get_ident()
-    with caplog.at_level(logging.WARNING, logger="licd.store"):
+    with caplog.at_level(logging.WARNING, logger="licd.store.sqlite"):
         async with timed(tmp_path / "licd.db", disk) as store:
             await store.insert_lease(lease(1))  # on the loop, which it holds up
             await store.insert_lease(lease(2))  # on the thread (the last was slow): quick

@@ -55,7 +55,7 @@ def analyze(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_unit_keeps_the_notify_contract() -> None:
-    """What licd/notify.py and the daemon rely on; no systemd needed to check it."""
+    """What licd/shells/notify.py and the daemon rely on; no systemd needed to check it."""
     unit = directives(UNIT.read_text(encoding="utf-8"))
     assert unit["Type"] == ["notify"]
     assert unit["NotifyAccess"] == ["main"]
@@ -144,7 +144,7 @@ else:
 
 import asyncio, sqlite3
 import msgpack, nacl.signing
-import licd.cli, licd.daemon, licd.notify  # the daemon's whole import graph
+import licd.cli.main, licd.daemon, licd.shells.notify  # the daemon's whole import graph
 
 key = nacl.signing.SigningKey.generate()
 assert key.verify_key.verify(key.sign(b"lease")) == b"lease"

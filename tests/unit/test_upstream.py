@@ -1,4 +1,4 @@
-"""The site router's upstream link (licd/upstream.py), without sockets: how upstream's
+"""The site router's upstream link (licd/shells/upstream.py), without sockets: how upstream's
 answers are classified, how often a fault is logged, the link's state and what status
 shows of it, and when the link's keeper dials again. Time is passed in."""
 
@@ -9,9 +9,9 @@ import random
 
 import pytest
 
-from licd.cli_format import link_fields, when
+from licd.cli.format import link_fields, when
 from licd.clock import Instant
-from licd.upstream import (
+from licd.shells.upstream import (
     DECISIONS,
     REDIAL,
     STEADY,

@@ -21,17 +21,16 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
+from licd.clock import Clock, Instant
+from licd.core.audit_upkeep import DenialLog
+from licd.core.deferred import Deferred
+from licd.core.events import Event, EventBus, Kind, holder_event
+from licd.engine import Availability, Engine, Grant, Lease, LeaseState, Licence
+from licd.engine.counters import Consumed
+from licd.store.sqlite import Store, StoreError
 from licd_client.errors import BadRequest, LeaseUnknown, LicdError, Unavailable, UnknownLicence
 from licd_client.messages import Holder
 from licd_client.safetext import kv_line
-
-from .audit_upkeep import DenialLog
-from .clock import Clock, Instant
-from .deferred import Deferred
-from .engine import Availability, Engine, Grant, Lease, LeaseState, Licence
-from .engine.counters import Consumed
-from .events import Event, EventBus, Kind, holder_event
-from .store import Store, StoreError
 
 log = logging.getLogger(__name__)
 

@@ -34,11 +34,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from licd.config.settings import AlertsConfig
+from licd.core.events import Event, Kind
+from licd.observe.metrics import LicenceUsage
 from licd_client.safetext import escape
-
-from .config import AlertsConfig
-from .events import Event, Kind
-from .metrics import LicenceUsage
 
 log = logging.getLogger(__name__)
 

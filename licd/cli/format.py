@@ -18,9 +18,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from licd.config.settings import parse_duration
 from licd_client.safetext import csv_cell, escape, one_line, quoted
-
-from .config import parse_duration
 
 NONE = "-"
 AUDIT_COLUMNS = (

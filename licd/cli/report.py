@@ -16,10 +16,9 @@ from datetime import UTC, datetime
 from typing import Any
 from xml.sax.saxutils import escape as xml_escape
 
+from licd.cli import format as fmt
+from licd.config.settings import parse_duration
 from licd_client.safetext import escape
-
-from . import cli_format as fmt
-from .config import parse_duration
 
 DAY = 86400.0
 MAX_SLOTS = 100_000  # more is a mistake (1s slots over a day are 86,400)

@@ -10,7 +10,7 @@ not verify is logged and never turned into a local answer. `classify` is the one
 that sorts upstream's answers into decisions about the request (passed on as they are)
 and faults of upstream or the link (the local client gets `upstream_unavailable`, the
 log a line per kind of fault per `FaultLog`). What is relayed, and how, is
-licd/relay.py's.
+licd/core/relay.py's.
 
 The rules (classification, which faults to log, redial waits, the link's state) are
 pure code below, time passed in.
@@ -28,6 +28,9 @@ from enum import StrEnum
 from ssl import SSLContext
 from typing import Any, TypeVar, overload
 
+from licd import __version__
+from licd.clock import Clock, Instant
+from licd.config.settings import UpstreamConfig
 from licd_client.backoff import Backoff
 from licd_client.connection import Connection, parse_address
 from licd_client.errors import (
@@ -55,10 +58,6 @@ from licd_client.messages import (
     Request,
 )
 from licd_client.tokens import Statement, verify_lease
-
-from . import __version__
-from .clock import Clock, Instant
-from .config import UpstreamConfig
 
 log = logging.getLogger(__name__)
 

@@ -13,9 +13,9 @@ from typing import Any, TypeVar
 
 import click
 
-from .cli_format import parse_time
-from .config import parse_duration
-from .engine.licence import COUNT_BY
+from licd.cli.format import parse_time
+from licd.config.settings import parse_duration
+from licd.engine.licence import COUNT_BY
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -13,9 +13,8 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
+from licd.engine import Grant
 from licd_client import tokens
-
-from .engine import Grant
 
 KEY_FILE = "daemon.key"
 

@@ -24,6 +24,9 @@ import ssl as _ssl
 from collections import Counter, deque
 from typing import Any, cast
 
+from licd.config.settings import ServerConfig
+from licd.core.deferred import Deferred
+from licd.core.dispatch import Answer, Dispatcher, Handover, Session
 from licd_client.errors import LicdError, ShuttingDown, TooManyConnections
 from licd_client.wire import (
     MAX_FRAME_BEFORE_HELLO,
@@ -31,10 +34,6 @@ from licd_client.wire import (
     FrameDecoder,
     encode,
 )
-
-from .config import ServerConfig
-from .deferred import Deferred
-from .dispatch import Answer, Dispatcher, Handover, Session
 
 log = logging.getLogger(__name__)
 

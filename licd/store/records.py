@@ -15,12 +15,11 @@ from typing import Any
 
 import msgpack
 
+from licd.core.events import Event, Kind
+from licd.engine import Lease, Licence
+from licd.engine.counters import CounterState
+from licd.engine.licence import Addon, Counter
 from licd_client.messages import Holder
-
-from .engine import Lease, Licence
-from .engine.counters import CounterState
-from .engine.licence import Addon, Counter
-from .events import Event, Kind
 
 Row = tuple[Any, ...]
 

@@ -38,11 +38,11 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from .deferred import Deferred
-from .engine import Lease, Licence
-from .engine.counters import CounterState
-from .events import Event
-from .records import (
+from licd.core.deferred import Deferred
+from licd.core.events import Event
+from licd.engine import Lease, Licence
+from licd.engine.counters import CounterState
+from licd.store.records import (
     DELETE_BLOCK,
     DELETE_FORWARDED,
     DELETE_LEASE,
@@ -112,9 +112,9 @@ class _Op:
 
 
 def migrations() -> list[tuple[int, str]]:
-    """The numbered `.sql` files in licd/migrations, in order."""
+    """The numbered `.sql` files in licd/store/migrations, in order."""
     out = []
-    for entry in resources.files("licd.migrations").iterdir():
+    for entry in resources.files("licd.store.migrations").iterdir():
         name = entry.name
         if name.endswith(".sql"):
             out.append((int(name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))

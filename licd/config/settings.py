@@ -14,21 +14,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from licd_client.tokens import key_from_text
-from licd_client.wire import MAX_FRAME_AFTER_HELLO
-
-from .config_licences import RelayedLicence as RelayedLicence
-from .config_licences import licence_from_mapping as licence_from_mapping
-from .config_licences import licence_to_mapping as licence_to_mapping
-from .config_licences import parse_groups, parse_licences
-from .engine import Licence
-from .engine.engine import RENEW_MIN_RATE
-from .tomlreader import (
+from licd.config.licences import RelayedLicence as RelayedLicence
+from licd.config.licences import licence_from_mapping as licence_from_mapping
+from licd.config.licences import licence_to_mapping as licence_to_mapping
+from licd.config.licences import parse_groups, parse_licences
+from licd.config.tomlreader import (
     ConfigError,
     Table,
     parse_address,
     parse_duration,
 )
+from licd.engine import Licence
+from licd.engine.engine import RENEW_MIN_RATE
+from licd_client.tokens import key_from_text
+from licd_client.wire import MAX_FRAME_AFTER_HELLO
 
 __all__ = ["ConfigError", "parse_address", "parse_duration"]
 

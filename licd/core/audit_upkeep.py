@@ -24,11 +24,10 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+from licd.core.events import Event
+from licd.store.records import AuditEntry
+from licd.store.sqlite import Store
 from licd_client.errors import REGISTRY
-
-from .events import Event
-from .records import AuditEntry
-from .store import Store
 
 log = logging.getLogger(__name__)
 

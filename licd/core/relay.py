@@ -1,7 +1,7 @@
 """The site router: licd relaying to an upstream licd (docs/protocol.md section 5).
 
 Theory of operation. Every request goes upstream over the router's one upstream link
-(`UpstreamLink`, licd/upstream.py: its keeper, its state, how upstream's answers are
+(`UpstreamLink`, licd/shells/upstream.py: its keeper, its state, how upstream's answers are
 sorted into decisions and faults, and the check of every token upstream returns
 against `[upstream] trust`); this module decides what is relayed and keeps its record.
 - forward mode: each local checkout, heartbeat and checkin is sent upstream with the
@@ -36,6 +36,14 @@ from dataclasses import dataclass, field
 from ssl import SSLContext
 from typing import Any
 
+from licd.clock import Clock, Instant
+from licd.config.settings import RelayedLicence, UpstreamConfig
+from licd.core.events import Event, Kind, holder_event
+from licd.core.keys import Signer
+from licd.engine import Engine, Licence
+from licd.shells.upstream import UpstreamLink, on_wall
+from licd.store.records import Block, Forwarded
+from licd.store.sqlite import Store, StoreError
 from licd_client import identity
 from licd_client.backoff import Backoff
 from licd_client.errors import (
@@ -55,15 +63,6 @@ from licd_client.messages import (
     LeaseReply,
 )
 from licd_client.tokens import Statement, verify_chain
-
-from .clock import Clock, Instant
-from .config import RelayedLicence, UpstreamConfig
-from .engine import Engine, Licence
-from .events import Event, Kind, holder_event
-from .keys import Signer
-from .records import Block, Forwarded
-from .store import Store, StoreError
-from .upstream import UpstreamLink, on_wall
 
 log = logging.getLogger(__name__)
 

@@ -15,12 +15,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from licd.config.tomlreader import MISSING, Table
+from licd.engine import Licence
+from licd.engine.licence import COUNT_BY, LEASES_PER_UNIT, RESETS, Addon, Counter
+from licd.engine.policy import check_rule
 from licd_client.messages import Features
-
-from .engine import Licence
-from .engine.licence import COUNT_BY, LEASES_PER_UNIT, RESETS, Addon, Counter
-from .engine.policy import check_rule
-from .tomlreader import MISSING, Table
 
 MAX_KEY_LEN = 255
 MAX_LICENCE_SEATS = 1_000_000  # seats (and overdraft, reserves, caps) of one licence

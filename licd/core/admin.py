@@ -15,16 +15,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from licd import __version__
+from licd.config.settings import licence_from_mapping, licence_to_mapping
+from licd.core.events import Event
+from licd.core.relay import Relay
+from licd.core.service import LicenceService
+from licd.engine import Availability, Lease, Licence
+from licd.store.records import Forwarded
 from licd_client.errors import BadRequest, UnknownLicence
 from licd_client.messages import MAX_STORED_INT, Fields
-
-from . import __version__
-from .config import licence_from_mapping, licence_to_mapping
-from .engine import Availability, Lease, Licence
-from .events import Event
-from .records import Forwarded
-from .relay import Relay
-from .service import LicenceService
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from licd import __version__
+from licd.config.settings import ConfigError
+from licd.core.deferred import Deferred
+from licd.core.keys import Signer
+from licd.core.relay import Relay
+from licd.core.service import LicenceService
+from licd.engine import Grant, Lease
+from licd.engine.ratelimit import CheckoutLimits
+from licd.store.sqlite import StoreError
 from licd_client.errors import (
     BadRequest,
     FrameTooLarge,
@@ -50,16 +59,6 @@ from licd_client.messages import (
     parse_request,
     request_id,
 )
-
-from . import __version__
-from .config import ConfigError
-from .deferred import Deferred
-from .engine import Grant, Lease
-from .keys import Signer
-from .ratelimit import CheckoutLimits
-from .relay import Relay
-from .service import LicenceService
-from .store import StoreError
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from licd.config.settings import AdminConfig
+from licd.core.admin import AdminOps
+from licd.core.dispatch import error_reply
 from licd_client.errors import Denied, LicdError, Unavailable
 from licd_client.messages import request_id
 from licd_client.wire import MAX_FRAME_ADMIN, REPLY_LIMITS, FrameDecoder, encode
-
-from .admin import AdminOps
-from .config import AdminConfig
-from .dispatch import error_reply
 
 log = logging.getLogger(__name__)
 

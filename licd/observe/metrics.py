@@ -21,8 +21,8 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 
-from .engine import Engine
-from .events import Event, Kind
+from licd.core.events import Event, Kind
+from licd.engine import Engine
 
 log = logging.getLogger(__name__)
 

@@ -25,19 +25,18 @@ from typing import Any, TextIO
 import click
 from click.core import ParameterSource
 
+from licd import __version__
+from licd.cli import format as fmt
+from licd.cli import report as reports
+from licd.cli.admin_client import AdminClient, AdminError
+from licd.cli.policy import policy_changes, policy_options
+from licd.config.settings import Config, ConfigError, default_config, load_config, parse_duration
+from licd.core.keys import KeyFileError, key_path, load_key
+from licd.daemon import Daemon, StartupError, resolve_surroundings, setup_logging
+from licd.shells.notify import Notifier
+from licd.store.sqlite import StoreError
 from licd_client.connection import format_address
 from licd_client.safetext import escape, one_line
-
-from . import __version__
-from . import cli_format as fmt
-from . import report as reports
-from .admin_client import AdminClient, AdminError
-from .cli_policy import policy_changes, policy_options
-from .config import Config, ConfigError, default_config, load_config, parse_duration
-from .daemon import Daemon, StartupError, resolve_surroundings, setup_logging
-from .keys import KeyFileError, key_path, load_key
-from .notify import Notifier
-from .store import StoreError
 
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython: 700)
 PAGE = 1000  # entries asked for per admin request when paging
