@@ -25,9 +25,9 @@ from typing import Any
 
 from licd.cli.main import GC_YOUNG_THRESHOLD
 from licd.config.settings import load_config
-from licd.core.deferred import Deferred
 from licd.core.dispatch import Answer, Dispatcher, Session
 from licd.daemon import Daemon
+from licd.deferred import Deferred
 
 from .daemon import LICENCE_KEY, licence, write_config
 

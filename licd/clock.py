@@ -2,7 +2,9 @@
 
 `Instant` pairs the wall clock (for tokens and persistence) with the monotonic clock
 (for deadlines, which must not move when the wall clock is set). Production code uses
-`SystemClock`; tests use `FakeClock` and move time by hand instead of sleeping.
+`SystemClock`; tests use `ManualClock` and move time by hand instead of sleeping (the
+same idea, and name, as `licd_client.ManualClock`, the client's stepped lease clock; a
+module that uses both names the client's by its package).
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ class SystemClock:
         return Instant(time.time(), time.monotonic())
 
 
-class FakeClock:
-    """A clock that moves only when told to: `advance()` both, `set_wall()` a jump."""
+class ManualClock:
+    """A clock that moves only when told to: `advance()` both, `set_wall()` a jump.
+    The daemon's stepped clock; `licd_client.ManualClock` is the client's."""
 
     def __init__(self, wall: float = 1_790_000_000.0, mono: float = 1000.0) -> None:
         self.wall = wall

@@ -4,8 +4,9 @@
 lock), the key, the store and the engine with the leases kept across a restart.
 `Daemon.run()` starts the writer, the reaper, the audit upkeep (counted denials,
 retention) and the listeners in one TaskGroup (a crashed background task stops the
-daemon instead of dying silently) and, when the stop event is set, shuts down in order.
-Signals are wired by the CLI, not here.
+daemon instead of dying silently) and, when the stop event is set, shuts down in order;
+when the exit-now event is set too, it cuts the shutdown short. Signals are wired by the
+CLI, not here.
 """
 
 from __future__ import annotations
@@ -31,16 +32,20 @@ from licd.core.admin import AdminOps
 from licd.core.audit_upkeep import RETIRE_CHUNK, RETIRE_MAX_CHUNKS, DenialLog, retire
 from licd.core.dispatch import Dispatcher
 from licd.core.events import Event, EventBus, Kind
-from licd.core.keys import Signer, key_path, load_or_create_key
-from licd.core.relay import Relay
+from licd.core.keys import Signer
+from licd.core.router import Router
 from licd.core.service import LicenceService
 from licd.engine import Engine, Licence
+from licd.engine.licence import key_clash
 from licd.engine.ratelimit import CheckoutLimits, PeerBuckets
 from licd.observe.alerts import AlertMonitor
 from licd.observe.metrics import Metrics, engine_usage
 from licd.shells.admin_server import Access, AdminServer, check_socket_path
+from licd.shells.metrics_http import serve_metrics
 from licd.shells.notify import Notifier
 from licd.shells.server import Server
+from licd.shells.upstream import UpstreamLink
+from licd.store.keyfile import key_path, load_or_create_key
 from licd.store.sqlite import DB_FILE, Store, StoreError
 from licd_client.connection import format_address
 from licd_client.errors import LicdError
@@ -50,6 +55,7 @@ log = logging.getLogger(__name__)
 
 DENIAL_FLUSH_EVERY = 1.0  # seconds between looks for denial groups whose interval is over
 RETIRE_EVERY = 3600.0  # seconds between audit retention runs (the first soon after start)
+EXIT_NOW_GRACE = 1.0  # seconds the store gets to close when told to exit now
 
 
 class StartupError(Exception):
@@ -201,8 +207,9 @@ class Daemon:
         return self.signer.site
 
     @property
-    def relay(self) -> Relay | None:
-        return self.server.dispatcher.relay
+    def relay(self) -> Router | None:
+        """A site router's relaying (None unless the config has an `[upstream]`)."""
+        return self.server.dispatcher.router
 
     @property
     def public_key(self) -> bytes:
@@ -252,28 +259,30 @@ class Daemon:
     ) -> Daemon:
         """The engine from the database and the config, and the daemon around it."""
         events = EventBus()
-        relay: Relay | None = None
+        relay: Router | None = None
         stored = await store.load_licences()
         # A relayed licence's terms come from upstream, never from the database.
         relayed_ids = {r.id for r in config.relayed}
         stored = [x for x in stored if x.id not in relayed_ids]
         engine = Engine(
             _merge_licences(stored, config.licences),
+            random_bytes=os.urandom,  # the engine reads no entropy itself
             groups=config.groups,
             renew_min_rate=config.server.renewals_per_second,
         )
         # The service publishes (and logs) every event, the relay's forwarded ones too.
         service = LicenceService(engine, store, clock, events)
         if config.upstream is not None:
-            relay = Relay(
+            link = UpstreamLink(config.upstream, clock, signer.site, surroundings.upstream_tls)
+            relay = Router(
                 config.upstream,
                 config.relayed,
+                link=link,
                 engine=engine,
                 store=store,
                 signer=signer,
                 clock=clock,
                 publish=service.publish,
-                ssl=surroundings.upstream_tls,
             )
             await relay.load()  # a stored block's licence, before its sub-leases
         kept = await store.load_leases()
@@ -293,7 +302,7 @@ class Daemon:
             granted=PeerBuckets(s.checkout_rate, s.checkout_burst),
         )
         server = Server(s, Dispatcher(service, signer, limits=limits), ssl=surroundings.tls)
-        server.dispatcher.relay = relay
+        server.dispatcher.router = relay
         daemon = cls(config, store, service, server, signer, lock, surroundings.admin_access)
         daemon._stored_licences = {x.id: x for x in stored}
         return daemon
@@ -375,14 +384,14 @@ class Daemon:
             _check_alert_hook(new)
         except StartupError as exc:
             raise ConfigError(str(exc)) from None
+        clash = key_clash({x.key: x for x in self.engine.licences}, new.licences)
+        if clash is not None:
+            licence, holder = clash.licence.id, clash.holder.id
+            raise ConfigError(
+                f"licence {licence!r} has the key of licence {holder!r}: a licence "
+                f"keeps its id; remove {holder!r} first (licd licence remove)"
+            )
         declared = {x.id for x in new.licences}
-        for licence in new.licences:
-            holder = self.engine.licence_for_key(licence.key)
-            if holder is not None and holder.id != licence.id and holder.id not in declared:
-                raise ConfigError(
-                    f"licence {licence.id!r} has the key of licence {holder.id!r}: a licence "
-                    f"keeps its id; remove {holder.id!r} first (licd licence remove)"
-                )
         for kept in self.engine.licences:
             missing = (
                 sorted(kept.groups_named() - set(new.groups)) if kept.id not in declared else []
@@ -441,105 +450,189 @@ class Daemon:
         self,
         stop: asyncio.Event,
         *,
+        exit_now: asyncio.Event | None = None,
         on_ready: Callable[[Daemon], None] | None = None,
         notifier: Notifier | None = None,
     ) -> None:
-        """Serve until `stop` is set, then shut down in order."""
+        """Serve until `stop` is set, then shut down in order. `exit_now` set during the
+        shutdown (a second SIGTERM or SIGINT) cuts it short: see `_exit_now`."""
         if notifier is not None:
             self._notifier = notifier
         try:
             async with asyncio.TaskGroup() as tg:
-                # Pings come from this loop, so a stuck loop stops them; they go on
-                # through the drain at shutdown.
-                watchdog = tg.create_task(self._notifier.run_watchdog(), name="watchdog")
-                tg.create_task(self.store.run(), name="store-writer")
-                background = [
-                    tg.create_task(
-                        self.service.run_reaper(self.config.server.reap_interval), name="reaper"
-                    ),
-                    tg.create_task(self._run_reloads(), name="reloads"),
-                    tg.create_task(self.alerts.run(), name="alerts"),
-                    tg.create_task(self._flush_denials(), name="denials"),
-                    tg.create_task(self._retire_audit(), name="audit-retention"),
-                ]
-                # The file's licences, written to the database (the engine has them). One
-                # that cannot be saved stops the start: it would be served from memory only.
-                applied = await self._apply_licences(
-                    self.config.licences, stored=self._stored_licences
-                )
-                for licence_id, outcome in applied.items():
-                    if outcome.startswith("error"):
-                        raise StartupError(
-                            f"cannot save licence {licence_id!r} from the config: "
-                            f"{outcome.removeprefix('error: ')}"
-                        )
-                if self.relay is not None:
-                    background.append(tg.create_task(self.relay.run(), name="relay"))
-                self._stored_licences = None
-                try:
-                    await self.admin.start()
-                except (OSError, ValueError) as exc:
-                    raise StartupError(f"admin socket {self.admin.path}: {exc}") from None
-                try:
-                    addresses = await self.server.start()
-                    if self.config.metrics.listen is not None:
-                        listen = self.config.metrics.listen
-                        self._metrics_server = await self.metrics.serve(*listen)
-                        log.info(
-                            "event=metrics_listening addr=%s",
-                            format_address(self.metrics_address or listen),
-                        )
-                except OSError as exc:
-                    raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
-                for host, port in addresses:
-                    log.info("event=listening addr=%s", format_address((host, port)))
-                log.info("event=admin_listening path=%s", self.admin.path)
-                # Served: the engine's own (database and config) and, on a router, every
-                # relayed one (forward-mode ones are never in the engine, block-mode ones
-                # only while a block is held), each counted once.
-                relayed = {r.id for r in self.config.relayed}
-                own = [x for x in self.engine.licences if x.id not in relayed]
-                served = len(own) + len(relayed)
-                log.info(
-                    "%s",
-                    kv_line(
-                        event="ready",
-                        site=self.signer.site,
-                        key=self.signer.public.hex(),
-                        licences=served,
-                        relayed=len(relayed) if self.relay is not None else None,
-                    ),
-                )
-                listening = ", ".join(format_address(a) for a in addresses)
-                self._notifier.ready(f"serving {served} licence(s) on {listening}")
+                started = await self._start(tg)
                 if on_ready is not None:
                     on_ready(self)
                 await stop.wait()
-                log.info("event=stopping")
-                self._notifier.stopping()
-                await self.server.stop()
-                await self.admin.stop()
-                await self._stop_metrics()
-                for task in background:
-                    task.cancel()
-                await self.alerts.drain(grace=self.config.alerts.hook_timeout)
-                if self.relay is not None:
-                    await self.relay.close()
-                self.service.flush_denials(self.service.now(), every=True)
-                await self.store.close()
-                watchdog.cancel()
+                await self._shutdown(started, exit_now or asyncio.Event())
         except BaseExceptionGroup as group:
             # Unwrap: one clear error rather than a group of one.
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
             raise
         finally:
+            # Whatever happened: nothing listens, the store is closed, the lock let go.
             await self.server.stop()
             await self.admin.stop()
             await self._stop_metrics()
             await self.store.close()
             self._lock.close()
             log.info("event=stopped")
+
+    # -------------------------------------------------------------------- start
+
+    async def _start(self, tg: asyncio.TaskGroup) -> _Started:
+        """Start the store's writer and the background tasks in `tg` (a crashed one
+        stops the daemon), save the config's licences, listen, and say it is ready."""
+        # Pings come from this loop, so a stuck loop stops them; they go on through
+        # the drain at shutdown.
+        watchdog = tg.create_task(self._notifier.run_watchdog(), name="watchdog")
+        tg.create_task(self.store.run(), name="store-writer")
+        background = [
+            tg.create_task(
+                self.service.run_reaper(self.config.server.reap_interval), name="reaper"
+            ),
+            tg.create_task(self._run_reloads(), name="reloads"),
+            tg.create_task(self.alerts.run(), name="alerts"),
+            tg.create_task(self._flush_denials(), name="denials"),
+            tg.create_task(self._retire_audit(), name="audit-retention"),
+        ]
+        await self._save_config_licences()
+        if self.relay is not None:
+            background.append(tg.create_task(self.relay.run(), name="relay"))
+        addresses = await self._listen()
+        self._announce_ready(addresses)
+        return _Started(watchdog, background)
+
+    async def _save_config_licences(self) -> None:
+        """The file's licences, written to the database (the engine has them). One that
+        cannot be saved stops the start: it would be served from memory only."""
+        applied = await self._apply_licences(self.config.licences, stored=self._stored_licences)
+        for licence_id, outcome in applied.items():
+            if outcome.startswith("error"):
+                raise StartupError(
+                    f"cannot save licence {licence_id!r} from the config: "
+                    f"{outcome.removeprefix('error: ')}"
+                )
+        self._stored_licences = None
+
+    async def _listen(self) -> list[tuple[str, int]]:
+        """Open the admin socket, the client listeners and the metrics endpoint; the
+        client addresses bound. StartupError naming what cannot listen."""
+        try:
+            await self.admin.start()
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"admin socket {self.admin.path}: {exc}") from None
+        try:
+            addresses = await self.server.start()
+            if self.config.metrics.listen is not None:
+                listen = self.config.metrics.listen
+                self._metrics_server = await serve_metrics(self.metrics.exposition, *listen)
+                log.info(
+                    "event=metrics_listening addr=%s",
+                    format_address(self.metrics_address or listen),
+                )
+        except OSError as exc:
+            raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
+        for host, port in addresses:
+            log.info("event=listening addr=%s", format_address((host, port)))
+        log.info("event=admin_listening path=%s", self.admin.path)
+        return addresses
+
+    def _announce_ready(self, addresses: list[tuple[str, int]]) -> None:
+        """The `ready` line and systemd's READY=1. Served: the engine's own licences
+        (database and config) and, on a router, every relayed one (forward-mode ones are
+        never in the engine, block-mode ones only while a block is held), each once."""
+        relayed = {r.id for r in self.config.relayed}
+        own = [x for x in self.engine.licences if x.id not in relayed]
+        served = len(own) + len(relayed)
+        log.info(
+            "%s",
+            kv_line(
+                event="ready",
+                site=self.signer.site,
+                key=self.signer.public.hex(),
+                licences=served,
+                relayed=len(relayed) if self.relay is not None else None,
+            ),
+        )
+        listening = ", ".join(format_address(a) for a in addresses)
+        self._notifier.ready(f"serving {served} licence(s) on {listening}")
+
+    # ----------------------------------------------------------------- shutdown
+
+    async def _shutdown(self, started: _Started, exit_now: asyncio.Event) -> None:
+        """Stop in order (`_stop_in_order`), unless `exit_now` is set before that is
+        done: then what is left is cut short (`_exit_now`)."""
+        log.info("event=stopping")
+        self._notifier.stopping()
+        in_order = asyncio.ensure_future(self._stop_in_order(started.background))
+        cut_short = asyncio.ensure_future(exit_now.wait())
+        try:
+            await asyncio.wait({in_order, cut_short}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            cut_short.cancel()
+            finished = in_order.done()
+            if not finished:
+                in_order.cancel()
+                await asyncio.wait({in_order})
+        if finished:
+            in_order.result()  # its error, if any
+        else:
+            await self._exit_now(started.background)
+        started.watchdog.cancel()
+
+    async def _stop_in_order(self, background: list[asyncio.Task[Any]]) -> None:
+        """Stop accepting; drain the requests in flight (up to `shutdown_timeout`) and
+        close the connections; stop the background tasks; let running alert hooks end
+        (up to `hook_timeout`); close the upstream link; write the pending denial counts;
+        commit what is queued and close the store."""
+        await self.server.stop()
+        await self.admin.stop()
+        await self._stop_metrics()
+        for task in background:
+            task.cancel()
+        await self.alerts.hooks.drain(grace=self.config.alerts.hook_timeout)
+        if self.relay is not None:
+            await self.relay.close()
+        self.service.flush_denials(self.service.now(), every=True)
+        await self.store.close()
+
+    async def _exit_now(self, background: list[asyncio.Task[Any]]) -> None:
+        """The rest of the shutdown, without waiting on clients, hooks or the disk.
+
+        Every client connection is cut off: a request in flight gets no reply (it was
+        not acknowledged, so nothing promised is lost; its client retries, or its lease
+        lapses). Running alert hooks are killed, the background tasks cancelled. The
+        upstream link and the store then get EXIT_NOW_GRACE seconds together to record
+        the router's mark and the denial counts, commit what is queued and close; a store
+        still busy after that (a stalled disk, a write lock held elsewhere) is abandoned:
+        its transaction in progress commits whole or not at all (SQLite)."""
+        log.warning("event=exit_now grace=%g", EXIT_NOW_GRACE)
+        deadline = asyncio.get_running_loop().time() + EXIT_NOW_GRACE
+        for conn in self.server.connections:
+            conn.abort()
+        await self.server.stop()  # stops listening: nothing is left to drain
+        await self.admin.stop()
+        await self._stop_metrics()
+        for task in background:
+            task.cancel()
+        await self.alerts.hooks.drain(grace=0)
+        if self.relay is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self.relay.close()
+        self.service.flush_denials(self.service.now(), every=True)
+        left = max(0.0, deadline - asyncio.get_running_loop().time())
+        await self.store.close(within=left)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Started:
+    """What `Daemon._start` started that the shutdown stops."""
+
+    watchdog: asyncio.Task[None]
+    background: list[asyncio.Task[Any]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -619,18 +712,16 @@ def _merge_licences(stored: Iterable[Licence], declared: Iterable[Licence]) -> l
     StartupError: leaving the stored one out would drop its leases and grant their seats
     again, and keeping both would give one key two licences."""
     by_id = {licence.id: licence for licence in stored}
-    stored_keys = {licence.key: licence.id for licence in by_id.values()}
     declared = list(declared)
-    declared_ids = {licence.id for licence in declared}
-    for licence in declared:
-        owner = stored_keys.get(licence.key)
-        if owner is not None and owner not in declared_ids:  # not also given another key
-            raise StartupError(
-                f"licence {licence.id!r} in the config has the key of licence {owner!r} in "
-                f"the database: a licence keeps its id. Give it the id {owner!r} again, or "
-                f"remove {owner!r} first (licd licence remove) and then reload"
-            )
-        by_id[licence.id] = licence
+    clash = key_clash({x.key: x for x in by_id.values()}, declared)
+    if clash is not None:
+        licence, owner = clash.licence.id, clash.holder.id
+        raise StartupError(
+            f"licence {licence!r} in the config has the key of licence {owner!r} in "
+            f"the database: a licence keeps its id. Give it the id {owner!r} again, or "
+            f"remove {owner!r} first (licd licence remove) and then reload"
+        )
+    by_id.update((x.id, x) for x in declared)
     return list(by_id.values())
 
 

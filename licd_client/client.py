@@ -15,7 +15,7 @@ import os
 import random
 import secrets
 import ssl as _ssl
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from . import identity, messages, tokens
@@ -26,12 +26,12 @@ from .connection import (
     SERVER_ENV,
     Address,
     Connection,
+    blocking_checkin,
     parse_address,
     parse_servers,
 )
 from .errors import ConnectionLost, LicdError, ProtocolViolation, SeatsExhausted, TokenInvalid
 from .lease import (
-    HELD_LEASES,
     AsyncLease,
     ExpiringCallback,
     LeaseState,
@@ -173,7 +173,7 @@ class AsyncClient:
         seats_exhausted only for `wait` seconds (0: not at all).
         """
         start = self.clock.now()
-        delays = self.backoff.delays(self.rng)
+        delays = self.retry_delays()
         while True:
             try:
                 return await attempt()
@@ -187,6 +187,10 @@ class AsyncClient:
                 delay = min(retry_delay(exc, next(delays)), left)
                 log.debug("licd_client: retrying in %.2fs after %r", delay, exc)
                 await self.clock.sleep(delay)
+
+    def retry_delays(self) -> Iterator[float]:
+        """Jittered waits between the attempts of one retried operation."""
+        return self.backoff.delays(self.rng)
 
     async def available(self, key: str) -> messages.AvailableReply:
         """How many seats of licence `key` are free."""
@@ -250,7 +254,7 @@ class AsyncClient:
         try:
             leaf = self.verify(reply, nonce)
         except TokenInvalid:
-            await self._checkin_quietly(reply.lease)
+            await self.checkin(reply.lease)
             raise
         lease = AsyncLease(
             self,
@@ -263,10 +267,9 @@ class AsyncClient:
         )
         lease._accept(reply, leaf, received)
         if self._closed:  # closed while the checkout was in flight: give the seat back
-            await self._checkin_quietly(reply.lease)
+            await self.checkin(reply.lease)
             raise ConnectionLost("the client was closed during the checkout")
         self._leases.add(lease)
-        HELD_LEASES.add(lease)
         lease._start()
         return lease
 
@@ -306,19 +309,38 @@ class AsyncClient:
             return  # no reply: the daemon releases a lease it granted (see above)
         reply = sent.result()
         if isinstance(reply, messages.LeaseReply) and reply.lease is not None:
-            await self._checkin_quietly(reply.lease, reply_timeout=INTERRUPT_GRACE)
+            await self.checkin(reply.lease, reply_timeout=INTERRUPT_GRACE)
 
-    async def _checkin_quietly(self, lease_id: str, *, reply_timeout: float | None = None) -> None:
+    # What a lease needs of its client (lease.LeaseOwner), besides the above.
+
+    async def checkin(
+        self, lease_id: str, *, retry: bool = False, reply_timeout: float | None = None
+    ) -> None:
+        """Check lease `lease_id` in; never raises (a lease not checked in lapses on its
+        own). `retry`: transient failures are retried for `io_timeout` seconds (a lease
+        released by the app); else one attempt (a lease the daemon may have dropped)."""
+
+        def attempt() -> Awaitable[messages.Reply]:
+            return self.request(messages.Checkin(0, lease=lease_id), reply_timeout=reply_timeout)
+
         try:
-            await self.request(messages.Checkin(0, lease=lease_id), reply_timeout=reply_timeout)
+            await self.retrying(attempt, retry_for=self.io_timeout if retry else 0.0)
         except LicdError as exc:  # e.g. lease_unknown: nothing left to release
-            log.debug("licd_client: checkin: %s", exc)
+            log.log(logging.INFO if retry else logging.DEBUG, "licd_client: checkin: %s", exc)
         except Exception as exc:
             log.warning("licd_client: could not check a lease in: %s", exc)
 
-    def _forget(self, lease: AsyncLease) -> None:
+    def checkin_at_exit(self, lease_id: str) -> None:
+        """Check lease `lease_id` in over a plain blocking socket, for the exit hook:
+        the event loop is gone (lease.py)."""
+        timeout = min(self.io_timeout, 2.0)
+        blocking_checkin(
+            self.servers, lease_id, timeout=timeout, client_name=self.client_name, ssl=self.ssl
+        )
+
+    def forget(self, lease: AsyncLease) -> None:
+        """`lease` is no longer held (lost, or being released): not in `leases` any more."""
         self._leases.discard(lease)
-        HELD_LEASES.discard(lease)
 
     async def aclose(self) -> None:
         """Check in every lease this client holds and close the connection."""

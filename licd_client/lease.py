@@ -2,8 +2,9 @@
 
 `AsyncLease` heartbeats at the daemon's `renew_in`, rides out outages with jittered
 backoff until its local deadline (on the lease clock), and reports `on_renewed`,
-`on_expiring` and `on_lost`. It talks to the daemon only through its `AsyncClient`; it
-never opens connections itself and never trusts a token the client did not verify.
+`on_expiring` and `on_lost`. It talks to the daemon only through its owner, the client
+that made it, and needs of it only what `LeaseOwner` lists (`AsyncClient` is one): it
+never opens connections itself and never trusts a token the owner did not verify.
 """
 
 from __future__ import annotations
@@ -14,16 +15,13 @@ import enum
 import inspect
 import logging
 import secrets
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from collections.abc import Callable, Iterator
+from typing import Any, Literal, Protocol, TypeAlias
 
 from . import messages, tokens
 from .backoff import is_retryable, retry_delay
-from .connection import blocking_checkin
+from .clock import Clock
 from .errors import LeaseUnknown, LicdError, ProtocolViolation, TokenInvalid
-
-if TYPE_CHECKING:
-    from .client import AsyncClient
 
 log = logging.getLogger("licd_client")
 
@@ -40,6 +38,40 @@ class LeaseState(enum.Enum):
     DEGRADED = "degraded"  # renewals failing; still valid until its local deadline
     LOST = "lost"  # the daemon dropped it, or its deadline passed: check out again
     RELEASED = "released"  # checked in by this process
+
+
+class LeaseOwner(Protocol):
+    """What a lease needs of the client that made it (`AsyncClient` implements it)."""
+
+    @property
+    def clock(self) -> Clock:
+        """The lease clock the lease's deadline and renewals are measured on."""
+        ...
+
+    async def request(self, req: messages.Request) -> messages.Reply:
+        """One attempt at one request (a heartbeat, a consume) to the daemon."""
+        ...
+
+    def verify(self, reply: messages.LeaseReply, nonce: bytes) -> tokens.Statement:
+        """A lease reply's token checked against the trust anchors, or TokenInvalid."""
+        ...
+
+    def retry_delays(self) -> Iterator[float]:
+        """Jittered waits between retries of a failing renewal."""
+        ...
+
+    async def checkin(self, lease_id: str, *, retry: bool = False) -> None:
+        """Check a lease in, retrying transient failures for a while if `retry`;
+        never raises (a lease not checked in lapses on its own)."""
+        ...
+
+    def checkin_at_exit(self, lease_id: str) -> None:
+        """Check a lease in over a blocking socket: the interpreter is exiting."""
+        ...
+
+    def forget(self, lease: AsyncLease) -> None:
+        """`lease` is no longer held (lost, or being released)."""
+        ...
 
 
 def as_lease_reply(reply: messages.Reply) -> messages.LeaseReply:
@@ -68,7 +100,7 @@ class AsyncLease:
 
     def __init__(
         self,
-        client: AsyncClient,
+        client: LeaseOwner,
         *,
         key: str,
         lease_id: str,
@@ -152,6 +184,8 @@ class AsyncLease:
         self._renew_at = received + renew_in
 
     def _start(self) -> None:
+        """Held from now on: renewed by a task of its own, checked in at exit if need be."""
+        HELD_LEASES.add(self)
         self._task = asyncio.create_task(self._run(), name=f"licd-renew-{self.handle}")
 
     # ------------------------------------------------------------------ renewal
@@ -225,7 +259,7 @@ class AsyncLease:
                     log.info("licd_client: renewal of %s failed: %s", self.handle, exc)
                     self._last_error = exc
                     if delays is None:
-                        delays = self.client.backoff.delays(self.client.rng)
+                        delays = self.client.retry_delays()
                     await self._maybe_expiring()
         except asyncio.CancelledError:
             raise
@@ -238,9 +272,10 @@ class AsyncLease:
             return
         self.state = LeaseState.LOST
         self.lost_reason = reason
-        self.client._forget(self)
+        self.client.forget(self)
+        HELD_LEASES.discard(self)
         if isinstance(reason, TokenInvalid):  # never use it; give the seat back
-            await self.client._checkin_quietly(self._id)
+            await self.client.checkin(self._id)
         log.warning("licd_client: lease %s lost: %s", self.handle, reason)
         await _fire("on_lost", self._on_lost, reason)
 
@@ -286,7 +321,7 @@ class AsyncLease:
         self._released = True
         was_lost = self.state is LeaseState.LOST
         self.state = LeaseState.RELEASED
-        self.client._leases.discard(self)
+        self.client.forget(self)
         task, self._task = self._task, None
         if task is not None and task is not asyncio.current_task():
             task.cancel()
@@ -296,18 +331,8 @@ class AsyncLease:
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
                     raise
-        if was_lost:  # the daemon dropped it, or it lapsed: one quiet try is enough
-            await self.client._checkin_quietly(self._id)
-        else:
-            try:
-                await self.client.retrying(
-                    lambda: self.client.request(messages.Checkin(0, lease=self._id)),
-                    retry_for=self.client.io_timeout,
-                )
-            except LicdError as exc:
-                log.info("licd_client: checkin of %s: %s", self.handle, exc.message)
-            except Exception as exc:
-                log.warning("licd_client: could not check %s in: %s", self.handle, exc)
+        # Lost (the daemon dropped it, or it lapsed): one quiet try is enough.
+        await self.client.checkin(self._id, retry=not was_lost)
         # Not reached when cancelled: the exit hook then still checks the lease in.
         HELD_LEASES.discard(self)
 
@@ -332,14 +357,7 @@ HELD_LEASES: set[AsyncLease] = set()
 def _checkin_held_at_exit() -> None:
     for lease in list(HELD_LEASES):
         HELD_LEASES.discard(lease)
-        client = lease.client
-        blocking_checkin(
-            client.servers,
-            lease.lease_id,
-            timeout=min(client.io_timeout, 2.0),
-            client_name=client.client_name,
-            ssl=client.ssl,
-        )
+        lease.client.checkin_at_exit(lease.lease_id)
 
 
 atexit.register(_checkin_held_at_exit)

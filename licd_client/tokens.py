@@ -1,13 +1,14 @@
 """Signed statements of docs/protocol.md section 4: lease tokens and delegation chains.
 
 A statement is a 64-byte Ed25519 signature followed by the msgpack payload it signs
-(PyNaCl's `SigningKey.sign()` output). `sign()` makes one; `verify_lease()` accepts a
-lease token only when a chain leads from a trust anchor to it: the anchor signed
-chain[0], whose `del` key signed chain[1], ..., and the last key signed the token. Every
-link is a statement of a known type (`LINK_TYPES`), was valid when the token was issued,
-may not outlive its parent, and binds content: what it delegates (product, seats,
-features) bounds every statement below it. No I/O, and no wall clock: callers pass the
-instants to check.
+(PyNaCl's `SigningKey.sign()` output). The lease token's format lives here both ways:
+`lease_payload()` writes it (the daemon signs what it returns), `Statement` reads it
+back. `sign()` makes a statement; `verify_lease()` accepts a lease token only when a
+chain leads from a trust anchor to it: the anchor signed chain[0], whose `del` key signed
+chain[1], ..., and the last key signed the token. Every link is a statement of a known
+type (`LINK_TYPES`), was valid when the token was issued, may not outlive its parent,
+and binds content: what it delegates (product, seats, features) bounds every statement
+below it. No I/O, and no wall clock: callers pass the instants to check.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
 from .errors import TokenInvalid, UntrustedKey
-from .messages import Features
+from .messages import Features, Holder
 from .wire import REPLY_LIMITS, decode_body
 
 SIGNATURE_LEN = 64
@@ -62,6 +63,47 @@ def sign(key: SigningKey, payload: dict[str, Any]) -> bytes:
     return bytes(key.sign(body))
 
 
+def lease_payload(
+    *,
+    issuer: bytes,
+    issued: float,
+    expires: float,
+    handle: str,
+    licence: str,
+    product: str,
+    seats: int,
+    features: Features,
+    holder: Holder,
+    nonce: bytes,
+    site: str,
+    delegate: bytes | None = None,
+    overdraft: bool = False,
+) -> dict[str, Any]:
+    """A lease token's payload (section 4), to be signed by `issuer`'s key: the lease
+    `handle` of licence id `licence` (never its key), granting `seats` of `product` with
+    `features` to `holder` (host, hostid and user only), answering `nonce`. `del` is there
+    only for a block (`delegate`), `ovr` only for a lease granted in overdraft."""
+    payload: dict[str, Any] = {
+        "typ": "lease",
+        "iss": issuer,
+        "iat": issued,
+        "exp": expires,
+        "lid": handle,
+        "lic": licence,
+        "product": product,
+        "seats": seats,
+        "features": features,
+        "holder": {"host": holder.host, "hostid": holder.hostid, "user": holder.user},
+        "nonce": nonce,
+        "site": site,
+    }
+    if delegate is not None:
+        payload["del"] = delegate
+    if overdraft:
+        payload["ovr"] = True
+    return payload
+
+
 @dataclass(frozen=True)
 class Statement:
     """A verified statement's payload, with the key that signed it."""
@@ -76,6 +118,18 @@ class Statement:
     @property
     def lid(self) -> str | None:
         v = self.payload.get("lid")
+        return v if isinstance(v, str) else None
+
+    @property
+    def licence(self) -> str | None:
+        """`lic`: the licence's public id, as the signer names it."""
+        v = self.payload.get("lic")
+        return v if isinstance(v, str) else None
+
+    @property
+    def site(self) -> str | None:
+        """The site name of the daemon that signed the statement."""
+        v = self.payload.get("site")
         return v if isinstance(v, str) else None
 
     @property

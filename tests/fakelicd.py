@@ -221,24 +221,19 @@ class FakeLicd:
         lic = self.licences[lease.key]
         now = time.time()
         signer = self.token_key or self.signing_key
-        payload = {
-            "typ": "lease",
-            "iss": bytes(signer.verify_key),
-            "iat": now,
-            "exp": now + lease.ttl,
-            "lid": lease.handle,
-            "lic": lic.id,
-            "product": lic.product,
-            "seats": lease.seats,
-            "features": dict(lic.features),
-            "holder": {
-                "host": lease.holder.host,
-                "hostid": lease.holder.hostid,
-                "user": lease.holder.user,
-            },
-            "nonce": self.nonce_override or nonce,
-            "site": self.site,
-        }
+        payload = tokens.lease_payload(
+            issuer=bytes(signer.verify_key),
+            issued=now,
+            expires=now + lease.ttl,
+            handle=lease.handle,
+            licence=lic.id,
+            product=lic.product,
+            seats=lease.seats,
+            features=dict(lic.features),
+            holder=lease.holder,
+            nonce=self.nonce_override or nonce,
+            site=self.site,
+        )
         token = tokens.sign(signer, payload)
         if self.tamper is not None:
             token = self.tamper(token)

@@ -10,17 +10,17 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from licd.clock import Clock, FakeClock
+from licd.clock import Clock, ManualClock
 from licd.config.settings import Config, ServerConfig
 from licd.daemon import Daemon
-from licd.engine import Licence
+from licd.engine import Engine, Licence
 from licd_client.messages import Holder
 from licd_client.wire import REPLY_LIMITS, FrameDecoder, encode
 
@@ -40,6 +40,11 @@ def make_config(state_dir: Path, *licences: Licence, **server: Any) -> Config:
     return Config(replace(base, **server), licences or (DICOM,), None)
 
 
+def new_engine(licences: Iterable[Licence], **options: Any) -> Engine:
+    """An engine drawing its secrets and handles from `os.urandom`, as the daemon's does."""
+    return Engine(licences, random_bytes=os.urandom, **options)
+
+
 def holder(host: str = "machine-a", *, user: str = "alice", pid: int | None = None) -> Holder:
     return Holder(
         host=host, hostid=f"id-{host}", user=user, pid=os.getpid() if pid is None else pid
@@ -49,7 +54,7 @@ def holder(host: str = "machine-a", *, user: str = "alice", pid: int | None = No
 @contextlib.asynccontextmanager
 async def running(config: Config, clock: Clock | None = None) -> AsyncIterator[Daemon]:
     """A daemon serving in this event loop until the block ends."""
-    daemon = await Daemon.open(config, clock=clock or FakeClock())
+    daemon = await Daemon.open(config, clock=clock or ManualClock())
     stop = asyncio.Event()
     ready = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop, on_ready=lambda _: ready.set()))

@@ -31,9 +31,9 @@ from licd.cli import report as reports
 from licd.cli.admin_client import AdminClient, AdminError
 from licd.cli.policy import policy_changes, policy_options
 from licd.config.settings import Config, ConfigError, default_config, load_config, parse_duration
-from licd.core.keys import KeyFileError, key_path, load_key
 from licd.daemon import Daemon, StartupError, resolve_surroundings, setup_logging
 from licd.shells.notify import Notifier
+from licd.store.keyfile import KeyFileError, key_path, load_key
 from licd.store.sqlite import StoreError
 from licd_client.connection import format_address
 from licd_client.safetext import escape, one_line
@@ -189,7 +189,8 @@ def main() -> None:
 @main.command()
 @CONFIG_OPTION
 def serve(config_path: Path | None) -> None:
-    """Run the daemon until SIGTERM or SIGINT; SIGHUP reloads the config file."""
+    """Run the daemon until SIGTERM or SIGINT (a second one: exit now, without waiting
+    for the requests in flight); SIGHUP reloads the config file."""
     # Until the event loop takes them over: a SIGHUP is not fatal, and a SIGINT ends
     # the process as SIGTERM would, without a KeyboardInterrupt traceback.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -203,17 +204,21 @@ def serve(config_path: Path | None) -> None:
 
 
 async def _serve(config: Config) -> None:
-    stop = asyncio.Event()
+    stop, exit_now = asyncio.Event(), asyncio.Event()
+
+    def on_stop_signal() -> None:
+        """The first SIGTERM or SIGINT shuts down in order; a second one exits now."""
+        (exit_now if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop_signal)
     # Until the daemon exists a SIGHUP is ignored (the file was only just read), not fatal.
     loop.add_signal_handler(signal.SIGHUP, lambda: None)
     notifier = Notifier.from_environ()  # systemd's NOTIFY_SOCKET, when it started us
     # Requests make no reference cycles (their objects go by reference counting), so the
     # cycle collector is run less often, and once serving it no longer walks what was
-    # built to start (code, config, licences, restored leases). Measured: 10-20 % less
-    # CPU per checkout + checkin cycle.
+    # built to start (code, config, licences, restored leases): docs/benchmarks.md.
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     try:
         # Opening may migrate the database: systemd is kept from timing that out.
@@ -221,7 +226,7 @@ async def _serve(config: Config) -> None:
             Daemon.open(config), "opening the state (a schema migration can take a while)"
         )
         loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
-        await daemon.run(stop, notifier=notifier, on_ready=lambda _: gc.freeze())
+        await daemon.run(stop, exit_now=exit_now, notifier=notifier, on_ready=lambda _: gc.freeze())
     finally:
         notifier.close()
 

@@ -18,9 +18,10 @@ from typing import Any, Protocol
 from licd import __version__
 from licd.config.settings import licence_from_mapping, licence_to_mapping
 from licd.core.events import Event
-from licd.core.relay import Relay
+from licd.core.router import Router
 from licd.core.service import LicenceService
 from licd.engine import Availability, Lease, Licence
+from licd.engine.lease_filter import LeaseFilter
 from licd.store.records import Forwarded
 from licd_client.errors import BadRequest, UnknownLicence
 from licd_client.messages import MAX_STORED_INT, Fields
@@ -47,7 +48,7 @@ class DaemonView(Protocol):
     @property
     def connections(self) -> int: ...
     @property
-    def relay(self) -> Relay | None: ...
+    def relay(self) -> Router | None: ...
     async def reload(self, *, admin_uid: int | None = None) -> dict[str, Any]: ...
 
 
@@ -90,6 +91,10 @@ def lease_listing(lease: Lease) -> dict[str, Any]:
         "last_heartbeat": lease.last_heartbeat,
         "state": lease.state.value,
     }
+
+
+def _listing(item: Lease | Forwarded) -> dict[str, Any]:
+    return lease_listing(item) if isinstance(item, Lease) else forwarded_listing(item)
 
 
 def forwarded_listing(item: Forwarded) -> dict[str, Any]:
@@ -233,6 +238,13 @@ class AdminOps:
         relay = self.daemon.relay
         return relay.modes.get(licence_id, "local") if relay is not None else "local"
 
+    def _serves(self, licence_id: str) -> bool:
+        """Is this a licence of the daemon's own or one relayed from upstream?"""
+        relay = self.daemon.relay
+        return self.service.engine.licence_by_id(licence_id) is not None or (
+            relay is not None and relay.is_relayed(licence_id)
+        )
+
     def _refuse_relayed(self, licence_id: str) -> None:
         relay = self.daemon.relay
         if relay is not None and relay.is_relayed(licence_id):
@@ -241,43 +253,21 @@ class AdminOps:
             )
 
     async def leases(self, f: Fields, uid: int) -> dict[str, Any]:
-        licence = f.text("licence", max_len=64, required=False)
-        host = f.text("host", max_len=255, required=False)
-        user = f.text("user", max_len=255, required=False)
-        after = f.text("after", max_len=64, required=False)
-        limit = f.uint("limit", required=False, maximum=MAX_PAGE) or 1000
-        relay = self.daemon.relay
-        if (
-            licence is not None
-            and self.service.engine.licence_by_id(licence) is None
-            and (relay is None or not relay.is_relayed(licence))
-        ):
-            raise UnknownLicence(f"no licence with id {licence!r}")
-        chosen = sorted(
-            (
-                x
-                for x in self.service.engine.leases
-                if (licence is None or x.licence_id == licence)
-                and (host is None or x.holder.host == host)
-                and (user is None or x.holder.user == user)
-                and (after is None or x.handle > after)
-            ),
-            key=lambda x: x.handle,
+        chosen = LeaseFilter(
+            licence=f.text("licence", max_len=64, required=False),
+            host=f.text("host", max_len=255, required=False),
+            user=f.text("user", max_len=255, required=False),
+            after=f.text("after", max_len=64, required=False),
         )
-        listed = [lease_listing(x) for x in chosen]
-        if relay is not None:  # a router's forward-mode leases: held upstream
-            listed += [
-                forwarded_listing(x)
-                for x in relay.forwarded_listing()
-                if (licence is None or x.licence_id == licence)
-                and (host is None or x.holder.host == host)
-                and (user is None or x.holder.user == user)
-                and (after is None or x.handle > after)
-            ]
-            listed.sort(key=lambda x: str(x["handle"]))
-        page = listed[:limit]
-        more = len(listed) > limit
-        return {"leases": page, "next": page[-1]["handle"] if more and page else None}
+        limit = f.uint("limit", required=False, maximum=MAX_PAGE) or 1000
+        if chosen.licence is not None and not self._serves(chosen.licence):
+            raise UnknownLicence(f"no licence with id {chosen.licence!r}")
+        # A router's forward-mode leases are listed too: their seats are held upstream.
+        relay = self.daemon.relay
+        leases: list[Lease | Forwarded] = [*self.service.engine.leases]
+        leases += relay.forwarded_listing() if relay is not None else []
+        page, after = chosen.page(leases, limit)
+        return {"leases": [_listing(x) for x in page], "next": after}
 
     async def licence_list(self, f: Fields, uid: int) -> dict[str, Any]:
         show_keys = f.flag("show_keys", False)

@@ -5,13 +5,14 @@ its own code, a StoreError `unavailable`, anything else `internal` with its text
 out of the reply (it is logged instead). It also decides which errors close the
 connection, and applies the per-peer checkout limits (`ratelimit`): a peer whose budget
 of denied, or of granted, checkouts is spent gets `rate_limited` with `retry_after`
-before the engine is consulted. It knows the protocol's messages, not sockets and not SQL.
+before the engine is consulted. On a site router, a request the `Router` handles is
+handed to it (the only answer that costs a task: upstream is awaited). It knows the
+protocol's messages, not sockets and not SQL.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from licd import __version__
 from licd.config.settings import ConfigError
 from licd.core.deferred import Deferred
 from licd.core.keys import Signer
-from licd.core.relay import Relay
+from licd.core.router import Router
 from licd.core.service import LicenceService
 from licd.engine import Grant, Lease
 from licd.engine.ratelimit import CheckoutLimits
@@ -101,13 +102,9 @@ class Handover(Deferred[Answer]):
     def __init__(self, dispatcher: Dispatcher, lease: Lease | None = None) -> None:
         super().__init__()
         self._dispatcher = dispatcher
-        self.lease = lease  # None: nothing to give back (e.g. a router's forwarded lease)
+        self.lease = lease  # None: nothing to give back (a checkout the router relayed)
         if lease is not None:
             dispatcher._unclaimed.add(lease.secret)
-
-    def take(self, inner: Handover) -> None:
-        """Answer for `inner`'s lease (a router's checkout answered locally in a task)."""
-        self.lease, inner.lease = inner.lease, None
 
     def delivered(self) -> None:
         if self.lease is not None:
@@ -145,18 +142,18 @@ class Dispatcher:
         self.signer = signer
         self.limits = limits  # per-peer checkout budgets; None: unlimited
         self.shutting_down = False
-        self._tasks: set[asyncio.Task[Answer]] = set()  # a router's requests under way
+        self._tasks: set[asyncio.Task[Answer]] = set()  # relayed requests under way
         #: Secrets of fresh leases whose checkout answer has not reached its client and
         #: that no other checkout was given: the ones a `Handover` may give back.
         self._unclaimed: set[str] = set()
-        self.relay: Relay | None = None  # a site router's upstream relaying
+        self.router: Router | None = None  # a site router's relaying
         #: Told of every request: (op, seconds taken, error code or None). Metrics.
         self.on_request = on_request
 
     def handle(self, session: Session, data: dict[str, Any]) -> Answer | Deferred[Answer]:
         """Answer one decoded frame: (reply map, whether to close the connection) at once
         when no I/O is needed (hello, heartbeat, available, every error), else a `Deferred` of it.
-        No request costs a task, except a router's (its upstream is awaited)."""
+        No request costs a task, except one the router relays (its upstream is awaited)."""
         started = time.perf_counter() if self.on_request is not None else 0.0
         try:
             if self.shutting_down:
@@ -167,9 +164,10 @@ class Dispatcher:
             request = parse_request(data)
             if isinstance(request, Checkout):
                 self._admit(session)
-            if self._needs_io(request):
-                if self.relay is not None:  # a router: the upstream may be involved
-                    return self._in_task(session, request, data, started)
+            router = self.router
+            if router is not None and router.handles(request):
+                return self._relayed(router, session, request, data, started)
+            if not isinstance(request, Hello | Heartbeat | Available):
                 return self._answer_durably(session, request, data, started)
             reply = self._answer_now(session, request)
         except Exception as exc:
@@ -198,10 +196,29 @@ class Dispatcher:
             mono = self.service.now().mono if now is None else now
             limits.charge(session.peer, mono, granted=error is None)
 
-    def _in_task(
-        self, session: Session, request: Request, data: dict[str, Any], started: float
+    def _relayed(
+        self,
+        router: Router,
+        session: Session,
+        request: Request,
+        data: dict[str, Any],
+        started: float,
     ) -> Deferred[Answer]:
+        """The router's answer to `request`, in a task: a checkout's counts against the
+        peer's budgets as a local one's does."""
         out: Deferred[Answer] = Handover(self) if isinstance(request, Checkout) else Deferred()
+
+        async def relayed() -> Answer:
+            try:
+                reply = await router.answer(request, session.peer)
+            except Exception as exc:
+                if isinstance(request, Checkout):
+                    self._charge(session, exc)
+                return self._failed(data, started, exc)
+            if isinstance(request, Checkout):
+                self._charge(session, None)
+            self._observe(data, started, None)
+            return reply.to_wire(), False
 
         def done(task: asyncio.Task[Answer]) -> None:
             if task.cancelled():  # the daemon is stopping
@@ -209,44 +226,11 @@ class Dispatcher:
             else:
                 out.settle(task.result())
 
-        task = asyncio.ensure_future(self._answer_later(session, request, data, started, out))
+        task = asyncio.ensure_future(relayed())
         self._tasks.add(task)  # the loop keeps only a weak reference to a task
         task.add_done_callback(self._tasks.discard)
         task.add_done_callback(done)
         return out
-
-    async def _answer_later(
-        self,
-        session: Session,
-        request: Request,
-        data: dict[str, Any],
-        started: float,
-        out: Deferred[Answer],
-    ) -> Answer:
-        """A site router's request: relayed upstream, or else answered here (and then `out`,
-        the answer the server holds, hands over the lease a checkout got here)."""
-        relay = self.relay
-        try:
-            try:
-                reply = None if relay is None else await self._relayed(relay, session, request)
-            except Exception as exc:
-                if isinstance(request, Checkout):
-                    self._charge(session, exc)
-                raise
-            if isinstance(request, Checkout) and reply is not None:
-                self._charge(session, None)
-            if reply is None:
-                if not isinstance(request, Checkout | Checkin | Consume):
-                    reply = self._answer_now(session, request)
-                else:
-                    answer = self._answer_durably(session, request, data, started)
-                    if isinstance(answer, Handover) and isinstance(out, Handover):
-                        out.take(answer)
-                    return answer if isinstance(answer, tuple) else await answer
-        except Exception as exc:
-            return self._failed(data, started, exc)
-        self._observe(data, started, None)
-        return reply.to_wire(), False
 
     def _answer_durably(
         self, session: Session, request: Request, data: dict[str, Any], started: float
@@ -345,19 +329,6 @@ class Dispatcher:
         self._observe(data, started, frame["error"])
         return frame, close
 
-    def _needs_io(self, request: Request) -> bool:
-        """Whether answering waits for the store or the upstream."""
-        if isinstance(request, Hello | Heartbeat | Available):
-            relay = self.relay
-            if relay is None:
-                return False
-            if isinstance(request, Heartbeat):
-                return request.lease in relay.forwarded
-            if isinstance(request, Available):
-                return request.key in relay.forward_keys or request.key in relay.block_keys
-            return False
-        return True
-
     def _observe(self, data: dict[str, Any], started: float, error: str | None) -> None:
         if self.on_request is not None:
             self.on_request(_known_op(data) or "invalid", time.perf_counter() - started, error)
@@ -387,32 +358,6 @@ class Dispatcher:
         if isinstance(request, Hello):
             return self._hello(session, request)
         raise BadRequest(f"op {request.op!r} is not served")
-
-    @staticmethod
-    async def _relayed(relay: Relay, session: Session, request: Request) -> Reply | None:
-        """The answer for a forward-mode licence's request, relayed upstream; None when
-        the request is not one to relay."""
-        key = request.key if isinstance(request, Checkout | Available) else None
-        waiting = relay.block_keys.get(key) if key is not None else None
-        if waiting is not None and waiting.block is None:
-            # A block-mode licence before its first block: retry later, not "unknown".
-            raise UpstreamUnavailable(
-                f"no block of seats from upstream yet ({waiting.last_error or 'taking one'})"
-            )
-        if isinstance(request, Checkout) and request.key in relay.forward_keys:
-            reply = await relay.checkout(request, session.peer)
-        elif isinstance(request, Heartbeat) and request.lease in relay.forwarded:
-            reply = await relay.heartbeat(request)
-        elif isinstance(request, Checkin) and request.lease in relay.forwarded:
-            return CheckinReply(request.id, released=await relay.checkin(request.lease))
-        elif isinstance(request, Available) and request.key in relay.forward_keys:
-            upstream = await relay.link.request(Available(0, key=request.key))
-            if not isinstance(upstream, AvailableReply):
-                raise UpstreamUnavailable("the upstream licence server answered out of protocol")
-            return dataclasses.replace(upstream, id=request.id)
-        else:
-            return None
-        return dataclasses.replace(reply, id=request.id)
 
     def _hello(self, session: Session, request: Hello) -> HelloReply:
         if request.protocol != PROTOCOL_VERSION:

@@ -1,64 +1,17 @@
-"""The daemon's Ed25519 key: created on first start, kept in the state directory, and
-used to sign every lease token (docs/protocol.md section 4).
+"""Signing lease tokens with the daemon's key (docs/protocol.md section 4).
 
-The key file holds the 32-byte seed as 64 hex digits, mode 0600, written once with
-O_EXCL so two starting daemons cannot overwrite each other's key.
+`Signer` holds the key and, on a router, the chains that link it to the vendor's key,
+and dates each token no earlier than its chain. The payload's format is
+`licd_client.tokens.lease_payload`'s, the same module that reads it back; the key file
+is `licd.store.keyfile`'s. No I/O here.
 """
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
-from typing import Any
 
 from nacl.signing import SigningKey
 
 from licd.engine import Grant
 from licd_client import tokens
-
-KEY_FILE = "daemon.key"
-
-
-class KeyFileError(Exception):
-    """The key file is missing, unreadable or malformed."""
-
-
-def key_path(state_dir: Path) -> Path:
-    return state_dir / KEY_FILE
-
-
-def load_key(path: Path) -> SigningKey:
-    try:
-        text = path.read_text(encoding="ascii").strip()
-    except FileNotFoundError:
-        raise KeyFileError(
-            f"{path}: no daemon key yet; start the daemon once to create it"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise KeyFileError(f"{path}: cannot read the daemon key: {exc}") from None
-    try:
-        seed = bytes.fromhex(text)
-    except ValueError:
-        seed = b""
-    if len(seed) != 32:
-        raise KeyFileError(f"{path}: not a daemon key (expected 64 hex digits)")
-    return SigningKey(seed)
-
-
-def load_or_create_key(path: Path) -> SigningKey:
-    """The key at `path`, generated (mode 0600) if there is none yet."""
-    if not path.exists():
-        key = SigningKey.generate()
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return load_key(path)
-        with os.fdopen(fd, "w", encoding="ascii") as fh:
-            fh.write(bytes(key).hex() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-        return key
-    return load_key(path)
 
 
 class Signer:
@@ -82,23 +35,19 @@ class Signer:
 
     def lease_token(self, grant: Grant, nonce: bytes, now: float) -> bytes:
         lease, licence = grant.lease, grant.licence
-        holder = lease.holder
-        payload: dict[str, Any] = {
-            "typ": "lease",
-            "iss": self.public,
-            "iat": max(now, self.chain_iat.get(lease.licence_id, now)),
-            "exp": lease.expires,
-            "lid": lease.handle,
-            "lic": licence.id,
-            "product": licence.product,
-            "seats": lease.seats,
-            "features": grant.features,
-            "holder": {"host": holder.host, "hostid": holder.hostid, "user": holder.user},
-            "nonce": nonce,
-            "site": self.site,
-        }
-        if lease.delegate is not None:
-            payload["del"] = lease.delegate
-        if lease.overdraft:
-            payload["ovr"] = True  # granted beyond the licence's seats, within its overdraft
+        payload = tokens.lease_payload(
+            issuer=self.public,
+            issued=max(now, self.chain_iat.get(lease.licence_id, now)),
+            expires=lease.expires,
+            handle=lease.handle,
+            licence=licence.id,
+            product=licence.product,
+            seats=lease.seats,
+            features=grant.features,
+            holder=lease.holder,
+            nonce=nonce,
+            site=self.site,
+            delegate=lease.delegate,
+            overdraft=lease.overdraft,  # granted beyond the licence's seats, in its overdraft
+        )
         return tokens.sign(self._key, payload)

@@ -22,11 +22,14 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 from licd.clock import Clock, Instant
+from licd.config.licences import licence_to_mapping
 from licd.core.audit_upkeep import DenialLog
-from licd.core.deferred import Deferred
 from licd.core.events import Event, EventBus, Kind, holder_event
+from licd.deferred import Deferred
 from licd.engine import Availability, Engine, Grant, Lease, LeaseState, Licence
 from licd.engine.counters import Consumed
+from licd.engine.lease_filter import LeaseFilter
+from licd.engine.licence import licence_changes
 from licd.store.sqlite import Store, StoreError
 from licd_client.errors import BadRequest, LeaseUnknown, LicdError, Unavailable, UnknownLicence
 from licd_client.messages import Holder
@@ -94,7 +97,7 @@ class LicenceService:
 
     def publish(self, event: Event) -> None:
         """Log a committed change and tell the subscribers: the one path for every event
-        of the daemon's, its own and a router's relayed ones (`Relay.publish`)."""
+        of the daemon's, its own and a router's relayed ones (`Router.publish`)."""
         self._log(event)
         self.events.publish(event)
 
@@ -320,11 +323,11 @@ class LicenceService:
             if lease is None or lease.state is not LeaseState.LIVE:
                 raise LeaseUnknown(f"no live lease with handle {handle!r}")
             chosen[lease.handle] = lease
+        # The host's leases and the user's, each chosen as `licd leases` lists them.
+        holders = [LeaseFilter(host=host)] if host is not None else []
+        holders += [LeaseFilter(user=user)] if user is not None else []
         for lease in self.engine.leases:
-            if lease.state is LeaseState.LIVE and (
-                (host is not None and lease.holder.host == host)
-                or (user is not None and lease.holder.user == user)
-            ):
+            if lease.state is LeaseState.LIVE and any(x.matches(lease) for x in holders):
                 chosen[lease.handle] = lease
         leases = [x for x in chosen.values() if self.engine.begin_revoke(x.handle, reason) is x]
         if leases:
@@ -478,17 +481,15 @@ class LicenceInUse(BadRequest):
 
 
 def _changes(old: Licence | None, new: Licence) -> dict[str, Any]:
-    """What an edit changed, for the audit log; the key is named, never shown."""
+    """What an edit changed, for the audit log: [before, after] of each field, as config
+    keys (`licence_to_mapping`); the key is named, never shown."""
     if old is None:
         return {}
-    out: dict[str, Any] = {}
-    for name in ("product", "seats", "lease_ttl", "grace", "not_before", "expires", "features"):
-        before, after = getattr(old, name), getattr(new, name)
-        if before != after:
-            out[name] = [before, after]
-    if old.key != new.key:
-        out["key"] = "changed"
-    return out
+    before, after = licence_to_mapping(old), licence_to_mapping(new)
+    return {
+        name: "changed" if name == "key" else [before[name], after[name]]
+        for name in licence_changes(old, new)
+    }
 
 
 def _failure(done: Deferred[None]) -> str | None:

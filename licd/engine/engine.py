@@ -21,14 +21,14 @@ Theory of operation:
 - Memory is O(live leases) whatever clients send: the reclaim heap holds at most one
   entry per lease between compactions, a unit holds at most `leases_per_unit` leases,
   and a lease is renewed at most `RENEW_BURST` times at once (then at a steady rate).
-No I/O, no awaits, no clock reads: every call takes the `Instant` it happens at.
+No I/O, no awaits, no clock or entropy reads: every call takes the `Instant` it happens at,
+and secrets and handles come from the `random_bytes` the composition root gives.
 """
 
 from __future__ import annotations
 
+import base64
 import heapq
-import os
-import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -36,7 +36,7 @@ from licd.clock import Instant
 from licd.engine.counters import Consumed, CounterBook
 from licd.engine.endings import RECLAIM, RECLAIMED, Endings, revoked
 from licd.engine.lease import Lease, LeaseState
-from licd.engine.licence import Licence
+from licd.engine.licence import Licence, key_clash
 from licd.engine.policy import Who, first_match, matches
 from licd.engine.seats import SeatBook, unit_key
 from licd_client.errors import (
@@ -65,9 +65,14 @@ def renew_rate(ttl: float, floor: float = RENEW_MIN_RATE) -> float:
     return max(floor, 6.0 / ttl)
 
 
-def new_secret() -> str:
-    """A lease secret: 192 random bits, URL-safe text."""
-    return secrets.token_urlsafe(24)
+#: A source of random bytes (`os.urandom`, given by the composition root): the engine
+#: reads no entropy itself, so a test may pass a deterministic one.
+RandomBytes = Callable[[int], bytes]
+
+
+def new_secret(random_bytes: RandomBytes) -> str:
+    """A lease secret: 192 random bits, URL-safe text (as `secrets.token_urlsafe(24)`)."""
+    return base64.urlsafe_b64encode(random_bytes(24)).rstrip(b"=").decode("ascii")
 
 
 #: Each random byte to one lowercase base32 character (256 is a multiple of 32, so each
@@ -75,9 +80,9 @@ def new_secret() -> str:
 _BASE32 = bytes(b"abcdefghijklmnopqrstuvwxyz234567"[i % 32] for i in range(256))
 
 
-def new_handle() -> str:
+def new_handle(random_bytes: RandomBytes) -> str:
     """A lease's public name: 60 random bits in 12 lowercase base32 characters."""
-    return os.urandom(12).translate(_BASE32).decode("ascii")
+    return random_bytes(12).translate(_BASE32).decode("ascii")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,9 +125,8 @@ class Engine:
         self,
         licences: Iterable[Licence],
         *,
+        random_bytes: RandomBytes,
         groups: Mapping[str, tuple[str, ...]] | None = None,
-        secret_factory: Callable[[], str] = new_secret,
-        handle_factory: Callable[[], str] = new_handle,
         renew_min_rate: float = RENEW_MIN_RATE,
     ) -> None:
         self._licences: dict[str, Licence] = {}  # by key
@@ -141,8 +145,7 @@ class Engine:
         #: outnumber the live.
         self._deadlines: list[tuple[float, int, Lease]] = []
         self._seq = 0
-        self._new_secret = secret_factory
-        self._new_handle = handle_factory
+        self._random_bytes = random_bytes
         self._renew_min_rate = renew_min_rate
         for licence in licences:
             self._licences[licence.key] = licence
@@ -196,9 +199,9 @@ class Engine:
 
     def check_licence(self, licence: Licence) -> None:
         """BadRequest when another licence already has this licence's key."""
-        holder_of_key = self._licences.get(licence.key)
-        if holder_of_key is not None and holder_of_key.id != licence.id:
-            raise BadRequest(f"licence {holder_of_key.id!r} already has this key")
+        clash = key_clash(self._licences, (licence,))
+        if clash is not None:
+            raise BadRequest(f"licence {clash.holder.id!r} already has this key")
 
     def suspend(self, licence_id: str) -> None:
         """A removal is under way: grant nothing more of this licence."""
@@ -266,7 +269,7 @@ class Engine:
                 self._check_same_device(device, holder)
                 return self._renew(device, licence, at)
 
-        handle = self._unique(self._new_handle, self._by_handle)
+        handle = self._unique(new_handle, self._by_handle)
         unit = unit_key(licence.count_by, holder, handle)
         if licence.count_by != "lease":
             self._check_unit(licence, unit)
@@ -280,7 +283,7 @@ class Engine:
             overdraft = in_use + extra > limit
 
         lease = Lease(
-            secret=self._unique(self._new_secret, self._leases),
+            secret=self._unique(new_secret, self._leases),
             handle=handle,
             licence_id=licence.id,
             holder=holder,
@@ -601,9 +604,8 @@ class Engine:
             del self._devices[device]
         self.seats.remove(lease)
 
-    @staticmethod
-    def _unique(factory: Callable[[], str], taken: dict[str, Lease]) -> str:
+    def _unique(self, factory: Callable[[RandomBytes], str], taken: dict[str, Lease]) -> str:
         while True:
-            value = factory()
+            value = factory(self._random_bytes)
             if value not in taken:
                 return value

@@ -3,15 +3,17 @@ and the policies a vendor sells it under (counting unit, device leases, overdraf
 access lists, reservations, caps, metered counters, scheduled add-ons).
 
 Plain frozen values built by the config loader (and the admin interface). They hold no
-state about who uses them: the seat accounting lives in `engine.engine`.
+state about who uses them: the seat accounting lives in `engine.engine`. Two rules about
+licences as such live here, once: one key, one licence (`key_clash`), and what an edit
+changes (`licence_changes`).
 """
 
 from __future__ import annotations
 
-import calendar
-import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+from typing import Any
 
 from licd_client.messages import Features
 
@@ -35,9 +37,9 @@ class Counter:
         """The start of the period `now` falls in (0 for `never`)."""
         if self.reset == "never":
             return 0.0
-        t = time.gmtime(now)
-        day = 1 if self.reset == "monthly" else t.tm_mday
-        return float(calendar.timegm((t.tm_year, t.tm_mon, day, 0, 0, 0)))
+        t = datetime.fromtimestamp(now, UTC)
+        day = 1 if self.reset == "monthly" else t.day
+        return datetime(t.year, t.month, day, tzinfo=UTC).timestamp()
 
 
 @dataclass(frozen=True)
@@ -116,3 +118,35 @@ class Licence:
 
     def counter_named(self, name: str) -> Counter | None:
         return next((c for c in self.counter if c.name == name), None)
+
+
+@dataclass(frozen=True)
+class KeyClash:
+    """Two licences with one key: `licence` would take the key `holder` keeps."""
+
+    licence: Licence
+    holder: Licence
+
+
+def key_clash(in_force: Mapping[str, Licence], incoming: Collection[Licence]) -> KeyClash | None:
+    """One key, one licence. `in_force` maps each key to its licence; `incoming` joins them,
+    each replacing the licence of its id (the incoming have distinct keys: one config
+    file's, checked as it is read). The first incoming licence whose key another licence
+    keeps, one in force that no incoming licence replaces; None when they can coexist."""
+    replaced = {x.id for x in incoming}
+    for licence in incoming:
+        holder = in_force.get(licence.key)
+        if holder is not None and holder.id not in replaced:  # its own id: replaced too
+            return KeyClash(licence, holder)
+    return None
+
+
+def licence_changes(old: Licence, new: Licence) -> dict[str, tuple[Any, Any]]:
+    """What an edit changes: each field whose value differs, by name, as (before, after).
+    Every field of `Licence` is compared, the key too (which its caller must not show)."""
+    out: dict[str, tuple[Any, Any]] = {}
+    for f in fields(Licence):
+        before, after = getattr(old, f.name), getattr(new, f.name)
+        if before != after:
+            out[f.name] = (before, after)
+    return out

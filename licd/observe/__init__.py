@@ -1,4 +1,5 @@
-"""What the daemon shows of itself: `metrics` (the Prometheus registry and its endpoint)
-and `alerts` (usage and expiry rules, and the hook they run). Both listen to the core's
-events and read the engine; neither decides anything.
+"""What the daemon shows of itself: `metrics` (the Prometheus registry; served by
+licd.shells.metrics_http), `alerts` (usage and expiry rules) and `hooks` (runs the
+operator's alert hook). They listen to the core's events and read the engine; none
+decides anything.
 """

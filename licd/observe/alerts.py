@@ -14,40 +14,33 @@ Theory of operation. Four kinds, two sources:
   for a window, so a denial storm yields one alert per window, not one per denial.
 
 Every alert is one WARNING log line, the `on_alert` callback (metrics) and, if a hook is
-configured, the hook command run in a background task with the alert as JSON on stdin.
-Hooks are bounded (timeout, concurrency, a queue that drops beyond its size) and a hook
-that fails, hangs or is missing is logged, never raised: alerts must not harm the daemon.
-State is in memory only: after a restart, conditions still true alert once more.
+configured, the hook command with the alert as JSON on stdin, run in the background by
+`licd.observe.hooks` (bounded; failures are logged, never raised). This module decides
+which alerts fire and starts no process itself. State is in memory only: after a
+restart, conditions still true alert once more.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
-import signal
 from collections import Counter, deque
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 from licd.config.settings import AlertsConfig
 from licd.core.events import Event, Kind
+from licd.observe.hooks import HookRunner, run_hook_command
 from licd.observe.metrics import LicenceUsage
 from licd_client.safetext import escape
 
 log = logging.getLogger(__name__)
 
 DAY = 86400.0
-#: Hooks running at once, and waiting at most (beyond that an alert's hook is dropped).
-MAX_HOOKS_RUNNING = 4
-MAX_HOOKS_PENDING = 64
-#: Bytes of a hook's stdout and stderr kept for the log; the rest is read and discarded.
-HOOK_OUTPUT_LOGGED = 2048
-PIPE_LINGER = 1.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +71,7 @@ class AlertMonitor:
 
     `run_hook` replaces the hook command (tests); without it, `config.hook` (if set) is
     run by `run_hook_command`. `on_alert` is called for every alert (the metrics counter).
+    `hooks` runs them; the daemon drains it at shutdown.
     """
 
     def __init__(
@@ -101,8 +95,7 @@ class AlertMonitor:
         # licence id (None: unknown keys) -> the last `denials` (monotonic time, reason)
         self._denials: dict[str | None, deque[tuple[float, str]]] = {}
         self._denials_muted: dict[str | None, float] = {}  # ... until this monotonic time
-        self._hooks: set[asyncio.Task[None]] = set()
-        self._hook_slots = asyncio.Semaphore(MAX_HOOKS_RUNNING)
+        self.hooks = HookRunner()
         self.config = config
         self.reconfigure(config)
 
@@ -292,112 +285,7 @@ class AlertMonitor:
             except Exception:
                 log.exception("event=alert_callback_failed kind=%s", alert.kind)
         if self._run_hook is not None:
-            self._start_hook(self._run_hook, alert)
-
-    def _start_hook(self, run_hook: Callable[[Alert], Awaitable[None]], alert: Alert) -> None:
-        if len(self._hooks) >= MAX_HOOKS_PENDING:
-            log.warning("event=alert_hook_dropped kind=%s reason=too_many_pending", alert.kind)
-            return
-        try:
-            task = asyncio.get_running_loop().create_task(self._hook(run_hook, alert))
-        except RuntimeError:  # no event loop: nothing could run it
-            log.warning("event=alert_hook_dropped kind=%s reason=no_event_loop", alert.kind)
-            return
-        self._hooks.add(task)
-        task.add_done_callback(self._hooks.discard)
-
-    async def _hook(self, run_hook: Callable[[Alert], Awaitable[None]], alert: Alert) -> None:
-        async with self._hook_slots:
-            try:
-                await run_hook(alert)
-            except Exception:
-                log.exception("event=alert_hook_failed kind=%s", alert.kind)
+            self.hooks.start(partial(self._run_hook, alert), alert.kind)
 
     async def _command_hook(self, alert: Alert) -> None:
         await run_hook_command(self.config.hook, alert, self.config.hook_timeout)
-
-    @property
-    def pending_hooks(self) -> int:
-        return len(self._hooks)
-
-    async def drain(self, grace: float | None = None) -> None:
-        """Wait for every started hook; after `grace` seconds cancel (kill) what still runs."""
-        try:
-            async with asyncio.timeout(grace):
-                while self._hooks:
-                    await asyncio.wait(set(self._hooks))
-        except TimeoutError:
-            tasks = set(self._hooks)
-            log.warning("event=alert_hooks_cancelled count=%d", len(tasks))
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-
-# --- the hook command -----------------------------------------------------------------
-
-
-async def run_hook_command(command: Sequence[str], alert: Alert, kill_after: float) -> None:
-    """Run `command` with `alert` as JSON on stdin; kill it (and its process group) after
-    `kill_after` seconds. Its output is logged, truncated. Failures are logged, never raised.
-    """
-    name = os.path.basename(command[0]) if command else "?"
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *command,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            start_new_session=True,  # its own process group, so a kill reaches its children
-        )
-    except (OSError, ValueError) as exc:
-        log.warning("event=alert_hook_failed kind=%s hook=%s error=%r", alert.kind, name, str(exc))
-        return
-    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
-    readers = [asyncio.create_task(_head(proc.stdout)), asyncio.create_task(_head(proc.stderr))]
-    finished = False
-    try:
-        async with asyncio.timeout(kill_after):
-            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-                proc.stdin.write(alert.to_json())
-                await proc.stdin.drain()
-                proc.stdin.close()
-            status = await proc.wait()
-            # Its output ends when every process holding the pipes (children too) has gone.
-            stdout, stderr = [await reader for reader in readers]
-            finished = True
-    except TimeoutError:
-        log.warning(
-            "event=alert_hook_timeout kind=%s hook=%s timeout=%g", alert.kind, name, kill_after
-        )
-        return
-    finally:
-        if not finished:  # timed out or cancelled: kill the whole group, children included
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            await asyncio.shield(proc.wait())
-            # The pipes end once the killed group is gone; reading them to their end lets
-            # asyncio close the process transport.
-            await asyncio.wait(readers, timeout=PIPE_LINGER)
-        for reader in readers:
-            reader.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
-    level = logging.INFO if status == 0 else logging.WARNING
-    log.log(
-        level,
-        "event=alert_hook_done kind=%s hook=%s status=%d stdout=%r stderr=%r",
-        alert.kind,
-        name,
-        status,
-        stdout,
-        stderr,
-    )
-
-
-async def _head(stream: asyncio.StreamReader) -> str:
-    """The first HOOK_OUTPUT_LOGGED bytes of `stream` as text; the rest is read and dropped."""
-    kept = bytearray()
-    while chunk := await stream.read(65536):
-        kept += chunk[: HOOK_OUTPUT_LOGGED - len(kept)]
-    text = kept.decode("utf-8", "replace").strip()
-    return text + " [truncated]" if len(kept) >= HOOK_OUTPUT_LOGGED else text

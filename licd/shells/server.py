@@ -25,8 +25,8 @@ from collections import Counter, deque
 from typing import Any, cast
 
 from licd.config.settings import ServerConfig
-from licd.core.deferred import Deferred
 from licd.core.dispatch import Answer, Dispatcher, Handover, Session
+from licd.deferred import Deferred
 from licd_client.errors import LicdError, ShuttingDown, TooManyConnections
 from licd_client.wire import (
     MAX_FRAME_BEFORE_HELLO,

@@ -10,7 +10,8 @@ not verify is logged and never turned into a local answer. `classify` is the one
 that sorts upstream's answers into decisions about the request (passed on as they are)
 and faults of upstream or the link (the local client gets `upstream_unavailable`, the
 log a line per kind of fault per `FaultLog`). What is relayed, and how, is
-licd/core/relay.py's.
+licd/core/router.py's: `UpstreamLink` is the `UpstreamPort` the composition root gives
+its `Router`.
 
 The rules (classification, which faults to log, redial waits, the link's state) are
 pure code below, time passed in.
@@ -31,6 +32,7 @@ from typing import Any, TypeVar, overload
 from licd import __version__
 from licd.clock import Clock, Instant
 from licd.config.settings import UpstreamConfig
+from licd.engine.block import on_wall
 from licd_client.backoff import Backoff
 from licd_client.connection import Connection, parse_address
 from licd_client.errors import (
@@ -149,11 +151,6 @@ class FaultLog:
             return None
         self._kinds[kind] = (mono, 0)
         return 0 if last is None else last[1]
-
-
-def on_wall(mono: float, at: Instant) -> float:
-    """Monotonic time `mono` as the wall clock at `at` shows it."""
-    return at.wall + (mono - at.mono)
 
 
 # ------------------------------------------------------------------- the upstream link

@@ -15,9 +15,9 @@ from typing import Any
 
 import msgpack
 
-from licd.core.events import Event, Kind
 from licd.engine import Lease, Licence
 from licd.engine.counters import CounterState
+from licd.engine.events import Event, Kind
 from licd.engine.licence import Addon, Counter
 from licd_client.messages import Holder
 
@@ -254,7 +254,7 @@ def row_audit(row: Sequence[Any]) -> AuditEntry:
     return AuditEntry(entry_id, event)
 
 
-# ------------------------------------------------------------- site router (relay.py)
+# ------------------------------------------------------------- site router (router.py)
 
 UPSERT_BLOCK = """
 INSERT OR REPLACE INTO block (licence_id, secret, handle, request, seats, expires, token,

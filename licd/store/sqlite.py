@@ -1,30 +1,27 @@
-"""The store: persists what the engine decided, in SQLite.
+"""The store on SQLite: the typed persistence API the service uses, and how a batch of
+its writes becomes one SQLite transaction.
 
-Theory of operation: one writer task (`run`) owns every transaction. Callers enqueue
-mutations and await them; the writer takes everything queued so far, commits it in one
-`BEGIN IMMEDIATE ... COMMIT` (one fsync for the whole batch: group commit), then
-settles each caller's `Deferred`. The transaction runs on the event loop itself (the
-statements into SQLite's page cache, then the COMMIT and its fsync) while the disk has
-been quick: waking a thread costs more than that short wait. A disk that has been slow
-(the last COMMIT, or any that stalled in the last STALL_HOLDOFF seconds) gets the COMMIT
-on a thread of its own, and a huge batch or a write lock held by another connection (an
-operator's shell) the whole transaction, so the loop keeps serving while it waits: it
-never waits for a lock, and for the first slow flush of a spell only. Reads go through
-aiosqlite on a read-only connection of their own. A caller replies only after its
-commit is settled, so an acknowledged checkout or checkin is on disk. Heartbeats only
-`touch` a lease: the renewals gathered over LAZY_INTERVAL are written together (with
-whatever batch commits once the interval is up, or by a timer; MAX_RENEWALS per commit,
-so the loop is never held long), never delaying a reply nor adding pages to every
-commit of a busy site; a restart covers the gap (`Engine.restore`). If a batch fails,
-each mutation is retried alone, so one bad row fails only its own caller. The store
-never decides anything.
+Each write (`insert_lease`, `put_licence`, `touch_lease`...) becomes SQL statements with
+their rows (records.py), handed to the group-commit writer (writer.py): it commits many
+callers' statements in one transaction and settles each caller's `Deferred` once they
+are committed, so an acknowledged checkout or checkin is on disk. A heartbeat only
+`touch`es its lease, a lazy write (a restart covers the gap: `Engine.restore`). Reads
+go through aiosqlite on a read-only connection of their own, which sees only committed
+data (WAL).
+
+Where a transaction runs: its statements go into SQLite's page cache on the event loop,
+and its COMMIT (the fsync) too while the disk has been quick: waking a thread costs
+more than that short wait. A disk that has been slow (the last COMMIT, or any that
+stalled in the last STALL_HOLDOFF seconds) gets the COMMIT on the store's thread, and a
+huge batch or a write lock held by another connection (an operator's shell) the whole
+transaction, so the loop keeps serving meanwhile: it never waits for a lock, and for
+the first slow flush of a spell only. The store never decides anything.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import math
 import os
@@ -38,10 +35,10 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from licd.core.deferred import Deferred
-from licd.core.events import Event
+from licd.deferred import Deferred
 from licd.engine import Lease, Licence
 from licd.engine.counters import CounterState
+from licd.engine.events import Event
 from licd.store.records import (
     DELETE_BLOCK,
     DELETE_FORWARDED,
@@ -76,18 +73,16 @@ from licd.store.records import (
     row_lease,
     row_licence,
 )
+from licd.store.writer import LAZY_INTERVAL, GroupCommitWriter
 
 log = logging.getLogger(__name__)
 
 DB_FILE = "licd.db"
-MAX_BATCH = 1024
-MAX_RENEWALS = 256  # renewals per commit: a site's second of them in chunks of ~1 ms each
-LAZY_INTERVAL = 1.0  # seconds a renewal or a denial's audit entry may wait to be written
 INLINE_MAX_ROWS = 1024  # a batch of at most this many rows may COMMIT on the loop...
 INLINE_MAX_SECONDS = 0.002  # ...if the last COMMIT took no longer than this...
 STALL_SECONDS = 0.010  # ...and none took longer than this (it froze the loop as long)...
 STALL_HOLDOFF = 10.0  # ...in the last this many seconds: a disk's slow flushes come in spells
-BUSY_TIMEOUT_MS = 5000  # how long the writer thread waits for another's write lock
+BUSY_TIMEOUT_MS = 5000  # how long the store's thread waits for another's write lock
 WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the write-ahead log keeps after a big write
 
 
@@ -98,17 +93,9 @@ class StoreError(Exception):
     """The database failed; whatever the caller asked for was not committed."""
 
 
-Statements = list[tuple[str, list[tuple[Any, ...]]]]
-
-
-class _Op:
-    """One caller's mutation: statements with their rows, and its outcome."""
-
-    __slots__ = ("statements", "done")
-
-    def __init__(self, statements: Statements, done: Deferred[None]) -> None:
-        self.statements = statements
-        self.done = done
+#: One mutation: an SQL statement and the rows to execute it with.
+Statement = tuple[str, list[tuple[Any, ...]]]
+Statements = list[Statement]
 
 
 def migrations() -> list[tuple[int, str]]:
@@ -125,35 +112,28 @@ class Store:
     def __init__(
         self,
         conn: sqlite3.Connection,
-        writer: ThreadPoolExecutor,
+        thread: ThreadPoolExecutor,
         path: Path,
         lazy_interval: float = LAZY_INTERVAL,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._conn = conn  # used only on the `writer` thread
+        self._conn = conn  # the writing connection, used only on `thread`
+        self._thread = thread
         #: Monotonic seconds for the stall rule (how long a COMMIT took, how long since
         #: one stalled); injected so that tests, not the disk, say how quick it is.
         self._timer = timer
-        self._writer = writer
         self.path = path
-        self._ops: list[_Op] = []  # queued for the next batch
-        self._wake: asyncio.Future[None] | None = None  # the idle writer waits on it
-        self._lazy_timer: asyncio.TimerHandle | None = None  # wakes it for lazy writes
-        self._lazy_interval = lazy_interval
-        self._stopping = False
-        self._touched: dict[str, tuple[float, float]] = {}
-        self._touched_since = 0.0  # monotonic time of the oldest renewal not yet written
-        self._lazy_audit: list[Event] = []
+        self._writer: GroupCommitWriter[Statement] = GroupCommitWriter(
+            self._transaction, failure=_store_error, lazy_interval=lazy_interval
+        )
         self._reader: aiosqlite.Connection | None = None
-        self._closed = False
-        self._running = False
-        self._stopped = asyncio.Event()
+        self._closed = False  # no more writes
+        self._released = False  # the connections are closed (or closing)
         # The writing connection is used by one party at a time: a transaction (on the
         # loop, then its COMMIT on the thread) or a pragma.
         self._conn_lock = asyncio.Lock()
         self._last_commit = 0.0  # seconds the last COMMIT took
         self._stalled_at = -math.inf  # monotonic time of the last COMMIT over STALL_SECONDS
-        self.transactions = 0  # committed batches, for metrics and tests
 
     @classmethod
     async def open(
@@ -167,16 +147,25 @@ class Store:
         _make_private(path)
         # The writing connection's COMMITs (and its opening) run on a thread of their
         # own, in one hop each; reads use aiosqlite on a connection of their own.
-        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="licd-store")
+        thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="licd-store")
         try:
-            conn = await asyncio.get_running_loop().run_in_executor(writer, _open_writer, path)
+            conn = await asyncio.get_running_loop().run_in_executor(thread, _open_connection, path)
         except sqlite3.Error as exc:
-            writer.shutdown(wait=False)
+            thread.shutdown(wait=False)
             raise StoreError(f"{path}: cannot open the database: {exc}") from None
-        return cls(conn, writer, path, lazy_interval, timer)
+        return cls(conn, thread, path, lazy_interval, timer)
 
-    async def _on_writer(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+    @property
+    def transactions(self) -> int:
+        """Committed transactions, for metrics and tests."""
+        return self._writer.transactions
+
+    async def run(self) -> None:
+        """The writer: commits what is submitted, in batches, until `close()`."""
+        await self._writer.run()
+
+    async def _on_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
 
     async def pragma(self, name: str) -> Any:
         """A pragma's value on the writing connection (`synchronous`, `journal_mode`)."""
@@ -186,7 +175,7 @@ class Store:
             return row[0] if row else None
 
         async with self._conn_lock:
-            return await self._on_writer(read)
+            return await self._on_thread(read)
 
     async def schema_version(self) -> int:
         return int(await self.pragma("user_version"))
@@ -289,7 +278,7 @@ class Store:
     def put_counter(self, state: CounterState) -> Deferred[None]:
         return self._enqueue([(UPSERT_COUNTER, [counter_row(state)])])
 
-    # Site router state (relay.py): small, rare writes, each awaited.
+    # Site router state (core/router.py): small, rare writes, each awaited.
 
     async def load_blocks(self) -> list[Block]:
         return [Block.from_row(row) for row in await self._read(SELECT_BLOCKS)]
@@ -317,19 +306,13 @@ class Store:
     def touch_lease(self, lease: Lease) -> None:
         """Record a renewal lazily: written within LAZY_INTERVAL, together with the
         other renewals of that interval."""
-        touched = self._touched
-        if not touched:
-            self._touched_since = time.monotonic()  # the clock asyncio's loop runs on
-        touched[lease.secret] = (lease.expires, lease.last_heartbeat)
-        if self._lazy_timer is None:
-            self._arm_lazy()
+        row = (lease.expires, lease.last_heartbeat, lease.secret)
+        self._writer.renew(lease.secret, (TOUCH_LEASE, [row]))
 
     def append_later(self, event: Event) -> None:
         """An audit entry nobody waits for (a denial): written with the next batch, within
         LAZY_INTERVAL."""
-        self._lazy_audit.append(event)
-        if self._lazy_timer is None:
-            self._arm_lazy()
+        self._writer.later((INSERT_AUDIT, [audit_row(event)]))
 
     async def barrier(self) -> None:
         """Wait until everything submitted before this call has been committed."""
@@ -341,145 +324,30 @@ class Store:
     def _enqueue(self, statements: Statements) -> Deferred[None]:
         if self._closed:
             raise StoreError("the store is closed")
-        done: Deferred[None] = Deferred()
-        self._ops.append(_Op(statements, done))
-        self._wake_writer()
-        return done
+        return self._writer.submit(statements)
 
-    def _wake_writer(self) -> None:
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
-
-    # ------------------------------------------------------------------ writer
-
-    def _lazy_pending(self) -> bool:
-        return bool(self._touched or self._lazy_audit)
-
-    def _touches_due(self) -> bool:
-        """Whether the renewals go with this batch: their interval is up (or the store
-        is closing). Before that they wait, so a busy site's many small commits do not
-        each rewrite the pages of a few renewed leases."""
-        return bool(self._touched) and (
-            self._stopping or time.monotonic() - self._touched_since >= self._lazy_interval
-        )
-
-    def _take_touches(self) -> dict[str, tuple[float, float]]:
-        """The oldest MAX_RENEWALS renewals (all, if fewer): the loop commits them in
-        about a millisecond, then serves requests before it writes the next chunk (they
-        are still due: the idle writer's timer fires at once)."""
-        touched = self._touched
-        if len(touched) <= MAX_RENEWALS:
-            self._touched = {}
-            return touched
-        oldest = list(itertools.islice(touched, MAX_RENEWALS))
-        return {secret: touched.pop(secret) for secret in oldest}
-
-    def _arm_lazy(self) -> None:
-        """While the writer is idle, wake it when the lazy writes are due: a denial's
-        entry within LAZY_INTERVAL, the renewals when their interval is up."""
-        if self._wake is not None and self._lazy_timer is None:
-            loop = asyncio.get_running_loop()
-            delay = self._lazy_interval  # a denial's entry: within the interval from now
-            if self._touched:  # the renewals: when their own interval is up, if sooner
-                delay = max(0.0, min(delay, self._touched_since + delay - time.monotonic()))
-            self._lazy_timer = loop.call_later(delay, self._lazy_wake)
-
-    def _lazy_wake(self) -> None:
-        self._touched_since = -math.inf  # due now, whatever the clocks' rounding
-        self._wake_writer()
-
-    async def run(self) -> None:
-        """The writer: commit queued mutations in batches until `close()`. Whatever was
-        queued while a batch committed goes in the next one."""
-        self._running = True
-        loop = asyncio.get_running_loop()
-        try:
-            while True:
-                if not self._ops:
-                    if self._stopping:
-                        while self._lazy_pending():  # each pass takes (or drops) some
-                            await self._commit([])
-                        return
-                    # Idle: wait for work, or for the lazy writes' deadline.
-                    self._wake = wake = loop.create_future()
-                    if self._lazy_pending():
-                        self._arm_lazy()
-                    try:
-                        await wake
-                    finally:
-                        self._wake = None
-                        if self._lazy_timer is not None:
-                            self._lazy_timer.cancel()
-                            self._lazy_timer = None
-                batch = self._ops[:MAX_BATCH]
-                del self._ops[:MAX_BATCH]
-                if batch or self._lazy_audit or self._touches_due():
-                    await self._commit(batch)
-        finally:
-            self._stopped.set()
-
-    async def _commit(self, batch: list[_Op], *, lazy: bool = True) -> None:
-        """Commit `batch` (with the lazy writes), or find what failed and fail only that:
-        any error, not just SQLite's (a value SQLite cannot store raises OverflowError),
-        fails the callers whose mutation caused it and never stops the writer."""
-        statements: Statements = []
-        touched: dict[str, tuple[float, float]] = {}
-        lazy_audit: list[Event] = []
-        if lazy:
-            if self._touches_due():
-                touched = self._take_touches()
-            lazy_audit, self._lazy_audit = self._lazy_audit, []
-            statements = [
-                (TOUCH_LEASE, [(exp, hb, secret) for secret, (exp, hb) in touched.items()]),
-                (INSERT_AUDIT, [audit_row(e) for e in lazy_audit]),
-            ]
-        try:
-            # Lazy entries first: the denials among them happened before this batch.
-            await self._transaction(statements + [s for op in batch for s in op.statements])
-        except Exception as exc:
-            if touched or lazy_audit:
-                # The lazy writes alone (still first: the audit log stays in order), then
-                # the batch alone; lazy writes that fail by themselves are dropped
-                # (renewals are covered on restore).
-                try:
-                    await self._transaction(statements)
-                except Exception as lazy_exc:
-                    log.error("event=lazy_writes_dropped error=%r", str(lazy_exc))
-                await self._commit(batch, lazy=False)
-                return
-            if len(batch) > 1:
-                # Find the culprit: each mutation alone, so the others still commit.
-                log.warning("event=batch_failed size=%d error=%r", len(batch), str(exc))
-                for op in batch:
-                    await self._commit([op], lazy=False)
-                return
-            log.error("event=commit_failed error=%r", str(exc))
-            for op in batch:
-                op.done.fail(StoreError(str(exc)))
-            return
-        for op in batch:
-            op.done.settle(None)  # what follows the commit runs now (see Deferred)
+    # ------------------------------------------------------------- transactions
 
     async def _transaction(self, statements: Statements) -> None:
-        """One batch of mutations, all or nothing. The statements go into SQLite's page
-        cache on the loop, unless the batch is huge or another connection holds the
-        database's write lock: then the whole transaction runs on the writer thread,
-        where waiting (up to BUSY_TIMEOUT_MS for the lock) stalls no client. The COMMIT
-        (the fsync) runs on the loop while the disk has been quick (`commit_inline`),
-        else on the writer thread, so the loop serves heartbeats while the disk flushes."""
+        """One batch of mutations, all or nothing (the writer's `transaction`). The
+        statements go into SQLite's page cache on the loop, unless the batch is huge or
+        another connection holds the database's write lock: then the whole transaction
+        runs on the store's thread, where waiting (up to BUSY_TIMEOUT_MS for the lock)
+        stalls no client. The COMMIT (the fsync) runs on the loop while the disk has
+        been quick (`commit_inline`), else on the thread, so the loop serves heartbeats
+        while the disk flushes."""
         conn = self._conn
         merged = _merged(statements)
         rows = sum(len(r) for _, r in merged)
         async with self._conn_lock:
             if rows > INLINE_MAX_ROWS or not _begin_at_once(conn):
-                took = await self._on_writer(_transact, conn, merged, self._timer)
+                took = await self._on_thread(_whole_transaction, conn, merged, self._timer)
             else:
-                _write(conn, merged)
+                _execute_all(conn, merged)
                 if commit_inline(self._last_commit, self._timer() - self._stalled_at):
                     took = _timed_commit(conn, self._timer)
                 else:
-                    took = await self._on_writer(_timed_commit, conn, self._timer)
+                    took = await self._on_thread(_timed_commit, conn, self._timer)
         self._last_commit = took
         if took > STALL_SECONDS:
             now = self._timer()
@@ -491,22 +359,31 @@ class Store:
                     STALL_HOLDOFF,
                 )
             self._stalled_at = now
-        self.transactions += 1
 
-    async def close(self) -> None:
-        """Commit what is queued (renewals included), stop the writer, close the file."""
-        if not self._closed:
-            self._closed = True
-            self._stopping = True
-            self._wake_writer()
-            if self._running:
-                await self._stopped.wait()
-            if self._reader is not None:
-                await self._reader.close()
-            await self._on_writer(self._conn.close)
-            self._writer.shutdown(wait=False)
+    async def close(self, *, within: float | None = None) -> None:
+        """Commit what is queued (renewals included), stop the writer, close the file.
 
-    # A site router's wall-clock high-water mark (relay.py, migration 007).
+        With `within`: a writer still busy after that many seconds (a stalled disk, a
+        write lock held elsewhere) is abandoned, its waiting callers failed, and the
+        file is closed on the store's thread once the transaction in progress has ended
+        (committed whole or not at all). Closing again does nothing more."""
+        self._closed = True
+        committed = await self._writer.close(within=within)
+        if not committed:
+            log.warning("event=store_abandoned within=%.1f", within)
+        if self._released:
+            return
+        self._released = True
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.close()
+        if committed:
+            await self._on_thread(self._conn.close)
+        else:
+            self._thread.submit(self._conn.close)  # after what the thread is stuck in
+        self._thread.shutdown(wait=False)
+
+    # A site router's wall-clock high-water mark (core/router.py, migration 007).
 
     async def load_wall_mark(self) -> float | None:
         """The latest wall time the router recorded, or None before the first."""
@@ -552,8 +429,8 @@ def _statements(script: str) -> list[str]:
     return out
 
 
-def _open_writer(path: Path) -> sqlite3.Connection:
-    """The writing connection, prepared and migrated (runs on the writer thread)."""
+def _open_connection(path: Path) -> sqlite3.Connection:
+    """The writing connection, prepared and migrated (runs on the store's thread)."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     try:
         # WAL: readers never block the writer, and a commit is one append + fsync.
@@ -587,7 +464,7 @@ def _migrate(conn: sqlite3.Connection) -> None:
     for number, sql in known:
         if number <= version:
             continue
-        with _transaction(conn):
+        with _migration_transaction(conn):
             for statement in _statements(sql):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {number}")
@@ -595,8 +472,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
 
 
 @contextlib.contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error (on the writer thread)."""
+def _migration_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any error (on the store's thread)."""
     conn.execute("BEGIN IMMEDIATE")
     try:
         yield
@@ -609,13 +486,12 @@ def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
 
 def commit_inline(last_commit: float, since_stall: float) -> bool:
     """Whether to COMMIT on the event loop itself: while the disk is quick, waking the
-    writer thread and being woken back costs the loop more (CPU, and the GIL changing
-    hands each way) than waiting out a short fsync; measured on 2 cores, batches of
-    about 100 rows went faster inline too. A disk that has been slow gets the thread,
-    so the loop keeps serving meanwhile: slow just now (`last_commit`), or stalled
-    (over STALL_SECONDS) in the last STALL_HOLDOFF seconds (`since_stall`), because one
-    quick flush in a spell of slow ones says nothing of the next, and each one inline
-    holds every heartbeat up."""
+    store's thread and being woken back costs the loop more (CPU, and the GIL changing
+    hands each way) than waiting out a short fsync (docs/benchmarks.md). A disk that has
+    been slow gets the thread, so the loop keeps serving meanwhile: slow just now
+    (`last_commit`), or stalled (over STALL_SECONDS) in the last STALL_HOLDOFF seconds
+    (`since_stall`), because one quick flush in a spell of slow ones says nothing of the
+    next, and each one inline holds every heartbeat up."""
     return last_commit <= INLINE_MAX_SECONDS and since_stall >= STALL_HOLDOFF
 
 
@@ -631,21 +507,21 @@ def _begin_at_once(conn: sqlite3.Connection) -> bool:
     return True
 
 
-def _transact(
+def _whole_transaction(
     conn: sqlite3.Connection, statements: Statements, timer: Callable[[], float]
 ) -> float:
-    """A whole transaction, waiting for the write lock if need be (on the writer
-    thread); returns the seconds its COMMIT took."""
+    """BEGIN, the statements and COMMIT, waiting for the write lock if need be (on the
+    store's thread); returns the seconds its COMMIT took."""
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     try:
         conn.execute("BEGIN IMMEDIATE")
-        _write(conn, statements)
+        _execute_all(conn, statements)
         return _timed_commit(conn, timer)
     finally:
         conn.execute("PRAGMA busy_timeout = 0")
 
 
-def _write(conn: sqlite3.Connection, statements: Statements) -> None:
+def _execute_all(conn: sqlite3.Connection, statements: Statements) -> None:
     """After BEGIN: the statements, all rolled back on any error."""
     try:
         for sql, rows in statements:
@@ -656,10 +532,14 @@ def _write(conn: sqlite3.Connection, statements: Statements) -> None:
 
 
 def _timed_commit(conn: sqlite3.Connection, timer: Callable[[], float]) -> float:
-    """COMMIT (see `_commit`); returns the seconds it took by `timer` (how quick the
-    disk is)."""
+    """COMMIT, or ROLLBACK if that fails (this is where SQLite writes the WAL and waits
+    for the fsync); returns the seconds it took by `timer` (how quick the disk is)."""
     started = timer()
-    _commit(conn)
+    try:
+        conn.execute("COMMIT")
+    except BaseException:
+        _rollback(conn)
+        raise
     return timer() - started
 
 
@@ -668,14 +548,9 @@ def _rollback(conn: sqlite3.Connection) -> None:
         conn.execute("ROLLBACK")
 
 
-def _commit(conn: sqlite3.Connection) -> None:
-    """COMMIT the open transaction, or roll it back if that fails (this is where
-    SQLite writes the WAL and waits for the fsync)."""
-    try:
-        conn.execute("COMMIT")
-    except BaseException:
-        _rollback(conn)
-        raise
+def _store_error(exc: Exception) -> StoreError:
+    """What a caller whose write failed is told."""
+    return StoreError(str(exc))
 
 
 def _make_private(path: Path) -> None:

@@ -26,7 +26,7 @@ from licd import __version__
 from licd.cli import format as fmt
 from licd.cli.admin_client import AdminClient
 from licd.cli.main import audit_entries, main
-from licd.clock import FakeClock
+from licd.clock import ManualClock
 from licd.config.settings import load_config
 from licd.daemon import Daemon, StartupError
 from licd.shells.admin_server import Access
@@ -330,7 +330,7 @@ async def test_licence_remove_needs_force_while_leases_live(daemon: Daemon, peer
 
 
 async def test_audit_table_csv_json_and_since(tmp_path: Path) -> None:
-    clock = FakeClock(wall=time.time() - 7200)  # two hours ago, then now
+    clock = ManualClock(wall=time.time() - 7200)  # two hours ago, then now
     async with running(make_config(tmp_path), clock) as daemon, connected(daemon) as peer:
         old = await take(peer)
         clock.set_wall(time.time())

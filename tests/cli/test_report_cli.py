@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from licd.cli import format as fmt
-from licd.clock import FakeClock
+from licd.clock import ManualClock
 from licd.daemon import Daemon
 from tests.cli.test_admin_cli import connected, licd, ok, sock, take
 from tests.support import DICOM, make_config, running
@@ -34,7 +34,7 @@ def span(first: float, last: float) -> tuple[str, ...]:
     return ("--from", iso(first), "--to", iso(last))
 
 
-async def busy_minutes(daemon: Daemon, clock: FakeClock) -> None:
+async def busy_minutes(daemon: Daemon, clock: ManualClock) -> None:
     """Minute 0: two seats taken. Minute 1: two more (the second beyond the 3 seats, in
     the overdraft), one refused, three returned: one left in use after that."""
     async with connected(daemon) as peer:
@@ -53,7 +53,7 @@ async def busy_minutes(daemon: Daemon, clock: FakeClock) -> None:
 
 @pytest.fixture
 async def busy(tmp_path: Path) -> Any:
-    clock = FakeClock(wall=T0)
+    clock = ManualClock(wall=T0)
     config = make_config(tmp_path, replace(DICOM, overdraft=1))
     async with running(config, clock) as daemon:
         await busy_minutes(daemon, clock)

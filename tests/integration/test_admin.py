@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from licd.cli.admin_client import AdminClient, AdminError
-from licd.clock import FakeClock
+from licd.clock import ManualClock
 from licd.config.settings import AdminConfig
 from licd.core.admin import MAX_PAGE
 from licd.daemon import Daemon, StartupError
@@ -27,7 +27,7 @@ from licd.shells.admin_server import ADMIN_UNAVAILABLE
 from licd_client import AsyncClient, LeaseState
 from licd_client.errors import LeaseUnknown, UnknownLicence
 from licd_client.wire import REPLY_LIMITS, FrameDecoder
-from tests.integration.procs import DICOM_TOML, Daemons, write_config
+from tests.integration.procs import DICOM_TOML, Daemons, run_licd, write_config
 from tests.support import DICOM, RawPeer, address, holder, make_config, running
 
 
@@ -193,7 +193,7 @@ async def test_available_status_and_the_client_agree_on_reserved_seats(tmp_path:
 
 
 async def test_audit_records_every_change_with_the_holder(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     async with running(make_config(tmp_path), clock) as daemon:
         peer = await connected(daemon)
         a = await peer.checkout(h=holder("ws-1"), seats=2)
@@ -417,3 +417,36 @@ async def test_shutdown_answers_a_waiting_audit_request(
     reply = await asyncio.wait_for(waiting, 10)  # answered at shutdown, not after 60 s
     assert reply["entries"] == []
     assert "Traceback" not in caplog.text and "CancelledError" not in caplog.text
+
+
+async def test_a_policy_only_edit_is_audited_with_what_it_changed(tmp_path: Path) -> None:
+    async with running(make_config(tmp_path)) as daemon:
+        edit = await asyncio.to_thread(
+            run_licd,
+            "licence",
+            "update",
+            DICOM.id,
+            "--max",
+            "user=1",
+            "--overdraft",
+            "2",
+            "--count-by",
+            "host",
+            "--allow",
+            "user:alice",
+            "--socket",
+            str(daemon.admin.path),
+        )
+        assert edit.returncode == 0, edit.stderr
+        [entry] = [
+            e for e in (await admin(daemon, "audit"))["entries"] if e["event"] == "licence_updated"
+        ]
+    assert entry["detail"] == {
+        "source": "admin",
+        "changes": {
+            "max": [{}, {"user": 1}],
+            "overdraft": [0, 2],
+            "count_by": ["lease", "host"],
+            "allow": [[], ["user:alice"]],
+        },
+    }

@@ -6,14 +6,15 @@ from pathlib import Path
 
 import pytest
 
-from licd.clock import FakeClock
-from licd_client import AsyncClient, LeaseState, ManualClock
+import licd_client
+from licd.clock import ManualClock
+from licd_client import AsyncClient, LeaseState
 from licd_client.errors import ConnectionLost, LeaseUnknown, SeatsExhausted
 from tests.support import DICOM, address, make_config, reserved_port, running
 
 
 def client_for(
-    port: int, key: bytes, clock: ManualClock | None = None, *, io_timeout: float = 2.0
+    port: int, key: bytes, clock: licd_client.ManualClock | None = None, *, io_timeout: float = 2.0
 ) -> AsyncClient:
     return AsyncClient(f"127.0.0.1:{port}", key, clock=clock, io_timeout=io_timeout, retry_for=0.0)
 
@@ -38,10 +39,10 @@ async def test_seed_000_with_the_client_library(tmp_path: Path) -> None:
 
 
 async def test_renewal_reaches_the_daemon(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     async with running(make_config(tmp_path), clock) as daemon:
         _, port = address(daemon)
-        cclock = ManualClock()
+        cclock = licd_client.ManualClock()
         client = client_for(port, daemon.signer.public, cclock)
         lease = await client.checkout(DICOM.key)
         first_deadline = lease.deadline
@@ -56,10 +57,10 @@ async def test_renewal_reaches_the_daemon(tmp_path: Path) -> None:
 
 
 async def test_lease_survives_a_daemon_restart(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     port = reserved_port()  # the restarted daemon must be where the client knows it
     config = make_config(tmp_path, listen=(("127.0.0.1", port),))
-    cclock = ManualClock()
+    cclock = licd_client.ManualClock()
     async with running(config, clock) as daemon:
         key = daemon.signer.public
         client = client_for(port, key, cclock)
@@ -74,7 +75,7 @@ async def test_lease_survives_a_daemon_restart(tmp_path: Path) -> None:
 
 
 async def test_reclaimed_lease_is_reported_lost(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     async with running(make_config(tmp_path), clock) as daemon:
         _, port = address(daemon)
         lost: list[Exception] = []

@@ -15,7 +15,7 @@ import secrets
 import sqlite3
 from pathlib import Path
 
-from licd.clock import FakeClock
+from licd.clock import ManualClock
 from licd.core.audit_upkeep import MAX_ENTRY_BYTES, max_entries_per_interval
 from licd.store.sqlite import DB_FILE
 from licd_client.messages import Holder
@@ -48,7 +48,7 @@ async def connect(daemon_address: tuple[str, int], source: str) -> RawPeer:
 async def test_a_denial_flood_is_bounded_in_the_audit_log_and_spares_legitimate_checkouts(
     tmp_path: Path,
 ) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     started = clock.now().mono
     flooding = asyncio.Event()
     legit_answers: list[str] = []

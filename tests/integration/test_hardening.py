@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from licd.clock import FakeClock
+from licd.clock import ManualClock
 from licd.config.settings import ConfigError
 from licd.core.events import Event, Kind
 from licd.core.service import LicenceService
@@ -22,7 +22,7 @@ from licd.engine.licence import Counter
 from licd.store.sqlite import Store
 from licd_client.errors import BadRequest, LicdError, Unavailable, UnknownLicence
 from licd_client.wire import encode
-from tests.support import DICOM, RawPeer, address, holder, make_config, running
+from tests.support import DICOM, RawPeer, address, holder, make_config, new_engine, running
 
 HUGE = 2**63  # a valid msgpack uint64, too large for an SQLite INTEGER
 
@@ -31,7 +31,7 @@ HUGE = 2**63  # a valid msgpack uint64, too large for an SQLite INTEGER
 class Rig:
     store: Store
     engine: Engine
-    clock: FakeClock
+    clock: ManualClock
     service: LicenceService
     writer: asyncio.Task[None]
 
@@ -40,8 +40,8 @@ class Rig:
 async def rig(tmp_path: Path, *licences: Licence) -> AsyncIterator[Rig]:
     store = await Store.open(tmp_path / "licd.db")
     writer = asyncio.create_task(store.run())
-    engine = Engine(licences or (DICOM,))
-    clock = FakeClock()
+    engine = new_engine(licences or (DICOM,))
+    clock = ManualClock()
     try:
         yield Rig(store, engine, clock, LicenceService(engine, store, clock), writer)
     finally:

@@ -21,13 +21,14 @@ from typing import Any
 
 import pytest
 
-from licd.clock import FakeClock
+import licd_client
+from licd.clock import ManualClock
 from licd.config.settings import Config
-from licd.core.deferred import Deferred
 from licd.core.events import Event, Kind
 from licd.daemon import Daemon
+from licd.deferred import Deferred
 from licd.engine import Grant, Lease
-from licd_client import AsyncClient, ManualClock
+from licd_client import AsyncClient
 from licd_client.client import INTERRUPT_GRACE
 from tests.cli.test_client_cli import spawn
 from tests.support import DICOM, RawPeer, address, holder, make_config, running
@@ -139,7 +140,7 @@ async def free_seats(daemon: Daemon) -> int:
 async def test_a_lease_whose_client_left_before_the_reply_is_checked_in_at_once(
     config: Config, monkeypatch: pytest.MonkeyPatch, leaving: str
 ) -> None:
-    clock = FakeClock()  # never advanced: nothing here waits for a ttl
+    clock = ManualClock()  # never advanced: nothing here waits for a ttl
     async with running(config, clock) as daemon:
         held = Held(daemon, monkeypatch)
         peer = await connected(daemon)
@@ -215,7 +216,7 @@ async def test_a_lease_whose_reply_was_written_stays_when_its_client_leaves(
 # ------------------------------------------------------------ the client library
 
 
-def client_for(daemon: Daemon, clock: ManualClock) -> AsyncClient:
+def client_for(daemon: Daemon, clock: licd_client.ManualClock) -> AsyncClient:
     host, port = address(daemon)
     return AsyncClient(f"{host}:{port}", daemon.signer.public, clock=clock, retry_for=0.0)
 
@@ -225,7 +226,7 @@ async def test_a_cancelled_checkout_checks_in_the_lease_its_reply_brings(
 ) -> None:
     async with running(config) as daemon:
         held = Held(daemon, monkeypatch)
-        cclock = ManualClock()
+        cclock = licd_client.ManualClock()
         client = client_for(daemon, cclock)
         task = asyncio.ensure_future(client.checkout(DICOM.key))
         await held.until(lambda: bool(held.grants))  # sent, granted, not yet answered
@@ -247,7 +248,7 @@ async def test_a_cancelled_checkout_without_a_reply_in_time_leaves_it_to_the_dae
 ) -> None:
     async with running(config) as daemon:
         held = Held(daemon, monkeypatch)
-        cclock = ManualClock()
+        cclock = licd_client.ManualClock()
         client = client_for(daemon, cclock)
         task = asyncio.ensure_future(client.checkout(DICOM.key))
         await held.until(lambda: bool(held.grants))

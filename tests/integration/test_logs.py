@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from licd.clock import FakeClock
+from licd.clock import ManualClock
 from tests.support import DICOM, RawPeer, address, holder, make_config, running
 
 
@@ -22,7 +22,7 @@ async def test_a_denial_of_an_unknown_key_logs_no_none(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    clock = FakeClock()
+    clock = ManualClock()
     async with running(make_config(tmp_path), clock) as daemon:
         peer = await RawPeer.connect(address(daemon))
         await peer.hello()

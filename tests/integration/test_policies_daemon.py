@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from licd.cli.admin_client import AdminClient
-from licd.clock import FakeClock
+from licd.clock import ManualClock
 from licd.daemon import Daemon
 from licd.engine.licence import Counter
 from licd_client import AsyncClient, tokens
@@ -33,7 +33,7 @@ async def admin(daemon: Daemon, op: str, **args: Any) -> dict[str, Any]:
 
 
 async def test_consume_is_durable_and_deduplicated(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     config = make_config(tmp_path, METERED)
     async with running(config, clock) as daemon:
         peer = await connected(daemon)

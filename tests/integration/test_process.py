@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
+import sqlite3
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +28,10 @@ from tests.support import RawPeer, holder, make_config, running
 
 KEY = str(DICOM_TOML["key"])
 SEATS = int(str(DICOM_TOML["seats"]))
+#: How soon a daemon told to exit now (a second signal) is gone, at most: its store gets
+#: 1 s, a commit stuck on a write lock held elsewhere up to 5 s more (SQLite's busy wait
+#: on the store's thread, which the exit waits for).
+EXIT_NOW_WITHIN = 20.0
 
 
 @pytest.fixture
@@ -281,3 +287,47 @@ async def test_a_config_licence_that_cannot_be_saved_stops_the_start(
     monkeypatch.undo()
     async with running(make_config(tmp_path)):  # the state directory was let go
         pass
+
+
+async def test_a_second_signal_exits_now_while_requests_wait_on_the_disk(
+    daemons: Daemons,
+) -> None:
+    """SIGTERM, then SIGINT during the drain: the daemon exits at once instead of waiting
+    for requests whose commits are held (an operator's shell holds the database's write
+    lock: each commit waits 5 s for it, then fails, so the drain alone would take 40 s),
+    cuts their connection, and leaves the database whole: nothing it never acknowledged
+    was granted."""
+    config = daemons.config({**DICOM_TOML, "seats": 10}, shutdown_timeout=300)
+    daemon = await daemons.astart(config)
+    shell = sqlite3.connect(config.parent / "state" / "licd.db", isolation_level=None)
+    try:
+        shell.execute("BEGIN IMMEDIATE")
+        peer, probe = await connected(daemon.addr), await connected(daemon.addr)
+        for n in range(8):  # as many as one connection may have in flight
+            request = {"key": KEY, "holder": holder(f"m{n}").to_wire(), "seats": 1}
+            await peer.send(
+                {"op": "checkout", "id": n, "request": f"{n:02}" * 11, "nonce": os.urandom(16)}
+                | request
+            )
+        async with asyncio.timeout(10):  # the engine has granted them, the disk has not
+            while (await probe.call("available", key=KEY))["in_use"] < 8:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert daemon.proc is not None
+        daemon.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(daemon.wait_for, "event=stopping")
+        daemon.proc.send_signal(signal.SIGINT)
+        code = await asyncio.to_thread(daemon.proc.wait, EXIT_NOW_WITHIN)
+        log = daemon.stderr()
+        assert code == 0, log
+        assert await peer.closed(), log  # cut off
+        await probe.close()
+    finally:
+        shell.rollback()
+        shell.close()
+    assert "Traceback" not in log, log
+    assert "event=exit_now" in log and log.rstrip().endswith("event=stopped"), log
+    again = await daemons.astart(config)
+    probe = await connected(again.addr)
+    assert (await probe.call("available", key=KEY))["in_use"] == 0
+    await probe.close()
+    await again.aterminate()

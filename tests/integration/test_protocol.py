@@ -20,10 +20,10 @@ import pytest
 
 import licd
 import licd_client
-from licd.clock import FakeClock
-from licd.core.deferred import Deferred
+from licd.clock import ManualClock
 from licd.core.events import Event
 from licd.daemon import setup_logging
+from licd.deferred import Deferred
 from licd.engine import Lease
 from licd.shells.server import WRITE_HIGH_WATER
 from licd_client import tokens
@@ -39,7 +39,7 @@ async def connected(addr: tuple[str, int]) -> RawPeer:
 
 
 async def test_hello_gives_key_site_and_time(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     async with running(make_config(tmp_path), clock) as daemon:
         peer = await RawPeer.connect(address(daemon))
         reply = await peer.hello()
@@ -134,7 +134,7 @@ async def test_token_checks_fail_on_tampering(tmp_path: Path) -> None:
 
 
 async def test_dead_client_seat_returns_after_ttl_plus_grace(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     async with running(make_config(tmp_path), clock) as daemon:
         peer = await connected(address(daemon))
         assert (await peer.checkout(seats=3))["ok"] is True
@@ -177,7 +177,7 @@ async def test_retried_checkout_holds_one_seat(tmp_path: Path) -> None:
 
 
 async def test_leases_survive_a_restart(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     async with running(make_config(tmp_path), clock) as daemon:
         key = daemon.signer.public
         peer = await connected(address(daemon))
@@ -220,7 +220,7 @@ async def test_unknown_licence_and_lease(tmp_path: Path) -> None:
 
 
 async def test_expired_licence_still_loads(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     old = replace(DICOM, expires=clock.wall - 1)
     async with running(make_config(tmp_path, old), clock) as daemon:
         peer = await connected(address(daemon))
@@ -628,7 +628,7 @@ async def test_logs_never_show_lease_secrets_or_licence_keys(
     # licd's own loggers at their most talkative. (aiosqlite's debug log quotes SQL
     # parameters; setup_logging keeps it at WARNING, see the next test.)
     caplog.set_level("DEBUG", logger="licd")
-    clock = FakeClock()
+    clock = ManualClock()
     async with running(make_config(tmp_path), clock) as daemon:
         peer = await connected(address(daemon))
         secrets = []

@@ -8,14 +8,14 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
-from licd.clock import FakeClock
+from licd.clock import ManualClock
 from tests.support import DICOM, RawPeer, address, holder, make_config, running
 
 
 async def test_a_retry_sent_while_the_first_attempt_commits_gets_the_same_lease(
     tmp_path: Path,
 ) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     async with running(make_config(tmp_path), clock) as daemon:
         service = daemon.service
         request = os.urandom(16).hex()
@@ -67,7 +67,7 @@ async def test_retries_over_the_wire(tmp_path: Path) -> None:
 
 
 async def test_a_heartbeat_loop_is_rate_limited_as_configured(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     for per_second, refused in ((1.0, True), (1_000.0, False)):
         state = tmp_path / str(per_second)
         config = make_config(state, renewals_per_second=per_second)

@@ -1,10 +1,10 @@
 """Site routers (docs/protocol.md section 5) against a vendor licd, all on 127.0.0.1.
 
 Every daemon runs in the test's event loop (`tests.support.running`) on one shared
-`FakeClock`, so "a day later" is `clock.advance(86400)`. The relay's own keeper loop
+`ManualClock`, so "a day later" is `clock.advance(86400)`. The relay's own keeper loop
 sleeps in real time: it takes the first block as the router starts (the tests wait for
 that with a bounded wait) and then sleeps for minutes, so every later renewal is driven
-here by calling `Relay.renew_block` directly. The link's keeper also waits in real time:
+here by calling `Router.renew_block` directly. The link's keeper also waits in real time:
 a test that waits for it to dial again shortens its backoff and polls status within a
 deadline, or steps its sleep (`Naps`). No test sleeps and hopes.
 """
@@ -27,17 +27,18 @@ import msgpack
 import pytest
 from nacl.signing import SigningKey
 
+import licd_client
 from licd.cli.admin_client import AdminClient
 from licd.cli.format import when
-from licd.clock import FakeClock
+from licd.clock import ManualClock
 from licd.config.settings import Config, RelayedLicence, UpstreamConfig
 from licd.core.events import Event, Kind
-from licd.core.keys import key_path, load_key
-from licd.core.relay import BlockState, Relay
+from licd.core.router import BlockState, Router
 from licd.daemon import Daemon
 from licd.engine import Licence
 from licd.shells.upstream import KEEPALIVE, REDIAL, STEADY, LinkPhase, Redial, UpstreamLink
-from licd_client import AsyncClient, AsyncLease, LeaseState, ManualClock, errors, messages, tokens
+from licd.store.keyfile import key_path, load_key
+from licd_client import AsyncClient, AsyncLease, LeaseState, errors, messages, tokens
 from licd_client.backoff import Backoff
 from licd_client.errors import Denied, TokenInvalid, UpstreamUnavailable
 from licd_client.messages import Checkout
@@ -113,7 +114,7 @@ class Site:
     """A daemon in this event loop on a fixed port, which a test can stop and start
     again (same state directory, same address), as an outage would."""
 
-    def __init__(self, config: Config, clock: FakeClock) -> None:
+    def __init__(self, config: Config, clock: ManualClock) -> None:
         self.config = config
         self.clock = clock
         self._stack: contextlib.AsyncExitStack | None = None
@@ -164,10 +165,17 @@ def server_of(daemon: Daemon) -> str:
     return "{}:{}".format(*address(daemon))
 
 
-def relay_of(daemon: Daemon) -> Relay:
+def relay_of(daemon: Daemon) -> Router:
     relay = daemon.relay
     assert relay is not None, "not a router"
     return relay
+
+
+def link_of(daemon: Daemon) -> UpstreamLink:
+    """The router's upstream link: the composition root's `UpstreamLink`."""
+    link = relay_of(daemon).link
+    assert isinstance(link, UpstreamLink)
+    return link
 
 
 def block_state(router: Daemon, licence_id: str = BLOCK.id) -> BlockState:
@@ -208,7 +216,9 @@ async def client_of(daemon: Daemon, trust: bytes) -> AsyncIterator[AsyncClient]:
     leases renew only when the test calls `renew_once`). Its leases are checked in on
     exit, so the daemon must be able to answer then: a retryable error would have the
     checkin wait on the manual clock for ever."""
-    client = AsyncClient([server_of(daemon)], [trust], retry_for=0.0, clock=ManualClock())
+    client = AsyncClient(
+        [server_of(daemon)], [trust], retry_for=0.0, clock=licd_client.ManualClock()
+    )
     try:
         yield client
     finally:
@@ -248,8 +258,8 @@ async def vendor_checkouts(vendor: Daemon) -> list[Event]:
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture
@@ -261,7 +271,7 @@ async def sites() -> AsyncIterator[list[Site]]:
         await site.stop()
 
 
-async def start(sites: list[Site], config: Config, clock: FakeClock) -> Site:
+async def start(sites: list[Site], config: Config, clock: ManualClock) -> Site:
     site = Site(config, clock)
     await site.start()
     sites.append(site)
@@ -269,7 +279,7 @@ async def start(sites: list[Site], config: Config, clock: FakeClock) -> Site:
 
 
 async def vendor_and_router(
-    sites: list[Site], tmp_path: Path, clock: FakeClock, *relayed: RelayedLicence
+    sites: list[Site], tmp_path: Path, clock: ManualClock, *relayed: RelayedLicence
 ) -> tuple[Site, Site]:
     vendor = await start(sites, vendor_config(tmp_path / "v"), clock)
     rcfg = router_config(
@@ -283,7 +293,7 @@ async def vendor_and_router(
 
 
 async def test_client_trusting_only_the_vendor_accepts_a_sub_lease(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     vendor, router = await vendor_and_router(sites, tmp_path, clock)
     state = await block_taken(router.daemon)
@@ -324,7 +334,7 @@ async def test_client_trusting_only_the_vendor_accepts_a_sub_lease(
 
 
 async def test_client_rejects_a_sub_lease_of_an_expired_block(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     vendor, router = await vendor_and_router(sites, tmp_path, clock)
     await block_taken(router.daemon)
@@ -382,7 +392,7 @@ async def test_client_rejects_a_sub_lease_of_an_expired_block(
 
 
 async def test_sub_leases_never_outlive_the_block_nor_exceed_its_seats(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     vendor, router = await vendor_and_router(sites, tmp_path, clock)
     state = await block_taken(router.daemon)
@@ -419,7 +429,7 @@ async def test_sub_leases_never_outlive_the_block_nor_exceed_its_seats(
 
 
 async def test_two_routers_never_hand_out_more_than_the_vendor_licence(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     vendor = await start(sites, vendor_config(tmp_path / "v"), clock)  # 5 seats
     upstream, trust = server_of(vendor.daemon), vendor.daemon.signer.public
@@ -472,7 +482,7 @@ async def test_two_routers_never_hand_out_more_than_the_vendor_licence(
 
 
 async def test_outage_shorter_than_the_block_goes_unnoticed(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     vendor, router = await vendor_and_router(sites, tmp_path, clock, SHORT_BLOCK)
     state = await block_taken(router.daemon)
@@ -518,7 +528,7 @@ async def test_outage_shorter_than_the_block_goes_unnoticed(
 
 
 async def test_outage_longer_than_the_block_stops_new_checkouts(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     vendor, router = await vendor_and_router(sites, tmp_path, clock, SHORT_BLOCK)
     state = await block_taken(router.daemon)
@@ -551,7 +561,7 @@ async def test_outage_longer_than_the_block_stops_new_checkouts(
 
 
 async def test_restarted_router_resumes_its_stored_block(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     vendor, router = await vendor_and_router(sites, tmp_path, clock)
     state = await block_taken(router.daemon)
@@ -575,7 +585,7 @@ async def test_restarted_router_resumes_its_stored_block(
 
 
 async def test_restarted_router_keeps_its_sub_leases(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     vendor, router = await vendor_and_router(sites, tmp_path, clock)
     await block_taken(router.daemon)
@@ -601,7 +611,7 @@ async def test_restarted_router_keeps_its_sub_leases(
 
 
 async def test_forward_mode_seed000_across_two_sites(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     vendor_licence = dataclasses.replace(VENDOR, seats=3, delegable=False, max_ttl=None)
     vendor = await start(sites, vendor_config(tmp_path / "v", vendor_licence), clock)
@@ -690,7 +700,7 @@ class MisbehavingUpstream(FakeLicd):
     """A fake upstream that speaks the framing and hello, and answers each checkout with
     whatever `answer` makes of it."""
 
-    def __init__(self, answer: Answer, clock: FakeClock) -> None:
+    def __init__(self, answer: Answer, clock: ManualClock) -> None:
         super().__init__()
         self.site = "fake-vendor"
         self.answer = answer
@@ -762,7 +772,7 @@ BAD_ANSWERS: dict[str, Answer] = {
 
 
 async def test_faithful_fake_upstream_gives_a_block(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     """The control for the bad answers below: the fake, answering properly, works."""
     async with MisbehavingUpstream(block_reply, clock) as fake:
@@ -793,7 +803,7 @@ WHY = {
 async def test_bad_upstream_answer_is_refused_and_logged(
     sites: list[Site],
     tmp_path: Path,
-    clock: FakeClock,
+    clock: ManualClock,
     caplog: pytest.LogCaptureFixture,
     answer: str,
 ) -> None:
@@ -821,7 +831,7 @@ async def test_bad_upstream_answer_is_refused_and_logged(
 async def test_upstream_signing_with_an_untrusted_key_is_refused(
     sites: list[Site],
     tmp_path: Path,
-    clock: FakeClock,
+    clock: ManualClock,
     caplog: pytest.LogCaptureFixture,
     mode: str,
 ) -> None:
@@ -849,7 +859,7 @@ async def test_upstream_signing_with_an_untrusted_key_is_refused(
 
 @pytest.mark.parametrize("mode", ["block", "forward"])
 async def test_refused_upstream_lease_is_given_back(
-    sites: list[Site], tmp_path: Path, clock: FakeClock, mode: str
+    sites: list[Site], tmp_path: Path, clock: ManualClock, mode: str
 ) -> None:
     vendor = await start(sites, vendor_config(tmp_path / "v"), clock)
     other = bytes(SigningKey.generate().verify_key)
@@ -872,7 +882,7 @@ async def test_refused_upstream_lease_is_given_back(
 
 
 async def test_router_without_a_block_answers_upstream_unavailable(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     nobody = f"127.0.0.1:{reserved_port()}"  # no upstream listening there
     rcfg = router_config(tmp_path / "r", nobody, bytes(SigningKey.generate().verify_key))
@@ -889,7 +899,7 @@ async def test_router_without_a_block_answers_upstream_unavailable(
 
 
 async def test_vendor_refuses_a_block_of_a_non_delegable_licence(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     licence = dataclasses.replace(VENDOR, delegable=False)
     vendor = await start(sites, vendor_config(tmp_path / "v", licence), clock)
@@ -911,7 +921,7 @@ async def test_vendor_refuses_a_block_of_a_non_delegable_licence(
 
 
 async def test_vendor_caps_the_block_at_max_ttl_and_lists_it_as_one_lease(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     licence = dataclasses.replace(VENDOR, max_ttl=1000.0)
     vendor = await start(sites, vendor_config(tmp_path / "v", licence), clock)
@@ -945,7 +955,7 @@ async def test_vendor_caps_the_block_at_max_ttl_and_lists_it_as_one_lease(
 
 
 async def test_router_status_shows_link_blocks_and_modes(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     other = Licence(key="VEND-OTHER-0002", id="vendor-other", product="viewer", seats=2)
     vendor = await start(sites, vendor_config(tmp_path / "v", VENDOR, other), clock)
@@ -1023,7 +1033,7 @@ async def test_router_status_shows_link_blocks_and_modes(
 
 
 async def test_block_revoked_upstream_stops_issuing(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     vendor, router = await vendor_and_router(sites, tmp_path, clock)
     state = await block_taken(router.daemon)
@@ -1049,7 +1059,7 @@ async def test_block_revoked_upstream_stops_issuing(
 
 
 async def test_revoked_block_is_replaced_once_its_sub_leases_ran_out(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     vendor, router = await vendor_and_router(sites, tmp_path, clock)
     state = await block_taken(router.daemon)
@@ -1097,7 +1107,7 @@ def upstream_failed(caplog: pytest.LogCaptureFixture, kind: str) -> list[str]:
 
 
 async def test_upstream_faults_reach_local_clients_as_upstream_unavailable(
-    sites: list[Site], tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    sites: list[Site], tmp_path: Path, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with FakeLicd() as fake:
         rcfg = router_config(tmp_path / "r", fake.address, fake.public_key, FORWARD)
@@ -1126,7 +1136,7 @@ async def test_upstream_faults_reach_local_clients_as_upstream_unavailable(
 
 
 async def test_upstream_decisions_reach_local_clients_as_they_are(
-    sites: list[Site], tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    sites: list[Site], tmp_path: Path, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with FakeLicd() as fake:
         rcfg = router_config(tmp_path / "r", fake.address, fake.public_key, FORWARD)
@@ -1149,7 +1159,7 @@ async def test_upstream_decisions_reach_local_clients_as_they_are(
 
 
 async def test_upstream_fault_on_a_block_renewal_keeps_the_block(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     async with MisbehavingUpstream(block_reply, clock) as fake:
         router = await start(
@@ -1174,7 +1184,7 @@ async def test_upstream_fault_on_a_block_renewal_keeps_the_block(
 
 
 async def test_router_restarted_with_its_clock_a_day_behind_stops_serving_in_time(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     vendor, router = await vendor_and_router(sites, tmp_path, clock)
     state = await block_taken(router.daemon)
@@ -1202,7 +1212,7 @@ async def test_router_restarted_with_its_clock_a_day_behind_stops_serving_in_tim
 
 
 async def test_block_renewal_is_brought_forward_to_half_its_remaining_life(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     licence = dataclasses.replace(VENDOR, max_ttl=1000.0)  # less than the router asks
     vendor = await start(sites, vendor_config(tmp_path / "v", licence), clock)
@@ -1219,7 +1229,7 @@ async def test_block_renewal_is_brought_forward_to_half_its_remaining_life(
 
 
 async def test_forwarded_records_lapse_on_the_monotonic_clock(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     vendor, router = await vendor_and_router(sites, tmp_path, clock, FORWARD)
     relay = relay_of(router.daemon)
@@ -1242,7 +1252,7 @@ class Stop(Exception):
 
 
 async def test_keeper_stops_serving_at_the_deadline_when_the_clock_is_set_back_meanwhile(
-    sites: list[Site], tmp_path: Path, clock: FakeClock
+    sites: list[Site], tmp_path: Path, clock: ManualClock
 ) -> None:
     vendor, router = await vendor_and_router(sites, tmp_path, clock)
     state = await block_taken(router.daemon)
@@ -1288,7 +1298,7 @@ def log_lines(caplog: pytest.LogCaptureFixture, start: str, level: int = logging
 
 
 async def test_forward_mode_checkout_and_checkin_are_logged_once_each(
-    sites: list[Site], tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    sites: list[Site], tmp_path: Path, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     _, router = await vendor_and_router(sites, tmp_path, clock, FORWARD)
@@ -1306,7 +1316,7 @@ async def test_forward_mode_checkout_and_checkin_are_logged_once_each(
 
 
 async def test_an_upstream_outage_logs_one_warning_not_one_per_request(
-    sites: list[Site], tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    sites: list[Site], tmp_path: Path, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     other = dataclasses.replace(VENDOR, key="VEND-DICOM-0002", id="vendor-dicom-2")
@@ -1351,7 +1361,7 @@ async def link_status_text(router: Daemon) -> str:
 
 
 async def test_the_link_comes_back_by_itself_and_status_tells_the_truth(
-    sites: list[Site], tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+    sites: list[Site], tmp_path: Path, clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     started = clock.now().wall
@@ -1359,15 +1369,15 @@ async def test_the_link_comes_back_by_itself_and_status_tells_the_truth(
     await block_taken(router.daemon)  # the router's one request upstream in this test
     vendor_key = vendor.daemon.signer.public
     assert (await link_becomes(router.daemon, "connected"))["since"] == started
-    relay = relay_of(router.daemon)
-    relay.link.redial.backoff = Backoff(base=0.05, cap=0.2)  # the keeper's waits are real
+    link = link_of(router.daemon)
+    link.redial.backoff = Backoff(base=0.05, cap=0.2)  # the keeper's waits are real
     naps: list[float] = []
 
     async def sleep(seconds: float) -> None:
         naps.append(seconds)
         await asyncio.sleep(seconds)
 
-    relay.link.sleep = sleep
+    link.sleep = sleep
 
     # Upstream stops: the router says so at once, and since when, with no request made.
     clock.advance(100)
@@ -1412,7 +1422,7 @@ async def test_the_link_comes_back_by_itself_and_status_tells_the_truth(
     await router.start()
     link = (await admin(router.daemon, "status"))["upstream"]["link"]
     assert link["state"] in ("connecting", "down") and link["since"] == restarted
-    relay_of(router.daemon).link.redial = Redial(Backoff(base=0.05, cap=0.2))
+    link_of(router.daemon).redial = Redial(Backoff(base=0.05, cap=0.2))
     down = await link_becomes(router.daemon, "down")
     assert down["since"] == restarted and down["last_error_at"] == restarted
     status = (await admin(router.daemon, "status"))["upstream"]
@@ -1446,7 +1456,7 @@ class Naps:
     first moves the clock on by its length. A nap the keeper gave up (its connection
     ended) is skipped."""
 
-    def __init__(self, clock: FakeClock) -> None:
+    def __init__(self, clock: ManualClock) -> None:
         self.clock = clock
         self._asked: asyncio.Queue[tuple[float, asyncio.Future[None]]] = asyncio.Queue()
         self._current: tuple[float, asyncio.Future[None]] | None = None
@@ -1473,7 +1483,7 @@ class Naps:
 
 
 async def test_the_link_keeper_keeps_alive_and_redials_with_backoff(
-    clock: FakeClock, caplog: pytest.LogCaptureFixture
+    clock: ManualClock, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
     naps = Naps(clock)

@@ -1,4 +1,5 @@
-"""Alerts on fake clocks: expiry and usage thresholds, silent holders, denial windows, hooks."""
+"""Alerts on fake clocks: expiry and usage thresholds, silent holders, denial windows, and
+the hooks they start (the hook runner itself: test_hooks.py)."""
 
 from __future__ import annotations
 
@@ -15,12 +16,12 @@ import pytest
 from licd.clock import Instant
 from licd.config.settings import AlertsConfig
 from licd.core.events import Event, Kind
-from licd.engine import Engine, Licence
+from licd.engine import Licence
 from licd.engine.licence import Addon
-from licd.observe import alerts as alerts_module
-from licd.observe.alerts import Alert, AlertMonitor, run_hook_command
+from licd.observe.alerts import Alert, AlertMonitor
 from licd.observe.metrics import LicenceUsage, engine_usage
 from licd_client.messages import Holder
+from tests.support import new_engine
 
 NOW = 1_790_000_000.0
 DAY = 86400.0
@@ -185,7 +186,7 @@ def test_usage_counts_the_addon_seats_in_force() -> None:
     """Usage is measured against the seats in force at the check's wall time: a licence of
     2 seats with a +2 add-on holding 2 is at 50 % while the add-on runs, 100 % after."""
     addon = Addon(seats=2, starts=NOW - DAY, ends=NOW + DAY)
-    engine = Engine([Licence(key="K-1", id="cad", product="CAD Pro", seats=2, addon=(addon,))])
+    engine = new_engine([Licence(key="K-1", id="cad", product="CAD Pro", seats=2, addon=(addon,))])
     for n in (1, 2):
         holder = Holder(host=f"ws{n}", hostid=f"ws{n}-id", user="ann", pid=n, app="cad")
         engine.confirm(engine.checkout("K-1", holder, request=f"r{n}", at=Instant(NOW, 1.0)).lease)
@@ -389,136 +390,21 @@ async def test_hooks_run_in_the_background_and_drain() -> None:
     )
     monitor.on_event(event(Kind.RECLAIM, handle="h1"))
     monitor.on_event(event(Kind.RECLAIM, handle="h2"))
-    assert monitor.pending_hooks == 2 and seen == []  # on_event did not wait
+    assert monitor.hooks.pending == 2 and seen == []  # on_event did not wait
     release.set()
-    await monitor.drain()
-    assert monitor.pending_hooks == 0
+    await monitor.hooks.drain()
+    assert monitor.hooks.pending == 0
     assert sorted(a.detail["handle"] for a in seen) == ["h1", "h2"]
-
-
-async def test_hooks_are_bounded(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setattr(alerts_module, "MAX_HOOKS_PENDING", 3)
-    running = 0
-    most = 0
-
-    async def hook(alert: Alert) -> None:
-        nonlocal running, most
-        running += 1
-        most = max(most, running)
-        await asyncio.sleep(0.01)
-        running -= 1
-
-    monitor = AlertMonitor(
-        AlertsConfig(), lambda now: [], wall=lambda: NOW, monotonic=lambda: 0.0, run_hook=hook
-    )
-    monkeypatch.setattr(monitor, "_hook_slots", asyncio.Semaphore(2))
-    for n in range(5):
-        monitor.on_event(event(Kind.RECLAIM, handle=f"h{n}"))
-    assert monitor.pending_hooks == 3
-    assert caplog.text.count("event=alert_hook_dropped") == 2
-    await monitor.drain()
-    assert most == 2
-
-
-async def test_drain_cancels_hooks_that_outlast_the_grace() -> None:
-    async def forever(alert: Alert) -> None:
-        await asyncio.Event().wait()
-
-    monitor = AlertMonitor(
-        AlertsConfig(), lambda now: [], wall=lambda: NOW, monotonic=lambda: 0.0, run_hook=forever
-    )
-    monitor.on_event(event(Kind.RECLAIM))
-    await monitor.drain(grace=0.01)
-    assert monitor.pending_hooks == 0
-
-
-async def test_a_hook_that_raises_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    async def broken(alert: Alert) -> None:
-        raise RuntimeError("hook broke")
-
-    monitor = AlertMonitor(
-        AlertsConfig(), lambda now: [], wall=lambda: NOW, monotonic=lambda: 0.0, run_hook=broken
-    )
-    monitor.on_event(event(Kind.RECLAIM))
-    await monitor.drain()
-    assert "event=alert_hook_failed" in caplog.text
-
-
-def test_without_an_event_loop_the_hook_is_skipped(caplog: pytest.LogCaptureFixture) -> None:
-    config = AlertsConfig(hook=("/bin/true",))
-    monitor = AlertMonitor(config, lambda now: [], wall=lambda: NOW, monotonic=lambda: 0.0)
-    monitor.on_event(event(Kind.RECLAIM))
-    assert "reason=no_event_loop" in caplog.text
-
-
-# --- the hook command -----------------------------------------------------------------
-
-ALERT = Alert("holder_silent", "cad", "lease h1 lapsed", NOW, {"handle": "h1"})
-
-
-def script(code: str) -> tuple[str, ...]:
-    return (sys.executable, "-c", code)
 
 
 async def test_the_configured_hook_gets_the_alert_on_stdin(tmp_path: Path) -> None:
     out = tmp_path / "alert.json"
     code = f"import sys; open({str(out)!r}, 'wb').write(sys.stdin.buffer.read())"
-    config = replace(AlertsConfig(), hook=script(code), hook_timeout=30.0)
+    config = replace(AlertsConfig(), hook=(sys.executable, "-c", code), hook_timeout=30.0)
     monitor = AlertMonitor(config, lambda now: [], wall=lambda: NOW, monotonic=lambda: 0.0)
     monitor.on_event(event(Kind.RECLAIM, handle="h9", host="ws9", user="eve"))
-    await monitor.drain()
+    await monitor.hooks.drain()
     document = json.loads(out.read_bytes())
     assert document["kind"] == "holder_silent"
     assert document["licence"] == "cad"
     assert document["detail"]["handle"] == "h9"
-
-
-async def test_hook_output_is_logged_truncated(caplog: pytest.LogCaptureFixture) -> None:
-    code = "import sys; sys.stdout.write('x' * 100000); sys.stderr.write('oops')"
-    with caplog.at_level(logging.INFO, logger="licd.observe.alerts"):
-        await run_hook_command(script(code), ALERT, 30.0)
-    [record] = [r for r in caplog.records if "alert_hook_done" in r.getMessage()]
-    assert record.levelno == logging.INFO
-    assert "status=0" in record.getMessage() and "stderr='oops'" in record.getMessage()
-    assert "[truncated]" in record.getMessage()
-    assert len(record.getMessage()) < 3 * alerts_module.HOOK_OUTPUT_LOGGED
-
-
-async def test_a_hook_that_hangs_is_killed(caplog: pytest.LogCaptureFixture) -> None:
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    await run_hook_command(script("import time; time.sleep(60)"), ALERT, 0.3)
-    assert loop.time() - started < 10
-    assert "event=alert_hook_timeout" in caplog.text
-
-
-async def test_a_hook_whose_child_holds_the_pipes_is_killed(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    code = "import subprocess; subprocess.Popen(['sleep', '60'])"  # exits, its child lingers
-    loop = asyncio.get_running_loop()
-    started = loop.time()
-    await run_hook_command(script(code), ALERT, 0.5)
-    assert loop.time() - started < 10
-    assert "event=alert_hook_timeout" in caplog.text
-
-
-async def test_a_hook_that_fails_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    await run_hook_command(script("import sys; sys.exit(1)"), ALERT, 30.0)
-    assert "status=1" in caplog.text
-    [record] = [r for r in caplog.records if "alert_hook_done" in r.getMessage()]
-    assert record.levelno == logging.WARNING
-
-
-async def test_a_missing_hook_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    await run_hook_command(("/nonexistent/licd-hook",), ALERT, 30.0)
-    assert "event=alert_hook_failed" in caplog.text and "licd-hook" in caplog.text
-
-
-async def test_a_hook_that_ignores_stdin_is_fine(caplog: pytest.LogCaptureFixture) -> None:
-    big = replace(ALERT, detail={"pad": "x" * 300000})  # more than a pipe holds
-    with caplog.at_level(logging.INFO, logger="licd.observe.alerts"):
-        await run_hook_command(script("pass"), big, 30.0)
-    assert "status=0" in caplog.text

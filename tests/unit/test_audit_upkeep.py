@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from licd.clock import FakeClock
+from licd.clock import ManualClock
 from licd.core.audit_upkeep import DenialLog, export_file, max_entries_per_interval, retire
 from licd.core.events import Event, Kind
 from licd.store.sqlite import Store
@@ -22,7 +22,7 @@ def denial(ip: str = "10.0.0.9", reason: str = "unknown_licence", **kw: object) 
 
 
 def test_repeated_denials_are_one_counted_entry_per_interval() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     log = DenialLog(interval=60.0)
     first = denial(host="ws-1")
     assert log.note(first, clock.now().mono) is first  # the first is written at once
@@ -77,7 +77,7 @@ def test_beyond_max_groups_denials_fold_into_one_group_per_reason() -> None:
 def test_no_flood_writes_more_than_the_bound() -> None:
     """Whatever mix of addresses, licences and reasons arrives, at most
     max_entries_per_interval() entries are written in any interval."""
-    clock = FakeClock()
+    clock = ManualClock()
     log = DenialLog(interval=5.0, max_groups=8)
     reasons = ("unknown_licence", "seats_exhausted", "denied", "licence_expired")
     per_interval: dict[int, int] = {}

@@ -11,16 +11,19 @@ import random
 import subprocess
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 from nacl.signing import SigningKey
 
+import licd_client.lease
 from licd_client import errors, messages, tokens
 from licd_client.client import AsyncClient, resolve_anchors, resolve_servers
 from licd_client.clock import ManualClock
 from licd_client.connection import blocking_checkin
 from licd_client.lease import AsyncLease, LeaseState, _checkin_held_at_exit
 from tests.fakelicd import LICENCE, FakeLicd
+from tests.unit.test_dependencies import imports
 
 KEY = LICENCE.key
 
@@ -457,6 +460,21 @@ async def test_release_is_idempotent(
         await lease.validate()
 
 
+async def test_release_retries_a_checkin_whose_reply_was_lost(
+    fake: FakeLicd, client: AsyncClient, clock: ManualClock
+) -> None:
+    lease = await client.checkout(KEY)
+    fake.drop_reply = {"checkin"}  # checked in, but the reply never comes
+    task = asyncio.create_task(lease.release())
+    async with asyncio.timeout(5):  # the renewal task is gone once the checkin is out
+        while "checkin" not in fake.ops():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+    await clock.step()  # the backoff before the retry
+    await asyncio.wait_for(task, 5)
+    assert fake.ops().count("checkin") == 2  # the retry found the lease gone: done
+    assert fake.leases == {} and state(lease) is LeaseState.RELEASED
+
+
 async def test_context_managers_check_in(fake: FakeLicd, clock: ManualClock) -> None:
     async with AsyncClient(fake.address, fake.key_hex, clock=clock) as c:
         async with await c.checkout(KEY) as lease:
@@ -533,3 +551,12 @@ def test_the_client_package_imports_no_daemon_code() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_lease_knows_its_client_only_as_a_lease_owner() -> None:
+    """lease.py reaches its client through `LeaseOwner` alone: it imports nothing of
+    client.py, not even for typing, so the two cannot grow into each other again."""
+    source = Path(licd_client.lease.__file__).read_text(encoding="utf-8")
+    modules = {i.module for i in imports(source, "licd_client")}
+    assert "licd_client.messages" in modules  # the walk sees the lease's imports...
+    assert "licd_client.client" not in modules  # ...and none of client.py

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from licd.core.deferred import Deferred
+from licd.deferred import Deferred
 
 
 def test_callbacks_run_at_once_in_order_when_settled() -> None:
@@ -51,7 +51,7 @@ def test_a_raising_callback_is_logged_and_the_others_still_run(
 
     d.add_done_callback(broken)
     d.add_done_callback(lambda _: seen.append(1))
-    with caplog.at_level(logging.ERROR, logger="licd.core.deferred"):
+    with caplog.at_level(logging.ERROR, logger="licd.deferred"):
         d.settle(None)  # does not raise to whoever settles it
     assert seen == [1]
     assert "callback_failed" in caplog.text

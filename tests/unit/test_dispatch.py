@@ -17,7 +17,7 @@ import pytest
 
 import licd
 from licd.cli.admin_client import AdminClient, AdminError
-from licd.clock import FakeClock
+from licd.clock import ManualClock
 from licd.daemon import Daemon
 from licd.store.sqlite import DB_FILE
 from tests.support import DICOM, RawPeer, address, holder, make_config, running
@@ -85,7 +85,7 @@ def test_only_dispatch_turns_exceptions_into_error_frames() -> None:
 async def test_a_peer_over_its_denied_budget_is_rate_limited_and_not_audited(
     tmp_path: Path,
 ) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     config = make_config(tmp_path, denied_rate=1.0, denied_burst=3)
     async with running(config, clock) as daemon:
         hostile = await peer_from(daemon, "127.0.0.2")
@@ -109,7 +109,7 @@ async def test_a_peer_over_its_denied_budget_is_rate_limited_and_not_audited(
 
 
 async def test_granted_checkouts_have_a_budget_of_their_own(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     config = make_config(tmp_path, checkout_rate=2.0, checkout_burst=2)
     async with running(config, clock) as daemon:
         peer = await peer_from(daemon, "127.0.0.1")
@@ -131,7 +131,7 @@ async def test_denials_are_published_one_by_one_but_audited_once_per_interval(
 ) -> None:
     """Metrics and alerts see every denial; the audit log gets the first at once and
     the rest as one entry with their count once the interval is over."""
-    clock = FakeClock()
+    clock = ManualClock()
     async with running(make_config(tmp_path), clock) as daemon:
         seen: list[str | None] = []
         daemon.service.events.subscribe(

@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from licd.clock import FakeClock
+from licd.clock import ManualClock
 from licd.engine import Engine, Lease, LeaseState, Licence
 from licd.engine.endings import MAX_REASON, Endings, revoked
 from licd.engine.engine import RENEW_BURST, renew_rate
@@ -21,10 +21,10 @@ from licd_client.errors import (
     UnknownLicence,
 )
 from licd_client.safetext import one_line
-from tests.support import DICOM, holder
+from tests.support import DICOM, holder, new_engine
 
 
-def live(engine: Engine, clock: FakeClock, host: str, *, seats: int = 1) -> Lease:
+def live(engine: Engine, clock: ManualClock, host: str, *, seats: int = 1) -> Lease:
     grant = engine.checkout(
         DICOM.key, holder(host), request=f"req-{host}", at=clock.now(), seats=seats
     )
@@ -33,16 +33,16 @@ def live(engine: Engine, clock: FakeClock, host: str, *, seats: int = 1) -> Leas
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture
 def engine() -> Engine:
-    return Engine([DICOM])
+    return new_engine([DICOM])
 
 
-def test_seed_000_three_seats_then_exhausted(engine: Engine, clock: FakeClock) -> None:
+def test_seed_000_three_seats_then_exhausted(engine: Engine, clock: ManualClock) -> None:
     a = live(engine, clock, "machine-a")
     live(engine, clock, "machine-b")
     live(engine, clock, "machine-c")
@@ -60,7 +60,7 @@ def test_seed_000_three_seats_then_exhausted(engine: Engine, clock: FakeClock) -
     assert engine.in_use(DICOM.id) == 3
 
 
-def test_multi_seat_checkout_counts_every_seat(engine: Engine, clock: FakeClock) -> None:
+def test_multi_seat_checkout_counts_every_seat(engine: Engine, clock: ManualClock) -> None:
     live(engine, clock, "server", seats=2)
     assert engine.available(DICOM.key, clock.now()).available == 1
     with pytest.raises(SeatsExhausted):
@@ -69,7 +69,7 @@ def test_multi_seat_checkout_counts_every_seat(engine: Engine, clock: FakeClock)
     assert engine.available(DICOM.key, clock.now()).in_use == 3
 
 
-def test_checkout_is_idempotent_on_request(engine: Engine, clock: FakeClock) -> None:
+def test_checkout_is_idempotent_on_request(engine: Engine, clock: ManualClock) -> None:
     first = engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now())
     engine.confirm(first.lease)
     clock.advance(10)
@@ -84,7 +84,7 @@ def test_checkout_is_idempotent_on_request(engine: Engine, clock: FakeClock) -> 
     assert engine.in_use(DICOM.id) == 2
 
 
-def test_aborted_checkout_frees_its_seats(engine: Engine, clock: FakeClock) -> None:
+def test_aborted_checkout_frees_its_seats(engine: Engine, clock: ManualClock) -> None:
     grant = engine.checkout(DICOM.key, holder("a"), request="r", at=clock.now(), seats=3)
     assert grant.lease.state is LeaseState.PENDING
     assert engine.in_use(DICOM.id) == 3
@@ -94,14 +94,14 @@ def test_aborted_checkout_frees_its_seats(engine: Engine, clock: FakeClock) -> N
         engine.heartbeat(grant.lease.secret, clock.now())
 
 
-def test_pending_lease_cannot_be_renewed_or_released(engine: Engine, clock: FakeClock) -> None:
+def test_pending_lease_cannot_be_renewed_or_released(engine: Engine, clock: ManualClock) -> None:
     grant = engine.checkout(DICOM.key, holder("a"), request="r", at=clock.now())
     with pytest.raises(LeaseUnknown):
         engine.heartbeat(grant.lease.secret, clock.now())
     assert engine.begin_release(grant.lease.secret) is None
 
 
-def test_unknown_licence_and_lease(engine: Engine, clock: FakeClock) -> None:
+def test_unknown_licence_and_lease(engine: Engine, clock: ManualClock) -> None:
     with pytest.raises(UnknownLicence):
         engine.checkout("NOPE", holder(), request="r", at=clock.now())
     with pytest.raises(UnknownLicence):
@@ -111,11 +111,11 @@ def test_unknown_licence_and_lease(engine: Engine, clock: FakeClock) -> None:
     assert engine.begin_release("no-such-secret") is None
 
 
-def test_validity_window(clock: FakeClock) -> None:
+def test_validity_window(clock: ManualClock) -> None:
     now = clock.now().wall
     early = replace(DICOM, key="EARLY", id="early", not_before=now + 100)
     late = replace(DICOM, key="LATE", id="late", expires=now)
-    engine = Engine([early, late])
+    engine = new_engine([early, late])
     with pytest.raises(LicenceNotYetValid):
         engine.checkout("EARLY", holder(), request="r", at=clock.now())
     with pytest.raises(LicenceExpired):
@@ -124,9 +124,9 @@ def test_validity_window(clock: FakeClock) -> None:
     assert engine.checkout("EARLY", holder(), request="r", at=clock.now()).fresh
 
 
-def test_expiry_never_passes_the_licence(clock: FakeClock) -> None:
+def test_expiry_never_passes_the_licence(clock: ManualClock) -> None:
     licence = replace(DICOM, expires=clock.now().wall + 50)
-    engine = Engine([licence])
+    engine = new_engine([licence])
     grant = engine.checkout(licence.key, holder(), request="r", at=clock.now())
     engine.confirm(grant.lease)
     assert grant.lease.expires == licence.expires
@@ -141,14 +141,14 @@ def test_expiry_never_passes_the_licence(clock: FakeClock) -> None:
         engine.heartbeat(grant.lease.secret, clock.now())
 
 
-def test_ttl_shorter_than_licence_but_never_longer(engine: Engine, clock: FakeClock) -> None:
+def test_ttl_shorter_than_licence_but_never_longer(engine: Engine, clock: ManualClock) -> None:
     short = engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now(), ttl=10)
     assert short.ttl == 10
     long = engine.checkout(DICOM.key, holder("b"), request="r2", at=clock.now(), ttl=1e6)
     assert long.ttl == DICOM.lease_ttl
 
 
-def test_reclaim_only_after_expiry_plus_grace(engine: Engine, clock: FakeClock) -> None:
+def test_reclaim_only_after_expiry_plus_grace(engine: Engine, clock: ManualClock) -> None:
     lease = live(engine, clock, "crashed")
     clock.advance(DICOM.lease_ttl + DICOM.grace - 0.001)
     assert engine.due(clock.now()) == []
@@ -160,7 +160,7 @@ def test_reclaim_only_after_expiry_plus_grace(engine: Engine, clock: FakeClock) 
     assert engine.in_use(DICOM.id) == 0
 
 
-def test_heartbeat_postpones_reclaim(engine: Engine, clock: FakeClock) -> None:
+def test_heartbeat_postpones_reclaim(engine: Engine, clock: ManualClock) -> None:
     lease = live(engine, clock, "a")
     for _ in range(5):
         clock.advance(DICOM.lease_ttl - 1)
@@ -173,13 +173,13 @@ def test_heartbeat_postpones_reclaim(engine: Engine, clock: FakeClock) -> None:
     assert engine.due(clock.now()) == [lease]
 
 
-def test_wall_clock_jump_frees_nothing(engine: Engine, clock: FakeClock) -> None:
+def test_wall_clock_jump_frees_nothing(engine: Engine, clock: ManualClock) -> None:
     live(engine, clock, "a")
     clock.set_wall(clock.wall + 10 * 86400)
     assert engine.due(clock.now()) == []
 
 
-def test_failed_reclaim_is_retried(engine: Engine, clock: FakeClock) -> None:
+def test_failed_reclaim_is_retried(engine: Engine, clock: ManualClock) -> None:
     lease = live(engine, clock, "a")
     clock.advance(DICOM.lease_ttl + DICOM.grace + 1)
     assert engine.due(clock.now()) == [lease]
@@ -188,7 +188,7 @@ def test_failed_reclaim_is_retried(engine: Engine, clock: FakeClock) -> None:
     assert engine.due(clock.now()) == [lease]
 
 
-def test_restore_extends_every_deadline(engine: Engine, clock: FakeClock) -> None:
+def test_restore_extends_every_deadline(engine: Engine, clock: ManualClock) -> None:
     lease = live(engine, clock, "a")
     kept = Lease(
         secret=lease.secret,
@@ -205,7 +205,7 @@ def test_restore_extends_every_deadline(engine: Engine, clock: FakeClock) -> Non
     orphan = replace(kept, secret="x", handle="y", licence_id="gone")
     # The daemon was down for longer than the lease: it still gets ttl + grace.
     clock.advance(10 * DICOM.lease_ttl)
-    fresh = Engine([DICOM])
+    fresh = new_engine([DICOM])
     assert fresh.restore([kept, orphan], clock.now()) == [orphan]
     assert fresh.in_use(DICOM.id) == 1
     clock.advance(DICOM.lease_ttl + DICOM.grace - 1)
@@ -216,12 +216,12 @@ def test_restore_extends_every_deadline(engine: Engine, clock: FakeClock) -> Non
 
 
 def test_restore_after_the_clock_was_set_back_keeps_no_seat_past_ttl_and_grace(
-    clock: FakeClock,
+    clock: ManualClock,
 ) -> None:
     # The daemon stopped; its wall clock was then set back a day. The stored expiry now
     # looks a day away, but a holder that died with the daemon must not keep its seat.
     licence = replace(DICOM, lease_ttl=10)
-    engine = Engine([licence])
+    engine = new_engine([licence])
     stored = Lease(
         secret="s",
         handle="h",
@@ -241,18 +241,22 @@ def test_restore_after_the_clock_was_set_back_keeps_no_seat_past_ttl_and_grace(
     assert engine.due(clock.now()) == [stored]
 
 
-def test_handles_and_secrets_are_unique_and_unrelated(clock: FakeClock) -> None:
-    values = iter(["dup", "dup", "dup", "other", "third"])
-    engine = Engine(
-        [replace(DICOM, seats=10)],
-        secret_factory=lambda: next(values),
-        handle_factory=iter(["h1", "h1", "h2"]).__next__,
-    )
+def test_handles_and_secrets_are_unique_and_unrelated(clock: ManualClock) -> None:
+    # A random source that repeats itself: the engine draws again until a value is new.
+    draws = iter([bytes(12), bytes(24), bytes(12), bytes(12), b"\1" * 12, bytes(24), b"\xff" * 24])
+    asked: list[int] = []
+
+    def random_bytes(n: int) -> bytes:
+        asked.append(n)
+        return next(draws)
+
+    engine = Engine([replace(DICOM, seats=10)], random_bytes=random_bytes)
     a = engine.checkout(DICOM.key, holder("a"), request="1", at=clock.now()).lease
     b = engine.checkout(DICOM.key, holder("b"), request="2", at=clock.now()).lease
-    assert (a.secret, b.secret) == ("dup", "other")
-    assert (a.handle, b.handle) == ("h1", "h2")
-    real = Engine([replace(DICOM, seats=100)])
+    assert (a.handle, b.handle) == ("a" * 12, "b" * 12)  # 5 random bits a character
+    assert (a.secret, b.secret) == ("A" * 32, "_" * 32)  # URL-safe base64 of 24 bytes
+    assert asked == [12, 24, 12, 12, 12, 24, 24]  # b's handle and secret drawn again
+    real = new_engine([replace(DICOM, seats=100)])
     leases = [
         real.checkout(DICOM.key, holder(str(i)), request=str(i), at=clock.now()).lease
         for i in range(100)
@@ -266,9 +270,9 @@ def test_licence_repr_hides_the_key() -> None:
     assert isinstance(DICOM, Licence)
 
 
-def test_max_ttl_bounds_what_a_client_may_ask(clock: FakeClock) -> None:
+def test_max_ttl_bounds_what_a_client_may_ask(clock: ManualClock) -> None:
     licence = replace(DICOM, max_ttl=2 * 86400.0)
-    engine = Engine([licence])
+    engine = new_engine([licence])
     default = engine.checkout(licence.key, holder("a"), request="1", at=clock.now())
     assert default.ttl == licence.lease_ttl  # no ttl asked: the default
     long = engine.checkout(licence.key, holder("b"), request="2", at=clock.now(), ttl=86400)
@@ -277,16 +281,16 @@ def test_max_ttl_bounds_what_a_client_may_ask(clock: FakeClock) -> None:
     assert capped.ttl == 2 * 86400.0
 
 
-def test_only_a_delegable_licence_gives_blocks(clock: FakeClock) -> None:
+def test_only_a_delegable_licence_gives_blocks(clock: ManualClock) -> None:
     router_key = b"r" * 32
-    engine = Engine([DICOM, replace(DICOM, key="D2", id="d2", delegable=True)])
+    engine = new_engine([DICOM, replace(DICOM, key="D2", id="d2", delegable=True)])
     with pytest.raises(Denied, match="delegated"):
         engine.checkout(DICOM.key, holder(), request="b", at=clock.now(), delegate=router_key)
     grant = engine.checkout("D2", holder(), request="b", at=clock.now(), delegate=router_key)
     assert grant.lease.delegate == router_key
 
 
-def test_licence_edits_apply_to_the_next_renewal(engine: Engine, clock: FakeClock) -> None:
+def test_licence_edits_apply_to_the_next_renewal(engine: Engine, clock: ManualClock) -> None:
     lease = live(engine, clock, "a")
     live(engine, clock, "b")
     old = engine.put_licence(replace(DICOM, seats=1, features={"tier": "gold"}))
@@ -300,7 +304,7 @@ def test_licence_edits_apply_to_the_next_renewal(engine: Engine, clock: FakeCloc
         engine.put_licence(replace(DICOM, id="other"))
 
 
-def test_revoke_by_handle_then_remove_the_licence(engine: Engine, clock: FakeClock) -> None:
+def test_revoke_by_handle_then_remove_the_licence(engine: Engine, clock: ManualClock) -> None:
     lease = live(engine, clock, "a")
     with pytest.raises(BadRequest, match="still has leases"):
         engine.remove_licence(DICOM.id)
@@ -311,7 +315,7 @@ def test_revoke_by_handle_then_remove_the_licence(engine: Engine, clock: FakeClo
         engine.checkout(DICOM.key, holder(), request="x", at=clock.now())
 
 
-def refusal(engine: Engine, clock: FakeClock, lease: Lease) -> LeaseUnknown:
+def refusal(engine: Engine, clock: ManualClock, lease: Lease) -> LeaseUnknown:
     """What a heartbeat of `lease` is answered now; a consume is answered the same."""
     with pytest.raises(LeaseUnknown) as heartbeat:
         engine.heartbeat(lease.secret, clock.now())
@@ -325,7 +329,7 @@ def refusal(engine: Engine, clock: FakeClock, lease: Lease) -> LeaseUnknown:
 
 
 def test_a_revoked_lease_tells_its_holder_why_until_its_deadline(
-    engine: Engine, clock: FakeClock
+    engine: Engine, clock: ManualClock
 ) -> None:
     lease = live(engine, clock, "a")
     clock.advance(30)
@@ -346,7 +350,9 @@ def test_a_revoked_lease_tells_its_holder_why_until_its_deadline(
     assert len(engine.endings) == 0
 
 
-def test_a_revoke_without_a_reason_or_with_a_long_odd_one(engine: Engine, clock: FakeClock) -> None:
+def test_a_revoke_without_a_reason_or_with_a_long_odd_one(
+    engine: Engine, clock: ManualClock
+) -> None:
     plain, odd = live(engine, clock, "a"), live(engine, clock, "b")
     reason = "line one\nline two \x1b[31m" + "x" * 300
     for lease, why in ((plain, ""), (odd, reason)):
@@ -365,7 +371,7 @@ def test_a_revoke_without_a_reason_or_with_a_long_odd_one(engine: Engine, clock:
 
 
 def test_a_revoke_that_failed_to_commit_leaves_the_lease_as_it_was(
-    engine: Engine, clock: FakeClock
+    engine: Engine, clock: ManualClock
 ) -> None:
     lease = live(engine, clock, "a")
     engine.begin_revoke(lease.handle, "seat needed")
@@ -378,7 +384,7 @@ def test_a_revoke_that_failed_to_commit_leaves_the_lease_as_it_was(
 
 
 def test_a_reclaimed_lease_says_so_for_one_more_lease_length(
-    engine: Engine, clock: FakeClock
+    engine: Engine, clock: ManualClock
 ) -> None:
     lease = live(engine, clock, "a")
     clock.advance(DICOM.lease_ttl + DICOM.grace)
@@ -409,7 +415,9 @@ def test_endings_kept_are_bounded_and_the_soonest_to_go_go_first() -> None:
 # ------------------------------------------------ attacks: retries, floods, piles of leases
 
 
-def test_a_retry_while_the_first_attempt_commits_joins_it(engine: Engine, clock: FakeClock) -> None:
+def test_a_retry_while_the_first_attempt_commits_joins_it(
+    engine: Engine, clock: ManualClock
+) -> None:
     first = engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now())
     assert first.lease.state is LeaseState.PENDING  # not yet committed
     retry = engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now())
@@ -417,7 +425,7 @@ def test_a_retry_while_the_first_attempt_commits_joins_it(engine: Engine, clock:
     assert engine.in_use(DICOM.id) == 1
 
 
-def test_a_retry_must_repeat_seats_and_ttl(engine: Engine, clock: FakeClock) -> None:
+def test_a_retry_must_repeat_seats_and_ttl(engine: Engine, clock: ManualClock) -> None:
     first = engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now(), ttl=30)
     seats_ttl: list[tuple[int, float | None]] = [(2, 30), (1, 40), (1, None)]
     for seats, ttl in seats_ttl:
@@ -431,10 +439,10 @@ def test_a_retry_must_repeat_seats_and_ttl(engine: Engine, clock: FakeClock) -> 
     assert engine.in_use(DICOM.id) == 1
 
 
-def test_a_restored_lease_is_retried_with_its_own_seats(clock: FakeClock) -> None:
-    engine = Engine([DICOM])
+def test_a_restored_lease_is_retried_with_its_own_seats(clock: ManualClock) -> None:
+    engine = new_engine([DICOM])
     lease = live(engine, clock, "a", seats=2)
-    restored = Engine([DICOM])
+    restored = new_engine([DICOM])
     lease.asked = None  # what a restart keeps: the lease, not the request
     restored.restore([lease], clock.now())
     again = restored.checkout(
@@ -446,7 +454,7 @@ def test_a_restored_lease_is_retried_with_its_own_seats(clock: FakeClock) -> Non
 
 
 def test_a_retry_goes_back_only_to_the_same_holder_and_address(
-    engine: Engine, clock: FakeClock
+    engine: Engine, clock: ManualClock
 ) -> None:
     first = engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now(), ip="10.0.0.1")
     engine.confirm(first.lease)
@@ -464,9 +472,9 @@ def test_a_retry_goes_back_only_to_the_same_holder_and_address(
     assert engine.in_use(DICOM.id) == 1
 
 
-def test_a_device_lease_goes_back_only_to_its_machine_and_user(clock: FakeClock) -> None:
+def test_a_device_lease_goes_back_only_to_its_machine_and_user(clock: ManualClock) -> None:
     licence = replace(DICOM, device_period=86_400.0)
-    engine = Engine([licence])
+    engine = new_engine([licence])
     mine = holder("scanner")
     first = engine.checkout(licence.key, mine, request="boot-1", at=clock.now())
     engine.confirm(first.lease)
@@ -479,9 +487,9 @@ def test_a_device_lease_goes_back_only_to_its_machine_and_user(clock: FakeClock)
     assert engine.in_use(licence.id) == 1
 
 
-def test_one_unit_holds_at_most_leases_per_unit_leases(clock: FakeClock) -> None:
+def test_one_unit_holds_at_most_leases_per_unit_leases(clock: ManualClock) -> None:
     licence = replace(DICOM, seats=1, count_by="host", leases_per_unit=3)
-    engine = Engine([licence])
+    engine = new_engine([licence])
     leases = []
     for i in range(3):
         grant = engine.checkout(licence.key, holder("a"), request=f"r{i}", at=clock.now())
@@ -501,7 +509,7 @@ def test_one_unit_holds_at_most_leases_per_unit_leases(clock: FakeClock) -> None
     assert engine.in_use(licence.id) == 1
 
 
-def test_heartbeats_on_one_lease_keep_one_reclaim_entry(engine: Engine, clock: FakeClock) -> None:
+def test_heartbeats_on_one_lease_keep_one_reclaim_entry(engine: Engine, clock: ManualClock) -> None:
     lease = live(engine, clock, "a")
     for _ in range(20_000):
         clock.advance(1.0)
@@ -512,7 +520,7 @@ def test_heartbeats_on_one_lease_keep_one_reclaim_entry(engine: Engine, clock: F
 
 
 def test_churn_keeps_the_reclaim_heap_in_proportion_to_the_leases(
-    engine: Engine, clock: FakeClock
+    engine: Engine, clock: ManualClock
 ) -> None:
     keep = live(engine, clock, "keeper")
     for i in range(5_000):
@@ -526,7 +534,7 @@ def test_churn_keeps_the_reclaim_heap_in_proportion_to_the_leases(
     assert engine.due(clock.now()) == [keep]
 
 
-def test_a_heartbeat_loop_is_rate_limited(engine: Engine, clock: FakeClock) -> None:
+def test_a_heartbeat_loop_is_rate_limited(engine: Engine, clock: ManualClock) -> None:
     lease = live(engine, clock, "a")
     for _ in range(RENEW_BURST):
         engine.heartbeat(lease.secret, clock.now())
@@ -538,7 +546,7 @@ def test_a_heartbeat_loop_is_rate_limited(engine: Engine, clock: FakeClock) -> N
     assert engine.heartbeat(lease.secret, clock.now()).lease.expires > expires
     # A holder that renews as told (every renew_in) is never refused, even a short lease.
     short = replace(DICOM, key="S", id="short", lease_ttl=1.0, seats=1)
-    other = Engine([short])
+    other = new_engine([short])
     grant = other.checkout("S", holder("b"), request="s", at=clock.now())
     other.confirm(grant.lease)
     for _ in range(1_000):
@@ -547,19 +555,19 @@ def test_a_heartbeat_loop_is_rate_limited(engine: Engine, clock: FakeClock) -> N
 
 
 def test_a_new_or_restored_lease_starts_with_its_whole_burst() -> None:
-    clock = FakeClock(mono=0.0)  # a machine just booted: monotonic time near zero
-    engine = Engine([DICOM])
+    clock = ManualClock(mono=0.0)  # a machine just booted: monotonic time near zero
+    engine = new_engine([DICOM])
     lease = live(engine, clock, "a")
     for _ in range(RENEW_BURST):
         engine.heartbeat(lease.secret, clock.now())
-    restored = Engine([DICOM])
+    restored = new_engine([DICOM])
     restored.restore([lease], clock.now())
     for _ in range(RENEW_BURST):
         restored.heartbeat(lease.secret, clock.now())
 
 
-def test_the_steady_renewal_rate_is_the_engines_to_set(clock: FakeClock) -> None:
-    engine = Engine([DICOM], renew_min_rate=100.0)
+def test_the_steady_renewal_rate_is_the_engines_to_set(clock: ManualClock) -> None:
+    engine = new_engine([DICOM], renew_min_rate=100.0)
     lease = live(engine, clock, "a")
     for _ in range(RENEW_BURST + 100):
         clock.advance(0.01)

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from licd.clock import FakeClock
-from licd.engine import Engine, Lease, Licence
+from licd.clock import ManualClock
+from licd.engine import Lease, Licence
 from licd.engine.licence import Addon, Counter
 from licd_client.errors import (
     BadRequest,
@@ -17,6 +17,7 @@ from licd_client.errors import (
     SeatsExhausted,
 )
 from licd_client.messages import Holder
+from tests.support import new_engine
 
 BASE = Licence(key="K", id="lic", product="p", seats=2, lease_ttl=60.0, grace=10.0)
 GROUPS = {"cad": ("user:alice", "user:bob", "host:ws-7", "ip:10.1.0.0/16")}
@@ -30,9 +31,9 @@ class World:
     """An engine and a clock, with shorthand for confirmed checkouts."""
 
     def __init__(self, licence: Licence) -> None:
-        self.clock = FakeClock()
+        self.clock = ManualClock()
         self.licence = licence
-        self.engine = Engine([licence], groups=GROUPS)
+        self.engine = new_engine([licence], groups=GROUPS)
         self._n = 0
 
     def take(self, h: Holder, *, seats: int = 1, ip: str | None = None) -> Lease:
@@ -124,7 +125,7 @@ def test_device_lease_stays_with_the_device_for_its_period() -> None:
 
 
 def test_device_lease_expiry_stops_at_the_licence_expiry() -> None:
-    w = World(replace(BASE, device_period=30 * 86400.0, expires=FakeClock().wall + 86400))
+    w = World(replace(BASE, device_period=30 * 86400.0, expires=ManualClock().wall + 86400))
     lease = w.take(who("d"))
     assert lease.expires == w.licence.expires
 
@@ -315,7 +316,7 @@ def test_monthly_period_start() -> None:
 
 
 def test_addon_applies_and_withdraws_at_its_instants() -> None:
-    t0 = FakeClock().wall
+    t0 = ManualClock().wall
     addon = Addon(seats=2, features={"render": "on"}, starts=t0 + 100, ends=t0 + 200)
     w = World(replace(BASE, seats=1, addon=(addon,)))
     holder = w.take(who("a"))
@@ -357,7 +358,7 @@ def test_count_by_host_with_a_reservation_and_an_overdraft() -> None:
 
 
 def test_checkout_outside_validity_is_not_counted() -> None:
-    w = World(replace(BASE, expires=FakeClock().wall + 10))
+    w = World(replace(BASE, expires=ManualClock().wall + 10))
     w.clock.advance(10)
     with pytest.raises(LicenceExpired):
         w.take(who("a"))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from licd.clock import FakeClock
+from licd.clock import ManualClock
 from licd.engine.ratelimit import CheckoutLimits, PeerBuckets
 
 
 def test_a_peer_spends_its_burst_then_waits_for_the_rate() -> None:
-    clock = FakeClock()
+    clock = ManualClock()
     buckets = PeerBuckets(rate=2.0, burst=3)
     now = clock.now().mono
     for _ in range(3):

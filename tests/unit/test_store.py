@@ -19,7 +19,6 @@ from licd.store.records import INSERT_AUDIT, INSERT_LEASE, audit_row, lease_row
 from licd.store.sqlite import (
     INLINE_MAX_ROWS,
     INLINE_MAX_SECONDS,
-    MAX_RENEWALS,
     STALL_HOLDOFF,
     STALL_SECONDS,
     Store,
@@ -28,6 +27,7 @@ from licd.store.sqlite import (
     commit_inline,
     migrations,
 )
+from licd.store.writer import MAX_RENEWALS
 from tests.support import DICOM, holder
 
 NOW = 1_790_000_000.0
@@ -243,7 +243,7 @@ async def test_due_renewals_ride_along_with_the_next_batch(tmp_path: Path) -> No
         await s.insert_lease(item)
         item.expires = NOW + 500
         s.touch_lease(item)
-        s._touched_since -= 7200  # as if its interval were up
+        s._writer._renewals_since -= 7200  # as if its interval were up
         statements: list[str] = []
         s._conn.set_trace_callback(lambda sql: statements.append(sql.split(" (")[0].strip()))
         await s.insert_lease(lease(2))
@@ -275,7 +275,7 @@ async def test_a_denial_waiting_too_does_not_push_back_renewals_already_due(
         loop = asyncio.get_running_loop()
         assert await loop.run_in_executor(None, entered.wait, 10)
         s.append_later(Event(Kind.DENIED, NOW, reason="seats_exhausted"))  # mid-commit
-        s._touched_since -= 7200  # and meanwhile the renewal's interval is up
+        s._writer._renewals_since -= 7200  # and meanwhile the renewal's interval is up
         gate.set()
         await committed
         async with asyncio.timeout(5.0):  # the writer is idle now: look, do not poke it
@@ -306,7 +306,7 @@ async def test_many_renewals_are_written_in_chunks_the_loop_can_wait_out(
         for x in items:
             x.expires = NOW + 700
             s.touch_lease(x)
-        s._touched_since -= 7200  # as if their interval were up
+        s._writer._renewals_since -= 7200  # as if their interval were up
         await s.barrier()  # the first chunk goes with it, the others one after another
         async with asyncio.timeout(5.0):  # nothing else wakes the writer: look
             while sum(per_commit) < len(items):  # noqa: ASYNC110
@@ -522,3 +522,41 @@ async def test_a_licence_row_licd_did_not_write_is_a_clear_store_error(
     message = str(caught.value)
     assert message.startswith(f"{path}: the licence 'dicom-hq' cannot be read (")
     assert problem in message and message.endswith("restore it from the backup")
+
+
+async def test_a_close_that_cannot_wait_leaves_a_stuck_commit_whole(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`close(within=...)` (the daemon's exit now) does not wait for a COMMIT stuck on
+    the disk: the writer is abandoned, its callers told so, and the file is closed on the
+    store's thread once that transaction has ended, committed whole."""
+    path = tmp_path / "licd.db"
+    s = await Store.open(path)
+    writer = asyncio.create_task(s.run())
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold_commit(sql: str) -> None:
+        if sql == "COMMIT":
+            entered.set()
+            gate.wait(10)
+
+    s._conn.set_trace_callback(hold_commit)
+    s._last_commit = 1.0  # the next COMMIT on the store's thread: the loop runs on
+    stuck = s.insert_lease(lease(1))
+    loop = asyncio.get_running_loop()
+    assert await loop.run_in_executor(None, entered.wait, 10)
+    queued = s.insert_lease(lease(2))
+    with caplog.at_level(logging.WARNING, logger="licd.store.sqlite"):
+        await asyncio.wait_for(s.close(within=0.05), 5.0)
+    assert writer.done() and "event=store_abandoned" in caplog.text
+    with pytest.raises(StoreError, match="may or may not be committed"):
+        await stuck
+    with pytest.raises(StoreError, match="closed before this was written"):
+        await queued
+    with pytest.raises(StoreError, match="closed"):
+        s.insert_lease(lease(3))
+    gate.set()
+    await loop.run_in_executor(None, s._thread.shutdown, True)  # COMMIT, then close
+    with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+        s._conn.execute("SELECT 1")
+    assert [x.secret for x in await reopen(path)] == ["secret-1"]

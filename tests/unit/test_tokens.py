@@ -7,6 +7,7 @@ so the verifier is checked against the contract rather than against the daemon's
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Any
 
 import msgpack
@@ -14,6 +15,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from licd_client.errors import TokenInvalid, UntrustedKey
+from licd_client.messages import Holder
 from licd_client.tokens import (
     SIGNATURE_LEN,
     fingerprint,
@@ -24,6 +26,7 @@ from licd_client.tokens import (
     verify_chain,
     verify_lease,
 )
+from licd_client.tokens import lease_payload as write_lease_payload
 
 T0 = 1_700_000_000.0
 NONCE = bytes(range(16))
@@ -668,3 +671,28 @@ def test_non_finite_times_are_refused(bad: float) -> None:
     token = sign(signer, {"typ": "lease", "iss": iss, "iat": 1.0, "exp": bad, "nonce": b"n" * 16})
     with pytest.raises(TokenInvalid):
         verify_chain([iss], [], token)
+
+
+def test_the_payload_writer_writes_the_format_of_section_4() -> None:
+    """What the daemon signs is the payload the protocol describes (built by hand above):
+    the holder without its pid or app, `del` and `ovr` only when asked for."""
+    write = partial(
+        write_lease_payload,
+        issuer=pub(VENDOR),
+        issued=T0,
+        expires=T0 + 90.0,
+        handle=HANDLE,
+        licence="dicom-hq",
+        product="dicom",
+        seats=2,
+        features={"tier": "pro", "max_studies": 10, "beta": False},
+        holder=Holder(host="machine-a", hostid="id-a", user="alice", pid=7, app="cad"),
+        nonce=NONCE,
+        site="hq",
+    )
+    assert write() == lease_payload(VENDOR)
+    block = write(delegate=pub(SITE), overdraft=True)
+    assert block == lease_payload(VENDOR, ovr=True, **{"del": pub(SITE)})
+    leaf = verify_lease([pub(VENDOR)], [], sign(VENDOR, block), nonce=NONCE)
+    assert (leaf.licence, leaf.site) == ("dicom-hq", "hq")
+    assert leaf.delegate == pub(SITE) and leaf.overdraft

@@ -1,4 +1,4 @@
--- A site router's state (see licd/relay.py).
+-- A site router's state (see licd/core/router.py).
 -- The block of seats held upstream per block-mode licence: kept so that a router that
 -- restarts resumes its block instead of asking upstream for a new one.
 CREATE TABLE block (

@@ -1,9 +1,12 @@
 """The site router: licd relaying to an upstream licd (docs/protocol.md section 5).
 
-Theory of operation. Every request goes upstream over the router's one upstream link
-(`UpstreamLink`, licd/shells/upstream.py: its keeper, its state, how upstream's answers are
-sorted into decisions and faults, and the check of every token upstream returns
-against `[upstream] trust`); this module decides what is relayed and keeps its record.
+Theory of operation. `Router` is the one object the dispatcher hands a relayed request
+to (`handles`, then `answer`); it reaches upstream through an `UpstreamPort`, which the
+composition root gives it (licd/shells/upstream.py's `UpstreamLink`: the one connection,
+its keeper and state, the sorting of upstream's answers into decisions and faults, and
+the check of every token upstream returns against `[upstream] trust`). The rules of a
+block (what is accepted, what the engine serves, when its keeper acts) are the engine's,
+pure (licd/engine/block.py); this module does what they decide and keeps its record.
 - forward mode: each local checkout, heartbeat and checkin is sent upstream with the
   local holder, request key and nonce, and upstream's token and chain go back unchanged.
   The router keeps a record of who holds what (table `forwarded`) for its listings and
@@ -18,8 +21,6 @@ against `[upstream] trust`); this module decides what is relayed and keeps its r
   upstream granted, or after a restart its expiry less the latest wall time known to
   have passed (`WallMark`, kept in table `wall_mark`). A wall clock set back lengthens
   nothing; the engine's licence expiry is the monotonic deadline seen on the wall clock.
-The rules (renewal schedule, remaining life, what the engine serves a block until) are
-pure code below, time passed in.
 """
 
 from __future__ import annotations
@@ -31,17 +32,29 @@ import logging
 import random
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from ssl import SSLContext
-from typing import Any
+from typing import Any, Protocol, TypeVar, overload
 
 from licd.clock import Clock, Instant
 from licd.config.settings import RelayedLicence, UpstreamConfig
 from licd.core.events import Event, Kind, holder_event
 from licd.core.keys import Signer
 from licd.engine import Engine, Licence
-from licd.shells.upstream import UpstreamLink, on_wall
+from licd.engine.block import (
+    MIN_RETRY,
+    Act,
+    Timeline,
+    WallMark,
+    block_licence,
+    on_wall,
+    plan,
+    refusal,
+    remaining_life,
+    renewal_at,
+    revoke,
+    served_until,
+)
 from licd.store.records import Block, Forwarded
 from licd.store.sqlite import Store, StoreError
 from licd_client import identity
@@ -55,23 +68,29 @@ from licd_client.errors import (
     UpstreamUnavailable,
 )
 from licd_client.messages import (
+    Available,
+    AvailableReply,
     Checkin,
     CheckinReply,
     Checkout,
     Heartbeat,
     Holder,
     LeaseReply,
+    Reply,
+    Request,
 )
 from licd_client.tokens import Statement, verify_chain
 
 log = logging.getLogger(__name__)
 
-#: Seconds a block's renewal is retried before giving up until the next round, and the
-#: shortest wait between renewal rounds.
-MIN_RENEW_WAIT = 1.0
+#: A block keeper's waits between failed attempts: full jitter, from up to 1 s after the
+#: first failure, doubling, to up to 5 minutes (never less than `MIN_RETRY`).
+RETRY = Backoff(base=1.0, cap=300.0)
 #: Seconds between two checkpoints of the wall-clock mark (and sweeps of stale
 #: forwarded records): what a restart with the clock set back may give a block back.
 CHECKPOINT_EVERY = 60.0
+
+R = TypeVar("R", bound=Reply)
 
 
 def request_key() -> str:
@@ -79,90 +98,85 @@ def request_key() -> str:
     return f"block-{secrets.token_hex(16)}"
 
 
-# ------------------------------------------------------ the rules, pure, clock passed in
+# ------------------------------------------------------------------ the way upstream
 
 
-@dataclass
-class WallMark:
-    """The latest wall time known to have passed: never earlier than a wall reading, and
-    moving on with monotonic time between readings, so a wall clock set back turns it
-    back neither while running nor (it is checkpointed) across a restart."""
+class LinkStatus(Protocol):
+    """What `licd status` says of the link to upstream."""
 
-    wall: float
-    mono: float  # the monotonic time at which `wall` was known
-
-    def now(self, at: Instant) -> float:
-        """The effective wall time at `at`: max(wall now, the mark moved on since)."""
-        return max(at.wall, self.wall + (at.mono - self.mono))
-
-    def seen(self, wall: float, at: Instant) -> None:
-        """Take in `wall` (a checkpoint read back) as passed by `at`."""
-        self.wall = max(self.now(at), wall)
-        self.mono = at.mono
+    @property
+    def connected(self) -> bool: ...
+    @property
+    def last_error(self) -> str | None: ...
+    def to_json(self, at: Instant) -> dict[str, Any]: ...
 
 
-def remaining_life(expires: float, effective_now: float) -> float:
-    """Seconds left of something expiring at wall time `expires`, after a restart: judged
-    from the mark's effective wall time, never from a clock that was set back."""
-    return max(0.0, expires - effective_now)
+class UpstreamPort(Protocol):
+    """The router's way upstream (licd/shells/upstream.py's `UpstreamLink`). `request`
+    makes one attempt: upstream's decisions are raised as they are, every other failure
+    as UpstreamUnavailable; `failed` makes that error of a fault found in an answer;
+    `verify` checks upstream's token against `[upstream] trust`. `run` keeps the link
+    up until cancelled; `close` ends it for good."""
+
+    @property
+    def state(self) -> LinkStatus: ...
+    @overload
+    async def request(self, req: Request) -> Reply: ...
+    @overload
+    async def request(self, req: Request, expect: type[R]) -> R: ...
+    def failed(self, exc: BaseException) -> LicdError: ...
+    def verify(self, reply: LeaseReply, nonce: bytes) -> Statement: ...
+    async def run(self) -> None: ...
+    async def close(self) -> None: ...
 
 
-def renewal_at(mono: float, due_in: float, deadline: float) -> float:
-    """The monotonic time of a block's next renewal, decided at `mono`: in `due_in`
-    seconds (its `renew_every`), brought forward to when half the block's remaining
-    life is gone if that is sooner (a block granted shorter than asked is renewed in
-    time too)."""
-    return mono + max(0.0, min(due_in, (deadline - mono) / 2))
-
-
-def served_until(expires: float, deadline: float, at: Instant) -> float:
-    """The wall time until which the engine serves a block, seen at `at`: its monotonic
-    deadline on the wall clock, never past the expiry upstream granted (the sub-leases'
-    tokens must not outlive the block's)."""
-    return min(expires, on_wall(deadline, at))
-
-
-# ---------------------------------------------------------------------- the relaying
+# ---------------------------------------------------------------------- the routing
 
 
 @dataclass
 class BlockState:
-    """A block-mode licence's runtime view: the block, its clocks, and status."""
+    """A block-mode licence's runtime view: the block, its timeline, and status."""
 
     relayed: RelayedLicence
+    timeline: Timeline
     # One idempotency key per block taken: a retry after a lost reply gets the same
     # block back from upstream instead of a second one.
     request: str = field(default_factory=request_key)
     block: Block | None = None
     licence: Licence | None = None  # the block's terms, as the engine serves them
-    deadline: float = 0.0  # monotonic time the block lapses at
-    renew_at: float | None = None  # monotonic time of the next renewal (or retry)
     last_error: str | None = None
     chain: list[bytes] = field(default_factory=list)
+
+    @property
+    def deadline(self) -> float:
+        """The monotonic time the block lapses at."""
+        return self.timeline.deadline
 
     def valid(self, at: Instant) -> bool:
         return self.block is not None and not self.block.revoked and self.deadline > at.mono
 
 
-class Relay:
-    """Forward-mode relaying and block-mode blocks for every relayed licence."""
+class Router:
+    """A site router's relayed licences: which requests are relayed and their answers
+    (forward mode), and every block-mode licence's block, kept supplied."""
 
     def __init__(
         self,
         config: UpstreamConfig,
         relayed: tuple[RelayedLicence, ...],
         *,
+        link: UpstreamPort,
         engine: Engine,
         store: Store,
         signer: Signer,
         clock: Clock,
         publish: Callable[[Event], None],
-        ssl: SSLContext | None = None,
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
-        self.rng = rng or random.Random()
-        self.link = UpstreamLink(config, clock, signer.site, ssl, rng=self.rng, sleep=sleep)
+        self.config = config
+        self.link = link
+        self.rng = rng or random.Random()  # the retries' jitter
         self.engine = engine
         self.store = store
         self.signer = signer
@@ -170,7 +184,11 @@ class Relay:
         self.publish = publish  # the service's: logs the event, tells its subscribers
         self.sleep = sleep  # the keepers' waits: a test's own moves its clock instead
         self.forward_keys = {r.key: r for r in relayed if r.mode == "forward"}
-        self.blocks = {r.id: BlockState(r) for r in relayed if r.mode == "block"}
+        self.blocks = {
+            r.id: BlockState(r, Timeline(self._retry_delays, min_retry=MIN_RETRY))
+            for r in relayed
+            if r.mode == "block"
+        }
         self.block_keys = {state.relayed.key: state for state in self.blocks.values()}
         self.modes = {r.id: r.mode for r in relayed}
         self.forwarded: dict[str, Forwarded] = {}  # by lease secret
@@ -188,8 +206,50 @@ class Relay:
             instance=signer.site,
         )
 
+    def _retry_delays(self) -> Iterator[float]:
+        return RETRY.delays(self.rng)
+
     def is_relayed(self, licence_id: str) -> bool:
         return licence_id in self.modes
+
+    # ------------------------------------------------------------------ requests
+
+    def handles(self, request: Request) -> bool:
+        """Whether `request` is the router's to answer (`answer`): a forward-mode
+        licence's checkout or availability, a forwarded lease's heartbeat or checkin, and
+        a block-mode licence's checkout or availability before its first block. Every
+        other request (a block's sub-leases included) is the local service's."""
+        if isinstance(request, Checkout | Available):
+            if request.key in self.forward_keys:
+                return True
+            waiting = self.block_keys.get(request.key)
+            return waiting is not None and waiting.block is None
+        if isinstance(request, Heartbeat | Checkin):
+            return request.lease in self.forwarded
+        return False
+
+    async def answer(self, request: Request, peer: str) -> Reply:
+        """The reply to a request the router `handles`, from `peer`'s address: relayed
+        upstream, or UpstreamUnavailable for a block-mode licence without a block."""
+        if isinstance(request, Checkout | Available):
+            waiting = self.block_keys.get(request.key)
+            if waiting is not None and waiting.block is None:
+                # A block-mode licence before its first block: retry later, not "unknown".
+                raise UpstreamUnavailable(
+                    f"no block of seats from upstream yet ({waiting.last_error or 'taking one'})"
+                )
+        reply: Reply
+        if isinstance(request, Checkout):
+            reply = await self.checkout(request, peer)
+        elif isinstance(request, Heartbeat):
+            reply = await self.heartbeat(request)
+        elif isinstance(request, Checkin):
+            reply = CheckinReply(0, released=await self.checkin(request.lease))
+        elif isinstance(request, Available):
+            reply = await self.link.request(Available(0, key=request.key), AvailableReply)
+        else:
+            raise TypeError(f"op {request.op!r} is not relayed")
+        return dataclasses.replace(reply, id=request.id)
 
     # ------------------------------------------------------------------ start-up
 
@@ -209,7 +269,7 @@ class Relay:
             if state is None:
                 continue
             try:
-                leaf = verify_chain(self.link.config.trust, block.chain, block.token)
+                leaf = verify_chain(self.config.trust, block.chain, block.token)
             except TokenInvalid as exc:
                 log.error(
                     "event=stored_block_refused licence=%s error=%r", block.licence_id, str(exc)
@@ -352,20 +412,12 @@ class Relay:
         """Serve local checkouts from `block`, which has `life` seconds left at `at` and
         is due for renewal in `due_in` (or sooner: `renewal_at`)."""
         relayed = state.relayed
-        product = leaf.payload.get("product")
-        state.licence = Licence(
-            key=relayed.key,
-            id=relayed.id,
-            product=product if isinstance(product, str) else relayed.id,
-            seats=0 if block.revoked else max(block.seats, 0),
-            lease_ttl=relayed.lease_ttl,
-            grace=relayed.grace,
-            expires=block.expires,
-            features=leaf.features,
+        state.licence = block_licence(
+            relayed, leaf, seats=block.seats, expires=block.expires, revoked=block.revoked
         )
         state.block = block
-        state.deadline = at.mono + life
-        state.renew_at = renewal_at(at.mono, due_in, state.deadline)
+        deadline = at.mono + life
+        state.timeline.renewed(deadline, renewal_at(at.mono, due_in, deadline))
         state.chain = [*block.chain, block.token]
         self.signer.chains[relayed.id] = state.chain
         self.signer.chain_iat[relayed.id] = leaf.iat
@@ -383,15 +435,7 @@ class Relay:
 
     def _verify_block(self, state: BlockState, reply: LeaseReply, nonce: bytes) -> Statement:
         leaf = self.link.verify(reply, nonce)
-        problem = None
-        if leaf.delegate != self.signer.public:
-            problem = "the block does not delegate to this router's key"
-        elif reply.seats > (state.relayed.block_seats or 0):
-            problem = (
-                f"a block of {reply.seats} seats, more than the {state.relayed.block_seats} asked"
-            )
-        elif leaf.seats != reply.seats:
-            problem = "the block token's seats differ from the reply's"
+        problem = refusal(state.relayed, leaf, reply.seats, self.signer.public)
         if problem is not None:
             state.last_error = problem
             log.error("event=upstream_block_refused licence=%s error=%r", state.relayed.id, problem)
@@ -433,18 +477,18 @@ class Relay:
         try:
             reply = await self.link.request(Heartbeat(0, block.secret, nonce), LeaseReply)
         except LeaseUnknown:
-            # Upstream no longer counts these seats. Stop issuing, and let the sub-leases
-            # run out at the expiries they already have (no renewal passes them): the
-            # block's end becomes that horizon. After it, a new block may be taken.
+            # Upstream no longer counts these seats: stop issuing, and end the block
+            # when its sub-leases run out (`revoke`).
             at = self.clock.now()
-            horizon = max([at.wall, *(x.expires for x in self.engine.leases_of(block.licence_id))])
+            sub_leases = (x.expires for x in self.engine.leases_of(block.licence_id))
+            end = revoke(block.expires, state.deadline, at, sub_leases)
             block.revoked = True
-            block.expires = min(block.expires, horizon)
+            block.expires = end.expires
             state.last_error = "upstream revoked the block: issuing stopped"
             log.error("event=block_revoked licence=%s", block.licence_id)
             assert state.licence is not None
             state.licence = dataclasses.replace(state.licence, seats=0)
-            state.deadline = min(state.deadline, at.mono + remaining_life(horizon, at.wall))
+            state.timeline.deadline = end.deadline
             self._serve(state, at)  # stop issuing first, whatever the disk says
             await self.store.put_block(block)
             return
@@ -479,47 +523,46 @@ class Relay:
         at = self.clock.now()
         life = asked.mono + max(0.0, reply.ttl) - at.mono
         self._install(state, block, leaf, at, life, state.relayed.renew_every)
+        state.last_error = None
         return block
 
     async def run_block(self, state: BlockState) -> None:
-        """Keep one block-mode licence supplied, forever: take the block if there is
-        none, renew it when `renewal_at` says, retry with backoff through outages, and
-        wake at the block's deadline (if sooner) to stop serving it then."""
-        delays = Backoff(base=1.0, cap=300.0).delays(self.rng)
+        """Keep one block-mode licence supplied, forever, as `plan` says: take the block
+        if there is none, renew it when due, retry with backoff through outages, wake at
+        the block's deadline (if sooner) to stop serving it then, and drop a revoked
+        block once its sub-leases ran out."""
         while True:
             at = self.clock.now()
             self._serve(state, at)
             block = state.block
-            if block is not None and block.revoked:
-                # Issuing stopped; once the last sub-lease has run out, start afresh.
-                if state.deadline > at.mono:
-                    await self.sleep(state.deadline - at.mono)
-                    continue
-                await self.store.delete_block(block.licence_id)
-                state.block = state.licence = state.renew_at = None
-                state.request = request_key()
-                continue
-            wait = 0.0 if state.renew_at is None else state.renew_at - at.mono
-            if block is not None and state.deadline > at.mono:
-                wait = min(wait, state.deadline - at.mono)
+            wait, act = plan(
+                state.timeline,
+                at.mono,
+                held=block is not None,
+                revoked=block is not None and block.revoked,
+            )
             if wait > 0:
                 await self.sleep(wait)
                 continue
+            if act is Act.DROP:
+                assert block is not None
+                await self.store.delete_block(block.licence_id)
+                state.block = state.licence = None
+                state.timeline.released()
+                state.request = request_key()
+                continue
             try:
-                if state.block is None:
+                if act is Act.TAKE:
                     await self.take_block(state)
                 else:
                     await self.renew_block(state)
-                state.last_error = None
-                delays = Backoff(base=1.0, cap=300.0).delays(self.rng)
             except (LicdError, StoreError) as exc:
                 message = getattr(exc, "message", str(exc))
                 state.last_error = message
                 log.warning(
                     "event=block_attempt_failed licence=%s error=%r", state.relayed.id, message
                 )
-                wait = max(MIN_RENEW_WAIT, next(delays))
-                state.renew_at = self.clock.now().mono + wait
+                state.timeline.failed(self.clock.now().mono)
 
     async def run(self) -> None:
         """The link's keeper, every block-mode licence's keeper; a checkpoint of the
@@ -540,21 +583,21 @@ class Relay:
         at = self.clock.now()
         blocks = []
         for state in self.blocks.values():
-            b = state.block
+            b, renew_at = state.block, state.timeline.renew_at
             blocks.append(
                 {
                     "licence": state.relayed.id,
                     "seats": b.seats if b else None,
                     "expires": b.expires if b else None,
                     "last_renewal": b.renewed if b else None,
-                    "next_renewal": None if state.renew_at is None else on_wall(state.renew_at, at),
+                    "next_renewal": None if renew_at is None else on_wall(renew_at, at),
                     "revoked": b.revoked if b else False,
                     "valid": state.valid(at),
                     "last_error": state.last_error,
                 }
             )
         return {
-            "servers": list(self.link.config.servers),
+            "servers": list(self.config.servers),
             "link": self.link.state.to_json(at),
             "modes": dict(self.modes),
             "blocks": blocks,

@@ -1,0 +1,69 @@
+"""Domain events as values: what happened to seats and licences (`Event`, its `Kind`).
+
+Plain frozen data, so every layer above the engine may hold them: the service publishes
+them on the bus (`licd.core.events`), the store writes them to the audit log, metrics
+and alerts read them. Nothing here publishes, stores or logs.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from licd_client.messages import Holder
+
+
+class Kind(enum.Enum):
+    CHECKOUT = "checkout"
+    CHECKIN = "checkin"
+    RECLAIM = "reclaim"  # a lease lapsed without a checkin: its holder went silent
+    REVOKE = "revoke"
+    DENIED = "denied"  # a checkout refused; `reason` is the error code
+    LICENCE_ADDED = "licence_added"
+    LICENCE_UPDATED = "licence_updated"
+    LICENCE_REMOVED = "licence_removed"
+    RELOAD = "reload"
+    RELOAD_FAILED = "reload_failed"
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: Kind
+    time: float  # wall clock
+    licence: str | None = None  # licence id (never the key)
+    handle: str | None = None  # lease handle (never the secret)
+    host: str | None = None
+    hostid: str | None = None
+    user: str | None = None
+    ip: str | None = None
+    seats: int | None = None
+    reason: str | None = None  # denial code, revoke reason, reload error
+    admin_uid: int | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def holder_event(
+    kind: Kind,
+    time: float,
+    *,
+    licence: str,
+    handle: str,
+    holder: Holder,
+    ip: str | None,
+    seats: int,
+    **extra: Any,
+) -> Event:
+    """An event about one holder's lease (local, or relayed upstream by a router)."""
+    return Event(
+        kind=kind,
+        time=time,
+        licence=licence,
+        handle=handle,
+        host=holder.host,
+        hostid=holder.hostid,
+        user=holder.user,
+        ip=ip,
+        seats=seats,
+        **extra,
+    )
