@@ -2,7 +2,8 @@
 
 `Backoff.delays()` is a pure generator of "full jitter" delays (uniform in 0..min(cap,
 base * factor**n)) drawn from an injected `random.Random`; `is_retryable()` is the one
-place that classifies an error as transient or fatal. Nothing here sleeps or does I/O.
+place that classifies an error as transient or fatal, `asked_delay()` the one that reads
+the wait a daemon asks for. Nothing here sleeps or does I/O.
 """
 
 from __future__ import annotations
@@ -48,9 +49,15 @@ def is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, ConnectionLost | OSError | TimeoutError | EOFError)
 
 
+def asked_delay(exc: BaseException) -> float:
+    """The delay the daemon asked for with `exc`'s `retry_after`: the least to wait before
+    retrying (0.0 when it asked for none)."""
+    if isinstance(exc, LicdError) and exc.retry_after is not None:
+        return max(0.0, exc.retry_after)
+    return 0.0
+
+
 def retry_delay(exc: BaseException, jittered: float) -> float:
     """The delay before retrying after `exc`: the jittered one, or longer if the daemon
     asked for it with `retry_after`."""
-    if isinstance(exc, LicdError) and exc.retry_after is not None and exc.retry_after > 0:
-        return max(jittered, exc.retry_after)
-    return jittered
+    return max(jittered, asked_delay(exc))

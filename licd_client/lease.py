@@ -1,10 +1,11 @@
 """One held lease: its renewal task, its state and callbacks, its release.
 
 `AsyncLease` heartbeats at the daemon's `renew_in`, rides out outages with jittered
-backoff until its local deadline (on the lease clock), and reports `on_renewed`,
-`on_expiring` and `on_lost`. It talks to the daemon only through its owner, the client
-that made it, and needs of it only what `LeaseOwner` lists (`AsyncClient` is one): it
-never opens connections itself and never trusts a token the owner did not verify.
+backoff until its local deadline (on the lease clock; the schedule is a
+`timeline.Timeline`), and reports `on_renewed`, `on_expiring` and `on_lost`. It talks
+to the daemon only through its owner, the client that made it, and needs of it only
+what `LeaseOwner` lists (`AsyncClient` is one): it never opens connections itself and
+never trusts a token the owner did not verify.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from collections.abc import Callable, Iterator
 from typing import Any, Literal, Protocol, TypeAlias
 
 from . import messages, tokens
-from .backoff import is_retryable, retry_delay
+from .backoff import asked_delay, is_retryable
 from .clock import Clock
 from .errors import LeaseUnknown, LicdError, ProtocolViolation, TokenInvalid
+from .timeline import Timeline
 
 log = logging.getLogger("licd_client")
 
@@ -126,11 +128,11 @@ class AsyncLease:
         self._on_renewed = on_renewed
         self._on_lost = on_lost
         self._lifetime = 0.0
-        self._deadline = 0.0  # on the lease clock
-        self._renew_at = 0.0  # on the lease clock
+        # Its deadline and next heartbeat, on the lease clock. A retry waits the jittered
+        # delay, or the daemon's retry_after if longer: no least delay of its own.
+        self._timeline = Timeline(client.retry_delays)
         self._expiring_fired = False
         self._released = False
-        self._last_error: Exception | None = None
         self._heartbeat_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
 
@@ -145,16 +147,17 @@ class AsyncLease:
     @property
     def deadline(self) -> float:
         """When the lease lapses without renewal, on the client's lease clock."""
-        return self._deadline
+        return self._timeline.deadline
 
     @property
     def renew_at(self) -> float:
-        """When the next heartbeat is due, on the client's lease clock."""
-        return self._renew_at
+        """When the next heartbeat (or retry of a failed one) is due, on the client's
+        lease clock."""
+        return self._timeline.renew_at or 0.0
 
     def remaining(self) -> float:
         """Seconds of validity left, measured on the lease clock (0 when lapsed)."""
-        return max(0.0, self._deadline - self.client.clock.now())
+        return max(0.0, self._timeline.deadline - self.client.clock.now())
 
     @property
     def overdraft(self) -> bool:
@@ -179,9 +182,8 @@ class AsyncLease:
         self.statement = leaf
         # Measured from receipt on our own clock; the token's iat..exp only bounds it.
         self._lifetime = max(0.0, min(reply.ttl, leaf.exp - leaf.iat))
-        self._deadline = received + self._lifetime
         renew_in = reply.renew_in if 0 < reply.renew_in < self._lifetime else self._lifetime / 3
-        self._renew_at = received + renew_in
+        self._timeline.renewed(received + self._lifetime, received + renew_in)
 
     def _start(self) -> None:
         """Held from now on: renewed by a task of its own, checked in at exit if need be."""
@@ -218,49 +220,52 @@ class AsyncLease:
             self._expiring_fired = False
         await _fire("on_renewed", self._on_renewed, self)
 
+    def _expiring_in(self, now: float) -> float | None:
+        """Seconds from `now` until on_expiring is due (0.0: it is), None if it is not
+        to fire: it fires once per outage, when renewals failed in the last third."""
+        if self.state is not LeaseState.DEGRADED or self._expiring_fired:
+            return None
+        return max(0.0, self._timeline.deadline - self._lifetime / 3 - now)
+
     async def _maybe_expiring(self) -> None:
-        """Fire on_expiring once per outage, when renewals failed in the last third."""
-        if (
-            self.state is LeaseState.DEGRADED
-            and not self._expiring_fired
-            and self.client.clock.now() >= self._deadline - self._lifetime / 3
-        ):
+        """Fire on_expiring if it is due."""
+        if self._expiring_in(self.client.clock.now()) == 0.0:
             self._expiring_fired = True
             await _fire("on_expiring", self._on_expiring, self.remaining())
 
+    def _wait(self, now: float) -> float:
+        """Seconds from `now` until the renewal task acts: the timeline's renewal, retry
+        or deadline, or on_expiring if sooner; 0.0 once the deadline passed."""
+        if now >= self._timeline.deadline:
+            return 0.0
+        wait = self._timeline.wake(now)
+        expiring = self._expiring_in(now)
+        if expiring:  # (0.0, due already: it fires when the task next acts)
+            wait = min(wait, expiring)
+        return wait
+
     async def _run(self) -> None:
-        clock = self.client.clock
-        delays = None
+        """Heartbeat when the timeline says, until the lease is lost or released: a
+        retry is also made when on_expiring fires, and none once the deadline passed."""
+        clock, timeline = self.client.clock, self._timeline
         try:
             while self.state in (LeaseState.ACTIVE, LeaseState.DEGRADED):
-                now = clock.now()
-                if self.state is LeaseState.ACTIVE or delays is None:
-                    wait = self._renew_at - now
-                else:
-                    assert self._last_error is not None
-                    wait = retry_delay(self._last_error, next(delays))
-                    expiring_at = self._deadline - self._lifetime / 3
-                    if not self._expiring_fired and expiring_at > now:
-                        wait = min(wait, expiring_at - now)
-                await clock.sleep(max(0.0, min(wait, self._deadline - now)))
+                await clock.sleep(self._wait(clock.now()))
                 if self.state not in (LeaseState.ACTIVE, LeaseState.DEGRADED):
                     return
-                if clock.now() >= self._deadline:
+                if clock.now() >= timeline.deadline:
                     lapsed = LeaseUnknown("the lease lapsed: no renewal before its deadline")
                     await self._lose(lapsed)
                     return
                 await self._maybe_expiring()
                 try:
                     await self.renew_once()
-                    delays = None
                 except Exception as exc:
                     if self.state is not LeaseState.DEGRADED:
                         return  # lost (on_lost has fired) or released
                     log.info("licd_client: renewal of %s failed: %s", self.handle, exc)
-                    self._last_error = exc
-                    if delays is None:
-                        delays = self.client.retry_delays()
                     await self._maybe_expiring()
+                    timeline.failed(clock.now(), at_least=asked_delay(exc))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug: do not let the lease die silently

@@ -19,8 +19,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from licd.clock import Clock, ManualClock
 from licd.config.settings import Config, ServerConfig
+from licd.core.errors import Audience, wire_error
+from licd.core.service import LicenceService
 from licd.daemon import Daemon
-from licd.engine import Engine, Licence
+from licd.deferred import Deferred
+from licd.engine import Engine, Grant, Licence
+from licd.engine.counters import Consumed
 from licd_client.messages import Holder
 from licd_client.wire import REPLY_LIMITS, FrameDecoder, encode
 
@@ -49,6 +53,35 @@ def holder(host: str = "machine-a", *, user: str = "alice", pid: int | None = No
     return Holder(
         host=host, hostid=f"id-{host}", user=user, pid=os.getpid() if pid is None else pid
     )
+
+
+async def checkout_committed(
+    service: LicenceService, key: str, holder: Holder, **options: Any
+) -> Grant:
+    """`service.begin_checkout`, answered as dispatch answers it: the grant once its
+    commit is done; a failed commit raises what a client is told (`unavailable`)."""
+    grant, commit = service.begin_checkout(key, holder, **options)
+    if commit is not None:
+        await _committed(commit)
+        service.checkout_landed(grant)
+    return grant
+
+
+async def consume_committed(
+    service: LicenceService, secret: str, counter: str, units: int, dedup: str | None
+) -> Consumed:
+    """`service.begin_consume`, answered as dispatch answers it (`checkout_committed`)."""
+    consumed, commit = service.begin_consume(secret, counter, units, dedup)
+    if commit is not None:
+        await _committed(commit)
+    return consumed
+
+
+async def _committed(commit: Deferred[None]) -> None:
+    try:
+        await commit
+    except Exception as exc:
+        raise wire_error(exc, Audience.CLIENT) from None
 
 
 @contextlib.asynccontextmanager

@@ -1,38 +1,32 @@
 """Maps decoded request maps to service calls and results to reply maps.
 
-This is the only place where exceptions become wire error codes: a LicdError becomes
-its own code, a StoreError `unavailable`, anything else `internal` with its text kept
-out of the reply (it is logged instead). It also decides which errors close the
-connection, and applies the per-peer checkout limits (`ratelimit`): a peer whose budget
-of denied, or of granted, checkouts is spent gets `rate_limited` with `retry_after`
-before the engine is consulted. On a site router, a request the `Router` handles is
-handed to it (the only answer that costs a task: upstream is awaited). It knows the
-protocol's messages, not sockets and not SQL.
+Every failure is answered as the one error map (`licd.core.errors`) tells it to a
+client, closing the connection when the map says so. It applies the per-peer checkout
+limits (`ratelimit`): a peer whose budget of denied, or of granted, checkouts is spent
+gets `rate_limited` with `retry_after` before the engine is consulted. On a site
+router, a request the `Router` handles is handed to it (the only answer that costs a
+task: upstream is awaited). It knows the protocol's messages, not sockets and not SQL.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from licd import __version__
-from licd.config.settings import ConfigError
 from licd.core.deferred import Deferred
+from licd.core.errors import Audience, error_reply
 from licd.core.keys import Signer
 from licd.core.router import Router
 from licd.core.service import LicenceService
 from licd.engine import Grant, Lease
 from licd.engine.ratelimit import CheckoutLimits
-from licd.store.sqlite import StoreError
 from licd_client.errors import (
     BadRequest,
-    FrameTooLarge,
     HelloRequired,
-    Internal,
     LicdError,
     RateLimited,
     ShuttingDown,
@@ -56,34 +50,15 @@ from licd_client.messages import (
     LeaseReply,
     Reply,
     Request,
-    error_frame,
     parse_request,
     request_id,
 )
 
-log = logging.getLogger(__name__)
-
 SERVER_NAME = f"licd/{__version__}"
 
-#: Errors after which the connection is closed: the stream or the client is broken.
-FATAL = (BadRequest, FrameTooLarge, HelloRequired)
 #: A checkout's errors that are no verdict on it (this daemon or its upstream could not
 #: decide): they spend neither of the peer's budgets.
 NO_VERDICT = (RateLimited, ShuttingDown, Unavailable, UpstreamUnavailable)
-
-
-def error_reply(rid: int | None, exc: Exception, op: object = None) -> tuple[dict[str, Any], bool]:
-    """The error frame for `exc` and whether to close: the one place where exceptions
-    become wire codes, for the TCP protocol and the admin socket alike."""
-    if isinstance(exc, LicdError):
-        return error_frame(rid, exc), isinstance(exc, FATAL)
-    if isinstance(exc, ConfigError):  # an admin's licence edit or reload: say what is wrong
-        return error_frame(rid, BadRequest(str(exc))), False
-    if isinstance(exc, StoreError):
-        log.error("event=store_error op=%r error=%r", op, str(exc))
-        return error_frame(rid, Unavailable()), False
-    log.error("event=internal_error op=%r", op, exc_info=exc)
-    return error_frame(rid, Internal()), False
 
 
 #: A reply map and whether to close the connection after it.
@@ -303,7 +278,7 @@ class Dispatcher:
         out: Deferred[Answer] | None = None,
     ) -> Answer | Deferred[Answer]:
         """The answer `reply()` makes once `commit` is done (at once without a commit),
-        settled into `out` if given; a failed commit answers `unavailable`."""
+        settled into `out` if given; a failed commit's error is answered (`unavailable`)."""
         if commit is None:
             answer = reply().to_wire(), False
             self._observe(data, started, None)
@@ -311,9 +286,11 @@ class Dispatcher:
         settled: Deferred[Answer] = Deferred() if out is None else out
 
         def landed(done: Deferred[None]) -> None:
+            failure = done.exception()
+            if failure is not None:
+                settled.settle(self._failed(data, started, failure))
+                return
             try:
-                if done.exception() is not None:
-                    raise Unavailable()
                 answer = reply().to_wire(), False
             except Exception as exc:
                 answer = self._failed(data, started, exc)
@@ -324,8 +301,8 @@ class Dispatcher:
         commit.add_done_callback(landed)
         return settled
 
-    def _failed(self, data: dict[str, Any], started: float, exc: Exception) -> Answer:
-        frame, close = error_reply(request_id(data), exc, data.get("op"))
+    def _failed(self, data: dict[str, Any], started: float, exc: BaseException) -> Answer:
+        frame, close = error_reply(request_id(data), exc, Audience.CLIENT, data.get("op"))
         self._observe(data, started, frame["error"])
         return frame, close
 
@@ -334,9 +311,9 @@ class Dispatcher:
             self.on_request(_known_op(data) or "invalid", time.perf_counter() - started, error)
 
     @staticmethod
-    def error(exc: LicdError) -> dict[str, Any]:
-        """The reply for an error found before a request could be decoded."""
-        return error_frame(None, exc)
+    def error(exc: LicdError) -> Answer:
+        """The answer to an error found before a request could be decoded."""
+        return error_reply(None, exc, Audience.CLIENT)
 
     def _answer_now(self, session: Session, request: Request) -> Reply:
         """The ops answered from memory: hello, heartbeat, available."""

@@ -44,7 +44,6 @@ from licd.engine import Engine, Licence
 from licd.engine.block import (
     MIN_RETRY,
     Act,
-    Timeline,
     WallMark,
     block_licence,
     on_wall,
@@ -64,7 +63,6 @@ from licd_client.errors import (
     LicdError,
     ProtocolViolation,
     TokenInvalid,
-    Unavailable,
     UpstreamUnavailable,
 )
 from licd_client.messages import (
@@ -79,6 +77,7 @@ from licd_client.messages import (
     Reply,
     Request,
 )
+from licd_client.timeline import Timeline
 from licd_client.tokens import Statement, verify_chain
 
 log = logging.getLogger(__name__)
@@ -328,8 +327,8 @@ class Router:
             detail={"relayed": "forward"},
         )
         try:
-            await self._persist(self.store.put_forwarded(item, event))
-        except Unavailable:
+            await self.store.put_forwarded(item, event)
+        except StoreError:
             await self._give_back(item.secret)  # not recorded: not kept upstream either
             raise
         self.forwarded[item.secret] = item
@@ -349,7 +348,7 @@ class Router:
         item.expires = reply.expires
         self._lapses[item.secret] = at.mono + max(0.0, reply.ttl)
         # Kept, so that a restarted router does not prune a lease its holder still renews.
-        await self._persist(self.store.put_forwarded(item))
+        await self.store.put_forwarded(item)
         return reply
 
     async def checkin(self, secret: str) -> bool:
@@ -377,7 +376,7 @@ class Router:
             seats=item.seats,
             reason=reason,
         )
-        await self._persist(self.store.delete_forwarded([item.secret], [event]))
+        await self.store.delete_forwarded([item.secret], [event])
         self.forwarded.pop(item.secret, None)
         self._lapses.pop(item.secret, None)
         self.publish(event)
@@ -388,15 +387,8 @@ class Router:
         mono = self.clock.now().mono
         stale = [x for x in self.forwarded.values() if self._lapses[x.secret] + grace < mono]
         for item in stale:
-            with contextlib.suppress(LicdError):
+            with contextlib.suppress(StoreError):  # tried again next time
                 await self._forget(item, Kind.RECLAIM, "lapsed")
-
-    @staticmethod
-    async def _persist(write: Any) -> None:
-        try:
-            await write
-        except StoreError as exc:
-            raise Unavailable(f"not recorded: {exc}") from None
 
     # ---------------------------------------------------------------------- block
 

@@ -6,10 +6,11 @@ the engine, deleted in the store with its audit entries, then released (or resto
 Licence edits are checked by the engine, committed, then applied. What must follow a
 commit runs in its `Deferred`'s callback (licence edits: in a shielded task), so a
 caller that goes away mid-commit never leaves the engine and the database disagreeing.
-The wire's hot ops come in two forms: `begin_*`, which decides at once and returns the
-commit to wait for (dispatch answers from its callback, without a task), and an async
-form that awaits it. After each commit, the event is published (metrics, alerts, logs).
-No wire formats and no signatures here: `dispatch` and `admin` do those.
+The wire's hot ops (`begin_*`) decide at once and return the commit to wait for
+(dispatch answers from its callback, without a task); a failed commit's StoreError is
+the caller's to tell (`licd.core.errors`). After each commit, the event is published
+(metrics, alerts, logs). No wire formats and no signatures here: `dispatch` and
+`admin` do those.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, TypeVar
 from licd.clock import Clock, Instant
 from licd.config.licences import licence_to_mapping
 from licd.core.audit_upkeep import DenialLog
+from licd.core.errors import store_failure_as_unavailable
 from licd.core.events import Event, EventBus, Kind, holder_event
 from licd.deferred import Deferred
 from licd.engine import Availability, Engine, Grant, Lease, LeaseState, Licence
@@ -103,14 +105,6 @@ class LicenceService:
 
     # ------------------------------------------------------------------- leases
 
-    async def checkout(self, key: str, holder: Holder, **options: Any) -> Grant:
-        """`begin_checkout`, awaited: the grant once it is committed."""
-        grant, commit = self.begin_checkout(key, holder, **options)
-        if commit is not None:
-            await self._committed(commit)
-            self.checkout_landed(grant)
-        return grant
-
     def begin_checkout(
         self,
         key: str,
@@ -150,15 +144,6 @@ class LicenceService:
             raise Unavailable()
         if not grant.fresh:
             self.store.touch_lease(grant.lease)
-
-    @staticmethod
-    async def _committed(commit: Deferred[None]) -> None:
-        """Wait for a commit. A caller that goes away does not cancel it (what must
-        follow it runs in its callbacks either way)."""
-        try:
-            await commit
-        except StoreError:
-            raise Unavailable() from None
 
     def _deny(
         self, key: str, holder: Holder, ip: str | None, seats: int, exc: LicdError, at: Instant
@@ -241,14 +226,6 @@ class LicenceService:
         self.store.touch_lease(grant.lease)
         return grant
 
-    async def checkin(self, secret: str) -> bool:
-        """Release the lease with `secret`; False when there was none."""
-        commit = self.begin_checkin(secret)
-        if commit is None:
-            return False
-        await self._committed(commit)
-        return True
-
     def begin_checkin(self, secret: str) -> Deferred[None] | None:
         """Release the lease with `secret`: the commit to wait for, or None when there
         was no lease to release."""
@@ -271,13 +248,6 @@ class LicenceService:
         except StoreError:  # the daemon is closing its store: the lease lapses as before
             self.engine.cancel_release(lease)
             return None
-
-    async def consume(self, secret: str, counter: str, units: int, dedup: str | None) -> Consumed:
-        """Use metered units under a lease; answered once the new count is committed."""
-        consumed, commit = self.begin_consume(secret, counter, units, dedup)
-        if commit is not None:
-            await self._committed(commit)
-        return consumed
 
     def begin_consume(
         self, secret: str, counter: str, units: int, dedup: str | None
@@ -335,7 +305,9 @@ class LicenceService:
         return leases
 
     async def _release(self, leases: Sequence[Lease], kind: Kind, **extra: Any) -> None:
-        await self._committed(self._begin_release(leases, kind, **extra))
+        """Release `leases`, once committed. A caller that goes away does not cancel the
+        commit (what must follow it runs in its callbacks either way)."""
+        await self._begin_release(leases, kind, **extra)
 
     def _begin_release(self, leases: Sequence[Lease], kind: Kind, **extra: Any) -> Deferred[None]:
         """Delete released leases; once committed their seats are freed (or, if the
@@ -373,7 +345,7 @@ class LicenceService:
         while True:
             await asyncio.sleep(interval)
             # On failure (logged) the leases stay counted and are retried next round.
-            with contextlib.suppress(Unavailable):
+            with contextlib.suppress(StoreError):
                 await self.reap_once(self.clock.now())
 
     # ----------------------------------------------------------------- licences
@@ -454,10 +426,8 @@ class LicenceService:
         even if the caller goes away meanwhile."""
 
         async def commit() -> None:
-            try:
+            with store_failure_as_unavailable(failure):
                 await write
-            except StoreError as exc:
-                raise Unavailable(f"{failure}: {exc}") from None
             apply()
             self.publish(event)
 

@@ -12,7 +12,8 @@ the engine serves from it, and when its keeper acts (docs/router.md, "Block mode
   (`served_until`);
 - its keeper renews it every `renew_every`, or when half its remaining life is gone if
   sooner (`renewal_at`), retries with backoff through outages, stops serving it at its
-  deadline, and drops a revoked one once its sub-leases ran out (`Timeline`, `plan`).
+  deadline, and drops a revoked one once its sub-leases ran out (`plan`, on the
+  `Timeline` of licd_client.timeline, which a client's lease runs on too).
 
 Every time is passed in (an `Instant`, or monotonic seconds); the backoff's delays come
 from a factory the caller gives. Nothing here reads a clock, sleeps, or does I/O.
@@ -21,13 +22,14 @@ from a factory the caller gives. Nothing here reads a clock, sleeps, or does I/O
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 from licd.clock import Instant
 from licd.engine.licence import Licence
 from licd_client.messages import Features
+from licd_client.timeline import Timeline
 
 #: Seconds a block's keeper waits at least before trying again after a failed attempt.
 MIN_RETRY = 1.0
@@ -163,51 +165,6 @@ def revoke(expires: float, deadline: float, at: Instant, sub_leases: Iterable[fl
 
 
 # ------------------------------------------------------------------- when to act
-
-
-class Timeline:
-    """When something held for a while (a block, a lease) lapses and is renewed, sans
-    I/O: `deadline` (monotonic; 0.0 while nothing is held) and `renew_at` (the next
-    renewal or retry; None: at once). A success sets both (`renewed`) and starts the
-    backoff over; each failure moves `renew_at` to the next backoff delay later, never
-    sooner than `min_retry` nor than what the caller asks (`failed`); `wake` says how
-    long to wait before acting: until the renewal, or the deadline if sooner (to stop
-    serving at it). `delays` makes a fresh series of backoff delays (it is called once
-    per outage, so an injected random source is read only when a failure happens)."""
-
-    def __init__(self, delays: Callable[[], Iterator[float]], *, min_retry: float = 0.0) -> None:
-        self.deadline = 0.0
-        self.renew_at: float | None = None
-        self.min_retry = min_retry
-        self._new_delays = delays
-        self._delays: Iterator[float] | None = None
-
-    def renewed(self, deadline: float, renew_at: float) -> None:
-        """A renewal (or the first grant) succeeded: held until `deadline`, renewed next
-        at `renew_at`, and the next failure is the first of a new outage."""
-        self.deadline, self.renew_at = deadline, renew_at
-        self._delays = None
-
-    def failed(self, mono: float, at_least: float = 0.0) -> float:
-        """An attempt failed at `mono`: the next is the next backoff delay later, at least
-        `min_retry` and `at_least` (e.g. upstream's retry_after) later. Returns it."""
-        if self._delays is None:
-            self._delays = self._new_delays()
-        self.renew_at = mono + max(self.min_retry, at_least, next(self._delays))
-        return self.renew_at
-
-    def released(self) -> None:
-        """Nothing held any more: the next attempt is at once, as the first."""
-        self.deadline, self.renew_at = 0.0, None
-        self._delays = None
-
-    def wake(self, mono: float) -> float:
-        """Seconds from `mono` until the holder must act (0.0: now): the renewal or retry
-        time, or the deadline if that is sooner and not yet past."""
-        due = mono if self.renew_at is None else self.renew_at
-        if self.deadline > mono:
-            due = min(due, self.deadline)
-        return max(0.0, due - mono)
 
 
 class Act(enum.Enum):

@@ -3,7 +3,8 @@
 The socket is created with mode 0660 (and the configured group). On each connection
 the peer's uid and gid are read from the kernel (SO_PEERCRED) before anything else;
 a peer not allowed gets one `denied` frame and the connection closes. Allowed peers'
-requests are read one at a time and answered by `AdminOps` (admin.py).
+requests are read one at a time and answered by `AdminOps` (admin.py), their errors
+as the one error map (`licd.core.errors`) tells them to an administrator.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from typing import Any
 
 from licd.config.settings import AdminConfig
 from licd.core.admin import AdminOps
-from licd.core.dispatch import error_reply
-from licd_client.errors import Denied, LicdError, Unavailable
+from licd.core.errors import Audience, error_reply
+from licd_client.errors import Denied, LicdError
 from licd_client.messages import request_id
 from licd_client.wire import MAX_FRAME_ADMIN, REPLY_LIMITS, FrameDecoder, encode
 
@@ -134,7 +135,7 @@ class AdminServer:
             if not self.access.allows(peer):
                 log.warning("event=admin_refused uid=%d pid=%d", peer.uid, peer.pid)
                 refusal = Denied(f"uid {peer.uid} may not use the admin socket")
-                writer.write(encode(error_reply(None, refusal)[0]))
+                writer.write(encode(error_reply(None, refusal, Audience.ADMIN)[0]))
                 await writer.drain()
                 return
             await self._serve(reader, writer, peer)
@@ -155,8 +156,8 @@ class AdminServer:
         while True:
             try:
                 frame = decoder.next_frame()
-            except LicdError as exc:
-                writer.write(encode(error_reply(None, exc)[0]))
+            except LicdError as exc:  # the stream cannot be read on: answer, then close
+                writer.write(encode(error_reply(None, exc, Audience.ADMIN)[0]))
                 await writer.drain()
                 return
             if frame is None:
@@ -169,17 +170,13 @@ class AdminServer:
                 reply = await self.ops.handle(frame, peer.uid)
                 close = False
             except Exception as exc:
-                reply, close = error_reply(request_id(frame), exc, frame.get("op"))
-                if reply["message"] == Unavailable.default_message:  # said for clients
-                    reply["message"] = ADMIN_UNAVAILABLE
+                rid, op = request_id(frame), frame.get("op")
+                reply, close = error_reply(rid, exc, Audience.ADMIN, op)
             writer.write(encode(reply))
             await writer.drain()
             if close or self.ops.closing:
                 return
 
-
-#: An admin request the store failed: what a person is told (the log says more).
-ADMIN_UNAVAILABLE = "the database failed: nothing was changed (the daemon's log says why)"
 
 #: The longest path a Unix socket address holds (sun_path, less its NUL).
 MAX_SOCKET_PATH = 107

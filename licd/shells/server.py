@@ -105,7 +105,7 @@ class Connection(asyncio.Protocol):
         refusal = self.server.admit(self, peer)
         if refusal is not None:
             log.warning("event=connection_refused peer=%s reason=%s", peer, refusal.code)
-            transport.write(encode(self.dispatcher.error(refusal)))
+            transport.write(encode(self.dispatcher.error(refusal)[0]))  # not admitted: closed
             self._closing = True
             transport.close()
             return
@@ -186,7 +186,7 @@ class Connection(asyncio.Protocol):
                 frame = decoder.next_frame()
             except LicdError as exc:  # the stream cannot be read on: answer, then close
                 self._pause(BROKEN)
-                self._push((self.dispatcher.error(exc), True))
+                self._push(self.dispatcher.error(exc))  # the error map says: close
                 return
             if frame is None:
                 break

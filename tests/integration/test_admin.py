@@ -22,8 +22,8 @@ from licd.cli.admin_client import AdminClient, AdminError
 from licd.clock import ManualClock
 from licd.config.settings import AdminConfig
 from licd.core.admin import MAX_PAGE
+from licd.core.errors import ADMIN_UNAVAILABLE
 from licd.daemon import Daemon, StartupError
-from licd.shells.admin_server import ADMIN_UNAVAILABLE
 from licd_client import AsyncClient, LeaseState
 from licd_client.errors import LeaseUnknown, UnknownLicence
 from licd_client.wire import REPLY_LIMITS, FrameDecoder

@@ -22,7 +22,17 @@ from licd.engine.licence import Counter
 from licd.store.sqlite import Store
 from licd_client.errors import BadRequest, LicdError, Unavailable, UnknownLicence
 from licd_client.wire import encode
-from tests.support import DICOM, RawPeer, address, holder, make_config, new_engine, running
+from tests.support import (
+    DICOM,
+    RawPeer,
+    address,
+    checkout_committed,
+    consume_committed,
+    holder,
+    make_config,
+    new_engine,
+    running,
+)
 
 HUGE = 2**63  # a valid msgpack uint64, too large for an SQLite INTEGER
 
@@ -56,8 +66,8 @@ async def rig(tmp_path: Path, *licences: Licence) -> AsyncIterator[Rig]:
 async def test_denied_checkout_with_huge_seats_does_not_kill_the_writer(tmp_path: Path) -> None:
     async with rig(tmp_path) as r:
         with pytest.raises(UnknownLicence):
-            await r.service.checkout(
-                "no-such-key", holder(), request="r1", at=r.clock.now(), seats=HUGE
+            await checkout_committed(
+                r.service, "no-such-key", holder(), request="r1", at=r.clock.now(), seats=HUGE
             )
         await asyncio.wait_for(r.store.barrier(), 5.0)  # the next commit still happens
         assert not r.writer.done()
@@ -67,8 +77,12 @@ async def test_checkout_with_huge_pid_fails_alone(tmp_path: Path) -> None:
     async with rig(tmp_path) as r:
         with contextlib.suppress(LicdError):
             await asyncio.wait_for(
-                r.service.checkout(
-                    DICOM.key, replace(holder(), pid=HUGE), request="r1", at=r.clock.now()
+                checkout_committed(
+                    r.service,
+                    DICOM.key,
+                    replace(holder(), pid=HUGE),
+                    request="r1",
+                    at=r.clock.now(),
                 ),
                 5.0,
             )
@@ -104,7 +118,9 @@ async def test_remove_licence_racing_a_checkout_keeps_engine_and_db_in_step(
         assert r.engine.licence_by_id(DICOM.id) is not None
         # ...and a checkout comes now. It must not be granted.
         with pytest.raises(UnknownLicence, match="being removed"):
-            await r.service.checkout(DICOM.key, holder(), request="r" * 22, at=r.clock.now())
+            await checkout_committed(
+                r.service, DICOM.key, holder(), request="r" * 22, at=r.clock.now()
+            )
         assert r.engine.in_use(DICOM.id) == 0
         gate.set()
         assert await asyncio.wait_for(removing, 5.0) == []
@@ -119,17 +135,19 @@ async def test_remove_licence_racing_a_checkout_keeps_engine_and_db_in_step(
 async def test_retry_after_failed_consume_is_counted(tmp_path: Path) -> None:
     licence = replace(DICOM, counter=(Counter("scan", 10, dedup_window=60.0),))
     async with rig(tmp_path, licence) as r:
-        grant = await r.service.checkout(licence.key, holder(), request="r1", at=r.clock.now())
+        grant = await checkout_committed(
+            r.service, licence.key, holder(), request="r1", at=r.clock.now()
+        )
         secret = grant.lease.secret
 
         failing = "CREATE TRIGGER full BEFORE INSERT ON counter BEGIN SELECT RAISE(ABORT, 'x'); END"
         with sqlite3.connect(r.store.path) as db:
             db.execute(failing)  # the disk refuses the counter's write
         with pytest.raises(Unavailable):
-            await r.service.consume(secret, "scan", 1, "barcode-1")
+            await consume_committed(r.service, secret, "scan", 1, "barcode-1")
         with sqlite3.connect(r.store.path) as db:
             db.execute("DROP TRIGGER full")
-        consumed = await r.service.consume(secret, "scan", 1, "barcode-1")
+        consumed = await consume_committed(r.service, secret, "scan", 1, "barcode-1")
         assert consumed.counted
         assert consumed.used == 1
 

@@ -16,7 +16,7 @@ from licd.core.router import Router
 from licd.core.service import LicenceService
 from licd.store.records import Forwarded
 from licd_client.errors import UnknownLicence
-from tests.support import DICOM, holder, new_engine
+from tests.support import DICOM, checkout_committed, holder, new_engine
 from tests.unit.test_store import running
 
 HOLDERS = [("ws-1", "alice"), ("ws-1", "bob"), ("ws-2", "alice"), ("ws-2", "bob")]
@@ -46,8 +46,12 @@ async def ops(tmp_path: Path) -> AsyncIterator[AdminOps]:
         service = LicenceService(new_engine([]), store, clock)
         await service.put_licence(replace(DICOM, seats=10))
         for host, user in HOLDERS:
-            await service.checkout(
-                DICOM.key, holder(host, user=user), request=f"{host}/{user}", at=clock.now()
+            await checkout_committed(
+                service,
+                DICOM.key,
+                holder(host, user=user),
+                request=f"{host}/{user}",
+                at=clock.now(),
             )
         yield AdminOps(service, Daemon())
 

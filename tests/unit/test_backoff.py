@@ -1,4 +1,5 @@
-"""Unit tests of licd_client.backoff: bounded, jittered delays and the retry classifier."""
+"""Unit tests of licd_client.backoff: bounded, jittered delays, the retry classifier and
+the wait a daemon asks for."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import random
 import pytest
 
 from licd_client import errors
-from licd_client.backoff import Backoff, is_retryable, retry_delay
+from licd_client.backoff import Backoff, asked_delay, is_retryable, retry_delay
 
 
 def take(backoff: Backoff, n: int, seed: int = 1) -> list[float]:
@@ -81,6 +82,13 @@ def test_is_retryable_classifies(exc: Exception, retryable: bool) -> None:
 def test_every_wire_error_is_classified_by_its_flag() -> None:
     for cls in errors.REGISTRY.values():
         assert is_retryable(cls()) is cls.retryable
+
+
+def test_the_delay_asked_for_is_retry_after_of_a_daemon_error_only() -> None:
+    assert asked_delay(errors.RateLimited(retry_after=3.0)) == 3.0
+    assert asked_delay(errors.RateLimited(retry_after=-1.0)) == 0.0
+    assert asked_delay(errors.Unavailable()) == 0.0
+    assert asked_delay(errors.ConnectionLost("x")) == 0.0
 
 
 def test_retry_after_lengthens_the_delay() -> None:

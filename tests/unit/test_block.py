@@ -1,13 +1,12 @@
 """A site router's block rules (licd/engine/block.py), pure, every time given: the
 wall-clock mark, a block's remaining life, its renewal schedule and what the engine
 serves it until, which block replies are refused, the licence a block is served as,
-the end of a revoked block, and the keeper's timeline and plan. (The router that acts on
-them is tests/unit/test_router.py's; against a vendor licd, tests/integration's.)"""
+the end of a revoked block, and the keeper's plan. (The timeline the plan reads is
+tests/unit/test_timeline.py's; the router that acts on them is tests/unit/test_router.py's;
+against a vendor licd, tests/integration's.)"""
 
 from __future__ import annotations
 
-import itertools
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -16,7 +15,6 @@ from licd.clock import Instant
 from licd.config.settings import RelayedLicence
 from licd.engine.block import (
     Act,
-    Timeline,
     WallMark,
     block_licence,
     on_wall,
@@ -28,6 +26,8 @@ from licd.engine.block import (
     served_until,
 )
 from licd_client.messages import Features
+from licd_client.timeline import Timeline
+from tests.unit.test_timeline import steps
 
 ROUTER_KEY = b"R" * 32
 BLOCK = RelayedLicence(
@@ -186,63 +186,7 @@ def test_revoking_never_lengthens_a_block() -> None:
     assert revoke(at.wall + 3600, 4600.0, behind, [behind.wall + 90]).deadline == 1090.0
 
 
-# --------------------------------------------------------- the keeper's timeline
-
-
-def steps(*delays: float) -> Iterator[float]:
-    """A backoff series: the given delays, then the last one for ever."""
-    return itertools.chain(delays, itertools.repeat(delays[-1]))
-
-
-def test_nothing_held_acts_at_once() -> None:
-    timeline = Timeline(lambda: steps(5.0))
-    assert (timeline.deadline, timeline.renew_at) == (0.0, None)
-    assert timeline.wake(1000.0) == 0.0
-
-
-def test_a_held_thing_wakes_for_its_renewal_or_its_deadline_whichever_is_sooner() -> None:
-    timeline = Timeline(lambda: steps(5.0))
-    timeline.renewed(deadline=4600.0, renew_at=1600.0)
-    assert timeline.wake(1000.0) == 600.0
-    assert timeline.wake(1600.0) == 0.0
-    timeline.renewed(deadline=1300.0, renew_at=1600.0)  # the deadline first: stop serving
-    assert timeline.wake(1000.0) == 300.0
-    # Past the deadline, only the renewal (or retry) is waited for.
-    assert timeline.wake(1400.0) == 200.0
-
-
-def test_failures_retry_a_backoff_step_later_never_sooner_than_the_minimum() -> None:
-    made: list[int] = []
-
-    def delays() -> Iterator[float]:
-        made.append(1)
-        return steps(0.2, 3.0, 7.0)
-
-    timeline = Timeline(delays, min_retry=1.0)
-    assert made == []  # no randomness drawn before a failure
-    assert timeline.failed(1000.0) == 1001.0  # 0.2, raised to the minimum
-    assert timeline.failed(1001.0) == 1004.0
-    assert timeline.failed(1004.0) == 1011.0
-    assert timeline.wake(1005.0) == 6.0
-    assert timeline.failed(1011.0, at_least=60.0) == 1071.0  # e.g. upstream's retry_after
-    assert made == [1]  # one series per outage
-
-
-def test_a_success_ends_the_outage_and_the_next_failure_starts_the_backoff_over() -> None:
-    timeline = Timeline(lambda: steps(2.0, 4.0, 8.0))
-    timeline.failed(1000.0)
-    timeline.failed(1002.0)
-    timeline.renewed(deadline=5000.0, renew_at=2000.0)
-    assert timeline.failed(2000.0) == 2002.0
-
-
-def test_released_forgets_the_deadline_and_acts_at_once() -> None:
-    timeline = Timeline(lambda: steps(2.0, 4.0))
-    timeline.renewed(deadline=5000.0, renew_at=2000.0)
-    timeline.failed(2000.0)
-    timeline.released()
-    assert (timeline.deadline, timeline.renew_at, timeline.wake(2001.0)) == (0.0, None, 0.0)
-    assert timeline.failed(2001.0) == 2003.0  # a new outage: the first step again
+# ------------------------------------------------------------- the keeper's plan
 
 
 def test_the_keeper_takes_a_block_when_none_is_held_and_renews_one_that_is() -> None:

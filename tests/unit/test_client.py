@@ -18,6 +18,7 @@ from nacl.signing import SigningKey
 
 import licd_client.lease
 from licd_client import errors, messages, tokens
+from licd_client.backoff import Backoff
 from licd_client.client import AsyncClient, resolve_anchors, resolve_servers
 from licd_client.clock import ManualClock
 from licd_client.connection import blocking_checkin
@@ -369,6 +370,86 @@ async def test_failed_renewals_fire_on_expiring_then_on_lost_at_the_deadline(
     assert isinstance(lost[0], errors.LeaseUnknown) and "lapsed" in str(lost[0])
     assert clock.now() == start + 30.0  # lost exactly at the local deadline
     assert not lease.valid and lease.remaining() == 0
+    await lease.release()
+
+
+def heartbeat_times(
+    fake: FakeLicd, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> list[float]:
+    """The lease-clock times at which the fake answers heartbeats, filled in as it does."""
+    times: list[float] = []
+    answer = fake._answer
+
+    def timed(req: messages.Request) -> dict[str, object]:
+        if isinstance(req, messages.Heartbeat):
+            times.append(clock.now())
+        return answer(req)
+
+    monkeypatch.setattr(fake, "_answer", timed)
+    return times
+
+
+async def test_renewals_wait_retry_after_wake_for_on_expiring_and_stop_at_the_deadline(
+    fake: FakeLicd, client: AsyncClient, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon that keeps saying "wait 8 s": each retry waits that (the jittered delay is
+    shorter), but not past the start of the last third (on_expiring, and a retry then)
+    nor past the local deadline, where the lease is lost without another try."""
+    times = heartbeat_times(fake, clock, monkeypatch)
+    expiring: list[float] = []
+    lost = asyncio.Event()
+    await client.checkout(
+        KEY, on_expiring=lambda left: expiring.append(clock.now()), on_lost=lambda _: lost.set()
+    )
+    fake.fail["heartbeat"] = errors.RateLimited(retry_after=8.0)
+    await step_until(clock, lost)
+    assert times == [1010.0, 1018.0, 1020.0, 1028.0]  # checked out at 1000, ttl 30
+    assert expiring == [1020.0]
+    assert clock.now() == 1030.0
+
+
+async def test_a_renewal_failing_after_the_deadline_loses_the_lease_at_once(
+    fake: FakeLicd, client: AsyncClient, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answer = fake._answer
+
+    def slow(req: messages.Request) -> dict[str, object]:
+        if isinstance(req, messages.Heartbeat):
+            clock.advance(25.0)  # the reply comes 5 s after the lease's deadline
+        return answer(req)
+
+    monkeypatch.setattr(fake, "_answer", slow)
+    lost = asyncio.Event()
+    await client.checkout(KEY, on_lost=lambda _: lost.set())
+    fake.fail["heartbeat"] = errors.RateLimited(retry_after=8.0)
+    await step_until(clock, lost)
+    assert clock.now() == 1035.0  # not at the retry, 8 s on
+
+
+async def test_renewal_retries_back_off_with_jitter_and_start_over_after_a_success(
+    fake: FakeLicd, client: AsyncClient, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    times = heartbeat_times(fake, clock, monkeypatch)
+    lease = await client.checkout(KEY)
+    # The client's delays, as its own random source (seeded 1, not drawn yet) makes them.
+    draws = random.Random(1)
+    outage = Backoff().delays(draws)
+    first, second = next(outage), next(outage)
+    fake.fail["heartbeat"] = errors.Unavailable()
+    assert await clock.step() == 1010.0  # renew_in: fails
+    assert await clock.wait_for_sleeper() == pytest.approx(1010.0 + first)
+    await clock.step()  # fails again: the next, longer step
+    assert await clock.wait_for_sleeper() == pytest.approx(1010.0 + first + second)
+    del fake.fail["heartbeat"]
+    renewed = await clock.step()
+    assert await clock.wait_for_sleeper() == pytest.approx(renewed + 10.0)  # renew_in again
+    assert state(lease) is LeaseState.ACTIVE
+    fake.fail["heartbeat"] = errors.Unavailable()
+    await clock.step()  # fails
+    # A new outage: the backoff starts over from its first, shortest step.
+    again = next(Backoff().delays(draws))  # from 0..0.1 again, not 0..0.4
+    assert await clock.wait_for_sleeper() == pytest.approx(renewed + 10.0 + again)
+    assert times == pytest.approx([1010.0, 1010.0 + first, renewed, renewed + 10.0])
     await lease.release()
 
 

@@ -1,4 +1,6 @@
-"""dispatch: the one error map, and the per-peer checkout limits, on an in-process daemon.
+"""dispatch: failures answered through the error map (the map itself: test_errors.py),
+closing the connection as it says, a relayed request's store failure among them; and
+the per-peer checkout limits, on an in-process daemon.
 
 Peers are told apart by source address: the hostile ones connect from 127.0.0.2, the
 legitimate one from 127.0.0.1 (both loopback on Linux).
@@ -6,23 +8,31 @@ legitimate one from 127.0.0.1 (both loopback on Linux).
 
 from __future__ import annotations
 
-import ast
 import asyncio
 import logging
 import secrets
 import sqlite3
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from nacl.signing import SigningKey
 
-import licd
 from licd.cli.admin_client import AdminClient, AdminError
 from licd.clock import ManualClock
+from licd.core.dispatch import Answer, Dispatcher, Session
+from licd.core.errors import ADMIN_UNAVAILABLE
+from licd.core.keys import Signer
+from licd.core.service import LicenceService
 from licd.daemon import Daemon
-from licd.store.sqlite import DB_FILE
-from tests.support import DICOM, RawPeer, address, holder, make_config, running
-
-LICD_DIR = Path(licd.__file__).resolve().parent
+from licd.deferred import Deferred
+from licd.store.sqlite import DB_FILE, Store
+from licd_client.errors import FrameTooLarge, TooManyConnections, Unavailable
+from licd_client.messages import CheckinReply
+from tests.support import DICOM, RawPeer, address, holder, make_config, new_engine, running
+from tests.unit import test_router as scripted
+from tests.unit.test_store import running as store_running
 
 
 async def peer_from(daemon: Daemon, source: str) -> RawPeer:
@@ -46,11 +56,11 @@ async def test_a_store_error_is_unavailable_never_internal(
             db.execute("ALTER TABLE audit RENAME TO audit_gone")
         client = AdminClient(daemon.admin.path, timeout=10)
         with (
-            caplog.at_level(logging.ERROR, logger="licd.core.dispatch"),
+            caplog.at_level(logging.ERROR, logger="licd.core.errors"),
             pytest.raises(AdminError) as refused,
         ):
             await asyncio.to_thread(client.call, "audit")
-        assert refused.value.code == "unavailable"
+        assert (refused.value.code, str(refused.value)) == ("unavailable", ADMIN_UNAVAILABLE)
         assert "event=store_error" in caplog.text and "internal_error" not in caplog.text
 
 
@@ -63,23 +73,98 @@ async def test_a_failed_commit_answers_a_checkout_unavailable(tmp_path: Path) ->
         peer = await peer_from(daemon, "127.0.0.1")
         reply = await checkout(peer)
         assert (reply["ok"], reply["error"]) == (False, "unavailable")
+        assert reply["message"] == Unavailable.default_message  # not the database's words
         await peer.close()
 
 
-def test_only_dispatch_turns_exceptions_into_error_frames() -> None:
-    """`error_frame` (an exception to a wire error) is called in licd/core/dispatch.py only;
-    everything else goes through `dispatch.error_reply` or `Dispatcher.error`."""
-    callers = []
-    for path in sorted(LICD_DIR.rglob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Call):
-                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
-                if name == "error_frame":
-                    callers.append(path.relative_to(LICD_DIR).as_posix())
-            if isinstance(node, ast.Dict):  # nor does anyone write an error reply by hand
-                keys = {k.value for k in node.keys if isinstance(k, ast.Constant)}
-                assert not {"ok", "error"} <= keys, path
-    assert set(callers) == {"core/dispatch.py"}
+# ------------------------------------------------------- without sockets: the closing
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    async with store_running(tmp_path / "licd.db") as s:
+        yield s
+
+
+def dispatcher_of(store: Store) -> Dispatcher:
+    service = LicenceService(new_engine([DICOM]), store, ManualClock())
+    return Dispatcher(service, Signer(SigningKey.generate(), "site-1"))
+
+
+async def answered(answer: Answer | Deferred[Answer]) -> Answer:
+    return answer if isinstance(answer, tuple) else await answer
+
+
+@pytest.mark.parametrize(
+    ("hello_done", "frame", "error", "close"),
+    [
+        (False, {"op": "available", "id": 1, "key": DICOM.key}, "hello_required", True),
+        (True, {"op": "available", "id": 1}, "bad_request", True),  # no key
+        (True, {"op": "launch", "id": 1}, "bad_request", True),
+        (True, {"op": "available", "id": 1, "key": "NOT-A-KEY"}, "unknown_licence", False),
+        (
+            True,
+            {"op": "heartbeat", "id": 1, "lease": "x" * 32, "nonce": b"n" * 16},
+            "lease_unknown",
+            False,
+        ),
+    ],
+)
+async def test_an_error_closes_the_connection_when_the_map_says_so(
+    store: Store, hello_done: bool, frame: dict[str, Any], error: str, close: bool
+) -> None:
+    reply, closing = await answered(dispatcher_of(store).handle(Session("?", hello_done), frame))
+    assert (reply["error"], closing) == (error, close)
+
+
+async def test_errors_found_before_decoding_close_by_the_same_map(store: Store) -> None:
+    dispatcher = dispatcher_of(store)
+    assert dispatcher.error(FrameTooLarge())[1] is True
+    # A connection refused at the door is closed by the server, whatever the error.
+    assert dispatcher.error(TooManyConnections()) == (
+        {
+            "id": None,
+            "ok": False,
+            "error": "too_many_connections",
+            "message": "connection limit reached",
+        },
+        False,
+    )
+    dispatcher.shutting_down = True
+    reply, closing = await answered(
+        dispatcher.handle(Session("?", True), {"op": "available", "id": 4, "key": DICOM.key})
+    )
+    assert (reply["id"], reply["error"], closing) == (4, "shutting_down", False)
+
+
+async def test_a_relayed_checkout_the_store_fails_is_given_back_and_unavailable(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The router lets the store's failure to record a forwarded lease propagate: the
+    lease goes back upstream, and the client is told `unavailable` in the protocol's
+    words by the map, which logs the database's."""
+    clock = ManualClock()
+    lease = scripted.granted("L-1", clock, 90.0, lease="secret-1")
+    upstream = scripted.ScriptedUpstream(lease, CheckinReply(0, released=True))
+    router = scripted.router_of(store, clock, upstream, scripted.FORWARD)
+    dispatcher = Dispatcher(LicenceService(router.engine, store, clock), router.signer)
+    dispatcher.router = router
+    with sqlite3.connect(store.path) as db:
+        db.execute(
+            "CREATE TRIGGER boom BEFORE INSERT ON forwarded "
+            "BEGIN SELECT RAISE(ABORT, '/var/lib/licd: disk full'); END"
+        )
+    request = scripted.checkout(scripted.FORWARD.key).to_wire()
+    with caplog.at_level(logging.ERROR, logger="licd.core.errors"):
+        reply, closing = await answered(dispatcher.handle(Session("10.0.0.1", True), request))
+    assert (reply["error"], reply["message"], closing) == (
+        "unavailable",
+        Unavailable.default_message,
+        False,
+    )
+    assert [r.op for r in upstream.asked] == ["checkout", "checkin"]  # given back
+    assert router.forwarded == {} and await store.load_forwarded() == []
+    assert "event=store_error op='checkout'" in caplog.text and "disk full" in caplog.text
 
 
 async def test_a_peer_over_its_denied_budget_is_rate_limited_and_not_audited(
