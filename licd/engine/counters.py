@@ -49,11 +49,13 @@ class CounterBook:
             self._state[(s.licence_id, s.name)] = s
 
     def state(self, licence_id: str, counter: Counter, at: Instant) -> CounterState:
-        """The counter's state now (a new period starts from zero)."""
+        """The counter's state now: a later period starts from zero. A wall clock stepped
+        back across a boundary (or a reset edited to a longer period) starts nothing: the
+        units used stay used, so no clock change can hand out a period's units twice."""
         key = (licence_id, counter.name)
         start = counter.period_start(at.wall)
         s = self._state.get(key)
-        if s is None or s.period_start != start:
+        if s is None or start > s.period_start:
             s = self._state[key] = CounterState(licence_id, counter.name, 0, start)
         return s
 

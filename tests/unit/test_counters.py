@@ -290,6 +290,34 @@ def test_restored_state_of_a_past_period_starts_from_zero() -> None:
     assert state == CounterState("lic", "pages", 0, utc(2026, 9, 15))
 
 
+def test_a_wall_clock_stepped_back_across_a_boundary_does_not_reset_the_count() -> None:
+    """Just after midnight the day's units are used up; the clock is then set back to
+    the day before (NTP, an admin): that must not hand the units out a second time."""
+    daily = Counter("pages", limit=2, reset="daily")
+    book = CounterBook()
+    after_midnight = at(utc(2026, 9, 16, 0, 0, 5))
+    consume(book, 2, counter=daily, when=after_midnight)
+    stepped_back = at(utc(2026, 9, 15, 23, 59, 50), mono=1001.0)
+    with pytest.raises(QuotaExhausted):
+        consume(book, counter=daily, when=stepped_back)
+    assert book.state("lic", daily, stepped_back) == CounterState(
+        "lic", "pages", 2, utc(2026, 9, 16)
+    )
+    # the clock comes forward again, into the same day: still used up
+    with pytest.raises(QuotaExhausted):
+        consume(book, counter=daily, when=at(utc(2026, 9, 16, 0, 1), mono=1002.0))
+    # the next day starts from zero
+    assert consume(book, counter=daily, when=at(utc(2026, 9, 17, 0, 1), mono=1003.0)).used == 1
+
+
+def test_a_reset_edited_to_a_longer_period_keeps_what_was_used() -> None:
+    """daily -> monthly mid-month: today's units count toward the month."""
+    book = CounterBook()
+    book.restore([CounterState("lic", "pages", 4, utc(2026, 9, 15))])
+    monthly = Counter("pages", limit=5, reset="monthly")
+    assert consume(book, counter=monthly).used == 5
+
+
 def test_a_changed_reset_starts_a_new_count() -> None:
     """A counter edited from `never` to `daily`: the stored count was not of today."""
     book = CounterBook()
