@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from licd import __version__
-from licd.core.deferred import Deferred
+from licd.deferred import Deferred
 from licd.core.errors import Audience, error_reply
 from licd.core.keys import Signer
 from licd.core.router import Router
