@@ -265,7 +265,7 @@ def add_leases(state_dir: Path, count: int, ttl: float) -> list[str]:
     columns match. Returns a few of their secrets."""
     import secrets
 
-    from licd.engine import Lease
+    from licd.engine import SeatLease
     from licd.store.records import INSERT_LEASE, lease_row
     from licd.store.sqlite import DB_FILE
     from licd_client.messages import Holder
@@ -282,7 +282,7 @@ def add_leases(state_dir: Path, count: int, ttl: float) -> list[str]:
             if i < 16:
                 kept.append(secret)
             holder = Holder(host=f"host{i}", hostid=f"hostid-{i}", user="bench", pid=1000 + i)
-            lease = Lease(
+            lease = SeatLease(
                 secret=secret,
                 handle=f"b{i:011d}",
                 licence_id=LICENCE_ID,

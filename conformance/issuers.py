@@ -16,7 +16,7 @@ import msgpack
 from nacl.signing import SigningKey
 
 from licd.core.keys import Signer
-from licd.engine import Grant, Lease, Licence
+from licd.engine import Grant, Licence, SeatLease
 from licd_client.messages import Features, Holder
 from licd_client.tokens import SIGNATURE_LEN, sign
 
@@ -80,7 +80,7 @@ class Issuer:
     ) -> bytes:
         """A token as this daemon's `Signer` signs it, serving its chain."""
         licence = self.licence if product is None else replace(self.licence, product=product)
-        lease = Lease(
+        lease = SeatLease(
             secret="s" * 32,
             handle=handle,
             licence_id=licence.id,

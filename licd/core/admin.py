@@ -20,7 +20,7 @@ from licd.config.settings import licence_from_mapping, licence_to_mapping
 from licd.core.events import Event
 from licd.core.router import Router
 from licd.core.service import LicenceService
-from licd.engine import Availability, Lease, Licence
+from licd.engine import Availability, Licence, SeatLease
 from licd.engine.lease_filter import LeaseFilter
 from licd.store.records import Forwarded
 from licd_client.errors import BadRequest, UnknownLicence
@@ -72,7 +72,7 @@ def licence_status(licence: Licence, usage: Availability, now: float) -> dict[st
     }
 
 
-def lease_listing(lease: Lease) -> dict[str, Any]:
+def lease_listing(lease: SeatLease) -> dict[str, Any]:
     """A lease as admins see it: everything but its secret."""
     h = lease.holder
     return {
@@ -93,8 +93,8 @@ def lease_listing(lease: Lease) -> dict[str, Any]:
     }
 
 
-def _listing(item: Lease | Forwarded) -> dict[str, Any]:
-    return lease_listing(item) if isinstance(item, Lease) else forwarded_listing(item)
+def _listing(item: SeatLease | Forwarded) -> dict[str, Any]:
+    return lease_listing(item) if isinstance(item, SeatLease) else forwarded_listing(item)
 
 
 def forwarded_listing(item: Forwarded) -> dict[str, Any]:
@@ -264,7 +264,7 @@ class AdminOps:
             raise UnknownLicence(f"no licence with id {chosen.licence!r}")
         # A router's forward-mode leases are listed too: their seats are held upstream.
         relay = self.daemon.relay
-        leases: list[Lease | Forwarded] = [*self.service.engine.leases]
+        leases: list[SeatLease | Forwarded] = [*self.service.engine.leases]
         leases += relay.forwarded_listing() if relay is not None else []
         page, after = chosen.page(leases, limit)
         return {"leases": [_listing(x) for x in page], "next": after}

@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from licd import __version__
-from licd.deferred import Deferred
 from licd.core.errors import Audience, error_reply
 from licd.core.keys import Signer
 from licd.core.router import Router
 from licd.core.service import LicenceService
-from licd.engine import Grant, Lease
+from licd.deferred import Deferred
+from licd.engine import Grant, SeatLease
 from licd.engine.ratelimit import CheckoutLimits
 from licd_client.errors import (
     BadRequest,
@@ -74,7 +74,7 @@ class Handover(Deferred[Answer]):
 
     __slots__ = ("_dispatcher", "lease")
 
-    def __init__(self, dispatcher: Dispatcher, lease: Lease | None = None) -> None:
+    def __init__(self, dispatcher: Dispatcher, lease: SeatLease | None = None) -> None:
         super().__init__()
         self._dispatcher = dispatcher
         self.lease = lease  # None: nothing to give back (a checkout the router relayed)

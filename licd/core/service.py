@@ -28,7 +28,7 @@ from licd.core.audit_upkeep import DenialLog
 from licd.core.errors import store_failure_as_unavailable
 from licd.core.events import Event, EventBus, Kind, holder_event
 from licd.deferred import Deferred
-from licd.engine import Availability, Engine, Grant, Lease, LeaseState, Licence
+from licd.engine import Availability, Engine, Grant, LeasePhase, Licence, SeatLease
 from licd.engine.counters import Consumed
 from licd.engine.lease_filter import LeaseFilter
 from licd.engine.licence import licence_changes
@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def lease_event(kind: Kind, lease: Lease, time: float, **extra: Any) -> Event:
+def lease_event(kind: Kind, lease: SeatLease, time: float, **extra: Any) -> Event:
     return holder_event(
         kind,
         time,
@@ -140,7 +140,7 @@ class LicenceService:
     def checkout_landed(self, grant: Grant) -> None:
         """After the checkout's commit: raises Unavailable unless its lease is live (a
         retry whose first attempt failed to commit)."""
-        if grant.lease.state is not LeaseState.LIVE:
+        if grant.lease.state is not LeasePhase.LIVE:
             raise Unavailable()
         if not grant.fresh:
             self.store.touch_lease(grant.lease)
@@ -192,7 +192,7 @@ class LicenceService:
             self.store.append_later(entry)
         return len(entries)
 
-    def _commit_checkout(self, lease: Lease, at: Instant) -> Deferred[None]:
+    def _commit_checkout(self, lease: SeatLease, at: Instant) -> Deferred[None]:
         """Persist a granted lease; once committed it is confirmed (or, if the commit
         failed, aborted), in a callback that runs whatever happens to the caller."""
         # An overdraft grant is an exception the audit log calls out.
@@ -234,14 +234,14 @@ class LicenceService:
             return None
         return self._begin_release([lease], Kind.CHECKIN)
 
-    def release_abandoned(self, lease: Lease) -> Deferred[None] | None:
+    def release_abandoned(self, lease: SeatLease) -> Deferred[None] | None:
         """Check in a fresh lease whose checkout reply never reached its client (it left
         first: closed the connection, exited, was killed), at once rather than after its
         ttl and grace: a checkin audited with reason `abandoned`. None when nothing is
         released: the commit failed, the lease is already going, or it is a device lease
         (a checkin does not free one). Whether another checkout shares the lease (a
         retry) is the caller's to know: such a lease is not abandoned."""
-        if lease.state is not LeaseState.LIVE or self.engine.begin_release(lease.secret) is None:
+        if lease.state is not LeasePhase.LIVE or self.engine.begin_release(lease.secret) is None:
             return None
         try:
             return self._begin_release([lease], Kind.CHECKIN, reason="abandoned")
@@ -268,7 +268,7 @@ class LicenceService:
     def available(self, key: str) -> Availability:
         return self.engine.available(key, self.clock.now())
 
-    async def reap_once(self, at: Instant) -> list[Lease]:
+    async def reap_once(self, at: Instant) -> list[SeatLease]:
         """Reclaim every lease past `expires + grace`; returns them once committed."""
         due = self.engine.due(at)
         if due:
@@ -283,33 +283,35 @@ class LicenceService:
         user: str | None = None,
         reason: str = "",
         admin_uid: int | None = None,
-    ) -> list[Lease]:
+    ) -> list[SeatLease]:
         """An admin's revoke of leases by handle, or of all of a holder's leases. The
         holders' next heartbeat gets lease_unknown, saying "revoked by the administrator"
         and `reason`. Raises LeaseUnknown for an unknown handle (and revokes nothing then)."""
-        chosen: dict[str, Lease] = {}
+        chosen: dict[str, SeatLease] = {}
         for handle in handles:
             lease = self.engine.lease_by_handle(handle)
-            if lease is None or lease.state is not LeaseState.LIVE:
+            if lease is None or lease.state is not LeasePhase.LIVE:
                 raise LeaseUnknown(f"no live lease with handle {handle!r}")
             chosen[lease.handle] = lease
         # The host's leases and the user's, each chosen as `licd leases` lists them.
         holders = [LeaseFilter(host=host)] if host is not None else []
         holders += [LeaseFilter(user=user)] if user is not None else []
         for lease in self.engine.leases:
-            if lease.state is LeaseState.LIVE and any(x.matches(lease) for x in holders):
+            if lease.state is LeasePhase.LIVE and any(x.matches(lease) for x in holders):
                 chosen[lease.handle] = lease
         leases = [x for x in chosen.values() if self.engine.begin_revoke(x.handle, reason) is x]
         if leases:
             await self._release(leases, Kind.REVOKE, reason=reason, admin_uid=admin_uid)
         return leases
 
-    async def _release(self, leases: Sequence[Lease], kind: Kind, **extra: Any) -> None:
+    async def _release(self, leases: Sequence[SeatLease], kind: Kind, **extra: Any) -> None:
         """Release `leases`, once committed. A caller that goes away does not cancel the
         commit (what must follow it runs in its callbacks either way)."""
         await self._begin_release(leases, kind, **extra)
 
-    def _begin_release(self, leases: Sequence[Lease], kind: Kind, **extra: Any) -> Deferred[None]:
+    def _begin_release(
+        self, leases: Sequence[SeatLease], kind: Kind, **extra: Any
+    ) -> Deferred[None]:
         """Delete released leases; once committed their seats are freed (or, if the
         commit failed, the leases are live again), in a callback whatever happens to
         the caller. Returns the commit."""
@@ -385,7 +387,7 @@ class LicenceService:
 
     async def remove_licence(
         self, licence_id: str, *, force: bool = False, admin_uid: int | None = None
-    ) -> list[Lease]:
+    ) -> list[SeatLease]:
         """Remove a licence; with `force`, its live leases are revoked first (without
         it, a licence with leases is refused). Returns the leases revoked."""
         if self.engine.licence_by_id(licence_id) is None:
@@ -396,7 +398,7 @@ class LicenceService:
         self.engine.suspend(licence_id)  # no checkout may slip in while we remove it
         try:
             revoked = await self.revoke(
-                handles=[x.handle for x in leases if x.state is LeaseState.LIVE],
+                handles=[x.handle for x in leases if x.state is LeasePhase.LIVE],
                 reason="licence removed",
                 admin_uid=admin_uid,
             )

@@ -5,7 +5,7 @@ is made at. Everything else carries data to and from it.
 """
 
 from licd.engine.engine import Availability, Engine, Grant
-from licd.engine.lease import Lease, LeaseState
+from licd.engine.lease import LeasePhase, SeatLease
 from licd.engine.licence import Licence
 
-__all__ = ["Availability", "Engine", "Grant", "Lease", "LeaseState", "Licence"]
+__all__ = ["Availability", "Engine", "Grant", "LeasePhase", "Licence", "SeatLease"]

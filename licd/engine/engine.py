@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from licd.clock import Instant
 from licd.engine.counters import Consumed, CounterBook
 from licd.engine.endings import RECLAIM, RECLAIMED, Endings, revoked
-from licd.engine.lease import Lease, LeaseState
+from licd.engine.lease import LeasePhase, SeatLease
 from licd.engine.licence import Licence, key_clash
 from licd.engine.policy import Who, first_match, matches
 from licd.engine.seats import SeatBook, unit_key
@@ -89,7 +89,7 @@ def new_handle(random_bytes: RandomBytes) -> str:
 class Grant:
     """What a checkout or heartbeat decided: the lease and the lease length to report."""
 
-    lease: Lease
+    lease: SeatLease
     licence: Licence
     ttl: float  # seconds from now until `lease.expires`
     fresh: bool  # True: a new lease to persist; False: an existing one renewed
@@ -131,10 +131,10 @@ class Engine:
     ) -> None:
         self._licences: dict[str, Licence] = {}  # by key
         self._by_id: dict[str, Licence] = {}
-        self._leases: dict[str, Lease] = {}  # by secret
-        self._by_handle: dict[str, Lease] = {}
-        self._by_request: dict[tuple[str, str, str], Lease] = {}
-        self._devices: dict[tuple[str, str], Lease] = {}  # (licence id, hostid) -> lease
+        self._leases: dict[str, SeatLease] = {}  # by secret
+        self._by_handle: dict[str, SeatLease] = {}
+        self._by_request: dict[tuple[str, str, str], SeatLease] = {}
+        self._devices: dict[tuple[str, str], SeatLease] = {}  # (licence id, hostid) -> lease
         self._removing: set[str] = set()  # licence ids being removed: no new grants
         self.seats = SeatBook()
         self.counters = CounterBook()
@@ -143,7 +143,7 @@ class Engine:
         #: Reclaim deadlines: (monotonic time, tie-break, lease), at most one entry a
         #: lease (its `scheduled`) plus stale ones of leases gone, compacted when those
         #: outnumber the live.
-        self._deadlines: list[tuple[float, int, Lease]] = []
+        self._deadlines: list[tuple[float, int, SeatLease]] = []
         self._seq = 0
         self._random_bytes = random_bytes
         self._renew_min_rate = renew_min_rate
@@ -158,13 +158,13 @@ class Engine:
         return list(self._by_id.values())
 
     @property
-    def leases(self) -> list[Lease]:
+    def leases(self) -> list[SeatLease]:
         return list(self._leases.values())
 
     def licence_by_id(self, licence_id: str) -> Licence | None:
         return self._by_id.get(licence_id)
 
-    def lease_by_handle(self, handle: str) -> Lease | None:
+    def lease_by_handle(self, handle: str) -> SeatLease | None:
         return self._by_handle.get(handle)
 
     def in_use(self, licence_id: str) -> int:
@@ -179,7 +179,7 @@ class Engine:
             licence.seats_at(now), self.in_use(licence.id), self._held_back(licence)
         )
 
-    def leases_of(self, licence_id: str) -> list[Lease]:
+    def leases_of(self, licence_id: str) -> list[SeatLease]:
         return [x for x in self._leases.values() if x.licence_id == licence_id]
 
     # ----------------------------------------------------------------- licences
@@ -260,12 +260,12 @@ class Engine:
             lease_ttl = licence.lease_ttl if ttl is None else min(ttl, licence.longest_ttl)
 
         existing = self._by_request.get((licence.id, holder.hostid, request))
-        if existing is not None and existing.state is not LeaseState.RELEASING:
+        if existing is not None and existing.state is not LeasePhase.RELEASING:
             self._check_retry(existing, who, seats, ttl)
             return self._renew(existing, licence, at)
         if licence.device_period is not None:
             device = self._devices.get((licence.id, holder.hostid))
-            if device is not None and device.state is not LeaseState.RELEASING:
+            if device is not None and device.state is not LeasePhase.RELEASING:
                 self._check_same_device(device, holder)
                 return self._renew(device, licence, at)
 
@@ -282,7 +282,7 @@ class Engine:
                 raise SeatsExhausted(detail={"in_use": in_use, "total": limit})
             overdraft = in_use + extra > limit
 
-        lease = Lease(
+        lease = SeatLease(
             secret=self._unique(new_secret, self._leases),
             handle=handle,
             licence_id=licence.id,
@@ -298,7 +298,7 @@ class Engine:
             overdraft=overdraft,
             device=licence.device_period is not None,
             unit=unit,
-            state=LeaseState.PENDING,
+            state=LeasePhase.PENDING,
             renewals=RENEW_BURST,
             renewed_at=at.mono,
             asked=(seats, ttl),
@@ -308,7 +308,7 @@ class Engine:
         return grant
 
     @staticmethod
-    def _check_retry(lease: Lease, who: Who, seats: int, ttl: float | None) -> None:
+    def _check_retry(lease: SeatLease, who: Who, seats: int, ttl: float | None) -> None:
         """A retry of `lease`'s checkout: only its holder, from its address, may have it
         back (its secret is in the answer), and only for what it asked the first time."""
         if lease.holder != who.holder or lease.ip != who.ip:
@@ -325,7 +325,7 @@ class Engine:
             )
 
     @staticmethod
-    def _check_same_device(lease: Lease, holder: Holder) -> None:
+    def _check_same_device(lease: SeatLease, holder: Holder) -> None:
         """A device lease goes back to its device after a restart of the app (a new
         process, a new request key), but only to the same machine and user: a hostid
         alone is no secret."""
@@ -389,14 +389,14 @@ class Engine:
             if who is None or not matches(f"group:{group}", who, self.groups)
         )
 
-    def confirm(self, lease: Lease) -> None:
+    def confirm(self, lease: SeatLease) -> None:
         """The lease's checkout is committed: it is live."""
-        if lease.state is LeaseState.PENDING:
-            lease.state = LeaseState.LIVE
+        if lease.state is LeasePhase.PENDING:
+            lease.state = LeasePhase.LIVE
 
-    def abort(self, lease: Lease) -> None:
+    def abort(self, lease: SeatLease) -> None:
         """The lease's checkout failed to commit: forget it and free its seats."""
-        if lease.state is LeaseState.PENDING:
+        if lease.state is LeasePhase.PENDING:
             self._remove(lease)
 
     def heartbeat(self, secret: str, at: Instant) -> Grant:
@@ -406,7 +406,7 @@ class Engine:
         self._spend_renewal(lease, at)
         return self._renew(lease, licence, at)
 
-    def _spend_renewal(self, lease: Lease, at: Instant) -> None:
+    def _spend_renewal(self, lease: SeatLease, at: Instant) -> None:
         rate = renew_rate(lease.ttl, self._renew_min_rate)
         tokens = min(RENEW_BURST, lease.renewals + (at.mono - lease.renewed_at) * rate)
         lease.renewed_at = at.mono
@@ -418,11 +418,11 @@ class Engine:
             )
         lease.renewals = tokens - 1.0
 
-    def _live(self, secret: str, at: Instant) -> tuple[Lease, Licence]:
+    def _live(self, secret: str, at: Instant) -> tuple[SeatLease, Licence]:
         """The live lease with `secret` and its licence, valid at `at`. LeaseUnknown
         otherwise, saying why when the lease was revoked or reclaimed."""
         lease = self._leases.get(secret)
-        if lease is None or lease.state is not LeaseState.LIVE:
+        if lease is None or lease.state is not LeasePhase.LIVE:
             ending = self.endings.find(secret, at.mono) if lease is None else lease.ending
             raise LeaseUnknown() if ending is None else ending.error()
         licence = self._by_id.get(lease.licence_id)
@@ -431,19 +431,19 @@ class Engine:
         self._check_validity(licence, at)
         return lease, licence
 
-    def begin_release(self, secret: str, *, revoke: bool = False) -> Lease | None:
+    def begin_release(self, secret: str, *, revoke: bool = False) -> SeatLease | None:
         """Checkin: mark the lease releasing (its seat stays counted until `released`).
         None when no such live lease exists, or when it is a device lease (its seat stays
         with the device for the period; only a revoke ends it early)."""
         lease = self._leases.get(secret)
         if lease is None:
             return None
-        if lease.state is LeaseState.PENDING or (lease.device and not revoke):
+        if lease.state is LeasePhase.PENDING or (lease.device and not revoke):
             return None
-        lease.state = LeaseState.RELEASING
+        lease.state = LeasePhase.RELEASING
         return lease
 
-    def begin_revoke(self, handle: str, reason: str = "") -> Lease | None:
+    def begin_revoke(self, handle: str, reason: str = "") -> SeatLease | None:
         """An admin's revoke: like a checkin, by the lease's public handle. Its holder is
         told, with `reason`, until the lease's reclaim deadline would have passed."""
         lease = self._by_handle.get(handle)
@@ -452,7 +452,7 @@ class Engine:
         lease.ending = revoked(reason)
         return lease
 
-    def released(self, lease: Lease) -> None:
+    def released(self, lease: SeatLease) -> None:
         """The lease's deletion is committed: free its seats (and keep why it went, if
         it was taken away, for its holder)."""
         if self._leases.get(lease.secret) is lease:
@@ -462,31 +462,31 @@ class Engine:
                 until = lease.reclaim_at + (lease.ttl if ending.kind == RECLAIMED else 0.0)
                 self.endings.remember(lease.secret, ending, until)
 
-    def cancel_release(self, lease: Lease) -> None:
+    def cancel_release(self, lease: SeatLease) -> None:
         """The deletion failed to commit: the lease is live again, and due for reclaim
         at its old deadline (so a failed reclaim is retried)."""
-        if self._leases.get(lease.secret) is lease and lease.state is LeaseState.RELEASING:
-            lease.state = LeaseState.LIVE
+        if self._leases.get(lease.secret) is lease and lease.state is LeasePhase.RELEASING:
+            lease.state = LeasePhase.LIVE
             lease.ending = None
             self._set_deadline(lease, lease.reclaim_at)
 
-    def due(self, at: Instant) -> list[Lease]:
+    def due(self, at: Instant) -> list[SeatLease]:
         """Live leases whose reclaim deadline (expires + grace) has passed, marked
         RELEASING; the caller deletes them and calls `released`. (Endings kept no
         longer than `at` are dropped on the way.)"""
         self.endings.forget_until(at.mono)
-        out: list[Lease] = []
-        later: list[Lease] = []  # renewed since their entry was made: due again later
+        out: list[SeatLease] = []
+        later: list[SeatLease] = []  # renewed since their entry was made: due again later
         heap = self._deadlines
         while heap and heap[0][0] <= at.mono:
             deadline, _, lease = heapq.heappop(heap)
             if lease.scheduled != deadline or self._leases.get(lease.secret) is not lease:
                 continue  # a stale entry: the lease is gone, or has an earlier one
             lease.scheduled = None
-            if lease.reclaim_at > at.mono or lease.state is LeaseState.PENDING:
+            if lease.reclaim_at > at.mono or lease.state is LeasePhase.PENDING:
                 later.append(lease)
-            elif lease.state is LeaseState.LIVE:
-                lease.state = LeaseState.RELEASING
+            elif lease.state is LeasePhase.LIVE:
+                lease.state = LeasePhase.RELEASING
                 lease.ending = RECLAIM
                 out.append(lease)
             # RELEASING: released, or back with `cancel_release`, which schedules it
@@ -500,18 +500,18 @@ class Engine:
         """Entries in the reclaim heap (at most twice the leases, plus a few)."""
         return len(self._deadlines)
 
-    def restore(self, leases: Iterable[Lease], at: Instant) -> list[Lease]:
+    def restore(self, leases: Iterable[SeatLease], at: Instant) -> list[SeatLease]:
         """Load leases kept across a restart. Every reclaim deadline becomes now + the
         lease's ttl + grace on the monotonic clock: what the wall clock says of the time
         the daemon was down (it may have been set back a day) changes nothing. Returns
         the leases skipped because their licence no longer exists."""
-        skipped: list[Lease] = []
+        skipped: list[SeatLease] = []
         for lease in leases:
             licence = self._by_id.get(lease.licence_id)
             if licence is None:
                 skipped.append(lease)
                 continue
-            lease.state = LeaseState.LIVE
+            lease.state = LeasePhase.LIVE
             lease.renewals, lease.renewed_at = RENEW_BURST, at.mono
             self._add(lease)
             self._set_deadline(lease, at.mono + lease.ttl + licence.grace)
@@ -544,11 +544,11 @@ class Engine:
             raise BadRequest(f"consume: no counter {counter!r} on this licence (it has {names})")
         return self.counters.consume(licence.id, spec, units, dedup, at)
 
-    def _renew(self, lease: Lease, licence: Licence, at: Instant) -> Grant:
+    def _renew(self, lease: SeatLease, licence: Licence, at: Instant) -> Grant:
         lease.last_heartbeat = at.wall
         return self._extend(lease, licence, at, fresh=False)
 
-    def _extend(self, lease: Lease, licence: Licence, at: Instant, *, fresh: bool) -> Grant:
+    def _extend(self, lease: SeatLease, licence: Licence, at: Instant, *, fresh: bool) -> Grant:
         expires = at.wall + lease.ttl
         if licence.expires is not None:
             expires = min(expires, licence.expires)
@@ -557,7 +557,7 @@ class Engine:
         self._set_deadline(lease, at.mono + ttl + licence.grace)
         return Grant(lease, licence, ttl, fresh, licence.features_at(at.wall))
 
-    def _set_deadline(self, lease: Lease, reclaim_at: float) -> None:
+    def _set_deadline(self, lease: SeatLease, reclaim_at: float) -> None:
         """Move the lease's reclaim deadline. A later one (every renewal) keeps its heap
         entry, which finds the new deadline when it comes up; only an earlier one, or a
         lease with no entry (new, or back from a failed release), needs a new entry."""
@@ -565,7 +565,7 @@ class Engine:
         if lease.scheduled is None or reclaim_at < lease.scheduled:
             self._schedule(lease, reclaim_at)
 
-    def _schedule(self, lease: Lease, when: float) -> None:
+    def _schedule(self, lease: SeatLease, when: float) -> None:
         heap = self._deadlines
         if len(heap) > 2 * len(self._leases) + 64:  # mostly stale: rebuild from the leases
             self._compact()
@@ -582,7 +582,7 @@ class Engine:
         ]
         heapq.heapify(self._deadlines)
 
-    def _add(self, lease: Lease) -> None:
+    def _add(self, lease: SeatLease) -> None:
         if not lease.unit:
             licence = self._by_id.get(lease.licence_id)
             count_by = licence.count_by if licence is not None else "lease"
@@ -594,7 +594,7 @@ class Engine:
             self._devices[(lease.licence_id, lease.holder.hostid)] = lease
         self.seats.add(lease)
 
-    def _remove(self, lease: Lease) -> None:
+    def _remove(self, lease: SeatLease) -> None:
         del self._leases[lease.secret]
         del self._by_handle[lease.handle]
         if self._by_request.get(lease.request_key) is lease:
@@ -604,7 +604,7 @@ class Engine:
             del self._devices[device]
         self.seats.remove(lease)
 
-    def _unique(self, factory: Callable[[RandomBytes], str], taken: dict[str, Lease]) -> str:
+    def _unique(self, factory: Callable[[RandomBytes], str], taken: dict[str, SeatLease]) -> str:
         while True:
             value = factory(self._random_bytes)
             if value not in taken:

@@ -14,14 +14,14 @@ from licd.engine.endings import Ending
 from licd_client.messages import Holder
 
 
-class LeaseState(enum.Enum):
+class LeasePhase(enum.Enum):
     PENDING = "pending"  # granted in memory, its commit not yet confirmed
     LIVE = "live"  # committed; counted; renewable
     RELEASING = "releasing"  # checkin or reclaim under way; still counted until committed
 
 
 @dataclass(slots=True, eq=False)
-class Lease:
+class SeatLease:
     secret: str
     handle: str
     licence_id: str
@@ -38,7 +38,7 @@ class Lease:
     device: bool = False  # a device lease: kept for its period, checkin does not free it
     unit: str = ""  # what shares its seat (engine.seats), fixed when it is granted
     reclaim_at: float = 0.0  # monotonic: the seat may be reused after this
-    state: LeaseState = LeaseState.LIVE
+    state: LeasePhase = LeasePhase.LIVE
     # Runtime bookkeeping of the engine's, never persisted:
     scheduled: float | None = None  # monotonic: its entry in the reclaim heap, if any
     renewals: float = 0.0  # renewals it may still make at once (a token bucket) ...

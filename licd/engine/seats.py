@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable
 
-from licd.engine.lease import Lease
+from licd.engine.lease import SeatLease
 from licd_client.messages import Holder
 
 
@@ -36,16 +36,16 @@ class _Unit:
     __slots__ = ("leases", "sizes", "seats")
 
     def __init__(self) -> None:
-        self.leases: dict[str, Lease] = {}  # by handle
+        self.leases: dict[str, SeatLease] = {}  # by handle
         self.sizes: Counter[int] = Counter()  # lease seats -> how many leases
         self.seats = 0
 
-    def add(self, lease: Lease) -> None:
+    def add(self, lease: SeatLease) -> None:
         self.leases[lease.handle] = lease
         self.sizes[lease.seats] += 1
         self.seats = max(self.seats, lease.seats)
 
-    def remove(self, lease: Lease) -> None:
+    def remove(self, lease: SeatLease) -> None:
         del self.leases[lease.handle]
         left = self.sizes[lease.seats] - 1
         if left:
@@ -55,7 +55,7 @@ class _Unit:
         if lease.seats == self.seats:
             self.seats = max(self.sizes, default=0)
 
-    def without(self, lease: Lease) -> int:
+    def without(self, lease: SeatLease) -> int:
         """The seats the unit would hold without `lease`."""
         if lease.seats < self.seats or self.sizes[lease.seats] > 1:
             return self.seats
@@ -80,7 +80,7 @@ class SeatBook:
         found = self._units.get(licence_id, {}).get(unit)
         return len(found.leases) if found is not None else 0
 
-    def add(self, lease: Lease) -> None:
+    def add(self, lease: SeatLease) -> None:
         lid = lease.licence_id
         units = self._units.setdefault(lid, {})
         unit = units.get(lease.unit)
@@ -91,7 +91,7 @@ class SeatBook:
         if unit.seats > before:
             self._in_use[lid] = self._in_use.get(lid, 0) + unit.seats - before
 
-    def remove(self, lease: Lease) -> None:
+    def remove(self, lease: SeatLease) -> None:
         unit = self._unit_of(lease)
         if unit is None:
             return
@@ -102,12 +102,12 @@ class SeatBook:
         if unit.seats < before:
             self._in_use[lease.licence_id] -= before - unit.seats
 
-    def freed_by(self, lease: Lease) -> int:
+    def freed_by(self, lease: SeatLease) -> int:
         """Seats that removing `lease` would free (0 while its unit keeps the seat)."""
         unit = self._unit_of(lease)
         return 0 if unit is None else unit.seats - unit.without(lease)
 
-    def usage(self, licence_id: str, where: Callable[[Lease], bool]) -> int:
+    def usage(self, licence_id: str, where: Callable[[SeatLease], bool]) -> int:
         """Seats held by the units with at least one lease for which `where` holds. A
         scan of the licence's units: only the `max` and `reserve` policies ask."""
         return sum(
@@ -120,7 +120,7 @@ class SeatBook:
         self._units.pop(licence_id, None)
         self._in_use.pop(licence_id, None)
 
-    def _unit_of(self, lease: Lease) -> _Unit | None:
+    def _unit_of(self, lease: SeatLease) -> _Unit | None:
         """The unit `lease` is counted in, or None when it is not counted."""
         unit = self._units.get(lease.licence_id, {}).get(lease.unit)
         if unit is None or unit.leases.get(lease.handle) is not lease:

@@ -47,7 +47,7 @@ WRITE_HIGH_WATER = 256 * 1024
 PIPELINE, WRITES, BROKEN = 1, 2, 4
 
 
-class Connection(asyncio.Protocol):
+class ServerConnection(asyncio.Protocol):
     """One client connection: its frames in, its replies out in request order."""
 
     __slots__ = (
@@ -358,7 +358,7 @@ class Server:
         self.dispatcher = dispatcher
         self.ssl = ssl
         self._servers: list[asyncio.Server] = []
-        self._connections: set[Connection] = set()
+        self._connections: set[ServerConnection] = set()
         self._per_peer: Counter[str] = Counter()
         self._stopping = False
         self._idle_waiter: asyncio.Future[None] | None = None
@@ -369,21 +369,23 @@ class Server:
         return len(self._connections)
 
     @property
-    def connections(self) -> list[Connection]:
+    def connections(self) -> list[ServerConnection]:
         return list(self._connections)
 
     async def start(self) -> list[tuple[str, int]]:
         """Listen on every configured address; returns the bound (host, port) pairs."""
         loop = asyncio.get_running_loop()
         for host, port in self.config.listen:
-            server = await loop.create_server(lambda: Connection(self), host, port, ssl=self.ssl)
+            server = await loop.create_server(
+                lambda: ServerConnection(self), host, port, ssl=self.ssl
+            )
             self._servers.append(server)
             for sock in server.sockets:
                 addr = sock.getsockname()
                 self.addresses.append((addr[0], addr[1]))
         return self.addresses
 
-    def admit(self, conn: Connection, peer: str) -> LicdError | None:
+    def admit(self, conn: ServerConnection, peer: str) -> LicdError | None:
         """Count a new connection in, or say why it is refused."""
         if self._stopping:
             return ShuttingDown()
@@ -395,7 +397,7 @@ class Server:
         self._per_peer[peer] += 1
         return None
 
-    def forget(self, conn: Connection, peer: str) -> None:
+    def forget(self, conn: ServerConnection, peer: str) -> None:
         self._connections.discard(conn)
         self._per_peer[peer] -= 1
         if self._per_peer[peer] <= 0:

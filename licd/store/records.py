@@ -15,7 +15,7 @@ from typing import Any
 
 import msgpack
 
-from licd.engine import Lease, Licence
+from licd.engine import Licence, SeatLease
 from licd.engine.counters import CounterState
 from licd.engine.events import Event, Kind
 from licd.engine.licence import Addon, Counter
@@ -40,7 +40,7 @@ FROM lease
 """
 
 
-def lease_row(lease: Lease) -> tuple[Any, ...]:
+def lease_row(lease: SeatLease) -> tuple[Any, ...]:
     h = lease.holder
     return (
         lease.secret,
@@ -66,11 +66,11 @@ def lease_row(lease: Lease) -> tuple[Any, ...]:
     )
 
 
-def row_lease(row: Sequence[Any]) -> Lease:
+def row_lease(row: Sequence[Any]) -> SeatLease:
     (secret, handle, licence_id, request, host, hostid, user, pid, app, instance) = row[:10]
     seats, ttl, created, expires, last_heartbeat, delegate, ip = row[10:17]
     overdraft, device, unit = row[17:]
-    return Lease(
+    return SeatLease(
         secret=secret,
         handle=handle,
         licence_id=licence_id,

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 import aiosqlite
 
 from licd.deferred import Deferred
-from licd.engine import Lease, Licence
+from licd.engine import Licence, SeatLease
 from licd.engine.counters import CounterState
 from licd.engine.events import Event
 from licd.store.records import (
@@ -182,7 +182,7 @@ class Store:
 
     # ------------------------------------------------------------------- reads
 
-    async def load_leases(self) -> list[Lease]:
+    async def load_leases(self) -> list[SeatLease]:
         rows = await self._read(SELECT_LEASES)
         return [self._decoded(row_lease, row, "lease", row[1]) for row in rows]
 
@@ -237,12 +237,12 @@ class Store:
     # what must follow the commit on it as a callback, which runs as soon as the commit
     # is done, even if the caller was cancelled meanwhile, at no cost of a task.
 
-    def insert_lease(self, lease: Lease, event: Event | None = None) -> Deferred[None]:
+    def insert_lease(self, lease: SeatLease, event: Event | None = None) -> Deferred[None]:
         """Persist a new lease (and its audit entry): done once committed."""
         return self._enqueue([(INSERT_LEASE, [lease_row(lease)]), *_audit(event)])
 
     def delete_leases(
-        self, leases: Sequence[Lease], events: Sequence[Event] = ()
+        self, leases: Sequence[SeatLease], events: Sequence[Event] = ()
     ) -> Deferred[None]:
         """Delete leases (checkin, reclaim, revoke) with their audit entries: done once
         committed."""
@@ -303,7 +303,7 @@ class Store:
             ]
         )
 
-    def touch_lease(self, lease: Lease) -> None:
+    def touch_lease(self, lease: SeatLease) -> None:
         """Record a renewal lazily: written within LAZY_INTERVAL, together with the
         other renewals of that interval."""
         row = (lease.expires, lease.last_heartbeat, lease.secret)

@@ -27,7 +27,7 @@ from licd.config.settings import Config
 from licd.core.events import Event, Kind
 from licd.daemon import Daemon
 from licd.deferred import Deferred
-from licd.engine import Grant, Lease
+from licd.engine import Grant, SeatLease
 from licd_client import AsyncClient
 from licd_client.client import INTERRUPT_GRACE
 from tests.cli.test_client_cli import spawn
@@ -52,7 +52,7 @@ class Held:
         service = daemon.service
         insert, begin = service.store.insert_lease, service.begin_checkout
 
-        def insert_lease(lease: Lease, event: Event) -> Deferred[None]:
+        def insert_lease(lease: SeatLease, event: Event) -> Deferred[None]:
             held: Deferred[None] = Deferred()
 
             async def later() -> None:

@@ -24,7 +24,7 @@ from licd.clock import ManualClock
 from licd.core.events import Event
 from licd.daemon import setup_logging
 from licd.deferred import Deferred
-from licd.engine import Lease
+from licd.engine import SeatLease
 from licd.shells.server import WRITE_HIGH_WATER
 from licd_client import tokens
 from licd_client.errors import TokenInvalid
@@ -484,7 +484,7 @@ async def test_no_request_is_carried_out_after_a_closing_error(
         insert = store.insert_lease
         held: list[tuple[Deferred[None], Deferred[None]]] = []
 
-        def gated_insert(lease: Lease, event: Event | None = None) -> Deferred[None]:
+        def gated_insert(lease: SeatLease, event: Event | None = None) -> Deferred[None]:
             gate: Deferred[None] = Deferred()
             held.append((insert(lease, event), gate))
             return gate

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from licd.clock import ManualClock
-from licd.engine import Engine, Lease, LeaseState, Licence
+from licd.engine import Engine, LeasePhase, Licence, SeatLease
 from licd.engine.endings import MAX_REASON, Endings, revoked
 from licd.engine.engine import RENEW_BURST, renew_rate
 from licd_client.errors import (
@@ -24,7 +24,7 @@ from licd_client.safetext import one_line
 from tests.support import DICOM, holder, new_engine
 
 
-def live(engine: Engine, clock: ManualClock, host: str, *, seats: int = 1) -> Lease:
+def live(engine: Engine, clock: ManualClock, host: str, *, seats: int = 1) -> SeatLease:
     grant = engine.checkout(
         DICOM.key, holder(host), request=f"req-{host}", at=clock.now(), seats=seats
     )
@@ -86,7 +86,7 @@ def test_checkout_is_idempotent_on_request(engine: Engine, clock: ManualClock) -
 
 def test_aborted_checkout_frees_its_seats(engine: Engine, clock: ManualClock) -> None:
     grant = engine.checkout(DICOM.key, holder("a"), request="r", at=clock.now(), seats=3)
-    assert grant.lease.state is LeaseState.PENDING
+    assert grant.lease.state is LeasePhase.PENDING
     assert engine.in_use(DICOM.id) == 3
     engine.abort(grant.lease)
     assert engine.in_use(DICOM.id) == 0
@@ -154,7 +154,7 @@ def test_reclaim_only_after_expiry_plus_grace(engine: Engine, clock: ManualClock
     assert engine.due(clock.now()) == []
     clock.advance(0.002)
     assert engine.due(clock.now()) == [lease]
-    assert lease.state is LeaseState.RELEASING
+    assert lease.state is LeasePhase.RELEASING
     assert engine.in_use(DICOM.id) == 1  # until the deletion commits
     engine.released(lease)
     assert engine.in_use(DICOM.id) == 0
@@ -184,13 +184,13 @@ def test_failed_reclaim_is_retried(engine: Engine, clock: ManualClock) -> None:
     clock.advance(DICOM.lease_ttl + DICOM.grace + 1)
     assert engine.due(clock.now()) == [lease]
     engine.cancel_release(lease)
-    assert lease.state is LeaseState.LIVE
+    assert lease.state is LeasePhase.LIVE
     assert engine.due(clock.now()) == [lease]
 
 
 def test_restore_extends_every_deadline(engine: Engine, clock: ManualClock) -> None:
     lease = live(engine, clock, "a")
-    kept = Lease(
+    kept = SeatLease(
         secret=lease.secret,
         handle=lease.handle,
         licence_id=lease.licence_id,
@@ -222,7 +222,7 @@ def test_restore_after_the_clock_was_set_back_keeps_no_seat_past_ttl_and_grace(
     # looks a day away, but a holder that died with the daemon must not keep its seat.
     licence = replace(DICOM, lease_ttl=10)
     engine = new_engine([licence])
-    stored = Lease(
+    stored = SeatLease(
         secret="s",
         handle="h",
         licence_id=licence.id,
@@ -315,7 +315,7 @@ def test_revoke_by_handle_then_remove_the_licence(engine: Engine, clock: ManualC
         engine.checkout(DICOM.key, holder(), request="x", at=clock.now())
 
 
-def refusal(engine: Engine, clock: ManualClock, lease: Lease) -> LeaseUnknown:
+def refusal(engine: Engine, clock: ManualClock, lease: SeatLease) -> LeaseUnknown:
     """What a heartbeat of `lease` is answered now; a consume is answered the same."""
     with pytest.raises(LeaseUnknown) as heartbeat:
         engine.heartbeat(lease.secret, clock.now())
@@ -419,7 +419,7 @@ def test_a_retry_while_the_first_attempt_commits_joins_it(
     engine: Engine, clock: ManualClock
 ) -> None:
     first = engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now())
-    assert first.lease.state is LeaseState.PENDING  # not yet committed
+    assert first.lease.state is LeasePhase.PENDING  # not yet committed
     retry = engine.checkout(DICOM.key, holder("a"), request="r1", at=clock.now())
     assert retry.lease is first.lease and not retry.fresh
     assert engine.in_use(DICOM.id) == 1

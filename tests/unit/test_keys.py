@@ -8,7 +8,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from licd.core.keys import Signer
-from licd.engine import Grant, Lease
+from licd.engine import Grant, SeatLease
 from licd_client.errors import TokenInvalid
 from licd_client.messages import Features
 from licd_client.tokens import verify_lease
@@ -22,7 +22,7 @@ FEATURES: Features = {"tier": "pro", "modules": "core,ocr", "ocr": True}
 
 
 def grant(**lease_changes: object) -> Grant:
-    lease = Lease(
+    lease = SeatLease(
         secret="s" * 32,
         handle="k3v7p2m6q4xa",
         licence_id=DICOM.id,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from licd.clock import ManualClock
-from licd.engine import Lease
+from licd.engine import SeatLease
 from licd.engine.lease_filter import LeaseFilter
 from licd.store.records import Forwarded
 from tests.support import DICOM, holder, new_engine
@@ -66,11 +66,11 @@ def test_a_page_mixes_the_engines_leases_with_forwarded_ones() -> None:
         engine.confirm(grant.lease)
     mine = engine.leases
     upstream = [forwarded(x.handle + "x", host=x.holder.host) for x in mine]
-    everything: list[Lease | Forwarded] = [*mine, *upstream]
+    everything: list[SeatLease | Forwarded] = [*mine, *upstream]
     page, after = LeaseFilter(host="ws-2").page(everything, 10)
     ws2 = next(x for x in mine if x.holder.host == "ws-2")
     assert [(type(x), x.handle) for x in page] == [
-        (Lease, ws2.handle),
+        (SeatLease, ws2.handle),
         (Forwarded, ws2.handle + "x"),
     ]
     assert after is None

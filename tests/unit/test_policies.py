@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from licd.clock import ManualClock
-from licd.engine import Lease, Licence
+from licd.engine import Licence, SeatLease
 from licd.engine.licence import Addon, Counter
 from licd_client.errors import (
     BadRequest,
@@ -36,7 +36,7 @@ class World:
         self.engine = new_engine([licence], groups=GROUPS)
         self._n = 0
 
-    def take(self, h: Holder, *, seats: int = 1, ip: str | None = None) -> Lease:
+    def take(self, h: Holder, *, seats: int = 1, ip: str | None = None) -> SeatLease:
         self._n += 1
         grant = self.engine.checkout(
             self.licence.key,
@@ -49,7 +49,7 @@ class World:
         self.engine.confirm(grant.lease)
         return grant.lease
 
-    def give_back(self, lease: Lease) -> bool:
+    def give_back(self, lease: SeatLease) -> bool:
         released = self.engine.begin_release(lease.secret)
         if released is None:
             return False

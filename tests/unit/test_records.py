@@ -20,10 +20,10 @@ from typing import Any
 import msgpack
 import pytest
 
-from licd.engine import Lease, Licence
+from licd.engine import Licence, SeatLease
 from licd.engine.counters import CounterState
 from licd.engine.events import Event, Kind
-from licd.engine.lease import LeaseState
+from licd.engine.lease import LeasePhase
 from licd.engine.licence import Addon, Counter
 from licd.store.records import (
     DELETE_BLOCK,
@@ -75,7 +75,7 @@ def db() -> Iterator[sqlite3.Connection]:
     conn.close()
 
 
-def lease(**kw: Any) -> Lease:
+def lease(**kw: Any) -> SeatLease:
     values: dict[str, Any] = {
         "secret": "s3cret",
         "handle": "h-1",
@@ -94,10 +94,10 @@ def lease(**kw: Any) -> Lease:
         "unit": "h:id-ws-1",
     }
     values.update(kw)
-    return Lease(**values)
+    return SeatLease(**values)
 
 
-def fields_of(value: Lease) -> dict[str, Any]:
+def fields_of(value: SeatLease) -> dict[str, Any]:
     return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
 
 
@@ -144,7 +144,7 @@ def test_a_lease_row_has_every_persisted_field_in_column_order() -> None:
     ],
     ids=["every field", "optional fields empty"],
 )
-def test_a_lease_survives_the_database(db: sqlite3.Connection, original: Lease) -> None:
+def test_a_lease_survives_the_database(db: sqlite3.Connection, original: SeatLease) -> None:
     db.execute(INSERT_LEASE, lease_row(original))
     [row] = db.execute(SELECT_LEASES).fetchall()
     back = row_lease(row)
@@ -153,11 +153,11 @@ def test_a_lease_survives_the_database(db: sqlite3.Connection, original: Lease) 
 
 
 def test_run_time_bookkeeping_is_not_stored() -> None:
-    live = lease(reclaim_at=5.0, state=LeaseState.RELEASING, scheduled=9.0, renewals=2.0)
+    live = lease(reclaim_at=5.0, state=LeasePhase.RELEASING, scheduled=9.0, renewals=2.0)
     back = row_lease(lease_row(live))
     fresh = lease()
     assert {n: getattr(back, n) for n in RUNTIME} == {n: getattr(fresh, n) for n in RUNTIME}
-    assert back.state is LeaseState.LIVE
+    assert back.state is LeasePhase.LIVE
     persisted = fields_of(back).keys() - RUNTIME
     assert len(persisted) == len(lease_row(live)) - 5  # the holder fills six columns
 

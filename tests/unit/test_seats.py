@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from licd.engine import Lease
+from licd.engine import SeatLease
 from licd.engine.seats import SeatBook, unit_key
 from licd_client.messages import Holder
 from tests.support import holder
 
 
-def lease(handle: str, seats: int, unit: str = "h:one", licence_id: str = "lic") -> Lease:
-    return Lease(
+def lease(handle: str, seats: int, unit: str = "h:one", licence_id: str = "lic") -> SeatLease:
+    return SeatLease(
         secret=f"s-{handle}",
         handle=handle,
         licence_id=licence_id,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from licd.core.events import Event, Kind
-from licd.engine import Lease
+from licd.engine import SeatLease
 from licd.store.records import INSERT_AUDIT, INSERT_LEASE, audit_row, lease_row
 from licd.store.sqlite import (
     INLINE_MAX_ROWS,
@@ -33,7 +33,7 @@ from tests.support import DICOM, holder
 NOW = 1_790_000_000.0
 
 
-def lease(n: int, **kw: object) -> Lease:
+def lease(n: int, **kw: object) -> SeatLease:
     fields: dict[str, object] = {
         "secret": f"secret-{n}",
         "handle": f"h{n}",
@@ -47,7 +47,7 @@ def lease(n: int, **kw: object) -> Lease:
         "last_heartbeat": NOW,
     }
     fields.update(kw)
-    return Lease(**fields)  # type: ignore[arg-type]
+    return SeatLease(**fields)  # type: ignore[arg-type]
 
 
 @contextlib.asynccontextmanager
@@ -68,7 +68,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
         yield s
 
 
-async def reopen(path: Path) -> list[Lease]:
+async def reopen(path: Path) -> list[SeatLease]:
     s = await Store.open(path)
     try:
         return await s.load_leases()
