@@ -207,7 +207,7 @@ class Daemon:
         return self.signer.site
 
     @property
-    def relay(self) -> Router | None:
+    def router(self) -> Router | None:
         """A site router's relaying (None unless the config has an `[upstream]`)."""
         return self.server.dispatcher.router
 
@@ -259,7 +259,7 @@ class Daemon:
     ) -> Daemon:
         """The engine from the database and the config, and the daemon around it."""
         events = EventBus()
-        relay: Router | None = None
+        router: Router | None = None
         stored = await store.load_licences()
         # A relayed licence's terms come from upstream, never from the database.
         relayed_ids = {r.id for r in config.relayed}
@@ -274,7 +274,7 @@ class Daemon:
         service = LicenceService(engine, store, clock, events)
         if config.upstream is not None:
             link = UpstreamLink(config.upstream, clock, signer.site, surroundings.upstream_tls)
-            relay = Router(
+            router = Router(
                 config.upstream,
                 config.relayed,
                 link=link,
@@ -284,7 +284,7 @@ class Daemon:
                 clock=clock,
                 publish=service.publish,
             )
-            await relay.load()  # a stored block's licence, before its sub-leases
+            await router.load()  # a stored block's licence, before its sub-leases
         kept = await store.load_leases()
         engine.counters.restore(await store.load_counters())
         skipped = engine.restore(kept, clock.now())
@@ -302,7 +302,7 @@ class Daemon:
             granted=PeerBuckets(s.checkout_rate, s.checkout_burst),
         )
         server = Server(s, Dispatcher(service, signer, limits=limits), ssl=surroundings.tls)
-        server.dispatcher.router = relay
+        server.dispatcher.router = router
         daemon = cls(config, store, service, server, signer, lock, surroundings.admin_access)
         daemon._stored_licences = {x.id: x for x in stored}
         return daemon
@@ -498,8 +498,8 @@ class Daemon:
             tg.create_task(self._retire_audit(), name="audit-retention"),
         ]
         await self._save_config_licences()
-        if self.relay is not None:
-            background.append(tg.create_task(self.relay.run(), name="relay"))
+        if self.router is not None:
+            background.append(tg.create_task(self.router.run(), name="router"))
         addresses = await self._listen()
         self._announce_ready(addresses)
         return _Started(watchdog, background)
@@ -553,7 +553,7 @@ class Daemon:
                 site=self.signer.site,
                 key=self.signer.public.hex(),
                 licences=served,
-                relayed=len(relayed) if self.relay is not None else None,
+                relayed=len(relayed) if self.router is not None else None,
             ),
         )
         listening = ", ".join(format_address(a) for a in addresses)
@@ -593,8 +593,8 @@ class Daemon:
         for task in background:
             task.cancel()
         await self.alerts.hooks.drain(grace=self.config.alerts.hook_timeout)
-        if self.relay is not None:
-            await self.relay.close()
+        if self.router is not None:
+            await self.router.close()
         self.service.flush_denials(self.service.now(), every=True)
         await self.store.close()
 
@@ -618,10 +618,10 @@ class Daemon:
         for task in background:
             task.cancel()
         await self.alerts.hooks.drain(grace=0)
-        if self.relay is not None:
+        if self.router is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(deadline):
-                    await self.relay.close()
+                    await self.router.close()
         self.service.flush_denials(self.service.now(), every=True)
         left = max(0.0, deadline - asyncio.get_running_loop().time())
         await self.store.close(within=left)

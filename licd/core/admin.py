@@ -48,7 +48,7 @@ class DaemonView(Protocol):
     @property
     def connections(self) -> int: ...
     @property
-    def relay(self) -> Router | None: ...
+    def router(self) -> Router | None: ...
     async def reload(self, *, admin_uid: int | None = None) -> dict[str, Any]: ...
 
 
@@ -214,7 +214,7 @@ class AdminOps:
                 }
                 for x in sorted(engine.licences, key=lambda x: x.id)
             ],
-            "upstream": d.relay.status() if d.relay is not None else None,
+            "upstream": d.router.status() if d.router is not None else None,
         }
 
     def _counters(self, licence: Licence) -> list[dict[str, Any]]:
@@ -235,19 +235,19 @@ class AdminOps:
         return out
 
     def _mode(self, licence_id: str) -> str:
-        relay = self.daemon.relay
-        return relay.modes.get(licence_id, "local") if relay is not None else "local"
+        router = self.daemon.router
+        return router.modes.get(licence_id, "local") if router is not None else "local"
 
     def _serves(self, licence_id: str) -> bool:
         """Is this a licence of the daemon's own or one relayed from upstream?"""
-        relay = self.daemon.relay
+        router = self.daemon.router
         return self.service.engine.licence_by_id(licence_id) is not None or (
-            relay is not None and relay.is_relayed(licence_id)
+            router is not None and router.is_relayed(licence_id)
         )
 
     def _refuse_relayed(self, licence_id: str) -> None:
-        relay = self.daemon.relay
-        if relay is not None and relay.is_relayed(licence_id):
+        router = self.daemon.router
+        if router is not None and router.is_relayed(licence_id):
             raise BadRequest(
                 f"licence {licence_id!r} is relayed from upstream: change it in the config file"
             )
@@ -263,9 +263,9 @@ class AdminOps:
         if chosen.licence is not None and not self._serves(chosen.licence):
             raise UnknownLicence(f"no licence with id {chosen.licence!r}")
         # A router's forward-mode leases are listed too: their seats are held upstream.
-        relay = self.daemon.relay
+        router = self.daemon.router
         leases: list[SeatLease | Forwarded] = [*self.service.engine.leases]
-        leases += relay.forwarded_listing() if relay is not None else []
+        leases += router.forwarded_listing() if router is not None else []
         page, after = chosen.page(leases, limit)
         return {"leases": [_listing(x) for x in page], "next": after}
 

@@ -166,7 +166,7 @@ def server_of(daemon: Daemon) -> str:
 
 
 def relay_of(daemon: Daemon) -> Router:
-    relay = daemon.relay
+    relay = daemon.router
     assert relay is not None, "not a router"
     return relay
 

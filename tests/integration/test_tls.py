@@ -82,12 +82,12 @@ async def test_router_reaches_its_upstream_over_tls(
         router_config = dataclasses.replace(
             make_config(tmp_path / "r"), upstream=upstream, relayed=(block,)
         )
-        async with running(router_config) as router:
-            assert router.relay is not None
-            state = router.relay.blocks["site"]
-            await router.relay.take_block(state)
+        async with running(router_config) as site_router:
+            assert site_router.router is not None
+            state = site_router.router.blocks["site"]
+            await site_router.router.take_block(state)
             assert state.block is not None and state.block.seats == 2
-            assert router.relay.link.state.connected
+            assert site_router.router.link.state.connected
 
 
 def test_a_bad_certificate_stops_the_start(tmp_path: Path) -> None:

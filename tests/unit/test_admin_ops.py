@@ -32,7 +32,7 @@ class Daemon:
     site: str = "test"
     public_key: bytes = b""
     connections: int = 0
-    relay: Router | None = None
+    router: Router | None = None
 
     async def reload(self, *, admin_uid: int | None = None) -> dict[str, Any]:
         raise AssertionError("not called")
@@ -106,7 +106,7 @@ async def test_a_routers_forwarded_leases_are_listed_and_paged_with_its_own(
     # A forwarded lease whose handle sorts between the two of ws-1's own.
     up = Forwarded("s", mine[0] + "0", "upstream-cad", holder("ws-1"), None, 1, 0.0, 90.0)
     assert isinstance(ops.daemon, Daemon)
-    ops.daemon.relay = cast(Router, Relay(up))
+    ops.daemon.router = cast(Router, Relay(up))
     first = await call(ops, "leases", host="ws-1", limit=2)
     assert [(x["handle"], x["state"]) for x in first["leases"]] == [
         (mine[0], "live"),
