@@ -127,6 +127,16 @@ class Fields:
             raise self._fail(name, "must be an array of binaries")
         return value
 
+    def array(self, name: str, *, required: bool = True) -> list[Any]:
+        """An array of anything (its items are the caller's to check); an optional one
+        is empty when absent."""
+        value = self._get(name, required)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self._fail(name, "must be an array")
+        return value
+
     def strings(self, name: str, *, max_len: int = 1024) -> list[str]:
         """An optional array of strings (empty when absent)."""
         value = self._get(name, False)

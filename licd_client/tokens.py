@@ -1,9 +1,8 @@
-"""Signed statements of docs/protocol.md section 4: lease tokens and delegation chains.
+"""Lease tokens and delegation chains of docs/protocol.md section 4.
 
-A statement is a 64-byte Ed25519 signature followed by the msgpack payload it signs
-(PyNaCl's `SigningKey.sign()` output). The lease token's format lives here both ways:
-`lease_payload()` writes it (the daemon signs what it returns), `Statement` reads it
-back. `sign()` makes a statement; `verify_lease()` accepts a lease token only when a
+The statement format itself is `statements`'s. The lease token's format lives here both
+ways: `lease_payload()` writes it (the daemon signs what it returns), `Statement` reads it
+back. `verify_lease()` accepts a lease token only when a
 chain leads from a trust anchor to it: the anchor signed chain[0], whose `del` key signed
 chain[1], ..., and the last key signed the token. Every link is a statement of a known
 type (`LINK_TYPES`), was valid when the token was issued, may not outlive its parent,
@@ -13,54 +12,29 @@ below it. No I/O, and no wall clock: callers pass the instants to check.
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import msgpack
 from nacl.exceptions import BadSignatureError
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import VerifyKey
 
 from .errors import TokenInvalid, UntrustedKey
 from .messages import Features, Holder
+
+# The statement format is statements.py's; re-exported, as the names callers know here.
+from .statements import KEY_LEN as KEY_LEN
+from .statements import SIGNATURE_LEN as SIGNATURE_LEN
+from .statements import Statement as Statement
+from .statements import fingerprint as fingerprint
+from .statements import key_from_text as key_from_text
+from .statements import key_to_text as key_to_text
+from .statements import open_statement as open_statement
+from .statements import sign as sign
 from .wire import REPLY_LIMITS, decode_body
 
-SIGNATURE_LEN = 64
-KEY_LEN = 32
 #: The statement types a chain link may be (section 4): a block, i.e. a lease taken with
 #: `delegate`. The token itself is always a "lease".
 LINK_TYPES = frozenset({"lease"})
-#: Hex digits of a key shown as its fingerprint in messages (section 4).
-FINGERPRINT_LEN = 16
-_HEX = re.compile(r"[0-9a-fA-F]+")
-
-
-def key_to_text(key: bytes) -> str:
-    """A public key as text: 64 lowercase hex digits."""
-    return key.hex()
-
-
-def fingerprint(key: bytes) -> str:
-    """A key's short name in messages: the first 16 of the hex digits `licd key show` prints."""
-    return key_to_text(key)[:FINGERPRINT_LEN]
-
-
-def key_from_text(text: str) -> bytes:
-    """Parse 64 hex digits into a 32-byte public key, or raise ValueError."""
-    text = text.strip()
-    if len(text) != 2 * KEY_LEN:
-        raise ValueError(f"a public key is {2 * KEY_LEN} hex digits, got {len(text)} characters")
-    if not _HEX.fullmatch(text):
-        raise ValueError("a public key is written in hex digits (0-9, a-f)")
-    return bytes.fromhex(text)
-
-
-def sign(key: SigningKey, payload: dict[str, Any]) -> bytes:
-    """Sign a payload: signature (64 bytes) + msgpack payload."""
-    body: bytes = msgpack.packb(payload, use_bin_type=True)
-    return bytes(key.sign(body))
 
 
 def lease_payload(
@@ -102,90 +76,6 @@ def lease_payload(
     if overdraft:
         payload["ovr"] = True
     return payload
-
-
-@dataclass(frozen=True)
-class Statement:
-    """A verified statement's payload, with the key that signed it."""
-
-    typ: str
-    iss: bytes
-    iat: float
-    exp: float
-    delegate: bytes | None
-    payload: dict[str, Any]
-
-    @property
-    def lid(self) -> str | None:
-        v = self.payload.get("lid")
-        return v if isinstance(v, str) else None
-
-    @property
-    def licence(self) -> str | None:
-        """`lic`: the licence's public id, as the signer names it."""
-        v = self.payload.get("lic")
-        return v if isinstance(v, str) else None
-
-    @property
-    def site(self) -> str | None:
-        """The site name of the daemon that signed the statement."""
-        v = self.payload.get("site")
-        return v if isinstance(v, str) else None
-
-    @property
-    def nonce(self) -> bytes | None:
-        v = self.payload.get("nonce")
-        return v if isinstance(v, bytes) else None
-
-    @property
-    def product(self) -> str | None:
-        v = self.payload.get("product")
-        return v if isinstance(v, str) else None
-
-    @property
-    def seats(self) -> int | None:
-        v = self.payload.get("seats")
-        return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-    @property
-    def features(self) -> Features:
-        v = self.payload.get("features")
-        return dict(v) if isinstance(v, dict) else {}
-
-    @property
-    def overdraft(self) -> bool:
-        """licd: `ovr`, a lease granted beyond the licence's seats, within its overdraft."""
-        return self.payload.get("ovr") is True
-
-
-def open_statement(blob: bytes, signer: bytes) -> Statement:
-    """Check `blob` was signed by `signer` and return its payload, or raise TokenInvalid."""
-    if len(blob) <= SIGNATURE_LEN:
-        raise TokenInvalid("signed statement too short")
-    try:
-        body = VerifyKey(signer).verify(blob)
-    except (BadSignatureError, ValueError, TypeError):
-        raise TokenInvalid("bad signature") from None
-    try:
-        payload = decode_body(body, REPLY_LIMITS)
-    except Exception:
-        raise TokenInvalid("signed payload is not a msgpack map") from None
-    typ, iss = payload.get("typ"), payload.get("iss")
-    iat, exp = payload.get("iat"), payload.get("exp")
-    delegate = payload.get("del")
-    if not isinstance(typ, str):
-        raise TokenInvalid("statement without 'typ'")
-    if iss != signer:
-        raise TokenInvalid("statement's 'iss' is not the key that signed it")
-    if not _is_time(iat) or not _is_time(exp) or exp < iat:  # type: ignore[operator]
-        raise TokenInvalid("statement without a valid 'iat'..'exp'")
-    if delegate is not None and (not isinstance(delegate, bytes) or len(delegate) != KEY_LEN):
-        raise TokenInvalid("statement's 'del' is not a 32-byte key")
-    return Statement(typ, signer, float(iat), float(exp), delegate, payload)  # type: ignore[arg-type]
-
-
-def _is_time(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def verify_chain(
