@@ -2,7 +2,9 @@
 
 The cases: direct, router block, nested routers and forward leases as licd issues them
 (conformance/issuers.py), then what a broken or hostile issuer would send: a stale
-block, a router granting more than its block, a flipped byte, a stranger's key. `build()`
+block, a router granting more than its block, a flipped byte, a stranger's key. Then a
+daemon the vendor entitled (chain = [entitlement], signed by licd_client.entitlements),
+and tokens breaking each of the entitlement's content rules. `build()`
 verifies each with licd_client's `verify_lease` and refuses to write one whose verdict
 (and, for a rejection, its reason) is not the one the case was written for.
 """
@@ -15,6 +17,7 @@ from typing import Any
 
 import msgpack
 
+from licd_client.entitlements import AddonTerm, Terms, issue, key_hash
 from licd_client.errors import TokenInvalid
 from licd_client.tokens import SIGNATURE_LEN, Statement, verify_lease
 
@@ -43,11 +46,11 @@ from .notation import Disagreement, tagged
 REASONS = {
     "signature": r"bad signature",
     "untrusted": r"not the trusted one",
-    "malformed": r"too short|not a msgpack map|without|'iss'|'del'",
-    "link": r"delegates to no key|not a known link type",
+    "malformed": r"too short|not a msgpack map|without|'iss'|'del'|entitlement[a-z -]*: ",
+    "link": r"delegates to no key|not a known link type|may only be chain\[0\]",
     "token_type": r"not a lease",
     "period": r"valid|expires after",
-    "scope": r"product|seat|feature",
+    "scope": r"product|seat|feature|licence",
     "nonce": r"nonce",
     "handle": r"another lease",
 }
@@ -449,6 +452,178 @@ def _cases() -> list[Case]:
             sub,
             "period",
             at=T0 - 1,
+        ),
+        *_entitlement_cases(vendor, router),
+    ]
+
+
+#: The entitled site daemon's licence: the entitlement's id, product, seats and features.
+ENTITLED_LICENCE = replace(VENDOR_LICENCE, key="SITE-0000-0002", id="dicom-site", seats=5)
+
+
+def _entitlement_cases(vendor: Issuer, router: Issuer) -> list[Case]:
+    """A site daemon the vendor entitled: its leases carry chain = [entitlement] (signed by
+    the vendor, `del` = the daemon's key), so clients trusting the vendor accept them."""
+    daemon = Issuer(fixed_key("entitled site daemon"), "branch", ENTITLED_LICENCE)
+    # 5 seats for 30 days, valid from an hour before T0, leases of at most a week; an
+    # add-on of 3 seats and the "export" feature from T0 + 1 day to T0 + 2 days.
+    terms = Terms(
+        licence_id=ENTITLED_LICENCE.id,
+        key_hash=key_hash(ENTITLED_LICENCE.key),
+        product=ENTITLED_LICENCE.product,
+        seats=5,
+        expires=T0 + 30 * DAY,
+        sequence=1,
+        features=FEATURES,
+        addons=(AddonTerm(3, {"export": True}, starts=T0 + DAY, ends=T0 + 2 * DAY),),
+        not_before=T0 - HOUR,
+        max_ttl=7 * DAY,
+    )
+    entitlement = issue(vendor.key, daemon.public, T0 - DAY, terms).statement
+    daemon.chain = [entitlement]
+    anchors = [vendor.public]
+
+    def lease(at: float = T0, ttl: float = 90.0, **changes: Any) -> bytes:
+        return daemon.issue(HANDLE, now=at, expires=at + ttl, **changes)
+
+    other_licence = Issuer(
+        daemon.key, daemon.site, replace(ENTITLED_LICENCE, id="dicom-other"), [entitlement]
+    )
+    # A router holding a vendor block names the site daemon in an "entitlement" it signed.
+    fake = issue(router.key, daemon.public, T0 - HOUR, replace(terms, not_before=None))
+    behind_block = Issuer(
+        daemon.key,
+        daemon.site,
+        ENTITLED_LICENCE,
+        [
+            vendor.issue(
+                "b7r2n5w4c3ez",
+                now=T0 - DAY,
+                expires=T0 + 7 * DAY,
+                seats=5,
+                holder=ROUTER_HOST,
+                nonce=BLOCK_NONCE,
+                delegate=router.public,
+            ),
+            fake.statement,
+        ],
+    )
+    in_addon, after_addon = T0 + DAY + HOUR, T0 + 2 * DAY + HOUR
+    c = Case
+    return [
+        c(
+            "entitlement",
+            "A daemon the vendor entitled: chain = [entitlement], which the vendor signed "
+            "with del = the daemon's key; the token stays within its terms.",
+            anchors,
+            [entitlement],
+            lease(),
+        ),
+        c(
+            "entitlement_addon_active",
+            "A token issued while an add-on is active holds the entitlement's seats plus "
+            "the add-on's, and the add-on's feature.",
+            anchors,
+            [entitlement],
+            lease(in_addon, seats=8, features={**FEATURES, "export": True}),
+        ),
+        c(
+            "entitlement_addon_ended",
+            "The same seats once the add-on has ended: more than the entitlement grants.",
+            anchors,
+            [entitlement],
+            lease(after_addon, seats=8),
+            "scope",
+        ),
+        c(
+            "entitlement_too_many_seats",
+            "The token holds more seats than the entitlement.",
+            anchors,
+            [entitlement],
+            lease(seats=6),
+            "scope",
+        ),
+        c(
+            "entitlement_feature_not_granted",
+            "The token has a feature the entitlement does not grant at its issue time.",
+            anchors,
+            [entitlement],
+            lease(features={**FEATURES, "export": True}),
+            "scope",
+        ),
+        c(
+            "entitlement_wrong_product",
+            "The token's product is not the entitlement's.",
+            anchors,
+            [entitlement],
+            lease(product="cad"),
+            "scope",
+        ),
+        c(
+            "entitlement_wrong_licence",
+            "The token's lic is not the entitlement's licence id.",
+            anchors,
+            [entitlement],
+            other_licence.issue(HANDLE, now=T0, expires=T0 + 90),
+            "scope",
+        ),
+        c(
+            "entitlement_before_nbf",
+            "The token was issued after the entitlement's iat but before its nbf.",
+            anchors,
+            [entitlement],
+            lease(T0 - 2 * HOUR),
+            "period",
+        ),
+        c(
+            "entitlement_longer_than_max_ttl",
+            "The token's exp - iat is more than the entitlement's max_ttl.",
+            anchors,
+            [entitlement],
+            lease(ttl=7 * DAY + 1),
+            "period",
+        ),
+        c(
+            "entitlement_outlived",
+            "The token expires after the entitlement.",
+            anchors,
+            [entitlement],
+            lease(T0 + 29 * DAY, ttl=2 * DAY),
+            "period",
+        ),
+        c(
+            "entitlement_not_first",
+            "An entitlement at chain[1], signed by the router the vendor's block delegated "
+            "to: an entitlement may only be chain[0].",
+            anchors,
+            behind_block.chain,
+            behind_block.issue(HANDLE, now=T0, expires=T0 + 90),
+            "link",
+        ),
+        c(
+            "entitlement_tampered",
+            "One bit of the entitlement's signature flipped.",
+            anchors,
+            [flipped(entitlement, 10)],
+            lease(),
+            "signature",
+        ),
+        c(
+            "entitlement_malformed",
+            "An entitlement the vendor signed without keyhash: every field is checked.",
+            anchors,
+            [resigned(vendor, entitlement, keyhash=None)],
+            lease(),
+            "malformed",
+        ),
+        c(
+            "entitlement_daemon_as_anchor",
+            "The client trusts the entitled daemon's key; the chain starts at the vendor's, "
+            "so it leads from no anchor.",
+            [daemon.public],
+            [entitlement],
+            lease(),
+            "untrusted",
         ),
     ]
 

@@ -32,14 +32,20 @@ from typing import Any
 from nacl.signing import SigningKey
 
 from .errors import TokenInvalid, UntrustedKey
-from .messages import MAX_SEATS, Features
+from .messages import MAX_SEATS
 from .schema import Fields
 from .statements import KEY_LEN, Statement, fingerprint, open_statement, sign
+
+# The terms are plain values (terms.py, which the daemon's pure engine reads too).
+from .terms import RESETS as RESETS
+from .terms import AddonTerm as AddonTerm
+from .terms import Binding as Binding
+from .terms import CounterTerm as CounterTerm
+from .terms import Terms as Terms
 from .wire import REPLY_LIMITS, decode_body
 
 ENTITLEMENT = "entitlement"
 REQUEST = "entitlement_request"
-RESETS = ("never", "daily", "monthly")
 #: Domain separation of the licence key's hash: the hash is of licd's licence keys only.
 KEY_HASH_DOMAIN = b"licd-licence-key-v1\x00"
 #: How long a renewal request stays answerable after it was made.
@@ -54,73 +60,6 @@ def key_hash(key: str) -> bytes:
     separated. The key itself is a secret and is never in a statement (tokens carry the
     entitlement to every client)."""
     return hashlib.sha256(KEY_HASH_DOMAIN + key.encode()).digest()
-
-
-@dataclass(frozen=True)
-class CounterTerm:
-    """A metered counter the vendor grants: `limit` units per period."""
-
-    name: str
-    limit: int
-    reset: str = "never"
-
-
-@dataclass(frozen=True)
-class AddonTerm:
-    """Extra seats or features for a date range; times are seconds since the epoch."""
-
-    seats: int = 0
-    features: Features = field(default_factory=dict)
-    starts: float | None = None
-    ends: float | None = None
-
-    def active(self, at: float) -> bool:
-        return (self.starts is None or self.starts <= at) and (self.ends is None or at < self.ends)
-
-
-@dataclass(frozen=True)
-class Binding:
-    """A site binding: at least `need` of `components` (host-id components, see
-    licd's `site_components`) must be the site's, so one replaced NIC does not void it."""
-
-    components: tuple[str, ...]
-    need: int
-
-    def matched(self, have: Iterable[str]) -> int:
-        return len(set(self.components) & set(have))
-
-    def holds(self, have: Iterable[str]) -> bool:
-        return self.matched(have) >= self.need
-
-
-@dataclass(frozen=True)
-class Terms:
-    """What a vendor grants for one licence, whatever daemon it is issued for."""
-
-    licence_id: str
-    key_hash: bytes
-    product: str
-    seats: int
-    expires: float
-    sequence: int
-    features: Features = field(default_factory=dict)
-    counters: tuple[CounterTerm, ...] = ()
-    addons: tuple[AddonTerm, ...] = ()
-    not_before: float | None = None
-    max_ttl: float | None = None
-    binding: Binding | None = None
-
-    def seats_at(self, at: float) -> int:
-        """The seats granted at `at`: the licence's plus its active add-ons'."""
-        return self.seats + sum(a.seats for a in self.addons if a.active(at))
-
-    def features_at(self, at: float) -> Features:
-        """The features granted at `at`: active add-ons' override the licence's."""
-        out = dict(self.features)
-        for a in self.addons:
-            if a.active(at):
-                out.update(a.features)
-        return out
 
 
 @dataclass(frozen=True)
@@ -319,9 +258,10 @@ def open_entitlement(blob: bytes, vendors: Iterable[bytes]) -> Entitlement:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """One entitlement in a file: the licence key it is for and the signed statement."""
+    """One entitlement in a file: the licence key it is for (None in a vendor's renewal,
+    which never saw the key: the site has it) and the signed statement."""
 
-    key: str
+    key: str | None
     statement: bytes
 
 
@@ -331,9 +271,10 @@ def _iso(t: float | None) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def write_file(entries: Sequence[tuple[str, Entitlement]]) -> str:
-    """An entitlement file: per entitlement, its licence key and statement, with what
-    it says in comments (for a person; only `key` and `statement` are read back)."""
+def write_file(entries: Sequence[tuple[str | None, Entitlement]]) -> str:
+    """An entitlement file: per entitlement, its licence key (left out when None: a
+    renewal, for a licence the site already holds) and statement, with what it says in
+    comments (for a person; only `key` and `statement` are read back)."""
     out = ["# licd entitlements: import with `licd entitlement import FILE`", ""]
     for key, ent in entries:
         t = ent.terms
@@ -344,7 +285,7 @@ def write_file(entries: Sequence[tuple[str, Entitlement]]) -> str:
             f"# by vendor key {ent.vendor.hex()}",
             "[[entitlement]]",
             f"licence = {_toml_str(t.licence_id)}",
-            f"key = {_toml_str(key)}",
+            *([] if key is None else [f"key = {_toml_str(key)}"]),
             f'statement = "{base64.b64encode(ent.statement).decode()}"',
             "",
         ]
@@ -375,7 +316,7 @@ def read_file(text: str) -> list[FileEntry]:
         if unknown:
             raise ValueError(f"{where}: unknown keys {', '.join(sorted(unknown))}")
         key, statement = item.get("key"), item.get("statement")
-        if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY:
+        if key is not None and (not isinstance(key, str) or not 0 < len(key) <= MAX_KEY):
             raise ValueError(f"{where}: 'key' must be the licence key, 1 to {MAX_KEY} characters")
         if not isinstance(statement, str):
             raise ValueError(f"{where}: 'statement' must be the statement in base64")

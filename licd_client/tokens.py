@@ -7,17 +7,22 @@ chain leads from a trust anchor to it: the anchor signed chain[0], whose `del` k
 chain[1], ..., and the last key signed the token. Every link is a statement of a known
 type (`LINK_TYPES`), was valid when the token was issued, may not outlive its parent,
 and binds content: what it delegates (product, seats, features) bounds every statement
-below it. No I/O, and no wall clock: callers pass the instants to check.
+below it. A vendor's entitlement may be chain[0] only; its terms (`entitlements`) bound
+the statement directly below it, which also carries its licence id, is issued no earlier
+than its `nbf` and lasts no longer than its `max_ttl`. No I/O, and no wall clock:
+callers pass the instants to check.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
+from .entitlements import ENTITLEMENT, Entitlement, read_entitlement
 from .errors import TokenInvalid, UntrustedKey
 from .messages import Features, Holder
 
@@ -33,8 +38,9 @@ from .statements import sign as sign
 from .wire import REPLY_LIMITS, decode_body
 
 #: The statement types a chain link may be (section 4): a block, i.e. a lease taken with
-#: `delegate`. The token itself is always a "lease".
-LINK_TYPES = frozenset({"lease"})
+#: `delegate`, anywhere; a vendor's entitlement, as chain[0] only. The token itself is
+#: always a "lease".
+LINK_TYPES = frozenset({"lease", ENTITLEMENT})
 
 
 def lease_payload(
@@ -87,9 +93,10 @@ def verify_chain(
 ) -> Statement:
     """Verify `token` through `chain` from one of `anchors`; return the token's payload.
 
-    Each link must be of a known type, hold a `del` key, be valid at the token's issue
-    time (and at `at`, if given), expire no later than its parent, and bound the content
-    of the statement below it (`_check_bounds`). The token must be within every link's
+    Each link must be of a known type (an entitlement only as chain[0]), hold a `del`
+    key, be valid at the token's issue time (and at `at`, if given), expire no later than
+    its parent, and bound the content of the statement below it (`_check_bounds`; an
+    entitlement's further rules in `_entitled`). The token must be within every link's
     validity too. Raises TokenInvalid naming the first failure; UntrustedKey when the
     statement nearest the anchor is genuinely signed, by a key that is no anchor.
     """
@@ -133,34 +140,78 @@ def _signed_by(blob: bytes, key: bytes) -> bool:
     return True
 
 
-def _check_bounds(parent: Statement, child: Statement, where: str) -> None:
-    """`child` stays within what `parent` delegates, or TokenInvalid naming `where`.
+@dataclass(frozen=True)
+class _Grant:
+    """What a statement allows the one directly below it: the bounds `_check_bounds`
+    applies, and how its messages name the parent (`by`)."""
+
+    product: str | None
+    seats: int
+    features: Features
+    by: str
+
+
+def _granted_by_link(parent: Statement, where: str) -> _Grant:
+    """What a block (a lease-type link) grants `where`, its own fields read strictly."""
+    name = f"{where}'s parent"
+    features = parent.payload.get("features")
+    if features is not None and not isinstance(features, dict):
+        raise TokenInvalid(f"{name}'s 'features' is not a map")
+    if parent.seats is None or parent.seats < 0:
+        raise TokenInvalid(f"{name} names no seats")
+    return _Grant(parent.product, parent.seats, parent.features, "its parent")
+
+
+def _entitled(entitlement: Entitlement, child: Statement, where: str) -> _Grant:
+    """The rules an entitlement sets the statement directly below it (same licence id,
+    issued no earlier than `nbf`, no longer than `max_ttl`), and what it grants at the
+    child's issue time: its product, its seats and features with the add-ons then active."""
+    terms = entitlement.terms
+    if child.licence != terms.licence_id:
+        raise TokenInvalid(
+            f"{where} is for licence {_shown(child.licence)}, "
+            f"the entitlement for {_shown(terms.licence_id)}"
+        )
+    if terms.not_before is not None and child.iat < terms.not_before:
+        raise TokenInvalid(f"{where} was issued before the entitlement is valid (its nbf)")
+    # exp <= iat + max_ttl, as a signer computes exp, rather than exp - iat: no rounding.
+    if terms.max_ttl is not None and child.exp > child.iat + terms.max_ttl:
+        raise TokenInvalid(
+            f"{where} is valid for {round(child.exp - child.iat, 3):.15g} s, longer than the "
+            f"entitlement's max_ttl of {round(terms.max_ttl, 3):.15g} s"
+        )
+    at = child.iat
+    return _Grant(terms.product, terms.seats_at(at), terms.features_at(at), "the entitlement")
+
+
+def _check_bounds(grant: _Grant, child: Statement, where: str) -> None:
+    """`child` stays within what its parent grants, or TokenInvalid naming `where`.
 
     Product equal (when the parent names one), seats a uint no more than the parent's,
     features a subset of the parent's: the same keys with the same values and types.
     """
-    for st, name in ((parent, f"{where}'s parent"), (child, where)):
-        features = st.payload.get("features")
-        if features is not None and not isinstance(features, dict):
-            raise TokenInvalid(f"{name}'s 'features' is not a map")
-        if st.seats is None or st.seats < 0:
-            raise TokenInvalid(f"{name} names no seats")
-    if parent.product is not None and child.product != parent.product:
+    features = child.payload.get("features")
+    if features is not None and not isinstance(features, dict):
+        raise TokenInvalid(f"{where}'s 'features' is not a map")
+    if child.seats is None or child.seats < 0:
+        raise TokenInvalid(f"{where} names no seats")
+    if grant.product is not None and child.product != grant.product:
         raise TokenInvalid(
             f"{where} is for product {_shown(child.product)}, "
-            f"its parent for {_shown(parent.product)}"
+            f"{grant.by} for {_shown(grant.product)}"
         )
-    held, bound = child.seats or 0, parent.seats or 0  # both present: checked above
-    if held > bound:
-        raise TokenInvalid(f"{where} holds {held} seat(s), more than its parent's {bound}")
-    granted = parent.features
+    if child.seats > grant.seats:
+        raise TokenInvalid(
+            f"{where} holds {child.seats} seat(s), more than {grant.by}'s {grant.seats}"
+        )
+    granted = grant.features
     for name, value in child.features.items():
         if name not in granted:
-            raise TokenInvalid(f"{where} has feature {_shown(name)}, which its parent has not")
+            raise TokenInvalid(f"{where} has feature {_shown(name)}, which {grant.by} has not")
         if type(value) is not type(granted[name]) or value != granted[name]:
             raise TokenInvalid(
                 f"{where} has feature {_shown(name)} = {_shown(value)}, "
-                f"its parent {_shown(granted[name])}"
+                f"{grant.by} {_shown(granted[name])}"
             )
 
 
@@ -175,19 +226,34 @@ def _verify_from(
 ) -> Statement:
     signer = anchor
     links: list[Statement] = []
+    entitlement: Entitlement | None = None  # chain[0], when the chain starts at a vendor's
+
+    def grant(child: Statement, where: str) -> _Grant:
+        """What the last link so far grants `child`, directly below it."""
+        if entitlement is not None and len(links) == 1:
+            return _entitled(entitlement, child, where)
+        return _granted_by_link(links[-1], where)
+
     for i, blob in enumerate(chain):
         try:
             link = open_statement(blob, signer)
         except TokenInvalid as exc:
             raise TokenInvalid(f"chain[{i}]: {exc}") from None
+        if link.typ == ENTITLEMENT and i > 0:
+            raise TokenInvalid(f"chain[{i}] is an entitlement, which may only be chain[0]")
         if link.typ not in LINK_TYPES:
             raise TokenInvalid(f"chain[{i}] is a {link.typ!r} statement, not a known link type")
+        if link.typ == ENTITLEMENT:
+            try:
+                entitlement = read_entitlement(link, blob)
+            except TokenInvalid as exc:
+                raise TokenInvalid(f"chain[{i}]: {exc}") from None
         if link.delegate is None:
             raise TokenInvalid(f"chain[{i}] delegates to no key")
         if links and link.exp > links[-1].exp:
             raise TokenInvalid(f"chain[{i}] expires after its parent")
         if links:
-            _check_bounds(links[-1], link, f"chain[{i}]")
+            _check_bounds(grant(link, f"chain[{i}]"), link, f"chain[{i}]")
         links.append(link)
         signer = link.delegate
     try:
@@ -199,7 +265,7 @@ def _verify_from(
     if links and leaf.exp > links[-1].exp:
         raise TokenInvalid("token expires after the statement that delegated to its signer")
     if links:
-        _check_bounds(links[-1], leaf, "token")
+        _check_bounds(grant(leaf, "token"), leaf, "token")
     for i, link in enumerate(links):
         if not link.iat <= leaf.iat <= link.exp:
             raise TokenInvalid(f"chain[{i}] was not valid when the token was issued")

@@ -211,10 +211,16 @@ ENGINE_STDLIB = frozenset(
         "typing",
     }
 )
-#: licd_client's modules the engine may import: values, errors and the timeline of a lease
-#: (pure: every time given), no wire, no I/O, no entropy.
+#: licd_client's modules the engine may import: values, errors, a vendor's terms and the
+#: timeline of a lease (pure: every time given), no wire, no I/O, no entropy.
 ENGINE_CLIENT = frozenset(
-    {"licd_client.messages", "licd_client.errors", "licd_client.safetext", "licd_client.timeline"}
+    {
+        "licd_client.messages",
+        "licd_client.errors",
+        "licd_client.safetext",
+        "licd_client.terms",
+        "licd_client.timeline",
+    }
 )
 #: Modules only the store imports.
 STORE_ONLY = frozenset({"sqlite3", "aiosqlite"})
@@ -265,7 +271,7 @@ def layer_violations(sources: dict[str, str]) -> list[str]:
                 why = f"only the store imports {top}"
             elif part == "engine" and not in_licd(i.module) and i.module not in ENGINE_CLIENT:
                 if top == "licd_client":
-                    why = "the engine imports only licd_client's values, errors and timeline"
+                    why = "the engine imports only licd_client's values, errors, terms and timeline"
                 elif top not in ENGINE_STDLIB:
                     why = f"the engine is pure: no {top}"
             if why is not None:

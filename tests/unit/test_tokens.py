@@ -536,8 +536,9 @@ def test_a_long_value_is_cut_short_in_the_message() -> None:
     assert "'ppppp" in str(info.value) and len(str(info.value)) < 120
 
 
-@pytest.mark.parametrize("typ", ["cert", "entitlement", "Lease", "", None, 7])
+@pytest.mark.parametrize("typ", ["cert", "Entitlement", "Lease", "", None, 7])
 def test_a_link_of_an_unknown_type_is_invalid(typ: Any) -> None:
+    """("entitlement" is a link type, as chain[0] only: test_chain_entitlements.py.)"""
     chain = two_link_chain(typ=typ)
     with pytest.raises(TokenInvalid, match=r"chain\[1\]"):
         verify_chain([pub(VENDOR)], chain, token(DAEMON))
