@@ -30,6 +30,7 @@ from licd.cli import format as fmt
 from licd.cli import report as reports
 from licd.cli.admin_client import AdminClient, AdminError
 from licd.cli.policy import policy_changes, policy_options
+from licd.cli.vendor import vendor
 from licd.config.settings import Config, ConfigError, default_config, load_config, parse_duration
 from licd.daemon import Daemon, StartupError, resolve_surroundings, setup_logging
 from licd.shells.notify import Notifier
@@ -184,6 +185,9 @@ FEATURE_OPTION = click.option(
 @click.version_option(__version__, prog_name="licd")
 def main() -> None:
     """licd: a floating-licence daemon."""
+
+
+main.add_command(vendor)
 
 
 @main.command()
