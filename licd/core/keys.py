@@ -1,4 +1,5 @@
-"""Signing lease tokens with the daemon's key (docs/protocol.md section 4).
+"""Signing with the daemon's key: lease tokens (docs/protocol.md section 4) and renewal
+requests to a vendor (docs/entitlements.md).
 
 `Signer` holds the key and, on a router, the chains that link it to the vendor's key,
 and dates each token no earlier than its chain. The payload's format is
@@ -8,10 +9,12 @@ is `licd.store.keyfile`'s. No I/O here.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from nacl.signing import SigningKey
 
 from licd.engine import Grant
-from licd_client import tokens
+from licd_client import entitlements, tokens
 
 
 class Signer:
@@ -32,6 +35,24 @@ class Signer:
 
     def chain_for(self, licence_id: str) -> list[bytes]:
         return self.chains.get(licence_id, self.chain)
+
+    def renewal_request(
+        self,
+        *,
+        made: float,
+        components: Sequence[str],
+        entitlements_held: Sequence[bytes],
+        usage: Sequence[entitlements.LicenceUsage],
+    ) -> bytes:
+        """A request to the vendor to renew the entitlements held, signed by this key."""
+        return entitlements.make_request(
+            self._key,
+            site=self.site,
+            made=made,
+            components=components,
+            entitlements=entitlements_held,
+            usage=usage,
+        )
 
     def lease_token(self, grant: Grant, nonce: bytes, now: float) -> bytes:
         lease, licence = grant.lease, grant.licence

@@ -377,10 +377,10 @@ class LicenceService:
             detail={"source": source, "changes": _changes(old, licence)},
         )
 
-        await self._commit_licence_edit(
+        await self.commit_edit(
             self.store.put_licence(licence, event),
             lambda: self.engine.put_licence(licence),
-            event,
+            [event],
             "the licence was not saved",
         )
         return "added" if old is None else "updated"
@@ -410,10 +410,10 @@ class LicenceService:
                 licence=licence_id,
                 admin_uid=admin_uid,
             )
-            await self._commit_licence_edit(
+            await self.commit_edit(
                 self.store.delete_licence(licence_id, event),
                 lambda: self.engine.remove_licence(licence_id),
-                event,
+                [event],
                 "the licence was not removed",
             )
         except BaseException:
@@ -421,17 +421,22 @@ class LicenceService:
             raise
         return revoked
 
-    async def _commit_licence_edit(
-        self, write: Awaitable[None], apply: Callable[[], object], event: Event, failure: str
+    async def commit_edit(
+        self,
+        write: Awaitable[None],
+        apply: Callable[[], object],
+        events: Sequence[Event],
+        failure: str,
     ) -> None:
-        """Commit a licence edit, then apply it to the engine and publish it: all of it,
-        even if the caller goes away meanwhile."""
+        """Commit a licence edit (or an entitlement import), then apply it to the engine
+        and publish its events: all of it, even if the caller goes away meanwhile."""
 
         async def commit() -> None:
             with store_failure_as_unavailable(failure):
                 await write
             apply()
-            self.publish(event)
+            for event in events:
+                self.publish(event)
 
         await self._durably(commit)
 

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from licd.clock import Instant
 from licd.engine.counters import Consumed, CounterBook
 from licd.engine.endings import RECLAIM, RECLAIMED, Endings, revoked
+from licd.engine.entitlement import narrowing_error
 from licd.engine.lease import LeasePhase, SeatLease
 from licd.engine.licence import Licence, key_clash
 from licd.engine.policy import Who, first_match, matches
@@ -50,6 +51,7 @@ from licd_client.errors import (
     UnknownLicence,
 )
 from licd_client.messages import Features, Holder
+from licd_client.terms import Terms
 
 #: Renewals one lease may make back to back; after that they come back at the steady rate
 #: below. A client renews every ttl/3 seconds (sooner after a lost reply), so this never
@@ -136,6 +138,9 @@ class Engine:
         self._by_request: dict[tuple[str, str, str], SeatLease] = {}
         self._devices: dict[tuple[str, str], SeatLease] = {}  # (licence id, hostid) -> lease
         self._removing: set[str] = set()  # licence ids being removed: no new grants
+        #: Licence id -> the vendor's terms, for the licences a vendor entitled: an edit
+        #: may only narrow them (`check_licence`).
+        self.entitled: dict[str, Terms] = {}
         self.seats = SeatBook()
         self.counters = CounterBook()
         self.groups: Mapping[str, tuple[str, ...]] = dict(groups or {})
@@ -197,11 +202,36 @@ class Engine:
         self._by_id[licence.id] = licence
         return old
 
+    def entitle(self, licence: Licence, terms: Terms) -> None:
+        """Serve `licence` under a vendor's `terms`, which replace any it had: an edit
+        may then only narrow them. Raises BadRequest (changing nothing) when another
+        licence has its key."""
+        before = self.entitled.pop(licence.id, None)
+        try:
+            self.put_licence(licence)
+        except BadRequest:
+            if before is not None:
+                self.entitled[licence.id] = before
+            raise
+        self.entitled[licence.id] = terms
+
     def check_licence(self, licence: Licence) -> None:
-        """BadRequest when another licence already has this licence's key."""
+        """BadRequest when another licence already has this licence's key, or when the
+        licence is entitled by a vendor and this edit goes beyond its terms."""
         clash = key_clash(self._licences, (licence,))
         if clash is not None:
             raise BadRequest(f"licence {clash.holder.id!r} already has this key")
+        terms = self.entitled.get(licence.id)
+        if terms is None:
+            return
+        current = self._by_id.get(licence.id)
+        if current is not None and current.key != licence.key:
+            raise BadRequest(
+                f"licence {licence.id!r} is entitled by the vendor: its key is the vendor's"
+            )
+        error = narrowing_error(terms, licence)
+        if error is not None:
+            raise BadRequest(error)
 
     def suspend(self, licence_id: str) -> None:
         """A removal is under way: grant nothing more of this licence."""
@@ -223,6 +253,7 @@ class Engine:
             raise BadRequest(f"licence {licence_id!r} still has leases")
         del self._by_id[licence_id]
         del self._licences[licence.key]
+        self.entitled.pop(licence_id, None)
         self.seats.forget(licence_id)
         self._removing.discard(licence_id)
         return licence

@@ -25,6 +25,7 @@ class Kind(enum.Enum):
     LICENCE_REMOVED = "licence_removed"
     RELOAD = "reload"
     RELOAD_FAILED = "reload_failed"
+    ENTITLEMENT_IMPORTED = "entitlement_imported"  # a vendor's entitlement took effect
 
 
 @dataclass(frozen=True)

@@ -393,3 +393,40 @@ INSERT INTO wall_mark (id, wall) VALUES (1, ?)
 ON CONFLICT (id) DO UPDATE SET wall = max(wall, excluded.wall)
 """
 SELECT_WALL_MARK = "SELECT wall FROM wall_mark WHERE id = 1"
+
+
+# ----------------------------------------------------- entitlements (core/entitlements.py)
+
+#: An entitlement's row; the sequence kept is never lowered (a replay changes nothing).
+UPSERT_ENTITLEMENT = """
+INSERT INTO entitlement (licence_id, sequence, statement, imported, removed)
+VALUES (?, ?, ?, ?, 0)
+ON CONFLICT (licence_id) DO UPDATE SET
+    sequence = excluded.sequence, statement = excluded.statement,
+    imported = excluded.imported, removed = 0
+WHERE excluded.sequence >= entitlement.sequence
+"""
+REMOVE_ENTITLEMENT = "UPDATE entitlement SET removed = 1 WHERE licence_id = ?"
+SELECT_ENTITLEMENTS = """
+SELECT licence_id, sequence, statement, imported, removed FROM entitlement ORDER BY licence_id
+"""
+
+
+@dataclass(frozen=True)
+class StoredEntitlement:
+    """An imported entitlement as kept: its statement (verified again on every start)
+    and whether its licence was removed since (its sequence still counts)."""
+
+    licence_id: str
+    sequence: int
+    statement: bytes
+    imported: float
+    removed: bool = False
+
+    def row(self) -> Row:
+        return (self.licence_id, self.sequence, self.statement, self.imported)
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> StoredEntitlement:
+        licence_id, sequence, statement, imported, removed = row
+        return cls(str(licence_id), int(sequence), bytes(statement), float(imported), bool(removed))

@@ -47,9 +47,11 @@ from licd.store.records import (
     DELETE_OLD_AUDIT,
     INSERT_AUDIT,
     INSERT_LEASE,
+    REMOVE_ENTITLEMENT,
     SELECT_AUDIT,
     SELECT_BLOCKS,
     SELECT_COUNTERS,
+    SELECT_ENTITLEMENTS,
     SELECT_FORWARDED,
     SELECT_LEASES,
     SELECT_LICENCES,
@@ -58,12 +60,14 @@ from licd.store.records import (
     TOUCH_LEASE,
     UPSERT_BLOCK,
     UPSERT_COUNTER,
+    UPSERT_ENTITLEMENT,
     UPSERT_FORWARDED,
     UPSERT_LICENCE,
     UPSERT_WALL_MARK,
     AuditEntry,
     Block,
     Forwarded,
+    StoredEntitlement,
     audit_row,
     counter_row,
     lease_row,
@@ -258,7 +262,36 @@ class Store:
         await self._submit([(UPSERT_LICENCE, [licence_row(licence, event.time)]), *_audit(event)])
 
     async def delete_licence(self, licence_id: str, event: Event) -> None:
-        await self._submit([(DELETE_LICENCE, [(licence_id,)]), *_audit(event)])
+        """Delete a licence; an entitlement for it is marked removed (its sequence
+        stays: an older one cannot be imported again)."""
+        await self._submit(
+            [
+                (DELETE_LICENCE, [(licence_id,)]),
+                (REMOVE_ENTITLEMENT, [(licence_id,)]),
+                *_audit(event),
+            ]
+        )
+
+    # Vendor entitlements (core/entitlements.py): rare writes, each awaited.
+
+    async def load_entitlements(self) -> list[StoredEntitlement]:
+        rows = await self._read(SELECT_ENTITLEMENTS)
+        return [
+            self._decoded(StoredEntitlement.from_row, row, "entitlement", row[0]) for row in rows
+        ]
+
+    async def put_entitlements(
+        self, items: Sequence[tuple[StoredEntitlement, Licence]], events: Sequence[Event]
+    ) -> None:
+        """Import entitlements with the licences served under them and their audit
+        entries, in one transaction; returns once committed."""
+        await self._submit(
+            [
+                (UPSERT_ENTITLEMENT, [stored.row() for stored, _ in items]),
+                (UPSERT_LICENCE, [licence_row(lic, stored.imported) for stored, lic in items]),
+                (INSERT_AUDIT, [audit_row(e) for e in events]),
+            ]
+        )
 
     async def append(self, event: Event) -> None:
         """An audit entry on its own (a reload, say); returns once committed."""
