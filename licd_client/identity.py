@@ -1,8 +1,11 @@
-"""Who is asking for a lease: the `holder` map of a checkout (host, hostid, user, pid).
+"""Who is asking for a lease: the `holder` map of a checkout (host, hostid, user, pid),
+and what a site is: the host-id components a vendor's entitlement may be bound to.
 
 The host id is `LICD_HOSTID` when set (containers), else a salted hash of the machine id
-(/etc/machine-id), else a salted hash of the MAC address. The raw machine id never
-leaves this module. No network I/O here, and no caching of the process id (forks).
+(/etc/machine-id), else a salted hash of the MAC address. A site's components are
+salted hashes of its machine id, each network interface's MAC address and its host
+name, so an entitlement bound to k of them survives a replaced NIC. The raw machine id
+never leaves this module. No network I/O here, and no caching of the process id (forks).
 """
 
 from __future__ import annotations
@@ -59,6 +62,41 @@ def hostid(
     if machine_id is not None:
         return _salted(machine_id.encode())
     return _salted(b"node:%012x" % uuid.getnode())
+
+
+NET_DIR = "/sys/class/net"
+#: At most this many MAC addresses are components (an entitlement names at most 16).
+MAX_MACS = 8
+
+
+def site_components(
+    machine_id_paths: Sequence[str] = MACHINE_ID_PATHS,
+    net_dir: str = NET_DIR,
+    host: str | None = None,
+) -> list[str]:
+    """This machine's host-id components, as `kind:hash` strings: `machine:` (the
+    machine id), `mac:` (each interface's MAC address, loopback and all-zero ones left
+    out) and `host:` (the host name). Each is salted like `hostid`."""
+    out = []
+    machine_id = _read_machine_id(machine_id_paths)
+    if machine_id is not None:
+        out.append("machine:" + _salted(machine_id.encode()))
+    macs: set[str] = set()
+    try:
+        names = sorted(os.listdir(net_dir))
+    except OSError:
+        names = []
+    for name in names:
+        try:
+            with open(os.path.join(net_dir, name, "address"), encoding="ascii") as f:
+                mac = f.read().strip().lower()
+        except (OSError, UnicodeDecodeError):
+            continue
+        if mac and mac.strip("0:") and name != "lo":
+            macs.add("mac:" + _salted(b"mac:" + mac.encode()))
+    out += sorted(macs)[:MAX_MACS]
+    out.append("host:" + _salted(b"host:" + (host or hostname()).encode()))
+    return out
 
 
 def username() -> str:
