@@ -29,6 +29,7 @@ from licd import __version__
 from licd.cli import format as fmt
 from licd.cli import report as reports
 from licd.cli.admin_client import AdminClient, AdminError
+from licd.cli.options import FILE, parsed
 from licd.cli.policy import policy_changes, policy_options
 from licd.cli.vendor import vendor
 from licd.config.settings import Config, ConfigError, default_config, load_config, parse_duration
@@ -44,7 +45,6 @@ PAGE = 1000  # entries asked for per admin request when paging
 FOLLOW_WAIT = 10.0  # seconds the daemon holds an `audit --follow` poll open
 CLEAR = "none"  # `licence update --expires none`: remove the date
 
-FILE = click.Path(dir_okay=False, path_type=Path)
 CONFIG_ENV = "LICD_CONFIG"  # the config file, wherever --config is not given
 SOCKET_ENV = "LICD_SOCKET"  # the admin socket, for the admin commands
 DEFAULT_ORIGIN = "the embedded default"
@@ -145,29 +145,14 @@ def admin_command(f: Callable[..., None]) -> Callable[..., None]:
     return wrapper
 
 
-def _parsed(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
-    """An option callback reading each value given with `parse` (a ValueError from it
-    becomes a usage error naming the option)."""
-
-    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        try:
-            if isinstance(value, tuple):
-                return tuple(parse(v) for v in value)
-            return None if value is None else parse(value)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc).removeprefix("duration: "), ctx, param) from None
-
-    return callback
-
-
-TIME_OR_NONE = _parsed(lambda v: CLEAR if v == CLEAR else fmt.parse_time(v))
-WHEN = _parsed(lambda text: fmt.parse_since(text, time.time()))  # ISO, or 1h ago
+TIME_OR_NONE = parsed(lambda v: CLEAR if v == CLEAR else fmt.parse_time(v))
+WHEN = parsed(lambda text: fmt.parse_since(text, time.time()))  # ISO, or 1h ago
 TTL_OPTION = click.option(
-    "--ttl", callback=_parsed(parse_duration), metavar="DURATION", help="Lease TTL (90s, 5m)."
+    "--ttl", callback=parsed(parse_duration), metavar="DURATION", help="Lease TTL (90s, 5m)."
 )
 GRACE_OPTION = click.option(
     "--grace",
-    callback=_parsed(functools.partial(parse_duration, allow_zero=True)),
+    callback=parsed(functools.partial(parse_duration, allow_zero=True)),
     metavar="DURATION",
     help="How long a lapsed lease keeps its seat.",
 )
@@ -176,7 +161,7 @@ FEATURE_OPTION = click.option(
     "feature",
     multiple=True,
     metavar="NAME=VALUE",
-    callback=_parsed(fmt.parse_feature),
+    callback=parsed(fmt.parse_feature),
     help="A feature (true/false, integers and numbers are typed). Repeatable.",
 )
 
@@ -355,8 +340,8 @@ def licence_list(admin: Admin, show_keys: bool) -> None:
 @click.option("--seats", type=click.IntRange(min=1), required=True, help="Concurrent seats.")
 @TTL_OPTION
 @GRACE_OPTION
-@click.option("--not-before", callback=_parsed(fmt.parse_time), metavar="ISO", help="Valid from.")
-@click.option("--expires", callback=_parsed(fmt.parse_time), metavar="ISO", help="Valid until.")
+@click.option("--not-before", callback=parsed(fmt.parse_time), metavar="ISO", help="Valid from.")
+@click.option("--expires", callback=parsed(fmt.parse_time), metavar="ISO", help="Valid until.")
 @FEATURE_OPTION
 @policy_options
 def licence_add(admin: Admin, licence_id: str, **opts: Any) -> None:
@@ -433,7 +418,7 @@ def licence_remove(admin: Admin, licence_id: str, force: bool) -> None:
 @admin_command
 @click.option(
     "--since",
-    callback=_parsed(lambda text: fmt.parse_since(text, time.time())),
+    callback=parsed(lambda text: fmt.parse_since(text, time.time())),
     metavar="TIME",
     help="From this ISO time, or this long ago (1h, 2d).",
 )
@@ -513,7 +498,7 @@ def report() -> None:
 @click.option("--licence", help="Only this licence (its id); default: all of them, summed.")
 @click.option("--from", "start", callback=WHEN, metavar="TIME", help="ISO time, or 1h, 2d ago.")
 @click.option("--to", "end", callback=WHEN, metavar="TIME", help="ISO time, or 1h, 2d ago.")
-@click.option("--slot", default="3m", callback=_parsed(reports.parse_slot), help="Slot length.")
+@click.option("--slot", default="3m", callback=parsed(reports.parse_slot), help="Slot length.")
 @click.option("--format", "style", type=click.Choice(reports.FORMATS), help="Default table.")
 @click.option("--svg", type=click.File("w", encoding="utf-8"), help="Also write an SVG chart.")
 def report_usage(admin: Admin, licence: str | None, svg: TextIO | None, **opts: Any) -> None:

@@ -17,7 +17,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -26,6 +26,7 @@ import click
 from nacl.signing import SigningKey
 
 from licd.cli import format as fmt
+from licd.cli.options import FILE, parsed
 from licd.clock import SystemClock
 from licd.config.settings import parse_duration
 from licd.store.keyfile import KeyFileError, load_key, load_or_create_key
@@ -52,27 +53,11 @@ from licd_client.messages import MAX_SEATS
 from licd_client.safetext import escape, one_line
 from licd_client.statements import fingerprint, key_from_text, key_to_text
 
-FILE = click.Path(dir_okay=False, path_type=Path)
 #: How long a renewed entitlement is valid, unless --valid says otherwise.
 DEFAULT_VALID = "35d"
 #: Permission bits a vendor key file must not have: any access by group or others.
 SHARED_BITS = 0o077
 _DIGITS = re.compile(r"[0-9]+")
-
-
-def _parsed(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
-    """An option callback reading each value given with `parse` (its ValueError becomes
-    a usage error naming the option), as licd.cli.main's options do."""
-
-    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
-        try:
-            if isinstance(value, tuple):
-                return tuple(parse(v) for v in value)
-            return None if value is None else parse(value)
-        except ValueError as exc:
-            raise click.BadParameter(str(exc).removeprefix("duration: "), ctx, param) from None
-
-    return callback
 
 
 def parse_counter(text: str) -> CounterTerm:
@@ -109,8 +94,8 @@ def parse_addon(text: str) -> AddonTerm:
     return AddonTerm(int(seats), starts=starts, ends=ends)
 
 
-TIME = _parsed(fmt.parse_time)
-DURATION = _parsed(parse_duration)
+TIME = parsed(fmt.parse_time)
+DURATION = parsed(parse_duration)
 KEY_OPTION = click.option(
     "--key",
     "key_file",
@@ -158,7 +143,7 @@ def keygen(file: Path) -> None:
 @click.option(
     "--for",
     "daemon",
-    callback=_parsed(key_from_text),
+    callback=parsed(key_from_text),
     metavar="DAEMON_PUBLIC_HEX",
     required=True,
     help="The site daemon's public key (`licd key show` on the site): 64 hex digits.",
@@ -185,7 +170,7 @@ def keygen(file: Path) -> None:
 @click.option(
     "--feature",
     "features",
-    callback=_parsed(fmt.parse_feature),
+    callback=parsed(fmt.parse_feature),
     metavar="NAME=VALUE",
     multiple=True,
     help="A feature (true/false, integers and numbers are typed). Repeatable.",
@@ -193,7 +178,7 @@ def keygen(file: Path) -> None:
 @click.option(
     "--counter",
     "counters",
-    callback=_parsed(parse_counter),
+    callback=parsed(parse_counter),
     metavar="NAME=LIMIT[/RESET]",
     multiple=True,
     help="A metered counter; RESET never (default), daily or monthly. Repeatable.",
@@ -201,7 +186,7 @@ def keygen(file: Path) -> None:
 @click.option(
     "--addon",
     "addons",
-    callback=_parsed(parse_addon),
+    callback=parsed(parse_addon),
     metavar="SEATS[:FROM..TO]",
     multiple=True,
     help="Extra seats, from FROM until TO (either may be left out). Repeatable.",
