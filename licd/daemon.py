@@ -31,6 +31,7 @@ from licd.config.settings import Config, ConfigError, load_config
 from licd.core.admin import AdminOps
 from licd.core.audit_upkeep import RETIRE_CHUNK, RETIRE_MAX_CHUNKS, DenialLog, retire
 from licd.core.dispatch import Dispatcher
+from licd.core.entitlements import EntitlementRefused, Entitlements
 from licd.core.events import Event, EventBus, Kind
 from licd.core.keys import Signer
 from licd.core.router import Router
@@ -49,6 +50,7 @@ from licd.store.keyfile import key_path, load_or_create_key
 from licd.store.sqlite import DB_FILE, Store, StoreError
 from licd_client.connection import format_address
 from licd_client.errors import LicdError
+from licd_client.identity import site_components
 from licd_client.safetext import OneLineFormatter, kv_line
 
 log = logging.getLogger(__name__)
@@ -139,12 +141,14 @@ class Daemon:
         signer: Signer,
         lock: StateLock,
         admin_access: Access,
+        entitlements: Entitlements,
     ) -> None:
         self.config = config
         self.store = store
         self.service = service
         self.server = server
         self.signer = signer
+        self.entitlements = entitlements
         self._lock = lock
         self._reloads: asyncio.Queue[None] = asyncio.Queue()
         self._notifier = Notifier()  # no-op unless run() is given systemd's
@@ -224,8 +228,18 @@ class Daemon:
         return self.service.engine
 
     @classmethod
-    async def open(cls, config: Config, *, clock: Clock | None = None) -> Daemon:
+    async def open(
+        cls,
+        config: Config,
+        *,
+        clock: Clock | None = None,
+        components: Iterable[str] | None = None,
+    ) -> Daemon:
+        """The daemon for `config`, its state opened; `components` are this machine's
+        host-id components an entitlement's site binding is checked against (by default
+        `site_components()`)."""
         clock = clock or SystemClock()
+        site = tuple(site_components() if components is None else components)
         # A missing certificate, CA file or group stops us before anything is opened.
         surroundings = resolve_surroundings(config)
         state_dir = config.server.state_dir
@@ -240,7 +254,7 @@ class Daemon:
             raise
         try:
             return await cls._build(
-                config, clock, surroundings, store, Signer(key, config.server.site), lock
+                config, clock, surroundings, store, Signer(key, config.server.site), lock, site
             )
         except BaseException:
             await store.close()
@@ -256,6 +270,7 @@ class Daemon:
         store: Store,
         signer: Signer,
         lock: StateLock,
+        components: tuple[str, ...],
     ) -> Daemon:
         """The engine from the database and the config, and the daemon around it."""
         events = EventBus()
@@ -264,6 +279,20 @@ class Daemon:
         # A relayed licence's terms come from upstream, never from the database.
         relayed_ids = {r.id for r in config.relayed}
         stored = [x for x in stored if x.id not in relayed_ids]
+        daemon: Daemon | None = None
+        entitlements = Entitlements(
+            store,
+            signer,
+            vendor_keys=config.vendor.keys,
+            components=components,
+            declared=lambda: _declared_ids(daemon.config if daemon is not None else config),
+        )
+        # Entitled licences as their (re-verified) entitlements allow; the config may
+        # not declare one (its terms are the vendor's).
+        entitled = await entitlements.load({x.id: x for x in stored})
+        _refuse_declared_entitled(config, entitlements.held)
+        stored_by_id = {x.id: x for x in stored}
+        stored = list(entitled.values())
         engine = Engine(
             _merge_licences(stored, config.licences),
             random_bytes=os.urandom,  # the engine reads no entropy itself
@@ -272,6 +301,7 @@ class Daemon:
         )
         # The service publishes (and logs) every event, the relay's forwarded ones too.
         service = LicenceService(engine, store, clock, events)
+        entitlements.install(service)
         if config.upstream is not None:
             link = UpstreamLink(config.upstream, clock, signer.site, surroundings.upstream_tls)
             router = Router(
@@ -303,8 +333,10 @@ class Daemon:
         )
         server = Server(s, Dispatcher(service, signer, limits=limits), ssl=surroundings.tls)
         server.dispatcher.router = router
-        daemon = cls(config, store, service, server, signer, lock, surroundings.admin_access)
-        daemon._stored_licences = {x.id: x for x in stored}
+        daemon = cls(
+            config, store, service, server, signer, lock, surroundings.admin_access, entitlements
+        )
+        daemon._stored_licences = stored_by_id
         return daemon
 
     # ------------------------------------------------------------------- reload
@@ -352,6 +384,7 @@ class Daemon:
             raise
         self.engine.groups = dict(new.groups)  # before the licences whose rules name them
         changes = await self._apply_licences(new.licences, admin_uid=admin_uid)
+        self.entitlements.vendor_keys = frozenset(new.vendor.keys)
         # Licences and alerts apply live; addresses and the like need a restart.
         old = self.config
         restart = [
@@ -367,14 +400,36 @@ class Daemon:
         if restart:
             log.warning("event=reload_needs_restart settings=%s", ",".join(restart))
         self.config = dataclasses.replace(
-            self.config, licences=new.licences, alerts=new.alerts, groups=new.groups
+            self.config,
+            licences=new.licences,
+            alerts=new.alerts,
+            groups=new.groups,
+            vendor=new.vendor,
+            entitlement_files=new.entitlement_files,
         )
         self.alerts.reconfigure(new.alerts)
-        summary = {"licences": changes, "restart_needed": restart}
+        entitled = await self._reload_entitlements(admin_uid)
+        summary = {"licences": changes, "entitlements": entitled, "restart_needed": restart}
         await self.service.record(
             Event(Kind.RELOAD, self.service.now().wall, admin_uid=admin_uid, detail=summary)
         )
         return summary
+
+    async def _reload_entitlements(self, admin_uid: int | None) -> dict[str, str]:
+        """The config's entitlement files imported again: {file: outcome}. A refused
+        file changes nothing of its own and is reported (and logged), the others apply."""
+        out: dict[str, str] = {}
+        for path in self.config.entitlement_files:
+            try:
+                done = await self.entitlements.import_files([path], admin_uid=admin_uid)
+            except LicdError as exc:
+                log.error("event=entitlement_not_imported file=%s error=%r", path, exc.message)
+                out[str(path)] = f"error: {exc.message}"
+                continue
+            out[str(path)] = ", ".join(
+                f"{x.licence_id}: {x.result}" for x in done.get(str(path), [])
+            )
+        return out
 
     def _check_reload(self, new: Config) -> None:
         """ConfigError when the new file cannot apply whole: a licence with the key of
@@ -391,6 +446,10 @@ class Daemon:
                 f"licence {licence!r} has the key of licence {holder!r}: a licence "
                 f"keeps its id; remove {holder!r} first (licd licence remove)"
             )
+        try:
+            _refuse_declared_entitled(new, self.entitlements.held)
+        except StartupError as exc:
+            raise ConfigError(str(exc)) from None
         declared = {x.id for x in new.licences}
         for kept in self.engine.licences:
             missing = (
@@ -498,6 +557,7 @@ class Daemon:
             tg.create_task(self._retire_audit(), name="audit-retention"),
         ]
         await self._save_config_licences()
+        await self._import_config_entitlements()
         if self.router is not None:
             background.append(tg.create_task(self.router.run(), name="router"))
         addresses = await self._listen()
@@ -515,6 +575,17 @@ class Daemon:
                     f"{outcome.removeprefix('error: ')}"
                 )
         self._stored_licences = None
+
+    async def _import_config_entitlements(self) -> None:
+        """The entitlement files the config names, imported (one that is refused stops
+        the start: the admin named it to be served)."""
+        try:
+            async with self.service.licence_edits:
+                await self.entitlements.import_files(self.config.entitlement_files)
+        except EntitlementRefused as exc:
+            raise StartupError(f"entitlement file {exc.message}") from None
+        except LicdError as exc:
+            raise StartupError(f"cannot save the entitlements: {exc.message}") from None
 
     async def _listen(self) -> list[tuple[str, int]]:
         """Open the admin socket, the client listeners and the metrics endpoint; the
@@ -704,6 +775,22 @@ def _admin_access(config: Config) -> Access:
         return Access.from_config(config.admin)
     except ValueError as exc:
         raise StartupError(str(exc)) from None
+
+
+def _declared_ids(config: Config) -> set[str]:
+    """The ids of the licences `config` declares, its relayed ones too."""
+    return {x.id for x in config.licences} | {x.id for x in config.relayed}
+
+
+def _refuse_declared_entitled(config: Config, entitled: Iterable[str]) -> None:
+    """StartupError when `config` declares a licence a vendor's entitlement serves."""
+    taken = sorted(_declared_ids(config) & set(entitled))
+    if taken:
+        raise StartupError(
+            f"licence {taken[0]!r} is entitled by a vendor: its terms come from the "
+            "entitlement, so the config file may not declare it; remove its [[licence]] "
+            "table (narrow it with `licd licence update` instead)"
+        )
 
 
 def _merge_licences(stored: Iterable[Licence], declared: Iterable[Licence]) -> list[Licence]:

@@ -85,9 +85,12 @@ async def _committed(commit: Deferred[None]) -> None:
 
 
 @contextlib.asynccontextmanager
-async def running(config: Config, clock: Clock | None = None) -> AsyncIterator[Daemon]:
-    """A daemon serving in this event loop until the block ends."""
-    daemon = await Daemon.open(config, clock=clock or ManualClock())
+async def running(
+    config: Config, clock: Clock | None = None, *, components: Iterable[str] | None = None
+) -> AsyncIterator[Daemon]:
+    """A daemon serving in this event loop until the block ends (`components`: the
+    host-id components it binds entitlements to; by default this machine's)."""
+    daemon = await Daemon.open(config, clock=clock or ManualClock(), components=components)
     stop = asyncio.Event()
     ready = asyncio.Event()
     task = asyncio.create_task(daemon.run(stop, on_ready=lambda _: ready.set()))

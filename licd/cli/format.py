@@ -255,6 +255,8 @@ def licence_text(licence: str, outcome: str) -> str:
 def reload_text(result: Mapping[str, Any]) -> str:
     outcomes = result["licences"]
     lines = [licence_text(name, outcome) for name, outcome in sorted(outcomes.items())]
+    for path, outcome in sorted(result.get("entitlements", {}).items()):
+        lines.append(f"entitlement file {escape(path)}: {escape(outcome)}")
     if result["restart_needed"]:
         needed = ", ".join(map(escape, result["restart_needed"]))
         lines.append(f"needs a restart to apply: {needed}")

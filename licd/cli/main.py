@@ -18,132 +18,38 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 import click
-from click.core import ParameterSource
 
 from licd import __version__
 from licd.cli import format as fmt
 from licd.cli import report as reports
-from licd.cli.admin_client import AdminClient, AdminError
+from licd.cli.admin_command import (
+    CONFIG_ENV,
+    CONFIG_OPTION,
+    DEFAULT_ORIGIN,
+    Admin,
+    admin_command,
+    config_file,
+)
+from licd.cli.entitlement import entitlement
 from licd.cli.options import FILE, parsed
 from licd.cli.policy import policy_changes, policy_options
 from licd.cli.vendor import vendor
-from licd.config.settings import Config, ConfigError, default_config, load_config, parse_duration
+from licd.config.settings import Config, parse_duration
 from licd.daemon import Daemon, StartupError, resolve_surroundings, setup_logging
 from licd.shells.notify import Notifier
 from licd.store.keyfile import KeyFileError, key_path, load_key
 from licd.store.sqlite import StoreError
 from licd_client.connection import format_address
-from licd_client.safetext import escape, one_line
+from licd_client.safetext import escape
 
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython: 700)
 PAGE = 1000  # entries asked for per admin request when paging
 FOLLOW_WAIT = 10.0  # seconds the daemon holds an `audit --follow` poll open
 CLEAR = "none"  # `licence update --expires none`: remove the date
-
-CONFIG_ENV = "LICD_CONFIG"  # the config file, wherever --config is not given
-SOCKET_ENV = "LICD_SOCKET"  # the admin socket, for the admin commands
-DEFAULT_ORIGIN = "the embedded default"
-CONFIG_OPTION = click.option(
-    "--config",
-    "config_path",
-    type=FILE,
-    envvar=CONFIG_ENV,
-    show_envvar=True,
-    help="The TOML config file (default: built in).",
-)
-_ADMIN_OPTIONS = (
-    click.option(
-        "--config",
-        "config_path",
-        type=FILE,
-        envvar=CONFIG_ENV,
-        show_envvar=True,
-        help="The file `licd serve` was given; the daemon's admin socket is read from it.",
-    ),
-    click.option(
-        "--socket",
-        "socket_path",
-        type=FILE,
-        envvar=SOCKET_ENV,
-        show_envvar=True,
-        metavar="PATH",
-        help="The daemon's admin socket.",
-    ),
-    click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts."),
-)
-
-
-def _from_env(param: str) -> bool:
-    """Whether the current command's `param` was taken from its environment variable."""
-    source = click.get_current_context().get_parameter_source(param)
-    return source is ParameterSource.ENVIRONMENT
-
-
-def _config(path: Path | None, param: str = "config_path") -> Config:
-    """The config file at `path` (None: the embedded defaults), or exit 1 naming the
-    error, and LICD_CONFIG when the path came from there."""
-    try:
-        return default_config() if path is None else load_config(path)
-    except ConfigError as exc:
-        raise click.ClickException(
-            f"{CONFIG_ENV}: {exc}" if _from_env(param) else str(exc)
-        ) from None
-
-
-def _admin_socket(config_path: Path | None, socket_path: Path | None) -> tuple[Path, str]:
-    """The admin socket and where its path came from. The command line beats the
-    environment, which beats the embedded default; at each, a socket beats a config file
-    (both on the command line is an error)."""
-    given_socket = socket_path is not None and not _from_env("socket_path")
-    given_config = config_path is not None and not _from_env("config_path")
-    if given_socket and given_config:
-        raise click.UsageError("give --config or --socket, not both")
-    if socket_path is not None and (given_socket or not given_config):
-        return socket_path, "from --socket" if given_socket else f"from {SOCKET_ENV}"
-    if config_path is not None:
-        name = "--config " if given_config else f"{CONFIG_ENV}="
-        return _config(config_path).admin_socket, f"from {name}{config_path}"
-    return default_config().admin_socket, DEFAULT_ORIGIN
-
-
-@dataclass
-class Admin:
-    """The daemon's admin socket (and where its path came from), as one command sees it."""
-
-    socket: Path
-    origin: str
-    json: bool
-
-    def call(self, op: str, **args: Any) -> dict[str, Any]:
-        """The op's results (the reply without its envelope); refusals become exit 1."""
-        try:
-            reply = AdminClient(self.socket, origin=self.origin).call(op, **args)
-        except AdminError as exc:
-            raise click.ClickException(one_line(str(exc))) from None
-        return {k: v for k, v in reply.items() if k not in ("id", "ok")}
-
-    def show(self, result: Any, human: Callable[[], str]) -> None:
-        click.echo(fmt.as_json(result) if self.json else human())
-
-
-def admin_command(f: Callable[..., None]) -> Callable[..., None]:
-    """Adds --config / --socket / --json; the command gets an `Admin` first."""
-
-    @functools.wraps(f)
-    def wrapper(
-        *args: Any, config_path: Path | None, socket_path: Path | None, as_json: bool, **kw: Any
-    ) -> None:
-        f(Admin(*_admin_socket(config_path, socket_path), as_json), *args, **kw)
-
-    for option in reversed(_ADMIN_OPTIONS):
-        wrapper = option(wrapper)
-    return wrapper
-
 
 TIME_OR_NONE = parsed(lambda v: CLEAR if v == CLEAR else fmt.parse_time(v))
 WHEN = parsed(lambda text: fmt.parse_since(text, time.time()))  # ISO, or 1h ago
@@ -173,6 +79,7 @@ def main() -> None:
 
 
 main.add_command(vendor)
+main.add_command(entitlement)
 
 
 @main.command()
@@ -184,7 +91,7 @@ def serve(config_path: Path | None) -> None:
     # the process as SIGTERM would, without a KeyboardInterrupt traceback.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-    config = _config(config_path)
+    config = config_file(config_path)
     setup_logging(config.server.log_level)
     try:
         asyncio.run(_serve(config))
@@ -244,7 +151,7 @@ def key_show(
         click.echo(fmt.as_json(result) if as_json else result["key"])
         return
     if state_dir is None:
-        state_dir = _config(config_path).server.state_dir
+        state_dir = config_file(config_path).server.state_dir
     try:
         public = bytes(load_key(key_path(state_dir)).verify_key).hex()
     except KeyFileError as exc:
@@ -254,10 +161,10 @@ def key_show(
 
 @main.command("check-config")
 @click.argument("path", type=FILE, envvar=CONFIG_ENV)
-def check_config(path: Path) -> None:
+def checkconfig_file(path: Path) -> None:
     """Validate a config file (PATH, else $LICD_CONFIG) and what it names (certificates,
     CA file, admin group and socket, alert hook); print a summary or the first error."""
-    config = _config(path, "path")
+    config = config_file(path, "path")
     try:
         resolve_surroundings(config)
     except StartupError as exc:
@@ -478,14 +385,19 @@ def audit_entries(
 def reload(admin: Admin) -> None:
     """Re-read the daemon's config file.
 
-    Licences are added or updated live; other settings need a restart (listed).
+    Licences are added or updated live, and the entitlement files it names imported;
+    other settings need a restart (listed).
     """
     result = admin.call("reload")
     admin.show(result, lambda: fmt.reload_text(result))
     outcomes: dict[str, str] = result["licences"]
     failed = sorted(name for name, outcome in outcomes.items() if outcome.startswith("error"))
-    if failed:
-        raise click.ClickException(f"not applied: licence(s) {', '.join(map(escape, failed))}")
+    files: dict[str, str] = result.get("entitlements", {})
+    refused = sorted(path for path, outcome in files.items() if outcome.startswith("error"))
+    if failed or refused:
+        what = [f"licence(s) {', '.join(map(escape, failed))}"] if failed else []
+        what += [f"entitlement file(s) {', '.join(map(escape, refused))}"] if refused else []
+        raise click.ClickException(f"not applied: {'; '.join(what)}")
 
 
 @main.group()

@@ -12,11 +12,9 @@ sentence and exit 1 (usage errors exit 2), never a stack trace, and write nothin
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +25,7 @@ from nacl.signing import SigningKey
 
 from licd.cli import format as fmt
 from licd.cli.options import FILE, parsed
+from licd.cli.outfile import write_output
 from licd.clock import SystemClock
 from licd.config.settings import parse_duration
 from licd.store.keyfile import KeyFileError, load_key, load_or_create_key
@@ -288,7 +287,7 @@ def issue_command(
         binding=binding,
     )
     ent = _issue(_vendor_key(key_file), daemon, now, terms)
-    _write(out, _file_text([(licence_key, ent)]), force)
+    write_output(out, _file_text([(licence_key, ent)]), force)
     valid = f"{_when(not_before or now)} .. {_when(expires)}"
     click.echo(
         f"wrote {out}: licence {escape(licence_id)}, product {escape(product)}, "
@@ -349,7 +348,7 @@ def renew(
         (old, _issue(signer, request.daemon, at, _renewed(old.terms, at, at + valid, seats)))
         for old in held
     ]
-    _write(out, _file_text([(None, new) for _, new in renewed]), force)
+    write_output(out, _file_text([(None, new) for _, new in renewed]), force)
     click.echo(
         f"request of site {escape(request.site) or fmt.NONE}, "
         f"daemon key {fingerprint(request.daemon)}, made {_when(request.made)}"
@@ -432,32 +431,6 @@ def _file_text(entries: Sequence[tuple[str | None, Entitlement]]) -> str:
 def _refuse_existing(path: Path, force: bool) -> None:
     if not force and os.path.lexists(path):
         raise click.ClickException(f"{path} already exists: not replaced (give --force)")
-
-
-def _write(path: Path, text: str, force: bool) -> None:
-    """Write `text` to `path` whole or not at all, mode 0600: a temporary file beside it,
-    fsynced, then linked to `path` (which fails if it exists) or, with `force`, renamed
-    over it."""
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise click.ClickException(f"{path}: cannot write it: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if force:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-    except FileExistsError:
-        raise click.ClickException(f"{path} already exists: not replaced (give --force)") from None
-    except OSError as exc:
-        raise click.ClickException(f"{path}: cannot write it: {exc.strerror}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 def _request(path: Path, now: float) -> Request:

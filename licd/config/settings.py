@@ -123,6 +123,14 @@ class UpstreamConfig:
 
 
 @dataclass(frozen=True)
+class VendorConfig:
+    """The [vendor] table: the public keys whose entitlements this site accepts
+    (docs/entitlements.md)."""
+
+    keys: tuple[bytes, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole configuration: the server settings and the licences it serves."""
 
@@ -136,6 +144,8 @@ class Config:
     upstream: UpstreamConfig | None = None
     relayed: tuple[RelayedLicence, ...] = ()
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # [groups]
+    vendor: VendorConfig = VendorConfig()
+    entitlement_files: tuple[Path, ...] = ()  # [[entitlement]] file = ...
 
     @property
     def admin_socket(self) -> Path:
@@ -201,7 +211,18 @@ def parse_config(text: str, source: Path) -> Config:
         doc,
         "",
         str(source),
-        ("server", "licence", "admin", "metrics", "alerts", "audit", "upstream", "groups"),
+        (
+            "server",
+            "licence",
+            "admin",
+            "metrics",
+            "alerts",
+            "audit",
+            "upstream",
+            "groups",
+            "vendor",
+            "entitlement",
+        ),
     )
     server = _server(top.table("server", _SERVER_KEYS))
     groups = parse_groups(top)
@@ -220,6 +241,8 @@ def parse_config(text: str, source: Path) -> Config:
         upstream=upstream,
         relayed=relayed,
         groups=groups,
+        vendor=_vendor(top.table("vendor", ("keys",))),
+        entitlement_files=_entitlement_files(top),
     )
 
 
@@ -339,6 +362,46 @@ def _upstream(top: Table) -> UpstreamConfig:
         tls=tls,
         ca_file=Path(ca_file) if ca_file else None,
     )
+
+
+# --- [vendor] and [[entitlement]] ----------------------------------------------------
+
+
+def _vendor(t: Table) -> VendorConfig:
+    value = t.get("keys", [])
+    if not isinstance(value, list):
+        raise t.error("keys", "must be an array of public keys (64 hex digits)")
+    keys: list[bytes] = []
+    for i, item in enumerate(value):
+        try:
+            key = key_from_text(item if isinstance(item, str) else "")
+        except ValueError as exc:
+            raise t.error("keys", str(exc), i) from None
+        if key in keys:
+            raise t.error("keys", f"duplicate of keys[{keys.index(key)}]", i)
+        keys.append(key)
+    return VendorConfig(tuple(keys))
+
+
+def _entitlement_files(top: Table) -> tuple[Path, ...]:
+    value = top.get("entitlement", [])
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise top.error(
+            "entitlement", "must be an array of tables: write each one as [[entitlement]]"
+        )
+    files: list[Path] = []
+    for i, item in enumerate(value):
+        t = Table(item, f"entitlement[{i}]", top.source, ("file",))
+        name = t.get("file")
+        if not isinstance(name, str) or not name.startswith("/") or "\0" in name:
+            raise t.error("file", "must be an absolute path")
+        path = Path(name)
+        if path in files:
+            raise t.error("file", f"duplicate: entitlement[{files.index(path)}] names it")
+        files.append(path)
+    if files and "vendor" not in top.data:
+        raise top.error("entitlement", "entitlement files need the vendor's key: add [vendor] keys")
+    return tuple(files)
 
 
 # --- [audit] --------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The admin ops: what `licd status`, `leases`, `revoke`, `licence ...`, `audit`,
-`reload` and `key` ask of the daemon over the admin socket (admin_server.py).
+"""The admin ops: what `licd status`, `leases`, `revoke`, `licence ...`,
+`entitlement ...`, `audit`, `reload` and `key` ask of the daemon over the admin socket
+(admin_server.py).
 
 Each op parses its arguments strictly, calls the service or the daemon, and shapes the
 results (docs/admin.md). Every action is recorded with the admin's uid. It never decides
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
@@ -17,18 +19,21 @@ from typing import Any, Protocol
 
 from licd import __version__
 from licd.config.settings import licence_from_mapping, licence_to_mapping
+from licd.core.entitlements import Entitlements
 from licd.core.events import Event
 from licd.core.router import Router
 from licd.core.service import LicenceService
 from licd.engine import Availability, Licence, SeatLease
 from licd.engine.lease_filter import LeaseFilter
 from licd.store.records import Forwarded
+from licd_client.entitlements import request_file
 from licd_client.errors import BadRequest, UnknownLicence
 from licd_client.messages import MAX_STORED_INT, Fields
 
 log = logging.getLogger(__name__)
 
 MAX_PAGE = 5000
+MAX_ENTITLEMENT_FILE = 512 * 1024  # characters of an entitlement file sent to import
 MAX_AUDIT_WAIT = 60.0  # longest an `audit` request with `wait` is held open
 
 
@@ -49,6 +54,8 @@ class DaemonView(Protocol):
     def connections(self) -> int: ...
     @property
     def router(self) -> Router | None: ...
+    @property
+    def entitlements(self) -> Entitlements: ...
     async def reload(self, *, admin_uid: int | None = None) -> dict[str, Any]: ...
 
 
@@ -168,6 +175,9 @@ class AdminOps:
             "licence.add": self.licence_add,
             "licence.update": self.licence_update,
             "licence.remove": self.licence_remove,
+            "entitlement.import": self.entitlement_import,
+            "entitlement.list": self.entitlement_list,
+            "entitlement.request": self.entitlement_request,
             "audit": self.audit,
             "reload": self.reload,
             "key": self.key,
@@ -370,6 +380,35 @@ class AdminOps:
         async with self.service.licence_edits:
             revoked = await self.service.remove_licence(licence_id, force=force, admin_uid=uid)
         return {"removed": licence_id, "revoked": [x.handle for x in revoked]}
+
+    async def entitlement_import(self, f: Fields, uid: int) -> dict[str, Any]:
+        text = f.text("text", max_len=MAX_ENTITLEMENT_FILE)
+        name = f.text("source", max_len=1024, required=False)
+        f.done()
+        outcomes = await self.daemon.entitlements.import_text(
+            text, admin_uid=uid, source=f"admin {name}" if name else "admin"
+        )
+        return {"entitlements": [dataclasses.asdict(x) for x in outcomes]}
+
+    async def entitlement_list(self, f: Fields, uid: int) -> dict[str, Any]:
+        f.done()
+        ents = self.daemon.entitlements
+        return {
+            "entitlements": ents.listing(),
+            "key": self.daemon.public_key.hex(),
+            "site_components": list(ents.components),
+            "vendor_keys": sorted(k.hex() for k in ents.vendor_keys),
+        }
+
+    async def entitlement_request(self, f: Fields, uid: int) -> dict[str, Any]:
+        f.done()
+        ents = self.daemon.entitlements
+        if not ents.held:
+            raise BadRequest("this daemon holds no entitlement: there is nothing to renew")
+        return {
+            "request": request_file(await ents.request()),
+            "licences": sorted(ents.held),
+        }
 
     async def reload(self, f: Fields, uid: int) -> dict[str, Any]:
         f.done()

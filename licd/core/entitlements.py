@@ -64,30 +64,28 @@ class Entitlements:
 
     def __init__(
         self,
-        service: LicenceService,
+        store: Store,
         signer: Signer,
         *,
         vendor_keys: Iterable[bytes],
         components: Sequence[str],
         declared: Callable[[], Iterable[str]],
     ) -> None:
-        self.service = service
+        self.store = store
         self.signer = signer
         self.vendor_keys = frozenset(vendor_keys)
         self.components = tuple(components)
         #: The ids of licences the config file declares (an entitlement may not take one).
         self._declared = declared
+        self._service: LicenceService | None = None  # once installed
         self.held: dict[str, Entitlement] = {}  # served now
         self.stored: dict[str, StoredEntitlement] = {}  # every one imported, removed too
-        service.events.subscribe(self._on_event)
-
-    def _on_event(self, event: Event) -> None:
-        if event.kind is Kind.LICENCE_REMOVED and event.licence is not None:
-            self.removed(event.licence)
 
     @property
-    def store(self) -> Store:
-        return self.service.store
+    def service(self) -> LicenceService:
+        if self._service is None:
+            raise RuntimeError("Entitlements.install() was not called")
+        return self._service
 
     # -------------------------------------------------------------------- start
 
@@ -126,11 +124,18 @@ class Entitlements:
             self.held[stored.licence_id] = ent
         return out
 
-    def install(self) -> None:
-        """Once the engine exists: it and the signer serve what `load` verified."""
+    def install(self, service: LicenceService) -> None:
+        """Once the engine exists: it and the signer serve what `load` verified, and
+        a `licence remove` of an entitled licence is followed."""
+        self._service = service
+        service.events.subscribe(self._on_event)
         for licence_id, ent in self.held.items():
-            self.service.engine.entitled[licence_id] = ent.terms
+            service.engine.entitled[licence_id] = ent.terms
             self._chain(ent)
+
+    def _on_event(self, event: Event) -> None:
+        if event.kind is Kind.LICENCE_REMOVED and event.licence is not None:
+            self.removed(event.licence)
 
     def _chain(self, ent: Entitlement) -> None:
         self.signer.chains[ent.terms.licence_id] = [ent.statement]
@@ -183,12 +188,17 @@ class Entitlements:
         """Import an entitlement file's text: all of it, or nothing and
         EntitlementRefused saying why. `lenient` (a config file's at start or reload):
         an expired entitlement, or one older than the one held, is skipped, not refused."""
+        async with self.service.licence_edits:
+            return await self._import_text(text, admin_uid, source, lenient)
+
+    async def _import_text(
+        self, text: str, admin_uid: int | None, source: str, lenient: bool
+    ) -> list[Outcome]:
         try:
             entries = ent_format.read_file(text)
         except ValueError as exc:
             raise EntitlementRefused(str(exc)) from None
-        async with self.service.licence_edits:
-            return await self._import(entries, admin_uid, source, lenient)
+        return await self._import(entries, admin_uid, source, lenient)
 
     async def _import(
         self, entries: Sequence[FileEntry], admin_uid: int | None, source: str, lenient: bool
@@ -330,8 +340,10 @@ class Entitlements:
     async def import_files(
         self, paths: Iterable[Path], *, admin_uid: int | None = None
     ) -> dict[str, list[Outcome]]:
-        """Import the entitlement files the config names (at start and on reload):
-        EntitlementRefused naming the file when one cannot be read or is refused."""
+        """Import the entitlement files the config names (at start and on reload; the
+        caller holds `service.licence_edits`), each all or nothing: EntitlementRefused
+        naming the file when one cannot be read or is refused (the files before it
+        stay imported)."""
         out: dict[str, list[Outcome]] = {}
         for path in paths:
             try:
@@ -339,9 +351,7 @@ class Entitlements:
             except (OSError, UnicodeDecodeError) as exc:
                 raise EntitlementRefused(f"{path}: cannot read: {exc}") from None
             try:
-                out[str(path)] = await self.import_text(
-                    text, admin_uid=admin_uid, source=f"file {path}", lenient=True
-                )
+                out[str(path)] = await self._import_text(text, admin_uid, f"file {path}", True)
             except EntitlementRefused as exc:
                 raise EntitlementRefused(f"{path}: {exc.message}") from None
             for outcome in out[str(path)]:
@@ -411,7 +421,7 @@ class Entitlements:
         after = 0
         read = 0
         while read < USAGE_ENTRIES:
-            page = await self.store.audit(after=after, since=since, until=now, limit=5000)
+            page = await self.store.audit(after=after, since=since, limit=5000)
             if not page:
                 break
             for entry in page:

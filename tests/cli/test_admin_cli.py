@@ -531,7 +531,11 @@ async def test_reload_applies_the_file_or_names_its_error(tmp_path: Path) -> Non
 
         path.write_text(SITE_TOML.format(state=tmp_path / "state", site="branch"))
         data = await ok_json("reload", *conf)
-        assert data == {"licences": {"dicom-hq": "unchanged"}, "restart_needed": ["server.site"]}
+        assert data == {
+            "licences": {"dicom-hq": "unchanged"},
+            "entitlements": {},
+            "restart_needed": ["server.site"],
+        }
         out = await ok("reload", *conf)
         assert out.splitlines()[-1] == "needs a restart to apply: server.site"
 

@@ -21,8 +21,8 @@ from click.testing import CliRunner, Result
 from nacl.signing import SigningKey
 
 from licd.cli import format as fmt
-from licd.cli import vendor as vendor_cli
 from licd.cli.main import main
+from licd.cli.outfile import write_output
 from licd.store.keyfile import load_key
 from licd_client import entitlements as ents
 from licd_client.entitlements import (
@@ -326,9 +326,9 @@ def test_an_output_file_is_linked_into_place_never_over_another(tmp_path: Path) 
     out = tmp_path / "e.toml"
     out.write_text("theirs\n")
     with pytest.raises(click.ClickException, match="already exists"):
-        vendor_cli._write(out, "ours\n", force=False)
+        write_output(out, "ours\n", force=False)
     assert out.read_text() == "theirs\n"
-    vendor_cli._write(out, "ours\n", force=True)
+    write_output(out, "ours\n", force=True)
     assert out.read_text() == "ours\n"
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     assert files(tmp_path) == {"e.toml"}

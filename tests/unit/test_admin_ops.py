@@ -12,6 +12,7 @@ import pytest
 
 from licd.clock import ManualClock
 from licd.core.admin import AdminOps
+from licd.core.entitlements import Entitlements
 from licd.core.router import Router
 from licd.core.service import LicenceService
 from licd.store.records import Forwarded
@@ -33,6 +34,10 @@ class Daemon:
     public_key: bytes = b""
     connections: int = 0
     router: Router | None = None
+
+    @property
+    def entitlements(self) -> Entitlements:
+        raise AssertionError("not called")
 
     async def reload(self, *, admin_uid: int | None = None) -> dict[str, Any]:
         raise AssertionError("not called")

@@ -794,3 +794,37 @@ def test_renewals_per_second_reaches_the_engine(tmp_path: Path) -> None:
     assert config.server.renewals_per_second == 50.0
     with pytest.raises(ConfigError, match=r"renewals_per_second"):
         parse_config("[server]\nrenewals_per_second = 0\n", tmp_path / "licd.toml")
+
+
+VENDOR = '[vendor]\nkeys = ["%s"]\n' % ("cd" * 32)
+
+
+def test_vendor_keys_and_entitlement_files(tmp_path: Path) -> None:
+    text = VENDOR + '[[entitlement]]\nfile = "/etc/licd/a.toml"\n[[entitlement]]\nfile = "/b"\n'
+    config = parse_config(text, tmp_path / "c.toml")
+    assert config.vendor.keys == (bytes.fromhex("cd" * 32),)
+    assert config.entitlement_files == (Path("/etc/licd/a.toml"), Path("/b"))
+    bare = parse_config("", tmp_path / "c.toml")
+    assert (bare.vendor.keys, bare.entitlement_files) == ((), ())
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('[vendor]\nkeys = ["nothex"]', "vendor.keys[0]"),
+        ('[vendor]\nkeys = "%s"' % ("cd" * 32), "vendor.keys: must be an array"),
+        (VENDOR.replace('"]', '", "%s"]' % ("cd" * 32)), "vendor.keys[1]: duplicate"),
+        ('[vendor]\nkey = ["%s"]' % ("cd" * 32), "vendor.key: unknown key"),
+        (VENDOR + '[[entitlement]]\nfile = "relative.toml"', "entitlement[0].file"),
+        (VENDOR + '[[entitlement]]\npath = "/a"', "entitlement[0].path: unknown key"),
+        (VENDOR + '[entitlement]\nfile = "/a"', "entitlement: must be an array of tables"),
+        (
+            VENDOR + '[[entitlement]]\nfile = "/a"\n[[entitlement]]\nfile = "/a"',
+            "entitlement[1].file: duplicate",
+        ),
+        ('[[entitlement]]\nfile = "/a"', "entitlement: entitlement files need the vendor's key"),
+    ],
+)
+def test_vendor_and_entitlement_errors_name_the_key(tmp_path: Path, text: str, where: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(where)):
+        parse_config(text, tmp_path / "c.toml")
