@@ -4,7 +4,9 @@
 (for deadlines, which must not move when the wall clock is set). Production code uses
 `SystemClock`; tests use `ManualClock` and move time by hand instead of sleeping (the
 same idea, and name, as `licd_client.ManualClock`, the client's stepped lease clock; a
-module that uses both names the client's by its package).
+module that uses both names the client's by its package). `WallMark` is the latest
+wall time known to have passed, which the daemon's clock never goes behind
+(licd.core.clock_guard).
 """
 
 from __future__ import annotations
@@ -25,6 +27,25 @@ class Instant:
 
 class Clock(Protocol):
     def now(self) -> Instant: ...
+
+
+@dataclass
+class WallMark:
+    """The latest wall time known to have passed: never earlier than a wall reading, and
+    moving on with monotonic time between readings, so a wall clock set back turns it
+    back neither while running nor (it is checkpointed) across a restart."""
+
+    wall: float
+    mono: float  # the monotonic time at which `wall` was known
+
+    def now(self, at: Instant) -> float:
+        """The effective wall time at `at`: max(wall now, the mark moved on since)."""
+        return max(at.wall, self.wall + (at.mono - self.mono))
+
+    def seen(self, wall: float, at: Instant) -> None:
+        """Take in `wall` (a checkpoint read back) as passed by `at`."""
+        self.wall = max(self.now(at), wall)
+        self.mono = at.mono
 
 
 class SystemClock:

@@ -30,6 +30,7 @@ from licd.clock import Clock, SystemClock
 from licd.config.settings import Config, ConfigError, load_config
 from licd.core.admin import AdminOps
 from licd.core.audit_upkeep import RETIRE_CHUNK, RETIRE_MAX_CHUNKS, DenialLog, retire
+from licd.core.clock_guard import ClockGuard
 from licd.core.dispatch import Dispatcher
 from licd.core.entitlements import EntitlementRefused, Entitlements
 from licd.core.events import Event, EventBus, Kind
@@ -142,6 +143,7 @@ class Daemon:
         lock: StateLock,
         admin_access: Access,
         entitlements: Entitlements,
+        clock_guard: ClockGuard,
     ) -> None:
         self.config = config
         self.store = store
@@ -149,6 +151,7 @@ class Daemon:
         self.server = server
         self.signer = signer
         self.entitlements = entitlements
+        self.clock_guard = clock_guard
         self._lock = lock
         self._reloads: asyncio.Queue[None] = asyncio.Queue()
         self._notifier = Notifier()  # no-op unless run() is given systemd's
@@ -273,6 +276,10 @@ class Daemon:
         components: tuple[str, ...],
     ) -> Daemon:
         """The engine from the database and the config, and the daemon around it."""
+        # The daemon's clock: its wall time never goes back, across restarts too.
+        guard = ClockGuard(clock, store, skew=config.server.clock_skew)
+        await guard.load()
+        clock = guard
         events = EventBus()
         router: Router | None = None
         stored = await store.load_licences()
@@ -302,6 +309,7 @@ class Daemon:
         # The service publishes (and logs) every event, the relay's forwarded ones too.
         service = LicenceService(engine, store, clock, events)
         entitlements.install(service)
+        guard.attach(service)
         if config.upstream is not None:
             link = UpstreamLink(config.upstream, clock, signer.site, surroundings.upstream_tls)
             router = Router(
@@ -313,6 +321,7 @@ class Daemon:
                 signer=signer,
                 clock=clock,
                 publish=service.publish,
+                checkpoint=guard.checkpoint,
             )
             await router.load()  # a stored block's licence, before its sub-leases
         kept = await store.load_leases()
@@ -334,7 +343,15 @@ class Daemon:
         server = Server(s, Dispatcher(service, signer, limits=limits), ssl=surroundings.tls)
         server.dispatcher.router = router
         daemon = cls(
-            config, store, service, server, signer, lock, surroundings.admin_access, entitlements
+            config,
+            store,
+            service,
+            server,
+            signer,
+            lock,
+            surroundings.admin_access,
+            entitlements,
+            guard,
         )
         daemon._stored_licences = stored_by_id
         return daemon
@@ -555,7 +572,9 @@ class Daemon:
             tg.create_task(self.alerts.run(), name="alerts"),
             tg.create_task(self._flush_denials(), name="denials"),
             tg.create_task(self._retire_audit(), name="audit-retention"),
+            tg.create_task(self.clock_guard.run(), name="clock-guard"),
         ]
+        await self.clock_guard.check()  # a clock set back while the daemon was down
         await self._save_config_licences()
         await self._import_config_entitlements()
         if self.router is not None:
@@ -657,7 +676,7 @@ class Daemon:
         """Stop accepting; drain the requests in flight (up to `shutdown_timeout`) and
         close the connections; stop the background tasks; let running alert hooks end
         (up to `hook_timeout`); close the upstream link; write the pending denial counts;
-        commit what is queued and close the store."""
+        record the clock's mark; commit what is queued and close the store."""
         await self.server.stop()
         await self.admin.stop()
         await self._stop_metrics()
@@ -666,6 +685,7 @@ class Daemon:
         await self.alerts.hooks.drain(grace=self.config.alerts.hook_timeout)
         if self.router is not None:
             await self.router.close()
+        await self.clock_guard.checkpoint()
         self.service.flush_denials(self.service.now(), every=True)
         await self.store.close()
 
@@ -676,7 +696,7 @@ class Daemon:
         not acknowledged, so nothing promised is lost; its client retries, or its lease
         lapses). Running alert hooks are killed, the background tasks cancelled. The
         upstream link and the store then get EXIT_NOW_GRACE seconds together to record
-        the router's mark and the denial counts, commit what is queued and close; a store
+        the clock's mark and the denial counts, commit what is queued and close; a store
         still busy after that (a stalled disk, a write lock held elsewhere) is abandoned:
         its transaction in progress commits whole or not at all (SQLite)."""
         log.warning("event=exit_now grace=%g", EXIT_NOW_GRACE)
@@ -689,10 +709,11 @@ class Daemon:
         for task in background:
             task.cancel()
         await self.alerts.hooks.drain(grace=0)
-        if self.router is not None:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline):
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                if self.router is not None:
                     await self.router.close()
+                await self.clock_guard.checkpoint()
         self.service.flush_denials(self.service.now(), every=True)
         left = max(0.0, deadline - asyncio.get_running_loop().time())
         await self.store.close(within=left)

@@ -69,6 +69,9 @@ class ServerConfig:
     renewals_per_second: float = RENEW_MIN_RATE
     shutdown_timeout: float = 10.0  # drain time for in-flight requests on stop
     reap_interval: float = 1.0  # how often lapsed leases are reclaimed
+    # How far the wall clock may be behind the latest time the daemon has seen before it
+    # counts as set back, and vendor licences hold new grants (licd/core/clock_guard.py).
+    clock_skew: float = 600.0
     log_level: str = "info"
     tls_cert: Path | None = None  # PEM certificate (chain): serve TLS on every listen address
     tls_key: Path | None = None  # its PEM private key
@@ -292,6 +295,7 @@ def _server(t: Table) -> ServerConfig:
         renewals_per_second=t.number("renewals_per_second", _D.renewals_per_second, 0.01, MAX_RATE),
         shutdown_timeout=t.duration("shutdown_timeout", _D.shutdown_timeout),
         reap_interval=t.duration("reap_interval", _D.reap_interval),
+        clock_skew=t.duration("clock_skew", _D.clock_skew),
         log_level=log_level,
         **_tls(t),
     )

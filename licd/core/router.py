@@ -18,9 +18,10 @@ pure (licd/engine/block.py); this module does what they decide and keeps its rec
   outages) and kept in table `block`, so a restarted router resumes it. If upstream
   answers `lease_unknown`, the router stops issuing and lets sub-leases run out.
 - time: a block (and a forwarded lease) lasts for elapsed monotonic time: the ttl
-  upstream granted, or after a restart its expiry less the latest wall time known to
-  have passed (`WallMark`, kept in table `wall_mark`). A wall clock set back lengthens
-  nothing; the engine's licence expiry is the monotonic deadline seen on the wall clock.
+  upstream granted, or after a restart its expiry less the daemon's wall time, which is
+  never set back (the router is given the daemon's clock, licd.core.clock_guard). A wall
+  clock set back lengthens nothing; the engine's licence expiry is the monotonic
+  deadline seen on the wall clock.
 """
 
 from __future__ import annotations
@@ -44,7 +45,6 @@ from licd.engine import Engine, Licence
 from licd.engine.block import (
     MIN_RETRY,
     Act,
-    WallMark,
     block_licence,
     on_wall,
     plan,
@@ -85,9 +85,8 @@ log = logging.getLogger(__name__)
 #: A block keeper's waits between failed attempts: full jitter, from up to 1 s after the
 #: first failure, doubling, to up to 5 minutes (never less than `MIN_RETRY`).
 RETRY = Backoff(base=1.0, cap=300.0)
-#: Seconds between two checkpoints of the wall-clock mark (and sweeps of stale
-#: forwarded records): what a restart with the clock set back may give a block back.
-CHECKPOINT_EVERY = 60.0
+#: Seconds between two sweeps of stale forwarded records.
+SWEEP_EVERY = 60.0
 
 R = TypeVar("R", bound=Reply)
 
@@ -172,6 +171,7 @@ class Router:
         publish: Callable[[Event], None],
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        checkpoint: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.config = config
         self.link = link
@@ -181,6 +181,9 @@ class Router:
         self.signer = signer
         self.clock = clock
         self.publish = publish  # the service's: logs the event, tells its subscribers
+        #: The daemon clock's checkpoint (`ClockGuard.checkpoint`), once a block is taken:
+        #: a restart with the clock set back then judges it from a time after it came.
+        self.checkpoint = checkpoint or _nothing
         self.sleep = sleep  # the keepers' waits: a test's own moves its clock instead
         self.forward_keys = {r.key: r for r in relayed if r.mode == "forward"}
         self.blocks = {
@@ -192,8 +195,6 @@ class Router:
         self.modes = {r.id: r.mode for r in relayed}
         self.forwarded: dict[str, Forwarded] = {}  # by lease secret
         self._lapses: dict[str, float] = {}  # forwarded lease secret -> monotonic expiry
-        at = clock.now()
-        self.mark = WallMark(at.wall, at.mono)  # raised to the stored one by load()
         me = identity.holder()
         # Upstream lists the router's blocks as held by this machine, for this site.
         self.router_holder = Holder(
@@ -254,12 +255,9 @@ class Router:
 
     async def load(self) -> None:
         """Resume what the database kept: blocks (installed in the engine) and the
-        forwarded leases' records, each lasting what it has left by the wall-clock mark."""
+        forwarded leases' records, each lasting what it has left by the daemon's clock."""
         at = self.clock.now()
-        stored = await self.store.load_wall_mark()
-        if stored is not None:
-            self.mark.seen(stored, at)
-        now = self.mark.now(at)
+        now = at.wall
         for item in await self.store.load_forwarded():
             self.forwarded[item.secret] = item
             self._lapses[item.secret] = at.mono + remaining_life(item.expires, now)
@@ -278,16 +276,8 @@ class Router:
             self._install(state, block, leaf, at, remaining_life(block.expires, now), due_in)
             log.info("event=block_resumed licence=%s seats=%d", block.licence_id, block.seats)
 
-    async def checkpoint(self) -> None:
-        """Record the wall-clock mark; a failure is logged (the next one may succeed)."""
-        try:
-            await self.store.put_wall_mark(self.mark.now(self.clock.now()))
-        except StoreError as exc:
-            log.warning("event=wall_mark_not_recorded error=%r", str(exc))
-
     async def close(self) -> None:
-        """At shutdown, before the store closes: the mark recorded, the link closed."""
-        await self.checkpoint()
+        """At shutdown: the link closed."""
         await self.link.close()
 
     # -------------------------------------------------------------------- forward
@@ -424,6 +414,7 @@ class Router:
             return
         expires = served_until(block.expires, state.deadline, at)
         self.engine.put_licence(dataclasses.replace(licence, expires=expires))
+        self.engine.blocks.add(licence.id)
 
     def _verify_block(self, state: BlockState, reply: LeaseReply, nonce: bytes) -> Statement:
         leaf = self.link.verify(reply, nonce)
@@ -557,16 +548,14 @@ class Router:
                 state.timeline.failed(self.clock.now().mono)
 
     async def run(self) -> None:
-        """The link's keeper, every block-mode licence's keeper; a checkpoint of the
-        wall-clock mark and a sweep of stale forwarded records every CHECKPOINT_EVERY
-        seconds."""
+        """The link's keeper, every block-mode licence's keeper, and a sweep of stale
+        forwarded records every SWEEP_EVERY seconds."""
         async with asyncio.TaskGroup() as tg:
             tg.create_task(self.link.run(), name="upstream-link")
             for state in self.blocks.values():
                 tg.create_task(self.run_block(state), name=f"block-{state.relayed.id}")
             while True:
-                await self.sleep(CHECKPOINT_EVERY)
-                await self.checkpoint()
+                await self.sleep(SWEEP_EVERY)
                 await self.prune_forwarded()
 
     # --------------------------------------------------------------------- status
@@ -598,3 +587,7 @@ class Router:
 
     def forwarded_listing(self) -> list[Forwarded]:
         return sorted(self.forwarded.values(), key=lambda x: x.handle)
+
+
+async def _nothing() -> None:
+    """No checkpoint to make (a router without a daemon clock to record)."""

@@ -7,9 +7,9 @@ the engine serves from it, and when its keeper acts (docs/router.md, "Block mode
   features, and 0 seats once upstream revoked it (`block_licence`); a revoked block
   ends when the last sub-lease already granted runs out (`revoke`);
 - time: a block lasts for elapsed monotonic time; after a restart, what it has left is
-  judged from the latest wall time known to have passed (`WallMark`), so a wall clock
-  set back lengthens nothing; the engine sees its monotonic deadline on the wall clock
-  (`served_until`);
+  judged on the daemon's clock, whose wall time is never set back (licd.core.clock_guard),
+  so a wall clock set back lengthens nothing; the engine sees its monotonic deadline on
+  the wall clock (`served_until`);
 - its keeper renews it every `renew_every`, or when half its remaining life is gone if
   sooner (`renewal_at`), retries with backoff through outages, stops serving it at its
   deadline, and drops a revoked one once its sub-leases ran out (`plan`, on the
@@ -43,28 +43,9 @@ def on_wall(mono: float, at: Instant) -> float:
     return at.wall + (mono - at.mono)
 
 
-@dataclass
-class WallMark:
-    """The latest wall time known to have passed: never earlier than a wall reading, and
-    moving on with monotonic time between readings, so a wall clock set back turns it
-    back neither while running nor (it is checkpointed) across a restart."""
-
-    wall: float
-    mono: float  # the monotonic time at which `wall` was known
-
-    def now(self, at: Instant) -> float:
-        """The effective wall time at `at`: max(wall now, the mark moved on since)."""
-        return max(at.wall, self.wall + (at.mono - self.mono))
-
-    def seen(self, wall: float, at: Instant) -> None:
-        """Take in `wall` (a checkpoint read back) as passed by `at`."""
-        self.wall = max(self.now(at), wall)
-        self.mono = at.mono
-
-
 def remaining_life(expires: float, effective_now: float) -> float:
     """Seconds left of something expiring at wall time `expires`, after a restart: judged
-    from the mark's effective wall time, never from a clock that was set back."""
+    from the daemon's wall time (never set back), `effective_now`."""
     return max(0.0, expires - effective_now)
 
 

@@ -48,6 +48,7 @@ from licd_client.errors import (
     LicenceNotYetValid,
     RateLimited,
     SeatsExhausted,
+    Unavailable,
     UnknownLicence,
 )
 from licd_client.messages import Features, Holder
@@ -60,6 +61,8 @@ RENEW_BURST = 10
 #: The steady rate: twice the protocol's (3 per ttl), and at least this many a second
 #: (the config's `[server] renewals_per_second`).
 RENEW_MIN_RATE = 1.0
+#: Seconds a client is told to wait before retrying a grant held for a clock set back.
+CLOCK_HELD_RETRY = 60.0
 
 
 def renew_rate(ttl: float, floor: float = RENEW_MIN_RATE) -> float:
@@ -138,6 +141,11 @@ class Engine:
         self._by_request: dict[tuple[str, str, str], SeatLease] = {}
         self._devices: dict[tuple[str, str], SeatLease] = {}  # (licence id, hostid) -> lease
         self._removing: set[str] = set()  # licence ids being removed: no new grants
+        #: Why new grants of vendor licences (entitled ones, router blocks) are held
+        #: now: the wall clock was set back (licd.core.clock_guard); None normally.
+        self.clock_held: str | None = None
+        #: The ids of the licences that are a router's blocks from upstream.
+        self.blocks: set[str] = set()
         #: Licence id -> the vendor's terms, for the licences a vendor entitled: an edit
         #: may only narrow them (`check_licence`).
         self.entitled: dict[str, Terms] = {}
@@ -214,6 +222,10 @@ class Engine:
                 self.entitled[licence.id] = before
             raise
         self.entitled[licence.id] = terms
+
+    def vendors(self, licence_id: str) -> bool:
+        """Whether the licence's terms are a vendor's: an entitlement's, a router block's."""
+        return licence_id in self.entitled or licence_id in self.blocks
 
     def check_licence(self, licence: Licence) -> None:
         """BadRequest when another licence already has this licence's key, or when the
@@ -300,6 +312,12 @@ class Engine:
                 self._check_same_device(device, holder)
                 return self._renew(device, licence, at)
 
+        if self.clock_held is not None and self.vendors(licence.id):
+            raise Unavailable(
+                f"licence {licence.id!r}: {self.clock_held}",
+                retry_after=CLOCK_HELD_RETRY,
+                detail={"reason": "clock_rollback"},
+            )
         handle = self._unique(new_handle, self._by_handle)
         unit = unit_key(licence.count_by, holder, handle)
         if licence.count_by != "lease":

@@ -26,6 +26,8 @@ class Kind(enum.Enum):
     RELOAD = "reload"
     RELOAD_FAILED = "reload_failed"
     ENTITLEMENT_IMPORTED = "entitlement_imported"  # a vendor's entitlement took effect
+    CLOCK_ROLLBACK = "clock_rollback"  # the wall clock was set back past the skew
+    CLOCK_RESTORED = "clock_restored"  # ... and is right again
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Alerts: tell operators when a licence nears expiry, fills up, or its users are in trouble.
 
-Theory of operation. Four kinds, two sources:
+Theory of operation. Six kinds, two sources:
 
 - `check()` (every `check_interval`, from `run()`) reads the engine view. *licence_expiring*:
   each threshold of `expiry_days` fires once per licence when the time left drops to or
@@ -12,6 +12,9 @@ Theory of operation. Four kinds, two sources:
   lapsed without a checkin. *denials*: `denials` DENIED events of one licence within
   `denial_window` seconds (monotonic clock) raise one alert, then that licence is muted
   for a window, so a denial storm yields one alert per window, not one per denial.
+  *overdraft*: a seat granted in a licence's overdraft, once per licence per window.
+  *clock_rollback*: each CLOCK_ROLLBACK, the system clock found set back
+  (licd.core.clock_guard).
 
 Every alert is one WARNING log line, the `on_alert` callback (metrics) and, if a hook is
 configured, the hook command with the alert as JSON on stdin, run in the background by
@@ -47,7 +50,7 @@ DAY = 86400.0
 class Alert:
     """One alert. `licence` is the public id (never a key); `time` is wall-clock seconds."""
 
-    kind: str  # "licence_expiring" | "usage" | "holder_silent" | "denials"
+    kind: str  # "licence_expiring" | "usage" | "holder_silent" | "denials" | "overdraft" | ...
     licence: str | None
     message: str
     time: float
@@ -204,7 +207,8 @@ class AlertMonitor:
     # ----------------------------------------------------------------- the events
 
     def on_event(self, event: Event) -> None:
-        """EventBus subscriber: RECLAIM -> holder_silent; DENIED -> the denial window."""
+        """EventBus subscriber: RECLAIM -> holder_silent; DENIED -> the denial window;
+        an overdraft checkout -> overdraft; CLOCK_ROLLBACK -> clock_rollback."""
         if event.kind is Kind.RECLAIM:
             self._raise(self._holder_silent(event))
         elif event.kind is Kind.CHECKOUT and event.detail.get("overdraft"):
@@ -213,6 +217,18 @@ class AlertMonitor:
             alert = self._count_denial(event)
             if alert is not None:
                 self._raise(alert)
+        elif event.kind is Kind.CLOCK_ROLLBACK:
+            behind = event.detail.get("behind")
+            self._raise(
+                Alert(
+                    "clock_rollback",
+                    None,
+                    f"the system clock is {behind} s behind the latest time licd has seen: "
+                    "it was set back; vendor licences hold new grants until it is right",
+                    event.time,
+                    dict(event.detail),
+                )
+            )
 
     @staticmethod
     def _holder_silent(event: Event) -> Alert:

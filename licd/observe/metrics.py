@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import generate_latest as text_latest
 from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS_TYPE
@@ -166,6 +166,14 @@ class Metrics:
             "licd_errors", "Requests answered with an error, by code.", ("op", "code"), registry=r
         )
         self._alerts = Counter("licd_alerts", "Alerts raised, by kind.", ("kind",), registry=r)
+        self._clock_behind = Gauge(
+            "licd_clock_behind",
+            "How far the system clock was found behind the latest time the daemon has seen,"
+            " while that is over [server] clock_skew (vendor licences hold new grants); 0"
+            " otherwise.",
+            unit="seconds",
+            registry=r,
+        )
         self._request_children: dict[str, Histogram] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Counter] = {}
         r.register(_StateCollector(engine_view, connections, clock_wall))
@@ -188,6 +196,10 @@ class Metrics:
             self._child(self._reclaims, licence).inc()
         elif kind is Kind.REVOKE:
             self._child(self._revokes, licence).inc()
+        elif kind is Kind.CLOCK_ROLLBACK:
+            self._clock_behind.set(float(event.detail.get("behind", 0.0)))
+        elif kind is Kind.CLOCK_RESTORED:
+            self._clock_behind.set(0.0)
 
     def _child(self, counter: Counter, *labels: str) -> Counter:
         """`counter.labels(*labels)`, looked up once: labels() takes a lock each call."""

@@ -1191,7 +1191,7 @@ async def test_router_restarted_with_its_clock_a_day_behind_stops_serving_in_tim
     assert state.block is not None
     granted = state.block.expires  # taken now, for BLOCK.block_ttl = 3600 s
     clock.advance(1000)
-    await relay_of(router.daemon).checkpoint()  # what the keeper does every minute
+    await router.daemon.clock_guard.checkpoint()  # what it does every minute
     await vendor.stop()  # no renewal from here on
     await router.stop()
     clock.set_wall(clock.now().wall - 86400)  # the router comes back a day behind
@@ -1200,6 +1200,15 @@ async def test_router_restarted_with_its_clock_a_day_behind_stops_serving_in_tim
     assert left == BLOCK.block_ttl - 1000
 
     async with peer(router.daemon) as p:
+        # The clock is behind the latest time the router has seen: no new seat of the
+        # vendor's block until it is right (its life counts down all the same).
+        held, _ = await checkout(p, "machine-a")
+        assert held["ok"] is False and held["error"] == "unavailable"
+        assert "clock is 86400 s behind" in held["message"]
+        clock.advance(100)
+        clock.set_wall(clock.now().wall + 86400)  # NTP puts it right
+        await router.daemon.clock_guard.check()
+        left -= 100
         assert (await checkout(p, "machine-a"))[0]["ok"] is True
         clock.advance(left - 1)
         assert (await checkout(p, "machine-b"))[0]["ok"] is True
@@ -1263,7 +1272,8 @@ async def test_keeper_stops_serving_at_the_deadline_when_the_clock_is_set_back_m
 
     def serving() -> bool:
         licence = engine.licence_by_id(BLOCK.id)
-        return licence is not None and licence.validity_error(clock.now().wall) is None
+        now = router.daemon.service.now().wall  # the daemon's clock: never set back
+        return licence is not None and licence.validity_error(now) is None
 
     async def sleep(seconds: float) -> None:
         """The keeper's wait, on the test's clock, 10 s at a time: whenever monotonic

@@ -11,11 +11,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from licd.clock import Instant
+from licd.clock import Instant, WallMark
 from licd.config.settings import RelayedLicence
 from licd.engine.block import (
     Act,
-    WallMark,
     block_licence,
     on_wall,
     plan,
