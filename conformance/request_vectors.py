@@ -241,6 +241,25 @@ def _request_cases() -> list[Case]:
             changed(heartbeat, nonce=DROP),
             BAD,
         ),
+        c(
+            "heartbeat_usage",
+            "A site router's heartbeat with a usage report (its content is checked by the "
+            "daemon against the lease's del key, not by the schema).",
+            changed(heartbeat, usage=bytes(200)),
+            VALID,
+        ),
+        c(
+            "heartbeat_usage_empty",
+            "heartbeat with an empty usage.",
+            changed(heartbeat, usage=b""),
+            BAD,
+        ),
+        c(
+            "heartbeat_usage_text",
+            "heartbeat with usage as a string instead of binary.",
+            changed(heartbeat, usage="report"),
+            BAD,
+        ),
         c("available_key_missing", "available without key.", changed(available, key=DROP), BAD),
         c("units_0", "consume units 0.", changed(consume, units=0), BAD),
         c("units_too_many", "consume units 2**32 + 1.", changed(consume, units=2**32 + 1), BAD),

@@ -322,6 +322,7 @@ class Daemon:
                 clock=clock,
                 publish=service.publish,
                 checkpoint=guard.checkpoint,
+                renewals_missed=config.alerts.renewals_missed,
             )
             await router.load()  # a stored block's licence, before its sub-leases
         kept = await store.load_leases()

@@ -13,6 +13,10 @@ A renewal request is a statement of `typ` "entitlement_request" signed by the da
 own key: the entitlements it holds, its host-id components and a usage summary. The
 vendor answers it with the same terms, `sequence` + 1, valid for longer.
 
+A usage report (`typ` "usage_report") is the same usage summary online: a site router
+signs one with its key at each renewal of a block and sends it with the heartbeat
+(docs/protocol.md, heartbeat), so the vendor sees a site's use either way.
+
 Files are TOML, readable by a person: the statement in base64 beside what it says.
 No I/O here but for text in and out, and no wall clock: callers pass the instants.
 """
@@ -32,7 +36,7 @@ from typing import Any
 from nacl.signing import SigningKey
 
 from .errors import TokenInvalid, UntrustedKey
-from .messages import MAX_SEATS
+from .messages import MAX_SEATS, MAX_USAGE_REPORT
 from .schema import Fields
 from .statements import KEY_LEN, Statement, fingerprint, open_statement, sign
 
@@ -46,6 +50,7 @@ from .wire import REPLY_LIMITS, decode_body
 
 ENTITLEMENT = "entitlement"
 REQUEST = "entitlement_request"
+USAGE_REPORT = "usage_report"
 #: Domain separation of the licence key's hash: the hash is of licd's licence keys only.
 KEY_HASH_DOMAIN = b"licd-licence-key-v1\x00"
 #: How long a renewal request stays answerable after it was made.
@@ -53,6 +58,11 @@ REQUEST_VALID = 30 * 86400.0
 MAX_COMPONENTS = 16
 MAX_NAME = 64
 MAX_KEY = 256
+#: The most slots of peaks a usage summary has: a renewal request's (a file), and a
+#: usage report's (it must fit a heartbeat: MAX_USAGE_REPORT bytes); a longer span is
+#: summed up in longer slots.
+MAX_PEAKS = 1000
+MAX_REPORT_PEAKS = 40
 
 
 def key_hash(key: str) -> bytes:
@@ -420,10 +430,11 @@ def read_request(blob: bytes) -> Request:
     )
 
 
-def _usage(licence_id: Any, data: Any) -> LicenceUsage:
+def _usage(licence_id: Any, data: Any, what: str = "renewal request") -> LicenceUsage:
     if not isinstance(licence_id, str) or not isinstance(data, dict):
-        raise TokenInvalid("renewal request: 'usage' must map licence ids to maps")
-    f = Fields(data, f"renewal request usage of {licence_id!r}", TokenInvalid)
+        raise TokenInvalid(f"{what}: 'usage' must map licence ids to maps")
+    where = f"{what} usage of {licence_id!r}"
+    f = Fields(data, where, TokenInvalid)
     slot = f.number("slot", positive=True)
     peaks = f.array("peaks")
     denials = f.uint("denials")
@@ -440,15 +451,56 @@ def _usage(licence_id: Any, data: Any) -> LicenceUsage:
         and p[1] >= 0
         for p in peaks
     ):
-        raise TokenInvalid(f"renewal request usage of {licence_id!r}: 'peaks' is malformed")
+        raise TokenInvalid(f"{where}: 'peaks' is malformed")
     if not all(
         isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
         for k, v in counters.items()
     ):
-        raise TokenInvalid(f"renewal request usage of {licence_id!r}: 'counters' is malformed")
+        raise TokenInvalid(f"{where}: 'counters' is malformed")
     return LicenceUsage(
         licence_id, slot, tuple((float(t), n) for t, n in peaks), denials, dict(counters)
     )
+
+
+@dataclass(frozen=True)
+class UsageReport:
+    """A verified usage report: the site that made it, when, and its use of one block."""
+
+    site: str
+    made: float
+    usage: LicenceUsage
+
+
+def make_usage_report(key: SigningKey, *, site: str, made: float, usage: LicenceUsage) -> bytes:
+    """A usage report of one block, signed by the site router's `key`."""
+    payload = {
+        "typ": USAGE_REPORT,
+        "iss": bytes(key.verify_key),
+        "iat": _time(made),
+        "exp": _time(made + REQUEST_VALID),
+        "site": site,
+        "usage": {usage.licence_id: usage.to_wire()},
+    }
+    return sign(key, payload)
+
+
+def read_usage_report(blob: bytes, key: bytes) -> UsageReport:
+    """Verify a usage report against the site router's `key` (the block lease's
+    `delegate`) and read it; TokenInvalid saying what is wrong."""
+    if len(blob) > MAX_USAGE_REPORT:
+        raise TokenInvalid(f"usage report: larger than {MAX_USAGE_REPORT} bytes")
+    st = open_statement(blob, key)
+    if st.typ != USAGE_REPORT:
+        raise TokenInvalid(f"a {st.typ!r} statement is not a usage report")
+    data = {k: v for k, v in st.payload.items() if k not in ("typ", "iss", "iat", "exp")}
+    f = Fields(data, "usage report", TokenInvalid)
+    site = f.text("site", max_len=MAX_NAME)
+    usage = f.mapping("usage")
+    f.done()
+    if len(usage) != 1:
+        raise TokenInvalid("usage report: 'usage' must hold one licence")
+    [(licence_id, item)] = usage.items()
+    return UsageReport(site, st.iat, _usage(licence_id, item, "usage report"))
 
 
 def request_file(blob: bytes) -> str:

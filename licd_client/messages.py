@@ -32,6 +32,7 @@ MIN_TTL = 1.0  # seconds: the shortest lease a checkout may ask for
 MIN_REQUEST_KEY_LEN = 22
 MAX_REQUEST_KEY_LEN = 64
 NONCE_LEN = 16
+MAX_USAGE_REPORT = 1024  # bytes of a heartbeat's usage report (a request's longest bin)
 KEY_LEN = 32
 
 
@@ -154,9 +155,13 @@ class Heartbeat(Request):
     op: ClassVar[str] = "heartbeat"
     lease: str
     nonce: bytes
+    usage: bytes | None = None  # a site router's signed usage report (a block's renewal)
 
     def _args(self) -> dict[str, Any]:
-        return {"lease": self.lease, "nonce": self.nonce}
+        out: dict[str, Any] = {"lease": self.lease, "nonce": self.nonce}
+        if self.usage is not None:
+            out["usage"] = self.usage
+        return out
 
     @classmethod
     def read(cls, rid: int, r: Fields) -> Heartbeat:
@@ -164,6 +169,7 @@ class Heartbeat(Request):
             rid,
             lease=r.nonempty_str("lease", max_len=255),
             nonce=r.binary("nonce", length=NONCE_LEN),
+            usage=r.binary("usage", required=False, max_len=MAX_USAGE_REPORT),
         )
 
 

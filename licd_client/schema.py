@@ -95,7 +95,14 @@ class Fields:
             raise self._fail(name, f"must be at least {minimum:g}")
         return value
 
-    def binary(self, name: str, *, length: int | None = None, required: bool = True) -> Any:
+    def binary(
+        self,
+        name: str,
+        *,
+        length: int | None = None,
+        required: bool = True,
+        max_len: int | None = None,
+    ) -> Any:
         value = self._get(name, required)
         if value is None and not required:
             return None
@@ -103,6 +110,8 @@ class Fields:
             raise self._fail(name, "must be binary")
         if length is not None and len(value) != length:
             raise self._fail(name, f"must be {length} bytes of binary")
+        if max_len is not None and not 1 <= len(value) <= max_len:
+            raise self._fail(name, f"must be 1 to {max_len} bytes of binary")
         return value
 
     def flag(self, name: str, default: bool | None = None) -> bool:

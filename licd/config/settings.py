@@ -104,6 +104,10 @@ class AlertsConfig:
     hook: tuple[str, ...] = ()  # a command run with each alert as JSON on stdin
     hook_timeout: float = 10.0
     check_interval: float = 60.0  # how often expiry and usage are evaluated
+    # A site router: a block not renewed for this many times its renew_every.
+    renewals_missed: int = 3
+    # A vendor: a site router's block lease not renewed for this long (0: never).
+    site_silent: float = 3 * 86400.0
 
 
 @dataclass(frozen=True)
@@ -480,4 +484,6 @@ def _alerts(t: Table) -> AlertsConfig:
         hook=tuple(hook),
         hook_timeout=t.duration("hook_timeout", _A.hook_timeout),
         check_interval=t.duration("check_interval", _A.check_interval, minimum=1.0),
+        renewals_missed=t.integer("renewals_missed", _A.renewals_missed, 1, 1000),
+        site_silent=t.duration("site_silent", _A.site_silent, allow_zero=True),
     )

@@ -320,9 +320,8 @@ class Dispatcher:
         service = self.service
         if isinstance(request, Heartbeat):
             at = service.now()
-            return self._lease_reply(
-                request.id, service.heartbeat(request.lease, at), request.nonce, at.wall
-            )
+            grant = service.heartbeat(request.lease, at, request.usage)
+            return self._lease_reply(request.id, grant, request.nonce, at.wall)
         if isinstance(request, Available):
             a = service.available(request.key)
             return AvailableReply(

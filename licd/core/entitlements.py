@@ -26,22 +26,18 @@ from typing import Any
 from licd.core.events import Event, Kind
 from licd.core.keys import Signer
 from licd.core.service import LicenceService
+from licd.core.usage import licence_usage
 from licd.engine import Licence
 from licd.engine.entitlement import Held, entitled_licence, import_refusal
 from licd.engine.licence import key_clash
 from licd.store.records import StoredEntitlement
 from licd.store.sqlite import Store
 from licd_client import entitlements as ent_format
-from licd_client.entitlements import Entitlement, FileEntry, LicenceUsage
+from licd_client.entitlements import Entitlement, FileEntry
 from licd_client.errors import BadRequest, TokenInvalid, UntrustedKey
 from licd_client.statements import fingerprint
 
 log = logging.getLogger(__name__)
-
-#: A renewal request's usage summary: peak seats per slot of this many seconds.
-USAGE_SLOT = 3600.0
-#: At most this many audit entries are read for one request's usage summary.
-USAGE_ENTRIES = 200_000
 
 
 class EntitlementRefused(BadRequest):
@@ -399,51 +395,24 @@ class Entitlements:
 
     async def request(self) -> bytes:
         """A renewal request for the entitlements held, signed by this daemon's key."""
-        now = self.service.now().wall
+        at = self.service.now()
         held = sorted(self.held.values(), key=lambda e: e.terms.licence_id)
-        usage = [await self._usage(e, now) for e in held]
+        usage = [
+            await licence_usage(
+                self.store,
+                self.service.engine,
+                e.terms.licence_id,
+                since=self.stored[e.terms.licence_id].imported,
+                at=at,
+            )
+            for e in held
+        ]
         return self.signer.renewal_request(
-            made=now,
+            made=at.wall,
             components=self.components,
             entitlements_held=[e.statement for e in held],
             usage=usage,
         )
-
-    async def _usage(self, ent: Entitlement, now: float) -> LicenceUsage:
-        """What the site used of an entitled licence since its entitlement was imported,
-        from the audit log: the peak seats in use per slot, the checkouts refused, and
-        each counter's units used in its current period."""
-        licence_id = ent.terms.licence_id
-        stored = self.stored[licence_id]
-        since = stored.imported
-        peaks: dict[float, int] = {}
-        denials = 0
-        after = 0
-        read = 0
-        while read < USAGE_ENTRIES:
-            page = await self.store.audit(after=after, since=since, limit=5000)
-            if not page:
-                break
-            for entry in page:
-                e = entry.event
-                if e.licence != licence_id:
-                    continue
-                if e.kind is Kind.DENIED:
-                    denials += int(e.detail.get("count", 1))
-                elif e.kind is Kind.CHECKOUT:
-                    slot = since + USAGE_SLOT * ((e.time - since) // USAGE_SLOT)
-                    in_use = e.detail.get("in_use")
-                    if isinstance(in_use, int):
-                        peaks[slot] = max(peaks.get(slot, 0), in_use)
-            after = page[-1].id
-            read += len(page)
-        engine = self.service.engine
-        counters = {}
-        licence = engine.licence_by_id(licence_id)
-        at = self.service.now()
-        for counter in licence.counter if licence else ():
-            counters[counter.name] = engine.counters.state(licence_id, counter, at).used
-        return LicenceUsage(licence_id, USAGE_SLOT, tuple(sorted(peaks.items())), denials, counters)
 
 
 class _Skip(Exception):

@@ -54,6 +54,10 @@ class Signer:
             usage=usage,
         )
 
+    def usage_report(self, *, made: float, usage: entitlements.LicenceUsage) -> bytes:
+        """A site router's report of its use of a block, for upstream, signed by this key."""
+        return entitlements.make_usage_report(self._key, site=self.site, made=made, usage=usage)
+
     def lease_token(self, grant: Grant, nonce: bytes, now: float) -> bytes:
         lease, licence = grant.lease, grant.licence
         payload = tokens.lease_payload(

@@ -11,6 +11,10 @@ pure (licd/engine/block.py); this module does what they decide and keeps its rec
   local holder, request key and nonce, and upstream's token and chain go back unchanged.
   The router keeps a record of who holds what (table `forwarded`) for its listings and
   to know which lease secrets to relay. No upstream, no new seat.
+- metered units (`consume`) are the vendor's to count, in both modes: a forwarded
+  lease's are relayed under it, a block sub-lease's under the block's lease upstream.
+  Each block renewal carries the site's use of the block since the last one (peak seats
+  per slot, checkouts refused), signed by the router's key (licd/core/usage.py).
 - block mode: the router checks out `block_seats` upstream with its own key as
   `delegate`, and the engine serves local checkouts from a licence whose seats, features
   and expiry are the block's, signing sub-leases with `chain = upstream chain + [block
@@ -29,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import random
 import secrets
@@ -41,7 +46,8 @@ from licd.clock import Clock, Instant
 from licd.config.settings import RelayedLicence, UpstreamConfig
 from licd.core.events import Event, Kind, holder_event
 from licd.core.keys import Signer
-from licd.engine import Engine, Licence
+from licd.core.usage import licence_usage
+from licd.engine import Engine, LeasePhase, Licence
 from licd.engine.block import (
     MIN_RETRY,
     Act,
@@ -58,6 +64,7 @@ from licd.store.records import Block, Forwarded
 from licd.store.sqlite import Store, StoreError
 from licd_client import identity
 from licd_client.backoff import Backoff
+from licd_client.entitlements import MAX_REPORT_PEAKS
 from licd_client.errors import (
     LeaseUnknown,
     LicdError,
@@ -71,6 +78,8 @@ from licd_client.messages import (
     Checkin,
     CheckinReply,
     Checkout,
+    Consume,
+    ConsumeReply,
     Heartbeat,
     Holder,
     LeaseReply,
@@ -144,6 +153,7 @@ class BlockState:
     licence: Licence | None = None  # the block's terms, as the engine serves them
     last_error: str | None = None
     chain: list[bytes] = field(default_factory=list)
+    overdue_told: bool = False  # RENEWAL_FAILED published for the present outage
 
     @property
     def deadline(self) -> float:
@@ -172,6 +182,7 @@ class Router:
         rng: random.Random | None = None,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         checkpoint: Callable[[], Awaitable[None]] | None = None,
+        renewals_missed: int = 3,
     ) -> None:
         self.config = config
         self.link = link
@@ -184,6 +195,9 @@ class Router:
         #: The daemon clock's checkpoint (`ClockGuard.checkpoint`), once a block is taken:
         #: a restart with the clock set back then judges it from a time after it came.
         self.checkpoint = checkpoint or _nothing
+        #: A block unrenewed for this many times its renew_every is reported once.
+        self.renewals_missed = renewals_missed
+        self.started = clock.now().wall
         self.sleep = sleep  # the keepers' waits: a test's own moves its clock instead
         self.forward_keys = {r.key: r for r in relayed if r.mode == "forward"}
         self.blocks = {
@@ -226,7 +240,14 @@ class Router:
             return waiting is not None and waiting.block is None
         if isinstance(request, Heartbeat | Checkin):
             return request.lease in self.forwarded
+        if isinstance(request, Consume):
+            return request.lease in self.forwarded or self._block_of(request.lease) is not None
         return False
+
+    def _block_of(self, secret: str) -> BlockState | None:
+        """The block-mode licence a local sub-lease with `secret` is of, if it is one."""
+        lease = self.engine.lease_by_secret(secret)
+        return None if lease is None else self.blocks.get(lease.licence_id)
 
     async def answer(self, request: Request, peer: str) -> Reply:
         """The reply to a request the router `handles`, from `peer`'s address: relayed
@@ -245,6 +266,8 @@ class Router:
             reply = await self.heartbeat(request)
         elif isinstance(request, Checkin):
             reply = CheckinReply(0, released=await self.checkin(request.lease))
+        elif isinstance(request, Consume):
+            reply = await self.consume(request)
         elif isinstance(request, Available):
             reply = await self.link.request(Available(0, key=request.key), AvailableReply)
         else:
@@ -346,6 +369,25 @@ class Router:
         reply = await self.link.request(Checkin(0, secret), CheckinReply)
         await self._forget(item, Kind.CHECKIN, None)
         return reply.released
+
+    async def consume(self, req: Consume) -> ConsumeReply:
+        """Metered units are the vendor's to count, online: relayed upstream under the
+        forwarded lease, or under the block a local sub-lease is of. A sub-lease's
+        `dedup` key is made its own upstream (hashed with the sub-lease's handle), so
+        two holders' keys never count as one."""
+        secret, dedup = req.lease, req.dedup
+        if secret not in self.forwarded:
+            state = self._block_of(secret)
+            lease = self.engine.lease_by_secret(secret)
+            if state is None or lease is None or lease.state is not LeasePhase.LIVE:
+                raise LeaseUnknown()
+            if state.block is None or state.block.revoked:
+                raise UpstreamUnavailable("no block of seats from upstream to count units under")
+            secret = state.block.secret
+            if dedup is not None:
+                dedup = hashlib.sha256(f"{lease.handle}\0{dedup}".encode()).hexdigest()[:32]
+        request = Consume(0, secret, req.counter, req.units, dedup)
+        return await self.link.request(request, ConsumeReply)
 
     async def _give_back(self, secret: str) -> None:
         """Check in a lease upstream granted but the router refused, so its seats do not
@@ -457,8 +499,11 @@ class Router:
         assert block is not None
         nonce = secrets.token_bytes(16)
         at = self.clock.now()
+        report = await self._usage_report(block, at)
         try:
-            reply = await self.link.request(Heartbeat(0, block.secret, nonce), LeaseReply)
+            reply = await self.link.request(
+                Heartbeat(0, block.secret, nonce, usage=report), LeaseReply
+            )
         except LeaseUnknown:
             # Upstream no longer counts these seats: stop issuing, and end the block
             # when its sub-leases run out (`revoke`).
@@ -478,6 +523,24 @@ class Router:
         leaf = self._verify_block(state, reply, nonce)
         renewed = await self._keep(state, block.secret, block.request, reply, leaf, at)
         log.info("event=block_renewed licence=%s expires=%.0f", block.licence_id, renewed.expires)
+
+    async def _usage_report(self, block: Block, at: Instant) -> bytes | None:
+        """The site's use of the block since it was last renewed, signed, for upstream
+        (None, and a log line, when the audit log cannot be read: the renewal matters
+        more than the report)."""
+        try:
+            usage = await licence_usage(
+                self.store,
+                self.engine,
+                block.licence_id,
+                since=block.renewed,
+                at=at,
+                max_peaks=MAX_REPORT_PEAKS,
+            )
+        except StoreError as exc:
+            log.warning("event=usage_report_failed licence=%s error=%r", block.licence_id, str(exc))
+            return None
+        return self.signer.usage_report(made=at.wall, usage=usage)
 
     async def _keep(
         self,
@@ -507,6 +570,7 @@ class Router:
         life = asked.mono + max(0.0, reply.ttl) - at.mono
         self._install(state, block, leaf, at, life, state.relayed.renew_every)
         state.last_error = None
+        state.overdue_told = False
         return block
 
     async def run_block(self, state: BlockState) -> None:
@@ -546,6 +610,33 @@ class Router:
                     "event=block_attempt_failed licence=%s error=%r", state.relayed.id, message
                 )
                 state.timeline.failed(self.clock.now().mono)
+                await self._report_overdue(state)
+
+    async def _report_overdue(self, state: BlockState) -> None:
+        """Once an outage: RENEWAL_FAILED (audit log, log line, the `renewal_failed`
+        alert) when the block has gone unrenewed for `renewals_missed` times its
+        `renew_every`, counted from its last renewal (or the router's start, if it
+        never had one)."""
+        every = state.relayed.renew_every
+        since = state.block.renewed if state.block is not None else self.started
+        now = self.clock.now().wall
+        if state.overdue_told or now - since < self.renewals_missed * every:
+            return
+        state.overdue_told = True
+        event = Event(
+            Kind.RENEWAL_FAILED,
+            now,
+            licence=state.relayed.id,
+            reason=state.last_error,
+            detail={
+                "last_renewal": since if state.block is not None else None,
+                "renew_every": every,
+                "missed": int((now - since) // every),
+            },
+        )
+        with contextlib.suppress(StoreError):
+            await self.store.append(event)
+        self.publish(event)
 
     async def run(self) -> None:
         """The link's keeper, every block-mode licence's keeper, and a sweep of stale

@@ -33,7 +33,15 @@ from licd.engine.counters import Consumed
 from licd.engine.lease_filter import LeaseFilter
 from licd.engine.licence import licence_changes
 from licd.store.sqlite import Store, StoreError
-from licd_client.errors import BadRequest, LeaseUnknown, LicdError, Unavailable, UnknownLicence
+from licd_client.entitlements import UsageReport, read_usage_report
+from licd_client.errors import (
+    BadRequest,
+    LeaseUnknown,
+    LicdError,
+    TokenInvalid,
+    Unavailable,
+    UnknownLicence,
+)
 from licd_client.messages import Holder
 from licd_client.safetext import kv_line
 
@@ -221,10 +229,51 @@ class LicenceService:
         commit.add_done_callback(landed)
         return commit
 
-    def heartbeat(self, secret: str, at: Instant) -> Grant:
+    def heartbeat(self, secret: str, at: Instant, usage: bytes | None = None) -> Grant:
+        """Renew the lease with `secret`. `usage`: a site router's signed report of its
+        use of the block this lease is, verified (BadRequest, and nothing renewed, when
+        it is not) and written to the audit log as a SITE_USAGE entry."""
+        report = None if usage is None else self._usage_report(secret, usage)
         grant = self.engine.heartbeat(secret, at)
         self.store.touch_lease(grant.lease)
+        if report is not None:
+            self._site_usage(grant.lease, report, at)
         return grant
+
+    def _usage_report(self, secret: str, blob: bytes) -> UsageReport | None:
+        lease = self.engine.lease_by_secret(secret)
+        if lease is None:
+            return None  # the heartbeat says why
+        if lease.delegate is None:
+            raise BadRequest("usage: only a site router's block lease reports usage")
+        try:
+            return read_usage_report(blob, lease.delegate)
+        except TokenInvalid as exc:
+            raise BadRequest(f"usage: {exc}") from None
+
+    def _site_usage(self, lease: SeatLease, report: UsageReport, at: Instant) -> None:
+        u = report.usage
+        event = holder_event(
+            Kind.SITE_USAGE,
+            at.wall,
+            licence=lease.licence_id,
+            handle=lease.handle,
+            holder=lease.holder,
+            ip=lease.ip,
+            seats=lease.seats,
+            detail={
+                "site": report.site,
+                "made": report.made,
+                "block": u.licence_id,
+                "slot": u.slot,
+                "peak": max((n for _, n in u.peaks), default=0),
+                "peaks": [[t, n] for t, n in u.peaks],
+                "denials": u.denials,
+                "counters": dict(u.counters),
+            },
+        )
+        self.publish(event)
+        self.store.append_later(event)
 
     def begin_checkin(self, secret: str) -> Deferred[None] | None:
         """Release the lease with `secret`: the commit to wait for, or None when there

@@ -180,6 +180,9 @@ class Engine:
     def lease_by_handle(self, handle: str) -> SeatLease | None:
         return self._by_handle.get(handle)
 
+    def lease_by_secret(self, secret: str) -> SeatLease | None:
+        return self._leases.get(secret)
+
     def in_use(self, licence_id: str) -> int:
         return self.seats.in_use(licence_id)
 

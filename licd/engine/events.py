@@ -28,6 +28,8 @@ class Kind(enum.Enum):
     ENTITLEMENT_IMPORTED = "entitlement_imported"  # a vendor's entitlement took effect
     CLOCK_ROLLBACK = "clock_rollback"  # the wall clock was set back past the skew
     CLOCK_RESTORED = "clock_restored"  # ... and is right again
+    RENEWAL_FAILED = "renewal_failed"  # a router's block went unrenewed too long
+    SITE_USAGE = "site_usage"  # a site router reported its use of a block (a vendor's log)
 
 
 @dataclass(frozen=True)

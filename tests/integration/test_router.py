@@ -36,10 +36,12 @@ from licd.core.events import Event, Kind
 from licd.core.router import BlockState, Router
 from licd.daemon import Daemon
 from licd.engine import Licence
+from licd.engine.licence import Counter
 from licd.shells.upstream import KEEPALIVE, REDIAL, STEADY, LinkPhase, Redial, UpstreamLink
 from licd.store.keyfile import key_path, load_key
 from licd_client import AsyncClient, AsyncLease, LeaseState, errors, messages, tokens
 from licd_client.backoff import Backoff
+from licd_client.entitlements import LicenceUsage, make_usage_report
 from licd_client.errors import Denied, TokenInvalid, UpstreamUnavailable
 from licd_client.messages import Checkout
 from tests.fakelicd import FakeLicd
@@ -479,6 +481,51 @@ async def test_two_routers_never_hand_out_more_than_the_vendor_licence(
 
 
 # ------------------------------------------------------------- block mode: outages
+
+
+METERED = dataclasses.replace(VENDOR, counter=(Counter("scans", 10, "never"),))
+METERED_FWD = dataclasses.replace(METERED, key="VEND-FWD-0001", id="vendor-fwd")
+
+
+async def test_metered_units_are_counted_upstream_in_both_modes(
+    sites: list[Site], tmp_path: Path, clock: ManualClock
+) -> None:
+    """A block sub-lease's and a forwarded lease's `consume` reach the vendor's counter,
+    which is the one limit; a sub-lease's dedup key is its own upstream."""
+    vendor = await start(sites, vendor_config(tmp_path / "v", METERED, METERED_FWD), clock)
+    vendor_key = vendor.daemon.signer.public
+    fwd_mode = RelayedLicence(key=METERED_FWD.key, id="site-fwd", mode="forward")
+    rcfg = router_config(tmp_path / "r", server_of(vendor.daemon), vendor_key, BLOCK, fwd_mode)
+    router = await start(sites, rcfg, clock)
+    state = await block_taken(router.daemon)
+    assert state.block is not None
+
+    def counted(licence: Licence = METERED) -> int:
+        [c] = licence.counter
+        return vendor.daemon.engine.counters.state(licence.id, c, clock.now()).used
+
+    async with client_of(router.daemon, vendor_key) as client:
+        sub = await client.checkout(VENDOR.key)  # a sub-lease of the block
+        assert sub.chain == [state.block.token]
+        reply = await sub.consume("scans", 4, dedup="job-1")
+        assert (reply.used, reply.remaining, reply.counted) == (4, 6, True)
+        assert (await sub.consume("scans", 4, dedup="job-1")).counted is False
+        other = await client.checkout(VENDOR.key)  # another holder, the same dedup key
+        assert (await other.consume("scans", 1, dedup="job-1")).counted is True
+        assert counted() == 5
+    async with peer(router.daemon) as p:  # forward mode: the vendor's lease itself
+        nonce = os.urandom(16)
+        fwd = await p.checkout(METERED_FWD.key, holder("machine-f"), nonce=nonce)
+        assert fwd["ok"] is True, fwd
+        done = await p.call("consume", lease=fwd["lease"], counter="scans", units=10)
+        assert (done["used"], done["remaining"]) == (10, 0)
+        over = await p.call("consume", lease=fwd["lease"], counter="scans", units=1)
+        assert over["error"] == "quota_exhausted"
+        assert (counted(), counted(METERED_FWD)) == (5, 10)
+        # Upstream gone: no unit is counted offline.
+        await vendor.stop()
+        gone = await p.call("consume", lease=fwd["lease"], counter="scans", units=1)
+        assert gone["error"] == "upstream_unavailable"
 
 
 async def test_outage_shorter_than_the_block_goes_unnoticed(
@@ -1568,3 +1615,97 @@ async def test_the_link_keeper_keeps_alive_and_redials_with_backoff(
             with contextlib.suppress(asyncio.CancelledError):
                 await keeper
             await link.close()
+
+
+async def test_a_block_unrenewed_for_renewals_missed_times_renew_every_is_reported_once(
+    sites: list[Site], tmp_path: Path, clock: ManualClock
+) -> None:
+    vendor = await start(sites, vendor_config(tmp_path / "v"), clock)
+    rcfg = router_config(
+        tmp_path / "r", server_of(vendor.daemon), vendor.daemon.signer.public, SHORT_BLOCK
+    )
+    rcfg = dataclasses.replace(rcfg, alerts=dataclasses.replace(rcfg.alerts, renewals_missed=2))
+    router = await start(sites, rcfg, clock)
+    state = await block_taken(router.daemon)
+    assert state.block is not None
+    renewed = state.block.renewed
+    relay = relay_of(router.daemon)
+    told: list[Event] = []
+    router.daemon.service.events.subscribe(
+        lambda e: told.append(e) if e.kind is Kind.RENEWAL_FAILED else None
+    )
+    await vendor.stop()  # no renewal from here on
+
+    async def sleep(seconds: float) -> None:
+        """The keeper's wait, on the test's clock: 2,000 s of outage, many attempts."""
+        if clock.now().wall - renewed >= 2000:
+            raise Stop
+        clock.advance(min(seconds, 10.0))
+
+    relay.sleep = sleep
+    relay.rng = random.Random(5)
+    with pytest.raises(Stop):
+        await relay.run_block(state)
+    [event] = told  # one for the outage, however many attempts failed
+    assert event.licence == SHORT_BLOCK.id
+    # At the first failed attempt from 400 s on (retries are at most 300 s apart).
+    assert 2 * SHORT_BLOCK.renew_every <= event.time - renewed < 2 * SHORT_BLOCK.renew_every + 300
+    assert event.detail["last_renewal"] == renewed and event.detail["missed"] == 2
+    assert event.reason is not None and "cannot be reached" in event.reason
+    audit = await router.daemon.store.audit(limit=1000)
+    assert [e.event.kind for e in audit].count(Kind.RENEWAL_FAILED) == 1
+    # A renewal re-arms it.
+    await vendor.start()
+    await relay.renew_block(state)
+    assert state.overdue_told is False
+
+
+async def test_a_block_renewal_tells_the_vendor_the_sites_use(
+    sites: list[Site], tmp_path: Path, clock: ManualClock
+) -> None:
+    vendor, router = await vendor_and_router(sites, tmp_path, clock)
+    state = await block_taken(router.daemon)
+    assert state.block is not None
+    async with peer(router.daemon) as p:
+        for host in ("machine-a", "machine-b"):
+            assert (await checkout(p, host))[0]["ok"] is True
+        refused = await p.checkout("NO-SUCH-KEY", holder("machine-c"))
+        assert refused["error"] == "unknown_licence"  # not the block's: not counted
+        clock.advance(60)
+        await relay_of(router.daemon).renew_block(state)
+    await vendor.daemon.store.barrier()  # the report is written with the next batch
+    entries = await vendor.daemon.store.audit(limit=1000)
+    [report] = [e.event for e in entries if e.event.kind is Kind.SITE_USAGE]
+    assert (report.licence, report.handle) == (VENDOR.id, state.block.handle)
+    d = report.detail
+    assert (d["site"], d["block"], d["peak"], d["denials"]) == ("site-1", BLOCK.id, 2, 0)
+    assert d["slot"] == 3600 and [n for _, n in d["peaks"]] == [2]
+
+
+async def test_a_usage_report_must_be_the_block_holders_own(
+    sites: list[Site], tmp_path: Path, clock: ManualClock
+) -> None:
+    vendor = await start(sites, vendor_config(tmp_path / "v"), clock)
+    router_key, other = SigningKey.generate(), SigningKey.generate()
+    usage = LicenceUsage("site-dicom", 3600.0, ((clock.now().wall, 1),))
+    forged = make_usage_report(other, site="site-x", made=clock.now().wall, usage=usage)
+    own = make_usage_report(router_key, site="site-x", made=clock.now().wall, usage=usage)
+    async with peer(vendor.daemon) as p:
+        block = await p.checkout(VENDOR.key, delegate=bytes(router_key.verify_key), ttl=3600)
+        plain = await p.checkout(VENDOR.key)
+    for lease, report, why in (
+        (block["lease"], forged, "usage: bad signature"),
+        (block["lease"], b"junk", "usage: "),
+        (plain["lease"], own, "only a site router's block lease"),
+    ):
+        async with peer(vendor.daemon) as p:  # a bad_request closes the connection
+            reply = await p.call("heartbeat", lease=lease, nonce=os.urandom(16), usage=report)
+            assert reply["error"] == "bad_request" and why in reply["message"], reply
+    async with peer(vendor.daemon) as p:
+        good = await p.call("heartbeat", lease=block["lease"], nonce=os.urandom(16), usage=own)
+        assert good["ok"] is True
+    await vendor.daemon.store.barrier()
+    entries = await vendor.daemon.store.audit(limit=1000)
+    assert [e.event.detail["site"] for e in entries if e.event.kind is Kind.SITE_USAGE] == [
+        "site-x"
+    ]
