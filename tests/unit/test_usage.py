@@ -48,7 +48,8 @@ def test_the_largest_usage_report_fits_a_heartbeat() -> None:
     report = make_usage_report(SigningKey.generate(), site="s" * 64, made=start, usage=usage)
     assert len(report) <= MAX_USAGE_REPORT
     heartbeat = Heartbeat(1, "lease", bytes(16), usage=report).to_wire()
-    assert parse_request(decode_body(packb(heartbeat), REQUEST_LIMITS)).usage == report
+    parsed = parse_request(decode_body(packb(heartbeat), REQUEST_LIMITS))
+    assert isinstance(parsed, Heartbeat) and parsed.usage == report
 
 
 async def test_peaks_per_slot_denials_and_counters(tmp_path: Path) -> None:
