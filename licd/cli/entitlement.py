@@ -85,7 +85,8 @@ def _list_text(result: Mapping[str, Any]) -> str:
         "",
         f"daemon key:  {escape(result['key'])}",
         "vendor keys: " + (", ".join(map(escape, result["vendor_keys"])) or fmt.NONE),
-        "host id:     " + (" ".join(map(escape, result["site_components"])) or fmt.NONE),
+        "host id:     "
+        + ("\n             ".join(map(escape, result["site_components"])) or fmt.NONE),
     ]
     return "\n".join(lines)
 

@@ -245,8 +245,12 @@ class AdminOps:
         return out
 
     def _mode(self, licence_id: str) -> str:
+        """How a licence is served: "forward" or "block" (relayed from upstream),
+        "entitled" (a vendor's entitlement), or "local"."""
         router = self.daemon.router
-        return router.modes.get(licence_id, "local") if router is not None else "local"
+        if router is not None and licence_id in router.modes:
+            return router.modes[licence_id]
+        return "entitled" if licence_id in self.service.engine.entitled else "local"
 
     def _serves(self, licence_id: str) -> bool:
         """Is this a licence of the daemon's own or one relayed from upstream?"""

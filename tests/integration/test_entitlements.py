@@ -96,6 +96,11 @@ async def test_an_imported_entitlement_serves_clients_that_trust_only_the_vendor
         await client.checkout(CAD_KEY)
     [item] = await listed(site)
     assert (item["state"], item["seats"], item["seats_granted"]) == ("served", 2, 3)
+    status = json.loads(await ok("status", *sock(site), "--json"))
+    assert {x["id"]: x["mode"] for x in status["licences"]} == {
+        "cad": "entitled",
+        DICOM.id: "local",
+    }
     # A local licence still works for a client trusting the daemon's key.
     local = AsyncClient([address(site)], site.public_key.hex(), retry_for=0)
     await (await local.checkout(DICOM.key)).release()
