@@ -218,12 +218,12 @@ class AlertMonitor:
             if alert is not None:
                 self._raise(alert)
         elif event.kind is Kind.CLOCK_ROLLBACK:
-            behind = event.detail.get("behind")
+            behind = float(event.detail.get("behind", 0.0))
             self._raise(
                 Alert(
                     "clock_rollback",
                     None,
-                    f"the system clock is {behind} s behind the latest time licd has seen: "
+                    f"the system clock is {behind:.0f} s behind the latest time licd has seen: "
                     "it was set back; vendor licences hold new grants until it is right",
                     event.time,
                     dict(event.detail),
