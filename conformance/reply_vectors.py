@@ -151,6 +151,32 @@ def _reply_cases() -> list[Case]:
             "bad_request",
         ),
         c(
+            "unavailable_leader",
+            "checkout",
+            "A standby: unavailable, naming the leader to send the request to.",
+            error(
+                2,
+                "unavailable",
+                "this server is a standby",
+                retry_after=1.0,
+                detail={"leader": "10.0.0.7:27500"},
+            ),
+            "unavailable",
+        ),
+        c(
+            "unavailable_clock_rollback",
+            "checkout",
+            "A vendor licence held while the daemon's clock is behind.",
+            error(
+                2,
+                "unavailable",
+                "licence 'cad': the server's clock is 86400 s behind ...",
+                retry_after=60.0,
+                detail={"reason": "clock_rollback"},
+            ),
+            "unavailable",
+        ),
+        c(
             "lease_unknown",
             "heartbeat",
             "The lease is gone.",

@@ -30,7 +30,14 @@ from .connection import (
     parse_address,
     parse_servers,
 )
-from .errors import ConnectionLost, LicdError, ProtocolViolation, SeatsExhausted, TokenInvalid
+from .errors import (
+    ConnectionLost,
+    LicdError,
+    ProtocolViolation,
+    SeatsExhausted,
+    TokenInvalid,
+    Unavailable,
+)
 from .lease import (
     AsyncLease,
     ExpiringCallback,
@@ -84,6 +91,18 @@ def resolve_anchors(server_key: str | bytes | Sequence[str | bytes] | None) -> l
     return anchors
 
 
+def leader_of(exc: LicdError) -> Address | None:
+    """The address an `unavailable` error names as the cluster's leader, if any (a
+    malformed one is ignored: the list of servers is tried instead)."""
+    leader = (exc.detail or {}).get("leader")
+    if not isinstance(leader, str):
+        return None
+    try:
+        return parse_address(leader)
+    except ValueError:
+        return None
+
+
 def resolve_servers(servers: str | Sequence[str | Address] | None) -> list[Address]:
     """Addresses from an argument, else LICD_SERVER, else 127.0.0.1:27500."""
     if servers is None:
@@ -126,6 +145,9 @@ class AsyncClient:
         self.rng = rng if rng is not None else random.Random()
         self.backoff = backoff if backoff is not None else Backoff()
         self._conn: Connection | None = None
+        #: The address to try first when connecting next: the leader a standby named,
+        #: or the server after one that answered `unavailable` (`_move`).
+        self._prefer: Address | None = None
         self._connect_lock = asyncio.Lock()
         self._leases: set[AsyncLease] = set()
         self._closed = False
@@ -149,8 +171,11 @@ class AsyncClient:
             if self._conn is not None:
                 await self._conn.close()
                 self._conn = None
+            servers = self.servers
+            if self._prefer is not None:
+                servers = [self._prefer, *(a for a in self.servers if a != self._prefer)]
             self._conn = await Connection.open(
-                self.servers,
+                servers,
                 io_timeout=self.io_timeout,
                 client_name=self.client_name,
                 ssl=self.ssl,
@@ -160,9 +185,47 @@ class AsyncClient:
     async def request(
         self, req: messages.Request, *, reply_timeout: float | None = None
     ) -> messages.Reply:
-        """One attempt at one request, on the shared connection (opened if need be)."""
+        """One attempt at one request, on the shared connection (opened if need be).
+
+        A server that answers `unavailable` naming another as `detail.leader` (a standby
+        of a cluster) is left for that one, and the request is sent there at once, once;
+        one that answers `unavailable` without a leader is left for the next server of
+        the list (when there are several) at the next attempt. A lease keeps its secret
+        wherever its heartbeats go."""
+        conn = await self._connection()
+        try:
+            return await conn.request(req, reply_timeout=reply_timeout)
+        except Unavailable as exc:
+            if not await self._redirected(conn, exc):
+                raise
         conn = await self._connection()
         return await conn.request(req, reply_timeout=reply_timeout)
+
+    async def _redirected(self, conn: Connection, exc: Unavailable) -> bool:
+        """After `conn`'s server answered `exc`: True when it named another as the
+        leader, which the next connection goes to (send the request again now); else
+        False, and with several servers the next connection tries the next one."""
+        leader = leader_of(exc)
+        if leader is not None and leader != conn.address:
+            await self._move(conn, leader)
+            return True
+        if len(self.servers) > 1:
+            await self._move(conn, self._after(conn.address))
+        return False
+
+    def _after(self, address: Address) -> Address:
+        """The server after `address` in the list (the first, after the last)."""
+        if address not in self.servers:
+            return self.servers[0]
+        return self.servers[(self.servers.index(address) + 1) % len(self.servers)]
+
+    async def _move(self, conn: Connection, prefer: Address) -> None:
+        """Leave `conn`; the next connection tries `prefer` first."""
+        async with self._connect_lock:
+            self._prefer = prefer
+            if self._conn is conn:
+                self._conn = None
+        await conn.close()
 
     async def retrying(
         self, attempt: Callable[[], Awaitable[T]], *, retry_for: float, wait: float = 0.0
@@ -277,14 +340,19 @@ class AsyncClient:
         """One checkout attempt. Cancelled after it is sent, it gives back the lease its
         reply brings (`_give_back`) before the cancellation goes on: an interrupted
         checkout holds no seat (docs/protocol.md, "checkout")."""
-        conn = await self._connection()
-        # Its own task, so that a cancellation does not drop the reply on the floor.
-        sent = asyncio.ensure_future(conn.request(req))
-        try:
-            return await asyncio.shield(sent)
-        except asyncio.CancelledError:
-            await self._give_back(conn, sent)
-            raise
+        for hop in range(2):  # a standby's redirect is followed once (`request`)
+            conn = await self._connection()
+            # Its own task, so that a cancellation does not drop the reply on the floor.
+            sent = asyncio.ensure_future(conn.request(req))
+            try:
+                return await asyncio.shield(sent)
+            except asyncio.CancelledError:
+                await self._give_back(conn, sent)
+                raise
+            except Unavailable as exc:
+                if hop or not await self._redirected(conn, exc):
+                    raise
+        raise AssertionError("not reached")
 
     async def _give_back(self, conn: Connection, sent: asyncio.Future[messages.Reply]) -> None:
         """Wait up to INTERRUPT_GRACE for an interrupted checkout's reply and check in the
