@@ -172,6 +172,7 @@ class Daemon:
             wall=lambda: clock.now().wall,
             monotonic=lambda: clock.now().mono,
             on_alert=lambda alert: self.metrics.alert(alert.kind),
+            leases=lambda: service.engine.leases,
         )
         service.events.subscribe(self.metrics.on_event)
         service.events.subscribe(self.alerts.on_event)

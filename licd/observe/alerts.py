@@ -1,20 +1,23 @@
 """Alerts: tell operators when a licence nears expiry, fills up, or its users are in trouble.
 
-Theory of operation. Six kinds, two sources:
+Theory of operation. Eight kinds, two sources:
 
 - `check()` (every `check_interval`, from `run()`) reads the engine view. *licence_expiring*:
   each threshold of `expiry_days` fires once per licence when the time left drops to or
   below it; several crossed at once give one alert naming the smallest; a changed expiry
   (a renewal) re-arms them all. *usage*: each `usage_percent` level fires once when seats
   in use rise to or through it (several at once: one alert naming the highest) and is
-  re-armed when usage falls below it again.
+  re-armed when usage falls below it again. *site_silent* (a vendor's licd): a site
+  router's block lease (one with `delegate`) not renewed for `site_silent` seconds,
+  once per silence, re-armed by its next heartbeat.
 - `on_event()` (an EventBus subscriber). *holder_silent*: every RECLAIM, a lease that
   lapsed without a checkin. *denials*: `denials` DENIED events of one licence within
   `denial_window` seconds (monotonic clock) raise one alert, then that licence is muted
   for a window, so a denial storm yields one alert per window, not one per denial.
   *overdraft*: a seat granted in a licence's overdraft, once per licence per window.
   *clock_rollback*: each CLOCK_ROLLBACK, the system clock found set back
-  (licd.core.clock_guard).
+  (licd.core.clock_guard). *renewal_failed*: each RENEWAL_FAILED, a router's block
+  unrenewed for `renewals_missed` times its `renew_every` (licd.core.router).
 
 Every alert is one WARNING log line, the `on_alert` callback (metrics) and, if a hook is
 configured, the hook command with the alert as JSON on stdin, run in the background by
@@ -37,6 +40,7 @@ from typing import Any
 
 from licd.config.settings import AlertsConfig
 from licd.core.events import Event, Kind
+from licd.engine import SeatLease
 from licd.observe.hooks import HookRunner, run_hook_command
 from licd.observe.metrics import LicenceUsage
 from licd_client.safetext import escape
@@ -50,7 +54,8 @@ DAY = 86400.0
 class Alert:
     """One alert. `licence` is the public id (never a key); `time` is wall-clock seconds."""
 
-    kind: str  # "licence_expiring" | "usage" | "holder_silent" | "denials" | "overdraft" | ...
+    kind: str  # licence_expiring, usage, holder_silent, denials, overdraft, clock_rollback,
+    # renewal_failed, site_silent
     licence: str | None
     message: str
     time: float
@@ -86,8 +91,10 @@ class AlertMonitor:
         monotonic: Callable[[], float],
         on_alert: Callable[[Alert], None] | None = None,
         run_hook: Callable[[Alert], Awaitable[None]] | None = None,
+        leases: Callable[[], Iterable[SeatLease]] = tuple,
     ) -> None:
         self._engine_view = engine_view
+        self._leases = leases
         self._wall = wall
         self._monotonic = monotonic
         self._on_alert = on_alert
@@ -98,6 +105,8 @@ class AlertMonitor:
         # licence id (None: unknown keys) -> the last `denials` (monotonic time, reason)
         self._denials: dict[str | None, deque[tuple[float, str]]] = {}
         self._denials_muted: dict[str | None, float] = {}  # ... until this monotonic time
+        # a site router's block lease (handle) -> the last heartbeat it was silent since
+        self._silent_fired: dict[str, float] = {}
         self.hooks = HookRunner()
         self.config = config
         self.reconfigure(config)
@@ -136,8 +145,43 @@ class AlertMonitor:
             del self._expiry_fired[gone]
         for gone in self._usage_fired.keys() - seen:
             del self._usage_fired[gone]
+        alerts += self._check_sites(now)
         for alert in alerts:
             self._raise(alert)
+        return alerts
+
+    def _check_sites(self, now: float) -> list[Alert]:
+        """site_silent: each site router's block lease (a lease with `delegate`) not
+        renewed for `site_silent` seconds, once per silence (a heartbeat re-arms it)."""
+        limit = self.config.site_silent
+        alerts: list[Alert] = []
+        fired: dict[str, float] = {}
+        for lease in self._leases() if limit > 0 else ():
+            if lease.delegate is None or now - lease.last_heartbeat <= limit:
+                continue
+            fired[lease.handle] = lease.last_heartbeat
+            if self._silent_fired.get(lease.handle) == lease.last_heartbeat:
+                continue  # told already, and not heard from since
+            h = lease.holder
+            site = escape(h.instance or "")
+            alerts.append(
+                Alert(
+                    "site_silent",
+                    lease.licence_id,
+                    f"site {site} (host {escape(h.host)}) has not renewed its block of "
+                    f"licence {lease.licence_id} for {(now - lease.last_heartbeat) / 3600:.1f} h",
+                    now,
+                    {
+                        "handle": lease.handle,
+                        "site": h.instance,
+                        "host": h.host,
+                        "hostid": h.hostid,
+                        "seats": lease.seats,
+                        "last_heartbeat": lease.last_heartbeat,
+                    },
+                )
+            )
+        self._silent_fired = fired  # gone, or heard from since: re-armed
         return alerts
 
     def _check_expiry(self, usage: LicenceUsage, now: float) -> Alert | None:
@@ -217,6 +261,8 @@ class AlertMonitor:
             alert = self._count_denial(event)
             if alert is not None:
                 self._raise(alert)
+        elif event.kind is Kind.RENEWAL_FAILED:
+            self._raise(self._renewal_failed(event))
         elif event.kind is Kind.CLOCK_ROLLBACK:
             behind = float(event.detail.get("behind", 0.0))
             self._raise(
@@ -229,6 +275,23 @@ class AlertMonitor:
                     dict(event.detail),
                 )
             )
+
+    @staticmethod
+    def _renewal_failed(event: Event) -> Alert:
+        last = event.detail.get("last_renewal")
+        since = (
+            "since the router started"
+            if not isinstance(last, int | float)
+            else "since " + datetime.fromtimestamp(last, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+        )
+        return Alert(
+            "renewal_failed",
+            event.licence,
+            f"the block of licence {event.licence} from upstream has not been renewed "
+            f"{since}: {escape(event.reason or 'no answer')}",
+            event.time,
+            {**event.detail, "error": event.reason},
+        )
 
     @staticmethod
     def _holder_silent(event: Event) -> Alert:

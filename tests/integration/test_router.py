@@ -1709,3 +1709,22 @@ async def test_a_usage_report_must_be_the_block_holders_own(
     assert [e.event.detail["site"] for e in entries if e.event.kind is Kind.SITE_USAGE] == [
         "site-x"
     ]
+
+
+async def test_the_vendor_hears_of_a_silent_site_long_before_its_block_ends(
+    sites: list[Site], tmp_path: Path, clock: ManualClock
+) -> None:
+    config = vendor_config(tmp_path / "v")
+    config = dataclasses.replace(
+        config, alerts=dataclasses.replace(config.alerts, site_silent=1800)
+    )
+    vendor = await start(sites, config, clock)
+    rcfg = router_config(tmp_path / "r", server_of(vendor.daemon), vendor.daemon.signer.public)
+    router = await start(sites, rcfg, clock)
+    await block_taken(router.daemon)
+    await router.stop()  # the site goes silent; its block runs for BLOCK.block_ttl
+    clock.advance(1800)
+    assert [a.kind for a in vendor.daemon.alerts.check()] == []
+    clock.advance(1)
+    [alert] = vendor.daemon.alerts.check()
+    assert (alert.kind, alert.licence, alert.detail["site"]) == ("site_silent", VENDOR.id, "site-1")
