@@ -386,15 +386,26 @@ def make_request(
     usage: Sequence[LicenceUsage],
 ) -> bytes:
     """A renewal request signed by the daemon's `key`."""
+    return _self_signed(
+        key,
+        REQUEST,
+        made,
+        site=site,
+        hostid=list(components),
+        entitlements=list(entitlements),
+        usage={u.licence_id: u.to_wire() for u in usage},
+    )
+
+
+def _self_signed(key: SigningKey, typ: str, made: float, **fields: Any) -> bytes:
+    """A statement of `typ` that `key` signs of itself (a site daemon's request, a
+    router's report), made at `made` and valid REQUEST_VALID after."""
     payload = {
-        "typ": REQUEST,
+        "typ": typ,
         "iss": bytes(key.verify_key),
         "iat": _time(made),
         "exp": _time(made + REQUEST_VALID),
-        "site": site,
-        "hostid": list(components),
-        "entitlements": list(entitlements),
-        "usage": {u.licence_id: u.to_wire() for u in usage},
+        **fields,
     }
     return sign(key, payload)
 
@@ -473,15 +484,9 @@ class UsageReport:
 
 def make_usage_report(key: SigningKey, *, site: str, made: float, usage: LicenceUsage) -> bytes:
     """A usage report of one block, signed by the site router's `key`."""
-    payload = {
-        "typ": USAGE_REPORT,
-        "iss": bytes(key.verify_key),
-        "iat": _time(made),
-        "exp": _time(made + REQUEST_VALID),
-        "site": site,
-        "usage": {usage.licence_id: usage.to_wire()},
-    }
-    return sign(key, payload)
+    return _self_signed(
+        key, USAGE_REPORT, made, site=site, usage={usage.licence_id: usage.to_wire()}
+    )
 
 
 def read_usage_report(blob: bytes, key: bytes) -> UsageReport:
