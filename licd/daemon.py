@@ -744,6 +744,7 @@ def resolve_surroundings(config: Config) -> Surroundings:
     """Each missing file or group, or an alert hook that cannot run, is a StartupError
     naming it."""
     _check_alert_hook(config)
+    _check_entitlement_files(config)
     return Surroundings(_tls_context(config), _upstream_tls(config), _admin_access(config))
 
 
@@ -762,6 +763,20 @@ def _check_alert_hook(config: Config) -> None:
         raise StartupError(f"alerts.hook: {command} is not a regular file")
     if not os.access(command, os.X_OK):
         raise StartupError(f"alerts.hook: {command} is not executable")
+
+
+def _check_entitlement_files(config: Config) -> None:
+    """Each `[[entitlement]] file` must be a regular file the daemon can read (what it
+    holds is verified when it is imported)."""
+    for path in config.entitlement_files:
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise StartupError(f"entitlement file {path}: {exc.strerror}") from None
+        if not stat.S_ISREG(mode):
+            raise StartupError(f"entitlement file {path}: not a regular file")
+        if not os.access(path, os.R_OK):
+            raise StartupError(f"entitlement file {path}: not readable")
 
 
 def _tls_context(config: Config) -> ssl.SSLContext | None:

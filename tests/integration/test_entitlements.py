@@ -361,3 +361,20 @@ async def test_a_reload_imports_the_files_the_config_names_and_refuses_declaring
         err = await refused("reload", *sock(daemon))
         assert "licence 'cad' is entitled by a vendor" in err, err
         assert daemon.engine.licence_by_id("cad").seats == 3  # type: ignore[union-attr]
+
+
+async def test_check_config_and_start_refuse_an_entitlement_file_that_cannot_be_read(
+    tmp_path: Path, vendor: Vendor
+) -> None:
+    config_file = tmp_path / "licd.toml"
+    toml = SITE_TOML.format(state=tmp_path / "state", vendor=vendor.public)
+    for target, problem in (
+        (tmp_path / "missing.toml", "No such file or directory"),
+        (tmp_path, "not a regular file"),
+    ):
+        config_file.write_text(toml + f'\n[[entitlement]]\nfile = "{target}"\n')
+        err = await refused("check-config", str(config_file))
+        assert f"entitlement file {target}: {problem}" in err, err
+        with pytest.raises(StartupError, match=problem):
+            async with running(load_config(config_file), components=SITE):
+                pass
