@@ -361,6 +361,10 @@ async def test_a_reload_imports_the_files_the_config_names_and_refuses_declaring
         err = await refused("reload", *sock(daemon))
         assert "licence 'cad' is entitled by a vendor" in err, err
         assert daemon.engine.licence_by_id("cad").seats == 3  # type: ignore[union-attr]
+    # Nor at start.
+    with pytest.raises(StartupError, match="licence 'cad' is entitled by a vendor"):
+        async with running(load_config(config_file), clock, components=SITE):
+            pass
 
 
 async def test_check_config_and_start_refuse_an_entitlement_file_that_cannot_be_read(
