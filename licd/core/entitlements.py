@@ -202,13 +202,16 @@ class Entitlements:
         now = self.service.now().wall
         outcomes: list[Outcome] = []
         chosen: list[tuple[Entitlement, Licence]] = []
-        for entry in entries:
-            ent = self._verified(entry.statement, entry.key)
-            licence_id = ent.terms.licence_id
-            if any(licence_id == other.terms.licence_id for other, _ in chosen):
+        verified = [(entry, self._verified(entry.statement, entry.key)) for entry in entries]
+        seen: set[str] = set()
+        for _, ent in verified:
+            if ent.terms.licence_id in seen:
                 raise EntitlementRefused(
-                    f"licence {licence_id!r}: the file holds two entitlements for it"
+                    f"licence {ent.terms.licence_id!r}: the file holds two entitlements for it"
                 )
+            seen.add(ent.terms.licence_id)
+        for entry, ent in verified:
+            licence_id = ent.terms.licence_id
             try:
                 licence = self._licence_for(ent, entry.key, now, chosen)
             except _Skip as skip:
@@ -236,7 +239,7 @@ class Entitlements:
         engine, terms = self.service.engine, ent.terms
         where = f"licence {terms.licence_id!r}"
         stored = self.stored.get(terms.licence_id)
-        last = None if stored is None else Held(stored.sequence, stored.statement)
+        last = None if stored is None else Held(stored.sequence, stored.statement, stored.removed)
         refusal = import_refusal(
             terms,
             ent.statement,

@@ -49,6 +49,7 @@ class Held:
 
     sequence: int
     statement: bytes
+    removed: bool = False  # its licence was removed (`licd licence remove`)
 
 
 def vendor_licence(terms: Terms, key: str) -> Licence:
@@ -141,8 +142,13 @@ def import_refusal(
     if now >= terms.expires:
         return f"it expired on {_iso(terms.expires)}"
     if held is not None and terms.sequence <= held.sequence:
-        if statement == held.statement:
+        if statement == held.statement and not held.removed:
             return None  # the same one again: nothing to do
+        if statement == held.statement:
+            return (
+                f"its licence {terms.licence_id!r} was removed from this site: only a newer "
+                f"entitlement (a sequence above {held.sequence}) brings it back"
+            )
         return (
             f"its sequence {terms.sequence} is not above {held.sequence}, the last "
             f"imported for licence {terms.licence_id!r}: an older entitlement cannot replace "
