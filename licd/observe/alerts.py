@@ -252,7 +252,8 @@ class AlertMonitor:
 
     def on_event(self, event: Event) -> None:
         """EventBus subscriber: RECLAIM -> holder_silent; DENIED -> the denial window;
-        an overdraft checkout -> overdraft; CLOCK_ROLLBACK -> clock_rollback."""
+        an overdraft checkout -> overdraft; RENEWAL_FAILED -> renewal_failed;
+        CLOCK_ROLLBACK -> clock_rollback."""
         if event.kind is Kind.RECLAIM:
             self._raise(self._holder_silent(event))
         elif event.kind is Kind.CHECKOUT and event.detail.get("overdraft"):

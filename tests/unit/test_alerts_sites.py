@@ -6,18 +6,31 @@ from __future__ import annotations
 
 import os
 from dataclasses import replace
+from pathlib import Path
 
-from licd.clock import Instant
+from licd.clock import Instant, ManualClock
 from licd.config.settings import AlertsConfig
 from licd.core.events import Event, Kind
 from licd.engine import Engine
 from licd.observe.alerts import Alert, AlertMonitor
 from licd_client.messages import Holder
-from tests.support import DICOM, holder, new_engine
+from tests.support import DICOM, checkout_committed, holder, make_config, new_engine, running
 
 NOW = 1_790_000_000.0
 HOUR = 3600.0
 VENDOR = replace(DICOM, delegable=True, max_ttl=35 * 86400.0, seats=10)
+
+
+def router(site: str) -> Holder:
+    """The holder a site router takes its block as."""
+    return Holder(
+        host=f"router.{site}",
+        hostid=f"id-{site}",
+        user="licd",
+        pid=1,
+        app="licd-router",
+        instance=site,
+    )
 
 
 class Vendor:
@@ -42,16 +55,8 @@ class Vendor:
 
     def block(self, site: str) -> str:
         """A site router's block (its lease secret)."""
-        router = Holder(
-            host=f"router.{site}",
-            hostid=f"id-{site}",
-            user="licd",
-            pid=1,
-            app="licd-router",
-            instance=site,
-        )
         grant = self.engine.checkout(
-            VENDOR.key, router, request=site, at=self.at(), seats=3, ttl=30 * 86400.0,
+            VENDOR.key, router(site), request=site, at=self.at(), seats=3, ttl=30 * 86400.0,
             delegate=os.urandom(32),
         )  # fmt: skip
         self.engine.confirm(grant.lease)
@@ -136,3 +141,23 @@ def test_renewal_failed_is_one_alert_per_event() -> None:
     v.monitor.on_event(never)
     assert "renewed since the router started: no answer" in v.raised[-1].message
     assert len(v.raised) == 2
+
+
+async def test_the_daemon_watches_its_engine_leases(tmp_path: Path) -> None:
+    """The daemon hands its monitor the engine's leases: a real block, taken through the
+    service, goes silent on the daemon's clock."""
+    clock = ManualClock(NOW)
+    async with running(make_config(tmp_path, VENDOR), clock) as daemon:
+        await checkout_committed(
+            daemon.service, VENDOR.key, router("plant-3"), request="plant-3",
+            at=clock.now(), seats=3, ttl=30 * 86400.0, delegate=os.urandom(32),
+        )  # fmt: skip
+        assert daemon.alerts.check() == []
+        clock.advance(AlertsConfig().site_silent + 1)  # the default: 3 days
+        [alert] = daemon.alerts.check()
+        assert (alert.kind, alert.licence) == ("site_silent", VENDOR.id)
+        assert alert.detail["site"] == "plant-3" and alert.detail["host"] == "router.plant-3"
+        assert alert.message == (
+            f"site plant-3 (host router.plant-3) has not renewed its block of licence "
+            f"{VENDOR.id} for 72.0 h"
+        )
