@@ -8,8 +8,8 @@ Theory of operation. Eight kinds, two sources:
   (a renewal) re-arms them all. *usage*: each `usage_percent` level fires once when seats
   in use rise to or through it (several at once: one alert naming the highest) and is
   re-armed when usage falls below it again. *site_silent* (a vendor's licd): a site
-  router's block lease (one with `delegate`) not renewed for `site_silent` seconds,
-  once per silence, re-armed by its next heartbeat.
+  router's live block lease (one with `delegate`) not renewed for more than
+  `site_silent` seconds (0: off), once per silence, re-armed by its next heartbeat.
 - `on_event()` (an EventBus subscriber). *holder_silent*: every RECLAIM, a lease that
   lapsed without a checkin. *denials*: `denials` DENIED events of one licence within
   `denial_window` seconds (monotonic clock) raise one alert, then that licence is muted
@@ -40,7 +40,7 @@ from typing import Any
 
 from licd.config.settings import AlertsConfig
 from licd.core.events import Event, Kind
-from licd.engine import SeatLease
+from licd.engine import LeasePhase, SeatLease
 from licd.observe.hooks import HookRunner, run_hook_command
 from licd.observe.metrics import LicenceUsage
 from licd_client.safetext import escape
@@ -151,13 +151,19 @@ class AlertMonitor:
         return alerts
 
     def _check_sites(self, now: float) -> list[Alert]:
-        """site_silent: each site router's block lease (a lease with `delegate`) not
-        renewed for `site_silent` seconds, once per silence (a heartbeat re-arms it)."""
+        """site_silent: each live site router's block lease (a lease with `delegate`)
+        not renewed for more than `site_silent` seconds, once per silence (a heartbeat
+        re-arms it; a lease gone is forgotten). `site_silent` 0: off."""
         limit = self.config.site_silent
         alerts: list[Alert] = []
         fired: dict[str, float] = {}
         for lease in self._leases() if limit > 0 else ():
             if lease.delegate is None or now - lease.last_heartbeat <= limit:
+                continue
+            if lease.state is not LeasePhase.LIVE:
+                # Not yet, or no longer, committed: not told of; an alert given stays given.
+                if lease.handle in self._silent_fired:
+                    fired[lease.handle] = self._silent_fired[lease.handle]
                 continue
             fired[lease.handle] = lease.last_heartbeat
             if self._silent_fired.get(lease.handle) == lease.last_heartbeat:

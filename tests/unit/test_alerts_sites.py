@@ -161,3 +161,78 @@ async def test_the_daemon_watches_its_engine_leases(tmp_path: Path) -> None:
             f"site plant-3 (host router.plant-3) has not renewed its block of licence "
             f"{VENDOR.id} for 72.0 h"
         )
+
+
+def test_the_site_silent_alert_names_the_block_and_escapes_what_the_router_sent() -> None:
+    v = Vendor()
+    grant = v.engine.checkout(
+        VENDOR.key, router("plant\n3"), request="p", at=v.at(), seats=2, delegate=bytes(32)
+    )
+    v.engine.confirm(grant.lease)
+    v.advance(30 * HOUR)
+    [alert] = v.monitor.check()
+    assert alert.message == (
+        f"site plant\\n3 (host router.plant\\n3) has not renewed its block of licence "
+        f"{VENDOR.id} for 30.0 h"
+    )
+    assert alert.detail == {
+        "handle": grant.lease.handle,
+        "site": "plant\n3",
+        "host": "router.plant\n3",
+        "hostid": "id-plant\n3",
+        "seats": 2,
+        "last_heartbeat": NOW,
+    }
+    assert alert.time == v.wall and alert.licence == VENDOR.id
+
+
+def test_only_live_blocks_are_reported_and_a_release_undone_is_not_told_again() -> None:
+    v = Vendor()
+    pending = v.engine.checkout(
+        VENDOR.key, router("plant-3"), request="plant-3", at=v.at(), delegate=bytes(32)
+    ).lease  # its commit not yet confirmed
+    v.advance(25 * HOUR)
+    assert v.silent() == []
+    v.engine.confirm(pending)
+    assert v.silent() == [("plant-3", VENDOR.id)]
+    releasing = v.engine.begin_release(pending.secret)  # a checkin under way
+    assert releasing is pending
+    assert v.silent() == []
+    v.engine.cancel_release(pending)  # its commit failed: live again, still silent
+    assert v.silent() == []
+    v.engine.heartbeat(pending.secret, v.at())
+    v.advance(24 * HOUR + 1)
+    assert v.silent() == [("plant-3", VENDOR.id)]
+
+
+def test_reconfigure_turns_site_silent_on_and_off_and_moves_its_threshold() -> None:
+    v = Vendor(site_silent=0)
+    v.block("plant-3")
+    v.advance(10 * HOUR)
+    assert v.silent() == []
+    v.monitor.reconfigure(AlertsConfig(site_silent=9 * HOUR))
+    assert v.silent() == [("plant-3", VENDOR.id)]
+    assert v.silent() == []
+    v.monitor.reconfigure(AlertsConfig(site_silent=0))
+    assert v.silent() == []
+    assert v.monitor._silent_fired == {}
+    v.monitor.reconfigure(AlertsConfig(site_silent=12 * HOUR))
+    assert v.silent() == []  # 10 h: not silent for this threshold
+    v.advance(2 * HOUR + 1)
+    assert v.silent() == [("plant-3", VENDOR.id)]
+
+
+def test_renewal_failed_escapes_the_error_and_needs_no_detail() -> None:
+    v = Vendor()
+    v.monitor.on_event(Event(Kind.RENEWAL_FAILED, NOW, licence="site-dicom", reason="bad\x1b[2J"))
+    [alert] = v.raised
+    assert alert.message == (
+        "the block of licence site-dicom from upstream has not been renewed since the "
+        "router started: bad\\x1b[2J"
+    )
+    assert alert.detail == {"error": "bad\x1b[2J"}
+    v.monitor.on_event(Event(Kind.RENEWAL_FAILED, NOW, licence="site-dicom"))
+    assert v.raised[-1].message.endswith("since the router started: no answer")
+    assert v.raised[-1].detail == {"error": None}
+    v.monitor.on_event(Event(Kind.SITE_USAGE, NOW, licence="site-dicom"))
+    assert len(v.raised) == 2  # a site's usage report is no alert
