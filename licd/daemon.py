@@ -24,13 +24,14 @@ import time
 from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from licd.clock import Clock, SystemClock
-from licd.config.settings import Config, ConfigError, load_config
+from licd.config.settings import Config, ConfigError, StoreConfig, load_config
 from licd.core.admin import AdminOps
 from licd.core.audit_upkeep import RETIRE_CHUNK, RETIRE_MAX_CHUNKS, DenialLog, retire
 from licd.core.clock_guard import ClockGuard
+from licd.core.cluster import Leadership, LeaderStore, StandbyAnswers
 from licd.core.dispatch import Dispatcher
 from licd.core.entitlements import EntitlementRefused, Entitlements
 from licd.core.events import Event, EventBus, Kind
@@ -46,9 +47,11 @@ from licd.shells.admin_server import Access, AdminServer, check_socket_path
 from licd.shells.metrics_http import serve_metrics
 from licd.shells.notify import Notifier
 from licd.shells.server import Server
+from licd.shells.standby import StandbyListener
 from licd.shells.upstream import UpstreamLink
+from licd.store.base import Store, StoreError
 from licd.store.keyfile import key_path, load_or_create_key
-from licd.store.sqlite import DB_FILE, Store, StoreError
+from licd.store.sqlite import DB_FILE, SqliteStore
 from licd_client.connection import format_address
 from licd_client.errors import LicdError
 from licd_client.identity import site_components
@@ -89,6 +92,56 @@ def prepare_state_dir(path: Path) -> None:
                 f"and cannot be made private: {exc.strerror}"
             ) from None
         log.warning("event=state_dir_made_private path=%s old_mode=%o", path, mode)
+
+
+async def open_store(config: StoreConfig, state_dir: Path) -> Store:
+    """The store the config names: SQLite in `state_dir` (the default), or PostgreSQL
+    (imported only then: asyncpg is an optional extra, `licd[postgres]`)."""
+    if config.backend == "postgres":
+        try:
+            from licd.store.postgres import PostgresStore, read_dsn
+        except ImportError:
+            raise StartupError(
+                "[store] backend = \"postgres\" needs asyncpg: pip install 'licd[postgres]'"
+            ) from None
+        return await PostgresStore.open(read_dsn(config.dsn, config.dsn_file))
+    return await SqliteStore.open(state_dir / DB_FILE)
+
+
+async def _win_leadership(
+    config: Config,
+    store: LeaderStore,
+    signer: Signer,
+    surroundings: Surroundings,
+    clock: Clock,
+    on_standby: Callable[[str], None] | None,
+) -> Leadership:
+    """Serve as a standby (hello, and `unavailable` naming the leader) on the node's
+    addresses until this node leads; then its renewals run (`Leadership.hold`)."""
+    s = config.store
+    address = s.advertise or format_address(config.server.listen[0])
+    leadership = Leadership(
+        store,
+        node=s.node or config.server.site,
+        address=address,
+        ttl=s.leader_ttl,
+        lock_delay=s.lock_delay,
+    )
+    answers = StandbyAnswers(signer, leadership, lambda: clock.now().wall)
+    listener = StandbyListener(config.server, answers, ssl=surroundings.tls)
+    try:
+        await listener.start()
+    except OSError as exc:
+        await listener.stop()
+        raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
+    if on_standby is not None:
+        on_standby(f"standby of a cluster, node {leadership.node} at {address}")
+    try:
+        await leadership.campaign()
+    finally:
+        await listener.stop()
+    leadership.start_holding()
+    return leadership
 
 
 def _check_key_kept(state_dir: Path) -> None:
@@ -157,6 +210,7 @@ class Daemon:
         self._notifier = Notifier()  # no-op unless run() is given systemd's
         self._metrics_server: asyncio.Server | None = None
         self._stored_licences: dict[str, Licence] | None = None  # until written at start
+        self.leadership: Leadership | None = None  # a cluster node's, once it leads
         self.started = time.time()
         self._started_mono = time.monotonic()
         self.admin = AdminServer(
@@ -238,10 +292,12 @@ class Daemon:
         *,
         clock: Clock | None = None,
         components: Iterable[str] | None = None,
+        on_standby: Callable[[str], None] | None = None,
     ) -> Daemon:
         """The daemon for `config`, its state opened; `components` are this machine's
         host-id components an entitlement's site binding is checked against (by default
-        `site_components()`)."""
+        `site_components()`). A cluster node (`[store] backend = "postgres"`) first
+        waits, as a standby (`on_standby` is told so), until it leads."""
         clock = clock or SystemClock()
         site = tuple(site_components() if components is None else components)
         # A missing certificate, CA file or group stops us before anything is opened.
@@ -252,18 +308,29 @@ class Daemon:
         try:
             _check_key_kept(state_dir)
             key = load_or_create_key(key_path(state_dir))
-            store = await Store.open(state_dir / DB_FILE)
+            store = await open_store(config.store, state_dir)
         except Exception:
             lock.close()
             raise
+        signer = Signer(key, config.server.site)
+        leadership: Leadership | None = None
         try:
-            return await cls._build(
-                config, clock, surroundings, store, Signer(key, config.server.site), lock, site
-            )
+            if config.store.backend == "postgres":
+                # A cluster node: a standby until it leads; only then is state loaded.
+                leadership = await _win_leadership(
+                    config, cast(LeaderStore, store), signer, surroundings, clock, on_standby
+                )
+            daemon = await cls._build(config, clock, surroundings, store, signer, lock, site)
         except BaseException:
+            if leadership is not None:
+                leadership.stop()
             await store.close()
             lock.close()
             raise
+        if leadership is not None:
+            daemon.leadership = leadership
+            daemon.server.dispatcher.cluster = leadership
+        return daemon
 
     @classmethod
     async def _build(
@@ -553,7 +620,9 @@ class Daemon:
             await self.server.stop()
             await self.admin.stop()
             await self._stop_metrics()
-            await self.store.close()
+            await self.store.close()  # a leader's clean close lets the leadership go
+            if self.leadership is not None:
+                self.leadership.stop()
             self._lock.close()
             log.info("event=stopped")
 
@@ -576,6 +645,8 @@ class Daemon:
             tg.create_task(self._retire_audit(), name="audit-retention"),
             tg.create_task(self.clock_guard.run(), name="clock-guard"),
         ]
+        if self.leadership is not None:  # its loss stops the daemon (LeadershipLost)
+            background.append(tg.create_task(self.leadership.watch(), name="leadership"))
         await self.clock_guard.check()  # a clock set back while the daemon was down
         await self._save_config_licences()
         await self._import_config_entitlements()

@@ -12,6 +12,7 @@ licd_client.safetext).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import signal
@@ -39,13 +40,16 @@ from licd.cli.options import FILE, parsed
 from licd.cli.policy import policy_changes, policy_options
 from licd.cli.vendor import vendor
 from licd.config.settings import Config, parse_duration
+from licd.core.cluster import LeadershipLost
 from licd.daemon import Daemon, StartupError, resolve_surroundings, setup_logging
 from licd.shells.notify import Notifier
+from licd.store.base import StoreError
 from licd.store.keyfile import KeyFileError, key_path, load_key
-from licd.store.sqlite import StoreError
 from licd_client.connection import format_address
 from licd_client.safetext import escape
 
+#: `licd serve`'s exit status when a cluster leader lost the leadership (EX_TEMPFAIL).
+EXIT_LEADERSHIP_LOST = 75
 GC_YOUNG_THRESHOLD = 50_000  # allocations between young collections (CPython: 700)
 PAGE = 1000  # entries asked for per admin request when paging
 FOLLOW_WAIT = 10.0  # seconds the daemon holds an `audit --follow` poll open
@@ -97,6 +101,11 @@ def serve(config_path: Path | None) -> None:
         asyncio.run(_serve(config))
     except (StartupError, StoreError, KeyFileError) as exc:
         raise click.ClickException(str(exc)) from None
+    except LeadershipLost as exc:
+        # A cluster node that led and may lead no more: it has stopped answering; its
+        # service manager starts it again, as a standby (docs/ha.md).
+        click.echo(f"licd: the leadership was lost ({exc}); stopped", err=True)
+        sys.exit(EXIT_LEADERSHIP_LOST)
 
 
 async def _serve(config: Config) -> None:
@@ -117,10 +126,23 @@ async def _serve(config: Config) -> None:
     # built to start (code, config, licences, restored leases): docs/benchmarks.md.
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     try:
-        # Opening may migrate the database: systemd is kept from timing that out.
-        daemon = await notifier.while_starting(
-            Daemon.open(config), "opening the state (a schema migration can take a while)"
+        # Opening may migrate the database: systemd is kept from timing that out. A
+        # cluster node waits as a standby meanwhile, until it leads or is told to stop.
+        opening = asyncio.ensure_future(
+            notifier.while_starting(
+                Daemon.open(config, on_standby=notifier.ready),
+                "opening the state (a schema migration can take a while)",
+            )
         )
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({opening, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        if not opening.done():
+            opening.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await opening
+            return
+        daemon = opening.result()
         loop.add_signal_handler(signal.SIGHUP, daemon.request_reload)
         await daemon.run(stop, exit_now=exit_now, notifier=notifier, on_ready=lambda _: gc.freeze())
     finally:

@@ -8,6 +8,7 @@ message names the file and the key path (`licence[0].seats`; licence indexes cou
 from __future__ import annotations
 
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -138,6 +139,21 @@ class VendorConfig:
 
 
 @dataclass(frozen=True)
+class StoreConfig:
+    """The [store] table: where seats persist. SQLite in the state directory (the
+    default, a single node), or a PostgreSQL database a cluster of nodes shares, one
+    leading at a time (docs/ha.md)."""
+
+    backend: str = "sqlite"  # "sqlite" | "postgres"
+    dsn: str | None = None  # postgres: the connection string (no password: use dsn_file)
+    dsn_file: Path | None = None  # postgres: a file holding it (it may have a password)
+    node: str = ""  # this node's name in the cluster; "" : the [server] site
+    advertise: str | None = None  # "host:port" clients reach this node at; None: listen[0]
+    leader_ttl: float = 6.0  # a leader not renewed for this long (+ lock_delay) is replaced
+    lock_delay: float = 2.0  # how much longer a standby waits before taking over
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole configuration: the server settings and the licences it serves."""
 
@@ -153,6 +169,7 @@ class Config:
     groups: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # [groups]
     vendor: VendorConfig = VendorConfig()
     entitlement_files: tuple[Path, ...] = ()  # [[entitlement]] file = ...
+    store: StoreConfig = StoreConfig()
 
     @property
     def admin_socket(self) -> Path:
@@ -229,6 +246,7 @@ def parse_config(text: str, source: Path) -> Config:
             "groups",
             "vendor",
             "entitlement",
+            "store",
         ),
     )
     server = _server(top.table("server", _SERVER_KEYS))
@@ -250,6 +268,7 @@ def parse_config(text: str, source: Path) -> Config:
         groups=groups,
         vendor=_vendor(top.table("vendor", ("keys",))),
         entitlement_files=_entitlement_files(top),
+        store=_store(top.table("store", _STORE_KEYS)),
     )
 
 
@@ -389,6 +408,50 @@ def _vendor(t: Table) -> VendorConfig:
             raise t.error("keys", f"duplicate of keys[{keys.index(key)}]", i)
         keys.append(key)
     return VendorConfig(tuple(keys))
+
+
+_STORE_KEYS = tuple(f.name for f in fields(StoreConfig))
+_ST = StoreConfig()
+
+
+def _store(t: Table) -> StoreConfig:
+    backend = t.get("backend", _ST.backend)
+    if backend not in ("sqlite", "postgres"):
+        raise t.error("backend", 'must be "sqlite" or "postgres"')
+    if backend == "sqlite":
+        extra = [name for name in _STORE_KEYS if name != "backend" and name in t.data]
+        if extra:
+            raise t.error(extra[0], 'applies to backend = "postgres" only')
+        return StoreConfig()
+    dsn, dsn_file = t.get("dsn", None), t.get("dsn_file", None)
+    if (dsn is None) == (dsn_file is None):
+        raise t.error("dsn", 'backend = "postgres" needs one of dsn and dsn_file')
+    if dsn is not None:
+        dsn = t.text("dsn", None, 1024)
+        if re.search(r"://[^/@]*:[^/@]*@|\bpassword\s*=", dsn):
+            raise t.error("dsn", "holds a password: put the address in a dsn_file instead")
+    if dsn_file is not None and (
+        not isinstance(dsn_file, str) or not dsn_file.startswith("/") or "\0" in dsn_file
+    ):
+        raise t.error("dsn_file", "must be an absolute path")
+    advertise = t.get("advertise", None)
+    if advertise is not None:
+        if not isinstance(advertise, str):
+            raise t.error("advertise", 'must be a "host:port" string')
+        try:
+            parse_address(advertise)
+        except ValueError as exc:
+            raise t.error("advertise", str(exc)) from None
+    ttl = t.duration("leader_ttl", _ST.leader_ttl, minimum=1.0, maximum=600.0)
+    return StoreConfig(
+        backend=backend,
+        dsn=dsn,
+        dsn_file=Path(dsn_file) if dsn_file else None,
+        node=t.text("node", "-", MAX_SITE_LEN) if "node" in t.data else "",
+        advertise=advertise,
+        leader_ttl=ttl,
+        lock_delay=t.duration("lock_delay", _ST.lock_delay, allow_zero=True, maximum=600.0),
+    )
 
 
 def _entitlement_files(top: Table) -> tuple[Path, ...]:

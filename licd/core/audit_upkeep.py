@@ -25,8 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from licd.core.events import Event
+from licd.store.base import Store
 from licd.store.records import AuditEntry
-from licd.store.sqlite import Store
 from licd_client.errors import REGISTRY
 
 log = logging.getLogger(__name__)

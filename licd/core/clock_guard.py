@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from licd.clock import Clock, Instant, WallMark
 from licd.core.events import Event, Kind
 from licd.core.service import LicenceService
-from licd.store.sqlite import Store, StoreError
+from licd.store.base import Store, StoreError
 
 log = logging.getLogger(__name__)
 

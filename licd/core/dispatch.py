@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from licd import __version__
 from licd.core.errors import Audience, error_reply
@@ -53,6 +53,9 @@ from licd_client.messages import (
     parse_request,
     request_id,
 )
+
+if TYPE_CHECKING:
+    from licd.core.cluster import Leadership
 
 SERVER_NAME = f"licd/{__version__}"
 
@@ -122,6 +125,9 @@ class Dispatcher:
         #: that no other checkout was given: the ones a `Handover` may give back.
         self._unclaimed: set[str] = set()
         self.router: Router | None = None  # a site router's relaying
+        #: A cluster node's leadership: while it may not answer, every op but hello
+        #: gets its refusal (`unavailable` naming the leader).
+        self.cluster: Leadership | None = None
         #: Told of every request: (op, seconds taken, error code or None). Metrics.
         self.on_request = on_request
 
@@ -133,6 +139,11 @@ class Dispatcher:
         try:
             if self.shutting_down:
                 raise ShuttingDown()
+            cluster = self.cluster
+            if cluster is not None and data.get("op") != "hello":
+                refusal = cluster.refusal()
+                if refusal is not None:
+                    raise refusal
             # Before hello, any op but hello is refused whatever its arguments.
             if not session.hello_done and _known_op(data) not in (None, "hello"):
                 raise HelloRequired()
@@ -336,22 +347,10 @@ class Dispatcher:
         raise BadRequest(f"op {request.op!r} is not served")
 
     def _hello(self, session: Session, request: Hello) -> HelloReply:
-        if request.protocol != PROTOCOL_VERSION:
-            raise UnsupportedProtocol(
-                f"protocol {request.protocol} is not served; use {PROTOCOL_VERSION}",
-                detail={"supported": [PROTOCOL_VERSION]},
-            )
+        reply = hello_reply(request, self.signer, self.service.now().wall)
         session.hello_done = True
         session.client = request.client
-        return HelloReply(
-            request.id,
-            protocol=PROTOCOL_VERSION,
-            server=SERVER_NAME,
-            site=self.signer.site,
-            key=self.signer.public,
-            chain=self.signer.chain,
-            time=self.service.now().wall,
-        )
+        return reply
 
     def _lease_reply(
         self, rid: int, grant: Grant, nonce: bytes, now: float, *, with_secret: bool = False
@@ -376,3 +375,22 @@ def _known_op(data: dict[str, Any]) -> str | None:
     """The request's op when it names one of the protocol's, else None."""
     op = data.get("op")
     return op if isinstance(op, str) and op in REQUEST_TYPES else None
+
+
+def hello_reply(request: Hello, signer: Signer, wall: float) -> HelloReply:
+    """The answer to `hello` (any node's, a cluster's standbys' too), or
+    UnsupportedProtocol."""
+    if request.protocol != PROTOCOL_VERSION:
+        raise UnsupportedProtocol(
+            f"protocol {request.protocol} is not served; use {PROTOCOL_VERSION}",
+            detail={"supported": [PROTOCOL_VERSION]},
+        )
+    return HelloReply(
+        request.id,
+        protocol=PROTOCOL_VERSION,
+        server=SERVER_NAME,
+        site=signer.site,
+        key=signer.public,
+        chain=signer.chain,
+        time=wall,
+    )

@@ -30,8 +30,8 @@ from licd.core.usage import licence_usage
 from licd.engine import Licence
 from licd.engine.entitlement import Held, entitled_licence, import_refusal
 from licd.engine.licence import key_clash
+from licd.store.base import Store
 from licd.store.records import StoredEntitlement
-from licd.store.sqlite import Store
 from licd_client import entitlements as ent_format
 from licd_client.entitlements import Entitlement, FileEntry
 from licd_client.errors import BadRequest, TokenInvalid, UntrustedKey

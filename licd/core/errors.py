@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from licd.config.settings import ConfigError
-from licd.store.sqlite import StoreError
+from licd.store.base import StoreError
 from licd_client.errors import (
     BadRequest,
     FrameTooLarge,

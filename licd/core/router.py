@@ -60,8 +60,8 @@ from licd.engine.block import (
     revoke,
     served_until,
 )
+from licd.store.base import Store, StoreError
 from licd.store.records import Block, Forwarded
-from licd.store.sqlite import Store, StoreError
 from licd_client import identity
 from licd_client.backoff import Backoff
 from licd_client.entitlements import MAX_REPORT_PEAKS

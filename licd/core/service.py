@@ -32,7 +32,7 @@ from licd.engine import Availability, Engine, Grant, LeasePhase, Licence, SeatLe
 from licd.engine.counters import Consumed
 from licd.engine.lease_filter import LeaseFilter
 from licd.engine.licence import licence_changes
-from licd.store.sqlite import Store, StoreError
+from licd.store.base import Store, StoreError
 from licd_client.entitlements import UsageReport, read_usage_report
 from licd_client.errors import (
     BadRequest,

@@ -15,7 +15,7 @@ import math
 from licd.clock import Instant
 from licd.core.events import Kind
 from licd.engine import Engine
-from licd.store.sqlite import Store
+from licd.store.base import Store
 from licd_client.entitlements import MAX_PEAKS, LicenceUsage
 
 #: The shortest slot of a usage summary's peaks, in seconds.

@@ -1,8 +1,12 @@
 """The database's rows: SQL statements and conversions between rows and domain objects.
 
 Leases, licences and audit entries each have their statements here and a pair of
-functions to and from a row. Nothing here runs SQL or decides anything; `store` does
-the running, the engine the deciding.
+functions to and from a row. Nothing here runs SQL or decides anything; the store
+(base.py and its backends) does the running, the engine the deciding.
+
+Each statement is written once for both backends: SQLite and PostgreSQL alike take `?`
+placeholders (the PostgreSQL store numbers them `$1, $2...` once), the column `"user"`
+quoted (a reserved word in PostgreSQL), upserts as `ON CONFLICT ... DO UPDATE`.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ Row = tuple[Any, ...]
 # ---------------------------------------------------------------------------- leases
 
 INSERT_LEASE = """
-INSERT INTO lease (secret, handle, licence_id, request, host, hostid, user, pid, app,
+INSERT INTO lease (secret, handle, licence_id, request, host, hostid, "user", pid, app,
                    instance, seats, ttl, created, expires, last_heartbeat, delegate, ip,
                    overdraft, device, unit)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -34,7 +38,7 @@ VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 DELETE_LEASE = "DELETE FROM lease WHERE secret = ?"
 TOUCH_LEASE = "UPDATE lease SET expires = ?, last_heartbeat = ? WHERE secret = ?"
 SELECT_LEASES = """
-SELECT secret, handle, licence_id, request, host, hostid, user, pid, app, instance,
+SELECT secret, handle, licence_id, request, host, hostid, "user", pid, app, instance,
        seats, ttl, created, expires, last_heartbeat, delegate, ip, overdraft, device, unit
 FROM lease
 """
@@ -173,12 +177,12 @@ def _features(value: Any) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- audit
 
 INSERT_AUDIT = """
-INSERT INTO audit (time, event, licence, handle, host, hostid, user, ip, seats, reason,
+INSERT INTO audit (time, event, licence, handle, host, hostid, "user", ip, seats, reason,
                    admin_uid, detail)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
 SELECT_AUDIT = """
-SELECT id, time, event, licence, handle, host, hostid, user, ip, seats, reason, admin_uid,
+SELECT id, time, event, licence, handle, host, hostid, "user", ip, seats, reason, admin_uid,
        detail
 FROM audit WHERE id > ? AND time >= ? AND time < ? ORDER BY id LIMIT ?
 """
@@ -257,9 +261,13 @@ def row_audit(row: Sequence[Any]) -> AuditEntry:
 # ------------------------------------------------------------- site router (router.py)
 
 UPSERT_BLOCK = """
-INSERT OR REPLACE INTO block (licence_id, secret, handle, request, seats, expires, token,
-                              chain, renewed, revoked)
+INSERT INTO block (licence_id, secret, handle, request, seats, expires, token, chain,
+                   renewed, revoked)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (licence_id) DO UPDATE SET
+    secret = excluded.secret, handle = excluded.handle, request = excluded.request,
+    seats = excluded.seats, expires = excluded.expires, token = excluded.token,
+    chain = excluded.chain, renewed = excluded.renewed, revoked = excluded.revoked
 """
 DELETE_BLOCK = "DELETE FROM block WHERE licence_id = ?"
 SELECT_BLOCKS = """
@@ -267,13 +275,17 @@ SELECT licence_id, secret, handle, request, seats, expires, token, chain, renewe
 FROM block
 """
 UPSERT_FORWARDED = """
-INSERT OR REPLACE INTO forwarded (secret, handle, licence_id, host, hostid, user, pid, ip,
-                                  seats, created, expires)
+INSERT INTO forwarded (secret, handle, licence_id, host, hostid, "user", pid, ip, seats,
+                       created, expires)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (secret) DO UPDATE SET
+    handle = excluded.handle, licence_id = excluded.licence_id, host = excluded.host,
+    hostid = excluded.hostid, "user" = excluded."user", pid = excluded.pid, ip = excluded.ip,
+    seats = excluded.seats, created = excluded.created, expires = excluded.expires
 """
 DELETE_FORWARDED = "DELETE FROM forwarded WHERE secret = ?"
 SELECT_FORWARDED = """
-SELECT secret, handle, licence_id, host, hostid, user, pid, ip, seats, created, expires
+SELECT secret, handle, licence_id, host, hostid, "user", pid, ip, seats, created, expires
 FROM forwarded
 """
 
@@ -372,7 +384,9 @@ class Forwarded:
 # -------------------------------------------------------------------- metered counters
 
 UPSERT_COUNTER = """
-INSERT OR REPLACE INTO counter (licence_id, name, used, period_start) VALUES (?, ?, ?, ?)
+INSERT INTO counter (licence_id, name, used, period_start) VALUES (?, ?, ?, ?)
+ON CONFLICT (licence_id, name) DO UPDATE SET
+    used = excluded.used, period_start = excluded.period_start
 """
 SELECT_COUNTERS = "SELECT licence_id, name, used, period_start FROM counter"
 
@@ -390,7 +404,8 @@ def row_counter(row: Sequence[Any]) -> CounterState:
 
 UPSERT_WALL_MARK = """
 INSERT INTO wall_mark (id, wall) VALUES (1, ?)
-ON CONFLICT (id) DO UPDATE SET wall = max(wall, excluded.wall)
+ON CONFLICT (id) DO UPDATE SET
+    wall = CASE WHEN excluded.wall > wall_mark.wall THEN excluded.wall ELSE wall_mark.wall END
 """
 SELECT_WALL_MARK = "SELECT wall FROM wall_mark WHERE id = 1"
 

@@ -1,13 +1,8 @@
-"""The store on SQLite: the typed persistence API the service uses, and how a batch of
-its writes becomes one SQLite transaction.
+"""The SQLite backend of the store (the default): how a batch of the store's writes
+becomes one SQLite transaction, and how reads run.
 
-Each write (`insert_lease`, `put_licence`, `touch_lease`...) becomes SQL statements with
-their rows (records.py), handed to the group-commit writer (writer.py): it commits many
-callers' statements in one transaction and settles each caller's `Deferred` once they
-are committed, so an acknowledged checkout or checkin is on disk. A heartbeat only
-`touch`es its lease, a lazy write (a restart covers the gap: `Engine.restore`). Reads
-go through aiosqlite on a read-only connection of their own, which sees only committed
-data (WAL).
+Reads go through aiosqlite on a read-only connection of their own, which sees only
+committed data (WAL).
 
 Where a transaction runs: its statements go into SQLite's page cache on the event loop,
 and its COMMIT (the fsync) too while the disk has been quick: waking a thread costs
@@ -15,7 +10,7 @@ more than that short wait. A disk that has been slow (the last COMMIT, or any th
 stalled in the last STALL_HOLDOFF seconds) gets the COMMIT on the store's thread, and a
 huge batch or a write lock held by another connection (an operator's shell) the whole
 transaction, so the loop keeps serving meanwhile: it never waits for a lock, and for
-the first slow flush of a spell only. The store never decides anything.
+the first slow flush of a spell only.
 """
 
 from __future__ import annotations
@@ -27,7 +22,7 @@ import math
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
@@ -35,49 +30,8 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from licd.deferred import Deferred
-from licd.engine import Licence, SeatLease
-from licd.engine.counters import CounterState
-from licd.engine.events import Event
-from licd.store.records import (
-    DELETE_BLOCK,
-    DELETE_FORWARDED,
-    DELETE_LEASE,
-    DELETE_LICENCE,
-    DELETE_OLD_AUDIT,
-    INSERT_AUDIT,
-    INSERT_LEASE,
-    REMOVE_ENTITLEMENT,
-    SELECT_AUDIT,
-    SELECT_BLOCKS,
-    SELECT_COUNTERS,
-    SELECT_ENTITLEMENTS,
-    SELECT_FORWARDED,
-    SELECT_LEASES,
-    SELECT_LICENCES,
-    SELECT_WALL_MARK,
-    SET_AUDIT_CUTOFF,
-    TOUCH_LEASE,
-    UPSERT_BLOCK,
-    UPSERT_COUNTER,
-    UPSERT_ENTITLEMENT,
-    UPSERT_FORWARDED,
-    UPSERT_LICENCE,
-    UPSERT_WALL_MARK,
-    AuditEntry,
-    Block,
-    Forwarded,
-    StoredEntitlement,
-    audit_row,
-    counter_row,
-    lease_row,
-    licence_row,
-    row_audit,
-    row_counter,
-    row_lease,
-    row_licence,
-)
-from licd.store.writer import LAZY_INTERVAL, GroupCommitWriter
+from licd.store.base import Statements, Store, StoreError, _merged
+from licd.store.writer import LAZY_INTERVAL
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +47,6 @@ WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the write-ahead log keeps after a big
 T = TypeVar("T")
 
 
-class StoreError(Exception):
-    """The database failed; whatever the caller asked for was not committed."""
-
-
-#: One mutation: an SQL statement and the rows to execute it with.
-Statement = tuple[str, list[tuple[Any, ...]]]
-Statements = list[Statement]
-
-
 def migrations() -> list[tuple[int, str]]:
     """The numbered `.sql` files in licd/store/migrations, in order."""
     out = []
@@ -112,7 +57,9 @@ def migrations() -> list[tuple[int, str]]:
     return sorted(out)
 
 
-class Store:
+class SqliteStore(Store):
+    """The store in one SQLite file (see the module)."""
+
     def __init__(
         self,
         conn: sqlite3.Connection,
@@ -121,18 +68,14 @@ class Store:
         lazy_interval: float = LAZY_INTERVAL,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__(str(path), lazy_interval)
         self._conn = conn  # the writing connection, used only on `thread`
         self._thread = thread
         #: Monotonic seconds for the stall rule (how long a COMMIT took, how long since
         #: one stalled); injected so that tests, not the disk, say how quick it is.
         self._timer = timer
         self.path = path
-        self._writer: GroupCommitWriter[Statement] = GroupCommitWriter(
-            self._transaction, failure=_store_error, lazy_interval=lazy_interval
-        )
         self._reader: aiosqlite.Connection | None = None
-        self._closed = False  # no more writes
-        self._released = False  # the connections are closed (or closing)
         # The writing connection is used by one party at a time: a transaction (on the
         # loop, then its COMMIT on the thread) or a pragma.
         self._conn_lock = asyncio.Lock()
@@ -146,7 +89,7 @@ class Store:
         *,
         lazy_interval: float = LAZY_INTERVAL,
         timer: Callable[[], float] = time.monotonic,
-    ) -> Store:
+    ) -> SqliteStore:
         """Open (creating if needed) the database at `path` and apply migrations."""
         _make_private(path)
         # The writing connection's COMMITs (and its opening) run on a thread of their
@@ -158,15 +101,6 @@ class Store:
             thread.shutdown(wait=False)
             raise StoreError(f"{path}: cannot open the database: {exc}") from None
         return cls(conn, thread, path, lazy_interval, timer)
-
-    @property
-    def transactions(self) -> int:
-        """Committed transactions, for metrics and tests."""
-        return self._writer.transactions
-
-    async def run(self) -> None:
-        """The writer: commits what is submitted, in batches, until `close()`."""
-        await self._writer.run()
 
     async def _on_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn, *args)
@@ -184,44 +118,6 @@ class Store:
     async def schema_version(self) -> int:
         return int(await self.pragma("user_version"))
 
-    # ------------------------------------------------------------------- reads
-
-    async def load_leases(self) -> list[SeatLease]:
-        rows = await self._read(SELECT_LEASES)
-        return [self._decoded(row_lease, row, "lease", row[1]) for row in rows]
-
-    async def load_licences(self) -> list[Licence]:
-        rows = await self._read(SELECT_LICENCES)
-        return [self._decoded(row_licence, row, "licence", row[0]) for row in rows]
-
-    def _decoded(
-        self, decode: Callable[[Sequence[Any]], T], row: Sequence[Any], what: str, name: Any
-    ) -> T:
-        """One stored row as its object, or StoreError naming it (by licence id or lease
-        handle, never a secret): a row licd did not write (a hand edit, a damaged file)
-        stops the start instead of a traceback."""
-        try:
-            return decode(row)
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise StoreError(
-                f"{self.path}: the {what} {name!r} cannot be read ({exc}): the database "
-                "was changed outside licd; restore it from the backup"
-            ) from None
-
-    async def audit(
-        self,
-        *,
-        after: int = 0,
-        since: float | None = None,
-        until: float | None = None,
-        limit: int = 1000,
-    ) -> list[AuditEntry]:
-        """Committed audit entries with id > `after`, in order, at most `limit`."""
-        lo = -math.inf if since is None else since
-        hi = math.inf if until is None else until
-        rows = await self._read(SELECT_AUDIT, (after, lo, hi, limit))
-        return [row_audit(row) for row in rows]
-
     async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
         """Reads go through their own connection: WAL lets them see only committed
         data, never the writer's transaction in progress."""
@@ -234,130 +130,6 @@ class Store:
                 return list(await cur.fetchall())
         except sqlite3.Error as exc:
             raise StoreError(str(exc)) from None
-
-    # ------------------------------------------------------------------ writes
-
-    # The hot writes return their commit as a `Deferred` (awaitable): the service hangs
-    # what must follow the commit on it as a callback, which runs as soon as the commit
-    # is done, even if the caller was cancelled meanwhile, at no cost of a task.
-
-    def insert_lease(self, lease: SeatLease, event: Event | None = None) -> Deferred[None]:
-        """Persist a new lease (and its audit entry): done once committed."""
-        return self._enqueue([(INSERT_LEASE, [lease_row(lease)]), *_audit(event)])
-
-    def delete_leases(
-        self, leases: Sequence[SeatLease], events: Sequence[Event] = ()
-    ) -> Deferred[None]:
-        """Delete leases (checkin, reclaim, revoke) with their audit entries: done once
-        committed."""
-        return self._enqueue(
-            [
-                (DELETE_LEASE, [(lease.secret,) for lease in leases]),
-                (INSERT_AUDIT, [audit_row(e) for e in events]),
-            ]
-        )
-
-    async def put_licence(self, licence: Licence, event: Event) -> None:
-        """Create or replace the licence with `licence.id`; returns once committed."""
-        await self._submit([(UPSERT_LICENCE, [licence_row(licence, event.time)]), *_audit(event)])
-
-    async def delete_licence(self, licence_id: str, event: Event) -> None:
-        """Delete a licence; an entitlement for it is marked removed (its sequence
-        stays: an older one cannot be imported again)."""
-        await self._submit(
-            [
-                (DELETE_LICENCE, [(licence_id,)]),
-                (REMOVE_ENTITLEMENT, [(licence_id,)]),
-                *_audit(event),
-            ]
-        )
-
-    # Vendor entitlements (core/entitlements.py): rare writes, each awaited.
-
-    async def load_entitlements(self) -> list[StoredEntitlement]:
-        rows = await self._read(SELECT_ENTITLEMENTS)
-        return [
-            self._decoded(StoredEntitlement.from_row, row, "entitlement", row[0]) for row in rows
-        ]
-
-    async def put_entitlements(
-        self, items: Sequence[tuple[StoredEntitlement, Licence]], events: Sequence[Event]
-    ) -> None:
-        """Import entitlements with the licences served under them and their audit
-        entries, in one transaction; returns once committed."""
-        await self._submit(
-            [
-                (UPSERT_ENTITLEMENT, [stored.row() for stored, _ in items]),
-                (UPSERT_LICENCE, [licence_row(lic, stored.imported) for stored, lic in items]),
-                (INSERT_AUDIT, [audit_row(e) for e in events]),
-            ]
-        )
-
-    async def append(self, event: Event) -> None:
-        """An audit entry on its own (a reload, say); returns once committed."""
-        await self._submit(_audit(event))
-
-    async def retire_audit(self, *, upto: int, cutoff: float) -> None:
-        """Delete the audit entries with id <= `upto` older than `cutoff` (wall time),
-        after raising the cut-off that permits it, in one transaction; returns once
-        committed. The caller has exported them first (audit_upkeep.retire)."""
-        await self._submit([(SET_AUDIT_CUTOFF, [(cutoff,)]), (DELETE_OLD_AUDIT, [(upto, cutoff)])])
-
-    # Metered counters: written with the consume, before its reply.
-
-    async def load_counters(self) -> list[CounterState]:
-        return [row_counter(row) for row in await self._read(SELECT_COUNTERS)]
-
-    def put_counter(self, state: CounterState) -> Deferred[None]:
-        return self._enqueue([(UPSERT_COUNTER, [counter_row(state)])])
-
-    # Site router state (core/router.py): small, rare writes, each awaited.
-
-    async def load_blocks(self) -> list[Block]:
-        return [Block.from_row(row) for row in await self._read(SELECT_BLOCKS)]
-
-    async def put_block(self, block: Block) -> None:
-        await self._submit([(UPSERT_BLOCK, [block.row()])])
-
-    async def delete_block(self, licence_id: str) -> None:
-        await self._submit([(DELETE_BLOCK, [(licence_id,)])])
-
-    async def load_forwarded(self) -> list[Forwarded]:
-        return [Forwarded.from_row(row) for row in await self._read(SELECT_FORWARDED)]
-
-    async def put_forwarded(self, item: Forwarded, event: Event | None = None) -> None:
-        await self._submit([(UPSERT_FORWARDED, [item.row()]), *_audit(event)])
-
-    async def delete_forwarded(self, secrets: Sequence[str], events: Sequence[Event] = ()) -> None:
-        await self._submit(
-            [
-                (DELETE_FORWARDED, [(s,) for s in secrets]),
-                (INSERT_AUDIT, [audit_row(e) for e in events]),
-            ]
-        )
-
-    def touch_lease(self, lease: SeatLease) -> None:
-        """Record a renewal lazily: written within LAZY_INTERVAL, together with the
-        other renewals of that interval."""
-        row = (lease.expires, lease.last_heartbeat, lease.secret)
-        self._writer.renew(lease.secret, (TOUCH_LEASE, [row]))
-
-    def append_later(self, event: Event) -> None:
-        """An audit entry nobody waits for (a denial): written with the next batch, within
-        LAZY_INTERVAL."""
-        self._writer.later((INSERT_AUDIT, [audit_row(event)]))
-
-    async def barrier(self) -> None:
-        """Wait until everything submitted before this call has been committed."""
-        await self._submit([])
-
-    async def _submit(self, statements: Statements) -> None:
-        await self._enqueue(statements)
-
-    def _enqueue(self, statements: Statements) -> Deferred[None]:
-        if self._closed:
-            raise StoreError("the store is closed")
-        return self._writer.submit(statements)
 
     # ------------------------------------------------------------- transactions
 
@@ -393,20 +165,7 @@ class Store:
                 )
             self._stalled_at = now
 
-    async def close(self, *, within: float | None = None) -> None:
-        """Commit what is queued (renewals included), stop the writer, close the file.
-
-        With `within`: a writer still busy after that many seconds (a stalled disk, a
-        write lock held elsewhere) is abandoned, its waiting callers failed, and the
-        file is closed on the store's thread once the transaction in progress has ended
-        (committed whole or not at all). Closing again does nothing more."""
-        self._closed = True
-        committed = await self._writer.close(within=within)
-        if not committed:
-            log.warning("event=store_abandoned within=%.1f", within)
-        if self._released:
-            return
-        self._released = True
+    async def _release(self, committed: bool) -> None:
         reader, self._reader = self._reader, None
         if reader is not None:
             await reader.close()
@@ -415,35 +174,6 @@ class Store:
         else:
             self._thread.submit(self._conn.close)  # after what the thread is stuck in
         self._thread.shutdown(wait=False)
-
-    # A site router's wall-clock high-water mark (core/router.py, migration 007).
-
-    async def load_wall_mark(self) -> float | None:
-        """The latest wall time the router recorded, or None before the first."""
-        rows = await self._read(SELECT_WALL_MARK)
-        return float(rows[0][0]) if rows else None
-
-    async def put_wall_mark(self, wall: float) -> None:
-        """Record `wall` as passed; a lower value than the one kept changes nothing."""
-        await self._submit([(UPSERT_WALL_MARK, [(wall,)])])
-
-
-def _audit(event: Event | None) -> Statements:
-    return [] if event is None else [(INSERT_AUDIT, [audit_row(event)])]
-
-
-def _merged(statements: Statements) -> Statements:
-    """Consecutive runs of the same statement merged into one executemany; empty ones
-    dropped."""
-    out: Statements = []
-    for sql, rows in statements:
-        if not rows:
-            continue
-        if out and out[-1][0] == sql:
-            out[-1][1].extend(rows)
-        else:
-            out.append((sql, list(rows)))
-    return out
 
 
 def _statements(script: str) -> list[str]:
@@ -579,11 +309,6 @@ def _timed_commit(conn: sqlite3.Connection, timer: Callable[[], float]) -> float
 def _rollback(conn: sqlite3.Connection) -> None:
     with contextlib.suppress(sqlite3.Error):
         conn.execute("ROLLBACK")
-
-
-def _store_error(exc: Exception) -> StoreError:
-    """What a caller whose write failed is told."""
-    return StoreError(str(exc))
 
 
 def _make_private(path: Path) -> None:

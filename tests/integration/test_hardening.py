@@ -19,7 +19,8 @@ from licd.core.events import Event, Kind
 from licd.core.service import LicenceService
 from licd.engine import Engine, Licence
 from licd.engine.licence import Counter
-from licd.store.sqlite import Store
+from licd.store.base import Store
+from licd.store.sqlite import SqliteStore
 from licd_client.errors import BadRequest, LicdError, Unavailable, UnknownLicence
 from licd_client.wire import encode
 from tests.support import (
@@ -48,7 +49,7 @@ class Rig:
 
 @contextlib.asynccontextmanager
 async def rig(tmp_path: Path, *licences: Licence) -> AsyncIterator[Rig]:
-    store = await Store.open(tmp_path / "licd.db")
+    store = await SqliteStore.open(tmp_path / "licd.db")
     writer = asyncio.create_task(store.run())
     engine = new_engine(licences or (DICOM,))
     clock = ManualClock()

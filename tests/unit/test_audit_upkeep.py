@@ -12,7 +12,8 @@ import pytest
 from licd.clock import ManualClock
 from licd.core.audit_upkeep import DenialLog, export_file, max_entries_per_interval, retire
 from licd.core.events import Event, Kind
-from licd.store.sqlite import Store
+from licd.store.base import Store
+from licd.store.sqlite import SqliteStore
 
 NOW = 1_790_000_000.0
 
@@ -94,7 +95,7 @@ def test_no_flood_writes_more_than_the_bound() -> None:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await Store.open(tmp_path / "licd.db")
+    s = await SqliteStore.open(tmp_path / "licd.db")
     writer = asyncio.create_task(s.run())
     try:
         yield s

@@ -12,7 +12,7 @@ from licd.clock import ManualClock
 from licd.core.clock_guard import CHECKPOINT_EVERY, ClockGuard
 from licd.core.events import Kind
 from licd.core.service import LicenceService
-from licd.store.sqlite import Store
+from licd.store.base import Store
 from tests.support import DICOM, new_engine
 from tests.unit.test_store import running
 

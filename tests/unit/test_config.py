@@ -19,6 +19,7 @@ from licd.config.settings import (
     ConfigError,
     MetricsConfig,
     ServerConfig,
+    StoreConfig,
     default_config,
     default_state_dir,
     load_config,
@@ -129,6 +130,8 @@ def test_example_file_documents_every_key() -> None:
     licence_fields = {f.name for f in dataclasses.fields(Licence)}
     documented = set(doc["licence"][0]) | set(doc["licence"][2]) | {"device_period"}
     assert documented == licence_fields  # device_period: shown commented out
+    store = {f.name for f in dataclasses.fields(StoreConfig)}
+    assert all(f"# {name} = " in text for name in store)  # [store]: shown commented out
     audit_fields = {f.name for f in dataclasses.fields(AuditConfig)}
     assert set(doc["audit"]) | {"export_dir"} == audit_fields
     assert "# export_dir = " in text
@@ -828,3 +831,44 @@ def test_vendor_keys_and_entitlement_files(tmp_path: Path) -> None:
 def test_vendor_and_entitlement_errors_name_the_key(tmp_path: Path, text: str, where: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(where)):
         parse_config(text, tmp_path / "c.toml")
+
+
+def test_the_store_is_sqlite_unless_postgres_is_named(tmp_path: Path) -> None:
+    assert parse_config("", tmp_path / "c.toml").store == StoreConfig()
+    text = (
+        '[store]\nbackend = "postgres"\ndsn = "postgresql://licd@db/licd"\nnode = "a"\n'
+        'advertise = "[::1]:27501"\nleader_ttl = "9s"\nlock_delay = 0\n'
+    )
+    assert parse_config(text, tmp_path / "c.toml").store == StoreConfig(
+        backend="postgres",
+        dsn="postgresql://licd@db/licd",
+        node="a",
+        advertise="[::1]:27501",
+        leader_ttl=9.0,
+        lock_delay=0.0,
+    )
+    with_file = '[store]\nbackend = "postgres"\ndsn_file = "/etc/licd/dsn"\n'
+    assert parse_config(with_file, tmp_path / "c.toml").store.dsn_file == Path("/etc/licd/dsn")
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ('backend = "mysql"', 'store.backend: must be "sqlite" or "postgres"'),
+        ('dsn = "postgresql://db/licd"', 'store.dsn: applies to backend = "postgres" only'),
+        ('backend = "postgres"', 'store.dsn: backend = "postgres" needs one of dsn'),
+        (
+            'backend = "postgres"\ndsn = "postgresql://a@db/l"\ndsn_file = "/d"',
+            'store.dsn: backend = "postgres" needs one of dsn',
+        ),
+        ('backend = "postgres"\ndsn = "postgresql://a:secret@db/l"', "store.dsn: holds a password"),
+        ('backend = "postgres"\ndsn = "host=db password=x"', "store.dsn: holds a password"),
+        ('backend = "postgres"\ndsn_file = "dsn"', "store.dsn_file: must be an absolute path"),
+        ('backend = "postgres"\ndsn = "h"\nadvertise = "nohost"', "store.advertise: invalid"),
+        ('backend = "postgres"\ndsn = "h"\nleader_ttl = "0.5s"', "store.leader_ttl: must be at"),
+        ('backend = "postgres"\ndsn = "h"\nnodes = "a"', "store.nodes: unknown key"),
+    ],
+)
+def test_store_errors_name_the_key(tmp_path: Path, text: str, where: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(where)):
+        parse_config("[store]\n" + text, tmp_path / "c.toml")

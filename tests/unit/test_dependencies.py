@@ -223,7 +223,7 @@ ENGINE_CLIENT = frozenset(
     }
 )
 #: Modules only the store imports.
-STORE_ONLY = frozenset({"sqlite3", "aiosqlite"})
+STORE_ONLY = frozenset({"sqlite3", "aiosqlite", "asyncpg"})
 
 
 def module_of(path: str) -> tuple[str, str]:

@@ -27,7 +27,8 @@ from licd.core.keys import Signer
 from licd.core.service import LicenceService
 from licd.daemon import Daemon
 from licd.deferred import Deferred
-from licd.store.sqlite import DB_FILE, Store
+from licd.store.base import Store
+from licd.store.sqlite import DB_FILE
 from licd_client.errors import FrameTooLarge, TooManyConnections, Unavailable
 from licd_client.messages import CheckinReply
 from tests.support import DICOM, RawPeer, address, holder, make_config, new_engine, running

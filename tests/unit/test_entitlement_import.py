@@ -18,7 +18,7 @@ from licd.core.events import Kind
 from licd.core.keys import Signer
 from licd.core.service import LicenceService
 from licd.engine import Licence
-from licd.store.sqlite import Store
+from licd.store.base import Store
 from licd_client import entitlements as ents
 from licd_client.terms import Binding, Terms
 from tests.support import DICOM, new_engine

@@ -23,7 +23,7 @@ from licd.core.errors import (
     store_failure_as_unavailable,
     wire_error,
 )
-from licd.store.sqlite import StoreError
+from licd.store.base import StoreError
 from licd_client import errors
 from licd_client.errors import (
     REGISTRY,

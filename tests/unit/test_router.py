@@ -27,7 +27,7 @@ from licd.core.router import RETRY, Router, request_key
 from licd.core.service import LicenceService
 from licd.engine.block import MIN_RETRY
 from licd.engine.ratelimit import CheckoutLimits, PeerBuckets
-from licd.store.sqlite import Store
+from licd.store.base import Store
 from licd_client.errors import Denied, LeaseUnknown, LicdError, UpstreamUnavailable
 from licd_client.messages import (
     PROTOCOL_VERSION,

@@ -22,8 +22,8 @@ from licd.core.keys import Signer
 from licd.core.service import LicenceService
 from licd.engine import Licence
 from licd.engine.entitlement import vendor_licence
+from licd.store.base import Store
 from licd.store.records import AuditEntry
-from licd.store.sqlite import Store
 from licd_client import entitlements as ents
 from licd_client.statements import fingerprint
 from licd_client.terms import AddonTerm, Binding, Terms

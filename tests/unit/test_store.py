@@ -1,4 +1,5 @@
-"""The store against real SQLite files: migrations, pragmas, group commit, failures."""
+"""The SQLite store against real files: migrations, pragmas, where commits run,
+renewals, failures. What both backends do alike: tests/integration/test_store_backends.py."""
 
 from __future__ import annotations
 
@@ -15,14 +16,14 @@ import pytest
 
 from licd.core.events import Event, Kind
 from licd.engine import SeatLease
+from licd.store.base import Store, StoreError
 from licd.store.records import INSERT_AUDIT, INSERT_LEASE, audit_row, lease_row
 from licd.store.sqlite import (
     INLINE_MAX_ROWS,
     INLINE_MAX_SECONDS,
     STALL_HOLDOFF,
     STALL_SECONDS,
-    Store,
-    StoreError,
+    SqliteStore,
     _statements,
     commit_inline,
     migrations,
@@ -53,7 +54,7 @@ def lease(n: int, **kw: object) -> SeatLease:
 @contextlib.asynccontextmanager
 async def running(path: Path, **options: Any) -> AsyncIterator[Store]:
     """The store at `path` with its writer running; closed (lazy writes written) on exit."""
-    s = await Store.open(path, **options)
+    s = await SqliteStore.open(path, **options)
     writer = asyncio.create_task(s.run())
     try:
         yield s
@@ -69,7 +70,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 
 async def reopen(path: Path) -> list[SeatLease]:
-    s = await Store.open(path)
+    s = await SqliteStore.open(path)
     try:
         return await s.load_leases()
     finally:
@@ -169,7 +170,7 @@ async def test_retention_migration_permits_only_the_retention_delete(tmp_path: P
 
 
 async def test_synchronous_full_on_the_store_connection(tmp_path: Path) -> None:
-    s = await Store.open(tmp_path / "x.db")
+    s = await SqliteStore.open(tmp_path / "x.db")
     try:
         assert await s.pragma("synchronous") == 2  # FULL
         assert await s.pragma("journal_mode") == "wal"
@@ -190,25 +191,6 @@ async def test_the_write_ahead_log_shrinks_back_after_a_big_transaction(
         assert big > 4 * 1024 * 1024
         await s.insert_lease(lease(1))  # the next write reuses the checkpointed log
         assert wal.stat().st_size <= 256 * 1024 < big
-
-
-async def test_insert_load_round_trip(store: Store) -> None:
-    original = lease(1, delegate=b"k" * 32, holder=holder("ws-1", user="bob", pid=42))
-    await store.insert_lease(original)
-    await store.close()
-    (loaded,) = await reopen(store.path)
-    for name in ("secret", "handle", "licence_id", "request", "seats", "ttl", "created"):
-        assert getattr(loaded, name) == getattr(original, name)
-    assert loaded.holder == original.holder
-    assert loaded.delegate == b"k" * 32
-    assert loaded.expires == original.expires
-
-
-async def test_delete(store: Store) -> None:
-    await store.insert_lease(lease(1))
-    await store.insert_lease(lease(2))
-    await store.delete_leases([lease(1)])
-    assert [x.secret for x in await store.load_leases()] == ["secret-2"]
 
 
 async def test_renewals_wait_for_their_interval_then_go_together_and_on_close(
@@ -434,40 +416,6 @@ async def test_a_stalled_commit_keeps_commits_off_the_loop_for_the_holdoff(
     assert len(warned) == 1, warned
 
 
-async def test_one_failing_mutation_fails_only_its_caller(store: Store) -> None:
-    await store.insert_lease(lease(1))
-    results = await asyncio.gather(
-        store.insert_lease(lease(2)),
-        store.insert_lease(lease(1)),  # duplicate secret: a constraint violation
-        store.insert_lease(lease(3)),
-        return_exceptions=True,
-    )
-    assert results[0] is None and results[2] is None
-    assert isinstance(results[1], StoreError)
-    assert sorted(x.secret for x in await store.load_leases()) == [
-        "secret-1",
-        "secret-2",
-        "secret-3",
-    ]
-
-
-async def test_a_failed_batch_keeps_a_waiting_denial_first_in_the_audit_log(
-    store: Store,
-) -> None:
-    """A denial written lazily happened before the batch it waited for: when that batch
-    fails and is retried piece by piece, the denial's entry still comes first."""
-    await store.insert_lease(lease(1))
-    store.append_later(Event(Kind.DENIED, NOW, reason="seats_exhausted"))
-    checkout = Event(Kind.CHECKOUT, NOW + 1, handle="h2")
-    results = await asyncio.gather(
-        store.insert_lease(lease(2), checkout),
-        store.insert_lease(lease(1)),  # duplicate secret: the whole batch fails first
-        return_exceptions=True,
-    )
-    assert results[0] is None and isinstance(results[1], StoreError)
-    assert [e.event.kind for e in await store.audit()] == [Kind.DENIED, Kind.CHECKOUT]
-
-
 async def test_failing_disk_fails_the_write(store: Store) -> None:
     with sqlite3.connect(store.path) as db:
         db.execute(
@@ -479,7 +427,7 @@ async def test_failing_disk_fails_the_write(store: Store) -> None:
 
 
 async def test_closed_store_refuses_writes(tmp_path: Path) -> None:
-    s = await Store.open(tmp_path / "x.db")
+    s = await SqliteStore.open(tmp_path / "x.db")
     await s.close()
     with pytest.raises(StoreError):
         await s.insert_lease(lease(1))
@@ -490,14 +438,14 @@ async def test_newer_schema_is_refused(tmp_path: Path) -> None:
     with sqlite3.connect(path) as db:
         db.execute("PRAGMA user_version = 999")
     with pytest.raises(StoreError, match="newer"):
-        await Store.open(path)
+        await SqliteStore.open(path)
 
 
 async def test_not_a_database(tmp_path: Path) -> None:
     path = tmp_path / "x.db"
     path.write_bytes(b"this is not sqlite" * 100)
     with pytest.raises(StoreError):
-        await Store.open(path)
+        await SqliteStore.open(path)
 
 
 @pytest.mark.parametrize(
@@ -531,7 +479,7 @@ async def test_a_close_that_cannot_wait_leaves_a_stuck_commit_whole(
     the disk: the writer is abandoned, its callers told so, and the file is closed on the
     store's thread once that transaction has ended, committed whole."""
     path = tmp_path / "licd.db"
-    s = await Store.open(path)
+    s = await SqliteStore.open(path)
     writer = asyncio.create_task(s.run())
     entered, gate = threading.Event(), threading.Event()
 

@@ -1,0 +1,291 @@
+"""The store's typed API on both backends, SQLite and a real PostgreSQL server: every
+record kind round-trips, a failed write fails only its caller, and (PostgreSQL) the
+leadership row, the fencing of writes and the seat guard in the schema.
+
+PostgreSQL tests start one throwaway server for the session (tests/pgcluster.py) and
+give each test a schema of its own; they skip, naming what to install, without it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from licd.core.events import Event, Kind
+from licd.engine import SeatLease
+from licd.engine.counters import CounterState
+from licd.store.base import Store, StoreError
+from licd.store.records import Block, Forwarded, StoredEntitlement, lease_row
+from licd.store.sqlite import DB_FILE, SqliteStore
+from tests.pgcluster import PgServer, postgres_or_skip
+from tests.support import DICOM, holder
+
+NOW = 1_790_000_000.0
+NODE = "node-a"
+
+Opener = Callable[[], Awaitable[Store]]
+
+
+def lease(n: int, **kw: object) -> SeatLease:
+    fields: dict[str, object] = {
+        "secret": f"secret-{n}",
+        "handle": f"h{n}",
+        "licence_id": DICOM.id,
+        "holder": holder(f"host-{n}"),
+        "request": f"r{n}",
+        "seats": 1,
+        "ttl": 90.0,
+        "created": NOW,
+        "expires": NOW + 90,
+        "last_heartbeat": NOW,
+        "unit": f"unit-{n}",
+    }
+    fields.update(kw)
+    return SeatLease(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    postgres_or_skip()
+    with PgServer() as server:
+        yield server
+
+
+_schemas = itertools.count(1)
+
+
+async def pg_schema(server: PgServer) -> str:
+    """A fresh schema of the session's server: the dsn that uses it."""
+    import asyncpg
+
+    name = f"t{next(_schemas)}"
+    conn = await asyncpg.connect(server.dsn)
+    try:
+        await conn.execute(f"CREATE SCHEMA {name}")
+    finally:
+        await conn.close()
+    return f"{server.dsn}?search_path={name}"
+
+
+async def open_postgres(dsn: str, node: str = NODE) -> Store:
+    """A PostgresStore leading (so its writes are fenced at its epoch)."""
+    from licd.store.postgres import PostgresStore
+
+    store = await PostgresStore.open(dsn)
+    epoch = await store.claim(node, "127.0.0.1:27500", 60.0)
+    assert epoch is not None, "the previous store of this test did not let go"
+    store.fence(epoch, node)
+    return store
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
+    """Opens the test's database (again, after a close): the same one each time."""
+    if request.param == "sqlite":
+        return lambda: SqliteStore.open(tmp_path / DB_FILE)
+    dsn = await pg_schema(request.getfixturevalue("pg_server"))
+    return lambda: open_postgres(dsn)
+
+
+@contextlib.asynccontextmanager
+async def running(opener: Opener) -> AsyncIterator[Store]:
+    s = await opener()
+    writer = asyncio.create_task(s.run())
+    try:
+        yield s
+    finally:
+        await s.close()
+        await writer
+
+
+@pytest.fixture
+async def store(opener: Opener) -> AsyncIterator[Store]:
+    async with running(opener) as s:
+        yield s
+
+
+# ------------------------------------------------------------------ both backends
+
+
+async def test_the_schema_is_the_newest(store: Store) -> None:
+    from licd.store import postgres, sqlite
+
+    mod = postgres if type(store).__name__ == "PostgresStore" else sqlite
+    assert await store.schema_version() == mod.migrations()[-1][0]
+
+
+async def test_a_lease_round_trips_with_every_field_and_its_renewal(opener: Opener) -> None:
+    original = lease(
+        1,
+        delegate=b"k" * 32,
+        holder=holder("ws-1", user="bob", pid=42),
+        ip="10.0.0.7",
+        overdraft=True,
+        device=True,
+    )
+    async with running(opener) as s:
+        await s.insert_lease(original)
+        await s.insert_lease(lease(2))
+        await s.delete_leases([lease(2)])
+        original.expires, original.last_heartbeat = NOW + 500, NOW + 410
+        s.touch_lease(original)  # lazy: written at close at the latest
+    async with running(opener) as s:
+        (loaded,) = await s.load_leases()
+    assert lease_row(loaded) == lease_row(original)  # every persisted field
+
+
+async def test_licences_and_entitlements(store: Store) -> None:
+    event = Event(Kind.LICENCE_ADDED, NOW, licence=DICOM.id)
+    await store.put_licence(DICOM, event)
+    other = dataclasses.replace(DICOM, id="cad", key="CAD-1", seats=7, overdraft=2)
+    await store.put_licence(other, event)
+    await store.put_licence(dataclasses.replace(other, seats=8), event)
+    assert [x.seats for x in await store.load_licences()] == [8, DICOM.seats]
+    stored = StoredEntitlement("cad", 3, b"statement", NOW)
+    await store.put_entitlements([(stored, other)], [event])
+    # A lower sequence never replaces a higher one.
+    await store.put_entitlements([(dataclasses.replace(stored, sequence=2), other)], [])
+    await store.delete_licence("cad", event)
+    assert [x.id for x in await store.load_licences()] == [DICOM.id]
+    assert await store.load_entitlements() == [dataclasses.replace(stored, removed=True)]
+
+
+async def test_the_audit_log_reads_by_id_time_and_limit_and_retires_old_entries(
+    store: Store,
+) -> None:
+    for i in range(5):
+        await store.append(Event(Kind.RELOAD, NOW + i, reason=f"r{i}", detail={"n": i}))
+    entries = await store.audit()
+    assert [e.event.reason for e in entries] == [f"r{i}" for i in range(5)]
+    assert entries[0].event.detail == {"n": 0}
+    assert [e.event.reason for e in await store.audit(after=entries[1].id, limit=2)] == [
+        "r2",
+        "r3",
+    ]
+    assert [e.event.reason for e in await store.audit(since=NOW + 3)] == ["r3", "r4"]
+    await store.retire_audit(upto=entries[-1].id, cutoff=NOW + 2)
+    assert [e.event.reason for e in await store.audit()] == ["r2", "r3", "r4"]
+
+
+async def test_router_state_counters_and_the_wall_mark(store: Store) -> None:
+    block = Block("cad", "s", "h", "r", 5, NOW + 60, b"tok", [b"a", b"b"], NOW)
+    await store.put_block(block)
+    await store.put_block(dataclasses.replace(block, seats=6, revoked=True))
+    assert await store.load_blocks() == [dataclasses.replace(block, seats=6, revoked=True)]
+    await store.delete_block("cad")
+    assert await store.load_blocks() == []
+    item = Forwarded("s1", "h1", "cad", holder("ws"), "10.0.0.1", 1, NOW, NOW + 90)
+    await store.put_forwarded(item)
+    await store.put_forwarded(dataclasses.replace(item, expires=NOW + 200))
+    assert await store.load_forwarded() == [dataclasses.replace(item, expires=NOW + 200)]
+    await store.delete_forwarded(["s1"])
+    assert await store.load_forwarded() == []
+    await store.put_counter(CounterState("cad", "runs", 3, NOW))
+    await store.put_counter(CounterState("cad", "runs", 4, NOW))
+    assert await store.load_counters() == [CounterState("cad", "runs", 4, NOW)]
+    assert await store.load_wall_mark() is None
+    await store.put_wall_mark(NOW + 10)
+    await store.put_wall_mark(NOW)  # lower: kept as it was
+    assert await store.load_wall_mark() == NOW + 10
+
+
+async def test_one_failing_write_fails_only_its_caller_and_a_denial_stays_first(
+    store: Store,
+) -> None:
+    await store.insert_lease(lease(1))
+    store.append_later(Event(Kind.DENIED, NOW, reason="seats_exhausted"))
+    results = await asyncio.gather(
+        store.insert_lease(lease(2), Event(Kind.CHECKOUT, NOW + 1, handle="h2")),
+        store.insert_lease(lease(1)),  # duplicate secret: a constraint violation
+        store.insert_lease(lease(3)),
+        return_exceptions=True,
+    )
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], StoreError)
+    assert sorted(x.secret for x in await store.load_leases()) == [
+        "secret-1",
+        "secret-2",
+        "secret-3",
+    ]
+    assert [e.event.kind for e in await store.audit()] == [Kind.DENIED, Kind.CHECKOUT]
+
+
+# --------------------------------------------------------------- PostgreSQL only
+
+
+@pytest.fixture
+async def dsn(pg_server: PgServer) -> str:
+    return await pg_schema(pg_server)
+
+
+async def test_nothing_is_written_before_the_store_is_fenced_at_an_epoch(dsn: str) -> None:
+    from licd.store.postgres import Fenced, PostgresStore
+
+    store = await PostgresStore.open(dsn)
+    writer = asyncio.create_task(store.run())
+    try:
+        with pytest.raises(Fenced):
+            await store.insert_lease(lease(1))
+        assert await store.load_leases() == []
+    finally:
+        await store.close()
+        await writer
+
+
+async def test_a_deposed_leader_commits_nothing_and_cannot_renew(dsn: str) -> None:
+    from licd.store.postgres import Fenced, PostgresStore
+
+    a = await open_postgres(dsn, "node-a")
+    b = await PostgresStore.open(dsn)
+    tasks = [asyncio.create_task(a.run()), asyncio.create_task(b.run())]
+    try:
+        await a.insert_lease(lease(1))
+        row = await b.leader()
+        assert (row.node, row.address) == ("node-a", "127.0.0.1:27500")
+        # Recently renewed: not taken over...
+        assert await b.claim("node-b", "127.0.0.1:27501", 60.0) is None
+        assert await a.renew(row.epoch, "node-a")
+        # ...until it has not been renewed for as long as the claim waits.
+        epoch = await b.claim("node-b", "127.0.0.1:27501", 0.0)
+        assert epoch == row.epoch + 1
+        b.fence(epoch, "node-b")
+        with pytest.raises(Fenced):
+            await a.insert_lease(lease(2))
+        assert not await a.renew(row.epoch, "node-a")
+        await b.insert_lease(lease(3))
+        assert sorted(x.secret for x in await b.load_leases()) == ["secret-1", "secret-3"]
+    finally:
+        for s in (a, b):
+            await s.close()
+        await asyncio.gather(*tasks)
+    # b closed cleanly: it let the leadership go, so a newcomer takes it at once.
+    c = await open_postgres(dsn, "node-c")
+    try:
+        assert (await c.leader()).node == "node-c"
+    finally:
+        await c.close()
+
+
+async def test_the_seat_guard_refuses_more_seats_than_the_licence_can_grant(dsn: str) -> None:
+    licence = dataclasses.replace(DICOM, seats=2, overdraft=1)
+    async with running(lambda: open_postgres(dsn)) as store:
+        await store.put_licence(licence, Event(Kind.LICENCE_ADDED, NOW))
+        # One unit holds as many seats as its largest lease: 2 leases, 1 seat.
+        await store.insert_lease(lease(1, unit="alice"))
+        await store.insert_lease(lease(2, unit="alice"))
+        await store.insert_lease(lease(3))
+        await store.insert_lease(lease(4))  # the overdraft seat
+        with pytest.raises(StoreError, match="seats_within_licence"):
+            await store.insert_lease(lease(5))
+        await store.delete_leases([lease(3)])
+        await store.insert_lease(lease(5))  # a seat came back
+        # One live lease per (licence, machine, request key), whatever the secret.
+        twin = lease(6, holder=holder("host-5"), request="r5", unit="alice")
+        with pytest.raises(StoreError, match="lease_request"):
+            await store.insert_lease(twin)
+        assert len(await store.load_leases()) == 4
