@@ -349,7 +349,7 @@ async def test_a_revoke_the_database_fails_says_nothing_was_changed(tmp_path: Pa
     async with running(make_config(tmp_path)) as daemon:
         peer = await connected(daemon)
         handle = (await peer.checkout())["handle"]
-        with sqlite3.connect(daemon.store.path) as db:
+        with sqlite3.connect(daemon.store.where) as db:
             db.execute(
                 "CREATE TRIGGER boom BEFORE INSERT ON audit BEGIN SELECT RAISE(ABORT, 'x'); END"
             )

@@ -142,11 +142,11 @@ async def test_retry_after_failed_consume_is_counted(tmp_path: Path) -> None:
         secret = grant.lease.secret
 
         failing = "CREATE TRIGGER full BEFORE INSERT ON counter BEGIN SELECT RAISE(ABORT, 'x'); END"
-        with sqlite3.connect(r.store.path) as db:
+        with sqlite3.connect(r.store.where) as db:
             db.execute(failing)  # the disk refuses the counter's write
         with pytest.raises(Unavailable):
             await consume_committed(r.service, secret, "scan", 1, "barcode-1")
-        with sqlite3.connect(r.store.path) as db:
+        with sqlite3.connect(r.store.where) as db:
             db.execute("DROP TRIGGER full")
         consumed = await consume_committed(r.service, secret, "scan", 1, "barcode-1")
         assert consumed.counted

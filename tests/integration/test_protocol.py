@@ -198,7 +198,7 @@ async def test_leases_survive_a_restart(tmp_path: Path) -> None:
 
 async def test_storage_failure_grants_nothing(tmp_path: Path) -> None:
     async with running(make_config(tmp_path)) as daemon:
-        with sqlite3.connect(daemon.store.path) as db:
+        with sqlite3.connect(daemon.store.where) as db:
             db.execute(
                 "CREATE TRIGGER boom BEFORE INSERT ON lease BEGIN SELECT RAISE(ABORT, 'x'); END"
             )
@@ -414,7 +414,7 @@ async def test_a_frame_half_read_while_we_wait_on_a_commit_is_not_timed_out(
             )
             for i in (1, 2)
         )
-        other = sqlite3.connect(daemon.service.store.path, isolation_level=None)
+        other = sqlite3.connect(daemon.service.store.where, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")  # the first checkout's commit must wait
             await peer.send_bytes(one[:10])  # a frame begun...

@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -24,6 +25,9 @@ from licd.store.records import Block, Forwarded, StoredEntitlement, lease_row
 from licd.store.sqlite import DB_FILE, SqliteStore
 from tests.pgcluster import PgServer, postgres_or_skip
 from tests.support import DICOM, holder
+
+if TYPE_CHECKING:  # imported by the tests that need it: asyncpg is an optional extra
+    from licd.store.postgres import PostgresStore
 
 NOW = 1_790_000_000.0
 NODE = "node-a"
@@ -72,7 +76,7 @@ async def pg_schema(server: PgServer) -> str:
     return f"{server.dsn}?search_path={name}"
 
 
-async def open_postgres(dsn: str, node: str = NODE) -> Store:
+async def open_postgres(dsn: str, node: str = NODE) -> PostgresStore:
     """A PostgresStore leading (so its writes are fenced at its epoch)."""
     from licd.store.postgres import PostgresStore
 

@@ -122,7 +122,7 @@ async def test_a_renewal_moves_the_deadline_from_when_it_was_sent() -> None:
         seen.append((mono.now, me.deadline))
         return await renew(epoch, name)
 
-    store.renew = watched  # type: ignore[method-assign]
+    store.renew = watched  # type: ignore[method-assign,assignment]
     with pytest.raises(LeadershipLost, match="another node"):
         await me.hold()  # the second renewal is refused: another node holds the row
     (first_sent, _), (_, after_first) = seen
@@ -151,7 +151,7 @@ async def test_a_leader_that_cannot_renew_by_its_deadline_gives_up() -> None:
         calls += 1
         return await (first if calls == 1 else late_renew)(epoch, name)
 
-    store.renew = renew  # type: ignore[method-assign]
+    store.renew = renew  # type: ignore[method-assign,assignment]
     with pytest.raises(LeadershipLost, match="no renewal by the deadline"):
         await me.hold()
     assert calls == 2 and me.role == "standby"

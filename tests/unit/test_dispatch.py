@@ -150,7 +150,7 @@ async def test_a_relayed_checkout_the_store_fails_is_given_back_and_unavailable(
     router = scripted.router_of(store, clock, upstream, scripted.FORWARD)
     dispatcher = Dispatcher(LicenceService(router.engine, store, clock), router.signer)
     dispatcher.router = router
-    with sqlite3.connect(store.path) as db:
+    with sqlite3.connect(store.where) as db:
         db.execute(
             "CREATE TRIGGER boom BEFORE INSERT ON forwarded "
             "BEGIN SELECT RAISE(ABORT, '/var/lib/licd: disk full'); END"

@@ -16,7 +16,7 @@ import pytest
 
 from licd.core.events import Event, Kind
 from licd.engine import SeatLease
-from licd.store.base import Store, StoreError
+from licd.store.base import StoreError
 from licd.store.records import INSERT_AUDIT, INSERT_LEASE, audit_row, lease_row
 from licd.store.sqlite import (
     INLINE_MAX_ROWS,
@@ -52,7 +52,7 @@ def lease(n: int, **kw: object) -> SeatLease:
 
 
 @contextlib.asynccontextmanager
-async def running(path: Path, **options: Any) -> AsyncIterator[Store]:
+async def running(path: Path, **options: Any) -> AsyncIterator[SqliteStore]:
     """The store at `path` with its writer running; closed (lazy writes written) on exit."""
     s = await SqliteStore.open(path, **options)
     writer = asyncio.create_task(s.run())
@@ -64,7 +64,7 @@ async def running(path: Path, **options: Any) -> AsyncIterator[Store]:
 
 
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[Store]:
+async def store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
     async with running(tmp_path / "licd.db") as s:
         yield s
 
@@ -77,7 +77,7 @@ async def reopen(path: Path) -> list[SeatLease]:
         await s.close()
 
 
-async def test_migrations_and_pragmas(store: Store) -> None:
+async def test_migrations_and_pragmas(store: SqliteStore) -> None:
     assert await store.schema_version() == migrations()[-1][0]
     with sqlite3.connect(store.path) as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -303,7 +303,7 @@ async def test_many_renewals_are_written_in_chunks_the_loop_can_wait_out(
     assert all(x.expires == NOW + 800 for x in await reopen(path))
 
 
-async def test_group_commit_batches_concurrent_writers(store: Store) -> None:
+async def test_group_commit_batches_concurrent_writers(store: SqliteStore) -> None:
     before = store.transactions
     await asyncio.gather(*(store.insert_lease(lease(n)) for n in range(300)))
     assert len(await store.load_leases()) == 300
@@ -331,7 +331,7 @@ class DiskTimer:
 
 
 @contextlib.asynccontextmanager
-async def timed(path: Path, timer: DiskTimer) -> AsyncIterator[Store]:
+async def timed(path: Path, timer: DiskTimer) -> AsyncIterator[SqliteStore]:
     async with running(path, timer=timer) as s:
         s._conn.set_trace_callback(timer.trace)
         yield s
@@ -353,7 +353,7 @@ async def test_commit_on_the_loop_only_for_small_batches_on_a_quick_disk(tmp_pat
         assert len(await store.load_leases()) == 5
 
 
-async def test_a_write_lock_held_elsewhere_is_waited_for_off_the_loop(store: Store) -> None:
+async def test_a_write_lock_held_elsewhere_is_waited_for_off_the_loop(store: SqliteStore) -> None:
     other = sqlite3.connect(store.path, isolation_level=None)
     try:
         other.execute("BEGIN IMMEDIATE")  # an operator's shell holds the write lock
@@ -416,7 +416,7 @@ async def test_a_stalled_commit_keeps_commits_off_the_loop_for_the_holdoff(
     assert len(warned) == 1, warned
 
 
-async def test_failing_disk_fails_the_write(store: Store) -> None:
+async def test_failing_disk_fails_the_write(store: SqliteStore) -> None:
     with sqlite3.connect(store.path) as db:
         db.execute(
             "CREATE TRIGGER boom BEFORE INSERT ON lease BEGIN SELECT RAISE(ABORT, 'disk'); END"
