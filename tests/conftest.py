@@ -1,4 +1,5 @@
-"""Suite-wide settings: a bounded Hypothesis profile, and ports released after each test.
+"""Suite-wide settings: a bounded Hypothesis profile, ports released after each test, and
+one throwaway PostgreSQL server for the tests that need one (`pg_server`).
 
 Hypothesis is imported here, at collection, on purpose as well: importing it late (its
 pytest plugin does, in the terminal summary after a failure) has crashed pytest under
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import HealthCheck, settings
 
+from tests.pgcluster import PgServer, postgres_or_skip
 from tests.support import release_reserved_ports
 
 #: Every property test: bounded by its number of examples (not by time: a per-example
@@ -34,3 +36,12 @@ settings.load_profile(os.environ.get("LICD_HYPOTHESIS_PROFILE", "ci"))
 def _release_reserved_ports() -> Iterator[None]:
     yield
     release_reserved_ports()
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[PgServer]:
+    """A real PostgreSQL server for the session (tests/pgcluster.py); its tests skip,
+    naming what to install, where there is none."""
+    postgres_or_skip()
+    with PgServer() as server:
+        yield server

@@ -35,6 +35,7 @@ from licd.cli.admin_command import (
     admin_command,
     config_file,
 )
+from licd.cli.cluster import cluster
 from licd.cli.entitlement import entitlement
 from licd.cli.options import FILE, parsed
 from licd.cli.policy import policy_changes, policy_options
@@ -84,6 +85,7 @@ def main() -> None:
 
 main.add_command(vendor)
 main.add_command(entitlement)
+main.add_command(cluster)
 
 
 @main.command()

@@ -258,3 +258,35 @@ async def _migrate(conn: Any) -> None:
                 await conn.execute(sql)
                 await conn.execute("INSERT INTO licd_schema (version) VALUES ($1)", number)
                 log.info("event=migrated backend=postgres schema_version=%d", number)
+
+
+REPLICATION = """
+SELECT application_name, sync_state, extract(epoch FROM replay_lag)
+FROM pg_stat_replication ORDER BY application_name
+"""
+
+
+async def cluster_view(dsn: str) -> tuple[LeaderRow, list[tuple[str, str, float | None]]]:
+    """The leadership row and the database's standbys (name, sync state, replay lag in
+    seconds), read on a connection of their own: for `licd cluster status`, which works
+    whether or not a daemon runs here. The standbys are empty unless the database user
+    may see them (a superuser or `pg_monitor`)."""
+    where = _where(dsn)
+    try:
+        conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise StoreError(f"{where}: cannot open the database: {exc}") from None
+    try:
+        try:
+            row = await conn.fetchrow(SELECT_LEADER)
+        except asyncpg.UndefinedTableError:
+            raise StoreError(f"{where}: no licd has used this database yet") from None
+        standbys = [
+            (r[0], r[1], None if r[2] is None else float(r[2]))
+            for r in await conn.fetch(REPLICATION)
+        ]
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise StoreError(f"{where}: {exc}") from None
+    finally:
+        await conn.close()
+    return LeaderRow(int(row[0]), row[1], row[2], float(row[3])), standbys

@@ -159,8 +159,10 @@ class DaemonProcess:
         except FileNotFoundError:
             return ""
 
-    def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Spawn the daemon and wait for its listening line (or fail, showing stderr)."""
+    def start(self, timeout: float = START_TIMEOUT, until: str | None = None) -> None:
+        """Spawn the daemon and wait for its listening line (or fail, showing stderr).
+        With `until`: wait for a line matching that pattern instead (a cluster's standby
+        listens on its known `port` before it logs `event=listening`)."""
         assert self.proc is None, "already started"
         with self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
@@ -172,10 +174,12 @@ class DaemonProcess:
                 cwd=ROOT,
             )
         deadline = time.monotonic() + timeout
+        ready = _LISTENING if until is None else re.compile(until)
         while True:
-            match = _LISTENING.search(self.stderr())
+            match = ready.search(self.stderr())
             if match:
-                self.port = int(match.group(1))
+                if until is None:
+                    self.port = int(match.group(1))
                 return
             code = self.proc.poll()
             if code is not None:

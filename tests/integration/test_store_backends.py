@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,7 @@ from licd.engine.counters import CounterState
 from licd.store.base import Store, StoreError
 from licd.store.records import Block, Forwarded, StoredEntitlement, lease_row
 from licd.store.sqlite import DB_FILE, SqliteStore
-from tests.pgcluster import PgServer, postgres_or_skip
+from tests.pgcluster import PgServer
 from tests.support import DICOM, holder
 
 if TYPE_CHECKING:  # imported by the tests that need it: asyncpg is an optional extra
@@ -51,13 +51,6 @@ def lease(n: int, **kw: object) -> SeatLease:
     }
     fields.update(kw)
     return SeatLease(**fields)  # type: ignore[arg-type]
-
-
-@pytest.fixture(scope="session")
-def pg_server() -> Iterator[PgServer]:
-    postgres_or_skip()
-    with PgServer() as server:
-        yield server
 
 
 _schemas = itertools.count(1)
@@ -233,6 +226,8 @@ async def test_nothing_is_written_before_the_store_is_fenced_at_an_epoch(dsn: st
     store = await PostgresStore.open(dsn)
     writer = asyncio.create_task(store.run())
     try:
+        row = await store.leader()  # nobody has ever led
+        assert (row.epoch, row.node, row.address) == (0, "", "")
         with pytest.raises(Fenced):
             await store.insert_lease(lease(1))
         assert await store.load_leases() == []

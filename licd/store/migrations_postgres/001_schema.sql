@@ -151,7 +151,7 @@ CREATE TABLE leader (
     renewed_at timestamptz NOT NULL
 );
 
-INSERT INTO leader (id, epoch, node, address, renewed_at) VALUES (1, 0, '', '', '-infinity');
+INSERT INTO leader (id, epoch, node, address, renewed_at) VALUES (1, 0, '', '', 'epoch');
 
 -- The seat guard: seats in use per licence, kept by the database itself in the same
 -- transaction as the lease rows, and checked against the most the licence can ever

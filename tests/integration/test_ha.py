@@ -1,0 +1,300 @@
+"""High availability (docs/ha.md): real `licd serve` nodes sharing one real PostgreSQL
+database, killed and paused with real signals. `make test-ha` runs this file alone.
+
+Every node of a test has its own state directory holding the same site key (clients
+pin one key), a reserved loopback port, and `[store] backend = "postgres"` on a schema
+of its own in the session's throwaway server. What each scenario checks afterwards, as
+an auditor would: seats in the database never exceed the licence's, no acknowledged
+lease is missing, and a retried request key never holds two leases.
+
+Timing is not asserted (a loaded machine may be slow to fail over): the failover time
+is measured and printed; `benchmarks/` is where such numbers are judged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from licd.store.keyfile import key_path, load_or_create_key
+from licd_client.backoff import is_retryable
+from licd_client.client import AsyncClient
+from licd_client.errors import LicdError
+from licd_client.lease import AsyncLease
+from tests.integration.procs import (
+    DaemonProcess,
+    Daemons,
+    TomlValue,
+    render_config,
+    toml_value,
+)
+from tests.pgcluster import PgServer
+from tests.support import RawPeer, holder, reserved_port
+
+TTL, DELAY = 3.0, 1.0  # [store] leader_ttl and lock_delay of every node here
+KEY = "HA-0000-0001"
+SEATS = 120
+LICENCE: dict[str, TomlValue] = {
+    "key": KEY,
+    "id": "cad",
+    "product": "cad",
+    "seats": SEATS,
+    "lease_ttl": 60,
+    "grace": 10,
+}
+SERVING = r"event=listening addr="
+READY = r"event=(standby_listening|listening)"
+
+
+class Cluster:
+    """Nodes of one test: configs written, processes started on demand."""
+
+    def __init__(self, directory: Path, daemons: Daemons, dsn: str, names: str) -> None:
+        self.directory = directory
+        self.daemons = daemons
+        self.dsn = dsn
+        self.ports = {name: reserved_port() for name in names}
+        seed = directory / "key"
+        seed.mkdir(mode=0o700)
+        load_or_create_key(key_path(seed))
+        self.public = bytes(load_or_create_key(key_path(seed)).verify_key)
+        self.configs: dict[str, Path] = {}
+        for name in names:
+            state = directory / f"node-{name}" / "state"
+            state.mkdir(mode=0o700, parents=True)
+            shutil.copy2(key_path(seed), key_path(state))
+            server: dict[str, TomlValue] = {
+                "listen": [f"127.0.0.1:{self.ports[name]}"],
+                "state_dir": str(state),
+                "site": "plant",
+                "log_level": "info",
+                "shutdown_timeout": 2,
+            }
+            store: dict[str, TomlValue] = {
+                "backend": "postgres",
+                "dsn": dsn,
+                "node": name,
+                "leader_ttl": TTL,
+                "lock_delay": DELAY,
+            }
+            text = render_config(server, [LICENCE]) + "\n[store]\n"
+            text += "".join(f"{k} = {toml_value(v)}\n" for k, v in store.items())
+            path = directory / f"node-{name}" / "licd.toml"
+            path.write_text(text, encoding="utf-8")
+            self.configs[name] = path
+        self.procs: dict[str, DaemonProcess] = {}
+
+    def addr(self, name: str) -> tuple[str, int]:
+        return ("127.0.0.1", self.ports[name])
+
+    def address(self, name: str) -> str:
+        return f"127.0.0.1:{self.ports[name]}"
+
+    async def start(self, name: str) -> DaemonProcess:
+        proc = self.daemons.process(self.configs[name])
+        proc.port = self.ports[name]
+        self.procs[name] = proc
+        await asyncio.to_thread(proc.start, 30.0, READY)
+        return proc
+
+    async def serving(self, name: str, within: float = 60.0) -> float:
+        """Wait until node `name` serves (it leads and listens): when it did."""
+        await asyncio.to_thread(self.procs[name].wait_for, SERVING, within)
+        return time.monotonic()
+
+    def client(self, *names: str) -> AsyncClient:
+        return AsyncClient([self.addr(n) for n in names], self.public, retry_for=60.0)
+
+    async def rows(self, sql: str, *args: Any) -> list[Any]:
+        import asyncpg
+
+        conn = await asyncpg.connect(self.dsn)
+        try:
+            return list(await conn.fetch(sql, *args))
+        finally:
+            await conn.close()
+
+    async def audit(self) -> None:
+        """What must hold whatever happened: the seats counted by the database are the
+        seats its leases hold, within the licence; one lease per request key."""
+        (guard,) = await self.rows("SELECT in_use, ceiling FROM seat_guard WHERE licence_id='cad'")
+        (count,) = await self.rows("SELECT count(*) FROM lease WHERE licence_id = 'cad'")
+        assert guard["in_use"] == count[0] <= guard["ceiling"] == SEATS
+        dup = await self.rows(
+            "SELECT request FROM lease GROUP BY licence_id, hostid, request HAVING count(*) > 1"
+        )
+        assert dup == []
+
+
+@pytest.fixture
+async def cluster(pg_server: PgServer, tmp_path: Path) -> AsyncIterator[Cluster]:
+    import asyncpg
+
+    schema = f"ha{os.getpid()}_{tmp_path.name[-20:].replace('-', '_')}".lower()
+    conn = await asyncpg.connect(pg_server.dsn)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+    finally:
+        await conn.close()
+    with Daemons(tmp_path) as daemons:
+        yield Cluster(tmp_path, daemons, f"{pg_server.dsn}?search_path={schema}", "abc")
+
+
+async def until_renewed(lease: AsyncLease, within: float = 60.0) -> list[str]:
+    """Renew `lease`, retrying what is retryable (a node down, a standby), until it
+    works: the error codes seen on the way."""
+    seen: list[str] = []
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            await lease.renew_once()
+            return seen
+        except LicdError as exc:
+            seen.append(exc.code)
+            if not is_retryable(exc) or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
+
+@contextlib.contextmanager
+def stopped(proc: DaemonProcess) -> Iterator[None]:
+    """The process paused (SIGSTOP) inside the block, resumed after it."""
+    os.kill(proc.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+
+
+async def test_one_node_leads_and_a_standby_redirects_clients_to_it(cluster: Cluster) -> None:
+    await cluster.start("a")
+    await cluster.serving("a")
+    await cluster.start("b")
+    peer = await RawPeer.connect(cluster.addr("b"))
+    try:
+        hello = await peer.hello()  # a standby answers hello with the site's key
+        assert hello["key"] == cluster.public
+        refused = await peer.checkout(KEY)
+        assert refused["error"] == "unavailable"
+        assert refused["detail"] == {"reason": "standby", "leader": cluster.address("a")}
+        assert refused["retry_after"] >= 1.0
+    finally:
+        await peer.close()
+    # A client given the standby first follows the redirect and gets its seat there.
+    client = cluster.client("b", "a")
+    try:
+        lease = await client.checkout(KEY)
+        assert lease.valid
+        await lease.release()
+    finally:
+        await client.aclose()
+    await cluster.audit()
+
+
+async def test_a_killed_leader_is_replaced_and_holders_keep_their_leases(
+    cluster: Cluster,
+) -> None:
+    """Scenario 1: SIGKILL under load (100 holders): a standby takes over, and every
+    holder renews the same lease there (no new checkout, no lease_unknown)."""
+    a = await cluster.start("a")
+    await cluster.serving("a")
+    await cluster.start("b")
+    clients = [cluster.client("a", "b") for _ in range(100)]
+    try:
+        leases = await asyncio.gather(*(c.checkout(KEY) for c in clients))
+        handles = {lease.handle for lease in leases}
+        killed = time.monotonic()
+        a.kill()
+        took = await cluster.serving("b") - killed
+        print(f"failover: node b served {took:.2f} s after node a was killed")
+        seen = await asyncio.gather(*(until_renewed(lease) for lease in leases))
+        unknown = sum("lease_unknown" in codes for codes in seen)
+        assert unknown == 0, f"{unknown} holders lost their lease"
+        assert {lease.handle for lease in leases} == handles
+        (row,) = await cluster.rows("SELECT epoch, node FROM leader")
+        assert (row["epoch"], row["node"]) == (2, "b")
+        await cluster.audit()
+        available = await clients[0].available(KEY)
+        assert available.in_use == 100
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
+
+
+async def test_a_paused_leader_is_fenced_answers_nothing_more_and_steps_down(
+    cluster: Cluster,
+) -> None:
+    """Scenario 2: a leader paused (SIGSTOP) past its deadline is replaced; resumed, it
+    answers what was waiting with `unavailable` (no token), commits nothing, and exits
+    with status 75 (its service manager restarts it as a standby)."""
+    a = await cluster.start("a")
+    await cluster.serving("a")
+    await cluster.start("b")
+    held = await RawPeer.connect(cluster.addr("a"))
+    fresh = await RawPeer.connect(cluster.addr("a"))
+    try:
+        await held.hello()
+        await fresh.hello()
+        granted = await held.checkout(KEY)
+        assert granted["ok"] is True
+        with stopped(a):
+            await cluster.serving("b")
+            # Sent while it sleeps: read by it only once it wakes up.
+            await held.send(
+                {"op": "heartbeat", "id": 10, "lease": granted["lease"], "nonce": b"n" * 16}
+            )
+            await fresh.send(
+                {
+                    "op": "checkout",
+                    "id": 11,
+                    "key": KEY,
+                    "holder": holder("late").to_wire(),
+                    "request": "late-request",
+                    "nonce": b"m" * 16,
+                }
+            )
+        renewal, checkout = await held.recv(30.0), await fresh.recv(30.0)
+        assert renewal is not None and renewal["error"] == "unavailable", renewal
+        assert checkout is not None and checkout["error"] == "unavailable", checkout
+        code = await asyncio.to_thread(a.proc.wait, 30.0) if a.proc is not None else None
+        assert code == 75, a.stderr()
+        assert "event=leadership_lost" in a.stderr()
+        late = await cluster.rows("SELECT 1 FROM lease WHERE request = 'late-request'")
+        assert late == []  # nothing committed by the deposed leader
+        await cluster.audit()
+    finally:
+        await held.close()
+        await fresh.close()
+
+
+async def test_a_retried_checkout_after_a_failover_gets_the_same_lease(cluster: Cluster) -> None:
+    """Scenario 7: a checkout committed whose reply never arrived, the leader killed,
+    the same request retried at the new leader: the same handle, one seat."""
+    a = await cluster.start("a")
+    await cluster.serving("a")
+    await cluster.start("b")
+    first = await RawPeer.connect(cluster.addr("a"))
+    await first.hello()
+    request = os.urandom(16).hex()
+    lost = await first.checkout(KEY, holder("ws-7"), request=request)  # "dropped" reply
+    await first.close()
+    a.kill()
+    await cluster.serving("b")
+    again = await RawPeer.connect(cluster.addr("b"))
+    try:
+        await again.hello()
+        retried = await again.checkout(KEY, holder("ws-7"), request=request)
+        assert retried["ok"] is True and retried["handle"] == lost["handle"]
+        available = await again.call("available", key=KEY)
+        assert available["in_use"] == 1
+    finally:
+        await again.close()
+    await cluster.audit()
