@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed
 # tests/integration/test_client_wheel.py installs them into fresh environments offline.
 WHEELHOUSE := $(VENV)/wheelhouse
 
-.PHONY: run test lint check bench wheels client-wheel clean
+.PHONY: run test test-ha lint check bench wheels client-wheel clean
 
 # licd and licd-client are two distributions of this one tree (wheels/licd-client holds
 # the client's), installed editable together. An older licd owned the licd-client
@@ -30,6 +30,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/pytest $(ARGS)
+
+# The high-availability tests alone (docs/ha.md): real nodes on a throwaway PostgreSQL
+# (Debian's postgresql package); `make test` runs them too.
+test-ha: $(STAMP)
+	$(BIN)/pytest tests/integration/test_ha.py tests/integration/test_store_backends.py $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

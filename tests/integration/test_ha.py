@@ -51,6 +51,16 @@ LICENCE: dict[str, TomlValue] = {
     "lease_ttl": 60,
     "grace": 10,
 }
+#: A licence whose dead holders' seats come back soon: lease_ttl + grace = 15 s.
+SHORT_KEY = "HA-0000-0002"
+SHORT: dict[str, TomlValue] = {
+    "key": SHORT_KEY,
+    "id": "short",
+    "product": "cad",
+    "seats": 2,
+    "lease_ttl": 10,
+    "grace": 5,
+}
 SERVING = r"event=listening addr="
 READY = r"event=(standby_listening|listening)"
 
@@ -86,7 +96,7 @@ class Cluster:
                 "leader_ttl": TTL,
                 "lock_delay": DELAY,
             }
-            text = render_config(server, [LICENCE]) + "\n[store]\n"
+            text = render_config(server, [LICENCE, SHORT]) + "\n[store]\n"
             text += "".join(f"{k} = {toml_value(v)}\n" for k, v in store.items())
             path = directory / f"node-{name}" / "licd.toml"
             path.write_text(text, encoding="utf-8")
@@ -110,6 +120,16 @@ class Cluster:
         """Wait until node `name` serves (it leads and listens): when it did."""
         await asyncio.to_thread(self.procs[name].wait_for, SERVING, within)
         return time.monotonic()
+
+    async def available(self, name: str, key: str) -> dict[str, Any]:
+        peer = await RawPeer.connect(self.addr(name))
+        try:
+            await peer.hello()
+            reply = await peer.call("available", key=key)
+            assert reply["ok"] is True, reply
+            return reply
+        finally:
+            await peer.close()
 
     def client(self, *names: str) -> AsyncClient:
         return AsyncClient([self.addr(n) for n in names], self.public, retry_for=60.0)
@@ -297,4 +317,44 @@ async def test_a_retried_checkout_after_a_failover_gets_the_same_lease(cluster: 
         assert available["in_use"] == 1
     finally:
         await again.close()
+    await cluster.audit()
+
+
+async def test_ten_failovers_in_a_row_lose_no_live_lease_and_free_a_dead_holders_seat(
+    cluster: Cluster,
+) -> None:
+    """Scenario 8: the leader killed ten times in a row, each time restarted as a
+    standby. A live holder keeps its lease throughout; a holder that died before the
+    first failover gets its seat back once, after the last one (each new leader gives
+    the leases it loads lease_ttl + grace, however many failovers there were)."""
+    await cluster.start("a")
+    await cluster.serving("a")
+    await cluster.start("b")
+    client = cluster.client("a", "b")
+    try:
+        live = await client.checkout(SHORT_KEY)
+        dead = await RawPeer.connect(cluster.addr("a"))
+        await dead.hello()
+        assert (await dead.checkout(SHORT_KEY, holder("crashed")))["ok"] is True
+        await dead.close()  # it never renews: a crashed client
+        leader, other = "a", "b"
+        for _ in range(10):
+            cluster.procs[leader].kill()
+            await cluster.serving(other)
+            await cluster.start(leader)  # back, as a standby
+            leader, other = other, leader
+            await until_renewed(live)
+        last = time.monotonic()
+        in_use = (await cluster.available(leader, SHORT_KEY))["in_use"]
+        assert in_use == 2  # the dead holder's seat is still counted...
+        deadline = last + 60.0
+        while (await cluster.available(leader, SHORT_KEY))["in_use"] != 1:
+            assert time.monotonic() < deadline, "the dead holder's seat never came back"
+            await asyncio.sleep(0.5)
+        print(f"dead holder's seat back {time.monotonic() - last:.1f} s after the last failover")
+        await until_renewed(live)  # ...and the live one never lost its lease
+        (row,) = await cluster.rows("SELECT epoch FROM leader")
+        assert row["epoch"] == 11
+    finally:
+        await client.aclose()
     await cluster.audit()
