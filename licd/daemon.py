@@ -620,9 +620,14 @@ class Daemon:
             await self.server.stop()
             await self.admin.stop()
             await self._stop_metrics()
+            leadership = self.leadership
+            if leadership is not None and not leadership.leading:
+                # The leadership is lost: nothing can commit any more (fenced), and a
+                # commit may hang (the database's synchronous standby is gone).
+                await self.store.close(within=EXIT_NOW_GRACE)
             await self.store.close()  # a leader's clean close lets the leadership go
-            if self.leadership is not None:
-                self.leadership.stop()
+            if leadership is not None:
+                leadership.stop()
             self._lock.close()
             log.info("event=stopped")
 

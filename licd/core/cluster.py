@@ -46,7 +46,10 @@ class LeadershipLost(Exception):
 
 
 class LeaderStore(Protocol):
-    """The store's leadership calls (PostgresStore)."""
+    """The store's leadership calls (PostgresStore); `lost` says why its writes can no
+    longer be trusted to match the engine (a write whose outcome is unknown), if so."""
+
+    lost: str | None
 
     def fence(self, epoch: int, node: str) -> None: ...
     async def leader(self) -> LeaderRow: ...
@@ -163,13 +166,17 @@ class Leadership:
         if epoch is None:
             raise LeadershipLost("this node never led")
         while True:
+            if self.store.lost is not None:
+                self._lost(self.store.lost)
             sent = self._monotonic()
             try:
                 async with asyncio.timeout(max(0.0, self.deadline - sent)):
                     renewed = await self.store.renew(epoch, self.node)
             except (StoreError, TimeoutError) as exc:
                 if self._monotonic() >= self.deadline:
-                    self._lost(f"no renewal by the deadline ({exc or 'timed out'})")
+                    self._lost(
+                        f"no renewal by the deadline ({str(exc) or 'the database did not answer'})"
+                    )
                 log.warning("event=leader_renew_failed error=%r", str(exc))
                 renewed = None
             if renewed is False:
@@ -183,6 +190,8 @@ class Leadership:
     def _lost(self, why: str) -> None:
         log.error("event=leadership_lost node=%s epoch=%s reason=%r", self.node, self.epoch, why)
         self.deadline = float("-inf")
+        if self.store.lost is None:
+            self.store.lost = f"the leadership was lost ({why})"  # no write, no release
         raise LeadershipLost(why)
 
 

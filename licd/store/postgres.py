@@ -38,6 +38,7 @@ from licd.store.writer import LAZY_INTERVAL
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the database at start
+RELEASE_TIMEOUT = 2.0  # seconds a stopping leader waits to let the leadership go
 MIGRATION_LOCK = 0x6C696364  # an advisory lock: one node migrates at a time ("licd")
 
 
@@ -127,16 +128,21 @@ class PostgresStore(Store):
         writer: Any,
         reader: Any,
         leadership: Any,
-        where: str,
+        dsn: str,
         lazy_interval: float = LAZY_INTERVAL,
     ) -> None:
-        super().__init__(where, lazy_interval)
+        super().__init__(_where(dsn), lazy_interval)
+        self._dsn = dsn
         self._conn = writer  # asyncpg connections
         self._reader = reader
         self._leadership = leadership
         self._read_lock = asyncio.Lock()  # one query at a time per connection
         self._leader_lock = asyncio.Lock()
         self._epoch: tuple[int, str] | None = None  # (epoch, node) writes are fenced at
+        #: Why this store's writes can no longer be trusted to match the engine (the
+        #: writing connection broke: a commit may or may not have happened), else None.
+        #: A leader steps down on it (cluster.Leadership.hold) and reloads on restart.
+        self.lost: str | None = None
 
     @classmethod
     async def open(cls, dsn: str, *, lazy_interval: float = LAZY_INTERVAL) -> PostgresStore:
@@ -155,7 +161,7 @@ class PostgresStore(Store):
             for conn in conns:
                 conn.terminate()
             raise
-        return cls(conns[0], conns[1], conns[2], where, lazy_interval)
+        return cls(conns[0], conns[1], conns[2], dsn, lazy_interval)
 
     async def schema_version(self) -> int:
         rows = await self._read("SELECT max(version) FROM licd_schema")
@@ -169,25 +175,35 @@ class PostgresStore(Store):
 
     async def leader(self) -> LeaderRow:
         async with self._leader_lock:
-            row = await self._on(self._leadership.fetchrow(SELECT_LEADER))
+            row = await self._on((await self._leader_conn()).fetchrow(SELECT_LEADER))
         return LeaderRow(int(row[0]), row[1], row[2], float(row[3]))
+
+    async def _leader_conn(self) -> Any:
+        """The leadership's connection, made again if it broke (the database restarted
+        or failed over: a multi-host dsn finds the new primary). Safe: the leadership
+        calls are single statements, and the row says who leads."""
+        if self._leadership.is_closed():
+            self._leadership = await self._on(asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT))
+        return self._leadership
 
     async def claim(self, node: str, address: str, hold_for: float) -> int | None:
         """Take the leadership if nobody holds it or its holder has not renewed for
         `hold_for` seconds (database clock): the new epoch, else None."""
         async with self._leader_lock:
-            epoch = await self._on(self._leadership.fetchval(CLAIM, node, address, hold_for))
+            conn = await self._leader_conn()
+            epoch = await self._on(conn.fetchval(CLAIM, node, address, hold_for))
         return None if epoch is None else int(epoch)
 
     async def renew(self, epoch: int, node: str) -> bool:
         """Renew the leadership at `epoch`; False when another node holds it now."""
         async with self._leader_lock:
-            return await self._on(self._leadership.fetchval(RENEW, epoch, node)) is not None
+            conn = await self._leader_conn()
+            return await self._on(conn.fetchval(RENEW, epoch, node)) is not None
 
     async def release(self, epoch: int, node: str) -> None:
         """Let the leadership go (after the last write): a standby may take over at once."""
         async with self._leader_lock:
-            await self._on(self._leadership.execute(RELEASE, epoch, node))
+            await self._on((await self._leader_conn()).execute(RELEASE, epoch, node))
 
     async def _on(self, query: Any) -> Any:
         try:
@@ -198,7 +214,10 @@ class PostgresStore(Store):
     # ------------------------------------------------------------- transactions
 
     async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        """Reads see committed data only; their connection is made again if it broke."""
         async with self._read_lock:
+            if self._reader.is_closed():
+                self._reader = await self._on(asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT))
             rows = await self._on(self._reader.fetch(numbered(sql), *params))
         return [tuple(row) for row in rows]
 
@@ -208,6 +227,8 @@ class PostgresStore(Store):
         commits nothing (Fenced)."""
         if self._epoch is None:
             raise Fenced(f"{self.where}: this node does not lead: nothing is written")
+        if self.lost is not None:
+            raise Fenced(f"{self.where}: {self.lost}: nothing is written")
         epoch, node = self._epoch
         conn = self._conn
         try:
@@ -222,16 +243,22 @@ class PostgresStore(Store):
         except StoreError:
             raise
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if conn.is_closed():
+                # Whether the COMMIT happened is unknown: the engine may now differ from
+                # the database, so this node must load its state again to write again.
+                self.lost = f"the database connection broke during a write ({exc})"
+                log.error("event=store_connection_lost error=%r", str(exc))
             raise StoreError(str(exc)) from None
 
     async def _release(self, committed: bool) -> None:
         """Close the connections; a leader whose writes are all committed first lets
         the leadership go, so a standby takes over at once."""
-        if committed and self._epoch is not None:
+        if committed and self._epoch is not None and self.lost is None:
             try:
-                await self.release(*self._epoch)
-            except StoreError as exc:
-                log.warning("event=leadership_not_released error=%r", str(exc))
+                async with asyncio.timeout(RELEASE_TIMEOUT):  # a commit may hang
+                    await self.release(*self._epoch)
+            except (StoreError, TimeoutError) as exc:
+                log.warning("event=leadership_not_released error=%r", str(exc) or "timed out")
         for conn in (self._conn, self._reader, self._leadership):
             if committed:
                 try:

@@ -37,7 +37,7 @@ from tests.integration.procs import (
     render_config,
     toml_value,
 )
-from tests.pgcluster import PgServer
+from tests.pgcluster import PgServer, postgres_or_skip
 from tests.support import RawPeer, holder, reserved_port
 
 TTL, DELAY = 3.0, 1.0  # [store] leader_ttl and lock_delay of every node here
@@ -167,6 +167,27 @@ async def cluster(pg_server: PgServer, tmp_path: Path) -> AsyncIterator[Cluster]
         await conn.close()
     with Daemons(tmp_path) as daemons:
         yield Cluster(tmp_path, daemons, f"{pg_server.dsn}?search_path={schema}", "abc")
+
+
+@pytest.fixture
+async def replicated(
+    tmp_path: Path,
+) -> AsyncIterator[tuple[Cluster, PgServer, PgServer]]:
+    """A cluster on a PostgreSQL primary with a synchronous standby of its own; the
+    nodes' dsn names both servers and asks for the one that takes writes."""
+    postgres_or_skip()
+    with PgServer() as primary:
+        standby = await asyncio.to_thread(PgServer.standby_of, primary)
+        try:
+            await asyncio.to_thread(primary.make_synchronous, "standby1")
+            dsn = (
+                f"postgresql://licd@127.0.0.1:{primary.port},127.0.0.1:{standby.port}/licd"
+                "?target_session_attrs=read-write"
+            )
+            with Daemons(tmp_path) as daemons:
+                yield Cluster(tmp_path, daemons, dsn, "ab"), primary, standby
+        finally:
+            standby.cleanup()
 
 
 async def until_renewed(lease: AsyncLease, within: float = 60.0) -> list[str]:
@@ -357,4 +378,67 @@ async def test_ten_failovers_in_a_row_lose_no_live_lease_and_free_a_dead_holders
         assert row["epoch"] == 11
     finally:
         await client.aclose()
+    await cluster.audit()
+
+
+async def test_the_databases_failover_loses_no_acknowledged_lease(
+    replicated: tuple[Cluster, PgServer, PgServer],
+) -> None:
+    """Scenario 5: the PostgreSQL primary killed, its synchronous standby promoted. The
+    leader's next write finds its connection gone (whether that write committed is
+    unknown), so it steps down; the other node takes over on the promoted database,
+    where every acknowledged lease is."""
+    cluster, primary, standby = replicated
+    a = await cluster.start("a")
+    await cluster.serving("a")
+    await cluster.start("b")
+    clients = [cluster.client("a", "b") for _ in range(30)]
+    try:
+        leases = await asyncio.gather(*(c.checkout(KEY) for c in clients))
+        await asyncio.to_thread(primary.kill)
+        await asyncio.to_thread(standby.promote)
+        seen = await asyncio.gather(*(until_renewed(lease) for lease in leases))
+        assert not any("lease_unknown" in codes for codes in seen)
+        code = await asyncio.to_thread(a.proc.wait, 60.0) if a.proc is not None else None
+        assert code == 75, a.stderr()
+        await cluster.serving("b")
+        seen = await asyncio.gather(*(until_renewed(lease) for lease in leases))
+        assert not any("lease_unknown" in codes for codes in seen)
+        assert (await cluster.available("b", KEY))["in_use"] == 30
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
+    await cluster.audit()
+
+
+async def test_without_its_synchronous_standby_the_cluster_fails_closed(
+    replicated: tuple[Cluster, PgServer, PgServer],
+) -> None:
+    """Scenario 6: the synchronous standby down. Nothing commits, so no checkout is
+    acknowledged; the leader's renewal cannot commit either, so it stops answering
+    and exits. With the standby back, a node serves again, the acknowledged lease kept."""
+    cluster, _, standby = replicated
+    a = await cluster.start("a")
+    await cluster.serving("a")
+    peer = await RawPeer.connect(cluster.addr("a"))
+    try:
+        await peer.hello()
+        granted = await peer.checkout(KEY, holder("before"))
+        assert granted["ok"] is True
+        await asyncio.to_thread(standby.stop, "immediate")
+        refused = await peer.checkout(KEY, holder("during"))  # waits, then is refused
+        assert refused["ok"] is False and refused["error"] in ("unavailable", "shutting_down")
+        code = await asyncio.to_thread(a.proc.wait, 60.0) if a.proc is not None else None
+        assert code == 75, a.stderr()
+    finally:
+        await peer.close()
+    await asyncio.to_thread(standby.restart)
+    await cluster.start("a")
+    await cluster.serving("a")
+    again = await RawPeer.connect(cluster.addr("a"))
+    try:
+        await again.hello()
+        renewed = await again.call("heartbeat", lease=granted["lease"], nonce=b"k" * 16)
+        assert renewed["ok"] is True and renewed["handle"] == granted["handle"]
+    finally:
+        await again.close()
     await cluster.audit()

@@ -35,6 +35,7 @@ class ScriptedStore:
     claimed: list[tuple[str, str, float]] = field(default_factory=list)
     fenced: tuple[int, str] | None = None
     mono: Mono | None = None
+    lost: str | None = None
 
     def fence(self, epoch: int, node: str) -> None:
         self.fenced = (epoch, node)
@@ -155,6 +156,26 @@ async def test_a_leader_that_cannot_renew_by_its_deadline_gives_up() -> None:
     with pytest.raises(LeadershipLost, match="no renewal by the deadline"):
         await me.hold()
     assert calls == 2 and me.role == "standby"
+
+
+async def test_a_leader_whose_write_outcome_is_unknown_steps_down() -> None:
+    """The store lost its connection during a write: the engine may differ from the
+    database, so the node stops (a restart loads the state again)."""
+    mono = Mono()
+    store = ScriptedStore([LeaderRow(0, "", "", 0.0)], claims=[1], mono=mono)
+    store.renewals = [True, True]
+    me = node(store, mono)
+    await me.campaign()
+    renew = store.renew
+
+    async def renew_then_break(epoch: int, name: str) -> bool:
+        store.lost = "the database connection broke during a write"
+        return await renew(epoch, name)
+
+    store.renew = renew_then_break  # type: ignore[method-assign,assignment]
+    with pytest.raises(LeadershipLost, match="broke during a write"):
+        await me.hold()
+    assert store.renewals == [True]  # it stopped before renewing again
 
 
 def test_a_standby_answers_hello_and_refuses_the_rest() -> None:
