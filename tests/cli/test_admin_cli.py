@@ -772,6 +772,24 @@ def test_check_config(tmp_path: Path) -> None:
     assert result.stdout == f"{path}: ok: listen 127.0.0.1:0, [::1]:0; 1 licence(s), 1 relayed\n"
 
 
+def test_cluster_status_needs_a_cluster_and_says_why_it_cannot_look(tmp_path: Path) -> None:
+    path = tmp_path / "licd.toml"
+    path.write_text(SITE_TOML.format(state=tmp_path, site="hq"))
+    result = CliRunner().invoke(main, ["cluster", "status", "--config", str(path)])
+    assert result.exit_code == 1 and "is not in a cluster" in result.stderr
+    # A database nobody listens on: one line saying so, no traceback.
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+        path.write_text(
+            SITE_TOML.format(state=tmp_path, site="hq")
+            + f'\n[store]\nbackend = "postgres"\ndsn = "postgresql://licd@127.0.0.1:{port}/l"\n'
+        )
+        result = CliRunner().invoke(main, ["cluster", "status", "--config", str(path)])
+    assert result.exit_code == 1
+    assert "cannot open the database" in result.stderr and "Traceback" not in result.output
+
+
 def test_check_config_passes_on_the_shipped_example() -> None:
     example = Path(__file__).resolve().parents[2] / "config.example.toml"
     result = CliRunner().invoke(main, ["check-config", str(example)])

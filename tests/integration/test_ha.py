@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -28,13 +29,15 @@ import pytest
 from licd.store.keyfile import key_path, load_or_create_key
 from licd_client.backoff import is_retryable
 from licd_client.client import AsyncClient
-from licd_client.errors import LicdError
+from licd_client.errors import ClientError, LicdError
 from licd_client.lease import AsyncLease
+from tests.faultproxy import FaultProxy
 from tests.integration.procs import (
     DaemonProcess,
     Daemons,
     TomlValue,
     render_config,
+    run_licd,
     toml_value,
 )
 from tests.pgcluster import PgServer, postgres_or_skip
@@ -82,26 +85,34 @@ class Cluster:
             state = directory / f"node-{name}" / "state"
             state.mkdir(mode=0o700, parents=True)
             shutil.copy2(key_path(seed), key_path(state))
-            server: dict[str, TomlValue] = {
-                "listen": [f"127.0.0.1:{self.ports[name]}"],
-                "state_dir": str(state),
-                "site": "plant",
-                "log_level": "info",
-                "shutdown_timeout": 2,
-            }
-            store: dict[str, TomlValue] = {
-                "backend": "postgres",
-                "dsn": dsn,
-                "node": name,
-                "leader_ttl": TTL,
-                "lock_delay": DELAY,
-            }
-            text = render_config(server, [LICENCE, SHORT]) + "\n[store]\n"
-            text += "".join(f"{k} = {toml_value(v)}\n" for k, v in store.items())
-            path = directory / f"node-{name}" / "licd.toml"
-            path.write_text(text, encoding="utf-8")
-            self.configs[name] = path
+            self.configure(name)
         self.procs: dict[str, DaemonProcess] = {}
+
+    def configure(self, name: str, *, dsn: str = "", advertise: str = "") -> None:
+        """Write node `name`'s config: the cluster's dsn unless given another (through
+        a fault proxy), advertising its own address unless given another."""
+        node = self.directory / f"node-{name}"
+        server: dict[str, TomlValue] = {
+            "listen": [f"127.0.0.1:{self.ports[name]}"],
+            "state_dir": str(node / "state"),
+            "site": "plant",
+            "log_level": "info",
+            "shutdown_timeout": 2,
+        }
+        store: dict[str, TomlValue] = {
+            "backend": "postgres",
+            "dsn": dsn or self.dsn,
+            "node": name,
+            "leader_ttl": TTL,
+            "lock_delay": DELAY,
+        }
+        if advertise:
+            store["advertise"] = advertise
+        text = render_config(server, [LICENCE, SHORT]) + "\n[store]\n"
+        text += "".join(f"{k} = {toml_value(v)}\n" for k, v in store.items())
+        path = node / "licd.toml"
+        path.write_text(text, encoding="utf-8")
+        self.configs[name] = path
 
     def addr(self, name: str) -> tuple[str, int]:
         return ("127.0.0.1", self.ports[name])
@@ -199,8 +210,8 @@ async def until_renewed(lease: AsyncLease, within: float = 60.0) -> list[str]:
         try:
             await lease.renew_once()
             return seen
-        except LicdError as exc:
-            seen.append(exc.code)
+        except (LicdError, ClientError) as exc:
+            seen.append(getattr(exc, "code", type(exc).__name__))
             if not is_retryable(exc) or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)
@@ -230,6 +241,20 @@ async def test_one_node_leads_and_a_standby_redirects_clients_to_it(cluster: Clu
         assert refused["retry_after"] >= 1.0
     finally:
         await peer.close()
+    # `licd cluster status` reads the same from the database, on any node.
+    status = await asyncio.to_thread(
+        run_licd, "cluster", "status", "--json", "--config", str(cluster.configs["b"])
+    )
+    assert status.returncode == 0, status.stderr
+    view = json.loads(status.stdout)
+    assert (view["node"], view["role"], view["epoch"]) == ("b", "standby", 1)
+    assert view["leader"]["node"] == "a"
+    assert view["leader"]["address"] == cluster.address("a")
+    text = await asyncio.to_thread(
+        run_licd, "cluster", "status", "--config", str(cluster.configs["a"])
+    )
+    assert f"leader    a at {cluster.address('a')}, epoch 1" in text.stdout
+    assert "node      a (leader)" in text.stdout
     # A client given the standby first follows the redirect and gets its seat there.
     client = cluster.client("b", "a")
     try:
@@ -441,4 +466,97 @@ async def test_without_its_synchronous_standby_the_cluster_fails_closed(
         assert renewed["ok"] is True and renewed["handle"] == granted["handle"]
     finally:
         await again.close()
+    await cluster.audit()
+
+
+async def test_a_leader_cut_off_from_the_database_stops_answering_and_is_replaced(
+    cluster: Cluster, pg_server: PgServer
+) -> None:
+    """Scenario 3: the leader loses the database but not its clients. It cannot renew,
+    so it answers `unavailable` once its deadline passes (it never serves on a
+    leadership it cannot prove) and stops; a standby takes over."""
+    proxy = FaultProxy(("127.0.0.1", pg_server.port))
+    await proxy.start()
+    try:
+        cluster.configure("a", dsn=cluster.dsn.replace(f":{pg_server.port}/", f":{proxy.port}/"))
+        a = await cluster.start("a")
+        await cluster.serving("a")
+        await cluster.start("b")
+        peer = await RawPeer.connect(cluster.addr("a"))
+        try:
+            await peer.hello()
+            granted = await peer.checkout(KEY, holder("ws-3"))
+            assert granted["ok"] is True
+            cut = time.monotonic()
+            proxy.set("blackhole")
+            # Renewals are answered from memory until the deadline, then refused (no
+            # token) until the node has stopped.
+            while True:
+                await peer.send(
+                    {"op": "heartbeat", "id": 9, "lease": granted["lease"], "nonce": b"h" * 16}
+                )
+                beat = await peer.recv(30.0)
+                if beat is None or (not beat["ok"] and beat["error"] != "rate_limited"):
+                    break
+                await asyncio.sleep(0.5)
+            print(
+                f"the cut-off leader stopped renewing {time.monotonic() - cut:.2f} s after the cut"
+            )
+            assert beat is None or beat["error"] in ("unavailable", "shutting_down"), beat
+        finally:
+            await peer.close()
+        code = await asyncio.to_thread(a.proc.wait, 60.0) if a.proc is not None else None
+        assert code == 75, a.stderr()
+        await cluster.serving("b")
+        again = await RawPeer.connect(cluster.addr("b"))
+        try:
+            await again.hello()
+            beat = await again.call("heartbeat", lease=granted["lease"], nonce=b"i" * 16)
+            assert beat["ok"] is True and beat["handle"] == granted["handle"]
+        finally:
+            await again.close()
+    finally:
+        await proxy.close()
+    await cluster.audit()
+
+
+async def test_a_leader_cut_off_from_its_clients_keeps_the_leadership(
+    cluster: Cluster,
+) -> None:
+    """Scenario 4: clients cannot reach the leader, the database can. The leadership
+    does not move; once the link heals, a client that knows only the standby reaches
+    the leader through its redirect, with the same lease."""
+    front = FaultProxy(cluster.addr("a"))
+    await front.start()
+    try:
+        cluster.configure("a", advertise=front.address)  # clients reach a through front
+        await cluster.start("a")
+        await cluster.serving("a")
+        await cluster.start("b")
+        client = AsyncClient([cluster.addr("b")], cluster.public, retry_for=60.0, io_timeout=2.0)
+        try:
+            lease = await client.checkout(KEY)  # redirected from b to a, through front
+            front.set("blackhole")
+            cut = time.monotonic()
+            with pytest.raises((LicdError, ClientError)) as failed:
+                await asyncio.wait_for(lease.renew_once(), 3 * (TTL + DELAY))
+            assert is_retryable(failed.value)
+            # Meanwhile the leader goes on renewing: for longer than a standby would
+            # wait to take over, the row stays a's, freshly renewed.
+            while time.monotonic() < cut + 2 * (TTL + DELAY):
+                (row,) = await cluster.rows(
+                    "SELECT epoch, node, extract(epoch FROM clock_timestamp() - renewed_at)"
+                    " AS age FROM leader"
+                )
+                assert (row["epoch"], row["node"]) == (1, "a")
+                assert row["age"] < TTL + DELAY
+                await asyncio.sleep(0.5)
+            front.set("pass")
+            assert "lease_unknown" not in await until_renewed(lease)
+            (row,) = await cluster.rows("SELECT epoch, node FROM leader")
+            assert (row["epoch"], row["node"]) == (1, "a")
+        finally:
+            await client.aclose()
+    finally:
+        await front.close()
     await cluster.audit()
