@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import importlib.util
 import logging
 import os
 import ssl
@@ -64,6 +65,9 @@ RETIRE_EVERY = 3600.0  # seconds between audit retention runs (the first soon af
 EXIT_NOW_GRACE = 1.0  # seconds the store gets to close when told to exit now
 
 
+POSTGRES_EXTRA = "[store] backend = \"postgres\" needs asyncpg: pip install 'licd[postgres]'"
+
+
 class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
 
@@ -101,9 +105,7 @@ async def open_store(config: StoreConfig, state_dir: Path) -> Store:
         try:
             from licd.store.postgres import PostgresStore, read_dsn
         except ImportError:
-            raise StartupError(
-                "[store] backend = \"postgres\" needs asyncpg: pip install 'licd[postgres]'"
-            ) from None
+            raise StartupError(POSTGRES_EXTRA) from None
         return await PostgresStore.open(read_dsn(config.dsn, config.dsn_file))
     return await SqliteStore.open(state_dir / DB_FILE)
 
@@ -820,7 +822,8 @@ def resolve_surroundings(config: Config) -> Surroundings:
     """Each missing file or group, or an alert hook that cannot run, is a StartupError
     naming it."""
     _check_alert_hook(config)
-    _check_entitlement_files(config)
+    _check_files(config)
+    _check_driver(config)
     return Surroundings(_tls_context(config), _upstream_tls(config), _admin_access(config))
 
 
@@ -841,18 +844,27 @@ def _check_alert_hook(config: Config) -> None:
         raise StartupError(f"alerts.hook: {command} is not executable")
 
 
-def _check_entitlement_files(config: Config) -> None:
-    """Each `[[entitlement]] file` must be a regular file the daemon can read (what it
-    holds is verified when it is imported)."""
-    for path in config.entitlement_files:
+def _check_files(config: Config) -> None:
+    """Each `[[entitlement]] file` and the `[store] dsn_file` must be a regular file the
+    daemon can read (what they hold is checked when they are used)."""
+    named = [(f"entitlement file {path}", path) for path in config.entitlement_files]
+    if config.store.dsn_file is not None:
+        named.append((f"store.dsn_file {config.store.dsn_file}", config.store.dsn_file))
+    for what, path in named:
         try:
             mode = os.stat(path).st_mode
         except OSError as exc:
-            raise StartupError(f"entitlement file {path}: {exc.strerror}") from None
+            raise StartupError(f"{what}: {exc.strerror}") from None
         if not stat.S_ISREG(mode):
-            raise StartupError(f"entitlement file {path}: not a regular file")
+            raise StartupError(f"{what}: not a regular file")
         if not os.access(path, os.R_OK):
-            raise StartupError(f"entitlement file {path}: not readable")
+            raise StartupError(f"{what}: not readable")
+
+
+def _check_driver(config: Config) -> None:
+    """The PostgreSQL store needs asyncpg, an optional extra."""
+    if config.store.backend == "postgres" and importlib.util.find_spec("asyncpg") is None:
+        raise StartupError(POSTGRES_EXTRA)
 
 
 def _tls_context(config: Config) -> ssl.SSLContext | None:

@@ -790,6 +790,18 @@ def test_cluster_status_needs_a_cluster_and_says_why_it_cannot_look(tmp_path: Pa
     assert "cannot open the database" in result.stderr and "Traceback" not in result.output
 
 
+def test_check_config_refuses_a_dsn_file_it_cannot_read(tmp_path: Path) -> None:
+    path = tmp_path / "licd.toml"
+    for target, problem in ((tmp_path / "missing", "No such file"), (tmp_path, "not a regular")):
+        path.write_text(
+            SITE_TOML.format(state=tmp_path, site="hq")
+            + f'\n[store]\nbackend = "postgres"\ndsn_file = "{target}"\n'
+        )
+        result = CliRunner().invoke(main, ["check-config", str(path)])
+        assert result.exit_code == 1
+        assert f"store.dsn_file {target}: {problem}" in result.stderr
+
+
 def test_check_config_passes_on_the_shipped_example() -> None:
     example = Path(__file__).resolve().parents[2] / "config.example.toml"
     result = CliRunner().invoke(main, ["check-config", str(example)])
