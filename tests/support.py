@@ -13,7 +13,7 @@ import socket
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -25,6 +25,7 @@ from licd.daemon import Daemon
 from licd.deferred import Deferred
 from licd.engine import Engine, Grant, Licence
 from licd.engine.counters import Consumed
+from licd.store.base import Store
 from licd_client.messages import Holder
 from licd_client.wire import REPLY_LIMITS, FrameDecoder, encode
 
@@ -104,6 +105,20 @@ async def running(
     finally:
         stop.set()
         await task
+
+
+S = TypeVar("S", bound=Store)
+
+
+@contextlib.asynccontextmanager
+async def writing(store: S) -> AsyncIterator[S]:
+    """`store` (opened) with its writer running; closed on exit, lazy writes written."""
+    writer = asyncio.create_task(store.run())
+    try:
+        yield store
+    finally:
+        await store.close()
+        await writer
 
 
 def address(daemon: Daemon) -> tuple[str, int]:

@@ -132,15 +132,21 @@ class Cluster:
         await asyncio.to_thread(self.procs[name].wait_for, SERVING, within)
         return time.monotonic()
 
-    async def available(self, name: str, key: str) -> dict[str, Any]:
+    @contextlib.asynccontextmanager
+    async def peer(self, name: str) -> AsyncIterator[RawPeer]:
+        """A raw protocol connection to node `name`, past hello; closed on exit."""
         peer = await RawPeer.connect(self.addr(name))
         try:
             await peer.hello()
+            yield peer
+        finally:
+            await peer.close()
+
+    async def available(self, name: str, key: str) -> dict[str, Any]:
+        async with self.peer(name) as peer:
             reply = await peer.call("available", key=key)
             assert reply["ok"] is True, reply
             return reply
-        finally:
-            await peer.close()
 
     def client(self, *names: str) -> AsyncClient:
         return AsyncClient([self.addr(n) for n in names], self.public, retry_for=60.0)
@@ -354,15 +360,11 @@ async def test_a_retried_checkout_after_a_failover_gets_the_same_lease(cluster: 
     await first.close()
     a.kill()
     await cluster.serving("b")
-    again = await RawPeer.connect(cluster.addr("b"))
-    try:
-        await again.hello()
+    async with cluster.peer("b") as again:
         retried = await again.checkout(KEY, holder("ws-7"), request=request)
         assert retried["ok"] is True and retried["handle"] == lost["handle"]
         available = await again.call("available", key=KEY)
         assert available["in_use"] == 1
-    finally:
-        await again.close()
     await cluster.audit()
 
 
@@ -444,9 +446,7 @@ async def test_without_its_synchronous_standby_the_cluster_fails_closed(
     cluster, _, standby = replicated
     a = await cluster.start("a")
     await cluster.serving("a")
-    peer = await RawPeer.connect(cluster.addr("a"))
-    try:
-        await peer.hello()
+    async with cluster.peer("a") as peer:
         granted = await peer.checkout(KEY, holder("before"))
         assert granted["ok"] is True
         await asyncio.to_thread(standby.stop, "immediate")
@@ -454,18 +454,12 @@ async def test_without_its_synchronous_standby_the_cluster_fails_closed(
         assert refused["ok"] is False and refused["error"] in ("unavailable", "shutting_down")
         code = await asyncio.to_thread(a.proc.wait, 60.0) if a.proc is not None else None
         assert code == 75, a.stderr()
-    finally:
-        await peer.close()
     await asyncio.to_thread(standby.restart)
     await cluster.start("a")
     await cluster.serving("a")
-    again = await RawPeer.connect(cluster.addr("a"))
-    try:
-        await again.hello()
+    async with cluster.peer("a") as again:
         renewed = await again.call("heartbeat", lease=granted["lease"], nonce=b"k" * 16)
         assert renewed["ok"] is True and renewed["handle"] == granted["handle"]
-    finally:
-        await again.close()
     await cluster.audit()
 
 
@@ -482,9 +476,7 @@ async def test_a_leader_cut_off_from_the_database_stops_answering_and_is_replace
         a = await cluster.start("a")
         await cluster.serving("a")
         await cluster.start("b")
-        peer = await RawPeer.connect(cluster.addr("a"))
-        try:
-            await peer.hello()
+        async with cluster.peer("a") as peer:
             granted = await peer.checkout(KEY, holder("ws-3"))
             assert granted["ok"] is True
             cut = time.monotonic()
@@ -503,18 +495,12 @@ async def test_a_leader_cut_off_from_the_database_stops_answering_and_is_replace
                 f"the cut-off leader stopped renewing {time.monotonic() - cut:.2f} s after the cut"
             )
             assert beat is None or beat["error"] in ("unavailable", "shutting_down"), beat
-        finally:
-            await peer.close()
         code = await asyncio.to_thread(a.proc.wait, 60.0) if a.proc is not None else None
         assert code == 75, a.stderr()
         await cluster.serving("b")
-        again = await RawPeer.connect(cluster.addr("b"))
-        try:
-            await again.hello()
+        async with cluster.peer("b") as again:
             beat = await again.call("heartbeat", lease=granted["lease"], nonce=b"i" * 16)
             assert beat["ok"] is True and beat["handle"] == granted["handle"]
-        finally:
-            await again.close()
     finally:
         await proxy.close()
     await cluster.audit()

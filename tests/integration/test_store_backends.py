@@ -24,7 +24,7 @@ from licd.store.base import Store, StoreError
 from licd.store.records import Block, Forwarded, StoredEntitlement, lease_row
 from licd.store.sqlite import DB_FILE, SqliteStore
 from tests.pgcluster import PgServer
-from tests.support import DICOM, holder
+from tests.support import DICOM, holder, writing
 
 if TYPE_CHECKING:  # imported by the tests that need it: asyncpg is an optional extra
     from licd.store.postgres import PostgresStore
@@ -91,13 +91,8 @@ async def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Opener:
 
 @contextlib.asynccontextmanager
 async def running(opener: Opener) -> AsyncIterator[Store]:
-    s = await opener()
-    writer = asyncio.create_task(s.run())
-    try:
+    async with writing(await opener()) as s:
         yield s
-    finally:
-        await s.close()
-        await writer
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +13,7 @@ from licd.core.audit_upkeep import DenialLog, export_file, max_entries_per_inter
 from licd.core.events import Event, Kind
 from licd.store.base import Store
 from licd.store.sqlite import SqliteStore
+from tests.support import writing
 
 NOW = 1_790_000_000.0
 
@@ -95,13 +95,8 @@ def test_no_flood_writes_more_than_the_bound() -> None:
 
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[Store]:
-    s = await SqliteStore.open(tmp_path / "licd.db")
-    writer = asyncio.create_task(s.run())
-    try:
+    async with writing(await SqliteStore.open(tmp_path / "licd.db")) as s:
         yield s
-    finally:
-        await s.close()
-        await writer
 
 
 async def test_retire_exports_then_deletes_old_entries_in_chunks(

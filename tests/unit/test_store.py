@@ -8,7 +8,8 @@ import contextlib
 import logging
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from licd.store.sqlite import (
     migrations,
 )
 from licd.store.writer import MAX_RENEWALS
-from tests.support import DICOM, holder
+from tests.support import DICOM, holder, writing
 
 NOW = 1_790_000_000.0
 
@@ -51,16 +52,15 @@ def lease(n: int, **kw: object) -> SeatLease:
     return SeatLease(**fields)  # type: ignore[arg-type]
 
 
-@contextlib.asynccontextmanager
-async def running(path: Path, **options: Any) -> AsyncIterator[SqliteStore]:
+def running(path: Path, **options: Any) -> AbstractAsyncContextManager[SqliteStore]:
     """The store at `path` with its writer running; closed (lazy writes written) on exit."""
-    s = await SqliteStore.open(path, **options)
-    writer = asyncio.create_task(s.run())
-    try:
+    return _opened(SqliteStore.open(path, **options))
+
+
+@contextlib.asynccontextmanager
+async def _opened(opening: Awaitable[SqliteStore]) -> AsyncIterator[SqliteStore]:
+    async with writing(await opening) as s:
         yield s
-    finally:
-        await s.close()
-        await writer
 
 
 @pytest.fixture
