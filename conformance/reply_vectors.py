@@ -153,13 +153,13 @@ def _reply_cases() -> list[Case]:
         c(
             "unavailable_leader",
             "checkout",
-            "A standby: unavailable, naming the leader to send the request to.",
+            "A standby of a cluster: unavailable, naming the leader to send the request to.",
             error(
                 2,
                 "unavailable",
-                "this server is a standby",
-                retry_after=1.0,
-                detail={"leader": "10.0.0.7:27500"},
+                "this licd is a standby of a cluster; the leader is at 10.0.0.7:27500",
+                retry_after=2.0,
+                detail={"reason": "standby", "leader": "10.0.0.7:27500"},
             ),
             "unavailable",
         ),
