@@ -206,10 +206,11 @@ class PostgresStore(Store):
             await self._on((await self._leader_conn()).execute(RELEASE, epoch, node))
 
     async def _on(self, query: Any) -> Any:
+        """`query` awaited; what the database or the network did wrong as StoreError."""
         try:
             return await query
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            raise StoreError(f"{self.where}: {exc}") from None
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            raise StoreError(f"{self.where}: {str(exc) or type(exc).__name__}") from None
 
     # ------------------------------------------------------------- transactions
 

@@ -283,3 +283,30 @@ async def test_the_seat_guard_refuses_more_seats_than_the_licence_can_grant(dsn:
         with pytest.raises(StoreError, match="lease_request"):
             await store.insert_lease(twin)
         assert len(await store.load_leases()) == 4
+
+
+async def test_after_the_database_drops_its_connections_reads_come_back_and_writes_stop(
+    dsn: str, pg_server: PgServer
+) -> None:
+    """A database restart (or failover) ends every connection. Reads and the leadership
+    calls connect again; the writing connection does not, since whether its last
+    commit happened is unknown: the store says so (`lost`), for the leader to step down."""
+    async with writing(await open_postgres(dsn)) as store:
+        await store.insert_lease(lease(1))
+        pg_server.psql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'"
+        )
+        for attempt in range(2):  # the first call may find out about it the hard way
+            try:
+                assert (await store.leader()).node == NODE
+                assert [x.secret for x in await store.load_leases()] == ["secret-1"]
+                break
+            except StoreError:
+                assert attempt == 0
+        with pytest.raises(StoreError):
+            await store.insert_lease(lease(2))
+        assert store.lost is not None and "broke during a write" in store.lost
+        with pytest.raises(StoreError, match="broke during a write"):
+            await store.insert_lease(lease(3))  # and nothing more is tried
+        assert [x.secret for x in await store.load_leases()] == ["secret-1"]
