@@ -253,21 +253,28 @@ class PostgresStore(Store):
 
     async def _release(self, committed: bool) -> None:
         """Close the connections; a leader whose writes are all committed first lets
-        the leadership go, so a standby takes over at once."""
-        if committed and self._epoch is not None and self.lost is None:
+        the leadership go, so a standby takes over at once. A store that was abandoned
+        or lost (the database may not answer at all) drops its connections at once."""
+        conns = (self._conn, self._reader, self._leadership)
+        if not committed or self.lost is not None:
+            for conn in conns:
+                conn.terminate()
+            return
+        if self._epoch is not None:
             try:
                 async with asyncio.timeout(RELEASE_TIMEOUT):  # a commit may hang
                     await self.release(*self._epoch)
             except (StoreError, TimeoutError) as exc:
                 log.warning("event=leadership_not_released error=%r", str(exc) or "timed out")
-        for conn in (self._conn, self._reader, self._leadership):
-            if committed:
-                try:
-                    await asyncio.wait_for(conn.close(), CONNECT_TIMEOUT)
-                except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                    conn.terminate()
-            else:
-                conn.terminate()
+        await asyncio.gather(*(_close(conn) for conn in conns))
+
+
+async def _close(conn: Any) -> None:
+    """Close `conn` politely, or drop it if the database does not answer in time."""
+    try:
+        await asyncio.wait_for(conn.close(), RELEASE_TIMEOUT)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        conn.terminate()
 
 
 async def _migrate(conn: Any) -> None:
