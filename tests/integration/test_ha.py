@@ -161,15 +161,29 @@ class Cluster:
             await conn.close()
 
     async def audit(self) -> None:
-        """What must hold whatever happened: the seats counted by the database are the
-        seats its leases hold, within the licence; one lease per request key."""
-        (guard,) = await self.rows("SELECT in_use, ceiling FROM seat_guard WHERE licence_id='cad'")
-        (count,) = await self.rows("SELECT count(*) FROM lease WHERE licence_id = 'cad'")
-        assert guard["in_use"] == count[0] <= guard["ceiling"] == SEATS
+        """What must hold whatever happened: the seats the database counts are the
+        seats its leases hold, within the licence, and the leader's engine counts the
+        same; one lease per request key."""
+        guards = {
+            row["licence_id"]: (row["in_use"], row["ceiling"])
+            for row in await self.rows("SELECT licence_id, in_use, ceiling FROM seat_guard")
+        }
+        counted = dict(
+            await self.rows("SELECT licence_id, count(*) FROM lease GROUP BY licence_id")
+        )
+        for licence_id, (in_use, ceiling) in guards.items():
+            assert in_use == counted.get(licence_id, 0) <= ceiling, licence_id
+        assert guards["cad"][1] == SEATS
         dup = await self.rows(
             "SELECT request FROM lease GROUP BY licence_id, hostid, request HAVING count(*) > 1"
         )
         assert dup == []
+        (leader,) = await self.rows("SELECT node FROM leader")
+        proc = self.procs.get(leader["node"])
+        if proc is not None and proc.running():  # the engine of the node serving
+            for licence_id, key in (("cad", KEY), ("short", SHORT_KEY)):
+                engine = (await self.available(leader["node"], key))["in_use"]
+                assert engine == guards[licence_id][0], licence_id
 
 
 @pytest.fixture
