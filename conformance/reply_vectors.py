@@ -120,12 +120,12 @@ def _reply_cases() -> list[Case]:
         c(
             "seats_exhausted",
             "checkout",
-            "An error reply with its detail.",
+            "An error reply with its detail, naming the rule that refused.",
             error(
                 2,
                 "seats_exhausted",
                 "maximum allowed concurrent licences reached",
-                detail={"in_use": 3, "total": 3},
+                detail={"in_use": 3, "total": 3, "rule": "seats"},
             ),
             "seats_exhausted",
         ),

@@ -40,6 +40,7 @@ from licd.cli.entitlement import entitlement
 from licd.cli.options import FILE, parsed
 from licd.cli.policy import policy_changes, policy_options
 from licd.cli.vendor import vendor
+from licd.cli.why import why
 from licd.config.settings import Config, parse_duration
 from licd.core.cluster import LeadershipLost
 from licd.daemon import Daemon, StartupError, resolve_surroundings, setup_logging
@@ -86,6 +87,7 @@ def main() -> None:
 main.add_command(vendor)
 main.add_command(entitlement)
 main.add_command(cluster)
+main.add_command(why)
 
 
 @main.command()

@@ -1,4 +1,4 @@
-"""The admin ops: what `licd status`, `leases`, `revoke`, `licence ...`,
+"""The admin ops: what `licd status`, `leases`, `why`, `revoke`, `licence ...`,
 `entitlement ...`, `audit`, `reload` and `key` ask of the daemon over the admin socket
 (admin_server.py).
 
@@ -28,7 +28,7 @@ from licd.engine.lease_filter import LeaseFilter
 from licd.store.records import Forwarded
 from licd_client.entitlements import request_file
 from licd_client.errors import BadRequest, UnknownLicence
-from licd_client.messages import MAX_STORED_INT, Fields
+from licd_client.messages import MAX_STORED_INT, Fields, Holder
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,7 @@ class AdminOps:
         self._ops: dict[str, Callable[[Fields, int], Awaitable[dict[str, Any]]]] = {
             "status": self.status,
             "leases": self.leases,
+            "why": self.why,
             "revoke": self.revoke,
             "licence.list": self.licence_list,
             "licence.add": self.licence_add,
@@ -282,6 +283,41 @@ class AdminOps:
         leases += router.forwarded_listing() if router is not None else []
         page, after = chosen.page(leases, limit)
         return {"leases": [_listing(x) for x in page], "next": after}
+
+    async def why(self, f: Fields, uid: int) -> dict[str, Any]:
+        """Every checkout rule's verdict for a holder asking now, in the order of
+        decision (engine.explain); nothing is granted. `decision` is what a checkout
+        would get: "granted", "overdraft" (granted, flagged) or the error code, and
+        `rule` the rule that decides it (the first refusal)."""
+        licence_id = f.nonempty_str("licence", max_len=64)
+        host = f.nonempty_str("host", max_len=255)
+        holder = Holder(
+            host=host,
+            hostid=f.text("hostid", max_len=255, required=False) or host,
+            user=f.text("user", max_len=255, required=False) or "",
+            pid=0,
+        )
+        ip = f.text("ip", max_len=64, required=False)
+        seats = f.uint("seats", required=False, maximum=MAX_STORED_INT) or 1
+        engine = self.service.engine
+        licence = engine.licence_by_id(licence_id)
+        if licence is None:
+            raise UnknownLicence(f"no licence with id {licence_id!r}")
+        verdicts = engine.explain(licence.key, holder, self.service.now(), seats=seats, ip=ip)
+        deciding = next((v for v in verdicts if not v.passed), None)
+        if deciding is not None and deciding.error is not None:
+            decision = deciding.error.code
+        else:
+            decision = "overdraft" if any(v.flagged for v in verdicts) else "granted"
+        return {
+            "licence": licence.id,
+            "holder": {"host": holder.host, "hostid": holder.hostid, "user": holder.user},
+            "ip": ip,
+            "seats": seats,
+            "decision": decision,
+            "rule": deciding.rule if deciding is not None else None,
+            "verdicts": [v.as_dict() for v in verdicts],
+        }
 
     async def licence_list(self, f: Fields, uid: int) -> dict[str, Any]:
         show_keys = f.flag("show_keys", False)

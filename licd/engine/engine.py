@@ -40,6 +40,7 @@ from licd.engine.lease import LeasePhase, SeatLease
 from licd.engine.licence import Licence, key_clash
 from licd.engine.policy import Who, first_match, matches
 from licd.engine.seats import SeatBook, unit_key
+from licd.engine.verdicts import Verdict, refusal
 from licd_client.errors import (
     BadRequest,
     Denied,
@@ -53,6 +54,22 @@ from licd_client.errors import (
 )
 from licd_client.messages import Features, Holder
 from licd_client.terms import Terms
+
+
+@dataclass(frozen=True, slots=True)
+class _Asked:
+    """A checkout as the rules see it: `unit` is the unit a new lease would join."""
+
+    licence: Licence
+    who: Who
+    seats: int
+    unit: str
+    at: Instant
+
+
+#: One checkout rule (see `Engine._seat_rules`): its refusal, or None when it passes
+#: (a verdict saying why instead, when asked to explain).
+_Rule = Callable[[_Asked, bool], "Verdict | None"]
 
 #: Renewals one lease may make back to back; after that they come back at the steady rate
 #: below. A client renews every ttl/3 seconds (sooner after a lost reply), so this never
@@ -295,11 +312,12 @@ class Engine:
         licence = self._licence(key)
         if licence.id in self._removing:
             raise UnknownLicence("the licence is being removed")
-        self._check_validity(licence, at)
+        who = Who(holder, ip)
+        asked = _Asked(licence, who, seats, "", at)
+        self._enforce(asked, (self._rule_validity,))
         if delegate is not None and not licence.delegable:
             raise Denied("this licence may not be delegated to a site router")
-        who = Who(holder, ip)
-        self._check_access(licence, who)
+        self._enforce(asked, (self._rule_deny, self._rule_allow))
         if licence.device_period is not None:
             lease_ttl = licence.device_period
         else:
@@ -315,24 +333,14 @@ class Engine:
                 self._check_same_device(device, holder)
                 return self._renew(device, licence, at)
 
-        if self.clock_held is not None and self.vendors(licence.id):
-            raise Unavailable(
-                f"licence {licence.id!r}: {self.clock_held}",
-                retry_after=CLOCK_HELD_RETRY,
-                detail={"reason": "clock_rollback"},
-            )
         handle = self._unique(new_handle, self._by_handle)
-        unit = unit_key(licence.count_by, holder, handle)
-        if licence.count_by != "lease":
-            self._check_unit(licence, unit)
-        extra = max(0, seats - self.seats.held(licence.id, unit))  # what the unit adds
-        overdraft = False
-        if extra:
-            self._check_caps(licence, who, extra)
-            in_use, limit = self.in_use(licence.id), self._limit_for(licence, who, at)
-            if in_use + extra > limit + licence.overdraft:
-                raise SeatsExhausted(detail={"in_use": in_use, "total": limit})
-            overdraft = in_use + extra > limit
+        asked = _Asked(licence, who, seats, unit_key(licence.count_by, holder, handle), at)
+        self._enforce(asked, self._seat_rules)
+        extra = self._extra(asked)
+        overdraft = bool(extra) and self.in_use(licence.id) + extra > self._limit_for(
+            licence, who, at
+        )
+        unit = asked.unit
 
         lease = SeatLease(
             secret=self._unique(new_secret, self._leases),
@@ -385,42 +393,168 @@ class Engine:
         if (mine.host, mine.user) != (holder.host, holder.user):
             raise Denied("this device's lease is held by another host or user")
 
-    def _check_unit(self, licence: Licence, unit: str) -> None:
+    # ------------------------------------------------------------- the rules
+    # Each rule returns its refusal, or None when it lets the request through; asked to
+    # `explain`, a passing rule returns a verdict saying why instead (verdicts.py).
+
+    @property
+    def _seat_rules(self) -> tuple[_Rule, ...]:
+        return (
+            self._rule_clock,
+            self._rule_unit,
+            self._rule_max,
+            self._rule_reservation,
+            self._rule_seats,
+            self._rule_overdraft,
+        )
+
+    @staticmethod
+    def _enforce(asked: _Asked, rules: Iterable[_Rule]) -> None:
+        for rule in rules:
+            verdict = rule(asked, False)
+            if verdict is not None and verdict.error is not None:
+                raise verdict.error
+
+    def explain(
+        self, key: str, holder: Holder, at: Instant, *, seats: int = 1, ip: str | None = None
+    ) -> list[Verdict]:
+        """Every rule's verdict on a new checkout of `seats` seats of the licence with
+        `key` by `holder` now, in the order a checkout asks them; nothing is granted.
+        The first refusal is what a checkout would get (a retry of a lease already held
+        is not considered: it renews that lease). UnknownLicence if there is none."""
+        licence = self._licence(key)
+        asked = _Asked(licence, Who(holder, ip), seats, unit_key(licence.count_by, holder, ""), at)
+        rules = (self._rule_validity, self._rule_deny, self._rule_allow, *self._seat_rules)
+        return [verdict for rule in rules if (verdict := rule(asked, True)) is not None]
+
+    def _rule_validity(self, a: _Asked, explain: bool) -> Verdict | None:
+        problem = a.licence.validity_error(a.at.wall)
+        if problem == "licence_expired":
+            return refusal("validity", "the licence has expired", LicenceExpired())
+        if problem == "licence_not_yet_valid":
+            return refusal("validity", "the licence is not valid yet", LicenceNotYetValid())
+        return Verdict("validity", "the licence is in force") if explain else None
+
+    def _rule_deny(self, a: _Asked, explain: bool) -> Verdict | None:
+        rule = first_match(a.licence.deny, a.who, self.groups)
+        if rule is not None:
+            why = f"refused by the licence's deny rule {rule!r}"
+            return refusal("deny", why, Denied(why))
+        if not explain:
+            return None
+        return Verdict("deny", "no deny rule matches" if a.licence.deny else "no deny rules")
+
+    def _rule_allow(self, a: _Asked, explain: bool) -> Verdict | None:
+        allow = a.licence.allow
+        rule = first_match(allow, a.who, self.groups) if allow else None
+        if allow and rule is None:
+            why = f"not in the licence's allow list ({', '.join(allow)})"
+            return refusal("allow", why, Denied(why))
+        if not explain:
+            return None
+        return Verdict("allow", f"allowed by {rule!r}" if rule else "no allow list: all may")
+
+    def _rule_clock(self, a: _Asked, explain: bool) -> Verdict | None:
+        if self.clock_held is not None and self.vendors(a.licence.id):
+            why = f"licence {a.licence.id!r}: {self.clock_held}"
+            held = Unavailable(
+                why, retry_after=CLOCK_HELD_RETRY, detail={"reason": "clock_rollback"}
+            )
+            return refusal("clock", why, held)
+        return Verdict("clock", "no grant is held back by the clock") if explain else None
+
+    def _rule_unit(self, a: _Asked, explain: bool) -> Verdict | None:
         """A unit (one host, user, ...) shares its seat among at most `leases_per_unit`
         leases: one machine cannot pile unbounded leases onto one seat."""
-        held = self.seats.leases_in(licence.id, unit)
+        licence = a.licence
+        if licence.count_by == "lease":
+            return Verdict("unit", "each lease counts on its own") if explain else None
+        held = self.seats.leases_in(licence.id, a.unit)
         if held >= licence.leases_per_unit:
-            raise Denied(
+            why = (
                 f"at most {licence.leases_per_unit} leases share one seat "
                 f"(count_by = {licence.count_by}); check one in first"
             )
+            return refusal("unit", why, Denied(why))
+        if not explain:
+            return None
+        return Verdict("unit", f"{held} of {licence.leases_per_unit} leases share this seat")
 
-    def _check_access(self, licence: Licence, who: Who) -> None:
-        rule = first_match(licence.deny, who, self.groups)
-        if rule is not None:
-            raise Denied(f"refused by the licence's deny rule {rule!r}")
-        if licence.allow and first_match(licence.allow, who, self.groups) is None:
-            raise Denied(f"not in the licence's allow list ({', '.join(licence.allow)})")
+    def _extra(self, a: _Asked) -> int:
+        """The seats the request adds to what its unit holds already."""
+        return max(0, a.seats - self.seats.held(a.licence.id, a.unit))
 
-    def _check_caps(self, licence: Licence, who: Who, extra: int) -> None:
-        h = who.holder
-        for name, cap in licence.max.items():
+    def _rule_max(self, a: _Asked, explain: bool) -> Verdict | None:
+        licence, h, extra = a.licence, a.who.holder, self._extra(a)
+        for name, cap in licence.max.items() if extra else ():
             if name == "user":
-                held, whose = (
-                    self.seats.usage(licence.id, lambda x: x.holder.user == h.user),
-                    h.user,
-                )
+                held = self.seats.usage(licence.id, lambda x: x.holder.user == h.user)
+                whose = h.user
             elif name == "host":
                 held = self.seats.usage(licence.id, lambda x: x.holder.hostid == h.hostid)
                 whose = h.host
             else:  # "group:NAME"
                 group = name.partition(":")[2]
-                if not matches(name, who, self.groups):
+                if not matches(name, a.who, self.groups):
                     continue
                 held, whose = self._group_usage(licence, group), f"group {group}"
                 name = "group"
             if held + extra > cap:
-                raise Denied(f"max {cap} seat(s) per {name}: {whose} holds {held}")
+                why = f"max {cap} seat(s) per {name}: {whose} holds {held}"
+                return refusal("max", why, Denied(why))
+        if not explain:
+            return None
+        if not extra:
+            return Verdict("max", "the holder's unit holds these seats already")
+        return Verdict("max", "within every cap" if licence.max else "no caps")
+
+    def _seat_count(self, a: _Asked) -> tuple[int, int, int, int]:
+        """(seats added, in use, seats in force, this holder's limit: those less the
+        reserved seats of groups it is not in)."""
+        total = a.licence.seats_at(a.at.wall)
+        limit = total - self._held_back(a.licence, a.who)
+        return self._extra(a), self.in_use(a.licence.id), total, limit
+
+    def _rule_reservation(self, a: _Asked, explain: bool) -> Verdict | None:
+        extra, in_use, total, limit = self._seat_count(a)
+        spare = a.licence.overdraft
+        if extra and limit + spare < in_use + extra <= total + spare:
+            why = (
+                f"{total - limit} of the {total} seats are reserved for groups the holder is not in"
+            )
+            return refusal(
+                "reservation", why, SeatsExhausted(detail={"in_use": in_use, "total": limit})
+            )
+        if not explain:
+            return None
+        if total == limit:
+            return Verdict("reservation", "no seats are held back for other groups")
+        return Verdict("reservation", f"{total - limit} seat(s) held back for other groups")
+
+    def _rule_seats(self, a: _Asked, explain: bool) -> Verdict | None:
+        extra, in_use, total, limit = self._seat_count(a)
+        if extra and in_use + extra > limit and not a.licence.overdraft:
+            why = f"{in_use} of {limit} seat(s) in use"
+            return refusal("seats", why, SeatsExhausted(detail={"in_use": in_use, "total": limit}))
+        if not explain:
+            return None
+        return Verdict("seats", f"{in_use} of {limit} seat(s) in use, {extra} more asked")
+
+    def _rule_overdraft(self, a: _Asked, explain: bool) -> Verdict | None:
+        extra, in_use, total, limit = self._seat_count(a)
+        spare = a.licence.overdraft
+        if spare and extra and in_use + extra > limit + spare:
+            why = f"every seat and all {spare} overdraft seat(s) are in use"
+            return refusal(
+                "overdraft", why, SeatsExhausted(detail={"in_use": in_use, "total": limit})
+            )
+        if not explain:
+            return None
+        if not spare:
+            return Verdict("overdraft", "the licence has no overdraft")
+        if extra and in_use + extra > limit:
+            return Verdict("overdraft", "granted in overdraft: flagged", flagged=True)
+        return Verdict("overdraft", "not needed")
 
     def _group_usage(self, licence: Licence, group: str) -> int:
         rule = f"group:{group}"

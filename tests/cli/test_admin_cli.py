@@ -742,6 +742,38 @@ async def test_the_daemon_refuses_a_user_it_does_not_allow(daemon: Daemon) -> No
 # ------------------------------------------------------------ key, check-config
 
 
+async def test_why_explains_what_a_checkout_would_get_and_the_checkout_agrees(
+    daemon: Daemon,
+) -> None:
+    args = ("why", "--licence", "dicom-hq", "--host", "ws-4", "--user", "dave", *sock(daemon))
+    granted = await ok_json(*args)
+    assert (granted["decision"], granted["rule"]) == ("granted", None)
+    assert granted["holder"] == {"host": "ws-4", "hostid": "ws-4", "user": "dave"}
+    assert [v["rule"] for v in granted["verdicts"]][:3] == ["validity", "deny", "allow"]
+    async with connected(daemon) as peer:
+        for n in range(3):
+            await take(peer, host=f"machine-{n}")
+        refused = await ok_json(*args)
+        assert (refused["decision"], refused["rule"]) == ("seats_exhausted", "seats")
+        (seats,) = [v for v in refused["verdicts"] if v["rule"] == "seats"]
+        assert seats == {
+            "rule": "seats",
+            "passed": False,
+            "reason": "3 of 3 seat(s) in use",
+            "error": "seats_exhausted",
+        }
+        real = await peer.checkout(h=holder("ws-4", user="dave"))
+        assert (real["error"], real["detail"]["rule"]) == ("seats_exhausted", "seats")
+    text = await ok(*args)
+    assert text.splitlines()[0] == (
+        "licence dicom-hq, host ws-4, user dave, 1 seat(s): seats_exhausted "
+        "(decided by the rule 'seats')"
+    )
+    assert "  seats        refused  3 of 3 seat(s) in use   <- decides" in text
+    unknown = await licd("why", "--licence", "nope", "--host", "h", *sock(daemon))
+    assert unknown.exit_code == 1 and "no licence with id 'nope'" in unknown.stderr
+
+
 async def test_key_show_asks_the_daemon_or_reads_the_state_dir(
     daemon: Daemon, tmp_path: Path
 ) -> None:

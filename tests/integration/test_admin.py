@@ -223,7 +223,7 @@ async def test_audit_records_every_change_with_the_holder(tmp_path: Path) -> Non
             "127.0.0.1",
         )
         assert entries[3]["reason"] == "seats_exhausted"
-        assert entries[3]["detail"] == {"in_use": 3, "total": 3}
+        assert entries[3]["detail"] == {"in_use": 3, "total": 3, "rule": "seats"}
         text = repr(entries)
         assert a["lease"] not in text and b["lease"] not in text and DICOM.key not in text
         later = await admin(daemon, "audit", after=entries[2]["id"])

@@ -107,7 +107,7 @@ async def test_seed_000_scenario_with_verified_tokens(tmp_path: Path) -> None:
         assert denied["ok"] is False
         assert denied["error"] == "seats_exhausted"
         assert denied["message"] == "maximum allowed concurrent licences reached"
-        assert denied["detail"] == {"in_use": 3, "total": 3}
+        assert denied["detail"] == {"in_use": 3, "total": 3, "rule": "seats"}
         released = await peers[0].call("checkin", lease=leases[0]["lease"])
         assert released["released"] is True
         again = await peers[0].call("checkin", lease=leases[0]["lease"])

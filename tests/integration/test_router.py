@@ -413,7 +413,7 @@ async def test_sub_leases_never_outlive_the_block_nor_exceed_its_seats(
         assert refused["ok"] is False and "token" not in refused
         assert refused["error"] == "seats_exhausted"
         assert refused["message"] == "maximum allowed concurrent licences reached"
-        assert refused["detail"] == {"in_use": 3, "total": 3}
+        assert refused["detail"] == {"in_use": 3, "total": 3, "rule": "seats"}
         # The vendor counts the block, not the sub-leases.
         assert vendor.daemon.engine.in_use(VENDOR.id) == BLOCK.block_seats
 
@@ -683,7 +683,7 @@ async def test_forward_mode_seed000_across_two_sites(
         assert refused["ok"] is False and "token" not in refused
         assert refused["error"] == "seats_exhausted"
         assert refused["message"] == "maximum allowed concurrent licences reached"
-        assert refused["detail"] == {"in_use": 3, "total": 3}
+        assert refused["detail"] == {"in_use": 3, "total": 3, "rule": "seats"}
 
         # `licd leases` on site 1 lists its own holders; the seats are held upstream.
         listed = await asyncio.to_thread(

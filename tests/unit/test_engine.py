@@ -49,7 +49,7 @@ def test_seed_000_three_seats_then_exhausted(engine: Engine, clock: ManualClock)
     with pytest.raises(SeatsExhausted) as err:
         live(engine, clock, "machine-d")
     assert err.value.message == "maximum allowed concurrent licences reached"
-    assert err.value.detail == {"in_use": 3, "total": 3}
+    assert err.value.detail == {"in_use": 3, "total": 3, "rule": "seats"}
     released = engine.begin_release(a.secret)
     assert released is a
     # Until the release is committed the seat stays counted.

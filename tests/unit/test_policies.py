@@ -160,7 +160,7 @@ def test_overdraft_exactly_at_n_and_refused_at_n_plus_one() -> None:
     assert all(x.overdraft for x in over)
     with pytest.raises(SeatsExhausted) as err:
         w.take(who("one-too-many"))  # seats + N + 1
-    assert err.value.detail == {"in_use": 4, "total": 2}
+    assert err.value.detail == {"in_use": 4, "total": 2, "rule": "overdraft"}
 
 
 # ---------------------------------------------- 5. access lists, reservations, caps
@@ -191,7 +191,7 @@ def test_reservation_when_the_pool_is_otherwise_full() -> None:
     w.take(who("b"))
     with pytest.raises(SeatsExhausted) as err:
         w.take(who("c"))  # two seats are left, but they are cad's
-    assert err.value.detail == {"in_use": 2, "total": 2}
+    assert err.value.detail == {"in_use": 2, "total": 2, "rule": "reservation"}
     w.take(who("x", "alice"))
     w.take(who("y", "bob"))
     assert w.in_use == 4
