@@ -139,8 +139,12 @@ async def _serve(config: Config) -> None:
             )
         )
         stopped = asyncio.ensure_future(stop.wait())
+        # A standby may wait long: its loop pings the watchdog meanwhile (the daemon
+        # pings on its own once it serves).
+        watchdog = asyncio.ensure_future(notifier.run_watchdog())
         await asyncio.wait({opening, stopped}, return_when=asyncio.FIRST_COMPLETED)
         stopped.cancel()
+        watchdog.cancel()
         if not opening.done():
             opening.cancel()
             with contextlib.suppress(asyncio.CancelledError):

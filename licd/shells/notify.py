@@ -56,6 +56,7 @@ class Notifier:
                 sock.setblocking(False)
                 self._sock = sock
         self.enabled = self._sock is not None
+        self.started = False  # READY=1 sent: asking for more time to start is over
         self.watchdog_interval = (
             watchdog_usec / 2_000_000 if self.enabled and watchdog_usec is not None else None
         )
@@ -72,7 +73,9 @@ class Notifier:
     # --- the messages ------------------------------------------------------------------
 
     def ready(self, status: str | None = None) -> None:
-        """Start-up or a reload is complete: the daemon listens and its store is open."""
+        """Start-up or a reload is complete: the daemon listens and its store is open (or,
+        a cluster's standby, it listens and waits to lead)."""
+        self.started = True
         if status is None:
             self._send("READY=1")
         else:
@@ -114,7 +117,10 @@ class Notifier:
             await sleep(interval)
 
     def extend_start(self, seconds: float, status: str) -> None:
-        """Still starting: systemd's start timeout is to allow `seconds` more."""
+        """Still starting: systemd's start timeout is to allow `seconds` more (nothing
+        once READY=1 was sent: a standby is started, and its status stays)."""
+        if self.started:
+            return
         self._send(f"EXTEND_TIMEOUT_USEC={round(seconds * 1_000_000)}\nSTATUS={_one_line(status)}")
 
     async def while_starting(

@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -36,6 +37,7 @@ from tests.integration.procs import (
     DaemonProcess,
     Daemons,
     TomlValue,
+    child_env,
     render_config,
     run_licd,
     toml_value,
@@ -120,9 +122,11 @@ class Cluster:
     def address(self, name: str) -> str:
         return f"127.0.0.1:{self.ports[name]}"
 
-    async def start(self, name: str) -> DaemonProcess:
+    async def start(self, name: str, env: dict[str, str] | None = None) -> DaemonProcess:
         proc = self.daemons.process(self.configs[name])
         proc.port = self.ports[name]
+        if env is not None:
+            proc.env = {**child_env(), **env}
         self.procs[name] = proc
         await asyncio.to_thread(proc.start, 30.0, READY)
         return proc
@@ -247,10 +251,28 @@ def stopped(proc: DaemonProcess) -> Iterator[None]:
         os.kill(proc.pid, signal.SIGCONT)
 
 
-async def test_one_node_leads_and_a_standby_redirects_clients_to_it(cluster: Cluster) -> None:
+async def test_one_node_leads_and_a_standby_redirects_clients_to_it(
+    cluster: Cluster, tmp_path: Path
+) -> None:
     await cluster.start("a")
     await cluster.serving("a")
-    await cluster.start("b")
+    # b runs as systemd would run it: it says it is ready (a standby), and its loop
+    # pings the watchdog while it waits to lead.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(30.0)
+    try:
+        env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"}
+        await cluster.start("b", env=env)
+        seen: list[bytes] = []
+        while b"WATCHDOG=1" not in seen or not any(m.startswith(b"READY=1") for m in seen):
+            seen.append(await asyncio.to_thread(notify.recv, 65536))
+        ready = [m for m in seen if m.startswith(b"READY=1")]
+        assert ready == [
+            b"READY=1\nSTATUS=standby of a cluster, node b at " + cluster.address("b").encode()
+        ]
+    finally:
+        notify.close()
     peer = await RawPeer.connect(cluster.addr("b"))
     try:
         hello = await peer.hello()  # a standby answers hello with the site's key

@@ -316,6 +316,30 @@ async def test_more_time_to_start_is_asked_for_until_the_work_is_done(
     assert asyncio.all_tasks() == {asyncio.current_task()}
 
 
+async def test_once_ready_no_more_time_is_asked_for_and_the_status_stays(
+    receiver: tuple[socket.socket, str], notifier: Notifier
+) -> None:
+    """A cluster's standby says READY while its start (waiting to lead) goes on: the
+    start timeout is over for systemd, and its STATUS line is not overwritten."""
+    sock = receiver[0]
+    loop = asyncio.get_running_loop()
+    release = asyncio.Event()
+
+    async def wait_to_lead() -> str:
+        notifier.ready("standby of a cluster")
+        await release.wait()
+        return "leading"
+
+    task = asyncio.create_task(notifier.while_starting(wait_to_lead(), "opening", every=0.01))
+    message = await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+    assert message == b"READY=1\nSTATUS=standby of a cluster"
+    for _ in range(3):  # several of while_starting's turns: each would have asked
+        await asyncio.sleep(0.02)
+    release.set()
+    assert await asyncio.wait_for(task, 10) == "leading"
+    assert received(sock) == []
+
+
 async def test_work_failing_or_cancelled_while_starting(notifier: Notifier) -> None:
     async def broken() -> None:
         raise RuntimeError("bad database")
