@@ -22,6 +22,7 @@ key) holds one live lease at most.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import re
@@ -36,6 +37,9 @@ from licd.store.base import Statements, Store, StoreError, _merged
 from licd.store.writer import LAZY_INTERVAL
 
 log = logging.getLogger(__name__)
+
+#: What the database or the network can raise.
+_DB_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach the database at start
 RELEASE_TIMEOUT = 2.0  # seconds a stopping leader waits to let the leadership go
@@ -225,31 +229,54 @@ class PostgresStore(Store):
     async def _transaction(self, statements: Statements) -> None:
         """One batch, all or nothing, at this node's epoch: the leadership row is locked
         FOR SHARE first (a takeover waits for this commit), and a node that lost it
-        commits nothing (Fenced)."""
+        commits nothing (Fenced).
+
+        A connection found broken before the COMMIT is made again and the batch tried
+        once more: nothing of it was committed (a database restarted or failed over).
+        One that breaks during the COMMIT leaves its outcome unknown: the store is then
+        `lost` (the leader steps down and loads the state again on its restart)."""
         if self._epoch is None:
             raise Fenced(f"{self.where}: this node does not lead: nothing is written")
-        if self.lost is not None:
-            raise Fenced(f"{self.where}: {self.lost}: nothing is written")
+        merged = _merged(statements)
+        for attempt in (1, 2):
+            if self.lost is not None:
+                raise Fenced(f"{self.where}: {self.lost}: nothing is written")
+            if self._conn.is_closed():
+                self._conn = await self._on(asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT))
+            conn = self._conn
+            transaction = conn.transaction()
+            try:
+                await transaction.start()
+                await self._fenced(conn, merged)
+            except BaseException as exc:
+                if not conn.is_closed():
+                    with contextlib.suppress(*_DB_ERRORS):
+                        await transaction.rollback()
+                if isinstance(exc, _DB_ERRORS) and conn.is_closed() and attempt == 1:
+                    log.warning("event=store_reconnect error=%r", str(exc))
+                    continue  # not committed: try again on a new connection
+                if isinstance(exc, _DB_ERRORS):
+                    raise StoreError(str(exc)) from None
+                raise
+            try:
+                await transaction.commit()
+            except _DB_ERRORS as exc:
+                if conn.is_closed():
+                    self.lost = f"the database connection broke during a write ({exc})"
+                    log.error("event=store_connection_lost error=%r", str(exc))
+                raise StoreError(str(exc)) from None
+            return
+
+    async def _fenced(self, conn: Any, statements: Statements) -> None:
+        """In the transaction: the fence, then the statements."""
+        assert self._epoch is not None
         epoch, node = self._epoch
-        conn = self._conn
-        try:
-            async with conn.transaction():
-                if await conn.fetchval(FENCE, epoch, node) is None:
-                    raise Fenced(
-                        f"{self.where}: this node no longer leads (epoch {epoch}): "
-                        "nothing was written"
-                    )
-                for sql, rows in _merged(statements):
-                    await conn.executemany(numbered(sql), rows)
-        except StoreError:
-            raise
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            if conn.is_closed():
-                # Whether the COMMIT happened is unknown: the engine may now differ from
-                # the database, so this node must load its state again to write again.
-                self.lost = f"the database connection broke during a write ({exc})"
-                log.error("event=store_connection_lost error=%r", str(exc))
-            raise StoreError(str(exc)) from None
+        if await conn.fetchval(FENCE, epoch, node) is None:
+            raise Fenced(
+                f"{self.where}: this node no longer leads (epoch {epoch}): nothing was written"
+            )
+        for sql, rows in statements:
+            await conn.executemany(numbered(sql), rows)
 
     async def _release(self, committed: bool) -> None:
         """Close the connections; a leader whose writes are all committed first lets

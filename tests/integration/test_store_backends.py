@@ -285,12 +285,12 @@ async def test_the_seat_guard_refuses_more_seats_than_the_licence_can_grant(dsn:
         assert len(await store.load_leases()) == 4
 
 
-async def test_after_the_database_drops_its_connections_reads_come_back_and_writes_stop(
+async def test_after_the_database_drops_its_connections_the_store_connects_again(
     dsn: str, pg_server: PgServer
 ) -> None:
-    """A database restart (or failover) ends every connection. Reads and the leadership
-    calls connect again; the writing connection does not, since whether its last
-    commit happened is unknown: the store says so (`lost`), for the leader to step down."""
+    """A database restart (or failover) ends every connection: reads, the leadership
+    calls and writes all connect again (a write found its connection gone before its
+    COMMIT: nothing of it was committed, so it is simply tried again)."""
     async with writing(await open_postgres(dsn)) as store:
         await store.insert_lease(lease(1))
         pg_server.psql(
@@ -304,9 +304,76 @@ async def test_after_the_database_drops_its_connections_reads_come_back_and_writ
                 break
             except StoreError:
                 assert attempt == 0
+        await store.insert_lease(lease(2))
+        assert store.lost is None
+        assert sorted(x.secret for x in await store.load_leases()) == ["secret-1", "secret-2"]
+
+
+async def test_a_connection_lost_during_its_commit_stops_the_stores_writes(
+    dsn: str, pg_server: PgServer
+) -> None:
+    """Only a COMMIT cut off midway leaves its outcome unknown: the store says so
+    (`lost`, for the leader to step down and load the state again) and writes nothing
+    more."""
+    schema = dsn.rpartition("search_path=")[2]
+    async with writing(await open_postgres(dsn)) as store:
+        # A deferred trigger makes this table's COMMITs slow, so one can be cut off.
+        pg_server.psql(
+            f"CREATE FUNCTION {schema}.slow() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN PERFORM pg_sleep(30); RETURN NULL; END $$; "
+            f"CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON {schema}.counter "
+            f"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {schema}.slow()"
+        )
+        write = asyncio.ensure_future(store.put_counter(CounterState("cad", "runs", 1, NOW)))
+        deadline = asyncio.get_running_loop().time() + 30
+        while (
+            pg_server.psql(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE state = 'active' AND query ILIKE 'COMMIT%'"
+            )
+            != "t"
+        ):
+            assert asyncio.get_running_loop().time() < deadline, "no COMMIT seen"
+            await asyncio.sleep(0.05)
         with pytest.raises(StoreError):
-            await store.insert_lease(lease(2))
+            await write
         assert store.lost is not None and "broke during a write" in store.lost
         with pytest.raises(StoreError, match="broke during a write"):
             await store.insert_lease(lease(3))  # and nothing more is tried
+        assert await store.load_leases() == []
+
+
+class _Dropped:
+    """A connection the database has closed, though the store has not noticed yet:
+    it finds out when it begins a transaction."""
+
+    def __init__(self) -> None:
+        self.closed = False
+
+    def is_closed(self) -> bool:
+        return self.closed
+
+    def transaction(self) -> _Dropped:
+        return self
+
+    async def start(self) -> None:
+        import asyncpg
+
+        self.closed = True
+        raise asyncpg.ConnectionDoesNotExistError(
+            "connection was closed in the middle of operation"
+        )
+
+    def terminate(self) -> None:
+        pass
+
+
+async def test_a_write_that_finds_its_connection_gone_before_commit_is_tried_again(
+    dsn: str,
+) -> None:
+    async with writing(await open_postgres(dsn)) as store:
+        await store._conn.close()  # the writer's connection, as the database left it
+        store._conn = _Dropped()
+        await store.insert_lease(lease(1))
+        assert store.lost is None
         assert [x.secret for x in await store.load_leases()] == ["secret-1"]
