@@ -27,6 +27,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
+from nacl.signing import SigningKey
+
 from licd.clock import Clock, SystemClock
 from licd.config.settings import Config, ConfigError, StoreConfig, load_config
 from licd.core.admin import AdminOps
@@ -51,12 +53,13 @@ from licd.shells.server import Server
 from licd.shells.standby import StandbyListener
 from licd.shells.upstream import UpstreamLink
 from licd.store.base import Store, StoreError
-from licd.store.keyfile import key_path, load_or_create_key
+from licd.store.keyfile import key_path, load_key, load_or_create_key
 from licd.store.sqlite import DB_FILE, SqliteStore
 from licd_client.connection import format_address
 from licd_client.errors import LicdError
 from licd_client.identity import site_components
 from licd_client.safetext import OneLineFormatter, kv_line
+from licd_client.statements import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +111,36 @@ async def open_store(config: StoreConfig, state_dir: Path) -> Store:
             raise StartupError(POSTGRES_EXTRA) from None
         return await PostgresStore.open(read_dsn(config.dsn, config.dsn_file))
     return await SqliteStore.open(state_dir / DB_FILE)
+
+
+async def _cluster_node_key(store: LeaderStore, path: Path) -> SigningKey:
+    """A cluster node's key: the cluster's, copied to every node (clients pin one key).
+    The first node's key becomes the cluster's; a node with another key is refused, and
+    a node without one is told to copy it rather than given a new one."""
+    known = await store.cluster_key()
+    key = _node_key_file(path, known)
+    mine = bytes(key.verify_key)
+    if known is None:
+        known = await store.cluster_key(mine)  # unless a node starting with us was first
+    if mine != known:
+        raise StartupError(
+            f"{path} is not the cluster's key: this node's is {fingerprint(mine)}, the "
+            f"cluster's {fingerprint(known or b'')}; copy daemon.key from another node "
+            "(docs/ha.md)"
+        )
+    return key
+
+
+def _node_key_file(path: Path, known: bytes | None) -> SigningKey:
+    """The node's key file: made when the cluster has no key yet, else it must exist."""
+    if known is None:
+        return load_or_create_key(path)
+    if not path.exists():
+        raise StartupError(
+            f"{path} is missing: every node of a cluster signs with the cluster's key "
+            f"({fingerprint(known)}); copy daemon.key from another node (docs/ha.md)"
+        )
+    return load_key(path)
 
 
 async def _win_leadership(
@@ -309,14 +342,17 @@ class Daemon:
         lock = _lock(state_dir)
         try:
             _check_key_kept(state_dir)
-            key = load_or_create_key(key_path(state_dir))
             store = await open_store(config.store, state_dir)
         except Exception:
             lock.close()
             raise
-        signer = Signer(key, config.server.site)
         leadership: Leadership | None = None
         try:
+            if config.store.backend == "postgres":
+                key = await _cluster_node_key(cast(LeaderStore, store), key_path(state_dir))
+            else:
+                key = load_or_create_key(key_path(state_dir))
+            signer = Signer(key, config.server.site)
             if config.store.backend == "postgres":
                 # A cluster node: a standby until it leads; only then is state loaded.
                 leadership = await _win_leadership(

@@ -97,6 +97,7 @@ RENEW = """
 UPDATE leader SET renewed_at = clock_timestamp()
 WHERE id = 1 AND epoch = $1 AND node = $2 RETURNING epoch
 """
+RECORD_KEY = "INSERT INTO cluster_key (id, public) VALUES (1, $1) ON CONFLICT (id) DO NOTHING"
 RELEASE = "UPDATE leader SET node = '', address = '' WHERE id = 1 AND epoch = $1 AND node = $2"
 SELECT_LEADER = """
 SELECT epoch, node, address, extract(epoch FROM clock_timestamp() - renewed_at)
@@ -172,6 +173,16 @@ class PostgresStore(Store):
         return int(rows[0][0] or 0)
 
     # ------------------------------------------------------------- leadership
+
+    async def cluster_key(self, public: bytes | None = None) -> bytes | None:
+        """The public key the cluster's nodes sign with, recorded by the first node:
+        `public` is recorded when none is yet (and the one kept returned)."""
+        async with self._leader_lock:
+            conn = await self._leader_conn()
+            if public is not None:
+                await self._on(conn.execute(RECORD_KEY, public))
+            value = await self._on(conn.fetchval("SELECT public FROM cluster_key WHERE id = 1"))
+        return None if value is None else bytes(value)
 
     def fence(self, epoch: int, node: str) -> None:
         """Write only while the leadership row is at (`epoch`, `node`)."""

@@ -586,3 +586,22 @@ async def test_a_leader_cut_off_from_its_clients_keeps_the_leadership(
     finally:
         await front.close()
     await cluster.audit()
+
+
+async def test_every_node_signs_with_the_clusters_key(cluster: Cluster) -> None:
+    """Clients pin one key: the first node's becomes the cluster's; a node with another
+    key is refused at start, and one without a key is told to copy it (it does not make
+    one of its own)."""
+    await cluster.start("a")
+    await cluster.serving("a")
+    key = key_path(cluster.directory / "node-c" / "state")
+    key.unlink()
+    load_or_create_key(key)  # a key of its own
+    other = await asyncio.to_thread(run_licd, "serve", "--config", str(cluster.configs["c"]))
+    assert other.returncode == 1
+    assert "is not the cluster's key" in other.stderr and "Traceback" not in other.stderr
+    key.unlink()
+    missing = await asyncio.to_thread(run_licd, "serve", "--config", str(cluster.configs["c"]))
+    assert missing.returncode == 1
+    assert "daemon.key is missing" in missing.stderr and "copy daemon.key" in missing.stderr
+    assert not key.exists()

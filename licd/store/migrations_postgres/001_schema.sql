@@ -209,3 +209,10 @@ CREATE TRIGGER lease_added AFTER INSERT ON lease
 CREATE TRIGGER lease_removed AFTER DELETE ON lease
     REFERENCING OLD TABLE AS changed
     FOR EACH STATEMENT EXECUTE FUNCTION licd_count_seats();
+
+-- The site key every node of the cluster signs with (clients pin it): the first node
+-- records it; a node with another key, or none, is refused at start (docs/ha.md).
+CREATE TABLE cluster_key (
+    id     integer PRIMARY KEY CHECK (id = 1),
+    public bytea NOT NULL CHECK (length(public) = 32)
+);
