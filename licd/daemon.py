@@ -30,7 +30,7 @@ from typing import Any, cast
 from nacl.signing import SigningKey
 
 from licd.clock import Clock, SystemClock
-from licd.config.settings import Config, ConfigError, StoreConfig, load_config
+from licd.config.settings import Config, ConfigError, StoreConfig, default_site, load_config
 from licd.core.admin import AdminOps
 from licd.core.audit_upkeep import RETIRE_CHUNK, RETIRE_MAX_CHUNKS, DenialLog, retire
 from licd.core.clock_guard import ClockGuard
@@ -157,7 +157,7 @@ async def _win_leadership(
     address = s.advertise or format_address(config.server.listen[0])
     leadership = Leadership(
         store,
-        node=s.node or config.server.site,
+        node=s.node or default_site(),  # the host name: the site is every node's
         address=address,
         ttl=s.leader_ttl,
         lock_delay=s.lock_delay,

@@ -16,6 +16,7 @@ import click
 
 from licd.cli import format as fmt
 from licd.cli.admin_command import CONFIG_OPTION, config_file
+from licd.config.settings import default_site
 from licd.store.base import StoreError
 from licd_client.safetext import escape
 
@@ -46,7 +47,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
         leader, standbys = asyncio.run(cluster_view(read_dsn(s.dsn, s.dsn_file)))
     except StoreError as exc:
         raise click.ClickException(str(exc)) from None
-    node = s.node or config.server.site
+    node = s.node or default_site()
     live = bool(leader.node) and leader.age <= s.leader_ttl + s.lock_delay
     out: dict[str, Any] = {
         "node": node,

@@ -147,7 +147,7 @@ class StoreConfig:
     backend: str = "sqlite"  # "sqlite" | "postgres"
     dsn: str | None = None  # postgres: the connection string (no password: use dsn_file)
     dsn_file: Path | None = None  # postgres: a file holding it (it may have a password)
-    node: str = ""  # this node's name in the cluster; "" : the [server] site
+    node: str = ""  # this node's name in the cluster; "": this machine's host name
     advertise: str | None = None  # "host:port" clients reach this node at; None: listen[0]
     leader_ttl: float = 6.0  # a leader not renewed for this long (+ lock_delay) is replaced
     lock_delay: float = 2.0  # how much longer a standby waits before taking over
@@ -268,7 +268,7 @@ def parse_config(text: str, source: Path) -> Config:
         groups=groups,
         vendor=_vendor(top.table("vendor", ("keys",))),
         entitlement_files=_entitlement_files(top),
-        store=_store(top.table("store", _STORE_KEYS)),
+        store=_store(top.table("store", _STORE_KEYS), server.listen),
     )
 
 
@@ -414,7 +414,7 @@ _STORE_KEYS = tuple(f.name for f in fields(StoreConfig))
 _ST = StoreConfig()
 
 
-def _store(t: Table) -> StoreConfig:
+def _store(t: Table, listen: tuple[tuple[str, int], ...]) -> StoreConfig:
     backend = t.get("backend", _ST.backend)
     if backend not in ("sqlite", "postgres"):
         raise t.error("backend", 'must be "sqlite" or "postgres"')
@@ -442,6 +442,12 @@ def _store(t: Table) -> StoreConfig:
             parse_address(advertise)
         except ValueError as exc:
             raise t.error("advertise", str(exc)) from None
+    if advertise is None and listen[0][0] in ("0.0.0.0", "::"):
+        raise t.error(
+            "advertise",
+            f"required: the first [server] listen address {listen[0][0]} is no address "
+            'clients can be sent to; give this node\'s "host:port"',
+        )
     ttl = t.duration("leader_ttl", _ST.leader_ttl, minimum=1.0, maximum=600.0)
     return StoreConfig(
         backend=backend,

@@ -865,10 +865,14 @@ def test_the_store_is_sqlite_unless_postgres_is_named(tmp_path: Path) -> None:
         ('backend = "postgres"\ndsn = "host=db password=x"', "store.dsn: holds a password"),
         ('backend = "postgres"\ndsn_file = "dsn"', "store.dsn_file: must be an absolute path"),
         ('backend = "postgres"\ndsn = "h"\nadvertise = "nohost"', "store.advertise: invalid"),
-        ('backend = "postgres"\ndsn = "h"\nleader_ttl = "0.5s"', "store.leader_ttl: must be at"),
+        (
+            'backend = "postgres"\ndsn = "h"\nadvertise = "h:1"\nleader_ttl = "0.5s"',
+            "store.leader_ttl: must be at",
+        ),
         ('backend = "postgres"\ndsn = "h"\nnodes = "a"', "store.nodes: unknown key"),
+        ('backend = "postgres"\ndsn = "h"', "store.advertise: required: the first [server] listen"),
     ],
 )
 def test_store_errors_name_the_key(tmp_path: Path, text: str, where: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(where)):
-        parse_config("[store]\n" + text, tmp_path / "c.toml")
+        parse_config('[server]\nlisten = ["0.0.0.0:27500"]\n[store]\n' + text, tmp_path / "c.toml")
