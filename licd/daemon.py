@@ -109,7 +109,8 @@ async def open_store(config: StoreConfig, state_dir: Path) -> Store:
             from licd.store.postgres import PostgresStore, read_dsn
         except ImportError:
             raise StartupError(POSTGRES_EXTRA) from None
-        return await PostgresStore.open(read_dsn(config.dsn, config.dsn_file))
+        dsn = read_dsn(config.dsn, config.dsn_file)
+        return await PostgresStore.open(dsn, idle_timeout=config.leader_ttl)
     return await SqliteStore.open(state_dir / DB_FILE)
 
 

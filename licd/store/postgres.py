@@ -120,6 +120,12 @@ def read_dsn(dsn: str | None, dsn_file: Path | None) -> str:
     return lines[0].strip()
 
 
+async def _connect(dsn: str, idle_timeout: float) -> Any:
+    """One connection of the store's (see `PostgresStore.open` for `idle_timeout`)."""
+    settings = {"idle_in_transaction_session_timeout": str(max(1, round(idle_timeout * 1000)))}
+    return await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, server_settings=settings)
+
+
 def _where(dsn: str) -> str:
     """The database's name for errors and logs: the address without a password."""
     return re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", dsn)
@@ -134,10 +140,12 @@ class PostgresStore(Store):
         reader: Any,
         leadership: Any,
         dsn: str,
+        idle_timeout: float,
         lazy_interval: float = LAZY_INTERVAL,
     ) -> None:
         super().__init__(_where(dsn), lazy_interval)
         self._dsn = dsn
+        self._idle_timeout = idle_timeout
         self._conn = writer  # asyncpg connections
         self._reader = reader
         self._leadership = leadership
@@ -150,13 +158,18 @@ class PostgresStore(Store):
         self.lost: str | None = None
 
     @classmethod
-    async def open(cls, dsn: str, *, lazy_interval: float = LAZY_INTERVAL) -> PostgresStore:
-        """Connect (three connections) and apply the migrations, one node at a time."""
+    async def open(
+        cls, dsn: str, *, idle_timeout: float = 6.0, lazy_interval: float = LAZY_INTERVAL
+    ) -> PostgresStore:
+        """Connect (three connections) and apply the migrations, one node at a time.
+        `idle_timeout` (the cluster's leader_ttl): the database ends a session of this
+        store that stays that long inside a transaction without a word (a node frozen
+        mid-write), so the locks it holds never keep a standby from taking over."""
         where = _where(dsn)
         conns: list[Any] = []
         try:
             for _ in range(3):
-                conns.append(await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT))
+                conns.append(await _connect(dsn, idle_timeout))
             await _migrate(conns[0])
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             for conn in conns:
@@ -166,7 +179,7 @@ class PostgresStore(Store):
             for conn in conns:
                 conn.terminate()
             raise
-        return cls(conns[0], conns[1], conns[2], dsn, lazy_interval)
+        return cls(conns[0], conns[1], conns[2], dsn, idle_timeout, lazy_interval)
 
     async def schema_version(self) -> int:
         rows = await self._read("SELECT max(version) FROM licd_schema")
@@ -198,7 +211,7 @@ class PostgresStore(Store):
         or failed over: a multi-host dsn finds the new primary). Safe: the leadership
         calls are single statements, and the row says who leads."""
         if self._leadership.is_closed():
-            self._leadership = await self._on(asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT))
+            self._leadership = await self._on(_connect(self._dsn, self._idle_timeout))
         return self._leadership
 
     async def claim(self, node: str, address: str, hold_for: float) -> int | None:
@@ -233,7 +246,7 @@ class PostgresStore(Store):
         """Reads see committed data only; their connection is made again if it broke."""
         async with self._read_lock:
             if self._reader.is_closed():
-                self._reader = await self._on(asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT))
+                self._reader = await self._on(_connect(self._dsn, self._idle_timeout))
             rows = await self._on(self._reader.fetch(numbered(sql), *params))
         return [tuple(row) for row in rows]
 
@@ -253,7 +266,7 @@ class PostgresStore(Store):
             if self.lost is not None:
                 raise Fenced(f"{self.where}: {self.lost}: nothing is written")
             if self._conn.is_closed():
-                self._conn = await self._on(asyncpg.connect(self._dsn, timeout=CONNECT_TIMEOUT))
+                self._conn = await self._on(_connect(self._dsn, self._idle_timeout))
             conn = self._conn
             transaction = conn.transaction()
             try:

@@ -69,11 +69,11 @@ async def pg_schema(server: PgServer) -> str:
     return f"{server.dsn}?search_path={name}"
 
 
-async def open_postgres(dsn: str, node: str = NODE) -> PostgresStore:
+async def open_postgres(dsn: str, node: str = NODE, idle_timeout: float = 6.0) -> PostgresStore:
     """A PostgresStore leading (so its writes are fenced at its epoch)."""
     from licd.store.postgres import PostgresStore
 
-    store = await PostgresStore.open(dsn)
+    store = await PostgresStore.open(dsn, idle_timeout=idle_timeout)
     epoch = await store.claim(node, "127.0.0.1:27500", 60.0)
     assert epoch is not None, "the previous store of this test did not let go"
     store.fence(epoch, node)
@@ -377,3 +377,25 @@ async def test_a_write_that_finds_its_connection_gone_before_commit_is_tried_aga
         await store.insert_lease(lease(1))
         assert store.lost is None
         assert [x.secret for x in await store.load_leases()] == ["secret-1"]
+
+
+async def test_a_leader_frozen_inside_a_write_does_not_keep_a_standby_from_taking_over(
+    dsn: str,
+) -> None:
+    """A node that stops mid-transaction holds the leadership row FOR SHARE: the
+    database ends its session after `idle_timeout` (leader_ttl), and the takeover,
+    waiting for that lock, goes through."""
+    from licd.store.postgres import FENCE, PostgresStore
+
+    frozen = await open_postgres(dsn, "node-a", idle_timeout=1.0)
+    standby = await PostgresStore.open(dsn)
+    try:
+        conn = frozen._conn  # the writer's connection, as a write left it when frozen
+        await conn.execute("BEGIN")
+        assert await conn.fetchval(FENCE, 1, "node-a") == 1
+        async with asyncio.timeout(30):  # bounded: without the session timeout, forever
+            epoch = await standby.claim("node-b", "127.0.0.1:27501", 0.0)
+        assert epoch == 2
+    finally:
+        await frozen.close()
+        await standby.close()
