@@ -41,6 +41,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+def boottime() -> float:
+    """Seconds on a clock that, unlike `time.monotonic`, goes on while the machine is
+    suspended (Linux's CLOCK_BOOTTIME): a leader suspended past its deadline wakes up
+    knowing it (else the monotonic clock)."""
+    return time.clock_gettime(_BOOTTIME)
+
+
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
 class LeadershipLost(Exception):
     """This node was the leader and no longer is: it must stop answering."""
 
@@ -69,7 +79,7 @@ class Leadership:
         address: str,
         ttl: float,
         lock_delay: float,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = boottime,
     ) -> None:
         self.store = store
         self.node = node
