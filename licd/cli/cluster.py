@@ -1,14 +1,16 @@
 """`licd cluster status`: a cluster node's view of the cluster (docs/ha.md), read from the
 shared PostgreSQL database the config names, whether or not a daemon runs here.
 
-It shows this node's role, the leader (node, address, epoch, how long since it renewed)
-and the database's standbys with their replication state and lag.
+It shows this node's role (the leader as the database says, else a standby when its
+port accepts connections, else not running), the leader (node, address, epoch, how long
+since it renewed) and the database's standbys with their replication state and lag.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,8 @@ from licd.cli.admin_command import CONFIG_OPTION, config_file
 from licd.config.settings import default_site
 from licd.store.base import StoreError
 from licd_client.safetext import escape
+
+PROBE_TIMEOUT = 1.0  # seconds to wait for this node's own port to accept
 
 
 @click.group()
@@ -51,7 +55,7 @@ def status(config_path: Path | None, as_json: bool) -> None:
     live = bool(leader.node) and leader.age <= s.leader_ttl + s.lock_delay
     out: dict[str, Any] = {
         "node": node,
-        "role": "leader" if live and leader.node == node else "standby",
+        "role": _role(live and leader.node == node, config.server.listen[0]),
         "epoch": leader.epoch,
         "leader": (
             {"node": leader.node, "address": leader.address, "renewed_ago": round(leader.age, 3)}
@@ -79,3 +83,18 @@ def status(config_path: Path | None, as_json: bool) -> None:
     for name, state, lag in standbys:
         shown = "unknown" if lag is None or math.isnan(lag) else f"{lag:.3f} s"
         click.echo(f"database  standby {escape(name)}: {state}, replay lag {shown}")
+
+
+def _role(leads: bool, listen: tuple[str, int]) -> str:
+    """This node's role: "leader" as the database says; else "standby" when something
+    accepts connections on its first listen address, "not running" when nothing does."""
+    if leads:
+        return "leader"
+    host, port = listen
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT):
+            return "standby"
+    except OSError:
+        return "not running"

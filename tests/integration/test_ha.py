@@ -297,6 +297,10 @@ async def test_one_node_leads_and_a_standby_redirects_clients_to_it(
     )
     assert f"leader    a at {cluster.address('a')}, epoch 1" in text.stdout
     assert "node      a (leader)" in text.stdout
+    stopped = await asyncio.to_thread(
+        run_licd, "cluster", "status", "--json", "--config", str(cluster.configs["c"])
+    )
+    assert json.loads(stopped.stdout)["role"] == "not running"  # node c was never started
     # A client given the standby first follows the redirect and gets its seat there.
     client = cluster.client("b", "a")
     try:
