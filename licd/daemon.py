@@ -34,7 +34,7 @@ from licd.config.settings import Config, ConfigError, StoreConfig, default_site,
 from licd.core.admin import AdminOps
 from licd.core.audit_upkeep import RETIRE_CHUNK, RETIRE_MAX_CHUNKS, DenialLog, retire
 from licd.core.clock_guard import ClockGuard
-from licd.core.cluster import Leadership, LeaderStore, StandbyAnswers
+from licd.core.cluster import ClusterStore, Leadership, LeaderStore, StandbyAnswers
 from licd.core.dispatch import Dispatcher
 from licd.core.entitlements import EntitlementRefused, Entitlements
 from licd.core.events import Event, EventBus, Kind
@@ -114,7 +114,7 @@ async def open_store(config: StoreConfig, state_dir: Path) -> Store:
     return await SqliteStore.open(state_dir / DB_FILE)
 
 
-async def _cluster_node_key(store: LeaderStore, path: Path) -> SigningKey:
+async def _cluster_node_key(store: ClusterStore, path: Path) -> SigningKey:
     """A cluster node's key: the cluster's, copied to every node (clients pin one key).
     The first node's key becomes the cluster's; a node with another key is refused, and
     a node without one is told to copy it rather than given a new one."""
@@ -350,7 +350,7 @@ class Daemon:
         leadership: Leadership | None = None
         try:
             if config.store.backend == "postgres":
-                key = await _cluster_node_key(cast(LeaderStore, store), key_path(state_dir))
+                key = await _cluster_node_key(cast(ClusterStore, store), key_path(state_dir))
             else:
                 key = load_or_create_key(key_path(state_dir))
             signer = Signer(key, config.server.site)
