@@ -46,11 +46,29 @@ async def site(tmp_path: Path, vendor: Vendor) -> AsyncIterator[Daemon]:
     clock = ManualClock(wall=time.time())
     async with running(site_config(tmp_path, vendor), clock, components=SITE) as daemon:
         yield daemon
+        await close_clients()  # while their daemon still answers their checkins
+
+
+_clients: list[AsyncClient] = []
+
+
+async def close_clients() -> None:
+    """Close the clients `trusting` made (their leases checked in)."""
+    while _clients:
+        await _clients.pop().aclose()
 
 
 def trusting(daemon: Daemon, key: str) -> AsyncClient:
-    """A client of `daemon` that trusts `key` alone."""
-    return AsyncClient([address(daemon)], key, retry_for=0)
+    """A client of `daemon` that trusts `key` alone (closed when the test ends)."""
+    client = AsyncClient([address(daemon)], key, retry_for=0)
+    _clients.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+async def _clients_closed() -> AsyncIterator[None]:
+    yield
+    await close_clients()  # any a test left open (its daemon gone: slower)
 
 
 async def listed(daemon: Daemon) -> list[dict[str, Any]]:
@@ -286,6 +304,7 @@ async def test_a_restart_verifies_the_stored_entitlements_again(
         assert len(leases) == 3
         with pytest.raises(SeatsExhausted):
             await checkouts(daemon, vendor.public, 1)
+        await close_clients()
     # Without the vendor's key, or on another machine, it is not served.
     for changed, components in (
         (dataclasses.replace(config, vendor=VendorConfig()), SITE),
