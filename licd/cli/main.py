@@ -223,12 +223,23 @@ def status(admin: Admin) -> None:
 @click.option("--licence", help="Only this licence's leases (its id).")
 @click.option("--host", help="Only leases held from this host.")
 @click.option("--user", help="Only leases held by this user.")
-def leases(admin: Admin, licence: str | None, host: str | None, user: str | None) -> None:
+@click.option("--borrowed", is_flag=True, help="Only borrows (leases past borrow_after).")
+def leases(
+    admin: Admin, licence: str | None, host: str | None, user: str | None, borrowed: bool
+) -> None:
     """The live leases (never their secrets), in handle order."""
     found: list[dict[str, Any]] = []
     after = None
     while True:
-        page = admin.call("leases", licence=licence, host=host, user=user, after=after, limit=PAGE)
+        page = admin.call(
+            "leases",
+            licence=licence,
+            host=host,
+            user=user,
+            borrowed=borrowed,
+            after=after,
+            limit=PAGE,
+        )
         found += page["leases"]
         after = page["next"]
         if after is None:

@@ -104,6 +104,18 @@ _OPTIONS = [
         help="The longest lease a client may ask for.",
     ),
     click.option("--overdraft", type=click.IntRange(min=0), help="Seats beyond the limit."),
+    click.option(
+        "--borrow-after",
+        callback=_duration_or_clear,
+        metavar="DURATION|none",
+        help="A lease longer than this is a borrow.",
+    ),
+    click.option(
+        "--borrow-max", type=click.IntRange(min=0), help="Seats that may be borrowed at once."
+    ),
+    click.option(
+        "--borrow-allow", multiple=True, metavar="RULE", help="Who may borrow (replaces the list)."
+    ),
     click.option("--delegable/--not-delegable", default=None, help="May routers take blocks?"),
     click.option("--allow", multiple=True, metavar="RULE", help="Allow rule (replaces the list)."),
     click.option("--deny", multiple=True, metavar="RULE", help="Deny rule (replaces the list)."),
@@ -153,7 +165,11 @@ def policy_changes(opts: dict[str, Any]) -> dict[str, Any]:
     for opt, key in (("count_by", "count_by"), ("overdraft", "overdraft")):
         if opts[opt] is not None:
             out[key] = opts[opt]
-    for opt in ("device_period", "max_ttl"):
+    if opts["borrow_max"] is not None:
+        out["borrow_max"] = opts["borrow_max"]
+    if opts["borrow_allow"]:
+        out["borrow_allow"] = list(opts["borrow_allow"])
+    for opt in ("device_period", "max_ttl", "borrow_after"):
         if opts[opt] is not None:
             out[opt] = None if opts[opt] == CLEAR else opts[opt]
     if opts["delegable"] is not None:

@@ -12,6 +12,8 @@ from typing import Any
 import click
 
 from licd.cli.admin_command import Admin, admin_command
+from licd.cli.options import parsed
+from licd.config.settings import parse_duration
 from licd_client.safetext import escape
 
 
@@ -23,6 +25,12 @@ from licd_client.safetext import escape
 @click.option("--user", default="", help="The holder's user name.")
 @click.option("--ip", help="The address it would come from (for ip: rules).")
 @click.option("--seats", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option(
+    "--ttl",
+    callback=parsed(parse_duration),
+    metavar="DURATION",
+    help="The lease length asked for (longer than borrow_after: a borrow).",
+)
 def why(
     admin: Admin,
     licence: str,
@@ -31,10 +39,11 @@ def why(
     user: str,
     ip: str | None,
     seats: int,
+    ttl: float | None,
 ) -> None:
     """Explain what a checkout by this holder would get now, rule by rule."""
     result = admin.call(
-        "why", licence=licence, host=host, hostid=hostid, user=user, ip=ip, seats=seats
+        "why", licence=licence, host=host, hostid=hostid, user=user, ip=ip, seats=seats, ttl=ttl
     )
     admin.show(result, lambda: why_text(result))
 

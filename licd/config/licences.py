@@ -64,6 +64,7 @@ def licence_to_mapping(licence: Licence) -> dict[str, Any]:
     out["reserve"] = dict(licence.reserve)
     out["max"] = dict(licence.max)
     out["allow"], out["deny"] = list(licence.allow), list(licence.deny)
+    out["borrow_allow"] = list(licence.borrow_allow)
     out["counter"] = [dataclasses.asdict(c) for c in licence.counter]
     out["addon"] = [dataclasses.asdict(a) for a in licence.addon]
     return out
@@ -245,8 +246,28 @@ def _policies(t: Table, groups: Mapping[str, tuple[str, ...]]) -> dict[str, Any]
         ),
         "counter": _counters(t),
         "addon": _addons(t),
+        **_borrowing(t, groups),
     }
     return out
+
+
+def _borrowing(t: Table, groups: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
+    """borrow_after, borrow_max, borrow_allow (docs/policies.md, "Borrowing")."""
+    after = None
+    if "borrow_after" in t.data:
+        after = t.duration("borrow_after", MISSING, minimum=1.0)
+        longest = max(t.duration("lease_ttl", 90.0, minimum=1.0), _max_ttl(t) or 0.0)
+        if after >= longest:
+            raise t.error(
+                "borrow_after",
+                "must be shorter than max_ttl: no lease could be longer, so none a borrow",
+            )
+    limit = t.integer("borrow_max", None, 0, MAX_LICENCE_SEATS) if "borrow_max" in t.data else None
+    allow = _rules(t, "borrow_allow", groups)
+    if after is None and (limit is not None or allow):
+        name = "borrow_max" if limit is not None else "borrow_allow"
+        raise t.error(name, "needs borrow_after: which leases are borrows")
+    return {"borrow_after": after, "borrow_max": limit, "borrow_allow": allow}
 
 
 def _rules(t: Table, name: str, groups: Mapping[str, tuple[str, ...]]) -> tuple[str, ...]:

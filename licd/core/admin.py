@@ -79,8 +79,9 @@ def licence_status(licence: Licence, usage: Availability, now: float) -> dict[st
     }
 
 
-def lease_listing(lease: SeatLease) -> dict[str, Any]:
-    """A lease as admins see it: everything but its secret."""
+def lease_listing(lease: SeatLease, borrowed: bool = False) -> dict[str, Any]:
+    """A lease as admins see it: everything but its secret. `borrowed`: it is a borrow
+    (longer than its licence's borrow_after)."""
     h = lease.holder
     return {
         "handle": lease.handle,
@@ -97,11 +98,8 @@ def lease_listing(lease: SeatLease) -> dict[str, Any]:
         "expires": lease.expires,
         "last_heartbeat": lease.last_heartbeat,
         "state": lease.state.value,
+        "borrowed": borrowed,
     }
-
-
-def _listing(item: SeatLease | Forwarded) -> dict[str, Any]:
-    return lease_listing(item) if isinstance(item, SeatLease) else forwarded_listing(item)
 
 
 def forwarded_listing(item: Forwarded) -> dict[str, Any]:
@@ -122,6 +120,7 @@ def forwarded_listing(item: Forwarded) -> dict[str, Any]:
         "expires": item.expires,
         "last_heartbeat": None,
         "state": "forwarded",
+        "borrowed": False,
     }
 
 
@@ -275,14 +274,31 @@ class AdminOps:
             after=f.text("after", max_len=64, required=False),
         )
         limit = f.uint("limit", required=False, maximum=MAX_PAGE) or 1000
+        only_borrowed = f.flag("borrowed", False)
         if chosen.licence is not None and not self._serves(chosen.licence):
             raise UnknownLicence(f"no licence with id {chosen.licence!r}")
         # A router's forward-mode leases are listed too: their seats are held upstream.
         router = self.daemon.router
         leases: list[SeatLease | Forwarded] = [*self.service.engine.leases]
         leases += router.forwarded_listing() if router is not None else []
+        if only_borrowed:
+            leases = [x for x in leases if self._borrowed(x)]
         page, after = chosen.page(leases, limit)
-        return {"leases": [_listing(x) for x in page], "next": after}
+        return {
+            "leases": [
+                lease_listing(x, self._borrowed(x))
+                if isinstance(x, SeatLease)
+                else forwarded_listing(x)
+                for x in page
+            ],
+            "next": after,
+        }
+
+    def _borrowed(self, item: SeatLease | Forwarded) -> bool:
+        if not isinstance(item, SeatLease):
+            return False
+        licence = self.service.engine.licence_by_id(item.licence_id)
+        return licence is not None and licence.borrows(item.ttl)
 
     async def why(self, f: Fields, uid: int) -> dict[str, Any]:
         """Every checkout rule's verdict for a holder asking now, in the order of
@@ -299,11 +315,14 @@ class AdminOps:
         )
         ip = f.text("ip", max_len=64, required=False)
         seats = f.uint("seats", required=False, maximum=MAX_STORED_INT) or 1
+        ttl = f.number("ttl", required=False, positive=True)
         engine = self.service.engine
         licence = engine.licence_by_id(licence_id)
         if licence is None:
             raise UnknownLicence(f"no licence with id {licence_id!r}")
-        verdicts = engine.explain(licence.key, holder, self.service.now(), seats=seats, ip=ip)
+        verdicts = engine.explain(
+            licence.key, holder, self.service.now(), seats=seats, ttl=ttl, ip=ip
+        )
         deciding = next((v for v in verdicts if not v.passed), None)
         if deciding is not None and deciding.error is not None:
             decision = deciding.error.code

@@ -64,6 +64,7 @@ class _Asked:
     who: Who
     seats: int
     unit: str
+    ttl: float  # the lease's ttl, as it would be granted
     at: Instant
 
 
@@ -313,15 +314,12 @@ class Engine:
         if licence.id in self._removing:
             raise UnknownLicence("the licence is being removed")
         who = Who(holder, ip)
-        asked = _Asked(licence, who, seats, "", at)
+        asked = _Asked(licence, who, seats, "", 0.0, at)
         self._enforce(asked, (self._rule_validity,))
         if delegate is not None and not licence.delegable:
             raise Denied("this licence may not be delegated to a site router")
         self._enforce(asked, (self._rule_deny, self._rule_allow))
-        if licence.device_period is not None:
-            lease_ttl = licence.device_period
-        else:
-            lease_ttl = licence.lease_ttl if ttl is None else min(ttl, licence.longest_ttl)
+        lease_ttl = licence.lease_ttl_for(ttl)
 
         existing = self._by_request.get((licence.id, holder.hostid, request))
         if existing is not None and existing.state is not LeasePhase.RELEASING:
@@ -334,13 +332,13 @@ class Engine:
                 return self._renew(device, licence, at)
 
         handle = self._unique(new_handle, self._by_handle)
-        asked = _Asked(licence, who, seats, unit_key(licence.count_by, holder, handle), at)
+        unit = unit_key(licence.count_by, holder, handle)
+        asked = _Asked(licence, who, seats, unit, lease_ttl, at)
         self._enforce(asked, self._seat_rules)
         extra = self._extra(asked)
         overdraft = bool(extra) and self.in_use(licence.id) + extra > self._limit_for(
             licence, who, at
         )
-        unit = asked.unit
 
         lease = SeatLease(
             secret=self._unique(new_secret, self._leases),
@@ -403,6 +401,7 @@ class Engine:
             self._rule_clock,
             self._rule_unit,
             self._rule_max,
+            self._rule_borrow,
             self._rule_reservation,
             self._rule_seats,
             self._rule_overdraft,
@@ -416,14 +415,22 @@ class Engine:
                 raise verdict.error
 
     def explain(
-        self, key: str, holder: Holder, at: Instant, *, seats: int = 1, ip: str | None = None
+        self,
+        key: str,
+        holder: Holder,
+        at: Instant,
+        *,
+        seats: int = 1,
+        ttl: float | None = None,
+        ip: str | None = None,
     ) -> list[Verdict]:
         """Every rule's verdict on a new checkout of `seats` seats of the licence with
         `key` by `holder` now, in the order a checkout asks them; nothing is granted.
         The first refusal is what a checkout would get (a retry of a lease already held
         is not considered: it renews that lease). UnknownLicence if there is none."""
         licence = self._licence(key)
-        asked = _Asked(licence, Who(holder, ip), seats, unit_key(licence.count_by, holder, ""), at)
+        unit = unit_key(licence.count_by, holder, "")
+        asked = _Asked(licence, Who(holder, ip), seats, unit, licence.lease_ttl_for(ttl), at)
         rules = (self._rule_validity, self._rule_deny, self._rule_allow, *self._seat_rules)
         return [verdict for rule in rules if (verdict := rule(asked, True)) is not None]
 
@@ -507,6 +514,37 @@ class Engine:
         if not extra:
             return Verdict("max", "the holder's unit holds these seats already")
         return Verdict("max", "within every cap" if licence.max else "no caps")
+
+    def borrowed(self, licence: Licence) -> int:
+        """Seats of `licence` held by borrows (leases longer than its borrow_after)."""
+        return self.seats.usage(licence.id, lambda x: licence.borrows(x.ttl))
+
+    def _rule_borrow(self, a: _Asked, explain: bool) -> Verdict | None:
+        """A borrow (a lease longer than borrow_after) only by whom borrow_allow names,
+        and no more than borrow_max seats borrowed at once."""
+        licence = a.licence
+        if not licence.borrows(a.ttl):
+            if not explain:
+                return None
+            if licence.borrow_after is None:
+                return Verdict("borrow", "the licence lends no seats for offline use")
+            return Verdict(
+                "borrow", f"not a borrow: {a.ttl:g} s is no longer than {licence.borrow_after:g} s"
+            )
+        rules = licence.borrow_allow
+        rule = first_match(rules, a.who, self.groups) if rules else None
+        if rules and rule is None:
+            why = f"may not borrow: not in the licence's borrow_allow list ({', '.join(rules)})"
+            return refusal("borrow", why, Denied(why))
+        held = self.borrowed(licence)
+        cap = licence.borrow_max
+        if cap is not None and held + a.seats > cap:
+            why = f"at most {cap} seat(s) may be borrowed at once, and {held} are"
+            return refusal("borrow", why, Denied(why))
+        if not explain:
+            return None
+        of = f" of {cap}" if cap is not None else ""
+        return Verdict("borrow", f"a borrow of {a.ttl:g} s; {held}{of} seat(s) borrowed")
 
     def _seat_count(self, a: _Asked) -> tuple[int, int, int, int]:
         """(seats added, in use, seats in force, this holder's limit: those less the

@@ -82,6 +82,21 @@ class Licence:
     max: Mapping[str, int] = field(default_factory=dict)  # user | host | group:NAME -> cap
     counter: tuple[Counter, ...] = ()
     addon: tuple[Addon, ...] = ()
+    # Borrowing (offline use): a lease longer than `borrow_after` is a borrow; at most
+    # `borrow_max` at once (None: no cap), by holders `borrow_allow` matches (empty: all).
+    borrow_after: float | None = None
+    borrow_max: int | None = None
+    borrow_allow: tuple[str, ...] = ()
+
+    def borrows(self, ttl: float) -> bool:
+        """Whether a lease of `ttl` seconds is a borrow."""
+        return self.borrow_after is not None and ttl > self.borrow_after
+
+    def lease_ttl_for(self, asked: float | None) -> float:
+        """The ttl a lease gets when a checkout asks for `asked` (None: the default)."""
+        if self.device_period is not None:
+            return self.device_period
+        return self.lease_ttl if asked is None else min(asked, self.longest_ttl)
 
     @property
     def longest_ttl(self) -> float:

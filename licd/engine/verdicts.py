@@ -23,6 +23,7 @@ RULES = (
     "clock",  # a vendor licence is not held back by a clock set back
     "unit",  # the holder's unit (count_by) has room for one more lease
     "max",  # the holder's caps (max per user, host, group)
+    "borrow",  # a long lease (borrow_after): who may borrow, and borrow_max
     "reservation",  # seats reserved for groups the holder is not in
     "seats",  # the seats in force
     "overdraft",  # seats beyond them, each flagged

@@ -139,6 +139,7 @@ def _policy(licence: Licence) -> dict[str, Any]:
         if f.name not in _BASIC and f.name != "features"
     }
     out["allow"], out["deny"] = list(licence.allow), list(licence.deny)
+    out["borrow_allow"] = list(licence.borrow_allow)
     out["reserve"], out["max"] = dict(licence.reserve), dict(licence.max)
     out["counter"] = [dataclasses.asdict(c) for c in licence.counter]
     out["addon"] = [dataclasses.asdict(a) for a in licence.addon]
@@ -150,6 +151,7 @@ def row_licence(row: Sequence[Any]) -> Licence:
     policy = json.loads(row[9])
     policy["allow"] = tuple(policy.get("allow", ()))
     policy["deny"] = tuple(policy.get("deny", ()))
+    policy["borrow_allow"] = tuple(policy.get("borrow_allow", ()))
     policy["counter"] = tuple(Counter(**c) for c in policy.get("counter", ()))
     policy["addon"] = tuple(Addon(**a) for a in policy.get("addon", ()))
     return Licence(

@@ -774,6 +774,29 @@ async def test_why_explains_what_a_checkout_would_get_and_the_checkout_agrees(
     assert unknown.exit_code == 1 and "no licence with id 'nope'" in unknown.stderr
 
 
+async def test_borrows_are_capped_and_listed_apart(daemon: Daemon) -> None:
+    await ok(
+        "licence", "add", "lab", "--key", "LAB-1", "--product", "lab", "--seats", "3",
+        "--max-ttl", "7d", "--borrow-after", "1d", "--borrow-max", "1", *sock(daemon),
+    )  # fmt: skip
+    async with connected(daemon) as peer:
+        borrowed = await take(peer, host="laptop-1", key="LAB-1", ttl=3 * 86400.0)
+        await take(peer, host="desk-1", key="LAB-1")
+        refused = await peer.checkout(key="LAB-1", h=holder("laptop-2"), ttl=3 * 86400.0)
+        assert (refused["error"], refused["detail"]["rule"]) == ("denied", "borrow")
+        listed = (await ok_json("leases", "--borrowed", *sock(daemon)))["leases"]
+        assert [(x["handle"], x["borrowed"]) for x in listed] == [(borrowed["handle"], True)]
+        every = (await ok_json("leases", "--licence", "lab", *sock(daemon)))["leases"]
+        assert sorted(x["borrowed"] for x in every) == [False, True]
+        why = await ok_json(
+            "why", "--licence", "lab", "--host", "laptop-2", "--ttl", "3d", *sock(daemon)
+        )
+        assert (why["decision"], why["rule"]) == ("denied", "borrow")
+        # Returned early, the borrow frees its seat (and its borrow) at once.
+        assert (await peer.call("checkin", lease=borrowed["lease"]))["ok"] is True
+        await take(peer, host="laptop-2", key="LAB-1", ttl=3 * 86400.0)
+
+
 async def test_key_show_asks_the_daemon_or_reads_the_state_dir(
     daemon: Daemon, tmp_path: Path
 ) -> None:

@@ -876,3 +876,34 @@ def test_the_store_is_sqlite_unless_postgres_is_named(tmp_path: Path) -> None:
 def test_store_errors_name_the_key(tmp_path: Path, text: str, where: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(where)):
         parse_config('[server]\nlisten = ["0.0.0.0:27500"]\n[store]\n' + text, tmp_path / "c.toml")
+
+
+@pytest.mark.parametrize(
+    ("policy", "where"),
+    [
+        ('borrow_after = "1d"', "borrow_after: must be shorter than max_ttl"),
+        ('max_ttl = "7d"\nborrow_after = "7d"', "borrow_after: must be shorter than max_ttl"),
+        ("borrow_max = 2", "borrow_max: needs borrow_after"),
+        ('borrow_allow = ["group:nope"]', "borrow_allow[0]"),
+        ('borrow_allow = ["user:a"]', "borrow_allow: needs borrow_after"),
+        ('max_ttl = "7d"\nborrow_after = "1d"\nborrow_max = -1', "borrow_max: must be"),
+    ],
+)
+def test_borrowing_errors_name_the_key(tmp_path: Path, policy: str, where: str) -> None:
+    text = '[[licence]]\nkey = "K"\nid = "cad"\nproduct = "cad"\nseats = 3\n' + policy + "\n"
+    with pytest.raises(ConfigError, match=re.escape(where)):
+        parse_config(text, tmp_path / "c.toml")
+
+
+def test_borrowing_policy_loads(tmp_path: Path) -> None:
+    text = (
+        '[groups]\ncad = ["user:alice"]\n[[licence]]\nkey = "K"\nid = "cad"\nproduct = "cad"\n'
+        'seats = 3\nmax_ttl = "7d"\nborrow_after = "1d"\nborrow_max = 2\n'
+        'borrow_allow = ["group:cad"]\n'
+    )
+    (licence,) = parse_config(text, tmp_path / "c.toml").licences
+    assert (licence.borrow_after, licence.borrow_max, licence.borrow_allow) == (
+        86400.0,
+        2,
+        ("group:cad",),
+    )

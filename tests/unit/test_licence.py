@@ -63,6 +63,9 @@ def differs_in_every_field(licence: Licence) -> Licence:
         "max": {"user": 1},
         "counter": (Counter("scans", 10),),
         "addon": (Addon(seats=2),),
+        "borrow_after": 5.0,
+        "borrow_max": 3,
+        "borrow_allow": ("user:carol",),
     }
     return replace(licence, **other)
 

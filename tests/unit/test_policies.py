@@ -363,3 +363,50 @@ def test_checkout_outside_validity_is_not_counted() -> None:
     with pytest.raises(LicenceExpired):
         w.take(who("a"))
     assert w.in_use == 0
+
+
+# --- borrowing: borrow_after, borrow_max, borrow_allow ---------------------------------
+
+BORROWING = replace(
+    BASE, seats=5, max_ttl=7 * 86400.0, borrow_after=86400.0, borrow_max=2, borrow_allow=()
+)
+
+
+def borrow(world: World, h: Holder, ttl: float = 3 * 86400.0) -> SeatLease:
+    world._n += 1
+    grant = world.engine.checkout(
+        world.licence.key, h, request=f"b{world._n}", at=world.clock.now(), ttl=ttl
+    )
+    world.engine.confirm(grant.lease)
+    return grant.lease
+
+
+def test_a_lease_longer_than_borrow_after_is_a_borrow_and_borrow_max_caps_them() -> None:
+    world = World(BORROWING)
+    first = borrow(world, who("ws-1"))
+    borrow(world, who("ws-2"))
+    assert world.engine.borrowed(BORROWING) == 2
+    with pytest.raises(Denied, match="at most 2 seat.s. may be borrowed at once, and 2 are") as err:
+        borrow(world, who("ws-3"))
+    assert (err.value.detail or {}).get("rule") == "borrow"
+    world.take(who("ws-3"))  # a lease no longer than borrow_after is no borrow
+    borrow(world, who("ws-4"), ttl=86400.0)  # exactly borrow_after: not a borrow either
+    assert world.engine.borrowed(BORROWING) == 2
+    assert world.give_back(first)  # returned early: the borrow's seat is free at once
+    borrow(world, who("ws-3"))
+    assert world.engine.borrowed(BORROWING) == 2
+
+
+def test_borrow_allow_names_who_may_borrow() -> None:
+    world = World(replace(BORROWING, borrow_allow=("group:cad",)))
+    with pytest.raises(Denied, match="may not borrow: not in the licence's borrow_allow list"):
+        borrow(world, who("ws-1", user="carol"))
+    world.take(who("ws-1", user="carol"))  # an ordinary lease still is hers to take
+    borrow(world, who("ws-2", user="alice"))  # alice is in the group cad
+    assert world.engine.borrowed(world.licence) == 1
+
+
+def test_a_borrow_can_last_no_longer_than_max_ttl() -> None:
+    world = World(BORROWING)
+    lease = borrow(world, who("ws-1"), ttl=30 * 86400.0)
+    assert lease.ttl == 7 * 86400.0

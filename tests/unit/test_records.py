@@ -211,6 +211,9 @@ EVERY_POLICY = Licence(
     max={"user": 2, "group:cad": 3},
     counter=(Counter("scans", 100, "daily", 5.0), Counter("pages", 10)),
     addon=(Addon(seats=2, features={"render": "on"}, starts=NOW, ends=NOW + 3600), Addon()),
+    borrow_after=300.0,
+    borrow_max=1,
+    borrow_allow=("group:cad",),
 )
 
 
@@ -238,6 +241,9 @@ def test_a_licence_row_keeps_the_basic_terms_in_columns_and_the_rest_as_json() -
             {"seats": 2, "features": {"render": "on"}, "starts": NOW, "ends": NOW + 3600},
             {"seats": 0, "features": {}, "starts": None, "ends": None},
         ],
+        "borrow_after": 300.0,
+        "borrow_max": 1,
+        "borrow_allow": ["group:cad"],
     }
     assert list(json.loads(row[10])) == sorted(json.loads(row[10]))  # one spelling a value
 

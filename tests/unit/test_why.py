@@ -152,3 +152,14 @@ def test_the_clock_hold_decides_for_a_vendors_licence_only() -> None:
         "unavailable",
         {"reason": "clock_rollback", "rule": "clock"},
     )
+
+
+def test_why_names_the_borrow_rule_for_a_long_lease_only() -> None:
+    world = World(replace(BASE, max_ttl=7 * 86400.0, borrow_after=86400.0, borrow_max=0))
+    at = world.clock.now()
+    assert all(v.passed for v in world.engine.explain("K", CAROL, at))  # the default ttl
+    verdicts = world.engine.explain("K", CAROL, at, ttl=3 * 86400.0)
+    assert [v.rule for v in verdicts if not v.passed] == ["borrow"]
+    with pytest.raises(LicdError) as err:
+        world.engine.checkout("K", CAROL, request="r", at=at, ttl=3 * 86400.0)
+    assert (err.value.code, (err.value.detail or {}).get("rule")) == ("denied", "borrow")
