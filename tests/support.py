@@ -23,7 +23,7 @@ from licd.core.errors import Audience, wire_error
 from licd.core.service import LicenceService
 from licd.daemon import Daemon
 from licd.deferred import Deferred
-from licd.engine import Engine, Grant, Licence
+from licd.engine import Engine, Grant, Licence, SeatLease
 from licd.engine.counters import Consumed
 from licd.store.base import Store
 from licd_client.messages import Holder
@@ -105,6 +105,25 @@ async def running(
     finally:
         stop.set()
         await task
+
+
+def stored_lease(n: int, *, at: float = 1_790_000_000.0, **kw: Any) -> SeatLease:
+    """Lease number `n` of DICOM as the store keeps it (a unit of its own), `kw` changed."""
+    fields: dict[str, Any] = {
+        "secret": f"secret-{n}",
+        "handle": f"h{n}",
+        "licence_id": DICOM.id,
+        "holder": holder(f"host-{n}"),
+        "request": f"r{n}",
+        "seats": 1,
+        "ttl": 90.0,
+        "created": at,
+        "expires": at + 90,
+        "last_heartbeat": at,
+        "unit": f"unit-{n}",
+    }
+    fields.update(kw)
+    return SeatLease(**fields)
 
 
 S = TypeVar("S", bound=Store)

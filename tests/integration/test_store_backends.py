@@ -24,7 +24,7 @@ from licd.store.base import Store, StoreError
 from licd.store.records import Block, Forwarded, StoredEntitlement, lease_row
 from licd.store.sqlite import DB_FILE, SqliteStore
 from tests.pgcluster import PgServer
-from tests.support import DICOM, holder, writing
+from tests.support import DICOM, holder, stored_lease, writing
 
 if TYPE_CHECKING:  # imported by the tests that need it: asyncpg is an optional extra
     from licd.store.postgres import PostgresStore
@@ -36,21 +36,7 @@ Opener = Callable[[], Awaitable[Store]]
 
 
 def lease(n: int, **kw: object) -> SeatLease:
-    fields: dict[str, object] = {
-        "secret": f"secret-{n}",
-        "handle": f"h{n}",
-        "licence_id": DICOM.id,
-        "holder": holder(f"host-{n}"),
-        "request": f"r{n}",
-        "seats": 1,
-        "ttl": 90.0,
-        "created": NOW,
-        "expires": NOW + 90,
-        "last_heartbeat": NOW,
-        "unit": f"unit-{n}",
-    }
-    fields.update(kw)
-    return SeatLease(**fields)  # type: ignore[arg-type]
+    return stored_lease(n, at=NOW, **kw)
 
 
 _schemas = itertools.count(1)

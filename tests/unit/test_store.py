@@ -30,26 +30,13 @@ from licd.store.sqlite import (
     migrations,
 )
 from licd.store.writer import MAX_RENEWALS
-from tests.support import DICOM, holder, writing
+from tests.support import DICOM, stored_lease, writing
 
 NOW = 1_790_000_000.0
 
 
 def lease(n: int, **kw: object) -> SeatLease:
-    fields: dict[str, object] = {
-        "secret": f"secret-{n}",
-        "handle": f"h{n}",
-        "licence_id": "dicom-hq",
-        "holder": holder(f"host-{n}"),
-        "request": f"r{n}",
-        "seats": 1,
-        "ttl": 90.0,
-        "created": NOW,
-        "expires": NOW + 90,
-        "last_heartbeat": NOW,
-    }
-    fields.update(kw)
-    return SeatLease(**fields)  # type: ignore[arg-type]
+    return stored_lease(n, at=NOW, **kw)
 
 
 def running(path: Path, **options: Any) -> AbstractAsyncContextManager[SqliteStore]:
