@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import itertools
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -385,3 +386,31 @@ async def test_a_leader_frozen_inside_a_write_does_not_keep_a_standby_from_takin
     finally:
         await frozen.close()
         await standby.close()
+
+
+async def test_the_seat_guard_counts_units_as_the_engine_does(
+    dsn: str, pg_server: PgServer
+) -> None:
+    """A unit holds as many seats as its largest lease: after any mix of leases coming
+    and going (several seats, shared units), the guard's count is a full recount's."""
+    rng = random.Random(17)
+    schema = dsn.rpartition("search_path=")[2]
+    recount = (
+        f"SELECT coalesce(sum(m), 0) FROM (SELECT max(seats) AS m FROM {schema}.lease "
+        f"WHERE licence_id = 'dicom-hq' GROUP BY unit) u"
+    )
+    counted = f"SELECT in_use FROM {schema}.seat_guard WHERE licence_id = 'dicom-hq'"
+    licence = dataclasses.replace(DICOM, seats=1000)
+    async with running(lambda: open_postgres(dsn)) as store:
+        await store.put_licence(licence, Event(Kind.LICENCE_ADDED, NOW))
+        held: list[SeatLease] = []
+        for n in range(120):
+            if held and rng.random() < 0.4:
+                await store.delete_leases([held.pop(rng.randrange(len(held)))])
+            else:
+                new = lease(n, seats=rng.randint(1, 4), unit=f"unit-{rng.randint(1, 6)}")
+                await store.insert_lease(new)
+                held.append(new)
+            if n % 10 == 0:
+                assert pg_server.psql(counted) == pg_server.psql(recount), n
+        assert pg_server.psql(counted) == pg_server.psql(recount)

@@ -169,10 +169,13 @@ CREATE FUNCTION licd_licence_ceiling() RETURNS trigger LANGUAGE plpgsql AS $$
 DECLARE
     p jsonb := NEW.policy::jsonb;
 BEGIN
-    INSERT INTO seat_guard (licence_id, ceiling)
+    INSERT INTO seat_guard (licence_id, ceiling, in_use)
     VALUES (NEW.id, NEW.seats + coalesce((p ->> 'overdraft')::integer, 0)
             + coalesce((SELECT sum((a ->> 'seats')::integer)
-                        FROM jsonb_array_elements(coalesce(p -> 'addon', '[]'::jsonb)) a), 0))
+                        FROM jsonb_array_elements(coalesce(p -> 'addon', '[]'::jsonb)) a), 0),
+            (SELECT coalesce(sum(m), 0) FROM (  -- the leases already there, if any
+                SELECT max(seats) AS m FROM lease WHERE licence_id = NEW.id GROUP BY unit
+            ) units))
     ON CONFLICT (licence_id) DO UPDATE SET ceiling = excluded.ceiling;
     RETURN NULL;
 END $$;
@@ -189,26 +192,41 @@ END $$;
 CREATE TRIGGER licence_gone AFTER DELETE ON licence
     FOR EACH ROW EXECUTE FUNCTION licd_licence_gone();
 
--- Per statement: the licences a batch touched are counted again, once.
-CREATE FUNCTION licd_count_seats() RETURNS trigger LANGUAGE plpgsql AS $$
+-- Kept row by row, in O(the unit's leases) (the index lease_by_unit): a lease that
+-- comes raises its unit's seats to its own when it holds more; one that goes lowers them
+-- to the largest left. BEFORE triggers see the table as it was before the row, so rows
+-- of one statement count one after the other.
+CREATE FUNCTION licd_lease_added() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    held integer;
 BEGIN
-    UPDATE seat_guard g SET in_use = (
-        SELECT coalesce(sum(m), 0) FROM (
-            SELECT max(l.seats) AS m FROM lease l
-            WHERE l.licence_id = g.licence_id GROUP BY l.unit
-        ) units
-    )
-    WHERE g.licence_id IN (SELECT licence_id FROM changed);
-    RETURN NULL;
+    SELECT coalesce(max(seats), 0) INTO held FROM lease
+    WHERE licence_id = NEW.licence_id AND unit = NEW.unit;
+    IF NEW.seats > held THEN
+        UPDATE seat_guard SET in_use = in_use + NEW.seats - held
+        WHERE licence_id = NEW.licence_id;
+    END IF;
+    RETURN NEW;
 END $$;
 
-CREATE TRIGGER lease_added AFTER INSERT ON lease
-    REFERENCING NEW TABLE AS changed
-    FOR EACH STATEMENT EXECUTE FUNCTION licd_count_seats();
+CREATE FUNCTION licd_lease_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    left_ integer;
+BEGIN
+    SELECT coalesce(max(seats), 0) INTO left_ FROM lease
+    WHERE licence_id = OLD.licence_id AND unit = OLD.unit AND secret <> OLD.secret;
+    IF OLD.seats > left_ THEN
+        UPDATE seat_guard SET in_use = in_use - (OLD.seats - left_)
+        WHERE licence_id = OLD.licence_id;
+    END IF;
+    RETURN OLD;
+END $$;
 
-CREATE TRIGGER lease_removed AFTER DELETE ON lease
-    REFERENCING OLD TABLE AS changed
-    FOR EACH STATEMENT EXECUTE FUNCTION licd_count_seats();
+CREATE TRIGGER lease_added BEFORE INSERT ON lease
+    FOR EACH ROW EXECUTE FUNCTION licd_lease_added();
+
+CREATE TRIGGER lease_removed BEFORE DELETE ON lease
+    FOR EACH ROW EXECUTE FUNCTION licd_lease_removed();
 
 -- The site key every node of the cluster signs with (clients pin it): the first node
 -- records it; a node with another key, or none, is refused at start (docs/ha.md).
