@@ -56,7 +56,7 @@ from licd_client.messages import Features, Holder
 from licd_client.terms import Terms
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Asked:
     """A checkout as the rules see it: `unit` is the unit a new lease would join."""
 
@@ -66,6 +66,7 @@ class _Asked:
     unit: str
     ttl: float  # the lease's ttl, as it would be granted
     at: Instant
+    counted: tuple[int, int, int, int] | None = None  # Engine._seat_count's, once asked
 
 
 #: One checkout rule (see `Engine._seat_rules`): its refusal, or None when it passes
@@ -335,10 +336,8 @@ class Engine:
         unit = unit_key(licence.count_by, holder, handle)
         asked = _Asked(licence, who, seats, unit, lease_ttl, at)
         self._enforce(asked, self._seat_rules)
-        extra = self._extra(asked)
-        overdraft = bool(extra) and self.in_use(licence.id) + extra > self._limit_for(
-            licence, who, at
-        )
+        extra, in_use, _, limit = self._seat_count(asked)
+        overdraft = bool(extra) and in_use + extra > limit
 
         lease = SeatLease(
             secret=self._unique(new_secret, self._leases),
@@ -548,10 +547,12 @@ class Engine:
 
     def _seat_count(self, a: _Asked) -> tuple[int, int, int, int]:
         """(seats added, in use, seats in force, this holder's limit: those less the
-        reserved seats of groups it is not in)."""
-        total = a.licence.seats_at(a.at.wall)
-        limit = total - self._held_back(a.licence, a.who)
-        return self._extra(a), self.in_use(a.licence.id), total, limit
+        reserved seats of groups it is not in), counted once per checkout."""
+        if a.counted is None:
+            total = a.licence.seats_at(a.at.wall)
+            limit = total - self._held_back(a.licence, a.who)
+            a.counted = (self._extra(a), self.in_use(a.licence.id), total, limit)
+        return a.counted
 
     def _rule_reservation(self, a: _Asked, explain: bool) -> Verdict | None:
         extra, in_use, total, limit = self._seat_count(a)
@@ -599,11 +600,6 @@ class Engine:
         return self.seats.usage(
             licence.id, lambda x: matches(rule, Who(x.holder, x.ip), self.groups)
         )
-
-    def _limit_for(self, licence: Licence, who: Who, at: Instant) -> int:
-        """The seats this holder may take up to: those in force, less the reserved
-        seats (not yet used by their group's members) of groups it is not in."""
-        return licence.seats_at(at.wall) - self._held_back(licence, who)
 
     def _held_back(self, licence: Licence, who: Who | None = None) -> int:
         """Seats reserved for groups (but `who`'s own) and not in use by their members."""
