@@ -23,7 +23,7 @@ from typing import Any
 from .daemon import SystemMeter
 from .loadgen import raise_nofile
 from .profile import render as render_profile
-from .scenarios import SCENARIOS, Context, Options
+from .scenarios import POSTGRES_SCENARIOS, SCENARIOS, Context, Options
 from .stats import Figure, machine_info, render_machine, render_table
 
 #: Sizes and durations for `--quick` (the whole set in well under a minute).
@@ -51,6 +51,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"comma-separated, from {','.join(SCENARIOS)} (default: all)",
     )
     p.add_argument("--quick", action="store_true", help="small sizes, short durations")
+    p.add_argument(
+        "--backend",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the daemons' store: SQLite in the state directory (default), or a throwaway "
+        "PostgreSQL primary with a synchronous standby (needs its server binaries; "
+        f"runs {','.join(POSTGRES_SCENARIOS)})",
+    )
     p.add_argument(
         "--out",
         type=Path,
@@ -80,7 +88,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="scale: seconds between each connection's heartbeats while idle (0: none)",
     )
     p.add_argument("--restart-leases", type=int, help="restart: leases in the state (100000)")
-    p.add_argument("--sqlite-seconds", type=float, help="SQLite floor: seconds per mode (3)")
+    p.add_argument(
+        "--sqlite-seconds",
+        type=float,
+        help="the store's floor (SQLite, or PostgreSQL with --backend postgres): seconds per "
+        "mode (3)",
+    )
     p.add_argument(
         "--profile",
         action="store_true",
@@ -133,11 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.quiet_wait is None:
         args.quiet_wait = 0.0 if args.quick else 30.0
-    names = list(SCENARIOS) if args.scenarios == "all" else args.scenarios.split(",")
-    unknown = [n for n in names if n not in SCENARIOS]
+    known = list(SCENARIOS) if args.backend == "sqlite" else list(POSTGRES_SCENARIOS)
+    names = known if args.scenarios == "all" else args.scenarios.split(",")
+    unknown = [n for n in names if n not in known]
     if unknown:
         print(
-            f"unknown scenario(s): {', '.join(unknown)}; choose from {', '.join(SCENARIOS)}",
+            f"unknown scenario(s) for --backend {args.backend}: {', '.join(unknown)}; "
+            f"choose from {', '.join(known)}",
             file=sys.stderr,
         )
         return 2
@@ -150,11 +165,6 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     info["nofile"] = nofile
     print(render_machine(info))
-    print(
-        f"load generator: {opts.workers} worker processes, one request in flight per "
-        f"connection; state in {workdir}\n",
-        flush=True,
-    )
     started = time.time()
     report: dict[str, Any] = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -164,6 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     }
     failed = False
     try:
+        try:
+            print(ctx.start_store())
+        except (RuntimeError, ImportError) as exc:
+            print(f"cannot start the {args.backend} store: {exc}", file=sys.stderr)
+            return 2
+        if ctx.pg is not None:
+            report["postgres"] = ctx.pg.settings
+        print(
+            f"load generator: {opts.workers} worker processes, one request in flight per "
+            f"connection; state in {workdir}\n",
+            flush=True,
+        )
         for name in names:
             busy = wait_for_quiet(args.quiet_wait)
             if busy >= 25.0:
@@ -203,9 +225,28 @@ def main(argv: list[str] | None = None) -> int:
             ]
             print(render_table("floors", floors) + "\n")
             report["floors"] = {"sqlite": sq}
+        if ctx.pg_floor_figures is not None:
+            pg = ctx.pg_floor_figures
+            floors = [
+                Figure(
+                    "floors",
+                    "PostgreSQL + sync standby, 1-row INSERT commits",
+                    pg["single_commits_per_s"],
+                    "commits/s",
+                ),
+                Figure(
+                    "floors",
+                    "the same, BEGIN + FOR SHARE + INSERT + COMMIT",
+                    pg["fenced_commits_per_s"],
+                    "commits/s",
+                ),
+            ]
+            print(render_table("floors", floors) + "\n")
+            report.setdefault("floors", {})["postgres"] = pg
         if ctx.bare is not None:
             report.setdefault("floors", {})["bare_streams"] = ctx.bare
     finally:
+        ctx.close()
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     report["seconds"] = time.time() - started

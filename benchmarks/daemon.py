@@ -1,11 +1,13 @@
 """A real licd for the benchmarks: config, process, readiness, CPU and memory, state.
 
 `LicdProcess` writes a TOML config (state in a temp dir, 127.0.0.1 port 0, one licence
-with seats to spare, caps raised, quiet logs), starts `python -m licd serve` with
-NOTIFY_SOCKET pointing at a datagram socket it binds, and learns readiness and the port
-from the READY=1 message (the daemon's STATUS names its addresses). CPU comes from
-/proc/PID/stat (utime + stime, all threads), RSS from /proc/PID/status. It also builds
-a state directory full of leases for the restart scenario. Every wait has a deadline.
+with seats to spare, caps raised, quiet logs; a [store] table for `--backend postgres`),
+starts `python -m licd serve` with NOTIFY_SOCKET pointing at a datagram socket it binds,
+and learns readiness and the port from the READY=1 message (the daemon's STATUS names
+its addresses; a cluster node's first READY=1, as a standby, is passed over: it is ready
+once it leads). CPU comes from /proc/PID/stat (utime + stime, all threads), RSS from
+/proc/PID/status. It also builds a state directory full of leases for the restart
+scenario. Every wait has a deadline.
 """
 
 from __future__ import annotations
@@ -60,7 +62,16 @@ def licence(seats: int, lease_ttl: float | str, **extra: TomlValue) -> dict[str,
     return out
 
 
-def write_config(directory: Path, lic: Mapping[str, TomlValue], **server: TomlValue) -> Path:
+def write_config(
+    directory: Path,
+    lic: Mapping[str, TomlValue],
+    *,
+    store: Mapping[str, TomlValue] | None = None,
+    **server: TomlValue,
+) -> Path:
+    """licd.toml in `directory`: [server] (the defaults below, updated by `server`),
+    the one [[licence]] `lic`, and a [store] table when `store` is given (None: the
+    default, SQLite in the state directory)."""
     settings: dict[str, TomlValue] = {
         "listen": ["127.0.0.1:0"],
         "state_dir": str(directory / "state"),
@@ -78,6 +89,8 @@ def write_config(directory: Path, lic: Mapping[str, TomlValue], **server: TomlVa
     settings.update(server)
     lines = ["[server]", *(f"{k} = {toml_value(v)}" for k, v in settings.items())]
     lines += ["", "[[licence]]", *(f"{k} = {toml_value(v)}" for k, v in lic.items())]
+    if store is not None:
+        lines += ["", "[store]", *(f"{k} = {toml_value(v)}" for k, v in store.items())]
     path = directory / "licd.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -216,10 +229,12 @@ class LicdProcess:
             if ready:
                 message = sock.recv(4096).decode("utf-8", "replace")
                 if "READY=1" in message.split("\n"):
-                    self.ready_at = time.monotonic()
                     status = next(
                         (x[7:] for x in message.split("\n") if x.startswith("STATUS=")), ""
                     )
+                    if status.startswith("standby"):
+                        continue  # a cluster node (PostgreSQL store) not leading yet
+                    self.ready_at = time.monotonic()
                     match = _ADDR.search(status)
                     if match is None:  # an older daemon: its log names the port
                         match = _LISTENING.search(self.stderr())

@@ -113,6 +113,8 @@ def _denial_rows(db: Path) -> tuple[int, int]:
 
 
 def flood(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
+    if ctx.postgres:
+        raise RuntimeError("flood reads the audit log from SQLite's file: --backend sqlite only")
     o = ctx.opts
     figs: list[Figure] = []
     details: dict[str, Any] = {}

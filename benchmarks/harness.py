@@ -3,13 +3,15 @@
 `drive()` spawns the load generator against a server (licd or a floor), waits for its
 connections, opens the measurement window and samples the server's CPU, the generator's
 CPU, the machine's CPU and the server's RSS over it, then merges the workers' results.
-`Context` holds what one run measures once (the bare floor, the SQLite floor). Nothing
-here knows which scenario it serves.
+`Context` holds what one run measures once (the bare floor, the SQLite floor) and, with
+`--backend postgres`, the PostgreSQL primary and synchronous standby the daemons store
+in (benchmarks/pgstore.py) and its floor. Nothing here knows which scenario it serves.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ from typing import Any
 from .daemon import LICENCE_KEY, CpuMeter, LicdProcess, SystemMeter, rss_bytes, sleep_until
 from .floor import FloorServer, sqlite_floor
 from .loadgen import LoadGen, Plan, Results, split
+from .pgstore import PgCluster
 from .profile import Profiler, SyncCounter
 from .stats import Figure, latency_summary
 
@@ -43,6 +46,7 @@ class Options:
     profile: bool = False
     profile_seconds: float = 8.0
     results_dir: Path | None = None  # where the profile's collapsed stacks are kept
+    backend: str = "sqlite"  # the daemons' store: "sqlite" or "postgres" (+ sync standby)
 
 
 @dataclass
@@ -53,7 +57,49 @@ class Context:
     bare: dict[str, Any] | None = None  # the bare floor under the heartbeat load
     sqlite: dict[str, float] | None = None
     reply_size: int = 400
+    pg: PgCluster | None = None  # --backend postgres: the servers, once started
+    pg_floor_figures: dict[str, float] | None = None
     _n: int = 0
+
+    @property
+    def postgres(self) -> bool:
+        return self.opts.backend == "postgres"
+
+    def start_store(self) -> str:
+        """Start what the daemons store in (with `--backend postgres`, the primary and
+        its synchronous standby); a line saying what that is."""
+        if not self.postgres:
+            return "store: SQLite in each daemon's state directory (WAL, synchronous=FULL)"
+        if self.pg is None:
+            self.pg = PgCluster()
+            self.pg.start()
+        return self.pg.describe()
+
+    def store_table(self, name: str) -> dict[str, Any] | None:
+        """The [store] table of a daemon's config: None (SQLite, the default), or a
+        fresh database on the PostgreSQL primary."""
+        if not self.postgres:
+            return None
+        self.start_store()
+        assert self.pg is not None
+        return self.pg.store_table(name)
+
+    def db_window(self) -> Callable[[float], dict[str, Any]] | None:
+        """For `drive(during=...)`: the PostgreSQL servers' CPU and fsyncs over the
+        window (None on SQLite: the daemon's own fsyncs are counted instead)."""
+        return None if self.pg is None else self.pg.window()
+
+    def pg_floor(self) -> dict[str, float]:
+        if self.pg_floor_figures is None:
+            self.start_store()
+            assert self.pg is not None
+            self.pg_floor_figures = self.pg.floor(self.opts.sqlite_seconds)
+        return self.pg_floor_figures
+
+    def close(self) -> None:
+        if self.pg is not None:
+            self.pg.cleanup()
+            self.pg = None
 
     def directory(self, name: str) -> Path:
         self._n += 1
@@ -90,10 +136,13 @@ class Run:
 
     @property
     def others_percent(self) -> float:
-        """Machine CPU neither the measured process nor the generator used (other
-        programs, plus softirq time of loopback traffic): a noise indicator."""
+        """Machine CPU neither the measured process nor the generator (nor, with
+        `--backend postgres`, the database servers) used: other programs, plus softirq
+        time of loopback traffic; a noise indicator."""
         busy = self.machine.get("busy", 0.0)
-        return max(0.0, busy - self.cpu_percent - self.gen_cpu_percent)
+        db = self.extra.get("db") or {}
+        servers = float(db.get("primary_cpu_percent", 0.0) + db.get("standby_cpu_percent", 0.0))
+        return max(0.0, busy - self.cpu_percent - self.gen_cpu_percent - servers)
 
     def summary(self, kind: str | None = None) -> dict[str, Any]:
         r = self.results
@@ -196,7 +245,7 @@ def noise(scenario: str, s: dict[str, Any], floor: dict[str, Any] | None = None)
     runs on the machine (a high figure means a noisy run)."""
     return Figure(
         scenario,
-        "machine CPU, not daemon/generator",
+        "machine CPU, not daemon/generator" + ("/PostgreSQL" if "db" in s else ""),
         s["others_percent"],
         "%",
         None if floor is None else floor["others_percent"],

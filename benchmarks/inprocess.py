@@ -7,14 +7,18 @@ lease. It prints the process CPU per cycle (or per renewal), which moves far les
 between runs than the loopback scenarios, so two versions of the code can be compared
 by alternating runs. `--profile` adds cProfile's top functions. No network, no
 generator competing for the cores, and no targets: a tool for finding costs, not a
-figure to report against a floor.
+figure to report against a floor. `--backend postgres` stores in a throwaway
+PostgreSQL primary with a synchronous standby (benchmarks/pgstore.py) instead, and
+prints the servers' CPU per cycle beside the daemon's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
+import dataclasses
 import gc
 import os
 import pstats
@@ -24,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from licd.cli.main import GC_YOUNG_THRESHOLD
-from licd.config.settings import load_config
+from licd.config.settings import StoreConfig, load_config
 from licd.core.dispatch import Answer, Dispatcher, Session
 from licd.daemon import Daemon
 from licd.deferred import Deferred
 
-from .daemon import LICENCE_KEY, licence, write_config
+from .daemon import LICENCE_KEY, cpu_seconds, licence, write_config
+from .pgstore import NODE, PgCluster
 
 
 async def _answer(d: Dispatcher, session: Session, request: dict[str, Any]) -> dict[str, Any]:
@@ -77,9 +82,24 @@ async def _renewals(d: Dispatcher, session: Session, i: int, n: int) -> None:
         await _answer(d, session, beat)
 
 
-async def run(what: str, count: int, clients: int, profile: bool) -> None:
+def _db_cpu(pg: PgCluster | None) -> float:
+    """CPU seconds the PostgreSQL servers' processes used so far (0 without them)."""
+    if pg is None:
+        return 0.0
+    total = 0.0
+    for pids in pg.processes():
+        for pid in pids:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                total += cpu_seconds(pid)
+    return total
+
+
+async def run(what: str, count: int, clients: int, profile: bool, pg: PgCluster | None) -> None:
     with tempfile.TemporaryDirectory(prefix="licd-inprocess-") as tmp:
         config = load_config(write_config(Path(tmp), licence(seats=clients + 100, lease_ttl=90)))
+        if pg is not None:
+            store = StoreConfig(backend="postgres", dsn=pg.database(what), node=NODE)
+            config = dataclasses.replace(config, store=store)
         daemon = await Daemon.open(config)
         stop = asyncio.Event()
         ready = asyncio.Event()
@@ -93,6 +113,7 @@ async def run(what: str, count: int, clients: int, profile: bool) -> None:
             per = max(1, count // clients)
             await asyncio.gather(*(work(d, session, i, 5) for i in range(clients)))  # warm-up
             profiler = cProfile.Profile() if profile else None
+            db = _db_cpu(pg)
             cpu, wall = time.process_time(), time.perf_counter()
             if profiler is not None:
                 profiler.enable()
@@ -100,11 +121,14 @@ async def run(what: str, count: int, clients: int, profile: bool) -> None:
             if profiler is not None:
                 profiler.disable()
             cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+            db = _db_cpu(pg) - db
             n = per * clients
             unit = "cycle" if what == "churn" else "renewal"
+            servers = "" if pg is None else f", PostgreSQL {db / n * 1e6:.1f} us of CPU"
             print(
                 f"{what}: {n:,} {unit}s by {clients} clients: {cpu / n * 1e6:.1f} us of CPU"
-                f" per {unit}, {n / wall:,.0f}/s, {daemon.service.store.transactions} commits"
+                f" per {unit}{servers}, {n / wall:,.0f}/s,"
+                f" {daemon.service.store.transactions} commits"
             )
             if profiler is not None:
                 pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
@@ -119,9 +143,23 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=20_000, help="cycles or renewals")
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--profile", action="store_true", help="print cProfile's top 30")
+    parser.add_argument(
+        "--backend",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the store: SQLite (default), or PostgreSQL with a synchronous standby",
+    )
     args = parser.parse_args()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])  # as `licd serve` does
-    asyncio.run(run(args.what, args.count, args.clients, args.profile))
+    pg = PgCluster() if args.backend == "postgres" else None
+    try:
+        if pg is not None:
+            pg.start()
+            print(pg.describe())
+        asyncio.run(run(args.what, args.count, args.clients, args.profile, pg))
+    finally:
+        if pg is not None:
+            pg.cleanup()
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -191,22 +192,23 @@ def render(profile: dict[str, Any], top: int = 15) -> str:
 
 
 class SyncCounter:
-    """fsync + fdatasync calls of a process over a window, counted by `perf stat` on the
-    syscall tracepoints (cheap: no ptrace stops). Optional: without a working perf the
-    count is None. One SQLite commit in WAL mode with synchronous=FULL is one sync."""
+    """fsync + fdatasync calls of a process (or of several, together) over a window,
+    counted by `perf stat` on the syscall tracepoints (cheap: no ptrace stops).
+    Optional: without a working perf the count is None. One SQLite commit in WAL mode
+    with synchronous=FULL is one sync; so is a PostgreSQL WAL flush."""
 
     EVENTS = ("syscalls:sys_enter_fsync", "syscalls:sys_enter_fdatasync")
 
-    def __init__(self, pid: int, seconds: float) -> None:
-        self.pid = pid
+    def __init__(self, pid: int | Sequence[int], seconds: float) -> None:
+        self.pids = [pid] if isinstance(pid, int) else list(pid)
         self.seconds = seconds
         self.exe = shutil.which("perf")
         self.proc: subprocess.Popen[str] | None = None
 
     def start(self) -> None:
-        if self.exe is None:
+        if self.exe is None or not self.pids:
             return
-        cmd = [self.exe, "stat", "-x", ",", "-p", str(self.pid)]
+        cmd = [self.exe, "stat", "-x", ",", "-p", ",".join(str(p) for p in self.pids)]
         for event in self.EVENTS:
             cmd += ["-e", event]
         cmd += ["--", "sleep", f"{self.seconds:.3f}"]

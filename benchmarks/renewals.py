@@ -85,7 +85,9 @@ def renewals(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
     d = ctx.directory(s)
     # The generated config lifts the renewal limit for the throughput scenarios: this
     # one runs with the default a site has.
-    config = write_config(d, licence(seats=10, lease_ttl=90), renewals_per_second=1.0)
+    config = write_config(
+        d, licence(seats=10, lease_ttl=90), store=ctx.store_table(s), renewals_per_second=1.0
+    )
     with LicdProcess(config, d) as licd:
         licd.start()
         out = asyncio.run(_loop(licd.port, licd.pid, seconds))

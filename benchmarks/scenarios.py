@@ -4,7 +4,9 @@ heartbeat, churn, site and scale run a real licd and, with the same load generat
 bare floor server; restart times a daemon coming up on a state directory full of leases.
 A scenario returns its figures (each beside its floor and target) and a details map for
 the JSON file. It never decides PASS / MISS itself (stats.Target does) and never fails
-the run on a MISS.
+the run on a MISS. With `--backend postgres` the daemons store in a PostgreSQL primary
+with a synchronous standby (benchmarks/pgstore.py): churn and site then take the
+cluster's targets, churn its floor, and both add the servers' CPU and WAL flushes.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from .harness import MIB, Context, Options, Run, drive, errors, lat, noise, per_
 from .renewals import renewals
 from .stats import Figure, Target
 
-__all__ = ["SCENARIOS", "Context", "Options"]
+__all__ = ["POSTGRES_SCENARIOS", "SCENARIOS", "Context", "Options"]
 
 
 # ------------------------------------------------------------------------- heartbeat
@@ -45,7 +47,9 @@ __all__ = ["SCENARIOS", "Context", "Options"]
 def heartbeat(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
     o = ctx.opts
     d = ctx.directory("heartbeat")
-    config = write_config(d, licence(seats=o.connections + 100, lease_ttl=90))
+    config = write_config(
+        d, licence(seats=o.connections + 100, lease_ttl=90), store=ctx.store_table("heartbeat")
+    )
     details: dict[str, Any] = {}
     with LicdProcess(config, d) as licd:
         licd.start()
@@ -116,13 +120,24 @@ def heartbeat(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
 
 def churn(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
     o = ctx.opts
-    sq = ctx.sqlite_floor()
+    pg = ctx.pg_floor() if ctx.postgres else None
+    sq = None if pg is not None else ctx.sqlite_floor()
     d = ctx.directory("churn")
-    config = write_config(d, licence(seats=o.churn_connections + 100, lease_ttl=90))
+    config = write_config(
+        d, licence(seats=o.churn_connections + 100, lease_ttl=90), store=ctx.store_table("churn")
+    )
     details: dict[str, Any] = {}
     with LicdProcess(config, d) as licd:
         licd.start()
-        run = drive(licd.port, licd.pid, "churn", o.churn_connections, o, count_syncs=True)
+        run = drive(
+            licd.port,
+            licd.pid,
+            "churn",
+            o.churn_connections,
+            o,
+            count_syncs=sq is not None,
+            during=ctx.db_window(),
+        )
         if o.profile:
             details["profile"] = profile(licd, o, d, run, "churn", o.churn_connections)
     cyc = run.summary("cycle")
@@ -131,26 +146,17 @@ def churn(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
     bare = ctx.bare_floor()
     s = "churn"
     name = f"cycles/s, {o.churn_connections} conns"
+    if pg is not None:
+        floor = (pg["fenced_commits_per_s"], "PG fenced 1-row commits/s", Target(">=", 3000))
+        commit = (pg["fenced_commit_ms"], "one fenced PG commit")
+    else:
+        assert sq is not None
+        floor = (sq["commits_per_s"], "SQLite 1-row commits/s", Target(">=", 5000))
+        commit = (sq["fsync_ms"], "one SQLite FULL commit")
     figs = [
-        Figure(
-            s,
-            name,
-            cyc["rate"],
-            "cyc/s",
-            sq["commits_per_s"],
-            "SQLite 1-row commits/s",
-            Target(">=", 5000),
-        ),
+        Figure(s, name, cyc["rate"], "cyc/s", *floor),
         Figure(s, name, cyc["rate"], "cyc/s", bare["rate"] / 2, "bare floor req/s / 2"),
-        Figure(
-            s,
-            "checkout p50",
-            lat(out, "p50_ms"),
-            "ms",
-            sq["fsync_ms"],
-            "one SQLite FULL commit",
-            lower_is_better=True,
-        ),
+        Figure(s, "checkout p50", lat(out, "p50_ms"), "ms", *commit, lower_is_better=True),
     ]
     for label, summ, qs in (
         ("checkout", out, ("p99_ms", "p99.9_ms")),
@@ -161,17 +167,60 @@ def churn(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
             figs.append(Figure(s, f"{label} {q[:-3]}", lat(summ, q), "ms", lower_is_better=True))
     figs.append(Figure(s, "daemon CPU", run.cpu_percent, "%"))
     figs.append(Figure(s, "daemon CPU per cycle", per_req(cyc), "us", lower_is_better=True))
+    figs += database_figures(s, run, cyc["rate"], "cycle")
     figs.append(noise(s, cyc))
     figs += commit_figures(s, run, 2 * cyc["rate"], sq)
-    details.update({"cycle": cyc, "checkout": out, "checkin": back, "sqlite_floor": sq})
+    details.update({"cycle": cyc, "checkout": out, "checkin": back})
+    details.update({"pg_floor": pg} if pg is not None else {"sqlite_floor": sq})
     return figs + errors(s, run, "licd"), details
+
+
+def database_figures(s: str, run: Run, rate: float, what: str) -> list[Figure]:
+    """With `--backend postgres`: the servers' CPU (primary and standby, all their
+    processes) over the window, and per `what` at `rate` per second."""
+    db = run.extra.get("db")
+    if db is None:
+        return []
+    cpu = db["primary_cpu_percent"] + db["standby_cpu_percent"]
+    return [
+        Figure(s, "PostgreSQL CPU, primary", db["primary_cpu_percent"], "%"),
+        Figure(s, "PostgreSQL CPU, standby", db["standby_cpu_percent"], "%"),
+        Figure(
+            s,
+            f"PostgreSQL CPU per {what} (both)",
+            cpu / 100.0 / rate * 1e6 if rate else math.nan,
+            "us",
+            lower_is_better=True,
+        ),
+        Figure(
+            s,
+            f"daemon + PostgreSQL CPU per {what}",
+            (run.cpu_percent + cpu) / 100.0 / rate * 1e6 if rate else math.nan,
+            "us",
+            lower_is_better=True,
+        ),
+    ]
 
 
 def commit_figures(
     s: str, run: Run, durable_per_s: float, sq: dict[str, float] | None
 ) -> list[Figure]:
-    """Commits (fsync + fdatasync calls, counted by perf) per second and durable requests
-    (checkouts + checkins) per commit: how well group commit batches."""
+    """Commits (fsync + fdatasync calls, counted by perf: the daemon's on SQLite, the
+    primary's WAL flushes on PostgreSQL) per second and durable requests (checkouts +
+    checkins) per commit: how well group commit batches."""
+    db = run.extra.get("db")
+    if db is not None:
+        flushes = db["primary_syncs_per_s"]
+        if flushes is None:
+            return []
+        standby = db["standby_syncs_per_s"]
+        return [
+            Figure(s, "commits (primary WAL flushes) / s", flushes, "/s", lower_is_better=True),
+            Figure(s, "standby WAL flushes / s", math.nan if standby is None else standby, "/s"),
+            Figure(
+                s, "durable requests per commit", durable_per_s / flushes if flushes else math.nan
+            ),
+        ]
     if run.syncs is None:
         return []
     syncs = run.syncs / run.results.window
@@ -208,10 +257,19 @@ def site(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
     }
     d = ctx.directory("site")
     seats = o.site_clients + churn_conns + 100
-    config = write_config(d, licence(seats=seats, lease_ttl=90))
+    config = write_config(d, licence(seats=seats, lease_ttl=90), store=ctx.store_table("site"))
     with LicdProcess(config, d) as licd:
         licd.start()
-        run = drive(licd.port, licd.pid, "site", o.site_clients, o, count_syncs=True, **kw)
+        run = drive(
+            licd.port,
+            licd.pid,
+            "site",
+            o.site_clients,
+            o,
+            count_syncs=not ctx.postgres,
+            during=ctx.db_window(),
+            **kw,
+        )
     with FloorServer("streams", ctx.reply_size) as floor:
         frun = drive(floor.port, floor.pid, "site", o.site_clients, o, **kw)
     lic, flo = run.summary(), frun.summary()
@@ -227,7 +285,7 @@ def site(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
             "ms",
             lat(flo, "p99_ms"),
             "bare streams",
-            Target("<", 5.0),
+            Target("<", 10.0 if ctx.postgres else 5.0),
             lower_is_better=True,
         ),
         Figure(
@@ -267,8 +325,9 @@ def site(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
             "%",
             lower_is_better=True,
         ),
-        noise(s, lic, flo),
     ]
+    figs += database_figures(s, run, lic["rate"], "request")
+    figs.append(noise(s, lic, flo))
     figs += commit_figures(s, run, 2 * co["rate"], ctx.sqlite)
     details = {
         "licd": lic,
@@ -307,7 +366,7 @@ def scale(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
     o = ctx.opts
     n = o.scale_connections
     d = ctx.directory("scale")
-    config = write_config(d, licence(seats=n + 100, lease_ttl="1h"))
+    config = write_config(d, licence(seats=n + 100, lease_ttl="1h"), store=ctx.store_table("scale"))
     with LicdProcess(config, d) as licd:
         licd.start()
         run, base, rss = _hold(licd.port, licd.pid, o)
@@ -422,6 +481,8 @@ def _restart_floor(state_db: Path) -> dict[str, float]:
 
 
 def restart(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
+    if ctx.postgres:
+        raise RuntimeError("restart writes its leases into SQLite's file: --backend sqlite only")
     o = ctx.opts
     n = o.restart_leases
     d = ctx.directory("restart")
@@ -505,6 +566,10 @@ def restart(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
     }
     return figs, details
 
+
+#: The scenarios `--backend postgres` runs (restart and flood write or read SQLite's
+#: file themselves); "all" means these with that backend.
+POSTGRES_SCENARIOS = ("heartbeat", "churn", "site", "scale", "renewals")
 
 SCENARIOS = {
     "heartbeat": heartbeat,
