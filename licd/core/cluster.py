@@ -101,10 +101,6 @@ class Leadership:
     def leading(self) -> bool:
         return self.epoch is not None and self._monotonic() < self.deadline
 
-    @property
-    def role(self) -> str:
-        return "leader" if self.leading else "standby"
-
     def refusal(self) -> LicdError | None:
         """What a request other than hello gets while this node may not answer: None
         while it leads and its deadline has not passed."""

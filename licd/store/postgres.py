@@ -195,7 +195,7 @@ class PostgresStore(Store):
             for _ in range(3):
                 conns.append(await _connect(dsn, idle_timeout))
             await _migrate(conns[0])
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except _DB_ERRORS as exc:
             for conn in conns:
                 conn.terminate()
             raise StoreError(f"{where}: cannot open the database: {exc}") from None
@@ -261,7 +261,7 @@ class PostgresStore(Store):
         """`query` awaited; what the database or the network did wrong as StoreError."""
         try:
             return await query
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except _DB_ERRORS as exc:
             raise StoreError(f"{self.where}: {str(exc) or type(exc).__name__}") from None
 
     # ------------------------------------------------------------- transactions
@@ -348,7 +348,7 @@ async def _close(conn: Any) -> None:
     """Close `conn` politely, or drop it if the database does not answer in time."""
     try:
         await asyncio.wait_for(conn.close(), RELEASE_TIMEOUT)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError):
+    except _DB_ERRORS:
         conn.terminate()
 
 
@@ -384,7 +384,7 @@ async def cluster_view(dsn: str) -> tuple[LeaderRow, list[tuple[str, str, float 
     where = _where(dsn)
     try:
         conn = await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT)
-    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except _DB_ERRORS as exc:
         raise StoreError(f"{where}: cannot open the database: {exc}") from None
     try:
         try:
@@ -395,7 +395,7 @@ async def cluster_view(dsn: str) -> tuple[LeaderRow, list[tuple[str, str, float 
             (r[0], r[1], None if r[2] is None else float(r[2]))
             for r in await conn.fetch(REPLICATION)
         ]
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except _DB_ERRORS as exc:
         raise StoreError(f"{where}: {exc}") from None
     finally:
         await conn.close()

@@ -74,7 +74,7 @@ async def test_a_standby_waits_while_the_leader_renews_and_claims_once_it_is_ove
     assert store.claimed == [("b", "10.0.0.2:27500", TTL + DELAY)]  # one claim...
     assert store.rows == [overdue]  # ...made only once the row was seen overdue
     assert store.fenced == (5, "b")
-    assert (me.epoch, me.role, me.deadline) == (5, "leader", 100.0 + TTL)
+    assert (me.epoch, me.leading, me.deadline) == (5, True, 100.0 + TTL)
 
 
 async def test_a_released_row_is_claimed_at_once_and_a_lost_race_goes_on_waiting() -> None:
@@ -155,7 +155,7 @@ async def test_a_leader_that_cannot_renew_by_its_deadline_gives_up() -> None:
     store.renew = renew  # type: ignore[method-assign,assignment]
     with pytest.raises(LeadershipLost, match="no renewal by the deadline"):
         await me.hold()
-    assert calls == 2 and me.role == "standby"
+    assert calls == 2 and not me.leading
 
 
 async def test_a_leader_whose_write_outcome_is_unknown_steps_down() -> None:
