@@ -116,6 +116,7 @@ class Checkout(Request):
     seats: int = 1
     ttl: float | None = None
     delegate: bytes | None = None
+    queue: bool = False  # wait in the daemon's queue when no seat is free
 
     def _args(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -129,6 +130,8 @@ class Checkout(Request):
             out["ttl"] = self.ttl
         if self.delegate is not None:
             out["delegate"] = self.delegate
+        if self.queue:
+            out["queue"] = True
         return out
 
     @classmethod
@@ -147,6 +150,7 @@ class Checkout(Request):
             seats=1 if seats is None else seats,
             ttl=r.number("ttl", required=False, minimum=MIN_TTL),
             delegate=r.binary("delegate", length=KEY_LEN, required=False),
+            queue=r.flag("queue", False),
         )
 
 
@@ -351,6 +355,39 @@ class LeaseReply(Reply):
 
 
 @dataclass(frozen=True)
+class QueueUpdate(Reply):
+    """A queued checkout's interim frame (docs/protocol.md, "Queueing"): its place in the
+    licence's queue, sent before the checkout's final reply, which has the same id."""
+
+    position: int  # 1 = next to be served
+    waiting: int  # checkouts in the licence's queue, this one included
+    update_in: float  # the next update comes within this many seconds
+    wait: float | None = None  # the daemon's estimate of the seconds until a seat
+
+    def _results(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "queued": True,
+            "position": self.position,
+            "waiting": self.waiting,
+            "update_in": self.update_in,
+        }
+        if self.wait is not None:
+            out["wait"] = self.wait
+        return out
+
+    @classmethod
+    def read(cls, rid: int, r: Fields) -> QueueUpdate:
+        r.flag("queued")
+        return cls(
+            rid,
+            position=r.uint("position", minimum=1),
+            waiting=r.uint("waiting", minimum=1),
+            update_in=r.number("update_in"),
+            wait=r.number("wait", required=False),
+        )
+
+
+@dataclass(frozen=True)
 class CheckinReply(Reply):
     released: bool
 
@@ -470,6 +507,7 @@ def parse_reply(op: str, data: dict[str, Any]) -> Reply:
     r = Fields(data, f"{op} reply", ProtocolViolation)
     rid = r.uint("id")
     r.flag("ok")
-    reply: Reply = REPLY_TYPES[op].read(rid, r)
+    kind = QueueUpdate if op == "checkout" and data.get("queued") is True else REPLY_TYPES[op]
+    reply: Reply = kind.read(rid, r)
     # Replies may grow new keys in later protocol revisions: ignore what is left.
     return reply
