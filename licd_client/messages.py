@@ -160,11 +160,14 @@ class Heartbeat(Request):
     lease: str
     nonce: bytes
     usage: bytes | None = None  # a site router's signed usage report (a block's renewal)
+    idle_for: float | None = None  # seconds since the app last marked itself in use
 
     def _args(self) -> dict[str, Any]:
         out: dict[str, Any] = {"lease": self.lease, "nonce": self.nonce}
         if self.usage is not None:
             out["usage"] = self.usage
+        if self.idle_for is not None:
+            out["idle_for"] = self.idle_for
         return out
 
     @classmethod
@@ -174,6 +177,7 @@ class Heartbeat(Request):
             lease=r.nonempty_str("lease", max_len=255),
             nonce=r.binary("nonce", length=NONCE_LEN),
             usage=r.binary("usage", required=False, max_len=MAX_USAGE_REPORT),
+            idle_for=r.number("idle_for", required=False, minimum=0.0),
         )
 
 
@@ -317,6 +321,7 @@ class LeaseReply(Reply):
     features: Features = field(default_factory=dict)
     lease: str | None = None
     overdraft: bool | None = None  # True: granted beyond the licence's seats (its overdraft)
+    idle_reclaim_in: float | None = None  # an idle lease: reclaimed this soon unless used
 
     def _results(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -333,6 +338,8 @@ class LeaseReply(Reply):
             out["lease"] = self.lease
         if self.overdraft is not None:
             out["overdraft"] = self.overdraft
+        if self.idle_reclaim_in is not None:
+            out["idle_reclaim_in"] = self.idle_reclaim_in
         return out
 
     @classmethod
@@ -351,6 +358,7 @@ class LeaseReply(Reply):
             features=r.features("features"),
             lease=lease,
             overdraft=overdraft,
+            idle_reclaim_in=r.number("idle_reclaim_in", required=False),
         )
 
 

@@ -30,6 +30,8 @@ class Kind(enum.Enum):
     CLOCK_RESTORED = "clock_restored"  # ... and is right again
     RENEWAL_FAILED = "renewal_failed"  # a router's block went unrenewed too long
     SITE_USAGE = "site_usage"  # a site router reported its use of a block (a vendor's log)
+    QUEUED = "queued"  # a checkout joined a licence's queue (no seat was free)
+    QUEUE_LEFT = "queue_left"  # a queued checkout left without a seat (gone, refused)
 
 
 @dataclass(frozen=True)
