@@ -39,6 +39,7 @@ from licd.cli.cluster import cluster
 from licd.cli.entitlement import entitlement
 from licd.cli.options import FILE, parsed
 from licd.cli.policy import policy_changes, policy_options
+from licd.cli.queue import queue
 from licd.cli.vendor import vendor
 from licd.cli.why import why
 from licd.config.settings import Config, parse_duration
@@ -88,6 +89,7 @@ main.add_command(vendor)
 main.add_command(entitlement)
 main.add_command(cluster)
 main.add_command(why)
+main.add_command(queue)
 
 
 @main.command()

@@ -17,13 +17,22 @@ from typing import Any
 
 from licd.config.tomlreader import MISSING, Table
 from licd.engine import Licence
-from licd.engine.licence import COUNT_BY, LEASES_PER_UNIT, RESETS, Addon, Counter
+from licd.engine.licence import (
+    COUNT_BY,
+    IDLE_RECLAIM,
+    LEASES_PER_UNIT,
+    QUEUE_MAX,
+    RESETS,
+    Addon,
+    Counter,
+)
 from licd.engine.policy import check_rule
 from licd_client.messages import Features
 
 MAX_KEY_LEN = 255
 MAX_LICENCE_SEATS = 1_000_000  # seats (and overdraft, reserves, caps) of one licence
 MAX_LEASES_PER_UNIT = 10_000  # leases sharing one seat under count_by
+MAX_QUEUE = 10_000  # checkouts waiting in one licence's queue
 MAX_COUNTER_LIMIT = 2**62  # room for a consume's units on top, within SQLite's integers
 MAX_PRODUCT_LEN = 255
 #: Features travel in every checkout reply and, again, inside its token, so they are kept
@@ -65,6 +74,7 @@ def licence_to_mapping(licence: Licence) -> dict[str, Any]:
     out["max"] = dict(licence.max)
     out["allow"], out["deny"] = list(licence.allow), list(licence.deny)
     out["borrow_allow"] = list(licence.borrow_allow)
+    out["queue_priority"] = dict(licence.queue_priority)
     out["counter"] = [dataclasses.asdict(c) for c in licence.counter]
     out["addon"] = [dataclasses.asdict(a) for a in licence.addon]
     return out
@@ -247,8 +257,60 @@ def _policies(t: Table, groups: Mapping[str, tuple[str, ...]]) -> dict[str, Any]
         "counter": _counters(t),
         "addon": _addons(t),
         **_borrowing(t, groups),
+        **_queueing(t, groups),
+        **_idling(t),
     }
     return out
+
+
+#: The priority classes a licence's `queue_priority` may give.
+PRIORITY_RANGE = (-1000, 1000)
+
+
+def _queueing(t: Table, groups: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:
+    """queue_max, queue_priority (docs/policies.md, "Queueing")."""
+    value = t.get("queue_priority", {})
+    if not isinstance(value, dict):
+        raise t.error("queue_priority", "must be a table of group = priority")
+    sub = Table(value, t.key("queue_priority"), t.source, value)
+    priority: dict[str, int] = {}
+    for group in value:
+        if group not in groups:
+            raise sub.error(group, "must name a group in [groups]")
+        priority[group] = sub.integer(group, MISSING, *PRIORITY_RANGE)
+    return {
+        "queue_max": t.integer("queue_max", QUEUE_MAX, 0, MAX_QUEUE),
+        "queue_priority": priority,
+    }
+
+
+def _idling(t: Table) -> dict[str, Any]:
+    """idle_timeout, idle_reclaim, idle_threshold, linger (docs/policies.md)."""
+    timeout = None
+    if "idle_timeout" in t.data:
+        timeout = t.duration("idle_timeout", MISSING, minimum=1.0)
+    reclaim = t.get("idle_reclaim", "when_needed")
+    if reclaim not in IDLE_RECLAIM:
+        raise t.error("idle_reclaim", f"must be one of {', '.join(IDLE_RECLAIM)}")
+    threshold = t.get("idle_threshold", 1.0)
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+        raise t.error("idle_threshold", "must be a number from 0 to 1 (a share of the seats)")
+    if not 0.0 <= threshold <= 1.0:
+        raise t.error("idle_threshold", "must be from 0 to 1 (a share of the seats)")
+    if timeout is None:
+        for name, value, default in (
+            ("idle_reclaim", reclaim, "when_needed"),
+            ("idle_threshold", threshold, 1.0),
+        ):
+            if value != default:
+                raise t.error(name, "needs idle_timeout: when a lease counts as idle")
+    linger = t.duration("linger", MISSING, minimum=1.0) if "linger" in t.data else None
+    return {
+        "idle_timeout": timeout,
+        "idle_reclaim": reclaim,
+        "idle_threshold": float(threshold),
+        "linger": linger,
+    }
 
 
 def _borrowing(t: Table, groups: Mapping[str, tuple[str, ...]]) -> dict[str, Any]:

@@ -170,6 +170,7 @@ class AdminOps:
             "status": self.status,
             "leases": self.leases,
             "why": self.why,
+            "queue": self.queue,
             "revoke": self.revoke,
             "licence.list": self.licence_list,
             "licence.add": self.licence_add,
@@ -337,6 +338,42 @@ class AdminOps:
             "rule": deciding.rule if deciding is not None else None,
             "verdicts": [v.as_dict() for v in verdicts],
         }
+
+    async def queue(self, f: Fields, uid: int) -> dict[str, Any]:
+        """The checkouts waiting in the licences' queues (of one licence: `licence`), each
+        queue in the order it is served."""
+        licence_id = f.text("licence", max_len=64, required=False)
+        engine = self.service.engine
+        if licence_id is not None and engine.licence_by_id(licence_id) is None:
+            raise UnknownLicence(f"no licence with id {licence_id!r}")
+        now = self.service.now()
+        out = []
+        for lid in sorted(engine.queues):
+            if licence_id is not None and lid != licence_id:
+                continue
+            for waiter in engine.queues[lid]:
+                position, waiting, wait = engine.position(waiter)
+                h = waiter.holder
+                out.append(
+                    {
+                        "licence": lid,
+                        "position": position,
+                        "waiting": waiting,
+                        "host": h.host,
+                        "hostid": h.hostid,
+                        "user": h.user,
+                        "app": h.app,
+                        "ip": waiter.ip,
+                        "seats": waiter.seats,
+                        "priority": waiter.priority,
+                        "since": waiter.since_wall,
+                        "waited": max(0.0, now.wall - waiter.since_wall),
+                        "wait": wait,
+                        "connected": waiter.attached,
+                        "blocked_by": waiter.blocked_by,
+                    }
+                )
+        return {"queue": out}
 
     async def licence_list(self, f: Fields, uid: int) -> dict[str, Any]:
         show_keys = f.flag("show_keys", False)

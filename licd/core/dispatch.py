@@ -20,9 +20,10 @@ from licd import __version__
 from licd.core.errors import Audience, error_reply
 from licd.core.keys import Signer
 from licd.core.router import Router
-from licd.core.service import LicenceService
+from licd.core.service import LicenceService, update_in
 from licd.deferred import Deferred
 from licd.engine import Grant, SeatLease
+from licd.engine.queue import Waiter
 from licd.engine.ratelimit import CheckoutLimits
 from licd_client.errors import (
     BadRequest,
@@ -48,6 +49,7 @@ from licd_client.messages import (
     Hello,
     HelloReply,
     LeaseReply,
+    QueueUpdate,
     Reply,
     Request,
     parse_request,
@@ -96,6 +98,82 @@ class Handover(Deferred[Answer]):
         if lease is not None and lease.secret in unclaimed:
             unclaimed.discard(lease.secret)
             self._dispatcher.service.release_abandoned(lease)
+
+
+class QueuedCheckout(Handover):
+    """A checkout waiting in a licence's queue (docs/protocol.md, "Queueing"): the
+    service's `QueueListener` for it, and the answer its connection owes. The connection
+    `attach`es a writer for the queue updates, which go out while this answer is the one
+    owed next; a connection that ends before the answer `detach`es the waiter (its
+    place is kept a while), or gives the lease back if it was served meanwhile."""
+
+    __slots__ = ("waiter", "_request", "_data", "_started", "_write", "_told", "_told_at")
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        waiter: Waiter,
+        request: Checkout,
+        data: dict[str, Any],
+        started: float,
+    ) -> None:
+        super().__init__(dispatcher)
+        self.waiter = waiter
+        self._request = request
+        self._data = data
+        self._started = started
+        self._write: Callable[[dict[str, Any]], bool] | None = None
+        self._told: tuple[int, int] | None = None  # (position, waiting) last sent
+        self._told_at = 0.0  # monotonic
+
+    def attach(self, write: Callable[[dict[str, Any]], bool]) -> None:
+        """Updates go to `write` from now on, the first at once. `write` says whether it
+        sent the update (it may not yet, while answers before this one are owed)."""
+        self._write = write
+        self.moved()
+
+    def moved(self) -> None:
+        """Send an update if the place changed, or if half the promised interval passed."""
+        write, service = self._write, self._dispatcher.service
+        if write is None or self.done() or not service.engine.is_waiting(self.waiter):
+            return
+        position, waiting, wait = service.engine.position(self.waiter)
+        licence = service.engine.licence_by_id(self.waiter.licence_id)
+        every = 30.0 if licence is None else update_in(licence)
+        now = service.now().mono
+        if self._told == (position, waiting) and now - self._told_at < every / 2:
+            return
+        update = QueueUpdate(
+            self._request.id, position=position, waiting=waiting, update_in=every, wait=wait
+        )
+        if write(update.to_wire()):
+            self._told, self._told_at = (position, waiting), now
+
+    def served(self, grant: Grant) -> None:
+        if self.done():
+            return
+        dispatcher = self._dispatcher
+        self.lease = grant.lease
+        if grant.fresh:
+            dispatcher._unclaimed.add(grant.lease.secret)
+        reply = dispatcher._lease_reply(
+            self._request.id,
+            grant,
+            self._request.nonce,
+            dispatcher.service.now().wall,
+            with_secret=True,
+        )
+        dispatcher._observe(self._data, self._started, None)
+        self.settle((reply.to_wire(), False))
+
+    def refused(self, error: LicdError) -> None:
+        if not self.done():
+            self.settle(self._dispatcher._failed(self._data, self._started, error))
+
+    def undelivered(self) -> None:
+        if not self.done():
+            self._dispatcher.service.detach(self.waiter)
+        super().undelivered()
 
 
 @dataclass
@@ -227,16 +305,33 @@ class Dispatcher:
         if isinstance(request, Checkout):
             at = service.now()
             try:
-                grant, commit = service.begin_checkout(
-                    request.key,
-                    request.holder,
-                    request=request.request,
-                    at=at,
-                    seats=request.seats,
-                    ttl=request.ttl,
-                    delegate=request.delegate,
-                    ip=session.peer,
-                )
+                if request.queue:
+                    outcome = service.begin_queued(
+                        request.key,
+                        request.holder,
+                        request=request.request,
+                        at=at,
+                        seats=request.seats,
+                        ttl=request.ttl,
+                        delegate=request.delegate,
+                        ip=session.peer,
+                    )
+                    if isinstance(outcome, Waiter):  # not a verdict yet: nothing charged
+                        queued = QueuedCheckout(self, outcome, request, data, started)
+                        outcome.listener = queued
+                        return queued
+                    grant, commit = outcome
+                else:
+                    grant, commit = service.begin_checkout(
+                        request.key,
+                        request.holder,
+                        request=request.request,
+                        at=at,
+                        seats=request.seats,
+                        ttl=request.ttl,
+                        delegate=request.delegate,
+                        ip=session.peer,
+                    )
             except Exception as exc:
                 self._charge(session, exc, at.mono)
                 raise

@@ -20,7 +20,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from licd.clock import Clock, Instant
 from licd.config.licences import licence_to_mapping
@@ -32,12 +32,15 @@ from licd.engine import Availability, Engine, Grant, LeasePhase, Licence, SeatLe
 from licd.engine.counters import Consumed
 from licd.engine.lease_filter import LeaseFilter
 from licd.engine.licence import licence_changes
+from licd.engine.queue import Waiter
+from licd.engine.verdicts import QUEUEABLE
 from licd.store.base import Store, StoreError
 from licd_client.entitlements import UsageReport, read_usage_report
 from licd_client.errors import (
     BadRequest,
     LeaseUnknown,
     LicdError,
+    SeatsExhausted,
     TokenInvalid,
     Unavailable,
     UnknownLicence,
@@ -61,6 +64,33 @@ def lease_event(kind: Kind, lease: SeatLease, time: float, **extra: Any) -> Even
         seats=lease.seats,
         **extra,
     )
+
+
+class QueueListener(Protocol):
+    """Who waits for a queued checkout's outcome (the connection it came on): told once
+    it is served (its grant committed) or refused for good, and whenever its place in the
+    queue may have changed."""
+
+    def served(self, grant: Grant) -> None: ...
+
+    def refused(self, error: LicdError) -> None: ...
+
+    def moved(self) -> None: ...
+
+
+def cast_listener(listener: object) -> QueueListener:
+    """A waiter's listener (the engine keeps it untyped: it knows no connections)."""
+    return cast(QueueListener, listener)
+
+
+#: Longest time between two queue updates (docs/protocol.md, "Queueing").
+MAX_UPDATE_IN = 30.0
+
+
+def update_in(licence: Licence) -> float:
+    """Seconds within which a queued checkout of `licence` hears again (one heartbeat
+    interval, at most MAX_UPDATE_IN); a detached one keeps its place as long."""
+    return min(MAX_UPDATE_IN, licence.lease_ttl / 3)
 
 
 class LicenceService:
@@ -135,15 +165,171 @@ class LicenceService:
         except LicdError as exc:
             self._deny(key, holder, ip, seats, exc, at)
             raise
+        return self._granted(grant, at)
+
+    def _granted(
+        self, grant: Grant, at: Instant, waiter: Waiter | None = None
+    ) -> tuple[Grant, Deferred[None] | None]:
         lease = grant.lease
         if grant.fresh:
-            return grant, self._commit_checkout(lease, at)
+            return grant, self._commit_checkout(lease, at, waiter)
         # An idempotent retry. If the first attempt is still committing, its outcome is
         # this one's too.
         pending = self._inflight.get(lease.secret)
         if pending is None:
             self.checkout_landed(grant)
         return grant, pending
+
+    def begin_queued(
+        self,
+        key: str,
+        holder: Holder,
+        *,
+        request: str,
+        at: Instant,
+        seats: int = 1,
+        ttl: float | None = None,
+        delegate: bytes | None = None,
+        ip: str | None = None,
+    ) -> tuple[Grant, Deferred[None] | None] | Waiter:
+        """A checkout that waits in the licence's queue when a seat rule refuses it, or
+        takes back the place of the same checkout sent earlier (whose connection, if it
+        still listens, is told so); granted at once, as `begin_checkout`, when it may
+        be. The caller sets the waiter's `listener`."""
+        waiter = self.engine.waiter(key, holder, request)
+        if waiter is not None:
+            self.engine.check_rejoin(waiter, holder, ip, seats, ttl)
+            earlier = waiter.listener
+            waiter.listener, waiter.leave_at = None, None
+            if earlier is not None:
+                cast_listener(earlier).refused(
+                    Unavailable(
+                        "the same checkout was sent again on another connection",
+                        detail={"reason": "requeued"},
+                    )
+                )
+            return waiter
+        try:
+            grant = self.engine.checkout(
+                key, holder, request=request, at=at, seats=seats, ttl=ttl, delegate=delegate, ip=ip
+            )
+        except SeatsExhausted as exc:
+            rule = (exc.detail or {}).get("rule")
+            if rule not in QUEUEABLE:
+                self._deny(key, holder, ip, seats, exc, at)
+                raise
+            try:
+                waiter = self.engine.enqueue(
+                    key,
+                    holder,
+                    request=request,
+                    at=at,
+                    blocked_by=str(rule),
+                    seats=seats,
+                    ttl=ttl,
+                    delegate=delegate,
+                    ip=ip,
+                )
+            except LicdError as full:
+                self._deny(key, holder, ip, seats, full, at)
+                raise
+            position, waiting, _ = self.engine.position(waiter)
+            self._queue_event(Kind.QUEUED, waiter, at, position=position, waiting=waiting)
+            return waiter
+        except LicdError as exc:
+            self._deny(key, holder, ip, seats, exc, at)
+            raise
+        return self._granted(grant, at)
+
+    def _queue_event(self, kind: Kind, waiter: Waiter, at: Instant, **detail: Any) -> None:
+        """Audit (lazily), log and publish a queue event of `waiter`'s."""
+        event = Event(
+            kind=kind,
+            time=at.wall,
+            licence=waiter.licence_id,
+            host=waiter.holder.host,
+            hostid=waiter.holder.hostid,
+            user=waiter.holder.user,
+            ip=waiter.ip,
+            seats=waiter.seats,
+            detail=detail,
+        )
+        self.publish(event)
+        self.store.append_later(event)
+
+    def detach(self, waiter: Waiter) -> None:
+        """The queued checkout's connection ended: it keeps its place for `update_in`
+        (served to nobody meanwhile), then leaves the queue (`tick`)."""
+        if self.engine.is_waiting(waiter):
+            licence = self.engine.licence_by_id(waiter.licence_id)
+            grace = update_in(licence) if licence is not None else 0.0
+            waiter.leave_at = self.clock.now().mono + grace
+            waiter.listener = None
+
+    def _left(self, waiter: Waiter, at: Instant, why: str) -> None:
+        self._queue_event(
+            Kind.QUEUE_LEFT, waiter, at, waited=round(at.wall - waiter.since_wall, 3), why=why
+        )
+
+    def serve_queues(self, licence_ids: Iterable[str] | None = None) -> None:
+        """Give the free seats of these licences (all that have waiters: None) to their
+        queues, each grant committed on its own, and tell every waiter of them."""
+        at = self.clock.now()
+        for licence_id in list(self.engine.queues if licence_ids is None else licence_ids):
+            served, failed = self.engine.serve_queue(licence_id, at)
+            for waiter, grant in served:
+                self._commit_served(waiter, grant, self._granted(grant, at, waiter)[1])
+            self._refuse(failed, at)
+            self._moved(licence_id)
+
+    def _commit_served(self, waiter: Waiter, grant: Grant, commit: Deferred[None] | None) -> None:
+        """Tell `waiter` of its grant once committed; if the commit fails it waits again
+        in its old place."""
+
+        def landed(done: Deferred[None] | None) -> None:
+            if done is not None and done.exception() is not None:
+                self.engine.requeue(waiter)
+                self._moved(waiter.licence_id)
+                return
+            listener = waiter.listener
+            if listener is not None:
+                cast_listener(listener).served(grant)
+            elif grant.fresh:  # its client left meanwhile: nobody takes the lease
+                self.release_abandoned(grant.lease)
+
+        if commit is None:
+            landed(None)
+        else:
+            commit.add_done_callback(landed)
+
+    def _refuse(self, failed: Sequence[tuple[Waiter, LicdError]], at: Instant) -> None:
+        """Tell waiters a rule now refuses for good (they have left the queue)."""
+        for waiter, error in failed:
+            self._left(waiter, at, error.code)
+            if waiter.listener is not None:
+                cast_listener(waiter.listener).refused(error)
+
+    def _moved(self, licence_id: str) -> None:
+        queue = self.engine.queues.get(licence_id)
+        for waiter in queue or ():
+            if waiter.listener is not None:
+                cast_listener(waiter.listener).moved()
+
+    def drop_queue(self, licence_id: str | None, error: LicdError) -> None:
+        """Refuse every waiter (of one licence, or of all: None) with `error`."""
+        dropped = []
+        for lid in list(self.engine.queues if licence_id is None else [licence_id]):
+            for waiter in self.engine.queues.get(lid, ()):
+                self.engine.leave(waiter)
+                dropped.append((waiter, error))
+        self._refuse(dropped, self.clock.now())
+
+    def tick_queues(self, at: Instant) -> None:
+        """Once a reaper round: waiters detached too long leave, free seats are served,
+        and every waiter hears (so a connection that stays silent is found dead)."""
+        for waiter in self.engine.gone_waiters(at):
+            self._left(waiter, at, "gone")
+        self.serve_queues()
 
     def checkout_landed(self, grant: Grant) -> None:
         """After the checkout's commit: raises Unavailable unless its lease is live (a
@@ -200,17 +386,12 @@ class LicenceService:
             self.store.append_later(entry)
         return len(entries)
 
-    def _commit_checkout(self, lease: SeatLease, at: Instant) -> Deferred[None]:
+    def _commit_checkout(
+        self, lease: SeatLease, at: Instant, waiter: Waiter | None = None
+    ) -> Deferred[None]:
         """Persist a granted lease; once committed it is confirmed (or, if the commit
         failed, aborted), in a callback that runs whatever happens to the caller."""
-        # An overdraft grant is an exception the audit log calls out.
-        event = lease_event(
-            Kind.CHECKOUT,
-            lease,
-            at.wall,
-            reason="overdraft" if lease.overdraft else None,
-            detail={"in_use": self.engine.in_use(lease.licence_id), "overdraft": lease.overdraft},
-        )
+        event = self._checkout_event(lease, at, waiter)
         commit = self.store.insert_lease(lease, event)
         self._inflight[lease.secret] = commit
 
@@ -228,6 +409,17 @@ class LicenceService:
 
         commit.add_done_callback(landed)
         return commit
+
+    def _checkout_event(self, lease: SeatLease, at: Instant, waiter: Waiter | None = None) -> Event:
+        detail: dict[str, Any] = {
+            "in_use": self.engine.in_use(lease.licence_id),
+            "overdraft": lease.overdraft,
+        }
+        if waiter is not None:
+            detail["queued"] = round(at.wall - waiter.since_wall, 3)
+        # An overdraft grant is an exception the audit log calls out.
+        reason = "overdraft" if lease.overdraft else None
+        return lease_event(Kind.CHECKOUT, lease, at.wall, reason=reason, detail=detail)
 
     def heartbeat(self, secret: str, at: Instant, usage: bytes | None = None) -> Grant:
         """Renew the lease with `secret`. `usage`: a site router's signed report of its
@@ -373,11 +565,28 @@ class LicenceService:
             )
             in_use = self.engine.in_use(lease.licence_id) - freed[lease.licence_id]
             events.append(lease_event(kind, lease, now, detail={"in_use": in_use}, **extra))
-        commit = self.store.delete_leases(leases, events)
+        # The queues' waiters the freed seats go to: in this same commit.
+        at = self.clock.now()
+        served, failed = self.engine.hand_over(leases, at)
+        grants = [(w, g, self._checkout_event(g.lease, at, w)) for w, g in served if g.fresh]
+        try:
+            commit = self.store.delete_leases(
+                leases, events, [(g.lease, event) for _, g, event in grants]
+            )
+        except StoreError:
+            for _, grant, _ in grants:
+                self.engine.abort(grant.lease)
+            for waiter, _ in served:
+                self.engine.requeue(waiter)
+            raise
 
         def landed(done: Deferred[None]) -> None:
             error = _failure(done)
             if error is not None:
+                for _, grant, _ in grants:
+                    self.engine.abort(grant.lease)
+                for waiter, _ in served:
+                    self.engine.requeue(waiter)
                 for lease in leases:
                     self.engine.cancel_release(lease)
                 log.error(
@@ -387,8 +596,16 @@ class LicenceService:
             for lease, event in zip(leases, events, strict=True):
                 self.engine.released(lease)
                 self.publish(event)
+            for _, grant, event in grants:
+                self.engine.confirm(grant.lease)
+                self.publish(event)
 
         commit.add_done_callback(landed)
+        for waiter, grant in served:
+            self._commit_served(waiter, grant, commit if grant.fresh else None)
+        self._refuse(failed, at)
+        for licence_id in {lease.licence_id for lease in leases}:
+            self._moved(licence_id)
         return commit
 
     async def run_reaper(self, interval: float) -> None:
@@ -398,6 +615,7 @@ class LicenceService:
             # On failure (logged) the leases stay counted and are retried next round.
             with contextlib.suppress(StoreError):
                 await self.reap_once(self.clock.now())
+            self.tick_queues(self.clock.now())
 
     # ----------------------------------------------------------------- licences
 
@@ -432,6 +650,7 @@ class LicenceService:
             [event],
             "the licence was not saved",
         )
+        self.serve_queues([licence.id])  # more seats, say, or other rules for the waiters
         return "added" if old is None else "updated"
 
     async def remove_licence(
@@ -465,6 +684,7 @@ class LicenceService:
                 [event],
                 "the licence was not removed",
             )
+            self.drop_queue(licence_id, UnknownLicence("the licence was removed"))
         except BaseException:
             self.engine.resume(licence_id)
             raise

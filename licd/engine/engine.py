@@ -39,12 +39,14 @@ from licd.engine.entitlement import narrowing_error
 from licd.engine.lease import LeasePhase, SeatLease
 from licd.engine.licence import Licence, key_clash
 from licd.engine.policy import Who, first_match, matches
+from licd.engine.queue import Waiter, WaitQueue
 from licd.engine.seats import SeatBook, unit_key
 from licd.engine.verdicts import Verdict, refusal
 from licd_client.errors import (
     BadRequest,
     Denied,
     LeaseUnknown,
+    LicdError,
     LicenceExpired,
     LicenceNotYetValid,
     RateLimited,
@@ -67,6 +69,7 @@ class _Asked:
     ttl: float  # the lease's ttl, as it would be granted
     at: Instant
     counted: tuple[int, int, int, int] | None = None  # Engine._seat_count's, once asked
+    served: bool = False  # a waiter being served: the queue's order is the caller's
 
 
 #: One checkout rule (see `Engine._seat_rules`): its refusal, or None when it passes
@@ -177,6 +180,10 @@ class Engine:
         #: outnumber the live.
         self._deadlines: list[tuple[float, int, SeatLease]] = []
         self._seq = 0
+        #: The queues (licence id -> its waiters), and every waiter by request key.
+        self.queues: dict[str, WaitQueue] = {}
+        self._waiting: dict[tuple[str, str, str], Waiter] = {}
+        self._waiter_seq = 0
         self._random_bytes = random_bytes
         self._renew_min_rate = renew_min_rate
         for licence in licences:
@@ -310,8 +317,25 @@ class Engine:
         (or, for device leases, this device) already holds. A fresh grant is PENDING
         until `confirm`. The rules, in order: validity; deny, then allow; the holder's
         caps (`max`); the seats in force (add-ons included) less the seats reserved for
-        groups the holder is not in; beyond that, `overdraft` seats, each flagged."""
-        licence = self._licence(key)
+        groups the holder is not in; beyond that, `overdraft` seats, each flagged; and
+        no checkout waiting in the licence's queue ahead of this one (`queue`)."""
+        return self._checkout(
+            self._licence(key), holder, request, at, seats, ttl, delegate, ip, served=False
+        )
+
+    def _checkout(
+        self,
+        licence: Licence,
+        holder: Holder,
+        request: str,
+        at: Instant,
+        seats: int,
+        ttl: float | None,
+        delegate: bytes | None,
+        ip: str | None,
+        *,
+        served: bool,
+    ) -> Grant:
         if licence.id in self._removing:
             raise UnknownLicence("the licence is being removed")
         who = Who(holder, ip)
@@ -334,7 +358,7 @@ class Engine:
 
         handle = self._unique(new_handle, self._by_handle)
         unit = unit_key(licence.count_by, holder, handle)
-        asked = _Asked(licence, who, seats, unit, lease_ttl, at)
+        asked = _Asked(licence, who, seats, unit, lease_ttl, at, served=served)
         self._enforce(asked, self._seat_rules)
         extra, in_use, _, limit = self._seat_count(asked)
         overdraft = bool(extra) and in_use + extra > limit
@@ -404,6 +428,7 @@ class Engine:
             self._rule_reservation,
             self._rule_seats,
             self._rule_overdraft,
+            self._rule_queue,
         )
 
     @staticmethod
@@ -594,6 +619,227 @@ class Engine:
         if extra and in_use + extra > limit:
             return Verdict("overdraft", "granted in overdraft: flagged", flagged=True)
         return Verdict("overdraft", "not needed")
+
+    def _rule_queue(self, a: _Asked, explain: bool) -> Verdict | None:
+        """A free seat goes to the checkouts already waiting for one first: a newcomer
+        waits behind every queued checkout of its priority class or higher that waits
+        for an unreserved seat, unless a seat reserved for its own group is free."""
+        queue = self.queues.get(a.licence.id)
+        if a.served or queue is None or not self._extra(a):
+            if not explain:
+                return None
+            return Verdict("queue", "nobody waits" if queue is None else "not a newcomer")
+        ahead = queue.ahead(self.priority(a.licence, a.who))
+        blocking = [w for w in ahead if w.blocked_by != "reservation"]
+        if blocking and not self._own_reserve_free(a.licence, a.who):
+            extra, in_use, _, limit = self._seat_count(a)
+            why = f"{len(blocking)} checkout(s) wait in the queue ahead of this one"
+            detail = {"in_use": in_use, "total": limit, "waiting": len(queue)}
+            return refusal("queue", why, SeatsExhausted(detail=detail))
+        if not explain:
+            return None
+        return Verdict("queue", f"{len(queue)} waiting; none ahead of this holder needs the seat")
+
+    def _own_reserve_free(self, licence: Licence, who: Who) -> bool:
+        """Whether a seat reserved for one of `who`'s groups is unused."""
+        return any(
+            n > self._group_usage(licence, group)
+            for group, n in licence.reserve.items()
+            if matches(f"group:{group}", who, self.groups)
+        )
+
+    def priority(self, licence: Licence, who: Who) -> int:
+        """The holder's priority class in the licence's queue: the highest of its groups'
+        (`queue_priority`), 0 when none applies."""
+        classes = [
+            n
+            for group, n in licence.queue_priority.items()
+            if matches(f"group:{group}", who, self.groups)
+        ]
+        return max(classes, default=0)
+
+    # ------------------------------------------------------------------ the queue
+
+    def waiter(self, key: str, holder: Holder, request: str) -> Waiter | None:
+        """The queued checkout with this request key, if one waits."""
+        licence = self._licence(key)
+        return self._waiting.get((licence.id, holder.hostid, request))
+
+    @staticmethod
+    def check_rejoin(
+        waiter: Waiter, holder: Holder, ip: str | None, seats: int, ttl: float | None
+    ) -> None:
+        """The same checkout sent again for a waiter: as `_check_retry` for a lease."""
+        if waiter.holder != holder or waiter.ip != ip:
+            raise Denied("this request key belongs to another holder's checkout")
+        if (waiter.seats, waiter.ttl) != (seats, ttl):
+            raise BadRequest(
+                "checkout: this request key was used with other seats or ttl; "
+                "a retry must repeat the first attempt exactly (a new checkout needs a new key)"
+            )
+
+    def enqueue(
+        self,
+        key: str,
+        holder: Holder,
+        *,
+        request: str,
+        at: Instant,
+        blocked_by: str,
+        seats: int = 1,
+        ttl: float | None = None,
+        delegate: bytes | None = None,
+        ip: str | None = None,
+    ) -> Waiter:
+        """Queue a checkout that `blocked_by` (a seat rule) refused. SeatsExhausted
+        (rule `queue`) when the licence's queue is full."""
+        licence = self._licence(key)
+        queue = self.queues.get(licence.id)
+        waiting = 0 if queue is None else len(queue)
+        if waiting >= licence.queue_max:
+            why = (
+                f"the licence's queue is full ({licence.queue_max} waiting)"
+                if licence.queue_max
+                else "the licence has no queue (queue_max = 0)"
+            )
+            verdict = refusal(
+                "queue",
+                why,
+                SeatsExhausted(why, detail={"in_use": self.in_use(licence.id), "waiting": waiting}),
+            )
+            assert verdict.error is not None
+            raise verdict.error
+        self._waiter_seq += 1
+        waiter = Waiter(
+            licence_id=licence.id,
+            holder=holder,
+            ip=ip,
+            request=request,
+            seats=seats,
+            ttl=ttl,
+            priority=self.priority(licence, Who(holder, ip)),
+            seq=self._waiter_seq,
+            since_mono=at.mono,
+            since_wall=at.wall,
+            delegate=delegate,
+            blocked_by=blocked_by,
+        )
+        if queue is None:
+            queue = self.queues[licence.id] = WaitQueue()
+        queue.add(waiter)
+        self._waiting[waiter.request_key] = waiter
+        return waiter
+
+    def position(self, waiter: Waiter) -> tuple[int, int, float | None]:
+        """(position, waiting, estimated wait in seconds or None) of a queued checkout."""
+        queue = self.queues[waiter.licence_id]
+        position = queue.position(waiter)
+        return position, len(queue), queue.wait_estimate(position)
+
+    def is_waiting(self, waiter: Waiter) -> bool:
+        return self._waiting.get(waiter.request_key) is waiter
+
+    def leave(self, waiter: Waiter) -> None:
+        """Take a waiter out of its queue (served, refused, gone)."""
+        if self._waiting.get(waiter.request_key) is not waiter:
+            return
+        del self._waiting[waiter.request_key]
+        queue = self.queues[waiter.licence_id]
+        queue.remove(waiter)
+        if not queue:
+            del self.queues[waiter.licence_id]
+
+    def gone_waiters(self, at: Instant) -> list[Waiter]:
+        """The detached waiters whose time to come back is over, taken out."""
+        gone = [
+            w for w in self._waiting.values() if w.leave_at is not None and w.leave_at <= at.mono
+        ]
+        for waiter in gone:
+            self.leave(waiter)
+        return gone
+
+    def serve_queue(
+        self, licence_id: str, at: Instant
+    ) -> tuple[list[tuple[Waiter, Grant]], list[tuple[Waiter, LicdError]]]:
+        """Grant what the licence's free seats allow to its waiters, in order: (waiters
+        served with their grants, waiters refused for good with why). An attached waiter
+        that still finds no seat stops the round (nobody behind it jumps it), unless
+        only seats reserved for others are free (a member behind it may take one); a
+        detached one is passed over."""
+        served: list[tuple[Waiter, Grant]] = []
+        failed: list[tuple[Waiter, LicdError]] = []
+        queue = self.queues.get(licence_id)
+        licence = self._by_id.get(licence_id)
+        if queue is None:
+            return served, failed
+        for waiter in queue:
+            if not waiter.attached:
+                continue
+            if licence is None:
+                self.leave(waiter)
+                failed.append((waiter, UnknownLicence("the licence was removed")))
+                continue
+            try:
+                grant = self._checkout(
+                    licence,
+                    waiter.holder,
+                    waiter.request,
+                    at,
+                    waiter.seats,
+                    waiter.ttl,
+                    waiter.delegate,
+                    waiter.ip,
+                    served=True,
+                )
+            except SeatsExhausted as exc:
+                waiter.blocked_by = str((exc.detail or {}).get("rule", "seats"))
+                if waiter.blocked_by == "reservation":
+                    continue
+                break
+            except LicdError as exc:
+                self.leave(waiter)
+                failed.append((waiter, exc))
+                continue
+            self.leave(waiter)
+            queue.served(at.mono)
+            served.append((waiter, grant))
+        return served, failed
+
+    def hand_over(
+        self, releasing: Iterable[SeatLease], at: Instant
+    ) -> tuple[list[tuple[Waiter, Grant]], list[tuple[Waiter, LicdError]]]:
+        """Serve the queues of the licences `releasing` leases (marked RELEASING, not yet
+        committed) free seats of, as if their release were committed: the grants go in
+        the same commit as the release. Until that commit both are counted (nobody
+        else can take the seats meanwhile); if it fails, `abort` the grants and
+        `cancel_release` the leases, and the waiters queue again (`requeue`)."""
+        served: list[tuple[Waiter, Grant]] = []
+        failed: list[tuple[Waiter, LicdError]] = []
+        by_licence: dict[str, list[SeatLease]] = {}
+        for lease in releasing:
+            if lease.licence_id in self.queues and lease.state is LeasePhase.RELEASING:
+                by_licence.setdefault(lease.licence_id, []).append(lease)
+        for licence_id, leases in by_licence.items():
+            for lease in leases:
+                self.seats.remove(lease)
+            try:
+                s, f = self.serve_queue(licence_id, at)
+            finally:
+                for lease in leases:
+                    self.seats.add(lease)
+            served += s
+            failed += f
+        return served, failed
+
+    def requeue(self, waiter: Waiter) -> None:
+        """Put back a waiter whose grant did not commit, in its old place."""
+        if waiter.request_key in self._waiting:
+            return
+        queue = self.queues.get(waiter.licence_id)
+        if queue is None:
+            queue = self.queues[waiter.licence_id] = WaitQueue()
+        queue.add(waiter)
+        self._waiting[waiter.request_key] = waiter
 
     def _group_usage(self, licence: Licence, group: str) -> int:
         rule = f"group:{group}"

@@ -19,6 +19,9 @@ from licd_client.messages import Features
 
 COUNT_BY = ("lease", "host", "user", "host_user")
 RESETS = ("never", "daily", "monthly")
+IDLE_RECLAIM = ("when_needed", "always")
+#: Checkouts that may wait in one licence's queue by default (`queue_max`).
+QUEUE_MAX = 64
 #: Leases that may share one unit's seat (`count_by` other than "lease") by default: a
 #: machine running a few instances of an app, not one piling up leases without end.
 LEASES_PER_UNIT = 16
@@ -87,6 +90,18 @@ class Licence:
     borrow_after: float | None = None
     borrow_max: int | None = None
     borrow_allow: tuple[str, ...] = ()
+    # The queue: at most `queue_max` checkouts wait for a seat (0: none may), served by
+    # priority class (group -> class, higher first; 0 for holders in none), then in order.
+    queue_max: int = QUEUE_MAX
+    queue_priority: Mapping[str, int] = field(default_factory=dict)
+    # Idle leases (their heartbeats' `idle_for`): one idle for `idle_timeout` is reclaimed,
+    # after a warning, always or (`when_needed`) only while a checkout waits or at least
+    # `idle_threshold` of the seats are in use.
+    idle_timeout: float | None = None
+    idle_reclaim: str = "when_needed"
+    idle_threshold: float = 1.0
+    # A seat checked in stays its holder's (host and user) this long: `linger`.
+    linger: float | None = None
 
     def borrows(self, ttl: float) -> bool:
         """Whether a lease of `ttl` seconds is a borrow."""
@@ -124,7 +139,7 @@ class Licence:
 
     def groups_named(self) -> set[str]:
         """The [groups] its rules (`group:NAME`), reservations and caps refer to."""
-        named = set(self.reserve)
+        named = set(self.reserve) | set(self.queue_priority)
         for rule in (*self.allow, *self.deny, *self.max):
             kind, _, value = rule.partition(":")
             if kind == "group":

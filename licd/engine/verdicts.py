@@ -27,7 +27,11 @@ RULES = (
     "reservation",  # seats reserved for groups the holder is not in
     "seats",  # the seats in force
     "overdraft",  # seats beyond them, each flagged
+    "queue",  # no checkout waits in the licence's queue ahead of this one
 )
+
+#: The rules whose refusal a checkout with `queue` waits out in the licence's queue.
+QUEUEABLE = ("reservation", "seats", "overdraft", "queue")
 
 
 @dataclass(frozen=True)

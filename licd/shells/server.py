@@ -25,7 +25,7 @@ from collections import Counter, deque
 from typing import Any, cast
 
 from licd.config.settings import ServerConfig
-from licd.core.dispatch import Answer, Dispatcher, Handover, Session
+from licd.core.dispatch import Answer, Dispatcher, Handover, QueuedCheckout, Session
 from licd.deferred import Deferred
 from licd_client.errors import LicdError, ShuttingDown, TooManyConnections
 from licd_client.wire import (
@@ -229,6 +229,16 @@ class ServerConnection(asyncio.Protocol):
             return
         pending.append(answer)
         answer.add_done_callback(self._flush)
+        if isinstance(answer, QueuedCheckout):
+            answer.attach(lambda update: self._update(answer, update))
+
+    def _update(self, queued: QueuedCheckout, update: dict[str, Any]) -> bool:
+        """Write a queued checkout's update if its answer is the one owed next (else it
+        waits its turn: False, and the next round tries again)."""
+        if self._closing or not self._pending or self._pending[0] is not queued:
+            return False
+        self._write(update, False)
+        return True
 
     def _write(self, message: dict[str, Any], close: bool) -> None:
         if self._closing or self.transport is None:
@@ -245,6 +255,10 @@ class ServerConnection(asyncio.Protocol):
             self._write(*owed.result())
             if isinstance(owed, Handover):
                 owed.delivered()
+            if isinstance(owed, QueuedCheckout):  # its wait was ours: silence counts anew
+                self._activity = self.loop.time()
+                if self._timer is None:
+                    self._check_deadline()
         if self._closing:
             return
         if self._paused & PIPELINE and (
@@ -292,6 +306,8 @@ class ServerConnection(asyncio.Protocol):
             deadline = math.inf  # is the peer's doing (writes have a deadline of their own)
         elif self._frame_started is not None:
             deadline = self._frame_started + cfg.frame_timeout
+        elif any(isinstance(owed, QueuedCheckout) for owed in self._pending):
+            deadline = math.inf  # it waits for us, in the queue (its updates have a deadline)
         else:
             deadline = self._activity + cfg.idle_timeout
         if not self.session.hello_done:
@@ -423,6 +439,8 @@ class Server:
         for server in self._servers:
             server.close()
         self.dispatcher.shutting_down = True
+        # Queued checkouts are answered now: their wait would outlast the drain.
+        self.dispatcher.service.drop_queue(None, ShuttingDown())
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.shutdown_timeout):
                 await self._drained()

@@ -168,14 +168,20 @@ class Store(abc.ABC):
         return self._enqueue([(INSERT_LEASE, [lease_row(lease)]), *_audit(event)])
 
     def delete_leases(
-        self, leases: Sequence[SeatLease], events: Sequence[Event] = ()
+        self,
+        leases: Sequence[SeatLease],
+        events: Sequence[Event] = (),
+        inserts: Sequence[tuple[SeatLease, Event]] = (),
     ) -> Deferred[None]:
-        """Delete leases (checkin, reclaim, revoke) with their audit entries: done once
-        committed."""
+        """Delete leases (checkin, reclaim, revoke) with their audit entries, and insert
+        the leases their seats were handed over to (the queue's, with theirs), in one
+        transaction: done once committed. The deletions go first."""
         return self._enqueue(
             [
                 (DELETE_LEASE, [(lease.secret,) for lease in leases]),
                 (INSERT_AUDIT, [audit_row(e) for e in events]),
+                (INSERT_LEASE, [lease_row(lease) for lease, _ in inserts]),
+                (INSERT_AUDIT, [audit_row(e) for _, e in inserts]),
             ]
         )
 

@@ -140,6 +140,7 @@ def _policy(licence: Licence) -> dict[str, Any]:
     }
     out["allow"], out["deny"] = list(licence.allow), list(licence.deny)
     out["borrow_allow"] = list(licence.borrow_allow)
+    out["queue_priority"] = dict(licence.queue_priority)
     out["reserve"], out["max"] = dict(licence.reserve), dict(licence.max)
     out["counter"] = [dataclasses.asdict(c) for c in licence.counter]
     out["addon"] = [dataclasses.asdict(a) for a in licence.addon]

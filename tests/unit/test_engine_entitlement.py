@@ -65,7 +65,8 @@ def test_the_vendors_licence_leaves_the_sites_fields_at_their_defaults() -> None
     default = Licence(key="k", id="i", product="p", seats=1)
     assert site_fields == {
         "grace", "delegable", "leases_per_unit", "allow", "deny", "reserve", "max",
-        "borrow_after", "borrow_max", "borrow_allow",
+        "borrow_after", "borrow_max", "borrow_allow", "queue_max", "queue_priority",
+        "idle_timeout", "idle_reclaim", "idle_threshold", "linger",
     }  # fmt: skip
     for name in (*site_fields, "overdraft", "count_by", "device_period"):
         assert getattr(lic, name) == getattr(default, name), name

@@ -66,6 +66,12 @@ def differs_in_every_field(licence: Licence) -> Licence:
         "borrow_after": 5.0,
         "borrow_max": 3,
         "borrow_allow": ("user:carol",),
+        "queue_max": licence.queue_max + 1,
+        "queue_priority": {"cad": 5},
+        "idle_timeout": 600.0,
+        "idle_reclaim": "always",
+        "idle_threshold": 0.5,
+        "linger": 60.0,
     }
     return replace(licence, **other)
 

@@ -214,6 +214,12 @@ EVERY_POLICY = Licence(
     borrow_after=300.0,
     borrow_max=1,
     borrow_allow=("group:cad",),
+    queue_max=5,
+    queue_priority={"cad": 10},
+    idle_timeout=900.0,
+    idle_reclaim="always",
+    idle_threshold=0.75,
+    linger=120.0,
 )
 
 
@@ -244,6 +250,12 @@ def test_a_licence_row_keeps_the_basic_terms_in_columns_and_the_rest_as_json() -
         "borrow_after": 300.0,
         "borrow_max": 1,
         "borrow_allow": ["group:cad"],
+        "queue_max": 5,
+        "queue_priority": {"cad": 10},
+        "idle_timeout": 900.0,
+        "idle_reclaim": "always",
+        "idle_threshold": 0.75,
+        "linger": 120.0,
     }
     assert list(json.loads(row[10])) == sorted(json.loads(row[10]))  # one spelling a value
 

@@ -65,6 +65,18 @@ def taken(*holders: Holder) -> Setup:
     return setup
 
 
+def waiting(asker: Holder, seats: int) -> Setup:
+    """Dave holds a seat and `asker` waits in the queue for `seats` of them."""
+
+    def setup(world: World) -> None:
+        world.take(holder("dave"))
+        world.engine.enqueue(
+            "K", asker, request="w" * 22, at=world.clock.now(), blocked_by="seats", seats=seats
+        )
+
+    return setup
+
+
 NOTHING = taken()
 CASES: list[tuple[str, Licence, Setup, Holder, str]] = [
     # (deciding rule, licence, what happened before, who asks, the error code)
@@ -107,6 +119,8 @@ CASES: list[tuple[str, Licence, Setup, Holder, str]] = [
         CAROL,
         "seats_exhausted",
     ),
+    # A seat is free, but erin waits (for two) ahead of carol.
+    ("queue", BASE, waiting(erin(), 2), CAROL, "seats_exhausted"),
 ]
 
 
