@@ -280,7 +280,10 @@ class AdminOps:
             raise UnknownLicence(f"no licence with id {chosen.licence!r}")
         # A router's forward-mode leases are listed too: their seats are held upstream.
         router = self.daemon.router
-        leases: list[SeatLease | Forwarded] = [*self.service.engine.leases]
+        leases: list[SeatLease | Forwarded] = [
+            *self.service.engine.leases,
+            *self.service.engine.lingering,  # state "lingering": kept for their holders
+        ]
         leases += router.forwarded_listing() if router is not None else []
         if only_borrowed:
             leases = [x for x in leases if self._borrowed(x)]

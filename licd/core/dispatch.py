@@ -426,7 +426,7 @@ class Dispatcher:
         service = self.service
         if isinstance(request, Heartbeat):
             at = service.now()
-            grant = service.heartbeat(request.lease, at, request.usage)
+            grant = service.heartbeat(request.lease, at, request.usage, request.idle_for)
             return self._lease_reply(request.id, grant, request.nonce, at.wall)
         if isinstance(request, Available):
             a = service.available(request.key)
@@ -463,6 +463,7 @@ class Dispatcher:
             features=grant.features,
             overdraft=lease.overdraft or None,
             lease=lease.secret if with_secret else None,
+            idle_reclaim_in=grant.idle_reclaim_in,
         )
 
 

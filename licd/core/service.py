@@ -417,16 +417,21 @@ class LicenceService:
         }
         if waiter is not None:
             detail["queued"] = round(at.wall - waiter.since_wall, 3)
+        if lease.lingered:
+            detail["lingered"] = True
         # An overdraft grant is an exception the audit log calls out.
         reason = "overdraft" if lease.overdraft else None
         return lease_event(Kind.CHECKOUT, lease, at.wall, reason=reason, detail=detail)
 
-    def heartbeat(self, secret: str, at: Instant, usage: bytes | None = None) -> Grant:
+    def heartbeat(
+        self, secret: str, at: Instant, usage: bytes | None = None, idle_for: float | None = None
+    ) -> Grant:
         """Renew the lease with `secret`. `usage`: a site router's signed report of its
         use of the block this lease is, verified (BadRequest, and nothing renewed, when
-        it is not) and written to the audit log as a SITE_USAGE entry."""
+        it is not) and written to the audit log as a SITE_USAGE entry. `idle_for`: how
+        long its app has been idle (engine.heartbeat)."""
         report = None if usage is None else self._usage_report(secret, usage)
-        grant = self.engine.heartbeat(secret, at)
+        grant = self.engine.heartbeat(secret, at, idle_for)
         self.store.touch_lease(grant.lease)
         if report is not None:
             self._site_usage(grant.lease, report, at)
@@ -470,7 +475,7 @@ class LicenceService:
     def begin_checkin(self, secret: str) -> Deferred[None] | None:
         """Release the lease with `secret`: the commit to wait for, or None when there
         was no lease to release."""
-        lease = self.engine.begin_release(secret)
+        lease = self.engine.begin_release(secret, checkin=self.clock.now())
         if lease is None:
             return None
         return self._begin_release([lease], Kind.CHECKIN)
@@ -510,11 +515,23 @@ class LicenceService:
         return self.engine.available(key, self.clock.now())
 
     async def reap_once(self, at: Instant) -> list[SeatLease]:
-        """Reclaim every lease past `expires + grace`; returns them once committed."""
+        """Reclaim every lease past `expires + grace`, and every idle one due (reason
+        `idle`); end the lingering seats whose time is over. Returns the leases
+        reclaimed, once committed."""
+        ended = self.engine.linger_due(at)
+        for lease in ended:
+            event = lease_event(Kind.LINGER_ENDED, lease, at.wall)
+            self.publish(event)
+            self.store.append_later(event)
+        if ended:
+            self.serve_queues({lease.licence_id for lease in ended})
         due = self.engine.due(at)
+        idle = self.engine.idle_due(at)
+        if idle:
+            await self._release(idle, Kind.RECLAIM, reason="idle")
         if due:
             await self._release(due, Kind.RECLAIM)
-        return due
+        return due + idle
 
     async def revoke(
         self,
@@ -560,11 +577,17 @@ class LicenceService:
         events = []
         freed: dict[str, int] = {}  # per licence, as each release lands in turn
         for lease in leases:
-            freed[lease.licence_id] = freed.get(lease.licence_id, 0) + self.engine.seats.freed_by(
-                lease
-            )
-            in_use = self.engine.in_use(lease.licence_id) - freed[lease.licence_id]
-            events.append(lease_event(kind, lease, now, detail={"in_use": in_use}, **extra))
+            if lease.linger_until is None:
+                gone = self.engine.seats.freed_by(lease)
+                freed[lease.licence_id] = freed.get(lease.licence_id, 0) + gone
+            in_use = self.engine.in_use(lease.licence_id) - freed.get(lease.licence_id, 0)
+            detail: dict[str, Any] = {"in_use": in_use}
+            if lease.idle_total:
+                detail["idle"] = round(lease.idle_total, 1)
+            licence = self.engine.licence_by_id(lease.licence_id)
+            if lease.linger_until is not None and licence is not None:
+                detail["linger"] = licence.linger
+            events.append(lease_event(kind, lease, now, detail=detail, **extra))
         # The queues' waiters the freed seats go to: in this same commit.
         at = self.clock.now()
         served, failed = self.engine.hand_over(leases, at)
@@ -664,6 +687,7 @@ class LicenceService:
         if leases and not force:
             raise LicenceInUse(licence_id, sum(x.seats for x in leases))
         self.engine.suspend(licence_id)  # no checkout may slip in while we remove it
+        self.engine.end_lingering(licence_id)
         try:
             revoked = await self.revoke(
                 handles=[x.handle for x in leases if x.state is LeasePhase.LIVE],

@@ -19,6 +19,7 @@ from licd_client.safetext import one_line
 
 REVOKED = "revoked"
 RECLAIMED = "reclaimed"
+IDLE = "idle"  # reclaimed for idleness (the licence's idle_timeout)
 #: Endings kept at most: a mass revoke or reclaim cannot grow memory without end.
 MAX_ENDINGS = 10_000
 #: An admin's reason is passed on to the holder cut to this many characters (the audit
@@ -28,8 +29,8 @@ MAX_REASON = 200
 
 @dataclass(frozen=True, slots=True)
 class Ending:
-    """How a lease ended: `kind` REVOKED (with the admin's `reason`, maybe "") or
-    RECLAIMED."""
+    """How a lease ended: `kind` REVOKED (with the admin's `reason`, maybe ""),
+    RECLAIMED or IDLE."""
 
     kind: str
     reason: str = ""
@@ -41,6 +42,11 @@ class Ending:
             if self.reason:  # the message stays one line; `detail.reason` is the data
                 text += ": " + one_line(self.reason)
             return LeaseUnknown(text, detail={"revoked": True, "reason": self.reason})
+        if self.kind == IDLE:
+            return LeaseUnknown(
+                "the lease was reclaimed: it was idle past the licence's idle_timeout",
+                detail={"reclaimed": True, "idle": True},
+            )
         return LeaseUnknown(
             "the lease was reclaimed: it was not renewed before its expiry and grace period",
             detail={"reclaimed": True},
@@ -55,6 +61,7 @@ def revoked(reason: str) -> Ending:
 
 
 RECLAIM = Ending(RECLAIMED)
+IDLE_RECLAIM = Ending(IDLE)
 
 
 class Endings:

@@ -28,13 +28,14 @@ and secrets and handles come from the `random_bytes` the composition root gives.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import heapq
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from licd.clock import Instant
 from licd.engine.counters import Consumed, CounterBook
-from licd.engine.endings import RECLAIM, RECLAIMED, Endings, revoked
+from licd.engine.endings import IDLE_RECLAIM, RECLAIM, REVOKED, Endings, revoked
 from licd.engine.entitlement import narrowing_error
 from licd.engine.lease import LeasePhase, SeatLease
 from licd.engine.licence import Licence, key_clash
@@ -121,6 +122,7 @@ class Grant:
     ttl: float  # seconds from now until `lease.expires`
     fresh: bool  # True: a new lease to persist; False: an existing one renewed
     features: Features  # the licence's features in force now (add-ons included)
+    idle_reclaim_in: float | None = None  # an idle lease is reclaimed this soon, unless used
 
     @property
     def renew_in(self) -> float:
@@ -184,6 +186,9 @@ class Engine:
         self.queues: dict[str, WaitQueue] = {}
         self._waiting: dict[tuple[str, str, str], Waiter] = {}
         self._waiter_seq = 0
+        #: Seats checked in that stay their holder's a while (`linger`), by (licence id,
+        #: hostid, user): LINGERING leases, counted in `seats`, whose secret is void.
+        self._lingering: dict[tuple[str, str, str], SeatLease] = {}
         self._random_bytes = random_bytes
         self._renew_min_rate = renew_min_rate
         for licence in licences:
@@ -290,6 +295,7 @@ class Engine:
         licence = self._by_id.get(licence_id)
         if licence is None:
             raise UnknownLicence(f"no licence with id {licence_id!r}")
+        self.end_lingering(licence_id)
         if self.in_use(licence_id):
             raise BadRequest(f"licence {licence_id!r} still has leases")
         del self._by_id[licence_id]
@@ -358,8 +364,19 @@ class Engine:
 
         handle = self._unique(new_handle, self._by_handle)
         unit = unit_key(licence.count_by, holder, handle)
-        asked = _Asked(licence, who, seats, unit, lease_ttl, at, served=served)
-        self._enforce(asked, self._seat_rules)
+        # A seat that lingers for this holder is theirs again: it is counted for the
+        # new lease instead (and the queue does not come first).
+        kept = self._lingering.pop((licence.id, holder.hostid, holder.user), None)
+        if kept is not None:
+            self.seats.remove(kept)
+        asked = _Asked(licence, who, seats, unit, lease_ttl, at, served=served or kept is not None)
+        try:
+            self._enforce(asked, self._seat_rules)
+        except LicdError:
+            if kept is not None:
+                self.seats.add(kept)
+                self._lingering[(licence.id, holder.hostid, holder.user)] = kept
+            raise
         extra, in_use, _, limit = self._seat_count(asked)
         overdraft = bool(extra) and in_use + extra > limit
 
@@ -383,6 +400,7 @@ class Engine:
             renewals=RENEW_BURST,
             renewed_at=at.mono,
             asked=(seats, ttl),
+            lingered=kept is not None,
         )
         grant = self._extend(lease, licence, at, fresh=True)
         self._add(lease)
@@ -817,7 +835,11 @@ class Engine:
         failed: list[tuple[Waiter, LicdError]] = []
         by_licence: dict[str, list[SeatLease]] = {}
         for lease in releasing:
-            if lease.licence_id in self.queues and lease.state is LeasePhase.RELEASING:
+            if (
+                lease.licence_id in self.queues
+                and lease.state is LeasePhase.RELEASING
+                and lease.linger_until is None  # its seat stays its holder's
+            ):
                 by_licence.setdefault(lease.licence_id, []).append(lease)
         for licence_id, leases in by_licence.items():
             for lease in leases:
@@ -865,12 +887,98 @@ class Engine:
         if lease.state is LeasePhase.PENDING:
             self._remove(lease)
 
-    def heartbeat(self, secret: str, at: Instant) -> Grant:
+    def heartbeat(self, secret: str, at: Instant, idle_for: float | None = None) -> Grant:
         """Renew the lease with `secret`: new expiry, current seats and features.
-        RateLimited when it renews faster than `renew_rate` allows beyond a burst."""
+        RateLimited when it renews faster than `renew_rate` allows beyond a burst.
+        `idle_for`: seconds its app has been idle, as it says; the grant then says when
+        the lease will be reclaimed for it (`idle_reclaim_in`), if it will."""
         lease, licence = self._live(secret, at)
+        previous = lease.renewed_at
         self._spend_renewal(lease, at)
-        return self._renew(lease, licence, at)
+        if idle_for is not None:
+            lease.idle_total += min(idle_for, max(0.0, at.mono - previous))
+            lease.idle_since = at.mono - idle_for
+        grant = self._renew(lease, licence, at)
+        warning = self._idle_warning(lease, licence, at)
+        return grant if warning is None else dataclasses.replace(grant, idle_reclaim_in=warning)
+
+    # ------------------------------------------------------------ idle leases
+
+    def _idle_needed(self, licence: Licence, at: Instant) -> bool:
+        """Whether idle leases of `licence` are reclaimed now: always, or (when_needed)
+        while an attached checkout waits or `idle_threshold` of its seats are in use."""
+        if licence.idle_reclaim == "always":
+            return True
+        queue = self.queues.get(licence.id)
+        if queue is not None and any(w.attached for w in queue):
+            return True
+        return self.in_use(licence.id) >= licence.idle_threshold * licence.seats_at(at.wall)
+
+    def _idle_reclaimable(self, lease: SeatLease, licence: Licence, at: Instant) -> bool:
+        timeout = licence.idle_timeout
+        if timeout is None or lease.idle_since is None or lease.device:
+            return False
+        return at.mono - lease.idle_since >= timeout and self._idle_needed(licence, at)
+
+    def _idle_warning(self, lease: SeatLease, licence: Licence, at: Instant) -> float | None:
+        """Seconds until the lease is reclaimed for idleness, None if it is not to be.
+        The first time, the holder is warned now and has one lease ttl from now; a lease
+        in use again, or no longer needed, starts afresh."""
+        if not self._idle_reclaimable(lease, licence, at):
+            lease.idle_warned = None
+            return None
+        if lease.idle_warned is None:
+            lease.idle_warned = at.mono
+        return max(0.0, lease.idle_warned + lease.ttl - at.mono)
+
+    def idle_due(self, at: Instant) -> list[SeatLease]:
+        """Live leases to reclaim for idleness now (warned at least a lease ttl ago and
+        still reclaimable), marked RELEASING; the caller deletes them and calls
+        `released`."""
+        if not any(x.idle_timeout is not None for x in self._by_id.values()):
+            return []
+        out: list[SeatLease] = []
+        for lease in self._leases.values():
+            licence = self._by_id.get(lease.licence_id)
+            warned = lease.idle_warned
+            if (
+                licence is None
+                or warned is None
+                or lease.state is not LeasePhase.LIVE
+                or at.mono < warned + lease.ttl
+            ):
+                continue
+            if self._idle_reclaimable(lease, licence, at):
+                lease.state = LeasePhase.RELEASING
+                lease.ending = IDLE_RECLAIM
+                out.append(lease)
+        return out
+
+    # ---------------------------------------------------------------- lingering
+
+    @property
+    def lingering(self) -> list[SeatLease]:
+        """The seats checked in that stay their holders' a while (LINGERING leases)."""
+        return list(self._lingering.values())
+
+    def linger_due(self, at: Instant) -> list[SeatLease]:
+        """Lingering seats whose time is over, freed now (nothing to commit: a lingering
+        seat is in memory only)."""
+        over = [x for x in self._lingering.values() if (x.linger_until or 0.0) <= at.mono]
+        for lease in over:
+            self._end_linger(lease)
+        return over
+
+    def end_lingering(self, licence_id: str) -> None:
+        """Free every lingering seat of the licence (it is being removed)."""
+        for kept in [x for x in self._lingering.values() if x.licence_id == licence_id]:
+            self._end_linger(kept)
+
+    def _end_linger(self, lease: SeatLease) -> None:
+        key = (lease.licence_id, lease.holder.hostid, lease.holder.user)
+        if self._lingering.get(key) is lease:
+            del self._lingering[key]
+            self.seats.remove(lease)
 
     def _spend_renewal(self, lease: SeatLease, at: Instant) -> None:
         rate = renew_rate(lease.ttl, self._renew_min_rate)
@@ -897,16 +1005,22 @@ class Engine:
         self._check_validity(licence, at)
         return lease, licence
 
-    def begin_release(self, secret: str, *, revoke: bool = False) -> SeatLease | None:
-        """Checkin: mark the lease releasing (its seat stays counted until `released`).
-        None when no such live lease exists, or when it is a device lease (its seat stays
-        with the device for the period; only a revoke ends it early)."""
+    def begin_release(
+        self, secret: str, *, revoke: bool = False, checkin: Instant | None = None
+    ) -> SeatLease | None:
+        """Mark the lease releasing (its seat stays counted until `released`). None when
+        no such live lease exists, or when it is a device lease (its seat stays with the
+        device for the period; only a revoke ends it early). A `checkin` (at that
+        instant) of a licence with `linger` keeps the seat for its holder that long."""
         lease = self._leases.get(secret)
         if lease is None:
             return None
         if lease.state is LeasePhase.PENDING or (lease.device and not revoke):
             return None
         lease.state = LeasePhase.RELEASING
+        licence = self._by_id.get(lease.licence_id)
+        if checkin is not None and licence is not None and licence.linger is not None:
+            lease.linger_until = checkin.mono + licence.linger
         return lease
 
     def begin_revoke(self, handle: str, reason: str = "") -> SeatLease | None:
@@ -920,13 +1034,23 @@ class Engine:
 
     def released(self, lease: SeatLease) -> None:
         """The lease's deletion is committed: free its seats (and keep why it went, if
-        it was taken away, for its holder)."""
-        if self._leases.get(lease.secret) is lease:
-            self._remove(lease)
-            ending = lease.ending
-            if ending is not None:
-                until = lease.reclaim_at + (lease.ttl if ending.kind == RECLAIMED else 0.0)
-                self.endings.remember(lease.secret, ending, until)
+        it was taken away, for its holder), or keep them lingering for its holder."""
+        if self._leases.get(lease.secret) is not lease:
+            return
+        if lease.linger_until is not None:
+            self._remove(lease, keep_seats=True)
+            key = (lease.licence_id, lease.holder.hostid, lease.holder.user)
+            earlier = self._lingering.get(key)
+            if earlier is not None:
+                self._end_linger(earlier)
+            lease.state = LeasePhase.LINGERING
+            self._lingering[key] = lease
+            return
+        self._remove(lease)
+        ending = lease.ending
+        if ending is not None:
+            until = lease.reclaim_at + (0.0 if ending.kind == REVOKED else lease.ttl)
+            self.endings.remember(lease.secret, ending, until)
 
     def cancel_release(self, lease: SeatLease) -> None:
         """The deletion failed to commit: the lease is live again, and due for reclaim
@@ -1060,7 +1184,7 @@ class Engine:
             self._devices[(lease.licence_id, lease.holder.hostid)] = lease
         self.seats.add(lease)
 
-    def _remove(self, lease: SeatLease) -> None:
+    def _remove(self, lease: SeatLease, *, keep_seats: bool = False) -> None:
         del self._leases[lease.secret]
         del self._by_handle[lease.handle]
         if self._by_request.get(lease.request_key) is lease:
@@ -1068,7 +1192,8 @@ class Engine:
         device = (lease.licence_id, lease.holder.hostid)
         if self._devices.get(device) is lease:
             del self._devices[device]
-        self.seats.remove(lease)
+        if not keep_seats:
+            self.seats.remove(lease)
 
     def _unique(self, factory: Callable[[RandomBytes], str], taken: dict[str, SeatLease]) -> str:
         while True:

@@ -32,6 +32,7 @@ class Kind(enum.Enum):
     SITE_USAGE = "site_usage"  # a site router reported its use of a block (a vendor's log)
     QUEUED = "queued"  # a checkout joined a licence's queue (no seat was free)
     QUEUE_LEFT = "queue_left"  # a queued checkout left without a seat (gone, refused)
+    LINGER_ENDED = "linger_ended"  # a checked-in seat kept for its holder (linger) is free
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ class LeasePhase(enum.Enum):
     PENDING = "pending"  # granted in memory, its commit not yet confirmed
     LIVE = "live"  # committed; counted; renewable
     RELEASING = "releasing"  # checkin or reclaim under way; still counted until committed
+    LINGERING = "lingering"  # checked in, its seat kept for its holder a while (`linger`)
 
 
 @dataclass(slots=True, eq=False)
@@ -45,6 +46,12 @@ class SeatLease:
     renewed_at: float = 0.0  # ... as of this monotonic time
     asked: tuple[int, float | None] | None = None  # its checkout's seats and ttl
     ending: Ending | None = None  # why it is releasing, when it was taken away (revoke, reclaim)
+    # Idleness, as its heartbeats' `idle_for` report it (monotonic times):
+    idle_since: float | None = None  # idle from then on (None: in use, or never said)
+    idle_total: float = 0.0  # seconds idle so far, as reported
+    idle_warned: float | None = None  # the holder was told it would be reclaimed
+    linger_until: float | None = None  # monotonic: checked in, its seat kept until then
+    lingered: bool = False  # granted on the seat its holder's lingering lease kept
 
     @property
     def request_key(self) -> tuple[str, str, str]:

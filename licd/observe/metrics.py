@@ -40,6 +40,8 @@ class LicenceUsage:
     in_use: int
     expires: float | None  # wall clock seconds; None: never
     reserved: int = 0  # free seats kept for groups' members (Availability.reserved)
+    waiting: int = 0  # checkouts in the licence's queue
+    lingering: int = 0  # seats checked in and kept for their holders (`linger`)
 
     @property
     def available(self) -> int:
@@ -52,11 +54,21 @@ def engine_usage(engine: Engine, now: float) -> list[LicenceUsage]:
     The engine counts the seats (`Engine.usage`: add-ons included, reservations held
     back), as `licd status`, `available` and checkouts do."""
     out = []
+    lingering: dict[str, int] = {}
+    for lease in engine.lingering:
+        lingering[lease.licence_id] = lingering.get(lease.licence_id, 0) + lease.seats
     for lic in engine.licences:
         seats = engine.usage(lic, now)
         out.append(
             LicenceUsage(
-                lic.id, lic.product, seats.total, seats.in_use, lic.expires, seats.reserved
+                lic.id,
+                lic.product,
+                seats.total,
+                seats.in_use,
+                lic.expires,
+                seats.reserved,
+                waiting=len(engine.queues.get(lic.id, ())),
+                lingering=lingering.get(lic.id, 0),
             )
         )
     return out
@@ -105,6 +117,16 @@ class _StateCollector:
                 unit="seconds",
             ),
             GaugeMetricFamily("licd_connections", "Open client connections."),
+            GaugeMetricFamily(
+                "licd_queue_waiting",
+                "Checkouts waiting in the licence's queue.",
+                labels=seat_labels,
+            ),
+            GaugeMetricFamily(
+                "licd_seats_lingering",
+                "Seats checked in and kept for their holders a while (linger).",
+                labels=seat_labels,
+            ),
         )
 
     def describe(self) -> Iterator[Metric]:
@@ -112,7 +134,8 @@ class _StateCollector:
         yield from self._families()
 
     def collect(self) -> Iterator[Metric]:
-        licensed, in_use, available, reserved, expiry, connections = self._families()
+        families = self._families()
+        licensed, in_use, available, reserved, expiry, connections, waiting, lingering = families
         now = self._wall()
         for usage in self._engine_view(now):
             labels = (usage.id, usage.product)
@@ -120,10 +143,12 @@ class _StateCollector:
             in_use.add_metric(labels, usage.in_use)
             available.add_metric(labels, usage.available)
             reserved.add_metric(labels, usage.reserved)
+            waiting.add_metric(labels, usage.waiting)
+            lingering.add_metric(labels, usage.lingering)
             if usage.expires is not None:
                 expiry.add_metric((usage.id,), usage.expires - now)
         connections.add_metric((), self._connections())
-        yield from (licensed, in_use, available, reserved, expiry, connections)
+        yield from families
 
 
 class Metrics:
@@ -151,6 +176,27 @@ class Metrics:
             "licd_overdraft_grants",
             "Seats granted beyond the licence, in its overdraft.",
             lic,
+            registry=r,
+        )
+        self._idle_reclaims = Counter(
+            "licd_idle_reclaims",
+            "Leases reclaimed because their app was idle past idle_timeout.",
+            lic,
+            registry=r,
+        )
+        self._queued = Counter("licd_queued", "Checkouts that joined a queue.", lic, registry=r)
+        self._queue_left = Counter(
+            "licd_queue_left",
+            "Queued checkouts that left without a seat, by why (gone, an error code).",
+            (*lic, "why"),
+            registry=r,
+        )
+        self._queue_wait = Histogram(
+            "licd_queue_wait",
+            "Time a checkout served from the queue waited for its seat.",
+            lic,
+            unit="seconds",
+            buckets=(1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 4 * 3600.0),
             registry=r,
         )
         self._heartbeats = Counter("licd_heartbeats", "Lease heartbeats answered.", registry=r)
@@ -188,12 +234,21 @@ class Metrics:
             self._child(self._checkouts, licence).inc()
             if event.detail.get("overdraft"):
                 self._child(self._overdraft, licence).inc()
+            waited = event.detail.get("queued")
+            if waited is not None:
+                self._queue_wait.labels(licence).observe(float(waited))
+        elif kind is Kind.QUEUED:
+            self._child(self._queued, licence).inc()
+        elif kind is Kind.QUEUE_LEFT:
+            self._child(self._queue_left, licence, str(event.detail.get("why", ""))).inc()
         elif kind is Kind.DENIED:
             self._child(self._denials, licence, event.reason or "unknown").inc()
         elif kind is Kind.CHECKIN:
             self._child(self._checkins, licence).inc()
         elif kind is Kind.RECLAIM:
             self._child(self._reclaims, licence).inc()
+            if event.reason == "idle":
+                self._child(self._idle_reclaims, licence).inc()
         elif kind is Kind.REVOKE:
             self._child(self._revokes, licence).inc()
         elif kind is Kind.CLOCK_ROLLBACK:

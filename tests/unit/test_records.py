@@ -64,6 +64,7 @@ from tests.support import DICOM
 NOW = 1_790_000_000.0
 #: Lease fields the engine keeps at run time only: never written, defaults when read.
 RUNTIME = {"reclaim_at", "state", "scheduled", "renewals", "renewed_at", "asked", "ending"}
+RUNTIME |= {"idle_since", "idle_total", "idle_warned", "linger_until", "lingered"}
 
 
 @pytest.fixture
