@@ -15,7 +15,7 @@ import click
 
 from licd.cli.format import parse_time
 from licd.config.settings import parse_duration
-from licd.engine.licence import COUNT_BY
+from licd.engine.licence import COUNT_BY, IDLE_RECLAIM
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -23,16 +23,19 @@ CLEAR = "none"
 
 
 def _pairs(
-    what: str, example: str
+    what: str, example: str, value: str = "SEATS"
 ) -> Callable[[click.Context, click.Parameter, Any], dict[str, int] | None]:
+    """NAME=NUMBER options (a negative NUMBER only when `value` is not SEATS)."""
+
     def parse(ctx: click.Context, param: click.Parameter, values: Any) -> dict[str, int] | None:
         if not values:
             return None
         out: dict[str, int] = {}
         for text in values:
             name, sep, number = str(text).partition("=")
-            if not sep or not number.isdigit():
-                raise click.BadParameter(f"{text!r}: write {what}=SEATS, e.g. {example}")
+            digits = number[1:] if value != "SEATS" and number.startswith("-") else number
+            if not sep or not digits.isdigit():
+                raise click.BadParameter(f"{text!r}: write {what}={value}, e.g. {example}")
             out[name] = int(number)
         return out
 
@@ -116,6 +119,36 @@ _OPTIONS = [
     click.option(
         "--borrow-allow", multiple=True, metavar="RULE", help="Who may borrow (replaces the list)."
     ),
+    click.option(
+        "--queue-max", type=click.IntRange(min=0), help="Checkouts that may wait (0: no queue)."
+    ),
+    click.option(
+        "--queue-priority",
+        multiple=True,
+        metavar="GROUP=N",
+        callback=_pairs("GROUP", "cad=10", "PRIORITY"),
+        help="A group's class in the queue, higher first (replaces the table).",
+    ),
+    click.option(
+        "--idle-timeout",
+        callback=_duration_or_clear,
+        metavar="DURATION|none",
+        help="A lease idle this long may be reclaimed.",
+    ),
+    click.option(
+        "--idle-reclaim", type=click.Choice(IDLE_RECLAIM), help="When idle leases are reclaimed."
+    ),
+    click.option(
+        "--idle-threshold",
+        type=click.FloatRange(0.0, 1.0),
+        help="when_needed: the share of seats in use from which idle leases are reclaimed.",
+    ),
+    click.option(
+        "--linger",
+        callback=_duration_or_clear,
+        metavar="DURATION|none",
+        help="A checked-in seat stays its holder's this long.",
+    ),
     click.option("--delegable/--not-delegable", default=None, help="May routers take blocks?"),
     click.option("--allow", multiple=True, metavar="RULE", help="Allow rule (replaces the list)."),
     click.option("--deny", multiple=True, metavar="RULE", help="Deny rule (replaces the list)."),
@@ -162,14 +195,14 @@ def policy_options(command: F) -> F:
 def policy_changes(opts: dict[str, Any]) -> dict[str, Any]:
     """The policy keys the options set, by their config-file names (None clears)."""
     out: dict[str, Any] = {}
-    for opt, key in (("count_by", "count_by"), ("overdraft", "overdraft")):
+    for opt in ("count_by", "overdraft", "queue_max", "idle_reclaim", "idle_threshold"):
         if opts[opt] is not None:
-            out[key] = opts[opt]
+            out[opt] = opts[opt]
     if opts["borrow_max"] is not None:
         out["borrow_max"] = opts["borrow_max"]
     if opts["borrow_allow"]:
         out["borrow_allow"] = list(opts["borrow_allow"])
-    for opt in ("device_period", "max_ttl", "borrow_after"):
+    for opt in ("device_period", "max_ttl", "borrow_after", "idle_timeout", "linger"):
         if opts[opt] is not None:
             out[opt] = None if opts[opt] == CLEAR else opts[opt]
     if opts["delegable"] is not None:
@@ -179,7 +212,12 @@ def policy_changes(opts: dict[str, Any]) -> dict[str, Any]:
     for name in ("allow", "deny"):
         if opts[name]:
             out[name] = list(opts[name])
-    for opt, key in (("reserve", "reserve"), ("max_", "max"), ("counter", "counter")):
+    for opt, key in (
+        ("reserve", "reserve"),
+        ("max_", "max"),
+        ("counter", "counter"),
+        ("queue_priority", "queue_priority"),
+    ):
         if opts[opt] is not None:
             out[key] = opts[opt]
     if opts["addon"] is not None:

@@ -797,6 +797,53 @@ async def test_borrows_are_capped_and_listed_apart(daemon: Daemon) -> None:
         await take(peer, host="laptop-2", key="LAB-1", ttl=3 * 86400.0)
 
 
+async def test_queue_lists_the_waiters_in_order_and_the_queue_policies_are_edited(
+    daemon: Daemon,
+) -> None:
+    await ok(
+        "licence", "add", "lab", "--key", "LAB-1", "--product", "lab", "--seats", "1",
+        "--queue-max", "5", "--idle-timeout", "10m", "--idle-reclaim", "always",
+        "--idle-threshold", "0.5", "--linger", "2m", *sock(daemon),
+    )  # fmt: skip
+    [lab] = [x for x in (await ok_json("licence", "list", *sock(daemon)))["licences"]
+             if x["id"] == "lab"]  # fmt: skip
+    assert (lab["queue_max"], lab["idle_timeout"], lab["idle_reclaim"]) == (5, 600.0, "always")
+    assert (lab["idle_threshold"], lab["linger"]) == (0.5, 120.0)
+    await ok("licence", "update", "lab", "--linger", "none", "--queue-max", "0", *sock(daemon))
+    [lab] = [x for x in (await ok_json("licence", "list", *sock(daemon)))["licences"]
+             if x["id"] == "lab"]  # fmt: skip
+    assert (lab["linger"], lab["queue_max"]) == (None, 0)
+    bad = await licd("licence", "update", "lab", "--queue-priority", "cad=x", *sock(daemon))
+    assert bad.exit_code == 2 and "write GROUP=PRIORITY" in bad.stderr
+    assert (await ok("queue", *sock(daemon))).strip() == "(nobody waits)"
+    await ok("licence", "update", "lab", "--queue-max", "5", *sock(daemon))
+    async with connected(daemon) as a, connected(daemon) as b, connected(daemon) as c:
+        await take(a, host="ws-a", key="LAB-1")
+        for peer, host in ((b, "ws-b"), (c, "ws-c")):
+            await peer.send(
+                {
+                    "op": "checkout", "id": 1, "key": "LAB-1", "queue": True,
+                    "holder": holder(host).to_wire(), "request": os.urandom(16).hex(),
+                    "nonce": os.urandom(16),
+                }
+            )  # fmt: skip
+            update = await peer.recv()
+            assert update is not None and update["queued"] is True
+        listed = (await ok_json("queue", "--licence", "lab", *sock(daemon)))["queue"]
+        assert [(x["hostid"], x["position"], x["connected"]) for x in listed] == [
+            ("id-ws-b", 1, True),
+            ("id-ws-c", 2, True),
+        ]
+        lines = (await ok("queue", *sock(daemon))).splitlines()
+        assert lines[0].split()[:3] == ["LICENCE", "POS", "HOST"]
+        assert [line.split()[:3] for line in lines[1:]] == [
+            ["lab", "1", "ws-b"],
+            ["lab", "2", "ws-c"],
+        ]
+    unknown = await licd("queue", "--licence", "nope", *sock(daemon))
+    assert unknown.exit_code == 1 and "no licence with id 'nope'" in unknown.stderr
+
+
 async def test_key_show_asks_the_daemon_or_reads_the_state_dir(
     daemon: Daemon, tmp_path: Path
 ) -> None:
