@@ -646,7 +646,9 @@ class Engine:
         if a.served or queue is None or not self._extra(a):
             if not explain:
                 return None
-            return Verdict("queue", "nobody waits" if queue is None else "not a newcomer")
+            if queue is None:
+                return Verdict("queue", "nobody waits in the queue")
+            return Verdict("queue", "adds no seat" if not a.served else "its turn in the queue")
         ahead = queue.ahead(self.priority(a.licence, a.who))
         blocking = [w for w in ahead if w.blocked_by != "reservation"]
         if blocking and not self._own_reserve_free(a.licence, a.who):
