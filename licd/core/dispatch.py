@@ -163,7 +163,7 @@ class QueuedCheckout(Handover):
             dispatcher.service.now().wall,
             with_secret=True,
         )
-        dispatcher._observe(self._data, self._started, None)
+        # Not observed as a request's latency: the wait is the queue's (licd_queue_wait).
         self.settle((reply.to_wire(), False))
 
     def refused(self, error: LicdError) -> None:

@@ -278,7 +278,13 @@ class LicenceService:
         for licence_id in list(self.engine.queues if licence_ids is None else licence_ids):
             served, failed = self.engine.serve_queue(licence_id, at)
             for waiter, grant in served:
-                self._commit_served(waiter, grant, self._granted(grant, at, waiter)[1])
+                try:
+                    commit = self._granted(grant, at, waiter)[1]
+                except StoreError:  # the store is closing: it waits on, as before
+                    self.engine.abort(grant.lease)
+                    self.engine.requeue(waiter)
+                    continue
+                self._commit_served(waiter, grant, commit)
             self._refuse(failed, at)
             self._moved(licence_id)
 
@@ -638,7 +644,7 @@ class LicenceService:
             # On failure (logged) the leases stay counted and are retried next round.
             with contextlib.suppress(StoreError):
                 await self.reap_once(self.clock.now())
-            self.tick_queues(self.clock.now())
+                self.tick_queues(self.clock.now())
 
     # ----------------------------------------------------------------- licences
 
