@@ -272,6 +272,31 @@ async def test_the_seat_guard_refuses_more_seats_than_the_licence_can_grant(dsn:
         assert len(await store.load_leases()) == 4
 
 
+async def test_a_hand_over_deletes_then_inserts_in_one_transaction_within_the_guard(
+    dsn: str,
+) -> None:
+    """The queue's hand-over (docs/policies.md, "Queueing"): on a full licence, the
+    released lease's deletion and the waiter's insertion commit together; the guard,
+    which checks row by row, sees the deletion first."""
+    licence = dataclasses.replace(DICOM, seats=1)
+    async with running(lambda: open_postgres(dsn)) as store:
+        await store.put_licence(licence, Event(Kind.LICENCE_ADDED, NOW))
+        await store.insert_lease(lease(1))
+        with pytest.raises(StoreError, match="seats_within_licence"):
+            await store.insert_lease(lease(2))
+        checkout = Event(Kind.CHECKOUT, NOW, licence=licence.id, handle="h2")
+        await store.delete_leases(
+            [lease(1)], [Event(Kind.CHECKIN, NOW, licence=licence.id)], [(lease(2), checkout)]
+        )
+        assert [x.secret for x in await store.load_leases()] == ["secret-2"]
+        # All or nothing: a hand-over whose insertion fails deletes nothing either.
+        with pytest.raises(StoreError):
+            await store.delete_leases([lease(2)], [], [(lease(3, seats=2), checkout)])
+        assert [x.secret for x in await store.load_leases()] == ["secret-2"]
+        kinds = [e.event.kind for e in await store.audit()]
+        assert kinds[-2:] == [Kind.CHECKIN, Kind.CHECKOUT]
+
+
 async def test_after_the_database_drops_its_connections_the_store_connects_again(
     dsn: str, pg_server: PgServer
 ) -> None:
