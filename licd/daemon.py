@@ -75,6 +75,25 @@ class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
 
 
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop `[server] event_loop` asks for: uvloop's (for "uvloop", and for
+    "auto" when it is installed), or None for asyncio's own. StartupError when uvloop
+    is asked for and not installed."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise StartupError(
+                '[server] event_loop = "uvloop" but uvloop is not installed: '
+                "pip install 'licd[fast]', or set event_loop = \"auto\""
+            ) from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def prepare_state_dir(path: Path) -> None:
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -742,7 +761,11 @@ class Daemon:
         except OSError as exc:
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
         for host, port in addresses:
-            log.info("event=listening addr=%s", format_address((host, port)))
+            log.info(
+                "event=listening addr=%s loop=%s",
+                format_address((host, port)),
+                type(asyncio.get_running_loop()).__module__.partition(".")[0],
+            )
         log.info("event=admin_listening path=%s", self.admin.path)
         return addresses
 
@@ -899,9 +922,11 @@ def _check_files(config: Config) -> None:
 
 
 def _check_driver(config: Config) -> None:
-    """The PostgreSQL store needs asyncpg, an optional extra."""
+    """The PostgreSQL store needs asyncpg, an optional extra, and event_loop = "uvloop"
+    needs uvloop."""
     if config.store.backend == "postgres" and importlib.util.find_spec("asyncpg") is None:
         raise StartupError(POSTGRES_EXTRA)
+    event_loop_factory(config.server.event_loop)
 
 
 def _tls_context(config: Config) -> ssl.SSLContext | None:

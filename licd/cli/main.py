@@ -44,7 +44,13 @@ from licd.cli.vendor import vendor
 from licd.cli.why import why
 from licd.config.settings import Config, parse_duration
 from licd.core.cluster import LeadershipLost
-from licd.daemon import Daemon, StartupError, resolve_surroundings, setup_logging
+from licd.daemon import (
+    Daemon,
+    StartupError,
+    event_loop_factory,
+    resolve_surroundings,
+    setup_logging,
+)
 from licd.shells.notify import Notifier
 from licd.store.base import StoreError
 from licd.store.keyfile import KeyFileError, key_path, load_key
@@ -104,7 +110,8 @@ def serve(config_path: Path | None) -> None:
     config = config_file(config_path)
     setup_logging(config.server.log_level)
     try:
-        asyncio.run(_serve(config))
+        with asyncio.Runner(loop_factory=event_loop_factory(config.server.event_loop)) as runner:
+            runner.run(_serve(config))
     except (StartupError, StoreError, KeyFileError) as exc:
         raise click.ClickException(str(exc)) from None
     except LeadershipLost as exc:

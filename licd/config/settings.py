@@ -42,6 +42,9 @@ MAX_KEEP = 100 * 366 * 86400.0  # [audit] keep: at most a century
 MAX_DENIAL_INTERVAL = 3600.0
 
 
+EVENT_LOOPS = ("auto", "asyncio", "uvloop")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """The [server] table. Durations are float seconds."""
@@ -74,6 +77,9 @@ class ServerConfig:
     # counts as set back, and vendor licences hold new grants (licd/core/clock_guard.py).
     clock_skew: float = 600.0
     log_level: str = "info"
+    # The event loop: "auto" (uvloop when installed: `pip install 'licd[fast]'`, else
+    # asyncio's own), "asyncio" or "uvloop".
+    event_loop: str = "auto"
     tls_cert: Path | None = None  # PEM certificate (chain): serve TLS on every listen address
     tls_key: Path | None = None  # its PEM private key
 
@@ -299,6 +305,9 @@ def _server(t: Table) -> ServerConfig:
     log_level = t.get("log_level", _D.log_level)
     if log_level not in LOG_LEVELS:
         raise t.error("log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    event_loop = t.get("event_loop", _D.event_loop)
+    if event_loop not in EVENT_LOOPS:
+        raise t.error("event_loop", f"must be one of {', '.join(EVENT_LOOPS)}")
     return ServerConfig(
         listen=listen,
         state_dir=state_path,
@@ -320,6 +329,7 @@ def _server(t: Table) -> ServerConfig:
         reap_interval=t.duration("reap_interval", _D.reap_interval),
         clock_skew=t.duration("clock_skew", _D.clock_skew),
         log_level=log_level,
+        event_loop=event_loop,
         **_tls(t),
     )
 

@@ -63,6 +63,7 @@ async def test_graceful_stop_keeps_every_lease(daemons: Daemons, sig: int) -> No
     log = first.stderr()
     assert "Traceback" not in log, log
     assert "event=stopped" in log
+    assert " loop=uvloop" in log  # installed (the dev extra has it): used, event_loop = "auto"
     for peer in peers:
         assert await peer.closed()
 

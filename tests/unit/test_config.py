@@ -355,6 +355,10 @@ def test_expires_must_be_after_not_before(tmp_path: Path) -> None:
         ("[server]\nshutdown_timeout = inf\n", "server.shutdown_timeout: must be a finite"),
         ("[server]\nlog_level = 'verbose'\n", "server.log_level: must be one of debug, info"),
         ("[server]\nlog_level = 'INFO'\n", "server.log_level: must be one of"),
+        (
+            "[server]\nevent_loop = 'trio'\n",
+            "server.event_loop: must be one of auto, asyncio, uvloop",
+        ),
         ("[server]\nsite = ''\n", "server.site: must be a non-empty string of at most 64"),
         ("[server]\nsite = '" + "s" * 65 + "'\n", "server.site: must be a non-empty string"),
         ('[server]\nsite = "a\\tb"\n', "server.site: must not contain control characters"),
@@ -907,3 +911,21 @@ def test_borrowing_policy_loads(tmp_path: Path) -> None:
         2,
         ("group:cad",),
     )
+
+
+def test_the_event_loop_is_uvloops_when_installed_unless_asyncio_is_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import sys
+
+    import uvloop
+
+    from licd.daemon import StartupError, event_loop_factory
+
+    assert event_loop_factory("asyncio") is None
+    assert event_loop_factory("auto") is uvloop.new_event_loop
+    assert event_loop_factory("uvloop") is uvloop.new_event_loop
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
+    assert event_loop_factory("auto") is None
+    with pytest.raises(StartupError, match=r"pip install 'licd\[fast\]'"):
+        event_loop_factory("uvloop")
