@@ -314,6 +314,14 @@ class Connection:
 
     # ------------------------------------------------------------------ closing
 
+    def write_eof(self) -> None:
+        """Half-close where the transport can (not over TLS): send nothing more, keep
+        reading. The daemon takes it as the client leaving (docs/protocol.md, "checkout"):
+        it sends no reply it has not written yet, and closes the connection."""
+        if self._error is None and self._writer.can_write_eof():
+            with contextlib.suppress(OSError):
+                self._writer.write_eof()
+
     async def _close_transport(self) -> None:
         self._writer.close()
         with contextlib.suppress(Exception):

@@ -82,7 +82,7 @@ def as_lease_reply(reply: messages.Reply) -> messages.LeaseReply:
     return reply
 
 
-async def _fire(name: str, callback: Callable[..., object] | None, *args: Any) -> None:
+async def run_callback(name: str, callback: Callable[..., object] | None, *args: Any) -> None:
     """Run an app callback (sync or async); its failure is logged, never propagated."""
     if callback is None:
         return
@@ -218,7 +218,7 @@ class AsyncLease:
             self._accept(reply, leaf, received)
             self.state = LeaseState.ACTIVE
             self._expiring_fired = False
-        await _fire("on_renewed", self._on_renewed, self)
+        await run_callback("on_renewed", self._on_renewed, self)
 
     def _expiring_in(self, now: float) -> float | None:
         """Seconds from `now` until on_expiring is due (0.0: it is), None if it is not
@@ -231,7 +231,7 @@ class AsyncLease:
         """Fire on_expiring if it is due."""
         if self._expiring_in(self.client.clock.now()) == 0.0:
             self._expiring_fired = True
-            await _fire("on_expiring", self._on_expiring, self.remaining())
+            await run_callback("on_expiring", self._on_expiring, self.remaining())
 
     def _wait(self, now: float) -> float:
         """Seconds from `now` until the renewal task acts: the timeline's renewal, retry
@@ -282,7 +282,7 @@ class AsyncLease:
         if isinstance(reason, TokenInvalid):  # never use it; give the seat back
             await self.client.checkin(self._id)
         log.warning("licd_client: lease %s lost: %s", self.handle, reason)
-        await _fire("on_lost", self._on_lost, reason)
+        await run_callback("on_lost", self._on_lost, reason)
 
     def _gone(self) -> LeaseUnknown:
         if self.state is LeaseState.RELEASED:
