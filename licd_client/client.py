@@ -45,6 +45,7 @@ from .errors import (
 from .lease import (
     AsyncLease,
     ExpiringCallback,
+    IdleWarningCallback,
     LeaseState,
     LostCallback,
     Mode,
@@ -315,6 +316,7 @@ class AsyncClient:
         on_expiring: ExpiringCallback | None = None,
         on_renewed: RenewedCallback | None = None,
         on_lost: LostCallback | None = None,
+        on_idle_warning: IdleWarningCallback | None = None,
     ) -> AsyncLease:
         """Take `seats` seats of licence `key`; the lease renews itself until released.
 
@@ -327,6 +329,9 @@ class AsyncClient:
         waiting, wait)` is called with each queue update. A connection that breaks while
         queued is opened again and the checkout sent again, to take its place back. To
         leave the queue, cancel the checkout (`wait` then only retries a full queue).
+
+        `on_idle_warning(seconds)`: a heartbeat's reply says the lease will be reclaimed
+        as idle in that many seconds unless the app marks it in use (`AsyncLease.touch`).
         """
         if mode not in ("lease", "strict"):
             raise ValueError("mode must be 'lease' or 'strict'")
@@ -376,6 +381,7 @@ class AsyncClient:
             on_expiring=on_expiring,
             on_renewed=on_renewed,
             on_lost=on_lost,
+            on_idle_warning=on_idle_warning,
         )
         lease._accept(reply, leaf, received)
         if self._closed:  # closed while the checkout was in flight: give the seat back

@@ -31,7 +31,7 @@ from .client import (
 )
 from .connection import Address
 from .errors import ConnectionLost
-from .lease import AsyncLease, LeaseState, Mode
+from .lease import AsyncLease, IdleWarningCallback, LeaseState, Mode
 
 log = logging.getLogger("licd_client")
 
@@ -184,6 +184,7 @@ class Client:
         on_expiring: Callable[[float], object] | None = None,
         on_renewed: Callable[[Lease], object] | None = None,
         on_lost: Callable[[Exception], object] | None = None,
+        on_idle_warning: IdleWarningCallback | None = None,
     ) -> Lease:
         """Take seats of licence `key` (see `AsyncClient.checkout`, which says what
         `queue` does). Callbacks run on the client's background thread. Ctrl-C while
@@ -208,6 +209,7 @@ class Client:
                 on_expiring=on_expiring,
                 on_renewed=renewed,
                 on_lost=on_lost,
+                on_idle_warning=on_idle_warning,
             )
         )
         return lease
@@ -301,6 +303,10 @@ class Lease:
     @property
     def valid(self) -> bool:
         return self._inner.valid
+
+    def touch(self) -> None:
+        """Mark the lease in use now (see AsyncLease.touch); cheap, from any thread."""
+        self._inner.touch()
 
     def validate(self) -> None:
         """Raise unless the lease is good (strict mode asks the daemon)."""

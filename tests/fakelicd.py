@@ -5,9 +5,9 @@ a test key, keeps its leases across `restart()` on the same port, and can drop r
 answer errors or tamper with tokens on demand. A checkout sent with `queue` that finds no
 seat waits in its queue ("Queueing"): queue updates when its place changes (and at
 `queue_tick()`), the seat when a checkin frees one, its place kept for a resend when its
-connection ends. It is not the daemon: no durability, no reaping, no policies, no timers
-(updates come when a test says). `ThreadedFakeLicd` runs one in a background loop for
-blocking tests.
+connection ends. Heartbeat replies carry `idle_reclaim_in` when it is set. It is not the
+daemon: no durability, no reaping, no policies, no timers (updates come when a test says).
+`ThreadedFakeLicd` runs one in a background loop for blocking tests.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ class FakeLicd:
         self.queue: list[FakeQueued] = []
         self.queue_update_in = 10.0
         self.queue_wait: float | None = None  # the estimate updates carry (None: none)
-
+        #: Sent in every heartbeat reply when set: the lease is idle (docs/protocol.md).
+        self.idle_reclaim_in: float | None = None
         self._handles = itertools.count(1)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -301,7 +302,8 @@ class FakeLicd:
             lease = self.leases.get(req.lease)
             if lease is None:
                 raise errors.LeaseUnknown()
-            return self._lease_reply(req.id, lease, req.nonce, include_id=False)
+            reply = self._lease_reply(req.id, lease, req.nonce, include_id=False)
+            return replace(reply, idle_reclaim_in=self.idle_reclaim_in)
         if isinstance(req, messages.Checkin):
             released = self.leases.pop(req.lease, None) is not None
             self._queue_changed()  # a seat may be free for the head of the queue
