@@ -90,6 +90,8 @@ class FakeLicd:
         self.hello_protocol = messages.PROTOCOL_VERSION
         #: Checkouts waiting for a seat, first served first.
         self.queue: list[FakeQueued] = []
+        #: Every queue update sent, in order.
+        self.updates: list[messages.QueueUpdate] = []
         self.queue_update_in = 10.0
         self.queue_wait: float | None = None  # the estimate updates carry (None: none)
         #: Sent in every heartbeat reply when set: the lease is idle (docs/protocol.md).
@@ -241,6 +243,7 @@ class FakeLicd:
                         wait=self.queue_wait,
                     )
                     writer.write(wire.encode(update.to_wire()))
+                    self.updates.append(update)
                     shown, entry.tick = position, False
                 await writer.drain()
                 if not await self._woken(entry, reader, decoder):
