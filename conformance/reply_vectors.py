@@ -19,6 +19,7 @@ from licd_client.messages import (
     ConsumeReply,
     HelloReply,
     LeaseReply,
+    QueueUpdate,
     parse_reply,
 )
 from licd_client.wire import REPLY_LIMITS, decode_body
@@ -71,6 +72,9 @@ REPLIES: dict[str, dict[str, Any]] = {
 }
 
 
+UPDATE = QueueUpdate(2, position=2, waiting=3, update_in=30.0, wait=45.0).to_wire()
+
+
 def error(rid: int | None, code: Any, message: str, **extra: Any) -> dict[str, Any]:
     return {"id": rid, "ok": False, "error": code, "message": message, **extra}
 
@@ -115,6 +119,27 @@ def _reply_cases() -> list[Case]:
             "checkout",
             "Keys the client does not know are ignored.",
             changed(checkout, queue_position=0, note="from a later revision"),
+            RESULT,
+        ),
+        c(
+            "queue_update",
+            "checkout",
+            "A queued checkout's update: second of three waiting, a seat expected in 45 s.",
+            UPDATE,
+            RESULT,
+        ),
+        c(
+            "queue_update_without_wait",
+            "checkout",
+            "An update without an estimate of the wait, its update_in an integer.",
+            changed(UPDATE, wait=DROP, update_in=30),
+            RESULT,
+        ),
+        c(
+            "idle_reclaim_in",
+            "heartbeat",
+            "A renewal that warns: the lease is reclaimed as idle in 600 s unless used.",
+            changed(heartbeat, idle_reclaim_in=600.0),
             RESULT,
         ),
         c(
@@ -196,6 +221,42 @@ def _reply_cases() -> list[Case]:
             "lease_unknown",
         ),
         c(
+            "lease_reclaimed_idle",
+            "heartbeat",
+            "The lease was reclaimed because it was idle.",
+            error(
+                3,
+                "lease_unknown",
+                "the lease was reclaimed: idle for longer than the licence allows",
+                detail={"reclaimed": True, "idle": True},
+            ),
+            "lease_unknown",
+        ),
+        c(
+            "queue_full",
+            "checkout",
+            "A queued checkout refused: the licence's queue is full.",
+            error(
+                2,
+                "seats_exhausted",
+                "maximum allowed concurrent licences reached",
+                detail={"in_use": 3, "total": 3, "rule": "queue", "waiting": 64},
+            ),
+            "seats_exhausted",
+        ),
+        c(
+            "queue_requeued",
+            "checkout",
+            "A queued checkout taken over by the same request sent on another connection.",
+            error(
+                2,
+                "unavailable",
+                "the checkout was sent again on another connection",
+                detail={"reason": "requeued"},
+            ),
+            "unavailable",
+        ),
+        c(
             "available_without_reserved",
             "available",
             "A daemon that does not send reserved: it reads as 0.",
@@ -271,6 +332,62 @@ def _reply_cases() -> list[Case]:
             "available",
             "in_use -1.",
             changed(REPLIES["available"], in_use=-1),
+            VIOLATION,
+        ),
+        c(
+            "queue_update_position_missing",
+            "checkout",
+            "A queue update without position.",
+            changed(UPDATE, position=DROP),
+            VIOLATION,
+        ),
+        c(
+            "queue_update_position_0",
+            "checkout",
+            "A queue update at position 0: the head of the queue is 1.",
+            changed(UPDATE, position=0),
+            VIOLATION,
+        ),
+        c(
+            "queue_update_waiting_0",
+            "checkout",
+            "A queue update with nobody waiting.",
+            changed(UPDATE, waiting=0),
+            VIOLATION,
+        ),
+        c(
+            "queue_update_update_in_missing",
+            "checkout",
+            "A queue update that does not say when the next comes.",
+            changed(UPDATE, update_in=DROP),
+            VIOLATION,
+        ),
+        c(
+            "queue_update_queued_false",
+            "checkout",
+            "queued false is no update: read as the checkout's reply, it has no lease.",
+            changed(UPDATE, queued=False),
+            VIOLATION,
+        ),
+        c(
+            "queue_update_queued_int",
+            "checkout",
+            "queued 1: only the boolean true makes an update.",
+            changed(UPDATE, queued=1),
+            VIOLATION,
+        ),
+        c(
+            "queue_update_to_heartbeat",
+            "heartbeat",
+            "Only a checkout is queued: to a heartbeat, this is no lease reply.",
+            changed(UPDATE, id=3),
+            VIOLATION,
+        ),
+        c(
+            "idle_reclaim_in_str",
+            "heartbeat",
+            "idle_reclaim_in as a string.",
+            changed(heartbeat, idle_reclaim_in="600"),
             VIOLATION,
         ),
         c(

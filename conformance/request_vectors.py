@@ -67,15 +67,29 @@ def _request_cases() -> list[Case]:
         *(c(op, f"A minimal {op} request.", value, VALID) for op, value in BASE.items()),
         c(
             "checkout_full",
-            "A checkout with every optional argument: seats, ttl, delegate, holder app "
-            "and instance.",
+            "A checkout with every optional argument: seats, ttl, delegate, queue, holder "
+            "app and instance.",
             changed(
                 checkout,
                 holder={**HOLDER, "app": "viewer", "instance": "ward-3"},
                 seats=2,
                 ttl=3600.0,
                 delegate=bytes(range(32)),
+                queue=True,
             ),
+            VALID,
+        ),
+        c(
+            "checkout_queue",
+            "A checkout that waits in the licence's queue when no seat is free.",
+            changed(checkout, queue=True),
+            VALID,
+        ),
+        c(
+            "checkout_queue_false",
+            "queue false, the default, given: read back without it, as a client sends it "
+            "(a daemon that predates queueing refuses the key).",
+            changed(checkout, queue=False),
             VALID,
         ),
         c(
@@ -221,6 +235,8 @@ def _request_cases() -> list[Case]:
         c("ttl_str", "ttl as a string.", changed(checkout, ttl="90"), BAD),
         c("ttl_bool", "ttl true: a boolean is not a number.", changed(checkout, ttl=True), BAD),
         c("delegate_31", "A delegate of 31 bytes.", changed(checkout, delegate=bytes(31)), BAD),
+        c("queue_int", "queue 1: an integer is not a boolean.", changed(checkout, queue=1), BAD),
+        c("queue_str", 'queue "true".', changed(checkout, queue="true"), BAD),
         c(
             "delegate_hex",
             "A delegate as 64 hex digits instead of 32 bytes.",
@@ -247,6 +263,36 @@ def _request_cases() -> list[Case]:
             "daemon against the lease's del key, not by the schema).",
             changed(heartbeat, usage=bytes(200)),
             VALID,
+        ),
+        c(
+            "heartbeat_idle_for",
+            "A heartbeat saying the application was last in use 42.5 s ago.",
+            changed(heartbeat, idle_for=42.5),
+            VALID,
+        ),
+        c(
+            "heartbeat_idle_for_0",
+            "idle_for 0, an integer: in use right now.",
+            changed(heartbeat, idle_for=0),
+            VALID,
+        ),
+        c(
+            "heartbeat_idle_for_negative",
+            "idle_for -1: idleness is never negative.",
+            changed(heartbeat, idle_for=-1.0),
+            BAD,
+        ),
+        c(
+            "heartbeat_idle_for_nan",
+            "idle_for NaN.",
+            changed(heartbeat, idle_for=float("nan")),
+            BAD,
+        ),
+        c(
+            "heartbeat_idle_for_bool",
+            "idle_for true: a boolean is not a number.",
+            changed(heartbeat, idle_for=True),
+            BAD,
         ),
         c(
             "heartbeat_usage_empty",

@@ -2,8 +2,9 @@
 
 Parses arguments (argparse), calls the blocking client API, prints the result (plain
 text for people, `--json` for scripts) and maps failures to exit codes with a one-line
-message, never a stack trace. What the daemon sent (its error texts, handles, features)
-is shown through safetext, never raw. It holds no protocol logic of its own.
+message, never a stack trace; a checkout waiting in the daemon's queue (`--queue`) says
+its place on stderr as it changes. What the daemon sent (its error texts, handles,
+features) is shown through safetext, never raw. It holds no protocol logic of its own.
 """
 
 from __future__ import annotations
@@ -128,9 +129,33 @@ def _describe_lease(lease: Lease) -> tuple[dict[str, Any], str]:
     return data, text
 
 
+class _QueuePlace:
+    """`on_queued` for the commands: says where the checkout is in the daemon's queue,
+    each time its place or the queue's length changes. The licence key is a secret: only
+    its start is shown, as in a lease's repr."""
+
+    def __init__(self, key: str) -> None:
+        self._key = key[:4]
+        self._shown: tuple[int, int] | None = None
+
+    def __call__(self, position: int, waiting: int, wait: float | None) -> None:
+        if (position, waiting) == self._shown:
+            return
+        self._shown = (position, waiting)
+        about = "" if wait is None else f", about {max(0.0, wait):.0f} s"
+        _say(f"queued for {self._key}...: position {position} of {waiting}{about}")
+
+
 def _checkout(client: Client, args: argparse.Namespace, **callbacks: Any) -> Lease:
     return client.checkout(
-        args.key, seats=args.seats, ttl=args.ttl, wait=args.wait, app=args.app, **callbacks
+        args.key,
+        seats=args.seats,
+        ttl=args.ttl,
+        wait=args.wait,
+        app=args.app,
+        queue=args.queue,
+        on_queued=_QueuePlace(args.key),
+        **callbacks,
     )
 
 
@@ -280,7 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
             type=float,
             default=0.0,
             metavar="S",
-            help="keep trying for S seconds while no seat is free (default: fail at once)",
+            help="keep trying for S seconds while no seat is free (default: fail at once); "
+            "with --queue, while the queue is full",
+        )
+        p.add_argument(
+            "--queue",
+            action="store_true",
+            help="when no seat is free, wait in the daemon's queue for one, as long as it "
+            "takes (the place in the queue is shown on stderr; Ctrl-C leaves the queue)",
         )
         p.add_argument("--app", default=None, help="application name recorded with the lease")
 

@@ -1,22 +1,25 @@
 """The asyncio client: configuration, the shared connection, `available` and `checkout`.
 
 `AsyncClient` resolves servers and trust anchors (arguments or LICD_SERVER /
-LICD_SERVER_KEY), keeps one connection (reopened on demand), retries transient failures
-with jittered backoff, and verifies every lease token before handing out an `AsyncLease`
-(see lease.py); a checkout cancelled after it was sent checks in the lease its reply
-brings. It never blocks the event loop and never reads the wall clock.
+LICD_SERVER_KEY), keeps one shared connection (reopened on demand), retries transient
+failures with jittered backoff, and verifies every lease token before handing out an
+`AsyncLease` (see lease.py); a checkout cancelled after it was sent checks in the lease
+its reply brings. A checkout that waits in the daemon's queue does so on a connection of
+its own, taken back after a break with the same request key. It never blocks the event
+loop and never reads the wall clock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import secrets
 import ssl as _ssl
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from . import identity, messages, tokens
 from .backoff import Backoff, is_retryable, retry_delay
@@ -26,6 +29,7 @@ from .connection import (
     SERVER_ENV,
     Address,
     Connection,
+    UpdateCallback,
     blocking_checkin,
     parse_address,
     parse_servers,
@@ -41,11 +45,13 @@ from .errors import (
 from .lease import (
     AsyncLease,
     ExpiringCallback,
+    IdleWarningCallback,
     LeaseState,
     LostCallback,
     Mode,
     RenewedCallback,
     as_lease_reply,
+    run_callback,
 )
 
 __all__ = ["AsyncClient", "AsyncLease", "LeaseState", "Mode"]
@@ -65,6 +71,9 @@ NO_KEY_MESSAGE = (
 INTERRUPT_GRACE = 2.0
 
 T = TypeVar("T")
+#: `on_queued(position, waiting, wait)`: a queued checkout's place (1: served next), the
+#: checkouts in the licence's queue, and the daemon's estimate of the wait (None: none).
+QueuedCallback: TypeAlias = Callable[[int, int, float | None], object]
 
 
 # ------------------------------------------------------------------- configuration
@@ -149,6 +158,8 @@ class AsyncClient:
         #: or the server after one that answered `unavailable` (`_move`).
         self._prefer: Address | None = None
         self._connect_lock = asyncio.Lock()
+        #: The connections of queued checkouts in flight, each its own (`_checkout_once`).
+        self._queueing: set[Connection] = set()
         self._leases: set[AsyncLease] = set()
         self._closed = False
 
@@ -164,23 +175,29 @@ class AsyncClient:
 
     async def _connection(self) -> Connection:
         async with self._connect_lock:
-            if self._closed:
-                raise ConnectionLost("the client is closed")
-            if self._conn is not None and not self._conn.closed:
+            if self._conn is not None and not self._conn.closed and not self._closed:
                 return self._conn
             if self._conn is not None:
                 await self._conn.close()
                 self._conn = None
-            servers = self.servers
-            if self._prefer is not None:
-                servers = [self._prefer, *(a for a in self.servers if a != self._prefer)]
-            self._conn = await Connection.open(
-                servers,
-                io_timeout=self.io_timeout,
-                client_name=self.client_name,
-                ssl=self.ssl,
-            )
+            self._conn = await self._open()
             return self._conn
+
+    async def _open(self) -> Connection:
+        """A new connection: to the server to try first (`_prefer`), else down the list;
+        ConnectionLost once the client is closed."""
+        if self._closed:
+            raise ConnectionLost("the client is closed")
+        servers = self.servers
+        if self._prefer is not None:
+            servers = [self._prefer, *(a for a in self.servers if a != self._prefer)]
+        return await Connection.open(
+            servers,
+            io_timeout=self.io_timeout,
+            client_name=self.client_name,
+            ssl=self.ssl,
+            clock=self.clock,
+        )
 
     async def request(
         self, req: messages.Request, *, reply_timeout: float | None = None
@@ -228,12 +245,20 @@ class AsyncClient:
         await conn.close()
 
     async def retrying(
-        self, attempt: Callable[[], Awaitable[T]], *, retry_for: float, wait: float = 0.0
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        *,
+        retry_for: float,
+        wait: float = 0.0,
+        progress: Callable[[], float] | None = None,
     ) -> T:
         """Run `attempt` until it succeeds, a fatal error, or the time budget is spent.
 
         Transient errors are retried for `retry_for` seconds with jittered backoff;
-        seats_exhausted only for `wait` seconds (0: not at all).
+        seats_exhausted only for `wait` seconds (0: not at all). `progress()` says when,
+        on the lease clock, an attempt last got somewhere (a queued checkout's last queue
+        update): a failure after that is the first of a new outage, with the whole budget
+        and the backoff from its start, however long the attempt had been waiting.
         """
         start = self.clock.now()
         delays = self.retry_delays()
@@ -243,6 +268,8 @@ class AsyncClient:
             except Exception as exc:
                 if self._closed or not is_retryable(exc):
                     raise
+                if progress is not None and progress() >= start:
+                    start, delays = self.clock.now(), self.retry_delays()
                 budget = wait if isinstance(exc, SeatsExhausted) else max(retry_for, wait)
                 left = start + budget - self.clock.now()
                 if left <= 0:
@@ -284,15 +311,27 @@ class AsyncClient:
         instance: str | None = None,
         mode: Mode = "lease",
         wait: float = 0.0,
+        queue: bool = False,
+        on_queued: QueuedCallback | None = None,
         on_expiring: ExpiringCallback | None = None,
         on_renewed: RenewedCallback | None = None,
         on_lost: LostCallback | None = None,
+        on_idle_warning: IdleWarningCallback | None = None,
     ) -> AsyncLease:
         """Take `seats` seats of licence `key`; the lease renews itself until released.
 
         A lost reply is retried with the same idempotency key, so it never takes a second
         seat. `wait` > 0 keeps retrying that long while seats are exhausted. Raises the
         daemon's error (e.g. SeatsExhausted), ConnectionLost, or TokenInvalid.
+
+        `queue`: when no seat is free, wait in the daemon's queue for one (docs/protocol.md,
+        "Queueing"), as long as it takes, on a connection of its own; `on_queued(position,
+        waiting, wait)` is called with each queue update. A connection that breaks while
+        queued is opened again and the checkout sent again, to take its place back. To
+        leave the queue, cancel the checkout (`wait` then only retries a full queue).
+
+        `on_idle_warning(seconds)`: a heartbeat's reply says the lease will be reclaimed
+        as idle in that many seconds unless the app marks it in use (`AsyncLease.touch`).
         """
         if mode not in ("lease", "strict"):
             raise ValueError("mode must be 'lease' or 'strict'")
@@ -302,16 +341,31 @@ class AsyncClient:
             raise TokenInvalid(NO_KEY_MESSAGE)  # before a seat is taken, not after
         holder = identity.holder(app, instance)
         request_key = secrets.token_hex(16)  # 128 random bits, as the protocol asks
+        heard = -math.inf  # when the daemon last said where the checkout is in its queue
+
+        async def queued(update: messages.QueueUpdate) -> None:
+            nonlocal heard
+            heard = self.clock.now()
+            await run_callback("on_queued", on_queued, update.position, update.waiting, update.wait)
 
         async def attempt() -> tuple[messages.LeaseReply, bytes, float]:
             nonce = secrets.token_bytes(messages.NONCE_LEN)
             req = messages.Checkout(
-                0, key=key, holder=holder, request=request_key, nonce=nonce, seats=seats, ttl=ttl
+                0,
+                key=key,
+                holder=holder,
+                request=request_key,
+                nonce=nonce,
+                seats=seats,
+                ttl=ttl,
+                queue=queue,
             )
-            reply = as_lease_reply(await self._checkout_once(req))
+            reply = as_lease_reply(await self._checkout_once(req, queued))
             return reply, nonce, self.clock.now()
 
-        reply, nonce, received = await self.retrying(attempt, retry_for=self.retry_for, wait=wait)
+        reply, nonce, received = await self.retrying(
+            attempt, retry_for=self.retry_for, wait=wait, progress=lambda: heard
+        )
         if reply.lease is None:
             raise ProtocolViolation("checkout reply without a lease id")
         try:
@@ -327,6 +381,7 @@ class AsyncClient:
             on_expiring=on_expiring,
             on_renewed=on_renewed,
             on_lost=on_lost,
+            on_idle_warning=on_idle_warning,
         )
         lease._accept(reply, leaf, received)
         if self._closed:  # closed while the checkout was in flight: give the seat back
@@ -336,29 +391,63 @@ class AsyncClient:
         lease._start()
         return lease
 
-    async def _checkout_once(self, req: messages.Checkout) -> messages.Reply:
-        """One checkout attempt. Cancelled after it is sent, it gives back the lease its
-        reply brings (`_give_back`) before the cancellation goes on: an interrupted
-        checkout holds no seat (docs/protocol.md, "checkout")."""
+    async def _checkout_once(
+        self, req: messages.Checkout, on_update: UpdateCallback
+    ) -> messages.Reply:
+        """One checkout attempt (`_checkout_on`).
+
+        A queued checkout (`req.queue`) goes on a connection of its own, closed once it
+        is answered: requests behind it on the shared one (other leases' heartbeats) would
+        wait for its final reply, and closing it is how a client leaves the queue
+        (docs/protocol.md, "Queueing")."""
         for hop in range(2):  # a standby's redirect is followed once (`request`)
-            conn = await self._connection()
-            # Its own task, so that a cancellation does not drop the reply on the floor.
-            sent = asyncio.ensure_future(conn.request(req))
+            conn = await (self._open() if req.queue else self._connection())
+            if req.queue:
+                self._queueing.add(conn)
             try:
-                return await asyncio.shield(sent)
-            except asyncio.CancelledError:
-                await self._give_back(conn, sent)
-                raise
+                return await self._checkout_on(conn, req, on_update)
             except Unavailable as exc:
                 if hop or not await self._redirected(conn, exc):
                     raise
+            finally:
+                if req.queue:
+                    self._queueing.discard(conn)
+                    await conn.close()
         raise AssertionError("not reached")
 
-    async def _give_back(self, conn: Connection, sent: asyncio.Future[messages.Reply]) -> None:
+    async def _checkout_on(
+        self, conn: Connection, req: messages.Checkout, on_update: UpdateCallback
+    ) -> messages.Reply:
+        """`req` sent on `conn`, its queue updates passed to `on_update`. Cancelled after
+        it is sent, it gives back the lease its reply brings (`_give_back`), hearing no
+        more updates, before the cancellation goes on: an interrupted checkout holds no
+        seat (docs/protocol.md, "checkout")."""
+        interrupted = False
+
+        async def update(queued: messages.QueueUpdate) -> None:
+            if not interrupted:
+                await on_update(queued)
+
+        # Its own task, so that a cancellation does not drop the reply on the floor.
+        sent = asyncio.ensure_future(conn.request(req, on_update=update))
+        try:
+            return await asyncio.shield(sent)
+        except asyncio.CancelledError:
+            interrupted = True
+            await self._give_back(conn, sent, own=req.queue)
+            raise
+
+    async def _give_back(
+        self, conn: Connection, sent: asyncio.Future[messages.Reply], *, own: bool
+    ) -> None:
         """Wait up to INTERRUPT_GRACE for an interrupted checkout's reply and check in the
         lease it brings. No reply by then: close the connection, and the daemon, seeing
-        its client gone, releases the lease itself."""
+        its client gone, releases the lease itself. On a connection of its `own` (a queued
+        checkout's) the client half-closes first: the daemon takes that as the client
+        leaving, sends no reply it has not written yet and closes, so the wait is short."""
         if not sent.done():
+            if own:
+                conn.write_eof()
             log.info(
                 "licd_client: checkout interrupted: waiting up to %gs for its reply to "
                 "check the lease in",
@@ -415,6 +504,8 @@ class AsyncClient:
         for lease in list(self._leases):
             await lease.release()
         self._closed = True
+        for queueing in list(self._queueing):  # their checkouts fail: ConnectionLost
+            await queueing.close()
         async with self._connect_lock:
             if self._conn is not None:
                 await self._conn.close()

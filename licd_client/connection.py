@@ -2,9 +2,11 @@
 
 `Connection.open()` tries each `host:port` in order and says hello; `request()` sends a
 typed request with a per-connection id and returns the typed reply (an error reply is
-raised as its LicdError). A reader task matches replies to requests strictly in order; a
-broken connection fails every pending request with ConnectionLost. No retries, no lease
-logic here: the caller decides what to do after a failure.
+raised as its LicdError). A reader task matches replies to requests strictly in order:
+every frame answers the oldest request, and only a checkout sent with `queue` may get
+queue updates (docs/protocol.md, "Queueing") before its reply, which its requester sees
+as they come. A broken connection fails every pending request with ConnectionLost. No
+retries, no lease logic here: the caller decides what to do after a failure.
 """
 
 from __future__ import annotations
@@ -16,14 +18,17 @@ import itertools
 import socket
 import ssl as _ssl
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeAlias
 
 from . import messages, wire
 from .backoff import is_retryable
+from .clock import Clock, SystemClock
 from .errors import ConnectionLost, LicdError, ProtocolViolation
 
 Address: TypeAlias = tuple[str, int]
+#: Awaited with each queue update of a queued checkout (`Connection.request`).
+UpdateCallback: TypeAlias = Callable[[messages.QueueUpdate], Awaitable[object]]
 
 SERVER_ENV = "LICD_SERVER"
 DEFAULT_PORT = 27500
@@ -71,6 +76,28 @@ def format_address(address: Address) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class _Awaited:
+    """A request sent and not answered yet: the frames that answer it (queue updates, then
+    its reply), or the error that broke the connection, in the order they came."""
+
+    __slots__ = ("id", "queued", "_frames")
+
+    def __init__(self, rid: int, *, queued: bool) -> None:
+        self.id = rid
+        self.queued = queued  # a checkout sent with `queue`: queue updates may come first
+        self._frames: asyncio.Queue[dict[str, Any] | ConnectionLost] = asyncio.Queue()
+
+    def put(self, item: dict[str, Any] | ConnectionLost) -> None:
+        self._frames.put_nowait(item)
+
+    async def next(self) -> dict[str, Any]:
+        """The next frame; ConnectionLost once the connection broke."""
+        item = await self._frames.get()
+        if isinstance(item, ConnectionLost):
+            raise item
+        return item
+
+
 class Connection:
     """An open, hello'd connection. Use `await Connection.open(...)`."""
 
@@ -81,14 +108,17 @@ class Connection:
         address: Address,
         *,
         io_timeout: float,
+        clock: Clock | None = None,
     ) -> None:
         self.address = address
         self.io_timeout = io_timeout
         self.hello: messages.HelloReply | None = None
         self._reader = reader
         self._writer = writer
+        # The wait between a queued checkout's frames is measured on it (`request`).
+        self._clock: Clock = clock if clock is not None else SystemClock()
         self._ids = itertools.count(1)
-        self._pending: deque[tuple[int, asyncio.Future[dict[str, Any]]]] = deque()
+        self._pending: deque[_Awaited] = deque()
         self._slots = asyncio.Semaphore(MAX_PIPELINE)
         self._error: ConnectionLost | None = None
         self._task = asyncio.create_task(self._read_loop(), name=f"licd-reader-{address}")
@@ -103,10 +133,12 @@ class Connection:
         io_timeout: float,
         client_name: str,
         ssl: _ssl.SSLContext | None = None,
+        clock: Clock | None = None,
     ) -> Connection:
         """Connect to the first address that answers hello; ConnectionLost if none does.
 
-        `io_timeout` bounds each connect and each request on the connection.
+        `io_timeout` bounds each connect and each request on the connection; `clock`
+        (default: the lease clock) measures the wait between a queued checkout's frames.
         A fatal hello error (e.g. unsupported_protocol) is raised as it is; a transient
         one (too_many_connections, shutting_down) moves on to the next address.
         """
@@ -116,7 +148,7 @@ class Connection:
         last: BaseException | None = None
         for address in addresses:
             try:
-                return await cls._open_one(address, io_timeout, client_name, ssl)
+                return await cls._open_one(address, io_timeout, client_name, ssl, clock)
             except Exception as exc:
                 if not is_retryable(exc):
                     raise
@@ -128,12 +160,17 @@ class Connection:
 
     @classmethod
     async def _open_one(
-        cls, address: Address, io_timeout: float, client_name: str, ssl: _ssl.SSLContext | None
+        cls,
+        address: Address,
+        io_timeout: float,
+        client_name: str,
+        ssl: _ssl.SSLContext | None,
+        clock: Clock | None,
     ) -> Connection:
         host, port = address
         async with asyncio.timeout(io_timeout):
             reader, writer = await asyncio.open_connection(host, port, ssl=ssl)
-        conn = cls(reader, writer, address, io_timeout=io_timeout)
+        conn = cls(reader, writer, address, io_timeout=io_timeout, clock=clock)
         try:
             reply = await conn.request(
                 messages.Hello(0, protocol=messages.PROTOCOL_VERSION, client=client_name[:255])
@@ -155,36 +192,76 @@ class Connection:
         return self._error is not None
 
     async def request(
-        self, req: messages.Request, *, reply_timeout: float | None = None
+        self,
+        req: messages.Request,
+        *,
+        reply_timeout: float | None = None,
+        on_update: UpdateCallback | None = None,
     ) -> messages.Reply:
         """Send `req` (its `id` is replaced by this connection's next id), await the reply.
 
         No reply within `reply_timeout` (default: `io_timeout`) breaks the connection, since
         the replies that follow could no longer be matched: ConnectionLost.
+
+        A checkout sent with `queue` may be answered by queue updates first: each is
+        awaited in `on_update` (when given), and after one the next frame is awaited for
+        that update's `update_in` plus `io_timeout`, on the connection's clock, instead of
+        `reply_timeout`: a queued checkout waits as long as the daemon keeps saying where
+        it is, and a silent connection is taken as dead (ConnectionLost).
         """
         async with self._slots:
             if self._error is not None:
                 raise self._error
             req = dataclasses.replace(req, id=next(self._ids))
-            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            awaited = _Awaited(req.id, queued=isinstance(req, messages.Checkout) and req.queue)
             # Appending and writing with no await between keeps the queue in wire order.
-            self._pending.append((req.id, fut))
+            self._pending.append(awaited)
             try:
                 self._writer.write(wire.encode(req.to_wire()))
             except Exception as exc:
                 raise self._broken(f"cannot send: {_describe(exc)}") from exc
-            try:
-                limit = self.io_timeout if reply_timeout is None else reply_timeout
-                async with asyncio.timeout(limit):
-                    await self._writer.drain()
-                    data = await fut
-            except TimeoutError:
-                lost = self._broken(f"no reply to {req.op} within the timeout")
-                await self._close_transport()
-                raise lost from None
-            except OSError as exc:
-                raise self._broken(f"connection broken: {_describe(exc)}") from exc
-        return messages.parse_reply(req.op, data)
+            limit = self.io_timeout if reply_timeout is None else reply_timeout
+            frame = await self._receive(req.op, self._first_frame(awaited, limit))
+            reply = messages.parse_reply(req.op, frame)
+            while isinstance(reply, messages.QueueUpdate):
+                if on_update is not None:
+                    await on_update(reply)
+                silence = max(0.0, reply.update_in) + self.io_timeout
+                frame = await self._receive(req.op, self._next_frame(req.op, awaited, silence))
+                reply = messages.parse_reply(req.op, frame)
+        return reply
+
+    async def _receive(self, op: str, frame: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+        """`frame` awaited; a timeout or a socket error breaks the connection."""
+        try:
+            return await frame
+        except TimeoutError:
+            lost = self._broken(f"no reply to {op} within the timeout")
+            await self._close_transport()
+            raise lost from None
+        except OSError as exc:
+            raise self._broken(f"connection broken: {_describe(exc)}") from exc
+
+    async def _first_frame(self, awaited: _Awaited, limit: float) -> dict[str, Any]:
+        """The request's first frame, sent and received within `limit` (else TimeoutError)."""
+        async with asyncio.timeout(limit):
+            await self._writer.drain()
+            return await awaited.next()
+
+    async def _next_frame(self, op: str, awaited: _Awaited, silence: float) -> dict[str, Any]:
+        """A queued request's next frame; after `silence` seconds on the connection's
+        clock without one, the connection is taken as dead and closed (ConnectionLost)."""
+
+        async def watch() -> None:
+            await self._clock.sleep(silence)
+            self._broken(f"no reply or queue update to {op} within {silence:g} s")
+            self._writer.close()
+
+        watchdog = asyncio.ensure_future(watch())
+        try:
+            return await awaited.next()
+        finally:
+            watchdog.cancel()
 
     async def _read_loop(self) -> None:
         decoder = wire.FrameDecoder(wire.MAX_FRAME_ADMIN, wire.REPLY_LIMITS)
@@ -212,14 +289,16 @@ class Connection:
         rid = frame.get("id")
         if not self._pending:
             raise ConnectionLost(f"unsolicited reply from the daemon (id {rid!r})")
-        expected, fut = self._pending[0]
+        awaited = self._pending[0]
         # An error for a frame the daemon could not parse carries id null; it answers
         # the oldest request, and the daemon closes the connection after it.
-        if rid != expected and not (rid is None and frame.get("ok") is False):
-            raise ConnectionLost(f"reply id {rid!r} out of order (expected {expected})")
-        self._pending.popleft()
-        if not fut.done():
-            fut.set_result(frame)
+        if rid != awaited.id and not (rid is None and frame.get("ok") is False):
+            raise ConnectionLost(f"reply id {rid!r} out of order (expected {awaited.id})")
+        if not messages.is_queue_update(frame):
+            self._pending.popleft()  # its reply: the next frame answers the next request
+        elif not awaited.queued:
+            raise ConnectionLost(f"a queue update for a request that did not queue (id {rid!r})")
+        awaited.put(frame)
 
     def _broken(self, message: str) -> ConnectionLost:
         """Mark the connection broken (if it is not already); the error to raise."""
@@ -231,12 +310,17 @@ class Connection:
         if self._error is None:
             self._error = exc
         while self._pending:
-            _, fut = self._pending.popleft()
-            if not fut.done():
-                fut.set_exception(self._error)
-                fut.exception()  # retrieved: a cancelled requester must not warn
+            self._pending.popleft().put(self._error)
 
     # ------------------------------------------------------------------ closing
+
+    def write_eof(self) -> None:
+        """Half-close where the transport can (not over TLS): send nothing more, keep
+        reading. The daemon takes it as the client leaving (docs/protocol.md, "checkout"):
+        it sends no reply it has not written yet, and closes the connection."""
+        if self._error is None and self._writer.can_write_eof():
+            with contextlib.suppress(OSError):
+                self._writer.write_eof()
 
     async def _close_transport(self) -> None:
         self._writer.close()

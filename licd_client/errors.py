@@ -9,7 +9,7 @@ Errors that never cross the wire (a bad token, a lost connection) derive from
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 
 class LicdError(Exception):
@@ -77,8 +77,9 @@ class SeatsExhausted(LicdError):
 
 
 class LeaseUnknown(LicdError):
-    """The daemon does not know the lease. When an administrator revoked it, `revoked`
-    is True and `reason` is what they gave ("" if nothing); the message says so too."""
+    """The daemon does not know the lease. `cause` says why, when the daemon said. When
+    an administrator revoked it, `revoked` is True and `reason` is what they gave ("" if
+    nothing); the message says so too."""
 
     code = "lease_unknown"
     default_message = "no such lease: it expired, was reclaimed or was revoked"
@@ -93,6 +94,20 @@ class LeaseUnknown(LicdError):
         the lease was not revoked."""
         reason = (self.detail or {}).get("reason")
         return reason if self.revoked and isinstance(reason, str) else None
+
+    @property
+    def cause(self) -> Literal["revoked", "idle", "reclaimed"] | None:
+        """Why the lease is gone, from the daemon's `detail` (docs/protocol.md,
+        "heartbeat"): "revoked" by an administrator; "idle": reclaimed because the app
+        had not marked it in use for the licence's idle timeout (AsyncLease.touch);
+        "reclaimed" after it lapsed unrenewed; None when the daemon did not say (a bare
+        lease_unknown, or a lease that lapsed on the client's own clock)."""
+        detail = self.detail or {}
+        if detail.get("revoked") is True:
+            return "revoked"
+        if detail.get("reclaimed") is True:
+            return "idle" if detail.get("idle") is True else "reclaimed"
+        return None
 
 
 class Denied(LicdError):

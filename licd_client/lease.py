@@ -2,7 +2,9 @@
 
 `AsyncLease` heartbeats at the daemon's `renew_in`, rides out outages with jittered
 backoff until its local deadline (on the lease clock; the schedule is a
-`timeline.Timeline`), and reports `on_renewed`, `on_expiring` and `on_lost`. It talks
+`timeline.Timeline`), and reports `on_renewed`, `on_expiring`, `on_idle_warning` and
+`on_lost`. Once the app has marked it in use (`touch()`), each heartbeat says how long
+ago that was (`idle_for`, docs/protocol.md "Idle leases"); never before. It talks
 to the daemon only through its owner, the client that made it, and needs of it only
 what `LeaseOwner` lists (`AsyncClient` is one): it never opens connections itself and
 never trusts a token the owner did not verify.
@@ -31,6 +33,7 @@ Mode: TypeAlias = Literal["lease", "strict"]
 ExpiringCallback: TypeAlias = Callable[[float], object]
 RenewedCallback: TypeAlias = Callable[["AsyncLease"], object]
 LostCallback: TypeAlias = Callable[[Exception], object]
+IdleWarningCallback: TypeAlias = Callable[[float], object]
 
 
 class LeaseState(enum.Enum):
@@ -82,7 +85,7 @@ def as_lease_reply(reply: messages.Reply) -> messages.LeaseReply:
     return reply
 
 
-async def _fire(name: str, callback: Callable[..., object] | None, *args: Any) -> None:
+async def run_callback(name: str, callback: Callable[..., object] | None, *args: Any) -> None:
     """Run an app callback (sync or async); its failure is logged, never propagated."""
     if callback is None:
         return
@@ -110,6 +113,7 @@ class AsyncLease:
         on_expiring: ExpiringCallback | None,
         on_renewed: RenewedCallback | None,
         on_lost: LostCallback | None,
+        on_idle_warning: IdleWarningCallback | None,
     ) -> None:
         self.client = client
         self.key = key
@@ -127,6 +131,8 @@ class AsyncLease:
         self._on_expiring = on_expiring
         self._on_renewed = on_renewed
         self._on_lost = on_lost
+        self._on_idle_warning = on_idle_warning
+        self._touched: float | None = None  # when the app last marked it in use (lease clock)
         self._lifetime = 0.0
         # Its deadline and next heartbeat, on the lease clock. A retry waits the jittered
         # delay, or the daemon's retry_after if longer: no least delay of its own.
@@ -170,6 +176,19 @@ class AsyncLease:
         """Held and within its local deadline (a local check, in either mode)."""
         return self.state in (LeaseState.ACTIVE, LeaseState.DEGRADED) and self.remaining() > 0
 
+    def touch(self) -> None:
+        """Mark the lease in use now (a user's keystroke, a job running). From the first
+        call on, each heartbeat tells the daemon how long ago the last one was, and a
+        licence with an idle timeout may reclaim a lease left idle (`on_idle_warning`
+        comes first); a lease never touched says nothing about idleness."""
+        self._touched = self.client.clock.now()
+
+    def _idle_for(self) -> float | None:
+        """Seconds since the last `touch()`, None before the first."""
+        if self._touched is None:
+            return None
+        return max(0.0, self.client.clock.now() - self._touched)
+
     def _accept(self, reply: messages.LeaseReply, leaf: tokens.Statement, received: float) -> None:
         """Take in a verified checkout or heartbeat reply received at `received`."""
         self.handle = reply.handle
@@ -200,7 +219,7 @@ class AsyncLease:
         async with self._heartbeat_lock:
             nonce = secrets.token_bytes(messages.NONCE_LEN)
             try:
-                req = messages.Heartbeat(0, lease=self._id, nonce=nonce)
+                req = messages.Heartbeat(0, lease=self._id, nonce=nonce, idle_for=self._idle_for())
                 reply = as_lease_reply(await self.client.request(req))
                 received = self.client.clock.now()
                 if reply.handle != self.handle:
@@ -218,7 +237,9 @@ class AsyncLease:
             self._accept(reply, leaf, received)
             self.state = LeaseState.ACTIVE
             self._expiring_fired = False
-        await _fire("on_renewed", self._on_renewed, self)
+        await run_callback("on_renewed", self._on_renewed, self)
+        if reply.idle_reclaim_in is not None:
+            await run_callback("on_idle_warning", self._on_idle_warning, reply.idle_reclaim_in)
 
     def _expiring_in(self, now: float) -> float | None:
         """Seconds from `now` until on_expiring is due (0.0: it is), None if it is not
@@ -231,7 +252,7 @@ class AsyncLease:
         """Fire on_expiring if it is due."""
         if self._expiring_in(self.client.clock.now()) == 0.0:
             self._expiring_fired = True
-            await _fire("on_expiring", self._on_expiring, self.remaining())
+            await run_callback("on_expiring", self._on_expiring, self.remaining())
 
     def _wait(self, now: float) -> float:
         """Seconds from `now` until the renewal task acts: the timeline's renewal, retry
@@ -282,7 +303,7 @@ class AsyncLease:
         if isinstance(reason, TokenInvalid):  # never use it; give the seat back
             await self.client.checkin(self._id)
         log.warning("licd_client: lease %s lost: %s", self.handle, reason)
-        await _fire("on_lost", self._on_lost, reason)
+        await run_callback("on_lost", self._on_lost, reason)
 
     def _gone(self) -> LeaseUnknown:
         if self.state is LeaseState.RELEASED:

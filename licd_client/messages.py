@@ -505,8 +505,15 @@ def parse_error(data: dict[str, Any]) -> LicdError:
     )
 
 
+def is_queue_update(data: dict[str, Any]) -> bool:
+    """True when a received frame is a queue update (a queued checkout's interim frame,
+    `queued: true`), not the final reply to its request."""
+    return data.get("ok") is True and data.get("queued") is True
+
+
 def parse_reply(op: str, data: dict[str, Any]) -> Reply:
-    """A received reply to `op` as its type; an error reply is raised as its LicdError."""
+    """A received reply to `op` as its type (a checkout's queue update as a QueueUpdate);
+    an error reply is raised as its LicdError."""
     ok = data.get("ok")
     if ok is False:
         raise parse_error(data)
@@ -515,7 +522,7 @@ def parse_reply(op: str, data: dict[str, Any]) -> Reply:
     r = Fields(data, f"{op} reply", ProtocolViolation)
     rid = r.uint("id")
     r.flag("ok")
-    kind = QueueUpdate if op == "checkout" and data.get("queued") is True else REPLY_TYPES[op]
+    kind = QueueUpdate if op == "checkout" and is_queue_update(data) else REPLY_TYPES[op]
     reply: Reply = kind.read(rid, r)
     # Replies may grow new keys in later protocol revisions: ignore what is left.
     return reply

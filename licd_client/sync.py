@@ -22,10 +22,16 @@ from typing import Any, TypeVar
 
 from . import messages, tokens
 from .backoff import Backoff
-from .client import INTERRUPT_GRACE, AsyncClient, resolve_anchors, resolve_servers
+from .client import (
+    INTERRUPT_GRACE,
+    AsyncClient,
+    QueuedCallback,
+    resolve_anchors,
+    resolve_servers,
+)
 from .connection import Address
 from .errors import ConnectionLost
-from .lease import AsyncLease, LeaseState, Mode
+from .lease import AsyncLease, IdleWarningCallback, LeaseState, Mode
 
 log = logging.getLogger("licd_client")
 
@@ -173,12 +179,16 @@ class Client:
         instance: str | None = None,
         mode: Mode = "lease",
         wait: float = 0.0,
+        queue: bool = False,
+        on_queued: QueuedCallback | None = None,
         on_expiring: Callable[[float], object] | None = None,
         on_renewed: Callable[[Lease], object] | None = None,
         on_lost: Callable[[Exception], object] | None = None,
+        on_idle_warning: IdleWarningCallback | None = None,
     ) -> Lease:
-        """Take seats of licence `key` (see `AsyncClient.checkout`). Callbacks run on the
-        client's background thread."""
+        """Take seats of licence `key` (see `AsyncClient.checkout`, which says what
+        `queue` does). Callbacks run on the client's background thread. Ctrl-C while
+        queued leaves the queue."""
         lease = Lease(self)
 
         def renewed(_: AsyncLease) -> None:
@@ -194,9 +204,12 @@ class Client:
                 instance=instance,
                 mode=mode,
                 wait=wait,
+                queue=queue,
+                on_queued=on_queued,
                 on_expiring=on_expiring,
                 on_renewed=renewed,
                 on_lost=on_lost,
+                on_idle_warning=on_idle_warning,
             )
         )
         return lease
@@ -290,6 +303,10 @@ class Lease:
     @property
     def valid(self) -> bool:
         return self._inner.valid
+
+    def touch(self) -> None:
+        """Mark the lease in use now (see AsyncLease.touch); cheap, from any thread."""
+        self._inner.touch()
 
     def validate(self) -> None:
         """Raise unless the lease is good (strict mode asks the daemon)."""

@@ -2,8 +2,12 @@
 
 It speaks docs/protocol.md sections 1-4 with `licd_client.wire`/`messages`, signs tokens with
 a test key, keeps its leases across `restart()` on the same port, and can drop replies,
-answer errors or tamper with tokens on demand. It is not the daemon: no durability, no
-reaping, no policies. `ThreadedFakeLicd` runs one in a background loop for blocking tests.
+answer errors or tamper with tokens on demand. A checkout sent with `queue` that finds no
+seat waits in its queue ("Queueing"): queue updates when its place changes (and at
+`queue_tick()`), the seat when a checkin frees one, its place kept for a resend when its
+connection ends. Heartbeat replies carry `idle_reclaim_in` when it is set. It is not the
+daemon: no durability, no reaping, no policies, no timers (updates come when a test says).
+`ThreadedFakeLicd` runs one in a background loop for blocking tests.
 """
 
 from __future__ import annotations
@@ -30,6 +34,19 @@ class FakeLicence:
     total: int
     features: messages.Features = field(default_factory=dict)
     product: str = "dicom"
+
+
+@dataclass
+class FakeQueued:
+    """A checkout waiting in the fake's queue. `connected`: a connection is waiting for
+    its reply (only those are served); `owner` tells that connection from an earlier one
+    whose checkout a resend took over."""
+
+    req: messages.Checkout
+    connected: bool = False
+    owner: object = None
+    tick: bool = False  # an update is due whether or not its place changed
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 @dataclass
@@ -71,6 +88,14 @@ class FakeLicd:
         self.delegator: SigningKey | None = None
         self.nonce_override: bytes | None = None
         self.hello_protocol = messages.PROTOCOL_VERSION
+        #: Checkouts waiting for a seat, first served first.
+        self.queue: list[FakeQueued] = []
+        #: Every queue update sent, in order.
+        self.updates: list[messages.QueueUpdate] = []
+        self.queue_update_in = 10.0
+        self.queue_wait: float | None = None  # the estimate updates carry (None: none)
+        #: Sent in every heartbeat reply when set: the lease is idle (docs/protocol.md).
+        self.idle_reclaim_in: float | None = None
         self._handles = itertools.count(1)
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -133,6 +158,10 @@ class FakeLicd:
                 while (frame := decoder.next_frame()) is not None:
                     req = messages.parse_request(frame)
                     self.requests.append(req)
+                    if isinstance(req, messages.Checkout) and self._queues(req):
+                        if not await self._wait_in_queue(req, reader, writer, decoder):
+                            return  # the client left
+                        continue
                     reply = self._answer(req)
                     if req.op in self.drop_reply:
                         self.drop_reply.discard(req.op)
@@ -148,6 +177,104 @@ class FakeLicd:
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
 
+    # ------------------------------------------------------------------ queue
+
+    def queue_tick(self) -> None:
+        """What the daemon does every `update_in`: each waiting checkout gets an update."""
+        for entry in self.queue:
+            entry.tick = True
+            entry.wake.set()
+
+    def _queue_changed(self) -> None:
+        for entry in self.queue:
+            entry.wake.set()
+
+    def _queued(self, request: str) -> FakeQueued | None:
+        return next((q for q in self.queue if q.req.request == request), None)
+
+    def _queues(self, req: messages.Checkout) -> bool:
+        """True for a checkout that waits in the queue: sent with `queue`, and either
+        already waiting (a resend) or finding no seat free."""
+        if not req.queue or req.op in self.fail:
+            return False
+        if self._queued(req.request) is not None:
+            return True
+        lic = self.licences.get(req.key)
+        held = any(q.request == req.request for q in self.leases.values())
+        return lic is not None and not held and self._in_use(lic.key) + req.seats > lic.total
+
+    async def _wait_in_queue(
+        self,
+        req: messages.Checkout,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        decoder: wire.FrameDecoder,
+    ) -> bool:
+        """Serve a queued checkout: updates, then its final reply. False when the client
+        left first (its connection ended): its place is kept for a resend to take."""
+        entry = self._queued(req.request)
+        if entry is None:
+            entry = FakeQueued(req)
+            self.queue.append(entry)
+        entry.req, entry.owner, entry.connected = req, writer, True
+        self._queue_changed()  # an earlier connection waiting for it learns it lost it
+        shown = 0
+        try:
+            while True:
+                entry.wake.clear()
+                if entry.owner is not writer:
+                    requeued = errors.Unavailable(detail={"reason": "requeued"})
+                    writer.write(wire.encode(messages.error_frame(req.id, requeued)))
+                    return True
+                if entry is next(q for q in self.queue if q.connected):
+                    with contextlib.suppress(errors.SeatsExhausted):
+                        reply = self._checkout(entry.req)
+                        self.queue.remove(entry)
+                        self._queue_changed()
+                        writer.write(wire.encode(reply.to_wire()))
+                        return True
+                position = self.queue.index(entry) + 1
+                if position != shown or entry.tick:
+                    update = messages.QueueUpdate(
+                        entry.req.id,
+                        position=position,
+                        waiting=len(self.queue),
+                        update_in=self.queue_update_in,
+                        wait=self.queue_wait,
+                    )
+                    writer.write(wire.encode(update.to_wire()))
+                    self.updates.append(update)
+                    shown, entry.tick = position, False
+                await writer.drain()
+                if not await self._woken(entry, reader, decoder):
+                    return False
+        finally:
+            if entry.owner is writer:
+                entry.connected = False
+
+    @staticmethod
+    async def _woken(
+        entry: FakeQueued, reader: asyncio.StreamReader, decoder: wire.FrameDecoder
+    ) -> bool:
+        """Wait until `entry` is woken or the client sends something (kept for later);
+        False when the client closed its side."""
+        read = asyncio.ensure_future(reader.read(65536))
+        woken = asyncio.ensure_future(entry.wake.wait())
+        try:
+            await asyncio.wait({read, woken}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            if not read.done():
+                read.cancel()
+        if read.done():
+            data = read.result()
+            if not data:
+                return False
+            decoder.feed(data)
+        return True
+
+    # ------------------------------------------------------------------- ops
+
     def _answer(self, req: messages.Request) -> dict[str, Any]:
         failure = self.fail.get(req.op)
         if failure is not None:
@@ -156,8 +283,6 @@ class FakeLicd:
             return self._process(req).to_wire()
         except errors.LicdError as exc:
             return messages.error_frame(req.id, exc)
-
-    # ------------------------------------------------------------------- ops
 
     def _process(self, req: messages.Request) -> messages.Reply:
         if isinstance(req, messages.Hello):
@@ -180,9 +305,12 @@ class FakeLicd:
             lease = self.leases.get(req.lease)
             if lease is None:
                 raise errors.LeaseUnknown()
-            return self._lease_reply(req.id, lease, req.nonce, include_id=False)
+            reply = self._lease_reply(req.id, lease, req.nonce, include_id=False)
+            return replace(reply, idle_reclaim_in=self.idle_reclaim_in)
         if isinstance(req, messages.Checkin):
-            return messages.CheckinReply(req.id, self.leases.pop(req.lease, None) is not None)
+            released = self.leases.pop(req.lease, None) is not None
+            self._queue_changed()  # a seat may be free for the head of the queue
+            return messages.CheckinReply(req.id, released)
         raise errors.BadRequest(f"unsupported op {req.op}")
 
     def _licence(self, key: str) -> FakeLicence:

@@ -21,9 +21,9 @@ from typing import Any
 import pytest
 from nacl.signing import SigningKey
 
-from licd_client import errors
+from licd_client import errors, messages
 from licd_client.cli import EXIT_ERROR, EXIT_LOST, EXIT_REFUSED, EXIT_USAGE, main
-from tests.fakelicd import LICENCE, ThreadedFakeLicd
+from tests.fakelicd import LICENCE, FakeQueued, ThreadedFakeLicd
 from tests.support import DICOM, address, make_config, running
 
 KEY = LICENCE.key
@@ -293,6 +293,75 @@ def rest_of_output(proc: subprocess.Popen[str]) -> tuple[str, str]:
         out, err = proc.stdout.read(), proc.stderr.read()
     proc.wait(timeout=30)
     return out, err
+
+
+def test_exec_queue_shows_the_place_in_the_queue_as_it_changes(server: ThreadedFakeLicd) -> None:
+    """No seat: `--queue` waits, saying on stderr where it is when that changes (the
+    estimate only when the daemon has one), and runs the command once a seat is free."""
+    fake = server.fake
+    holder = messages.Holder(host="h", hostid="other", user="u", pid=1)
+    ahead = [  # two checkouts of others, without a connection: never served
+        FakeQueued(messages.Checkout(0, KEY, holder, request=r * 32, nonce=bytes(16), queue=True))
+        for r in "ab"
+    ]
+
+    def no_seat() -> None:
+        fake.licences[KEY].total = 0
+        fake.queue_wait = 40.0
+        fake.queue.extend(ahead)
+
+    def one_gone() -> None:
+        fake.queue.remove(ahead[0])
+        fake.queue_wait = None
+        fake.queue_tick()
+
+    async def same_place() -> None:  # an update is sent, with nothing new in it
+        sent = len(fake.updates)
+        fake.queue_tick()
+        while len(fake.updates) == sent:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+    def a_seat() -> None:
+        fake.queue.remove(ahead[1])
+        fake.licences[KEY].total = 1
+        fake.queue_tick()
+
+    server.call(no_seat)
+    proc = spawn("exec", "--queue", "--key", KEY, "--", PY, "-c", "print('ran')")
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert line == "licd-client: queued for XXXX...: position 3 of 3, about 40 s\n"
+        server.call(one_gone)
+        assert proc.stderr.readline() == "licd-client: queued for XXXX...: position 2 of 2\n"
+        server.call(same_place)  # nothing more is said
+        server.call(a_seat)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()
+    assert (proc.returncode, out, err) == (0, "ran\n", "")
+    assert leases(server) == {}
+    (queued,) = [r for r in fake.requests if isinstance(r, messages.Checkout)]
+    assert queued.queue
+
+
+def test_checkout_queue_with_a_seat_free_is_an_ordinary_checkout(
+    server: ThreadedFakeLicd,
+) -> None:
+    proc = spawn("checkout", "--queue", KEY)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().split() == ["handle", "L0001"]
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            proc.communicate()
+    assert (proc.returncode, err) == (0, "")
+    assert leases(server) == {}
 
 
 def test_checkout_exits_when_the_lease_is_lost(server: ThreadedFakeLicd) -> None:
