@@ -366,6 +366,7 @@ class AdminOps:
                         "hostid": h.hostid,
                         "user": h.user,
                         "app": h.app,
+                        "instance": h.instance,
                         "ip": waiter.ip,
                         "seats": waiter.seats,
                         "priority": waiter.priority,
