@@ -20,6 +20,9 @@ from .schema import FeatureValue as FeatureValue
 from .schema import Fields as Fields
 
 PROTOCOL_VERSION = 1
+#: The protocol versions this code speaks: 2 adds batched signatures (docs/protocol.md).
+PROTOCOLS = (1, 2)
+BATCHED = 2  # the first version whose replies may carry a `batch` proof
 #: Bounds on the integers a request may carry: what the daemon stores must fit SQLite's
 #: signed 64-bit integers with room to add to them.
 MAX_STORED_INT = 2**63 - 1
@@ -308,6 +311,34 @@ class HelloReply(Reply):
 
 
 @dataclass(frozen=True)
+class BatchProof:
+    """A batched token's proof (protocol 2): one signature over the root of a Merkle tree
+    of `size` tokens, and this token's leaf `index` and audit `path` (licd_client.merkle)."""
+
+    sig: bytes
+    size: int
+    index: int
+    path: list[bytes]
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"sig": self.sig, "size": self.size, "index": self.index, "path": self.path}
+
+    @classmethod
+    def from_wire(cls, data: Any) -> BatchProof:
+        if not isinstance(data, dict):
+            raise ProtocolViolation("batch: must be a map")
+        r = Fields(data, "batch", ProtocolViolation)
+        proof = cls(
+            sig=r.binary("sig", length=64),
+            size=r.uint("size", minimum=2),
+            index=r.uint("index"),
+            path=r.bins("path"),
+        )
+        r.done()
+        return proof
+
+
+@dataclass(frozen=True)
 class LeaseReply(Reply):
     """The reply to checkout (with `lease`) and to heartbeat (`lease` is None)."""
 
@@ -322,6 +353,8 @@ class LeaseReply(Reply):
     lease: str | None = None
     overdraft: bool | None = None  # True: granted beyond the licence's seats (its overdraft)
     idle_reclaim_in: float | None = None  # an idle lease: reclaimed this soon unless used
+    #: Protocol 2: `token` is a payload whose signature is this batch's, not its own.
+    batch: BatchProof | None = None
 
     def _results(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -340,12 +373,15 @@ class LeaseReply(Reply):
             out["overdraft"] = self.overdraft
         if self.idle_reclaim_in is not None:
             out["idle_reclaim_in"] = self.idle_reclaim_in
+        if self.batch is not None:
+            out["batch"] = self.batch.to_wire()
         return out
 
     @classmethod
     def read(cls, rid: int, r: Fields) -> LeaseReply:
         lease = r.text("lease", required=False)
         overdraft = r.flag("overdraft", False) or None
+        batch = r.mapping("batch", required=False)
         return cls(
             rid,
             handle=r.text("handle"),
@@ -359,6 +395,7 @@ class LeaseReply(Reply):
             lease=lease,
             overdraft=overdraft,
             idle_reclaim_in=r.number("idle_reclaim_in", required=False),
+            batch=None if batch is None else BatchProof.from_wire(batch),
         )
 
 
