@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from licd import __version__
 from licd.core.errors import Audience, error_reply
-from licd.core.keys import Signer
+from licd.core.keys import BatchSigner, Signed, Signer
 from licd.core.router import Router
 from licd.core.service import LicenceService, update_in
 from licd.deferred import Deferred
@@ -36,10 +36,12 @@ from licd_client.errors import (
     UpstreamUnavailable,
 )
 from licd_client.messages import (
-    PROTOCOL_VERSION,
+    BATCHED,
+    PROTOCOLS,
     REQUEST_TYPES,
     Available,
     AvailableReply,
+    BatchProof,
     Checkin,
     CheckinReply,
     Checkout,
@@ -50,7 +52,6 @@ from licd_client.messages import (
     HelloReply,
     LeaseReply,
     QueueUpdate,
-    Reply,
     Request,
     parse_request,
     request_id,
@@ -107,19 +108,30 @@ class QueuedCheckout(Handover):
     owed next; a connection that ends before the answer `detach`es the waiter (its
     place is kept a while), or gives the lease back if it was served meanwhile."""
 
-    __slots__ = ("waiter", "_request", "_data", "_started", "_write", "_told", "_told_at")
+    __slots__ = (
+        "waiter",
+        "_request",
+        "_protocol",
+        "_data",
+        "_started",
+        "_write",
+        "_told",
+        "_told_at",
+    )
 
     def __init__(
         self,
         dispatcher: Dispatcher,
         waiter: Waiter,
         request: Checkout,
+        protocol: int,
         data: dict[str, Any],
         started: float,
     ) -> None:
         super().__init__(dispatcher)
         self.waiter = waiter
         self._request = request
+        self._protocol = protocol  # its connection's
         self._data = data
         self._started = started
         self._write: Callable[[dict[str, Any]], bool] | None = None
@@ -156,7 +168,8 @@ class QueuedCheckout(Handover):
         self.lease = grant.lease
         if grant.fresh:
             dispatcher._unclaimed.add(grant.lease.secret)
-        reply = dispatcher._lease_reply(
+        answer = dispatcher._lease_answer(
+            self._protocol,
             self._request.id,
             grant,
             self._request.nonce,
@@ -164,7 +177,10 @@ class QueuedCheckout(Handover):
             with_secret=True,
         )
         # Not observed as a request's latency: the wait is the queue's (licd_queue_wait).
-        self.settle((reply.to_wire(), False))
+        if isinstance(answer, Deferred):
+            answer.add_done_callback(lambda signed: self.settle(signed.result()))
+        else:
+            self.settle(answer)
 
     def refused(self, error: LicdError) -> None:
         if not self.done():
@@ -183,6 +199,7 @@ class Session:
     peer: str
     hello_done: bool = False
     client: str = ""
+    protocol: int = 1  # the version its hello settled on
 
 
 class Dispatcher:
@@ -208,6 +225,7 @@ class Dispatcher:
         self.cluster: Leadership | None = None
         #: Told of every request: (op, seconds taken, error code or None). Metrics.
         self.on_request = on_request
+        self._batcher: BatchSigner | None = None  # made on the loop, at first use
 
     def handle(self, session: Session, data: dict[str, Any]) -> Answer | Deferred[Answer]:
         """Answer one decoded frame: (reply map, whether to close the connection) at once
@@ -233,11 +251,11 @@ class Dispatcher:
                 return self._relayed(router, session, request, data, started)
             if not isinstance(request, Hello | Heartbeat | Available):
                 return self._answer_durably(session, request, data, started)
-            reply = self._answer_now(session, request)
+            answer = self._answer_now(session, request)
         except Exception as exc:
             return self._failed(data, started, exc)
         self._observe(data, started, None)
-        return reply.to_wire(), False
+        return answer
 
     def _admit(self, session: Session) -> None:
         """Raise RateLimited when the peer's denied or granted checkouts are spent."""
@@ -317,7 +335,9 @@ class Dispatcher:
                         ip=session.peer,
                     )
                     if isinstance(outcome, Waiter):  # not a verdict yet: nothing charged
-                        queued = QueuedCheckout(self, outcome, request, data, started)
+                        queued = QueuedCheckout(
+                            self, outcome, request, session.protocol, data, started
+                        )
                         outcome.listener = queued
                         return queued
                     grant, commit = outcome
@@ -337,11 +357,11 @@ class Dispatcher:
                 raise
             self._charge(session, None, at.mono)
 
-            def checked_out() -> Reply:
+            def checked_out() -> Answer | Deferred[Answer]:
                 if commit is not None:
                     service.checkout_landed(grant)
-                return self._lease_reply(
-                    request.id, grant, request.nonce, at.wall, with_secret=True
+                return self._lease_answer(
+                    session.protocol, request.id, grant, request.nonce, at.wall, with_secret=True
                 )
 
             if not grant.fresh:  # a retry, or a device's repeat: the lease is shared now
@@ -353,7 +373,10 @@ class Dispatcher:
             rid = request.id
             commit = service.begin_checkin(request.lease)
             return self._after(
-                commit, lambda: CheckinReply(rid, released=commit is not None), data, started
+                commit,
+                lambda: (CheckinReply(rid, released=commit is not None).to_wire(), False),
+                data,
+                started,
             )
         if isinstance(request, Consume):
             c, commit = service.begin_consume(
@@ -362,13 +385,16 @@ class Dispatcher:
             rid = request.id
             return self._after(
                 commit,
-                lambda: ConsumeReply(
-                    rid,
-                    counter=c.counter,
-                    used=c.used,
-                    limit=c.limit,
-                    remaining=c.remaining,
-                    counted=c.counted,
+                lambda: (
+                    ConsumeReply(
+                        rid,
+                        counter=c.counter,
+                        used=c.used,
+                        limit=c.limit,
+                        remaining=c.remaining,
+                        counted=c.counted,
+                    ).to_wire(),
+                    False,
                 ),
                 data,
                 started,
@@ -378,15 +404,16 @@ class Dispatcher:
     def _after(
         self,
         commit: Deferred[None] | None,
-        reply: Callable[[], Reply],
+        reply: Callable[[], Answer | Deferred[Answer]],
         data: dict[str, Any],
         started: float,
         out: Deferred[Answer] | None = None,
     ) -> Answer | Deferred[Answer]:
         """The answer `reply()` makes once `commit` is done (at once without a commit),
-        settled into `out` if given; a failed commit's error is answered (`unavailable`)."""
+        settled into `out` if given; a failed commit's error is answered (`unavailable`).
+        `reply()` may itself wait (a batched token: `_lease_answer`)."""
         if commit is None:
-            answer = reply().to_wire(), False
+            answer = reply()
             self._observe(data, started, None)
             return answer
         settled: Deferred[Answer] = Deferred() if out is None else out
@@ -397,12 +424,15 @@ class Dispatcher:
                 settled.settle(self._failed(data, started, failure))
                 return
             try:
-                answer = reply().to_wire(), False
+                answer = reply()
             except Exception as exc:
-                answer = self._failed(data, started, exc)
+                settled.settle(self._failed(data, started, exc))
+                return
+            self._observe(data, started, None)
+            if isinstance(answer, Deferred):
+                answer.add_done_callback(lambda signed: settled.settle(signed.result()))
             else:
-                self._observe(data, started, None)
-            settled.settle(answer)
+                settled.settle(answer)
 
         commit.add_done_callback(landed)
         return settled
@@ -421,13 +451,14 @@ class Dispatcher:
         """The answer to an error found before a request could be decoded."""
         return error_reply(None, exc, Audience.CLIENT)
 
-    def _answer_now(self, session: Session, request: Request) -> Reply:
-        """The ops answered from memory: hello, heartbeat, available."""
+    def _answer_now(self, session: Session, request: Request) -> Answer | Deferred[Answer]:
+        """The ops answered from memory: hello, heartbeat, available (a heartbeat's
+        batched token waits for the end of the loop's turn)."""
         service = self.service
         if isinstance(request, Heartbeat):
             at = service.now()
             grant = service.heartbeat(request.lease, at, request.usage, request.idle_for)
-            return self._lease_reply(request.id, grant, request.nonce, at.wall)
+            return self._lease_answer(session.protocol, request.id, grant, request.nonce, at.wall)
         if isinstance(request, Available):
             a = service.available(request.key)
             return AvailableReply(
@@ -436,25 +467,61 @@ class Dispatcher:
                 in_use=a.in_use,
                 available=a.available,
                 reserved=a.reserved,
-            )
+            ).to_wire(), False
         if isinstance(request, Hello):
-            return self._hello(session, request)
+            return self._hello(session, request).to_wire(), False
         raise BadRequest(f"op {request.op!r} is not served")
 
     def _hello(self, session: Session, request: Hello) -> HelloReply:
         reply = hello_reply(request, self.signer, self.service.now().wall)
         session.hello_done = True
         session.client = request.client
+        session.protocol = reply.protocol
         return reply
 
+    def _lease_answer(
+        self,
+        protocol: int,
+        rid: int,
+        grant: Grant,
+        nonce: bytes,
+        now: float,
+        *,
+        with_secret: bool = False,
+    ) -> Answer | Deferred[Answer]:
+        """A lease reply: its token signed on its own, or (protocol 2, not a block's)
+        with the other tokens of this turn of the loop, once they are (`BatchSigner`)."""
+        body = self.signer.lease_body(grant, nonce, now)
+        signed: Signed | Deferred[Signed]
+        if protocol >= BATCHED and grant.lease.delegate is None:
+            signed = self._batch_signer().sign(body)
+        else:
+            signed = self.signer.sign_body(body), None
+        if not isinstance(signed, Deferred):
+            return self._lease_reply(rid, grant, *signed, with_secret).to_wire(), False
+        out: Deferred[Answer] = Deferred()
+
+        def reply(done: Deferred[Signed]) -> None:
+            token, proof = done.result()
+            out.settle((self._lease_reply(rid, grant, token, proof, with_secret).to_wire(), False))
+
+        signed.add_done_callback(reply)
+        return out
+
+    def _batch_signer(self) -> BatchSigner:
+        if self._batcher is None:
+            self._batcher = BatchSigner(self.signer, asyncio.get_running_loop().call_soon)
+        return self._batcher
+
     def _lease_reply(
-        self, rid: int, grant: Grant, nonce: bytes, now: float, *, with_secret: bool = False
+        self, rid: int, grant: Grant, token: bytes, proof: BatchProof | None, with_secret: bool
     ) -> LeaseReply:
         lease = grant.lease
         return LeaseReply(
             rid,
             handle=lease.handle,
-            token=self.signer.lease_token(grant, nonce, now),
+            token=token,
+            batch=proof,
             chain=self.signer.chain_for(lease.licence_id),
             expires=lease.expires,
             ttl=grant.ttl,
@@ -476,14 +543,15 @@ def _known_op(data: dict[str, Any]) -> str | None:
 def hello_reply(request: Hello, signer: Signer, wall: float) -> HelloReply:
     """The answer to `hello` (any node's, a cluster's standbys' too), or
     UnsupportedProtocol."""
-    if request.protocol != PROTOCOL_VERSION:
+    if request.protocol not in PROTOCOLS:
+        served = " or ".join(map(str, PROTOCOLS))
         raise UnsupportedProtocol(
-            f"protocol {request.protocol} is not served; use {PROTOCOL_VERSION}",
-            detail={"supported": [PROTOCOL_VERSION]},
+            f"protocol {request.protocol} is not served; use {served}",
+            detail={"supported": list(PROTOCOLS)},
         )
     return HelloReply(
         request.id,
-        protocol=PROTOCOL_VERSION,
+        protocol=request.protocol,
         server=SERVER_NAME,
         site=signer.site,
         key=signer.public,

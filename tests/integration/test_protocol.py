@@ -57,7 +57,7 @@ async def test_unsupported_protocol_lists_supported(tmp_path: Path) -> None:
         peer = await RawPeer.connect(address(daemon))
         reply = await peer.call("hello", protocol=7, client="future/1")
         assert reply["error"] == "unsupported_protocol"
-        assert reply["detail"] == {"supported": [1]}
+        assert reply["detail"] == {"supported": [1, 2]}
         await peer.hello()  # the connection stays usable
         await peer.close()
 
