@@ -94,7 +94,9 @@ def _db_cpu(pg: PgCluster | None) -> float:
     return total
 
 
-async def run(what: str, count: int, clients: int, profile: bool, pg: PgCluster | None) -> None:
+async def run(
+    what: str, count: int, clients: int, profile: bool, pg: PgCluster | None, protocol: int = 1
+) -> None:
     with tempfile.TemporaryDirectory(prefix="licd-inprocess-") as tmp:
         config = load_config(write_config(Path(tmp), licence(seats=clients + 100, lease_ttl=90)))
         if pg is not None:
@@ -108,7 +110,7 @@ async def run(what: str, count: int, clients: int, profile: bool, pg: PgCluster 
         gc.freeze()
         try:
             d = daemon.server.dispatcher
-            session = Session("127.0.0.1", hello_done=True)
+            session = Session("127.0.0.1", hello_done=True, protocol=protocol)
             work = _cycles if what == "churn" else _renewals
             per = max(1, count // clients)
             await asyncio.gather(*(work(d, session, i, 5) for i in range(clients)))  # warm-up
@@ -126,7 +128,8 @@ async def run(what: str, count: int, clients: int, profile: bool, pg: PgCluster 
             unit = "cycle" if what == "churn" else "renewal"
             servers = "" if pg is None else f", PostgreSQL {db / n * 1e6:.1f} us of CPU"
             print(
-                f"{what}: {n:,} {unit}s by {clients} clients: {cpu / n * 1e6:.1f} us of CPU"
+                f"{what} (protocol {protocol}): {n:,} {unit}s by {clients} clients:"
+                f" {cpu / n * 1e6:.1f} us of CPU"
                 f" per {unit}{servers}, {n / wall:,.0f}/s,"
                 f" {daemon.service.store.transactions} commits"
             )
@@ -149,6 +152,13 @@ def main() -> None:
         default="sqlite",
         help="the store: SQLite (default), or PostgreSQL with a synchronous standby",
     )
+    parser.add_argument(
+        "--protocol",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="the clients' protocol: 2 lets the daemon batch signatures (docs/protocol.md)",
+    )
     args = parser.parse_args()
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])  # as `licd serve` does
     pg = PgCluster() if args.backend == "postgres" else None
@@ -156,7 +166,7 @@ def main() -> None:
         if pg is not None:
             pg.start()
             print(pg.describe())
-        asyncio.run(run(args.what, args.count, args.clients, args.profile, pg))
+        asyncio.run(run(args.what, args.count, args.clients, args.profile, pg, args.protocol))
     finally:
         if pg is not None:
             pg.cleanup()

@@ -248,6 +248,34 @@ def request_id(data: dict[str, Any]) -> int | None:
     return None
 
 
+def lean_heartbeat(data: dict[str, Any]) -> Heartbeat | None:
+    """A heartbeat in its common shape (`op`, `id`, `lease`, `nonce`, maybe `idle_for`,
+    each well-formed), read without the general field checks: the daemon's hot path. None
+    for anything else, which `parse_request` then reads (and refuses as it must): this
+    accepts only what `parse_request` accepts, and reads it the same."""
+    size = len(data)
+    rid, lease, nonce = data.get("id"), data.get("lease"), data.get("nonce")
+    if (
+        (size != 4 and (size != 5 or "idle_for" not in data))
+        or type(rid) is not int
+        or not 0 <= rid <= MAX_UINT
+        or type(lease) is not str
+        or not 0 < len(lease) <= 255
+        or type(nonce) is not bytes
+        or len(nonce) != NONCE_LEN
+    ):
+        return None
+    idle_for = None
+    if size == 5:  # with `idle_for`, which must be a number (an explicit nil is refused)
+        idle_for = data["idle_for"]
+        if type(idle_for) is not float and type(idle_for) is not int:
+            return None
+        idle_for = float(idle_for)
+        if not 0.0 <= idle_for < float("inf"):
+            return None
+    return Heartbeat(rid, lease=lease, nonce=nonce, idle_for=idle_for)
+
+
 def parse_request(data: dict[str, Any]) -> Request:
     """A decoded map as a typed request, or BadRequest saying what is wrong."""
     r = Fields(data, "request", BadRequest)
@@ -338,6 +366,47 @@ class BatchProof:
         return proof
 
 
+def lease_wire(
+    rid: int,
+    *,
+    handle: str,
+    token: bytes,
+    chain: list[bytes],
+    expires: float,
+    ttl: float,
+    renew_in: float,
+    seats: int,
+    features: Features,
+    lease: str | None = None,
+    overdraft: bool | None = None,
+    idle_reclaim_in: float | None = None,
+    batch: BatchProof | None = None,
+) -> dict[str, Any]:
+    """A checkout's or heartbeat's reply map (`LeaseReply` on the wire), made directly: a
+    daemon's heartbeat path builds it without the dataclass."""
+    out: dict[str, Any] = {
+        "id": rid,
+        "ok": True,
+        "handle": handle,
+        "token": token,
+        "chain": chain,
+        "expires": expires,
+        "ttl": ttl,
+        "renew_in": renew_in,
+        "seats": seats,
+        "features": features,
+    }
+    if lease is not None:
+        out["lease"] = lease
+    if overdraft is not None:
+        out["overdraft"] = overdraft
+    if idle_reclaim_in is not None:
+        out["idle_reclaim_in"] = idle_reclaim_in
+    if batch is not None:
+        out["batch"] = batch.to_wire()
+    return out
+
+
 @dataclass(frozen=True)
 class LeaseReply(Reply):
     """The reply to checkout (with `lease`) and to heartbeat (`lease` is None)."""
@@ -356,26 +425,22 @@ class LeaseReply(Reply):
     #: Protocol 2: `token` is a payload whose signature is this batch's, not its own.
     batch: BatchProof | None = None
 
-    def _results(self) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "handle": self.handle,
-            "token": self.token,
-            "chain": self.chain,
-            "expires": self.expires,
-            "ttl": self.ttl,
-            "renew_in": self.renew_in,
-            "seats": self.seats,
-            "features": self.features,
-        }
-        if self.lease is not None:
-            out["lease"] = self.lease
-        if self.overdraft is not None:
-            out["overdraft"] = self.overdraft
-        if self.idle_reclaim_in is not None:
-            out["idle_reclaim_in"] = self.idle_reclaim_in
-        if self.batch is not None:
-            out["batch"] = self.batch.to_wire()
-        return out
+    def to_wire(self) -> dict[str, Any]:
+        return lease_wire(
+            self.id,
+            handle=self.handle,
+            token=self.token,
+            chain=self.chain,
+            expires=self.expires,
+            ttl=self.ttl,
+            renew_in=self.renew_in,
+            seats=self.seats,
+            features=self.features,
+            lease=self.lease,
+            overdraft=self.overdraft,
+            idle_reclaim_in=self.idle_reclaim_in,
+            batch=self.batch,
+        )
 
     @classmethod
     def read(cls, rid: int, r: Fields) -> LeaseReply:

@@ -50,9 +50,10 @@ from licd_client.messages import (
     Heartbeat,
     Hello,
     HelloReply,
-    LeaseReply,
     QueueUpdate,
     Request,
+    lean_heartbeat,
+    lease_wire,
     parse_request,
     request_id,
 )
@@ -243,7 +244,8 @@ class Dispatcher:
             # Before hello, any op but hello is refused whatever its arguments.
             if not session.hello_done and _known_op(data) not in (None, "hello"):
                 raise HelloRequired()
-            request = parse_request(data)
+            lean = lean_heartbeat(data) if data.get("op") == "heartbeat" else None
+            request: Request = parse_request(data) if lean is None else lean
             if isinstance(request, Checkout):
                 self._admit(session)
             router = self.router
@@ -498,12 +500,12 @@ class Dispatcher:
         else:
             signed = self.signer.sign_body(body), None
         if not isinstance(signed, Deferred):
-            return self._lease_reply(rid, grant, *signed, with_secret).to_wire(), False
+            return self._lease_reply(rid, grant, *signed, with_secret), False
         out: Deferred[Answer] = Deferred()
 
         def reply(done: Deferred[Signed]) -> None:
             token, proof = done.result()
-            out.settle((self._lease_reply(rid, grant, token, proof, with_secret).to_wire(), False))
+            out.settle((self._lease_reply(rid, grant, token, proof, with_secret), False))
 
         signed.add_done_callback(reply)
         return out
@@ -515,9 +517,9 @@ class Dispatcher:
 
     def _lease_reply(
         self, rid: int, grant: Grant, token: bytes, proof: BatchProof | None, with_secret: bool
-    ) -> LeaseReply:
+    ) -> dict[str, Any]:
         lease = grant.lease
-        return LeaseReply(
+        return lease_wire(
             rid,
             handle=lease.handle,
             token=token,

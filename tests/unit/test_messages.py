@@ -11,6 +11,8 @@ import copy
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from licd_client.errors import (
     REGISTRY,
@@ -39,6 +41,7 @@ from licd_client.messages import (
     Reply,
     Request,
     error_frame,
+    lean_heartbeat,
     parse_reply,
     parse_request,
     request_id,
@@ -631,3 +634,90 @@ def test_an_available_reply_without_reserved_reads_as_none_reserved() -> None:
     assert parse_reply("available", wire) == AvailableReply(5, 3, 1, 2, reserved=0)
     with pytest.raises(ProtocolViolation, match="'reserved' must be an unsigned integer"):
         parse_reply("available", {**wire, "reserved": -1})
+
+
+# ------------------------------------------------------------ the lean heartbeat
+
+
+_VALUES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**64), max_value=2**64),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=300),
+    st.binary(max_size=40),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+_HEARTBEAT_KEYS = st.sampled_from(["op", "id", "lease", "nonce", "idle_for", "usage", "extra"])
+
+
+@given(
+    base=st.fixed_dictionaries(
+        {
+            "id": st.integers(min_value=0, max_value=2**32),
+            "lease": st.text(min_size=1, max_size=255),
+            "nonce": st.binary(min_size=16, max_size=16),
+        },
+        optional={"idle_for": st.floats(min_value=0, allow_infinity=False)},
+    ),
+    changes=st.dictionaries(_HEARTBEAT_KEYS, _VALUES, max_size=3),
+    dropped=st.sets(_HEARTBEAT_KEYS, max_size=2),
+)
+def test_the_lean_heartbeat_reads_only_what_the_full_reader_accepts_and_the_same(
+    base: dict[str, Any], changes: dict[str, Any], dropped: set[str]
+) -> None:
+    """The daemon's hot path (`lean_heartbeat`) never accepts a request the full reader
+    refuses, and reads every one it accepts exactly as the full reader does."""
+    data = {"op": "heartbeat", **base, **changes}
+    for name in dropped:
+        data.pop(name, None)
+    if data.get("op") != "heartbeat":
+        return  # the lean reader is only asked of heartbeats
+    lean = lean_heartbeat(data)
+    try:
+        full = parse_request(data)
+    except BadRequest:
+        assert lean is None, data
+        return
+    if lean is not None:
+        assert lean == full
+
+
+def test_the_lean_heartbeat_takes_the_common_shapes() -> None:
+    beat = {"op": "heartbeat", "id": 7, "lease": "s" * 32, "nonce": bytes(16)}
+    assert lean_heartbeat(beat) == parse_request(beat)
+    idle = {**beat, "idle_for": 12}
+    read = lean_heartbeat(idle)
+    assert read == parse_request(idle) and read is not None and read.idle_for == 12.0
+    assert lean_heartbeat({**beat, "usage": b"x"}) is None  # a router's: the full reader
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("nonce", bytes(15)),
+        ("nonce", bytes(17)),
+        ("nonce", "x" * 16),
+        ("lease", ""),
+        ("lease", "s" * 256),
+        ("lease", b"s"),
+        ("id", -1),
+        ("id", True),
+        ("id", 2**64),
+        ("id", 1.0),
+        ("idle_for", -1.0),
+        ("idle_for", float("nan")),
+        ("idle_for", float("inf")),
+        ("idle_for", None),
+        ("idle_for", "1"),
+        ("idle_for", True),
+    ],
+)
+def test_the_lean_heartbeat_leaves_every_near_miss_to_the_full_reader(
+    name: str, value: Any
+) -> None:
+    beat = {"op": "heartbeat", "id": 7, "lease": "s" * 32, "nonce": bytes(16), name: value}
+    assert lean_heartbeat(beat) is None
+    with pytest.raises(BadRequest):
+        parse_request(beat)
