@@ -481,10 +481,11 @@ class LicenceService:
     def begin_checkin(self, secret: str) -> Deferred[None] | None:
         """Release the lease with `secret`: the commit to wait for, or None when there
         was no lease to release."""
-        lease = self.engine.begin_release(secret, checkin=self.clock.now())
+        at = self.clock.now()
+        lease = self.engine.begin_release(secret, checkin=at)
         if lease is None:
             return None
-        return self._begin_release([lease], Kind.CHECKIN)
+        return self._begin_release([lease], Kind.CHECKIN, at)
 
     def release_abandoned(self, lease: SeatLease) -> Deferred[None] | None:
         """Check in a fresh lease whose checkout reply never reached its client (it left
@@ -574,12 +575,13 @@ class LicenceService:
         await self._begin_release(leases, kind, **extra)
 
     def _begin_release(
-        self, leases: Sequence[SeatLease], kind: Kind, **extra: Any
+        self, leases: Sequence[SeatLease], kind: Kind, at: Instant | None = None, **extra: Any
     ) -> Deferred[None]:
         """Delete released leases; once committed their seats are freed (or, if the
         commit failed, the leases are live again), in a callback whatever happens to
         the caller. Returns the commit."""
-        now = self.clock.now().wall
+        at = self.clock.now() if at is None else at
+        now = at.wall
         events = []
         freed: dict[str, int] = {}  # per licence, as each release lands in turn
         for lease in leases:
@@ -590,12 +592,11 @@ class LicenceService:
             detail: dict[str, Any] = {"in_use": in_use}
             if lease.idle_total:
                 detail["idle"] = round(lease.idle_total, 1)
-            licence = self.engine.licence_by_id(lease.licence_id)
-            if lease.linger_until is not None and licence is not None:
-                detail["linger"] = licence.linger
+            if lease.linger_until is not None:
+                licence = self.engine.licence_by_id(lease.licence_id)
+                detail["linger"] = licence.linger if licence is not None else None
             events.append(lease_event(kind, lease, now, detail=detail, **extra))
         # The queues' waiters the freed seats go to: in this same commit.
-        at = self.clock.now()
         served, failed = self.engine.hand_over(leases, at)
         grants = [(w, g, self._checkout_event(g.lease, at, w)) for w, g in served if g.fresh]
         try:
