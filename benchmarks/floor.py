@@ -16,7 +16,9 @@
     payloads; each carries its payload, the signed root, its leaf index and its audit
     path. A reply alone in its iteration is signed inline, as the signing floor's.
   Replies are encoded from templates made once (`_Template`): only the token's fields
-  are packed per reply. `open_reply()` checks a signing floor's reply.
+  are packed per reply. `open_reply()` checks a signing floor's reply. Each runs on the
+  event loop licd's `[server] event_loop` picks for the same choice (`--event-loop`,
+  "auto" as the benchmark's daemons: uvloop when installed).
 - Raw SQLite commits with WAL and synchronous=FULL on the disk of the state directory.
 A server stops by itself after --max-seconds; on SIGTERM a signing floor prints how
 many replies it signed with how many signatures. The SQLite loops are bounded in count
@@ -43,6 +45,8 @@ from typing import Any, cast
 import msgpack
 from nacl.signing import SigningKey
 
+from licd.config.settings import EVENT_LOOPS
+from licd.daemon import event_loop_factory
 from licd_client import tokens
 from licd_client.errors import TokenInvalid
 from licd_client.messages import Holder
@@ -343,7 +347,8 @@ async def _serve(mode: str, reply: bytes, max_seconds: float) -> None:
             factory = functools.partial(BareProtocol, reply)
         server = await loop.create_server(factory, "127.0.0.1", 0, backlog=1024)
     port = server.sockets[0].getsockname()[1]
-    print(f"listening {port} {maker.public.hex()}", flush=True)
+    loop_name = type(loop).__module__.partition(".")[0]  # as licd's listening line names it
+    print(f"listening {port} {maker.public.hex()} {loop_name}", flush=True)
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(max_seconds):  # stops by itself, whatever happens
             await stop.wait()
@@ -357,17 +362,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--mode", choices=tuple(FLOORS), default="streams")
     parser.add_argument("--reply-size", type=int, default=400)
     parser.add_argument("--max-seconds", type=float, default=900.0)
+    parser.add_argument("--event-loop", choices=EVENT_LOOPS, default="auto")
     args = parser.parse_args(argv)
     from .loadgen import raise_nofile
 
     raise_nofile()
-    asyncio.run(_serve(args.mode, fixed_reply(args.reply_size), args.max_seconds))
+    with asyncio.Runner(loop_factory=event_loop_factory(args.event_loop)) as runner:
+        runner.run(_serve(args.mode, fixed_reply(args.reply_size), args.max_seconds))
 
 
 class FloorServer:
-    """A floor server as a child process; `port`, `pid` and `public` (the signing
-    floors' key) once started; after `stop()`, `stats` (the signing floors: replies
-    signed, signatures made, replies per signature)."""
+    """A floor server as a child process; `port`, `pid`, `public` (the signing floors'
+    key) and `loop` (its event loop's name) once started; after `stop()`, `stats` (the
+    signing floors: replies signed, signatures made, replies per signature)."""
 
     def __init__(self, mode: str, reply_size: int, max_seconds: float = 900.0) -> None:
         self.mode = mode
@@ -395,7 +402,7 @@ class FloorServer:
         if not line.startswith("listening "):
             self.stop()
             raise RuntimeError(f"the floor server did not start: {line!r}")
-        _, port, public = line.split()
+        _, port, public, self.loop = line.split()
         self.port = int(port)
         self.public = bytes.fromhex(public)
 
