@@ -1,8 +1,9 @@
 """Floors: what the machine does with no licd in the way, measured in the same run.
 
-- Four asyncio servers (each its own process: `python -m benchmarks.floor --mode MODE
-  --port 0`, `FloorServer`) that read the same 4-byte-prefixed frames and decode each
-  body with msgpack under the same limits (`FLOORS` names them):
+- Four asyncio servers (each its own process, `FloorServer`: `python -m
+  benchmarks.floor --mode MODE`, listening on a free port of 127.0.0.1 it prints) that
+  read the same 4-byte-prefixed frames and decode each body with msgpack under the same
+  limits (`FLOORS` names them):
   - `protocol`: a bare asyncio.Protocol (the cheapest the event loop allows) answering a
     fixed pre-encoded reply the size of a heartbeat reply: no engine, no store, no
     signature;
