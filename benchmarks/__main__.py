@@ -20,6 +20,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from licd.daemon import event_loop_factory
+
 from .daemon import SystemMeter
 from .loadgen import raise_nofile
 from .profile import render as render_profile
@@ -164,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(opts)
     info = machine_info()
     info["nofile"] = nofile
+    factory = event_loop_factory("auto")  # what the daemons and the floor servers run on
+    info["event_loop"] = "asyncio" if factory is None else factory.__module__.partition(".")[0]
     print(render_machine(info))
     started = time.time()
     report: dict[str, Any] = {
@@ -243,8 +247,6 @@ def main(argv: list[str] | None = None) -> int:
             ]
             print(render_table("floors", floors) + "\n")
             report.setdefault("floors", {})["postgres"] = pg
-        if ctx.bare is not None:
-            report.setdefault("floors", {})["bare_streams"] = ctx.bare
     finally:
         ctx.close()
         if not args.keep and args.workdir is None:

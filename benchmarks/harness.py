@@ -2,26 +2,29 @@
 
 `drive()` spawns the load generator against a server (licd or a floor), waits for its
 connections, opens the measurement window and samples the server's CPU, the generator's
-CPU, the machine's CPU and the server's RSS over it, then merges the workers' results.
-`Context` holds what one run measures once (the bare floor, the SQLite floor) and, with
-`--backend postgres`, the PostgreSQL primary and synchronous standby the daemons store
-in (benchmarks/pgstore.py) and its floor. Nothing here knows which scenario it serves.
+CPU, the machine's CPU and the server's RSS over it, then merges the workers' results;
+a run's summary has the server's CPU per request beside its rate. `drive_floors()`
+drives every floor server of `floor.FLOORS` with a scenario's load, and
+`against_floors()` sets a licd summary's figures beside each of theirs. `Context` holds
+what one run measures once (the SQLite floor) and, with `--backend postgres`, the
+PostgreSQL primary and synchronous standby the daemons store in (benchmarks/pgstore.py)
+and its floor. Nothing here knows which scenario it serves.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .daemon import LICENCE_KEY, CpuMeter, LicdProcess, SystemMeter, rss_bytes, sleep_until
-from .floor import FloorServer, sqlite_floor
+from .floor import FLOORS, FloorServer, sqlite_floor
 from .loadgen import LoadGen, Plan, Results, split
 from .pgstore import PgCluster
 from .profile import Profiler, SyncCounter
-from .stats import Figure, latency_summary
+from .stats import Figure, Target, latency_summary
 
 MIB = 1024 * 1024
 
@@ -51,10 +54,11 @@ class Options:
 
 @dataclass
 class Context:
-    """What scenarios share within one run: options and floors measured once."""
+    """What scenarios share within one run: options, the SQLite floor measured once,
+    the size of licd's heartbeat reply (once heartbeat measured it; the floors answer
+    with replies that size)."""
 
     opts: Options
-    bare: dict[str, Any] | None = None  # the bare floor under the heartbeat load
     sqlite: dict[str, float] | None = None
     reply_size: int = 400
     pg: PgCluster | None = None  # --backend postgres: the servers, once started
@@ -112,15 +116,6 @@ class Context:
             self.sqlite = sqlite_floor(self.directory("sqlite"), self.opts.sqlite_seconds)
         return self.sqlite
 
-    def bare_floor(self) -> dict[str, Any]:
-        """The bare streams server under the heartbeat load (measured once per run)."""
-        if self.bare is None:
-            o = self.opts
-            with FloorServer("streams", self.reply_size) as floor:
-                run = drive(floor.port, floor.pid, "heartbeat", o.connections, o)
-            self.bare = run.summary("heartbeat")
-        return self.bare
-
 
 @dataclass
 class Run:
@@ -147,10 +142,12 @@ class Run:
     def summary(self, kind: str | None = None) -> dict[str, Any]:
         r = self.results
         values = r.latencies.get(kind, []) if kind else r.requests()
+        rate = len(values) / r.window if r.window else 0.0
         return {
-            "rate": len(values) / r.window if r.window else 0.0,
+            "rate": rate,
             "latency": latency_summary(values),
             "cpu_percent": self.cpu_percent,
+            "cpu_us_per_request": cpu_us(self.cpu_percent, rate),
             "loop_cpu_percent": self.loop_cpu_percent,
             "gen_cpu_percent": self.gen_cpu_percent,
             "errors": dict(r.errors),
@@ -226,6 +223,72 @@ def drive(
     return Run(results, setup, cpu, gen_cpu, rss, machine, synced, loop_cpu, extra or {})
 
 
+def drive_floors(
+    reply_size: int, mode: str, connections: int, o: Options, kind: str | None, **kw: Any
+) -> dict[str, dict[str, Any]]:
+    """Every floor server of `FLOORS`, one after the other, under the load
+    `drive(..., mode, connections, o, **kw)` puts on licd: each one's summary of `kind`
+    (None: all requests), with its signing figures (`FloorServer.stats`) and its event
+    loop, by floor."""
+    out: dict[str, dict[str, Any]] = {}
+    for floor_mode in FLOORS:
+        with FloorServer(floor_mode, reply_size) as floor:
+            run = drive(floor.port, floor.pid, mode, connections, o, **kw)
+        out[floor_mode] = {**run.summary(kind), **floor.stats, "event_loop": floor.loop}
+    return out
+
+
+@dataclass(frozen=True)
+class Measure:
+    """A figure of a summary to set beside each floor's: its name and unit, how to read
+    it from a summary, and its targets, by floor (an absolute target goes with the first
+    floor, the bare Protocol's)."""
+
+    name: str
+    unit: str
+    read: Callable[[dict[str, Any]], float]
+    targets: Mapping[str, Sequence[Target]] = field(default_factory=dict)
+    lower_is_better: bool = False
+
+
+def against_floors(
+    scenario: str, lic: dict[str, Any], floors: dict[str, dict[str, Any]], *measures: Measure
+) -> list[Figure]:
+    """For each floor of `FLOORS`, each measure of licd's summary beside the floor's
+    (one figure per target, or one without)."""
+    figures = []
+    for mode, label in FLOORS.items():
+        for m in measures:
+            for target in m.targets.get(mode) or (None,):
+                figures.append(
+                    Figure(
+                        scenario,
+                        m.name,
+                        m.read(lic),
+                        m.unit,
+                        m.read(floors[mode]),
+                        label,
+                        target,
+                        m.lower_is_better,
+                    )
+                )
+    return figures
+
+
+def rate(s: dict[str, Any]) -> float:
+    return float(s["rate"])
+
+
+def per_req(s: dict[str, Any]) -> float:
+    """The server's CPU per request (or per cycle, in a summary of cycles), in us."""
+    return float(s["cpu_us_per_request"])
+
+
+def cpu_us(cpu_percent: float, rate: float) -> float:
+    """CPU us per request, from CPU in % of one core and requests/s."""
+    return cpu_percent / 100.0 / rate * 1e6 if rate else math.nan
+
+
 def lat(s: dict[str, Any], key: str) -> float:
     return float(s["latency"][key])
 
@@ -252,11 +315,6 @@ def noise(scenario: str, s: dict[str, Any], floor: dict[str, Any] | None = None)
         "" if floor is None else "bare streams",
         lower_is_better=True,
     )
-
-
-def per_req(s: dict[str, Any]) -> float:
-    rate = float(s["rate"])
-    return float(s["cpu_percent"]) / 100.0 / rate * 1e6 if rate else math.nan
 
 
 def profile(

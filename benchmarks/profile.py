@@ -131,7 +131,7 @@ class Profiler:
             return {"error": f"py-spy wrote no profile: {log}"}
         total, others, idle, own, inclusive = parse_collapsed(text)
         rate = float(measured["rate"])
-        per_req = float(measured["cpu_percent"]) / 100.0 / rate * 1e6 if rate else math.nan
+        per_req = float(measured["cpu_us_per_request"])
         # The daemon's CPU as the kernel counted it per thread: the event loop's (main
         # thread) part, the rest is the store's threads (samples there include fsync
         # waits, which are no CPU, so they are not used for this).

@@ -1,7 +1,9 @@
 """The scenarios: each starts what it measures, drives it, stops it, returns figures.
 
-heartbeat, churn, site and scale run a real licd and, with the same load generator, the
-bare floor server; restart times a daemon coming up on a state directory full of leases.
+heartbeat, churn and site run a real licd and, with the same load generator, each floor
+server of `floor.FLOORS` (bare Protocol, bare streams, signing, batched signing): their
+rates and CPU per request are set beside each floor's; scale runs licd and the bare
+streams server; restart times a daemon coming up on a state directory full of leases.
 A scenario returns its figures (each beside its floor and target) and a details map for
 the JSON file. It never decides PASS / MISS itself (stats.Target does) and never fails
 the run on a MISS. With `--backend postgres` the daemons store in a PostgreSQL primary
@@ -34,7 +36,23 @@ from .daemon import (
 )
 from .flood import flood
 from .floor import FloorServer
-from .harness import MIB, Context, Options, Run, drive, errors, lat, noise, per_req, profile
+from .harness import (
+    MIB,
+    Context,
+    Measure,
+    Options,
+    Run,
+    against_floors,
+    cpu_us,
+    drive,
+    drive_floors,
+    errors,
+    lat,
+    noise,
+    per_req,
+    profile,
+    rate,
+)
 from .renewals import renewals
 from .stats import Figure, Target
 
@@ -58,27 +76,26 @@ def heartbeat(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
             details["profile"] = profile(licd, o, d, run, "heartbeat", o.connections)
     ctx.reply_size = run.results.reply_bytes or ctx.reply_size
     lic = run.summary("heartbeat")
-    bare = ctx.bare_floor()
-    with FloorServer("protocol", ctx.reply_size) as floor:
-        proto = drive(floor.port, floor.pid, "heartbeat", o.connections, o).summary("heartbeat")
-    details.update(
-        {"licd": lic, "floor_streams": bare, "floor_protocol": proto, "reply_bytes": ctx.reply_size}
-    )
+    floors = drive_floors(ctx.reply_size, "heartbeat", o.connections, o, "heartbeat")
+    streams = floors["streams"]
+    details.update({"licd": lic, "floors": floors, "reply_bytes": ctx.reply_size})
     s = "heartbeat"
-    name = f"renewals/s, {o.connections} conns"
-    figs = [
-        Figure(s, name, lic["rate"], "req/s", bare["rate"], "bare streams", Target(">=", 15000)),
-        Figure(
-            s,
-            name,
-            lic["rate"],
+    figs = against_floors(
+        s,
+        lic,
+        floors,
+        Measure(
+            f"renewals/s, {o.connections} conns",
             "req/s",
-            bare["rate"],
-            "bare streams",
-            Target(">=", 0.5, on_ratio=True),
+            rate,
+            {
+                "protocol": [Target(">=", 15000)],
+                "streams": [Target(">=", 0.5, on_ratio=True)],
+                "signing": [Target(">=", 1.0, on_ratio=True)],
+            },
         ),
-        Figure(s, name, lic["rate"], "req/s", proto["rate"], "bare Protocol"),
-    ]
+        Measure("CPU per renewal", "us", per_req, lower_is_better=True),
+    )
     for q in ("p50_ms", "p99_ms", "p99.9_ms"):
         figs.append(
             Figure(
@@ -86,33 +103,33 @@ def heartbeat(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
                 f"latency {q[:-3]}",
                 lat(lic, q),
                 "ms",
-                lat(bare, q),
+                lat(streams, q),
                 "bare streams",
                 lower_is_better=True,
             )
         )
     figs += [
-        Figure(s, "daemon CPU", lic["cpu_percent"], "%", bare["cpu_percent"], "bare streams"),
+        Figure(s, "daemon CPU", lic["cpu_percent"], "%", streams["cpu_percent"], "bare streams"),
         Figure(
             s,
             "generator CPU (all workers)",
             lic["gen_cpu_percent"],
             "%",
-            bare["gen_cpu_percent"],
+            streams["gen_cpu_percent"],
             "bare streams",
         ),
-        noise(s, lic, bare),
-        Figure(
-            s,
-            "daemon CPU per renewal",
-            per_req(lic),
-            "us",
-            per_req(bare),
-            "bare streams",
-            lower_is_better=True,
-        ),
+        noise(s, lic, streams),
+        batching(s, floors),
     ]
     return figs + errors(s, run, "licd"), details
+
+
+def batching(s: str, floors: dict[str, dict[str, Any]]) -> Figure:
+    """How many replies the batched-signing floor signed with each signature (over its
+    whole run, setup included; 1 when every reply was alone in its loop iteration)."""
+    return Figure(
+        s, "batched floor: replies per signature", floors["batched"]["replies_per_signature"]
+    )
 
 
 # ----------------------------------------------------------------------------- churn
@@ -143,7 +160,7 @@ def churn(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
     cyc = run.summary("cycle")
     out = run.summary("checkout")
     back = run.summary("checkin")
-    bare = ctx.bare_floor()
+    floors = drive_floors(ctx.reply_size, "churn", o.churn_connections, o, "cycle")
     s = "churn"
     name = f"cycles/s, {o.churn_connections} conns"
     if pg is not None:
@@ -153,11 +170,17 @@ def churn(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
         assert sq is not None
         floor = (sq["commits_per_s"], "SQLite 1-row commits/s", Target(">=", 5000))
         commit = (sq["fsync_ms"], "one SQLite FULL commit")
-    figs = [
-        Figure(s, name, cyc["rate"], "cyc/s", *floor),
-        Figure(s, name, cyc["rate"], "cyc/s", bare["rate"] / 2, "bare floor req/s / 2"),
-        Figure(s, "checkout p50", lat(out, "p50_ms"), "ms", *commit, lower_is_better=True),
-    ]
+    figs = [Figure(s, name, cyc["rate"], "cyc/s", *floor)]
+    figs += against_floors(
+        s,
+        cyc,
+        floors,
+        Measure(name, "cyc/s", rate),
+        Measure(
+            "CPU per cycle", "us", per_req, {"protocol": [Target("<=", 120)]}, lower_is_better=True
+        ),
+    )
+    figs.append(Figure(s, "checkout p50", lat(out, "p50_ms"), "ms", *commit, lower_is_better=True))
     for label, summ, qs in (
         ("checkout", out, ("p99_ms", "p99.9_ms")),
         ("checkin", back, ("p50_ms", "p99_ms", "p99.9_ms")),
@@ -166,18 +189,18 @@ def churn(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
         for q in qs:
             figs.append(Figure(s, f"{label} {q[:-3]}", lat(summ, q), "ms", lower_is_better=True))
     figs.append(Figure(s, "daemon CPU", run.cpu_percent, "%"))
-    figs.append(Figure(s, "daemon CPU per cycle", per_req(cyc), "us", lower_is_better=True))
     figs += database_figures(s, run, cyc["rate"], "cycle")
-    figs.append(noise(s, cyc))
+    figs.append(noise(s, cyc, floors["streams"]))
     figs += commit_figures(s, run, 2 * cyc["rate"], sq)
-    details.update({"cycle": cyc, "checkout": out, "checkin": back})
+    figs.append(batching(s, floors))
+    details.update({"cycle": cyc, "checkout": out, "checkin": back, "floors": floors})
     details.update({"pg_floor": pg} if pg is not None else {"sqlite_floor": sq})
     return figs + errors(s, run, "licd"), details
 
 
-def database_figures(s: str, run: Run, rate: float, what: str) -> list[Figure]:
+def database_figures(s: str, run: Run, per_second: float, what: str) -> list[Figure]:
     """With `--backend postgres`: the servers' CPU (primary and standby, all their
-    processes) over the window, and per `what` at `rate` per second."""
+    processes) over the window, and per `what` at `per_second` of them."""
     db = run.extra.get("db")
     if db is None:
         return []
@@ -188,14 +211,14 @@ def database_figures(s: str, run: Run, rate: float, what: str) -> list[Figure]:
         Figure(
             s,
             f"PostgreSQL CPU per {what} (both)",
-            cpu / 100.0 / rate * 1e6 if rate else math.nan,
+            cpu_us(cpu, per_second),
             "us",
             lower_is_better=True,
         ),
         Figure(
             s,
             f"daemon + PostgreSQL CPU per {what}",
-            (run.cpu_percent + cpu) / 100.0 / rate * 1e6 if rate else math.nan,
+            cpu_us(run.cpu_percent + cpu, per_second),
             "us",
             lower_is_better=True,
         ),
@@ -270,24 +293,34 @@ def site(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
             during=ctx.db_window(),
             **kw,
         )
-    with FloorServer("streams", ctx.reply_size) as floor:
-        frun = drive(floor.port, floor.pid, "site", o.site_clients, o, **kw)
-    lic, flo = run.summary(), frun.summary()
+    floors = drive_floors(ctx.reply_size, "site", o.site_clients, o, None, **kw)
+    flo = floors["streams"]
+    lic = run.summary()
     hb, co = run.summary("heartbeat"), run.summary("checkout")
     s = "site"
     what = f"{o.site_clients} clients x{scale:g}"
-    figs = [
-        Figure(s, f"requests/s ({what})", lic["rate"], "req/s", offered, "offered"),
-        Figure(
-            s,
+    figs = [Figure(s, f"requests/s ({what})", lic["rate"], "req/s", offered, "offered")]
+    figs += against_floors(
+        s,
+        lic,
+        floors,
+        Measure(
             "p99, all requests",
-            lat(lic, "p99_ms"),
             "ms",
-            lat(flo, "p99_ms"),
-            "bare streams",
-            Target("<", 10.0 if ctx.postgres else 5.0),
+            lambda summary: lat(summary, "p99_ms"),
+            {"protocol": [Target("<", 10.0 if ctx.postgres else 5.0)]},
             lower_is_better=True,
         ),
+        Measure(
+            f"daemon CPU at x{scale:g}",
+            "%",
+            lambda summary: float(summary["cpu_percent"]),
+            {"protocol": [Target("<", 25.0), Target("<=", 2.0, on_ratio=True)]},
+            lower_is_better=True,
+        ),
+        Measure("CPU per request", "us", per_req, lower_is_better=True),
+    )
+    figs += [
         Figure(
             s,
             "p50, all requests",
@@ -310,16 +343,6 @@ def site(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
         Figure(s, "checkout p99", lat(co, "p99_ms"), "ms", lower_is_better=True),
         Figure(
             s,
-            f"daemon CPU at x{scale:g}",
-            lic["cpu_percent"],
-            "%",
-            flo["cpu_percent"],
-            "bare streams",
-            Target("<", 25.0),
-            lower_is_better=True,
-        ),
-        Figure(
-            s,
             "daemon CPU, real-time site (/scale)",
             lic["cpu_percent"] / scale,
             "%",
@@ -334,7 +357,7 @@ def site(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
         "heartbeat": hb,
         "checkout": co,
         "checkin": run.summary("checkin"),
-        "floor": flo,
+        "floors": floors,
         "offered_req_per_s": offered,
         "scale": scale,
     }

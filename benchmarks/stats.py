@@ -8,10 +8,11 @@ module measures nothing and starts nothing.
 from __future__ import annotations
 
 import math
+import operator
 import os
 import platform
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -40,20 +41,31 @@ def latency_summary(values: Iterable[float]) -> dict[str, float]:
     }
 
 
+_OPS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge,
+    "<": operator.lt,
+    "<=": operator.le,
+}
+
+
 @dataclass(frozen=True)
 class Target:
-    """`value op threshold` (op is ">=" or "<"), on the figure's value or on its ratio
-    to the floor."""
+    """`value op threshold` (op is ">=", "<" or "<="), on the figure's value or on its
+    ratio to the floor."""
 
     op: str
     threshold: float
     on_ratio: bool = False
 
+    def __post_init__(self) -> None:
+        if self.op not in _OPS:
+            raise ValueError(f"a target's op is one of {', '.join(_OPS)}, not {self.op!r}")
+
     def judge(self, value: float, ratio: float | None) -> bool | None:
         x = ratio if self.on_ratio else value
         if x is None or math.isnan(x):
             return None
-        return x >= self.threshold if self.op == ">=" else x < self.threshold
+        return _OPS[self.op](x, self.threshold)
 
     def text(self, unit: str) -> str:
         if self.on_ratio:
@@ -172,4 +184,5 @@ def render_machine(info: dict[str, Any]) -> str:
         f"machine: {info['nproc']} usable cores ({info['cpu_model']}), "
         f"{info['implementation']} {info['python']}, Linux {info['kernel']}, "
         f"msgpack {msgpack_version}"
+        + (f", event loop {info['event_loop']}" if "event_loop" in info else "")
     )
