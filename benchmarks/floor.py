@@ -13,7 +13,7 @@
     like a lease token's (`licd_client.tokens.lease_payload`, that nonce, the time): one
     signature per reply, as licd signs today; other replies are the fixed one;
   - `batched`: the signing floor, but the replies produced in one event-loop iteration
-    share one signature over the Merkle root (`merkle.py`, RFC 6962's hashing) of their
+    share one signature over the Merkle root (`licd_client.merkle`, RFC 6962) of their
     payloads; each carries its payload, the signed root, its leaf index and its audit
     path. A reply alone in its iteration is signed inline, as the signing floor's.
   Replies are encoded from templates made once (`_Template`): only the token's fields
@@ -48,13 +48,11 @@ from nacl.signing import SigningKey
 
 from licd.config.settings import EVENT_LOOPS
 from licd.daemon import event_loop_factory
-from licd_client import tokens
+from licd_client import merkle, tokens
 from licd_client.errors import TokenInvalid
 from licd_client.messages import Holder
 from licd_client.statements import open_statement
 from licd_client.wire import PREFIX, REPLY_LIMITS, REQUEST_LIMITS, decode_body
-
-from . import merkle
 
 MAX_FRAME = 16384
 LIMITS: dict[str, Any] = {

@@ -27,6 +27,9 @@ from typing import Any, cast
 
 from licd_client.wire import MAX_FRAME_AFTER_HELLO, REPLY_LIMITS, FrameDecoder, encode
 
+#: The protocol the clients speak: 2, as licd_client does, so licd may batch signatures.
+PROTOCOL = 2
+
 #: Modes: "heartbeat" (renew in a tight loop), "churn" (checkout + checkin cycles),
 #: "site" (scheduled renewals plus scheduled churn), "hold" (hold a lease, idle or with
 #: slow renewals).
@@ -210,7 +213,9 @@ class _Worker:
             try:
                 async with asyncio.timeout(plan.request_timeout):
                     _, client = await loop.create_connection(FrameClient, plan.host, plan.port)
-                    await client.call({"op": "hello", "protocol": 1, "client": "licd-bench/1"})
+                    await client.call(
+                        {"op": "hello", "protocol": PROTOCOL, "client": "licd-bench/1"}
+                    )
                     lease = ""
                     if hold:
                         reply = await client.call(self.checkout_msg(index, "h"))

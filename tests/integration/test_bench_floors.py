@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 from nacl.signing import SigningKey
 
-from benchmarks import merkle
 from benchmarks.floor import (
     FLOORS,
     SIGNED,
@@ -24,6 +23,7 @@ from benchmarks.floor import (
     fixed_reply,
     open_reply,
 )
+from licd_client import merkle
 from licd_client.errors import TokenInvalid
 from licd_client.statements import open_statement
 from licd_client.wire import REPLY_LIMITS, FrameDecoder, encode
