@@ -4,7 +4,10 @@ The cases: direct, router block, nested routers and forward leases as licd issue
 (conformance/issuers.py), then what a broken or hostile issuer would send: a stale
 block, a router granting more than its block, a flipped byte, a stranger's key. Then a
 daemon the vendor entitled (chain = [entitlement], signed by licd_client.entitlements),
-and tokens breaking each of the entitlement's content rules. `build()`
+and tokens breaking each of the entitlement's content rules. Then batched tokens
+(protocol 2: the payload with its batch proof), direct and under a router's block, and
+broken proofs: a forged path, a moved leaf, another size or root, a path that does not
+fit. `build()`
 verifies each with licd_client's `verify_lease` and refuses to write one whose verdict
 (and, for a rejection, its reason) is not the one the case was written for.
 """
@@ -19,6 +22,7 @@ import msgpack
 
 from licd_client.entitlements import AddonTerm, Terms, issue, key_hash
 from licd_client.errors import TokenInvalid
+from licd_client.messages import BatchProof
 from licd_client.tokens import SIGNATURE_LEN, Statement, verify_lease
 
 from .issuers import (
@@ -36,6 +40,7 @@ from .issuers import (
     T0,
     VENDOR_LICENCE,
     Issuer,
+    batched,
     fixed_key,
     flipped,
     resigned,
@@ -53,6 +58,7 @@ REASONS = {
     "scope": r"product|seat|feature|licence",
     "nonce": r"nonce",
     "handle": r"another lease",
+    "batch": r"batch: ",
 }
 
 
@@ -67,6 +73,7 @@ class Case:
     nonce: bytes = NONCE
     handle: str = HANDLE  # the handle of the reply the token came in
     at: float | None = None
+    batch: BatchProof | None = None  # a batched token's proof: `token` is its payload
 
 
 def _cases() -> list[Case]:
@@ -454,6 +461,8 @@ def _cases() -> list[Case]:
             at=T0 - 1,
         ),
         *_entitlement_cases(vendor, router),
+        # sub_lease again: the router serves [block] while it signs the batch's others.
+        *_batched_cases(vendor, router, stranger, sub_lease([block]), block),
     ]
 
 
@@ -628,11 +637,166 @@ def _entitlement_cases(vendor: Issuer, router: Issuer) -> list[Case]:
     ]
 
 
+def _batched_cases(
+    vendor: Issuer, router: Issuer, stranger: Issuer, sub: bytes, block: bytes
+) -> list[Case]:
+    """Batched tokens (protocol 2): accepted at the first and the last leaf of trees of 2, 3
+    and 5, direct and under a router's block; then proofs broken one way at a time."""
+    anchors = [vendor.public]
+    direct = vendor.issue(HANDLE, now=T0, expires=T0 + 90)
+    accepted = []
+    for scenario, whose, issuer, chain, token in (
+        ("direct", "The vendor's daemon's lease", vendor, [], direct),
+        ("router_block", "The site router's sub-lease (chain = [block])", router, [block], sub),
+    ):
+        for size in (2, 3, 5):
+            for index, place in ((0, "first"), (size - 1, "last")):
+                payload, proof = batched(issuer, token, size, index)
+                accepted.append(
+                    Case(
+                        f"batched_{scenario}_{size}_{place}",
+                        f"{whose} signed in a batch of {size}, at leaf {index}: the token "
+                        "is its payload, the batch its proof.",
+                        anchors,
+                        chain,
+                        payload,
+                        batch=proof,
+                    )
+                )
+    payload, proof = batched(vendor, direct, 5, 0)
+    path = proof.path
+    another = batched(vendor, vendor.issue(HANDLE, now=T0, expires=T0 + 91), 5, 0)[1]
+
+    def broken(
+        name: str,
+        description: str,
+        reason: str,
+        *,
+        token: bytes = payload,
+        trusted: list[bytes] = anchors,
+        **batch_changes: Any,
+    ) -> Case:
+        """The direct lease at leaf 0 of 5, one thing changed: the token, the anchors or
+        a field of the batch."""
+        batch = replace(proof, **batch_changes)
+        return Case(name, description, trusted, [], token, reason, batch=batch)
+
+    whole, whole_proof = batched(vendor, direct, 3, 1, whole=True)
+    misrouted, misrouted_proof = batched(router, sub, 3, 2, signed_by=vendor)
+    return [
+        *accepted,
+        broken(
+            "batched_forged_path",
+            "One bit of the path's first sibling flipped: it leads to another root.",
+            "signature",
+            path=[flipped(path[0], 0), *path[1:]],
+        ),
+        broken(
+            "batched_leaf_moved",
+            "The same path at another index: it leads to another root.",
+            "signature",
+            index=1,
+        ),
+        broken(
+            "batched_size_changed",
+            "size 6 instead of 5: the first leaf's path fits and leads to the same root, "
+            "but the signature covers the size.",
+            "signature",
+            size=6,
+        ),
+        broken(
+            "batched_other_root",
+            "The signature of another batch of 5, over another root.",
+            "signature",
+            sig=another.sig,
+        ),
+        broken(
+            "batched_statement_signature",
+            "The signature the whole statement would carry, given as the batch's: a batch "
+            "signature signs the batch message, never a payload.",
+            "signature",
+            sig=direct[:SIGNATURE_LEN],
+        ),
+        broken(
+            "batched_payload_tampered",
+            "One bit of the payload flipped.",
+            "signature",
+            token=flipped(payload, len(payload) - 1),
+        ),
+        Case(
+            "batched_router_signed_by_vendor",
+            "The router's sub-lease in a batch the vendor signed: the token's signer is the "
+            "block's del, the router, for a batch as for a whole token.",
+            anchors,
+            [block],
+            misrouted,
+            "signature",
+            batch=misrouted_proof,
+        ),
+        broken(
+            "batched_index_is_size",
+            "index 5 in a tree of 5 leaves.",
+            "batch",
+            index=5,
+        ),
+        broken(
+            "batched_path_too_long",
+            "One sibling more than the leaf's place in the tree has.",
+            "batch",
+            path=[*path, path[0]],
+        ),
+        broken(
+            "batched_path_too_short",
+            "The path without its last sibling.",
+            "batch",
+            path=path[:-1],
+        ),
+        broken(
+            "batched_sibling_31_bytes",
+            "A sibling of 31 bytes: every one is a SHA-256 hash.",
+            "batch",
+            path=[path[0][:31], *path[1:]],
+        ),
+        Case(
+            "batched_whole_statement",
+            "A daemon that batched whole statements: the proof is good, but the token, "
+            "signature first, is no payload (a msgpack map).",
+            anchors,
+            [],
+            whole,
+            "malformed",
+            batch=whole_proof,
+        ),
+        broken(
+            "batched_wrong_anchor",
+            "The client trusts another key only; the batch is genuinely the vendor's.",
+            "untrusted",
+            trusted=[stranger.public],
+        ),
+        Case(
+            "batched_wrong_nonce",
+            "A batched token is judged by every rule of a whole one: here, its nonce.",
+            anchors,
+            [],
+            payload,
+            "nonce",
+            nonce=bytes(16),
+            batch=proof,
+        ),
+    ]
+
+
 def _verify(case: Case) -> Statement | str:
     """The token's statement, or licd_client's words for why it is refused."""
     try:
         return verify_lease(
-            case.anchors, case.chain, case.token, nonce=case.nonce, handle=case.handle, at=case.at
+            case.anchors,
+            case.chain,
+            case.token,
+            nonce=case.nonce,
+            handle=case.handle,
+            batch=case.batch,
+            at=case.at,
         )
     except TokenInvalid as exc:
         return str(exc)
@@ -664,6 +828,13 @@ def build() -> list[dict[str, Any]]:
             "handle": case.handle,
             "at": case.at,
         }
+        if case.batch is not None:
+            vector["batch"] = {
+                "sig": case.batch.sig.hex(),
+                "size": case.batch.size,
+                "index": case.batch.index,
+                "path": [p.hex() for p in case.batch.path],
+            }
         if case.reason is None and isinstance(outcome, Statement):
             vector.update(
                 verdict="accepted", signer=outcome.iss.hex(), lease=tagged(outcome.payload)

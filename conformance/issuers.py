@@ -2,8 +2,10 @@
 
 An `Issuer` is one daemon (the vendor's, a regional router, a site router): its token
 is made by licd's own `Signer.lease_token`, serving the issuer's chain as a router does.
-Keys derive from fixed names and every instant is fixed, so every run signs the same
-bytes. `resigned` and `flipped` make what a broken or hostile issuer would send.
+`batched` sends one in a batch (protocol 2), signed with licd_client's `sign_batch` among
+tokens the issuer signed for other clients in the same turn. Keys derive from fixed names
+and every instant is fixed, so every run signs the same bytes. `resigned` and `flipped`
+make what a broken or hostile issuer would send.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from nacl.signing import SigningKey
 
 from licd.core.keys import Signer
 from licd.engine import Grant, Licence, SeatLease
-from licd_client.messages import Features, Holder
-from licd_client.tokens import SIGNATURE_LEN, sign
+from licd_client.messages import BatchProof, Features, Holder
+from licd_client.tokens import SIGNATURE_LEN, sign, sign_batch
 
 T0 = 1_767_225_600.0  # 2026-01-01T00:00:00Z: when the client's lease is issued
 HOUR, DAY = 3600.0, 86400.0
@@ -123,3 +125,25 @@ def flipped(blob: bytes, index: int) -> bytes:
     out = bytearray(blob)
     out[index] ^= 0x01
     return bytes(out)
+
+
+def batched(
+    issuer: Issuer,
+    token: bytes,
+    size: int,
+    index: int,
+    *,
+    whole: bool = False,
+    signed_by: Issuer | None = None,
+) -> tuple[bytes, BatchProof]:
+    """`token`, signed by `issuer`, as it would come in a batch of `size` at `index`: its
+    payload and its batch proof. The other leaves are the payloads of tokens `issuer`
+    signed for other clients at the same instant. What a broken or hostile daemon would
+    send: `whole`, a batch of whole statements (the token sent as it is, the tree over
+    statements); `signed_by`, the batch signed by another issuer's key."""
+    others = [
+        issuer.issue(f"{'abcdefgh'[i]}3v7p2m6q4xb", now=T0, expires=T0 + 90, nonce=bytes([i]) * 16)
+        for i in range(size - 1)
+    ]
+    leaves = [t if whole else t[SIGNATURE_LEN:] for t in [*others[:index], token, *others[index:]]]
+    return leaves[index], sign_batch((signed_by or issuer).key, leaves)[index]

@@ -15,6 +15,7 @@ from typing import Any
 from licd_client.errors import LicdError, ProtocolViolation
 from licd_client.messages import (
     AvailableReply,
+    BatchProof,
     CheckinReply,
     ConsumeReply,
     HelloReply,
@@ -39,7 +40,8 @@ class Case:
     verdict: str  # RESULT, VIOLATION or the error code
 
 
-TOKEN = bytes(range(64)) + packed({"typ": "lease"})  # a token's shape; not verified here
+PAYLOAD = packed({"typ": "lease"})  # a token's shape; not verified here
+TOKEN = bytes(range(64)) + PAYLOAD
 LEASE = LeaseReply(
     7,
     handle="k3v9p2m7q4xa",
@@ -73,6 +75,8 @@ REPLIES: dict[str, dict[str, Any]] = {
 
 
 UPDATE = QueueUpdate(2, position=2, waiting=3, update_in=30.0, wait=45.0).to_wire()
+#: A batch proof's shape (protocol 2); not verified here (chains.json judges proofs).
+BATCH = BatchProof(sig=bytes(range(64)), size=5, index=4, path=[bytes(range(32, 64))]).to_wire()
 
 
 def error(rid: int | None, code: Any, message: str, **extra: Any) -> dict[str, Any]:
@@ -91,6 +95,27 @@ def _reply_cases() -> list[Case]:
             "hello",
             "A hello result whose key is linked to an anchor by a chain.",
             changed(hello, chain=[TOKEN]),
+            RESULT,
+        ),
+        c(
+            "hello_protocol_2",
+            "hello",
+            "A hello result settling on protocol 2: lease replies may be batched.",
+            changed(hello, protocol=2),
+            RESULT,
+        ),
+        c(
+            "checkout_batched",
+            "checkout",
+            "A protocol-2 lease whose token is a payload signed in a batch (its proof).",
+            changed(checkout, token=PAYLOAD, batch=BATCH),
+            RESULT,
+        ),
+        c(
+            "heartbeat_batched",
+            "heartbeat",
+            "A protocol-2 renewal signed in a batch.",
+            changed(heartbeat, token=PAYLOAD, batch=BATCH),
             RESULT,
         ),
         c(
@@ -317,6 +342,26 @@ def _reply_cases() -> list[Case]:
             "A feature whose value is a map.",
             changed(checkout, features={"tier": {"name": "pro"}}),
             VIOLATION,
+        ),
+        *(
+            c(
+                f"batch_{name}",
+                "checkout",
+                f"A batch proof {description}.",
+                changed(checkout, token=PAYLOAD, batch=batch),
+                VIOLATION,
+            )
+            for name, description, batch in (
+                ("not_map", "that is not a map", [BATCH["sig"], 5, 4, BATCH["path"]]),
+                (
+                    "size_1",
+                    "of a tree of one leaf (a lone token is signed whole)",
+                    changed(BATCH, size=1, index=0, path=[]),
+                ),
+                ("sig_63", "whose signature has 63 bytes", changed(BATCH, sig=bytes(63))),
+                ("index_missing", "without index", changed(BATCH, index=DROP)),
+                ("path_not_bins", "whose path holds a string", changed(BATCH, path=["00" * 32])),
+            )
         ),
         c("key_31", "hello", "A hello key of 31 bytes.", changed(hello, key=bytes(31)), VIOLATION),
         c("time_str", "hello", "time as a string.", changed(hello, time="now"), VIOLATION),

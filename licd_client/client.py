@@ -298,7 +298,12 @@ class AsyncClient:
         if not self.anchors:
             raise TokenInvalid(NO_KEY_MESSAGE)
         return tokens.verify_lease(
-            self.anchors, reply.chain, reply.token, nonce=nonce, handle=reply.handle
+            self.anchors,
+            reply.chain,
+            reply.token,
+            nonce=nonce,
+            handle=reply.handle,
+            batch=reply.batch,
         )
 
     async def checkout(

@@ -1,6 +1,9 @@
 """One client connection to a daemon: connect, hello, then pipelined requests in order.
 
-`Connection.open()` tries each `host:port` in order and says hello; `request()` sends a
+`Connection.open()` tries each `host:port` in order and says hello, with protocol 2 and,
+when the daemon does not speak it (an older one), again with 1 on the same connection;
+`hello.protocol` is the version settled on, and a batched token in a reply on a protocol-1
+connection is a ProtocolViolation (docs/protocol.md, "Versions"). `request()` sends a
 typed request with a per-connection id and returns the typed reply (an error reply is
 raised as its LicdError). A reader task matches replies to requests strictly in order:
 every frame answers the oldest request, and only a checkout sent with `queue` may get
@@ -24,7 +27,7 @@ from typing import Any, TypeAlias
 from . import messages, wire
 from .backoff import is_retryable
 from .clock import Clock, SystemClock
-from .errors import ConnectionLost, LicdError, ProtocolViolation
+from .errors import ConnectionLost, LicdError, ProtocolViolation, UnsupportedProtocol
 
 Address: TypeAlias = tuple[str, int]
 #: Awaited with each queue update of a queued checkout (`Connection.request`).
@@ -35,6 +38,8 @@ DEFAULT_PORT = 27500
 DEFAULT_SERVERS: tuple[Address, ...] = (("127.0.0.1", DEFAULT_PORT),)
 #: At most this many requests in flight on one connection (docs/protocol.md section 1).
 MAX_PIPELINE = 8
+#: The version hello asks for first: the newest this code speaks.
+NEWEST_PROTOCOL = max(messages.PROTOCOLS)
 READ_CHUNK = 65536
 
 
@@ -112,7 +117,7 @@ class Connection:
     ) -> None:
         self.address = address
         self.io_timeout = io_timeout
-        self.hello: messages.HelloReply | None = None
+        self.hello: messages.HelloReply | None = None  # its `protocol`: the version settled on
         self._reader = reader
         self._writer = writer
         # The wait between a queued checkout's frames is measured on it (`request`).
@@ -172,20 +177,35 @@ class Connection:
             reader, writer = await asyncio.open_connection(host, port, ssl=ssl)
         conn = cls(reader, writer, address, io_timeout=io_timeout, clock=clock)
         try:
-            reply = await conn.request(
-                messages.Hello(0, protocol=messages.PROTOCOL_VERSION, client=client_name[:255])
-            )
-            if not isinstance(reply, messages.HelloReply):
-                raise ProtocolViolation("hello answered with another reply type")
-            if reply.protocol != messages.PROTOCOL_VERSION:
-                raise ProtocolViolation(f"the daemon answered hello with protocol {reply.protocol}")
+            try:
+                conn.hello = await conn._hello(NEWEST_PROTOCOL, client_name)
+            except UnsupportedProtocol as exc:
+                if NEWEST_PROTOCOL in _supported(exc):
+                    raise
+                # An older daemon: the connection stays open for another hello.
+                conn.hello = await conn._hello(messages.PROTOCOL_VERSION, client_name)
         except BaseException:
             await conn.close()
             raise
-        conn.hello = reply
         return conn
 
+    async def _hello(self, protocol: int, client_name: str) -> messages.HelloReply:
+        """Say hello with `protocol`; the reply, which must settle on that version."""
+        reply = await self.request(messages.Hello(0, protocol=protocol, client=client_name[:255]))
+        if not isinstance(reply, messages.HelloReply):
+            raise ProtocolViolation("hello answered with another reply type")
+        if reply.protocol != protocol:
+            raise ProtocolViolation(
+                f"the daemon answered hello with protocol {reply.protocol} to protocol {protocol}"
+            )
+        return reply
+
     # ----------------------------------------------------------------- requests
+
+    @property
+    def batched(self) -> bool:
+        """True when hello settled on a version whose lease replies may be batched."""
+        return self.hello is not None and self.hello.protocol >= messages.BATCHED
 
     @property
     def closed(self) -> bool:
@@ -229,6 +249,11 @@ class Connection:
                 silence = max(0.0, reply.update_in) + self.io_timeout
                 frame = await self._receive(req.op, self._next_frame(req.op, awaited, silence))
                 reply = messages.parse_reply(req.op, frame)
+        if isinstance(reply, messages.LeaseReply) and reply.batch is not None and not self.batched:
+            raise ProtocolViolation(
+                f"a batched token in a {req.op} reply, on a connection that did not "
+                f"settle on protocol {messages.BATCHED}"
+            )
         return reply
 
     async def _receive(self, op: str, frame: Awaitable[dict[str, Any]]) -> dict[str, Any]:
@@ -341,6 +366,12 @@ class Connection:
         await self._close_transport()
 
 
+def _supported(exc: UnsupportedProtocol) -> list[object]:
+    """The versions an unsupported_protocol error says the daemon serves ([] if unsaid)."""
+    supported = (exc.detail or {}).get("supported")
+    return supported if isinstance(supported, list) else []
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, LicdError):
         return f"{exc.code}: {exc.message}"
@@ -361,6 +392,8 @@ def blocking_checkin(
     """Check a lease in with plain blocking sockets, for interpreter exit (no event loop).
 
     Tries each address in order; True once a daemon answered the checkin. Never raises.
+    Says hello with protocol 1, which every daemon speaks: a checkin's reply is the same
+    in both versions, and one round trip is all there is time for.
     """
     hello = messages.Hello(1, protocol=messages.PROTOCOL_VERSION, client=client_name[:255])
     checkin = messages.Checkin(2, lease=lease)

@@ -4,14 +4,18 @@ makes shares (lease tokens, entitlements, renewal requests), and public keys as 
 A statement is a 64-byte Ed25519 signature followed by the msgpack map it signs (PyNaCl's
 `SigningKey.sign()` output); the map names its type (`typ`), its signer (`iss`) and when
 it holds (`iat`..`exp`). `sign()` makes one, `open_statement()` checks one against the
-key that should have signed it and returns its payload as a `Statement`. What each type
-of statement holds is the business of `tokens` (leases, chains) and `entitlements`.
+key that should have signed it and returns its payload as a `Statement`. Protocol 2 may
+sign payloads in a batch instead ("Batched signatures"): `sign_batch()` signs several
+under one signature, and `open_statement()` given a payload with its `BatchProof` checks
+it the same way, the Merkle tree being `merkle`'s. What each type of statement holds is
+the business of `tokens` (leases, chains) and `entitlements`.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +23,9 @@ import msgpack
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 
+from . import merkle
 from .errors import TokenInvalid
-from .messages import Features
+from .messages import BatchProof, Features
 from .wire import REPLY_LIMITS, decode_body
 
 SIGNATURE_LEN = 64
@@ -56,6 +61,26 @@ def sign(key: SigningKey, payload: dict[str, Any]) -> bytes:
     return bytes(key.sign(body))
 
 
+def sign_batch(key: SigningKey, payloads: Sequence[bytes]) -> list[BatchProof]:
+    """Sign at least two msgpack payloads with one signature over their Merkle tree's
+    root: each payload's batch proof, in order (section 4, "Batched signatures")."""
+    if len(payloads) < 2:
+        raise ValueError("a batch holds at least two payloads (sign one on its own)")
+    root, paths = merkle.tree(payloads)
+    sig = key.sign(merkle.batch_message(len(payloads), root)).signature
+    return [BatchProof(sig, len(payloads), i, path) for i, path in enumerate(paths)]
+
+
+@dataclass(frozen=True)
+class Batched:
+    """How a batched token is proven: its payload's bytes as received and their batch
+    proof. `open_statement(payload, key, batch)` checks them again, offline, as a whole
+    statement's bytes are checked."""
+
+    payload: bytes
+    batch: BatchProof
+
+
 @dataclass(frozen=True)
 class Statement:
     """A verified statement's payload, with the key that signed it."""
@@ -66,6 +91,9 @@ class Statement:
     exp: float
     delegate: bytes | None
     payload: dict[str, Any]
+    #: A batched token's payload and batch proof, what re-presents it; None for a whole
+    #: statement (its own bytes are its proof).
+    proof: Batched | None = None
 
     @property
     def lid(self) -> str | None:
@@ -110,14 +138,37 @@ class Statement:
         return self.payload.get("ovr") is True
 
 
-def open_statement(blob: bytes, signer: bytes) -> Statement:
-    """Check `blob` was signed by `signer` and return its payload, or raise TokenInvalid."""
-    if len(blob) <= SIGNATURE_LEN:
-        raise TokenInvalid("signed statement too short")
+def signed_body(blob: bytes, signer: bytes, batch: BatchProof | None = None) -> bytes:
+    """The payload `signer` signed, or TokenInvalid. Without `batch`, `blob` is a whole
+    statement: its signature must verify over the rest. With `batch`, `blob` is the payload
+    alone: its leaf, `index`, `size` and `path` must lead to a root (else TokenInvalid
+    from `merkle.root_from_path`), and `sig` must verify over that root's batch message.
+    Nothing is decoded here."""
+    if batch is None:
+        if len(blob) <= SIGNATURE_LEN:
+            raise TokenInvalid("signed statement too short")
+        signature, body = blob[:SIGNATURE_LEN], blob[SIGNATURE_LEN:]
+        message = body
+    else:
+        root = merkle.root_from_path(blob, batch.index, batch.size, batch.path)
+        signature, body = batch.sig, blob
+        message = merkle.batch_message(batch.size, root)
     try:
-        body = VerifyKey(signer).verify(blob)
+        VerifyKey(signer).verify(message, signature)
     except (BadSignatureError, ValueError, TypeError):
         raise TokenInvalid("bad signature") from None
+    return body
+
+
+def open_statement(blob: bytes, signer: bytes, batch: BatchProof | None = None) -> Statement:
+    """Check `blob` was signed by `signer` and return its payload, or raise TokenInvalid.
+
+    `blob` is a whole statement, or with `batch` (protocol 2) a batched payload and its
+    proof (`signed_body`); the payload is then read by the same rules either way, and a
+    batched one's Statement keeps its `proof`. A whole statement sent as a payload does
+    not decode as a map (its signature comes first): "not a msgpack map".
+    """
+    body = signed_body(blob, signer, batch)
     try:
         payload = decode_body(body, REPLY_LIMITS)
     except Exception:
@@ -133,7 +184,8 @@ def open_statement(blob: bytes, signer: bytes) -> Statement:
         raise TokenInvalid("statement without a valid 'iat'..'exp'")
     if delegate is not None and (not isinstance(delegate, bytes) or len(delegate) != KEY_LEN):
         raise TokenInvalid("statement's 'del' is not a 32-byte key")
-    return Statement(typ, signer, float(iat), float(exp), delegate, payload)  # type: ignore[arg-type]
+    proof = None if batch is None else Batched(blob, batch)
+    return Statement(typ, signer, float(iat), float(exp), delegate, payload, proof)  # type: ignore[arg-type]
 
 
 def _is_time(v: Any) -> bool:

@@ -9,8 +9,10 @@ type (`LINK_TYPES`), was valid when the token was issued, may not outlive its pa
 and binds content: what it delegates (product, seats, features) bounds every statement
 below it. A vendor's entitlement may be chain[0] only; its terms (`entitlements`) bound
 the statement directly below it, which also carries its licence id, is issued no earlier
-than its `nbf` and lasts no longer than its `max_ttl`. No I/O, and no wall clock:
-callers pass the instants to check.
+than its `nbf` and lasts no longer than its `max_ttl`. A batched token (protocol 2: its
+payload and a `BatchProof`) is opened by `statements.open_statement` with its proof, by the
+same key a whole one would be, and then judged by every rule above. No I/O, and no wall
+clock: callers pass the instants to check.
 """
 
 from __future__ import annotations
@@ -19,12 +21,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from nacl.exceptions import BadSignatureError
-from nacl.signing import VerifyKey
-
 from .entitlements import ENTITLEMENT, Entitlement, read_entitlement
 from .errors import TokenInvalid, UntrustedKey
-from .messages import Features, Holder
+from .messages import BatchProof, Features, Holder
 
 # The statement format is statements.py's; re-exported, as the names callers know here.
 from .statements import KEY_LEN as KEY_LEN
@@ -35,6 +34,8 @@ from .statements import key_from_text as key_from_text
 from .statements import key_to_text as key_to_text
 from .statements import open_statement as open_statement
 from .statements import sign as sign
+from .statements import sign_batch as sign_batch
+from .statements import signed_body
 from .wire import REPLY_LIMITS, decode_body
 
 #: The statement types a chain link may be (section 4): a block, i.e. a lease taken with
@@ -89,9 +90,14 @@ def verify_chain(
     chain: Sequence[bytes],
     token: bytes,
     *,
+    batch: BatchProof | None = None,
     at: float | None = None,
 ) -> Statement:
     """Verify `token` through `chain` from one of `anchors`; return the token's payload.
+
+    With `batch` (protocol 2), `token` is the payload alone and `batch` its proof; the
+    signer is the same (the last link's `del`, or the anchor), and the result the same
+    Statement, whose `proof` keeps the payload and the batch.
 
     Each link must be of a known type (an entitlement only as chain[0]), hold a `del`
     key, be valid at the token's issue time (and at `at`, if given), expire no later than
@@ -103,9 +109,10 @@ def verify_chain(
     anchor_set = set(anchors)
     if not anchor_set:
         raise TokenInvalid("no trust anchor configured")
-    first = chain[0] if chain else token
-    signer = _claimed_signer(first)
-    if signer is not None and signer not in anchor_set and _signed_by(first, signer):
+    # The statement nearest the anchor: chain[0] (links are never batched), or the token.
+    first, first_batch = (chain[0], None) if chain else (token, batch)
+    signer = _claimed_signer(first, first_batch)
+    if signer is not None and signer not in anchor_set and _signed_by(first, signer, first_batch):
         trusted = ", ".join(sorted(fingerprint(a) for a in anchor_set))
         whose = "chain[0]'s" if chain else "the token's"
         are = "fingerprints are" if len(anchor_set) > 1 else "fingerprint is"
@@ -117,25 +124,27 @@ def verify_chain(
     failures: list[str] = []
     for anchor in anchor_set:
         try:
-            return _verify_from(anchor, chain, token, at)
+            return _verify_from(anchor, chain, token, batch, at)
         except TokenInvalid as exc:
             failures.append(str(exc))
     raise TokenInvalid(failures[0] if len(failures) == 1 else "; ".join(sorted(set(failures))))
 
 
-def _claimed_signer(blob: bytes) -> bytes | None:
-    """The key a statement names as its `iss` (not yet checked), if it names one."""
+def _claimed_signer(blob: bytes, batch: BatchProof | None) -> bytes | None:
+    """The key a statement (or with `batch`, a batched payload) names as its `iss`, not yet
+    checked, if it names one."""
+    body = blob if batch is not None else blob[SIGNATURE_LEN:]
     try:
-        iss = decode_body(blob[SIGNATURE_LEN:], REPLY_LIMITS).get("iss")
+        iss = decode_body(body, REPLY_LIMITS).get("iss")
     except Exception:  # not a statement at all: the ordinary checks name the fault
         return None
     return iss if isinstance(iss, bytes) and len(iss) == KEY_LEN else None
 
 
-def _signed_by(blob: bytes, key: bytes) -> bool:
+def _signed_by(blob: bytes, key: bytes, batch: BatchProof | None) -> bool:
     try:
-        VerifyKey(key).verify(blob)
-    except (BadSignatureError, ValueError, TypeError):
+        signed_body(blob, key, batch)
+    except TokenInvalid:
         return False
     return True
 
@@ -222,7 +231,11 @@ def _shown(value: object) -> str:
 
 
 def _verify_from(
-    anchor: bytes, chain: Sequence[bytes], token: bytes, at: float | None
+    anchor: bytes,
+    chain: Sequence[bytes],
+    token: bytes,
+    batch: BatchProof | None,
+    at: float | None,
 ) -> Statement:
     signer = anchor
     links: list[Statement] = []
@@ -257,7 +270,7 @@ def _verify_from(
         links.append(link)
         signer = link.delegate
     try:
-        leaf = open_statement(token, signer)
+        leaf = open_statement(token, signer, batch)
     except TokenInvalid as exc:
         raise TokenInvalid(f"token: {exc}") from None
     if leaf.typ != "lease":
@@ -283,11 +296,12 @@ def verify_lease(
     *,
     nonce: bytes,
     handle: str | None = None,
+    batch: BatchProof | None = None,
     at: float | None = None,
 ) -> Statement:
     """`verify_chain` plus the checks a client makes of its own lease: the nonce it sent
-    and the handle the daemon named."""
-    leaf = verify_chain(anchors, chain, token, at=at)
+    and the handle the daemon named. `batch`: the reply's, for a batched token."""
+    leaf = verify_chain(anchors, chain, token, batch=batch, at=at)
     if leaf.nonce != nonce:
         raise TokenInvalid("token's nonce is not the one this client sent")
     if handle is not None and leaf.lid != handle:

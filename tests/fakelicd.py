@@ -5,7 +5,10 @@ a test key, keeps its leases across `restart()` on the same port, and can drop r
 answer errors or tamper with tokens on demand. A checkout sent with `queue` that finds no
 seat waits in its queue ("Queueing"): queue updates when its place changes (and at
 `queue_tick()`), the seat when a checkin frees one, its place kept for a resend when its
-connection ends. Heartbeat replies carry `idle_reclaim_in` when it is set. It is not the
+connection ends. Heartbeat replies carry `idle_reclaim_in` when it is set. Hello settles
+on the asked version when it is in `protocols` (else unsupported_protocol); with
+`batch_size`, lease replies on a protocol-2 connection are batched ("Batched signatures"):
+the token is signed in a tree of that many leaves, the others made up. It is not the
 daemon: no durability, no reaping, no policies, no timers (updates come when a test says).
 `ThreadedFakeLicd` runs one in a background loop for blocking tests.
 """
@@ -22,6 +25,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import msgpack
 from nacl.signing import SigningKey
 
 from licd_client import errors, messages, tokens, wire
@@ -87,7 +91,12 @@ class FakeLicd:
         self.token_key: SigningKey | None = None
         self.delegator: SigningKey | None = None
         self.nonce_override: bytes | None = None
-        self.hello_protocol = messages.PROTOCOL_VERSION
+        #: The versions hello settles on; another gets unsupported_protocol.
+        self.protocols: tuple[int, ...] = messages.PROTOCOLS
+        #: Leaves of the tree a lease reply's token is batched in on a protocol-2
+        #: connection (0: signed whole), and its leaf's index there.
+        self.batch_size = 0
+        self.batch_index = 0
         #: Checkouts waiting for a seat, first served first.
         self.queue: list[FakeQueued] = []
         #: Every queue update sent, in order.
@@ -152,6 +161,7 @@ class FakeLicd:
         self._tasks.add(task)
         self._writers.add(writer)
         decoder = wire.FrameDecoder(wire.MAX_FRAME_AFTER_HELLO, wire.REQUEST_LIMITS)
+        protocol = 0  # the version this connection's hello settled on
         try:
             while data := await reader.read(65536):
                 decoder.feed(data)
@@ -159,14 +169,16 @@ class FakeLicd:
                     req = messages.parse_request(frame)
                     self.requests.append(req)
                     if isinstance(req, messages.Checkout) and self._queues(req):
-                        if not await self._wait_in_queue(req, reader, writer, decoder):
+                        if not await self._wait_in_queue(req, reader, writer, decoder, protocol):
                             return  # the client left
                         continue
                     reply = self._answer(req)
+                    if isinstance(req, messages.Hello) and reply["ok"]:
+                        protocol = req.protocol
                     if req.op in self.drop_reply:
                         self.drop_reply.discard(req.op)
                         return
-                    writer.write(wire.encode(reply))
+                    writer.write(wire.encode(self._batched(reply, protocol)))
                 await writer.drain()
         except (ConnectionError, errors.LicdError, asyncio.CancelledError):
             pass
@@ -209,6 +221,7 @@ class FakeLicd:
         reader: asyncio.StreamReader,
         writer: asyncio.StreamWriter,
         decoder: wire.FrameDecoder,
+        protocol: int,
     ) -> bool:
         """Serve a queued checkout: updates, then its final reply. False when the client
         left first (its connection ended): its place is kept for a resend to take."""
@@ -231,7 +244,7 @@ class FakeLicd:
                         reply = self._checkout(entry.req)
                         self.queue.remove(entry)
                         self._queue_changed()
-                        writer.write(wire.encode(reply.to_wire()))
+                        writer.write(wire.encode(self._batched(reply.to_wire(), protocol)))
                         return True
                 position = self.queue.index(entry) + 1
                 if position != shown or entry.tick:
@@ -286,9 +299,11 @@ class FakeLicd:
 
     def _process(self, req: messages.Request) -> messages.Reply:
         if isinstance(req, messages.Hello):
+            if req.protocol not in self.protocols:
+                raise errors.UnsupportedProtocol(detail={"supported": list(self.protocols)})
             return messages.HelloReply(
                 req.id,
-                protocol=self.hello_protocol,
+                protocol=req.protocol,
                 server="fakelicd/0",
                 site=self.site,
                 key=self.public_key,
@@ -390,6 +405,17 @@ class FakeLicd:
             features=dict(lic.features),
             lease=lease.lease_id if include_id else None,
         )
+
+    def _batched(self, frame: dict[str, Any], protocol: int) -> dict[str, Any]:
+        """A lease reply's `frame` with its token batched, when this connection and
+        `batch_size` say so; any other frame as it is."""
+        if protocol < messages.BATCHED or self.batch_size < 2 or "token" not in frame:
+            return frame
+        payload = frame["token"][tokens.SIGNATURE_LEN :]
+        others = [msgpack.packb({"typ": "lease", "n": i}) for i in range(self.batch_size - 1)]
+        others.insert(self.batch_index, payload)
+        proof = tokens.sign_batch(self.token_key or self.signing_key, others)[self.batch_index]
+        return {**frame, "token": payload, "batch": proof.to_wire()}
 
 
 class ThreadedFakeLicd:

@@ -145,6 +145,41 @@ async def test_a_token_with_the_wrong_nonce_is_rejected(
     assert fake.leases == {}
 
 
+@pytest.mark.parametrize("protocols", [(1, 2), (1,)], ids=["protocol_2", "older_daemon"])
+async def test_batched_tokens_verify_with_their_proof(
+    fake: FakeLicd, client: AsyncClient, protocols: tuple[int, ...]
+) -> None:
+    """On protocol 2 the daemon may batch: the lease keeps the payload as its token and the
+    statement its proof. An older daemon (hello again with 1) never batches."""
+    fake.protocols, fake.batch_size, fake.batch_index = protocols, 5, 4
+    lease = await client.checkout(KEY)
+    try:
+        assert client.hello is not None and client.hello.protocol == max(protocols)
+        st = lease.statement
+        assert st is not None and lease.valid
+        if protocols == (1,):
+            assert st.proof is None
+            return
+        assert st.proof is not None and st.proof.payload == lease.token
+        assert (st.proof.batch.index, st.proof.batch.size) == (4, 5)
+        fake.batch_index = 0
+        await lease.renew_once()
+        renewed = lease.statement
+        assert renewed is not None and renewed.proof is not None
+        assert renewed.proof.batch.index == 0 and renewed.proof.payload == lease.token
+    finally:
+        await lease.release()
+
+
+async def test_a_batched_token_signed_by_another_key_is_rejected(
+    fake: FakeLicd, client: AsyncClient
+) -> None:
+    fake.batch_size, fake.token_key = 2, SigningKey.generate()
+    with pytest.raises(errors.TokenInvalid, match="signature"):
+        await client.checkout(KEY)
+    assert fake.leases == {}
+
+
 async def test_a_delegated_token_verifies_through_its_chain(
     fake: FakeLicd, clock: ManualClock
 ) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 from conformance import generate
 from licd_client.errors import LicdError, ProtocolViolation, TokenInvalid, UntrustedKey
-from licd_client.messages import parse_reply, parse_request, request_id
+from licd_client.messages import BatchProof, parse_reply, parse_request, request_id
 from licd_client.tokens import Statement, verify_lease
 from licd_client.wire import (
     MAX_FRAME_AFTER_HELLO,
@@ -195,6 +195,14 @@ def test_replies(v: dict[str, Any]) -> None:
 # ----------------------------------------------------------------------- (b) chains
 
 
+def batch_proof(batch: dict[str, Any] | None) -> BatchProof | None:
+    """A chain vector's optional `batch`, as the reply carried it."""
+    if batch is None:
+        return None
+    path = [bytes.fromhex(p) for p in batch["path"]]
+    return BatchProof(bytes.fromhex(batch["sig"]), batch["size"], batch["index"], path)
+
+
 @vectors("chains")
 def test_chains(v: dict[str, Any]) -> None:
     def run() -> Any:
@@ -204,6 +212,7 @@ def test_chains(v: dict[str, Any]) -> None:
             bytes.fromhex(v["token"]),
             nonce=bytes.fromhex(v["nonce"]),
             handle=v["handle"],
+            batch=batch_proof(v.get("batch")),
             at=v["at"],
         )
 
@@ -211,6 +220,7 @@ def test_chains(v: dict[str, Any]) -> None:
         leaf = run()
         assert leaf.iss == bytes.fromhex(v["signer"])
         assert same(leaf.payload, value(v["lease"]))
+        assert (leaf.proof is not None) == ("batch" in v)
     else:
         assert v["verdict"] == "rejected"
         with pytest.raises(TokenInvalid) as caught:

@@ -34,10 +34,18 @@ class Peer:
     def send(self, frame: dict[str, Any]) -> None:
         self.writer.write(wire.encode(frame))
 
-    async def hello(self) -> None:
+    async def hello(self, supported: tuple[int, ...] = messages.PROTOCOLS) -> int:
+        """Answer hello as a daemon serving `supported` would; the version settled on."""
         req = await self.recv()
-        assert req["op"] == "hello" and req["protocol"] == 1
-        self.send(hello_reply(req["id"]))
+        assert req["op"] == "hello"
+        while req["protocol"] not in supported:
+            refusal = errors.UnsupportedProtocol(detail={"supported": list(supported)})
+            self.send(messages.error_frame(req["id"], refusal))
+            req = await self.recv()
+            assert req["op"] == "hello"
+        self.send(hello_reply(req["id"], req["protocol"]))
+        protocol: int = req["protocol"]
+        return protocol
 
 
 def hello_reply(rid: int, protocol: int = 1) -> dict[str, Any]:
@@ -212,15 +220,135 @@ async def test_a_malformed_reply_is_a_protocol_violation() -> None:
         await conn.close()
 
 
-async def test_hello_with_another_protocol_is_refused() -> None:
+async def test_hello_answered_with_another_protocol_is_refused() -> None:
     async def handler(peer: Peer) -> None:
         req = await peer.recv()
-        peer.send(hello_reply(req["id"], protocol=2))
+        peer.send(hello_reply(req["id"], protocol=1))
         await peer.reader.read()
 
     async with raw_server(handler) as addr:
-        with pytest.raises(errors.ProtocolViolation, match="protocol 2"):
+        with pytest.raises(errors.ProtocolViolation, match="protocol 1 to protocol 2"):
             await open_conn(addr)
+
+
+# ------------------------------------------------------------------ versions
+
+
+async def test_hello_asks_for_protocol_2_first() -> None:
+    async with FakeLicd() as fake:
+        conn = await open_conn(("127.0.0.1", fake.port))
+        try:
+            assert conn.hello is not None and conn.hello.protocol == 2
+            assert [(r.op, getattr(r, "protocol", None)) for r in fake.requests] == [("hello", 2)]
+        finally:
+            await conn.close()
+
+
+async def test_an_older_daemon_gets_hello_again_with_1_on_the_same_connection() -> None:
+    connections: list[int] = []
+
+    async def handler(peer: Peer) -> None:
+        connections.append(await peer.hello(supported=(1,)))
+        req = await peer.recv()
+        peer.send(available_reply(req["id"]))
+        await peer.reader.read()
+
+    async with raw_server(handler) as addr:
+        conn = await open_conn(addr)
+        try:
+            assert conn.hello is not None and conn.hello.protocol == 1
+            assert isinstance(await conn.request(available()), messages.AvailableReply)
+            assert connections == [1]  # one connection, settled on 1
+        finally:
+            await conn.close()
+
+
+async def test_an_older_fake_daemon_hears_hello_twice() -> None:
+    async with FakeLicd() as fake:
+        fake.protocols = (1,)
+        conn = await open_conn(("127.0.0.1", fake.port))
+        try:
+            assert conn.hello is not None and conn.hello.protocol == 1
+            hellos = [r for r in fake.requests if isinstance(r, messages.Hello)]
+            assert [h.protocol for h in hellos] == [2, 1]
+        finally:
+            await conn.close()
+
+
+@pytest.mark.parametrize("supported", [[2], [1, 2]], ids=["2_only", "1_and_2"])
+async def test_a_refusal_of_2_that_lists_2_is_raised(supported: list[int]) -> None:
+    """A daemon that refuses 2 while saying it serves 2 is not an older one: no fallback."""
+    hellos: list[int] = []
+
+    async def handler(peer: Peer) -> None:
+        req = await peer.recv()
+        hellos.append(req["protocol"])
+        refusal = errors.UnsupportedProtocol(detail={"supported": supported})
+        peer.send(messages.error_frame(req["id"], refusal))
+        await peer.reader.read()
+
+    async with raw_server(handler) as addr:
+        with pytest.raises(errors.UnsupportedProtocol):
+            await open_conn(addr)
+    assert hellos == [2]
+
+
+async def test_a_daemon_serving_neither_version_is_refused_after_the_second_hello() -> None:
+    hellos: list[int] = []
+
+    async def handler(peer: Peer) -> None:
+        for _ in range(2):
+            req = await peer.recv()
+            hellos.append(req["protocol"])
+            refusal = errors.UnsupportedProtocol(detail={"supported": [3]})
+            peer.send(messages.error_frame(req["id"], refusal))
+        await peer.reader.read()
+
+    async with raw_server(handler) as addr:
+        with pytest.raises(errors.UnsupportedProtocol):
+            await open_conn(addr)
+    assert hellos == [2, 1]
+
+
+def lease_reply(rid: int, *, batched: bool) -> dict[str, Any]:
+    batch = messages.BatchProof(sig=bytes(64), size=2, index=0, path=[bytes(32)])
+    return messages.LeaseReply(
+        rid,
+        handle="h",
+        token=b"\x80",
+        chain=[],
+        expires=1.0,
+        ttl=1.0,
+        renew_in=0.3,
+        seats=1,
+        batch=batch if batched else None,
+    ).to_wire()
+
+
+@pytest.mark.parametrize("supported", [(1,), (1, 2)], ids=["protocol_1", "protocol_2"])
+async def test_a_batched_reply_only_on_a_protocol_2_connection(supported: tuple[int, ...]) -> None:
+    async def handler(peer: Peer) -> None:
+        await peer.hello(supported)
+        for batched in (False, True, False):
+            req = await peer.recv()
+            peer.send(lease_reply(req["id"], batched=batched))
+        await peer.reader.read()
+
+    heartbeat = messages.Heartbeat(0, lease="secret", nonce=bytes(16))
+    async with raw_server(handler) as addr:
+        conn = await open_conn(addr)
+        try:
+            whole = await conn.request(heartbeat)
+            assert isinstance(whole, messages.LeaseReply) and whole.batch is None
+            if supported == (1,):
+                with pytest.raises(errors.ProtocolViolation, match="batched token in a heartbeat"):
+                    await conn.request(heartbeat)
+            else:
+                batched = await conn.request(heartbeat)
+                assert isinstance(batched, messages.LeaseReply) and batched.batch is not None
+            assert isinstance(await conn.request(heartbeat), messages.LeaseReply)
+        finally:
+            await conn.close()
 
 
 async def test_the_peer_closing_fails_pending_requests() -> None:

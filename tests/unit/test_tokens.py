@@ -2,11 +2,14 @@
 
 Payloads are built here by hand, with PyNaCl keys, exactly as the protocol describes them,
 so the verifier is checked against the contract rather than against the daemon's signer.
+Batched tokens (protocol 2) too: their trees are merkle's (tests/unit/test_merkle.py),
+their signatures made here over the batch message.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
@@ -14,15 +17,19 @@ import msgpack
 import pytest
 from nacl.signing import SigningKey
 
+from licd_client import merkle
 from licd_client.errors import TokenInvalid, UntrustedKey
-from licd_client.messages import Holder
+from licd_client.messages import BatchProof, Holder
+from licd_client.statements import Batched
 from licd_client.tokens import (
     SIGNATURE_LEN,
+    Statement,
     fingerprint,
     key_from_text,
     key_to_text,
     open_statement,
     sign,
+    sign_batch,
     verify_chain,
     verify_lease,
 )
@@ -697,3 +704,184 @@ def test_the_payload_writer_writes_the_format_of_section_4() -> None:
     leaf = verify_lease([pub(VENDOR)], [], sign(VENDOR, block), nonce=NONCE)
     assert (leaf.licence, leaf.site) == ("dicom-hq", "hq")
     assert leaf.delegate == pub(SITE) and leaf.overdraft
+
+
+# ------------------------------------------------------------ batched tokens
+
+
+def packed(payload: dict[str, Any]) -> bytes:
+    body: bytes = msgpack.packb(payload, use_bin_type=True)
+    return body
+
+
+def others(n: int) -> list[bytes]:
+    """The payloads of `n` other tokens of the same batch."""
+    return [packed(lease_payload(VENDOR, lid=f"h-{i}")) for i in range(n)]
+
+
+def batched(
+    signer: SigningKey = VENDOR, *, size: int = 3, index: int = 0, **changes: Any
+) -> tuple[bytes, BatchProof]:
+    """A lease token signed by `signer` in a batch of `size`, at `index`: its payload and
+    its proof, the signature made by hand over the batch message."""
+    body = packed(lease_payload(signer, **changes))
+    bodies = others(size - 1)
+    bodies.insert(index, body)
+    root, paths = merkle.tree(bodies)
+    sig = signer.sign(merkle.batch_message(size, root)).signature
+    return body, BatchProof(sig, size, index, paths[index])
+
+
+def without_proof(st: Statement) -> Statement:
+    return Statement(st.typ, st.iss, st.iat, st.exp, st.delegate, st.payload)
+
+
+@pytest.mark.parametrize("size", [2, 3, 5, 8])
+def test_a_batched_token_is_what_its_whole_statement_is(size: int) -> None:
+    whole = verify_lease([pub(VENDOR)], [], token(VENDOR), nonce=NONCE, handle=HANDLE, at=T0)
+    assert whole.proof is None
+    for index in range(size):
+        body, proof = batched(size=size, index=index)
+        leaf = verify_lease([pub(VENDOR)], [], body, nonce=NONCE, handle=HANDLE, batch=proof, at=T0)
+        assert without_proof(leaf) == whole
+        assert leaf.proof == Batched(body, proof)
+
+
+def test_a_batched_token_under_a_chain() -> None:
+    """Signed by the key the chain delegates to, as a whole token would be."""
+    body, proof = batched(DAEMON, size=5, index=4)
+    leaf = verify_chain([pub(VENDOR)], two_link_chain(), body, batch=proof, at=T0)
+    assert leaf.iss == pub(DAEMON) and leaf.proof == Batched(body, proof)
+    assert without_proof(leaf) == verify_chain([pub(VENDOR)], two_link_chain(), token(DAEMON))
+    # The anchor's signature over the same batch is not the delegate's.
+    body, proof = batched(VENDOR, size=5, index=4, iss=pub(DAEMON))
+    with pytest.raises(TokenInvalid, match="^token: bad signature$"):
+        verify_chain([pub(VENDOR)], two_link_chain(), body, batch=proof)
+
+
+def test_the_proof_checks_the_token_again_offline() -> None:
+    body, proof = batched(size=5, index=3)
+    leaf = verify_lease([pub(VENDOR)], [], body, nonce=NONCE, batch=proof)
+    assert leaf.proof is not None
+    assert open_statement(leaf.proof.payload, pub(VENDOR), leaf.proof.batch) == leaf
+    again = verify_chain([pub(VENDOR)], [], leaf.proof.payload, batch=leaf.proof.batch, at=T0)
+    assert again == leaf
+
+
+def test_sign_batch_signs_as_the_protocol_says() -> None:
+    bodies = others(5)
+    root, paths = merkle.tree(bodies)
+    sig = VENDOR.sign(merkle.batch_message(5, root)).signature
+    assert sign_batch(VENDOR, bodies) == [BatchProof(sig, 5, i, p) for i, p in enumerate(paths)]
+    for bad in ([], bodies[:1]):
+        with pytest.raises(ValueError, match="at least two"):
+            sign_batch(VENDOR, bad)
+
+
+BODY, PROOF = batched(size=5, index=0)
+BAD = "bad signature"
+OUTSIDE = "batch: the leaf index is outside the tree"
+UNFIT = "batch: the audit path does not fit the tree"
+OTHER_ROOT = batched(size=5, index=0, lid="h-another")[1].sig
+
+
+@pytest.mark.parametrize(
+    ("body", "proof", "error"),
+    [
+        (BODY, replace(PROOF, path=[flip(PROOF.path[0], 7), *PROOF.path[1:]]), BAD),
+        (BODY, replace(PROOF, index=1), BAD),  # the same path, another leaf
+        (BODY, replace(PROOF, size=6), BAD),  # the root is the same: not the size
+        (BODY, replace(PROOF, sig=OTHER_ROOT), BAD),
+        (BODY, replace(PROOF, sig=flip(PROOF.sig, 0)), BAD),
+        (BODY, replace(PROOF, sig=PROOF.sig[:-1]), BAD),
+        (flip(BODY, len(BODY) - 1), PROOF, BAD),
+        (BODY, replace(PROOF, index=5), OUTSIDE),
+        (BODY, replace(PROOF, index=9), OUTSIDE),
+        (BODY, replace(PROOF, path=[*PROOF.path, bytes(32)]), UNFIT),
+        (BODY, replace(PROOF, path=PROOF.path[:-1]), UNFIT),
+        (BODY, replace(PROOF, path=[]), UNFIT),
+        (BODY, replace(PROOF, path=[PROOF.path[0][:31], *PROOF.path[1:]]), UNFIT),
+        (BODY, replace(PROOF, size=4), UNFIT),
+    ],
+    ids=[
+        "forged-path",
+        "moved-leaf",
+        "size-changed",
+        "another-root",
+        "flipped-signature",
+        "short-signature",
+        "flipped-payload",
+        "index-is-size",
+        "index-beyond",
+        "path-too-long",
+        "path-too-short",
+        "no-path",
+        "sibling-31-bytes",
+        "size-smaller",
+    ],
+)
+def test_a_broken_batch_is_refused(body: bytes, proof: BatchProof, error: str) -> None:
+    assert verify_lease([pub(VENDOR)], [], BODY, nonce=NONCE, batch=PROOF).proof is not None
+    with pytest.raises(TokenInvalid, match=f"^token: {error}$") as info:
+        verify_lease([pub(VENDOR)], [], body, nonce=NONCE, batch=proof)
+    assert not isinstance(info.value, UntrustedKey)
+
+
+def test_a_whole_statement_sent_with_a_batch_is_refused_cleanly() -> None:
+    """A daemon that batched whole statements: the leaf verifies, but the payload starts
+    with a signature and is no map."""
+    whole = token(VENDOR)
+    bodies = [whole, *others(2)]
+    proof = sign_batch(VENDOR, bodies)[0]
+    with pytest.raises(TokenInvalid, match="^token: signed payload is not a msgpack map$"):
+        verify_lease([pub(VENDOR)], [], whole, nonce=NONCE, batch=proof)
+    # ...nor is it the payload's proof, nor the payload's proof its.
+    with pytest.raises(TokenInvalid, match="^token: bad signature$"):
+        verify_lease([pub(VENDOR)], [], whole, nonce=NONCE, batch=PROOF)
+
+
+def test_batch_and_statement_signatures_cannot_stand_in_for_each_other() -> None:
+    whole = sign(VENDOR, lease_payload(VENDOR))
+    assert whole[SIGNATURE_LEN:] == BODY
+    with pytest.raises(TokenInvalid, match="^token: bad signature$"):
+        verify_lease([pub(VENDOR)], [], BODY, nonce=NONCE, batch=replace(PROOF, sig=whole[:64]))
+    with pytest.raises(TokenInvalid, match="^token: bad signature$"):
+        verify_lease([pub(VENDOR)], [], PROOF.sig + BODY, nonce=NONCE)
+
+
+def test_a_batched_token_by_an_untrusted_key_names_it() -> None:
+    body, proof = batched(STRANGER, size=2, index=1)
+    with pytest.raises(UntrustedKey) as info:
+        verify_lease([pub(VENDOR)], [], body, nonce=NONCE, batch=proof)
+    assert info.value.signer == pub(STRANGER)
+    assert str(info.value) == untrusted_key_message("the token's", STRANGER, VENDOR)
+    # Only when the batch really leads to the key's signature: a broken one is not blamed.
+    with pytest.raises(TokenInvalid, match="outside the tree") as refused:
+        verify_lease([pub(VENDOR)], [], body, nonce=NONCE, batch=replace(proof, index=2))
+    assert not isinstance(refused.value, UntrustedKey)
+
+
+@pytest.mark.parametrize(
+    ("changes", "error"),
+    [
+        ({"nonce": bytes(16)}, "nonce"),
+        ({"lid": "h-other"}, "another lease"),
+        ({"iss": pub(STRANGER)}, "'iss' is not the key"),
+        ({"typ": "voucher"}, "not a lease"),
+        ({"exp": T0 - 1}, "'iat'..'exp'"),
+    ],
+    ids=["nonce", "handle", "iss", "typ", "period"],
+)
+def test_every_rule_applies_to_a_batched_token(changes: dict[str, Any], error: str) -> None:
+    body, proof = batched(size=3, index=2, **changes)
+    with pytest.raises(TokenInvalid, match=error):
+        verify_lease([pub(VENDOR)], [], body, nonce=NONCE, handle=HANDLE, batch=proof)
+
+
+def test_every_chain_rule_applies_to_a_batched_token() -> None:
+    body, proof = batched(DAEMON, size=3, index=1, seats=6)  # the site block has 5
+    with pytest.raises(TokenInvalid, match="more than its parent's 5"):
+        verify_chain([pub(VENDOR)], two_link_chain(), body, batch=proof)
+    body, proof = batched(DAEMON, size=3, index=1)
+    with pytest.raises(TokenInvalid, match="token is not valid now"):
+        verify_chain([pub(VENDOR)], two_link_chain(), body, batch=proof, at=T0 + 91)
