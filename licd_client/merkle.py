@@ -60,8 +60,10 @@ def _tree(hashes: list[bytes]) -> tuple[bytes, list[list[bytes]]]:
 def root_from_path(data: bytes, index: int, size: int, path: Sequence[bytes]) -> bytes:
     """The root the audit path `path` leads to from leaf `index` (with data `data`) of a
     tree of `size` leaves; TokenInvalid when the path cannot belong to such a tree."""
-    if not 0 <= index < size or len(path) > MAX_PATH:
+    if not 0 <= index < size:
         raise TokenInvalid("batch: the leaf index is outside the tree")
+    if len(path) > MAX_PATH:
+        raise TokenInvalid(f"batch: an audit path has at most {MAX_PATH} hashes")
     fn, sn = index, size - 1
     result = leaf_hash(data)
     for sibling in path:

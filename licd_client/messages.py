@@ -356,10 +356,11 @@ class BatchProof:
         if not isinstance(data, dict):
             raise ProtocolViolation("batch: must be a map")
         r = Fields(data, "batch", ProtocolViolation)
+        size = r.uint("size", minimum=2)
         proof = cls(
             sig=r.binary("sig", length=64),
-            size=r.uint("size", minimum=2),
-            index=r.uint("index"),
+            size=size,
+            index=r.uint("index", maximum=size - 1),
             path=r.bins("path"),
         )
         r.done()

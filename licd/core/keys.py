@@ -3,7 +3,8 @@
 
 `Signer` holds the key and, on a router, the chains that link it to the vendor's key,
 and dates each token no earlier than its chain. `BatchSigner` signs the tokens of one
-turn of the event loop with one signature over their Merkle tree (licd_client.merkle)
+turn of the event loop with one signature over their Merkle tree (licd_client.merkle,
+`statements.sign_batch`)
 while the daemon is busy, and each on its own while it is not. The payload's format is
 `licd_client.tokens.lease_payload`'s, the same module that reads it back; the key file
 is `licd.store.keyfile`'s. No I/O here.
@@ -18,7 +19,7 @@ from nacl.signing import SigningKey
 
 from licd.deferred import Deferred
 from licd.engine import Grant
-from licd_client import entitlements, merkle, tokens
+from licd_client import entitlements, statements, tokens
 from licd_client.messages import BatchProof
 
 #: A signed token: the whole statement and no proof, or the payload and its batch proof.
@@ -76,9 +77,9 @@ class Signer:
         """A statement of an encoded payload: its signature, then it."""
         return bytes(self._key.sign(body))
 
-    def sign_batch(self, size: int, root: bytes) -> bytes:
-        """The signature of a batch of `size` tokens whose tree has `root`."""
-        return bytes(self._key.sign(merkle.batch_message(size, root)).signature)
+    def sign_batch(self, bodies: Sequence[bytes]) -> list[BatchProof]:
+        """Two or more encoded payloads under one signature: each one's batch proof."""
+        return statements.sign_batch(self._key, bodies)
 
     def lease_body(self, grant: Grant, nonce: bytes, now: float) -> bytes:
         """The lease token's payload, encoded (what a statement signs)."""
@@ -152,8 +153,6 @@ class BatchSigner:
             body, done = pending[0]
             done.settle((self._signer.sign_body(body), None))
             return
-        root, paths = merkle.tree([body for body, _ in pending])
-        size = len(pending)
-        sig = self._signer.sign_batch(size, root)
-        for index, ((body, done), path) in enumerate(zip(pending, paths, strict=True)):
-            done.settle((body, BatchProof(sig=sig, size=size, index=index, path=path)))
+        proofs = self._signer.sign_batch([body for body, _ in pending])
+        for (body, done), proof in zip(pending, proofs, strict=True):
+            done.settle((body, proof))

@@ -5,6 +5,7 @@ said hello with 1 never gets a batch; a block (delegate) is always signed whole.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -12,8 +13,9 @@ from typing import Any
 
 from nacl.signing import VerifyKey
 
-from licd_client import merkle
+from licd_client import AsyncClient, merkle
 from licd_client.messages import BatchProof
+from licd_client.statements import open_statement
 from licd_client.wire import encode
 from tests.support import DICOM, RawPeer, address, holder, make_config, running
 
@@ -106,3 +108,29 @@ async def test_a_busy_loops_tokens_share_one_signature_and_each_verifies(tmp_pat
             for r in await round_of_heartbeats(peer, held):
                 assert "batch" not in r and signed_by(daemon.signer.public, r)
         await peer.close()
+
+
+async def test_the_client_library_verifies_the_batched_tokens_of_a_busy_daemon(
+    tmp_path: Path,
+) -> None:
+    async with running(make_config(tmp_path, replace(DICOM, seats=100))) as daemon:
+        host, port = address(daemon)
+        clients = [AsyncClient(f"{host}:{port}", daemon.signer.public.hex()) for _ in range(20)]
+        held = [await c.checkout(DICOM.key, instance=str(i)) for i, c in enumerate(clients)]
+        batched = 0
+        for _ in range(5):  # renewals sent together: the daemon reads them in a turn or two
+            await asyncio.gather(*(lease.renew_once() for lease in held))
+            assert all(lease.valid for lease in held)
+            batched += sum(
+                lease.statement is not None and lease.statement.proof is not None for lease in held
+            )
+        assert batched, "no renewal's token was batched"
+        proven = next(x.statement for x in held if x.statement and x.statement.proof)
+        assert proven is not None and proven.proof is not None
+        # The proof stands on its own, offline: the payload and its batch, checked again.
+        again = open_statement(proven.proof.payload, daemon.signer.public, proven.proof.batch)
+        assert again == proven
+        for lease in held:
+            await lease.release()
+        for client in clients:
+            await client.aclose()
