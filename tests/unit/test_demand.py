@@ -11,6 +11,7 @@ import io
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -437,6 +438,18 @@ def test_client_strings_are_escaped_in_tables_and_neutralised_in_csv() -> None:
     assert "\x1b" not in demand.by_text(found, "user", "table", PERIOD)
     assert demand.by_text(found, "user", "csv", PERIOD).splitlines()[1].startswith("'=cmd")
     assert math.isfinite(found[0].seat_hours)
+
+
+def test_the_worked_example_of_docs_admin_md_is_what_the_report_prints() -> None:
+    text = (Path(__file__).resolve().parents[2] / "docs" / "admin.md").read_text("utf-8")
+    period = Period(T0, T0 + HOUR, "cam", WITHIN)
+    log = read_log(CAM_LOG, licence="cam", within=WITHIN)
+    by_user = demand.by_text(by_key(log, "user", start=T0, end=T0 + HOUR), "user", "table", period)
+    sized = demand.suggestions_text([cam(0.2)], "table", period, 0.2)
+    for shown in (by_user, sized):
+        table = shown.split("\n\n")[:2]  # the heading and the table, without the notes
+        assert "\n\n".join(table) in text
+    assert demand.suggestions_text([cam(0.2)], "json", period, 0.2) in text.replace("\n", " ")
 
 
 class Daemon:
