@@ -2,12 +2,14 @@
 
 Seats are taken, refused and returned through a raw protocol peer while a fake clock
 moves a minute at a time; the report, read from the daemon's audit log, must show each
-minute's peak, denials and overdraft checkouts (see tests/cli/test_admin_cli.py).
+minute's peak, denials and overdraft checkouts (see tests/cli/test_admin_cli.py), and
+with --by and --suggest each holder's use and the seats a replay of the log suggests.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import replace
@@ -22,6 +24,7 @@ from licd.clock import ManualClock
 from licd.daemon import Daemon
 from licd_client.messages import Holder
 from tests.cli.test_admin_cli import connected, licd, ok, sock, take
+from tests.integration.test_queue import Queued, detached
 from tests.support import DICOM, holder, make_config, running
 
 T0 = 1_790_000_000.0  # the fake clock's start: 20 s into its minute
@@ -299,3 +302,47 @@ async def test_a_year_by_holder_needs_no_longer_slot(tmp_path: Path) -> None:
             await ok("report", "usage", *sock(daemon), "--by", "user", "--from", "400d", "--json")
         )
     assert rows == []
+
+
+async def test_usage_by_host_and_suggest_read_the_queue_and_idle_time(tmp_path: Path) -> None:
+    # One seat. a holds it from T0 and reports 20 s idle; b queues at T0 and is served
+    # from the queue when a returns the seat at +30 (to +60); c queues at +30, vanishes
+    # and leaves the queue 10.5 s later. Requests: a [0, 30), b asked at 0 [0, 60), c
+    # asked at +30 and never served (held for the median lease, 30 s): b and c were not
+    # served at once. 1 seat refuses b alone; 2 refuse none.
+    one = replace(DICOM, seats=1, lease_ttl=30.0)
+    clock = ManualClock(wall=T0)
+    async with running(make_config(tmp_path, one), clock) as daemon:
+        async with connected(daemon) as a:
+            held = await take(a, "a")
+            b = await Queued.send(daemon, holder("b"))
+            assert await b.update() == (1, 1)
+            clock.advance(25)
+            beat = await a.call(
+                "heartbeat", lease=held["lease"], nonce=os.urandom(16), idle_for=20.0
+            )
+            assert beat["ok"] is True
+            clock.advance(5)
+            assert (await a.call("checkin", lease=held["lease"]))["ok"] is True
+            served = await b.frame()
+            assert served["ok"] is True and served["lease"]
+            c = await Queued.send(daemon, holder("c"))
+            assert await c.update() == (1, 1)
+            await c.peer.close()
+            await detached(daemon, "id-c")
+            clock.advance(10.5)
+            daemon.service.tick_queues(clock.now())
+            clock.advance(19.5)
+            assert (await b.peer.call("checkin", lease=served["lease"]))["ok"] is True
+            await b.peer.close()
+        await daemon.service.store.barrier()  # queue entries are written lazily
+        args = ("report", "usage", *sock(daemon), *span(MINUTE, MINUTE + 120), "--json")
+        rows = {r["host"]: r for r in json.loads(await ok(*args, "--by", "host"))}
+        [sized] = json.loads(await ok(*args, "--suggest"))
+    assert (rows["a"]["checkouts"], rows["a"]["idle_hours"]) == (1, round(20 / 3600, 3))
+    b_row, c_row = rows["b"], rows["c"]
+    assert (b_row["queued"], b_row["queued_median"], b_row["true_denials"]) == (1, 30.0, 0)
+    assert (c_row["queued"], c_row["queued_median"], c_row["true_denials"]) == (1, 10.5, 1)
+    assert (c_row["checkouts"], c_row["peak"]) == (0, 0)
+    assert (sized["requests"], sized["refused"], sized["hold"]) == (3, 2, 30.0)
+    assert (sized["suggested"], sized["replayed"], sized["seats"]) == (2, 0, 1)
