@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import click
+from click.core import ParameterSource
 
 from licd import __version__
+from licd.cli import demand
 from licd.cli import format as fmt
 from licd.cli import report as reports
 from licd.cli.admin_command import (
@@ -463,19 +465,70 @@ def report() -> None:
 @click.option("--slot", default="3m", callback=parsed(reports.parse_slot), help="Slot length.")
 @click.option("--format", "style", type=click.Choice(reports.FORMATS), help="Default table.")
 @click.option("--svg", type=click.File("w", encoding="utf-8"), help="Also write an SVG chart.")
+@click.option(
+    "--by", type=click.Choice(demand.BY), help="Instead: one row per user, host, group or app."
+)
+@click.option("--suggest", is_flag=True, help="Instead: the seats each licence needed.")
+@click.option(
+    "--within",
+    callback=parsed(parse_duration),
+    metavar="DURATION",
+    help="--by, --suggest: a refusal the holder checked out this soon after was later"
+    " served (default 10m).",
+)
+@click.option(
+    "--max-denial-rate",
+    "target",
+    callback=parsed(demand.parse_rate),
+    metavar="PERCENT",
+    help="--suggest: the share of requests the seats may refuse (default 1%).",
+)
 def report_usage(admin: Admin, licence: str | None, svg: TextIO | None, **opts: Any) -> None:
-    """Peak seats in use, denials and overdraft checkouts per time slot.
+    """Peak seats in use, denials and overdraft checkouts per time slot; or, with --by,
+    each holder's use and refusals; or, with --suggest, the seats each licence needed.
 
     Slots are absolute (3m: 480 a day from 00:00 UTC); the default range: the last 24h.
     """
+    style = opts["style"] or ("json" if admin.json else "table")
+    by, suggest = opts["by"], opts["suggest"]
+    _check_report_options(by, suggest, svg is not None, opts)
+    now = time.time()
     try:
-        start, end = reports.window(opts["start"], opts["end"], opts["slot"], time.time())
+        if by is None and not suggest:
+            start, end = reports.window(opts["start"], opts["end"], opts["slot"], now)
+        else:
+            start, end = reports.bounds(opts["start"], opts["end"], 1.0, now)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    usage = reports.fetch(admin.call, licence, start, end, opts["slot"])
-    click.echo(reports.render(usage, opts["style"] or ("json" if admin.json else "table")))
-    if svg is not None:
-        svg.write(reports.svg_text(usage))
+    within = opts["within"] or demand.DEFAULT_WITHIN
+    period = demand.Period(start, end, licence, within)
+    if by is not None:
+        rows = demand.fetch_by(admin.call, by, licence, start, end, within)
+        click.echo(demand.by_text(rows, by, style, period))
+    elif suggest:
+        target = demand.DEFAULT_TARGET if opts["target"] is None else opts["target"]
+        items = demand.fetch_suggestions(admin.call, licence, start, end, within, target)
+        click.echo(demand.suggestions_text(items, style, period, target))
+    else:
+        usage = reports.fetch(admin.call, licence, start, end, opts["slot"])
+        click.echo(reports.render(usage, style))
+        if svg is not None:
+            svg.write(reports.svg_text(usage))
+
+
+def _check_report_options(by: str | None, suggest: bool, svg: bool, opts: dict[str, Any]) -> None:
+    """Usage errors for options that do not go together in `report usage`."""
+    slot = click.get_current_context().get_parameter_source("slot") is not ParameterSource.DEFAULT
+    if by is not None and suggest:
+        raise click.UsageError("give --by or --suggest, not both")
+    if (by is not None or suggest) and (slot or svg):
+        raise click.UsageError(
+            "--slot and --svg are for the report per slot, not --by or --suggest"
+        )
+    if by is None and not suggest and opts["within"] is not None:
+        raise click.UsageError("--within is for --by and --suggest")
+    if not suggest and opts["target"] is not None:
+        raise click.UsageError("--max-denial-rate is for --suggest")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -66,18 +66,24 @@ def parse_slot(text: str) -> float:
 
 def window(start: float | None, end: float | None, slot: float, now: float) -> tuple[float, float]:
     """The report's range, on slot boundaries: slots are absolute (multiples of the slot
-    since the epoch, so 3m slots are the day's 480 from 00:00 UTC). `end` (default `now`)
-    is rounded up, `start` (default a day before the end) down. Raises ValueError."""
-    end = math.ceil((now if end is None else end) / slot) * slot
-    start = end - DAY if start is None else math.floor(start / slot) * slot
-    if start >= end:
-        raise ValueError("--from must be before --to")
+    since the epoch, so 3m slots are the day's 480 from 00:00 UTC). Raises ValueError."""
+    start, end = bounds(start, end, slot, now)
     count = slot_count(start, end, slot)
     if count > MAX_SLOTS:
         raise ValueError(
             f"{count} slots is too many (at most {MAX_SLOTS}): use a longer --slot or a"
             " shorter range"
         )
+    return start, end
+
+
+def bounds(start: float | None, end: float | None, step: float, now: float) -> tuple[float, float]:
+    """A range on multiples of `step`: `end` (default `now`) rounded up, `start` (default
+    a day before the end) down. Raises ValueError unless the start is before the end."""
+    end = math.ceil((now if end is None else end) / step) * step
+    start = end - DAY if start is None else math.floor(start / step) * step
+    if start >= end:
+        raise ValueError("--from must be before --to")
     return start, end
 
 
@@ -110,7 +116,7 @@ def usage_slots(
     carried: dict[str | None, tuple[float, int, int]] = {}  # licence -> (time, order, level)
     inside: list[tuple[float, int, Mapping[str, Any]]] = []
     for order, entry in enumerate(entries):
-        t = _time(entry)
+        t = entry_time(entry)
         if (licence is not None and entry.get("licence") != licence) or t is None or t >= end:
             continue
         if t >= start:
@@ -180,7 +186,8 @@ def _index(t: float, start: float, slot: float, count: int) -> int:
     return min(max(k, 0), count - 1)
 
 
-def _time(entry: Mapping[str, Any]) -> float | None:
+def entry_time(entry: Mapping[str, Any]) -> float | None:
+    """An audit entry's time, or None when it has none that is a number."""
     value = entry.get("time")
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         return None

@@ -1,6 +1,6 @@
-"""The admin ops: what `licd status`, `leases`, `why`, `revoke`, `licence ...`,
-`entitlement ...`, `audit`, `reload` and `key` ask of the daemon over the admin socket
-(admin_server.py).
+"""The admin ops: what `licd status`, `leases`, `why`, `queue`, `revoke`, `licence ...`,
+`entitlement ...`, `audit`, `reload`, `key` and `report usage` ask of the daemon over
+the admin socket (admin_server.py).
 
 Each op parses its arguments strictly, calls the service or the daemon, and shapes the
 results (docs/admin.md). Every action is recorded with the admin's uid. It never decides
@@ -171,6 +171,7 @@ class AdminOps:
             "leases": self.leases,
             "why": self.why,
             "queue": self.queue,
+            "groups": self.groups,
             "revoke": self.revoke,
             "licence.list": self.licence_list,
             "licence.add": self.licence_add,
@@ -378,6 +379,12 @@ class AdminOps:
                     }
                 )
         return {"queue": out}
+
+    async def groups(self, f: Fields, uid: int) -> dict[str, Any]:
+        """The [groups] in force: each group's rules, by name (`report usage --by group`)."""
+        f.done()
+        groups = self.service.engine.groups
+        return {"groups": {name: list(groups[name]) for name in sorted(groups)}}
 
     async def licence_list(self, f: Fields, uid: int) -> dict[str, Any]:
         show_keys = f.flag("show_keys", False)

@@ -60,9 +60,15 @@ def holder_event(
     holder: Holder,
     ip: str | None,
     seats: int,
+    detail: dict[str, Any] | None = None,
     **extra: Any,
 ) -> Event:
-    """An event about one holder's lease (local, or relayed upstream by a router)."""
+    """An event about one holder's lease (local, or relayed upstream by a router). A
+    checkout's detail names the holder's `app`, when it sent one: the audit log's
+    columns have no app (`licd report usage --by app` reads it there)."""
+    detail = dict(detail or {})
+    if kind is Kind.CHECKOUT and holder.app is not None:
+        detail["app"] = holder.app
     return Event(
         kind=kind,
         time=time,
@@ -73,5 +79,6 @@ def holder_event(
         user=holder.user,
         ip=ip,
         seats=seats,
+        detail=detail,
         **extra,
     )

@@ -1,5 +1,6 @@
-"""The admin ops `leases` and `revoke` on an engine and a store, without a socket: which
-leases they choose, and how `leases` pages a daemon's own leases and a router's."""
+"""The admin ops `leases`, `revoke` and `groups` on an engine and a store, without a
+socket: which leases they choose, how `leases` pages a daemon's own leases and a
+router's, and the groups `groups` lists."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from licd.core.entitlements import Entitlements
 from licd.core.router import Router
 from licd.core.service import LicenceService
 from licd.store.records import Forwarded
-from licd_client.errors import UnknownLicence
+from licd_client.errors import BadRequest, UnknownLicence
 from tests.support import DICOM, checkout_committed, holder, new_engine
 from tests.unit.test_store import running
 
@@ -130,3 +131,13 @@ async def test_revoke_by_host_and_user_takes_the_leases_of_either(ops: AdminOps)
     assert len(revoked) == 3
     await call(ops, "revoke", user="alice", handles=[])
     assert await listed(ops) == []
+
+
+async def test_groups_lists_the_groups_in_force_by_name(ops: AdminOps) -> None:
+    assert await call(ops, "groups") == {"id": 1, "ok": True, "groups": {}}
+    ops.service.engine.groups = {"lab": ("ip:10.0.0.0/8",), "cad": ("user:alice", "host:ws-*")}
+    listed = (await call(ops, "groups"))["groups"]
+    assert listed == {"cad": ["user:alice", "host:ws-*"], "lab": ["ip:10.0.0.0/8"]}
+    assert list(listed) == ["cad", "lab"]
+    with pytest.raises(BadRequest, match="unknown"):
+        await call(ops, "groups", licence="cad")  # it takes no argument

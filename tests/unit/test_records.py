@@ -22,7 +22,7 @@ import pytest
 
 from licd.engine import Licence, SeatLease
 from licd.engine.counters import CounterState
-from licd.engine.events import Event, Kind
+from licd.engine.events import Event, Kind, holder_event
 from licd.engine.lease import LeasePhase
 from licd.engine.licence import Addon, Counter
 from licd.store.records import (
@@ -357,6 +357,25 @@ def test_an_audit_row_has_its_event_in_column_order() -> None:
         None,
         '{"app": "viewer", "overdraft": true}',  # sorted keys
     )
+
+
+def test_a_checkout_event_names_the_holders_app_in_its_detail() -> None:
+    # The audit log has no app column: a checkout's detail carries it (report --by app).
+    held = lease()
+    fields: dict[str, Any] = {
+        "licence": held.licence_id,
+        "handle": held.handle,
+        "ip": held.ip,
+        "seats": held.seats,
+    }
+    made = holder_event(
+        Kind.CHECKOUT, NOW, holder=held.holder, detail={"overdraft": True}, **fields
+    )
+    assert made == CHECKOUT
+    checkin = holder_event(Kind.CHECKIN, NOW, holder=held.holder, detail={"in_use": 1}, **fields)
+    assert checkin.detail == {"in_use": 1}  # the checkout names it; the rest go by handle
+    no_app = dataclasses.replace(held.holder, app=None)
+    assert holder_event(Kind.CHECKOUT, NOW, holder=no_app, **fields).detail == {}
 
 
 def test_an_audit_detail_stores_what_json_cannot_as_text() -> None:
