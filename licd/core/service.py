@@ -30,6 +30,7 @@ from licd.core.events import Event, EventBus, Kind, holder_event
 from licd.deferred import Deferred
 from licd.engine import Availability, Engine, Grant, LeasePhase, Licence, SeatLease
 from licd.engine.counters import Consumed
+from licd.engine.events import with_app
 from licd.engine.lease_filter import LeaseFilter
 from licd.engine.licence import licence_changes
 from licd.engine.queue import Waiter
@@ -252,7 +253,7 @@ class LicenceService:
             user=waiter.holder.user,
             ip=waiter.ip,
             seats=waiter.seats,
-            detail=detail,
+            detail=with_app(detail, waiter.holder),
         )
         self.publish(event)
         self.store.append_later(event)
@@ -359,7 +360,7 @@ class LicenceService:
             ip=ip,
             seats=seats,
             reason=exc.code,
-            detail=dict(exc.detail or {}),
+            detail=with_app(dict(exc.detail or {}), holder),
         )
         # Every denial is told to metrics and alerts; the audit log (and the log) gets
         # the first of a group at once and the rest as one counted entry per interval.
@@ -416,9 +417,13 @@ class LicenceService:
         commit.add_done_callback(landed)
         return commit
 
-    def _checkout_event(self, lease: SeatLease, at: Instant, waiter: Waiter | None = None) -> Event:
+    def _checkout_event(
+        self, lease: SeatLease, at: Instant, waiter: Waiter | None = None, releasing: int = 0
+    ) -> Event:
+        """A checkout's audit entry. `releasing`: seats of the licence still counted whose
+        release commits with this checkout (a hand-over): not in use once it is."""
         detail: dict[str, Any] = {
-            "in_use": self.engine.in_use(lease.licence_id),
+            "in_use": self.engine.in_use(lease.licence_id) - releasing,
             "overdraft": lease.overdraft,
         }
         if waiter is not None:
@@ -527,7 +532,8 @@ class LicenceService:
         reclaimed, once committed."""
         ended = self.engine.linger_due(at)
         for lease in ended:
-            event = lease_event(Kind.LINGER_ENDED, lease, at.wall)
+            in_use = self.engine.in_use(lease.licence_id)
+            event = lease_event(Kind.LINGER_ENDED, lease, at.wall, detail={"in_use": in_use})
             self.publish(event)
             self.store.append_later(event)
         if ended:
@@ -598,7 +604,11 @@ class LicenceService:
             events.append(lease_event(kind, lease, now, detail=detail, **extra))
         # The queues' waiters the freed seats go to: in this same commit.
         served, failed = self.engine.hand_over(leases, at)
-        grants = [(w, g, self._checkout_event(g.lease, at, w)) for w, g in served if g.fresh]
+        grants = [
+            (w, g, self._checkout_event(g.lease, at, w, freed.get(g.lease.licence_id, 0)))
+            for w, g in served
+            if g.fresh
+        ]
         try:
             commit = self.store.delete_leases(
                 leases, events, [(g.lease, event) for _, g, event in grants]

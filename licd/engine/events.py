@@ -51,6 +51,14 @@ class Event:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+def with_app(detail: dict[str, Any], holder: Holder) -> dict[str, Any]:
+    """`detail` with the holder's `app`, when it sent one: the audit log's columns have
+    no app (`licd report usage --by app` reads it there)."""
+    if holder.app is not None:
+        detail["app"] = holder.app
+    return detail
+
+
 def holder_event(
     kind: Kind,
     time: float,
@@ -67,8 +75,8 @@ def holder_event(
     checkout's detail names the holder's `app`, when it sent one: the audit log's
     columns have no app (`licd report usage --by app` reads it there)."""
     detail = dict(detail or {})
-    if kind is Kind.CHECKOUT and holder.app is not None:
-        detail["app"] = holder.app
+    if kind is Kind.CHECKOUT:
+        with_app(detail, holder)
     return Event(
         kind=kind,
         time=time,

@@ -87,6 +87,8 @@ async def test_a_checked_in_seat_lingers_for_its_holder_then_goes_to_the_queue(
         entries = (await admin(daemon, "audit", after=0))["entries"]
         events = [(e["event"], e["hostid"]) for e in entries if e["hostid"]]
         assert ("linger_ended", "id-a") in events
+        [ended] = [e for e in entries if e["event"] == "linger_ended"]
+        assert ended["detail"]["in_use"] == 0
         lingered = [e for e in entries if e["event"] == "checkout" and e["hostid"] == "id-a"]
         assert [e["detail"].get("lingered") for e in lingered] == [None, True]
         for peer in (a, other, b.peer):

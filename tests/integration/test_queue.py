@@ -111,7 +111,7 @@ async def test_a_freed_seat_goes_to_the_queue_in_order_in_the_releasing_commit(
         assert await queued_positions(daemon) == [("id-b", 1, True), ("id-c", 2, True)]
         # A newcomer that does not queue is refused: the queue comes first.
         d = await connected(daemon)
-        refused = await d.checkout(ONE.key, holder("d"))
+        refused = await d.checkout(ONE.key, replace(holder("d"), app="viewer"))
         assert refused["error"] == "seats_exhausted"
 
         before = daemon.store.transactions
@@ -148,6 +148,10 @@ async def test_a_freed_seat_goes_to_the_queue_in_order_in_the_releasing_commit(
         ]
         served = [e for e in entries if e["event"] == "checkout" and e["hostid"] != "id-a"]
         assert all(e["detail"]["queued"] >= 0 for e in served)
+        # In use once each commit landed: the released seat is not counted with its heir.
+        assert [e["detail"]["in_use"] for e in served] == [1, 1]
+        [denied] = [e for e in entries if e["event"] == "denied"]
+        assert (denied["hostid"], denied["detail"]["app"]) == ("id-d", "viewer")
         for peer in (a, b.peer, c.peer, d):
             await peer.close()
 
