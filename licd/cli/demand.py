@@ -50,7 +50,7 @@ NOTE_WIDTH = 88  # the notes under a table, wrapped
 
 @dataclass(frozen=True, slots=True)
 class Party:
-    """Who an entry is about, as its columns (and a checkout's `detail.app`) say."""
+    """Who an entry is about, as its columns (and its `detail.app`) say."""
 
     licence: str | None
     host: str
