@@ -401,6 +401,20 @@ def _reply_cases() -> list[Case]:
             VIOLATION,
         ),
         c(
+            "queue_update_behind_the_queue",
+            "checkout",
+            "A queue update placing the checkout after the last of those waiting.",
+            changed(UPDATE, position=3, waiting=2),
+            VIOLATION,
+        ),
+        c(
+            "queue_update_update_in_0",
+            "checkout",
+            "A queue update whose next update is due at once (update_in must be positive).",
+            changed(UPDATE, update_in=0.0),
+            VIOLATION,
+        ),
+        c(
             "queue_update_update_in_missing",
             "checkout",
             "A queue update that does not say when the next comes.",

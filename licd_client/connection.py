@@ -246,7 +246,7 @@ class Connection:
             while isinstance(reply, messages.QueueUpdate):
                 if on_update is not None:
                     await on_update(reply)
-                silence = max(0.0, reply.update_in) + self.io_timeout
+                silence = reply.update_in + self.io_timeout
                 frame = await self._receive(req.op, self._next_frame(req.op, awaited, silence))
                 reply = messages.parse_reply(req.op, frame)
         if isinstance(reply, messages.LeaseReply) and reply.batch is not None and not self.batched:

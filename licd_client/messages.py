@@ -489,11 +489,12 @@ class QueueUpdate(Reply):
     @classmethod
     def read(cls, rid: int, r: Fields) -> QueueUpdate:
         r.flag("queued")
+        waiting = r.uint("waiting", minimum=1)
         return cls(
             rid,
-            position=r.uint("position", minimum=1),
-            waiting=r.uint("waiting", minimum=1),
-            update_in=r.number("update_in"),
+            position=r.uint("position", minimum=1, maximum=waiting),
+            waiting=waiting,
+            update_in=r.number("update_in", positive=True),
             wait=r.number("wait", required=False),
         )
 
