@@ -324,36 +324,23 @@ class Dispatcher:
         service = self.service
         if isinstance(request, Checkout):
             at = service.now()
+            begin = service.begin_queued if request.queue else service.begin_checkout
             try:
-                if request.queue:
-                    outcome = service.begin_queued(
-                        request.key,
-                        request.holder,
-                        request=request.request,
-                        at=at,
-                        seats=request.seats,
-                        ttl=request.ttl,
-                        delegate=request.delegate,
-                        ip=session.peer,
-                    )
-                    if isinstance(outcome, Waiter):  # not a verdict yet: nothing charged
-                        queued = QueuedCheckout(
-                            self, outcome, request, session.protocol, data, started
-                        )
-                        outcome.listener = queued
-                        return queued
-                    grant, commit = outcome
-                else:
-                    grant, commit = service.begin_checkout(
-                        request.key,
-                        request.holder,
-                        request=request.request,
-                        at=at,
-                        seats=request.seats,
-                        ttl=request.ttl,
-                        delegate=request.delegate,
-                        ip=session.peer,
-                    )
+                outcome = begin(
+                    request.key,
+                    request.holder,
+                    request=request.request,
+                    at=at,
+                    seats=request.seats,
+                    ttl=request.ttl,
+                    delegate=request.delegate,
+                    ip=session.peer,
+                )
+                if isinstance(outcome, Waiter):  # not a verdict yet: nothing charged
+                    queued = QueuedCheckout(self, outcome, request, session.protocol, data, started)
+                    outcome.listener = queued
+                    return queued
+                grant, commit = outcome
             except Exception as exc:
                 self._charge(session, exc, at.mono)
                 raise

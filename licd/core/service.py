@@ -155,16 +155,20 @@ class LicenceService:
         ttl: float | None = None,
         delegate: bytes | None = None,
         ip: str | None = None,
+        queueing: bool = False,
     ) -> tuple[Grant, Deferred[None] | None]:
         """Grant a lease, and the commit it waits for (None: nothing to wait for). The
         grant may be answered once that commit is done, and `checkout_landed` says so;
-        a commit that failed means `unavailable`. Without a task: the wire's hot path."""
+        a commit that failed means `unavailable`. Without a task: the wire's hot path.
+        `queueing`: a refusal the queue waits out is not audited as a denial (the
+        caller queues the checkout instead: `begin_queued`)."""
         try:
             grant = self.engine.checkout(
                 key, holder, request=request, at=at, seats=seats, ttl=ttl, delegate=delegate, ip=ip
             )
         except LicdError as exc:
-            self._deny(key, holder, ip, seats, exc, at)
+            if not (queueing and _queueable(exc)):
+                self._deny(key, holder, ip, seats, exc, at)
             raise
         return self._granted(grant, at)
 
@@ -211,21 +215,27 @@ class LicenceService:
                 )
             return waiter
         try:
-            grant = self.engine.checkout(
-                key, holder, request=request, at=at, seats=seats, ttl=ttl, delegate=delegate, ip=ip
+            return self.begin_checkout(
+                key,
+                holder,
+                request=request,
+                at=at,
+                seats=seats,
+                ttl=ttl,
+                delegate=delegate,
+                ip=ip,
+                queueing=True,
             )
-        except SeatsExhausted as exc:
-            rule = (exc.detail or {}).get("rule")
-            if rule not in QUEUEABLE:
-                self._deny(key, holder, ip, seats, exc, at)
-                raise
+        except LicdError as exc:
+            if not _queueable(exc):
+                raise  # audited as a denial already
             try:
                 waiter = self.engine.enqueue(
                     key,
                     holder,
                     request=request,
                     at=at,
-                    blocked_by=str(rule),
+                    blocked_by=str((exc.detail or {})["rule"]),
                     seats=seats,
                     ttl=ttl,
                     delegate=delegate,
@@ -234,13 +244,9 @@ class LicenceService:
             except LicdError as full:
                 self._deny(key, holder, ip, seats, full, at)
                 raise
-            position, waiting, _ = self.engine.position(waiter)
-            self._queue_event(Kind.QUEUED, waiter, at, position=position, waiting=waiting)
-            return waiter
-        except LicdError as exc:
-            self._deny(key, holder, ip, seats, exc, at)
-            raise
-        return self._granted(grant, at)
+        position, waiting, _ = self.engine.position(waiter)
+        self._queue_event(Kind.QUEUED, waiter, at, position=position, waiting=waiting)
+        return waiter
 
     def _queue_event(self, kind: Kind, waiter: Waiter, at: Instant, **detail: Any) -> None:
         """Audit (lazily), log and publish a queue event of `waiter`'s."""
@@ -777,6 +783,11 @@ def _changes(old: Licence | None, new: Licence) -> dict[str, Any]:
         name: "changed" if name == "key" else [before[name], after[name]]
         for name in licence_changes(old, new)
     }
+
+
+def _queueable(error: LicdError) -> bool:
+    """Whether a checkout's refusal is one a queued checkout waits out (a seat rule's)."""
+    return isinstance(error, SeatsExhausted) and (error.detail or {}).get("rule") in QUEUEABLE
 
 
 def _failure(done: Deferred[None]) -> str | None:

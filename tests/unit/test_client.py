@@ -10,7 +10,6 @@ import asyncio
 import random
 import subprocess
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -27,24 +26,6 @@ from tests.fakelicd import LICENCE, FakeLicd
 from tests.unit.test_dependencies import imports
 
 KEY = LICENCE.key
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeLicd]:
-    async with FakeLicd() as server:
-        yield server
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(start=1000.0)
-
-
-@pytest.fixture
-async def client(fake: FakeLicd, clock: ManualClock) -> AsyncIterator[AsyncClient]:
-    c = AsyncClient(fake.address, fake.key_hex, clock=clock, rng=random.Random(1))
-    yield c
-    await c.aclose()
 
 
 def state(lease: AsyncLease) -> LeaseState:

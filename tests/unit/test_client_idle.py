@@ -8,8 +8,7 @@ Time is a ManualClock: renewals come when a test steps it, and `idle_for` is exa
 from __future__ import annotations
 
 import asyncio
-import random
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -21,24 +20,6 @@ from tests.fakelicd import LICENCE, FakeLicd, ThreadedFakeLicd
 
 KEY = LICENCE.key
 IDLE = {"reclaimed": True, "idle": True}
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeLicd]:
-    async with FakeLicd() as server:  # renew_in 10 s
-        yield server
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(start=1000.0)
-
-
-@pytest.fixture
-async def client(fake: FakeLicd, clock: ManualClock) -> AsyncIterator[AsyncClient]:
-    c = AsyncClient(fake.address, fake.key_hex, clock=clock, rng=random.Random(1))
-    yield c
-    await c.aclose()
 
 
 def idle_for(fake: FakeLicd) -> list[float | None]:

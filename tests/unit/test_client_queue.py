@@ -8,7 +8,6 @@ client's clock is a ManualClock, so the wait between updates is stepped, not sle
 from __future__ import annotations
 
 import asyncio
-import random
 import signal
 import threading
 import time
@@ -28,24 +27,6 @@ from tests.unit.test_connection import Peer, open_conn, raw_server
 
 KEY = LICENCE.key
 Place = tuple[int, int, float | None]  # what on_queued is called with
-
-
-@pytest.fixture
-async def fake() -> AsyncIterator[FakeLicd]:
-    async with FakeLicd() as server:
-        yield server
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock(start=1000.0)
-
-
-@pytest.fixture
-async def client(fake: FakeLicd, clock: ManualClock) -> AsyncIterator[AsyncClient]:
-    c = AsyncClient(fake.address, fake.key_hex, clock=clock, rng=random.Random(1))
-    yield c
-    await c.aclose()
 
 
 @pytest.fixture
