@@ -469,12 +469,28 @@ class Engine:
         """Every rule's verdict on a new checkout of `seats` seats of the licence with
         `key` by `holder` now, in the order a checkout asks them; nothing is granted.
         The first refusal is what a checkout would get (a retry of a lease already held
-        is not considered: it renews that lease). UnknownLicence if there is none."""
+        is not considered: it renews that lease; a seat lingering for the holder is
+        counted as the checkout would, as its own). UnknownLicence if there is none."""
         licence = self._licence(key)
         unit = unit_key(licence.count_by, holder, "")
-        asked = _Asked(licence, Who(holder, ip), seats, unit, licence.lease_ttl_for(ttl), at)
+        kept = self._lingering.get((licence.id, holder.hostid, holder.user))
+        asked = _Asked(
+            licence,
+            Who(holder, ip),
+            seats,
+            unit,
+            licence.lease_ttl_for(ttl),
+            at,
+            served=kept is not None,
+        )
         rules = (self._rule_validity, self._rule_deny, self._rule_allow, *self._seat_rules)
-        return [verdict for rule in rules if (verdict := rule(asked, True)) is not None]
+        if kept is not None:
+            self.seats.remove(kept)
+        try:
+            return [verdict for rule in rules if (verdict := rule(asked, True)) is not None]
+        finally:
+            if kept is not None:
+                self.seats.add(kept)
 
     def _rule_validity(self, a: _Asked, explain: bool) -> Verdict | None:
         problem = a.licence.validity_error(a.at.wall)

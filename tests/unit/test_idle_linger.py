@@ -157,3 +157,15 @@ def test_removing_the_licence_ends_its_lingering_seats() -> None:
     checkin(world, world.take("alice"))
     world.engine.remove_licence("lic")
     assert world.engine.lingering == []
+
+
+def test_why_counts_a_lingering_seat_as_its_holders_and_no_one_elses() -> None:
+    world = World(LINGER)
+    checkin(world, world.take("alice"))
+    at = world.clock.now()
+    mine = world.engine.explain("K", who("alice"), at)
+    assert all(v.passed for v in mine)  # she would get her seat back
+    theirs = world.engine.explain("K", who("bob"), at)
+    assert [v.rule for v in theirs if not v.passed] == ["seats"]
+    assert world.engine.in_use("lic") == 1 and len(world.engine.lingering) == 1  # unchanged
+    world.take("alice")  # and a real checkout agrees
