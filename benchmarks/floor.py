@@ -13,9 +13,9 @@
     like a lease token's (`licd_client.tokens.lease_payload`, that nonce, the time): one
     signature per reply, as licd signs today; other replies are the fixed one;
   - `batched`: the signing floor, but the replies produced in one event-loop iteration
-    share one signature over the Merkle root (`licd_client.merkle`, RFC 6962) of their
-    payloads; each carries its payload, the signed root, its leaf index and its audit
-    path. A reply alone in its iteration is signed inline, as the signing floor's.
+    share one signature over the Merkle root of their payloads, in protocol 2's form
+    (`statements.sign_batch`): each carries its payload and its batch proof. A reply
+    alone in its iteration is signed inline, as the signing floor's.
   Replies are encoded from templates made once (`_Template`): only the token's fields
   are packed per reply. `open_reply()` checks a signing floor's reply. Each runs on the
   event loop licd's `[server] event_loop` picks for the same choice (`--event-loop`,
@@ -48,11 +48,10 @@ from nacl.signing import SigningKey
 
 from licd.config.settings import EVENT_LOOPS
 from licd.daemon import event_loop_factory
-from licd_client import merkle, tokens
-from licd_client.errors import TokenInvalid
-from licd_client.messages import Holder
-from licd_client.statements import open_statement
-from licd_client.wire import PREFIX, REPLY_LIMITS, REQUEST_LIMITS, decode_body
+from licd_client import tokens
+from licd_client.messages import BatchProof, Holder
+from licd_client.statements import open_statement, sign_batch
+from licd_client.wire import PREFIX, REQUEST_LIMITS
 
 MAX_FRAME = 16384
 LIMITS: dict[str, Any] = {
@@ -143,10 +142,7 @@ class TokenMaker:
         self._payload = _Template(sample, ("iat", "exp", "nonce"))
         fields = _reply_fields()
         self._inline = _Template({**fields, "token": b""}, ("token",))
-        batched = {**fields, "token": b"", "batch": b"", "leaf": 0, "path": []}
-        self._batched = _Template(batched, ("token", "batch", "leaf", "path"))
-        root = {"typ": "batch", "iss": self.public, "iat": 0.0, "exp": 0.0, "n": 0, "root": b""}
-        self._root = _Template(root, ("iat", "exp", "n", "root"))
+        self._batched = _Template({**fields, "token": b"", "batch": {}}, ("token", "batch"))
 
     def payload(self, nonce: bytes) -> bytes:
         """A lease token's payload (unsigned), issued now, answering `nonce`."""
@@ -160,38 +156,26 @@ class TokenMaker:
         return _frame(self._inline.body(bytes(self.key.sign(payload))))
 
     def batch(self, payloads: list[bytes]) -> list[bytes]:
-        """The reply frames of `payloads`, one signature for all: each carries its
-        payload, the signed statement of the root (`typ` "batch", the tree's size `n`
-        and `root`), its leaf index and its audit path. One payload alone: `signed()`."""
+        """The reply frames of `payloads`, one signature for all, as protocol 2 batches
+        them (`statements.sign_batch`): each carries its payload and its `batch` proof.
+        One payload alone: `signed()`."""
         if len(payloads) == 1:
             return [self.signed(payloads[0])]
-        root, paths = merkle.tree(payloads)
-        now = time.time()
-        statement = bytes(self.key.sign(self._root.body(now, now, len(payloads), root)))
+        proofs = sign_batch(self.key, payloads)
         self.replies += len(payloads)
         self.signatures += 1
         return [
-            _frame(self._batched.body(payload, statement, i, path))
-            for i, (payload, path) in enumerate(zip(payloads, paths, strict=True))
+            _frame(self._batched.body(payload, proof.to_wire()))
+            for payload, proof in zip(payloads, proofs, strict=True)
         ]
 
 
 def open_reply(reply: dict[str, Any], public: bytes) -> dict[str, Any]:
-    """The lease payload a signing floor's reply carries, once its signature (and, in a
-    batch, its path to the signed root) checks out against `public`; else TokenInvalid."""
-    token = reply["token"]
-    if "batch" not in reply:
-        return open_statement(token, public).payload
-    batch = open_statement(reply["batch"], public)
-    size, root = batch.payload.get("n"), batch.payload.get("root")
-    leaf, path = reply.get("leaf"), reply.get("path")
-    if batch.typ != "batch" or not isinstance(size, int) or not isinstance(leaf, int):
-        raise TokenInvalid("not a batch statement, or no leaf index")
-    if not isinstance(path, list) or not all(isinstance(p, bytes) for p in path):
-        raise TokenInvalid("an audit path is a list of hashes")
-    if merkle.root_from_path(token, leaf, size, path) != root:
-        raise TokenInvalid("the audit path does not lead to the signed root")
-    return decode_body(token, REPLY_LIMITS)
+    """The lease payload a signing floor's reply carries, once its signature (whole, or
+    its batch's) checks out against `public`, as a client checks a lease's; else
+    TokenInvalid."""
+    batch = BatchProof.from_wire(reply["batch"]) if "batch" in reply else None
+    return open_statement(reply["token"], public, batch).payload
 
 
 def _requests(buf: bytearray) -> list[dict[str, Any]] | None:
