@@ -20,7 +20,7 @@ from licd import __version__
 from licd.core.errors import Audience, error_reply
 from licd.core.keys import BatchSigner, Signed, Signer
 from licd.core.router import Router
-from licd.core.service import LicenceService, update_in
+from licd.core.service import MAX_UPDATE_IN, LicenceService, update_in
 from licd.deferred import Deferred
 from licd.engine import Grant, SeatLease
 from licd.engine.queue import Waiter
@@ -152,7 +152,7 @@ class QueuedCheckout(Handover):
             return
         position, waiting, wait = service.engine.position(self.waiter)
         licence = service.engine.licence_by_id(self.waiter.licence_id)
-        every = 30.0 if licence is None else update_in(licence)
+        every = MAX_UPDATE_IN if licence is None else update_in(licence)
         now = service.now().mono
         if self._told == (position, waiting) and now - self._told_at < every / 2:
             return

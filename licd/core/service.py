@@ -628,11 +628,9 @@ class LicenceService:
 
         def landed(done: Deferred[None]) -> None:
             error = _failure(done)
-            if error is not None:
+            if error is not None:  # the waiters queue again (`_commit_served`)
                 for _, grant, _ in grants:
                     self.engine.abort(grant.lease)
-                for waiter, _ in served:
-                    self.engine.requeue(waiter)
                 for lease in leases:
                     self.engine.cancel_release(lease)
                 log.error(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 from licd.cli.admin_client import AdminClient
 from licd.clock import ManualClock
 from licd.daemon import Daemon
+from licd.store.sqlite import DB_FILE
 from licd_client.messages import Holder
 from tests.support import DICOM, RawPeer, address, holder, make_config, running
 
@@ -226,5 +228,33 @@ async def test_stopping_answers_every_waiter(tmp_path: Path) -> None:
         answer = await b.frame()
         assert answer["ok"] is False and answer["error"] == "shutting_down"
         await stopping
+        await a.close()
+        await b.peer.close()
+
+
+async def test_a_hand_over_that_fails_to_commit_keeps_both_the_lease_and_the_place(
+    tmp_path: Path,
+) -> None:
+    async with running(make_config(tmp_path, ONE)) as daemon:
+        a = await connected(daemon)
+        held = await a.checkout(ONE.key, holder("a"))
+        b = await Queued.send(daemon, holder("b"))
+        assert await b.update() == (1, 1)
+        with sqlite3.connect(tmp_path / DB_FILE) as db:  # the disk refuses the next write
+            db.execute(
+                "CREATE TRIGGER boom BEFORE INSERT ON lease BEGIN SELECT RAISE(ABORT, 'disk'); END"
+            )
+        refused = await a.call("checkin", lease=held["lease"])
+        assert refused["error"] == "unavailable"  # neither the release nor the grant
+        assert await queued_positions(daemon) == [("id-b", 1, True)]
+        assert daemon.engine.in_use(ONE.id) == 1
+        beat = await a.call("heartbeat", lease=held["lease"], nonce=os.urandom(16))
+        assert beat["ok"] is True  # A's lease is live again
+        with sqlite3.connect(tmp_path / DB_FILE) as db:
+            db.execute("DROP TRIGGER boom")
+        assert (await a.call("checkin", lease=held["lease"]))["released"] is True
+        got = await b.final()
+        assert got["ok"] is True and got["lease"]
+        assert daemon.engine.in_use(ONE.id) == 1
         await a.close()
         await b.peer.close()
