@@ -33,8 +33,7 @@ from typing import Any
 
 import asyncpg
 
-from licd.store.base import Statements, Store, StoreError, _merged
-from licd.store.records import DELETE_LEASE, INSERT_AUDIT, INSERT_LEASE, TOUCH_LEASE
+from licd.store.base import Statements, Store, StoreError, batched
 from licd.store.writer import LAZY_INTERVAL
 
 log = logging.getLogger(__name__)
@@ -125,29 +124,6 @@ async def _connect(dsn: str, idle_timeout: float) -> Any:
     """One connection of the store's (see `PostgresStore.open` for `idle_timeout`)."""
     settings = {"idle_in_transaction_session_timeout": str(max(1, round(idle_timeout * 1000)))}
     return await asyncpg.connect(dsn, timeout=CONNECT_TIMEOUT, server_settings=settings)
-
-
-#: Statements a batch runs first (in this order) and last: see `_grouped`.
-_FIRST = (DELETE_LEASE, INSERT_LEASE, TOUCH_LEASE)
-_LAST = INSERT_AUDIT
-
-
-def _grouped(statements: Statements) -> Statements:
-    """A batch's statements regrouped so that `_merged` makes few `executemany` calls,
-    each a round trip per row to the database: lease deletions, insertions and renewals,
-    then the rest in their order, then the audit entries (checkouts and checkins of a
-    batch alternate a lease row and an audit row, which would not merge). Safe: a batch
-    never both inserts and deletes or renews one lease (its holder learns the lease
-    only once its insertion is committed), a renewal of a lease deleted in the batch
-    changes nothing, and the audit log depends on no other table (its entries keep
-    their order)."""
-    first: dict[str, Statements] = {sql: [] for sql in _FIRST}
-    rest: Statements = []
-    last: Statements = []
-    for statement in statements:
-        sql = statement[0]
-        first.get(sql, last if sql == _LAST else rest).append(statement)
-    return [*first[DELETE_LEASE], *first[INSERT_LEASE], *first[TOUCH_LEASE], *rest, *last]
 
 
 def _where(dsn: str) -> str:
@@ -285,7 +261,7 @@ class PostgresStore(Store):
         `lost` (the leader steps down and loads the state again on its restart)."""
         if self._epoch is None:
             raise Fenced(f"{self.where}: this node does not lead: nothing is written")
-        merged = _merged(_grouped(statements))
+        merged = batched(statements)
         for attempt in (1, 2):
             if self.lost is not None:
                 raise Fenced(f"{self.where}: {self.lost}: nothing is written")

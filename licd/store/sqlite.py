@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import aiosqlite
 
-from licd.store.base import Statements, Store, StoreError, _merged
+from licd.store.base import Statements, Store, StoreError, batched
 from licd.store.writer import LAZY_INTERVAL
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,7 @@ class SqliteStore(Store):
         been quick (`commit_inline`), else on the thread, so the loop serves heartbeats
         while the disk flushes."""
         conn = self._conn
-        merged = _merged(statements)
+        merged = batched(statements)
         rows = sum(len(r) for _, r in merged)
         async with self._conn_lock:
             if rows > INLINE_MAX_ROWS or not _begin_at_once(conn):
