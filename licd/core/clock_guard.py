@@ -56,7 +56,8 @@ class ClockGuard:
         """The daemon's instant: the system's monotonic time, and its wall time or the
         mark moved on since, whichever is later."""
         at = self.clock.now()
-        return Instant(self.mark.now(at), at.mono)
+        wall = self.mark.now(at)
+        return at if wall == at.wall else Instant(wall, at.mono)
 
     async def load(self) -> None:
         """At start: the mark the database kept (before anything judges time)."""

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from licd import __version__
+from licd.clock import Instant
 from licd.core.errors import Audience, error_reply
 from licd.core.keys import BatchSigner, Signed, Signer
 from licd.core.router import Router
@@ -246,24 +247,26 @@ class Dispatcher:
                 raise HelloRequired()
             lean = lean_heartbeat(data) if data.get("op") == "heartbeat" else None
             request: Request = parse_request(data) if lean is None else lean
+            at = self.service.now()  # one reading for the checkout's admission and grant
             if isinstance(request, Checkout):
-                self._admit(session)
+                self._admit(session, at.mono)
             router = self.router
             if router is not None and router.handles(request):
                 return self._relayed(router, session, request, data, started)
             if not isinstance(request, Hello | Heartbeat | Available):
-                return self._answer_durably(session, request, data, started)
-            answer = self._answer_now(session, request)
+                return self._answer_durably(session, request, data, started, at)
+            answer = self._answer_now(session, request, at)
         except Exception as exc:
             return self._failed(data, started, exc)
         self._observe(data, started, None)
         return answer
 
-    def _admit(self, session: Session) -> None:
-        """Raise RateLimited when the peer's denied or granted checkouts are spent."""
+    def _admit(self, session: Session, now: float) -> None:
+        """Raise RateLimited when the peer's denied or granted checkouts are spent
+        (`now`: monotonic)."""
         limits = self.limits
         if limits is not None:
-            wait = limits.refusal(session.peer, self.service.now().mono)
+            wait = limits.refusal(session.peer, now)
             if wait is not None:
                 raise RateLimited(
                     "too many checkouts from this address; retry later", retry_after=wait
@@ -317,13 +320,17 @@ class Dispatcher:
         return out
 
     def _answer_durably(
-        self, session: Session, request: Request, data: dict[str, Any], started: float
+        self,
+        session: Session,
+        request: Request,
+        data: dict[str, Any],
+        started: float,
+        at: Instant,
     ) -> Answer | Deferred[Answer]:
-        """A checkout, checkin or consume: decided now, answered once its commit is done
-        (settled by the commit's callback: no task)."""
+        """A checkout, checkin or consume at `at`: decided now, answered once its commit
+        is done (settled by the commit's callback: no task)."""
         service = self.service
         if isinstance(request, Checkout):
-            at = service.now()
             begin = service.begin_queued if request.queue else service.begin_checkout
             try:
                 outcome = begin(
@@ -360,7 +367,7 @@ class Dispatcher:
             return self._after(commit, checked_out, data, started, Handover(self, grant.lease))
         if isinstance(request, Checkin):
             rid = request.id
-            commit = service.begin_checkin(request.lease)
+            commit = service.begin_checkin(request.lease, at)
             return self._after(
                 commit,
                 lambda: (CheckinReply(rid, released=commit is not None).to_wire(), False),
@@ -440,12 +447,13 @@ class Dispatcher:
         """The answer to an error found before a request could be decoded."""
         return error_reply(None, exc, Audience.CLIENT)
 
-    def _answer_now(self, session: Session, request: Request) -> Answer | Deferred[Answer]:
-        """The ops answered from memory: hello, heartbeat, available (a heartbeat's
-        batched token waits for the end of the loop's turn)."""
+    def _answer_now(
+        self, session: Session, request: Request, at: Instant
+    ) -> Answer | Deferred[Answer]:
+        """The ops answered from memory at `at`: hello, heartbeat, available (a
+        heartbeat's batched token waits for the end of the loop's turn)."""
         service = self.service
         if isinstance(request, Heartbeat):
-            at = service.now()
             grant = service.heartbeat(request.lease, at, request.usage, request.idle_for)
             return self._lease_answer(session.protocol, request.id, grant, request.nonce, at.wall)
         if isinstance(request, Available):

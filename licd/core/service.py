@@ -489,10 +489,9 @@ class LicenceService:
         self.publish(event)
         self.store.append_later(event)
 
-    def begin_checkin(self, secret: str) -> Deferred[None] | None:
-        """Release the lease with `secret`: the commit to wait for, or None when there
-        was no lease to release."""
-        at = self.clock.now()
+    def begin_checkin(self, secret: str, at: Instant) -> Deferred[None] | None:
+        """Release the lease with `secret` at `at`: the commit to wait for, or None when
+        there was no lease to release."""
         lease = self.engine.begin_release(secret, checkin=at)
         if lease is None:
             return None

@@ -3,7 +3,7 @@ executemany calls (round trips, for PostgreSQL), and nothing a reorder could cha
 
 from __future__ import annotations
 
-from licd.store.base import batched
+from licd.store.base import Statements, batched
 from licd.store.records import (
     DELETE_LEASE,
     INSERT_AUDIT,
@@ -17,7 +17,7 @@ from licd.store.records import (
 def test_a_churn_batch_becomes_one_call_per_kind_of_statement() -> None:
     """Checkouts and checkins alternate a lease row and an audit row: regrouped, 45 of
     each make three executemany calls, not ninety; the audit entries keep their order."""
-    batch = []
+    batch: Statements = []
     for n in range(45):
         kind = INSERT_LEASE if n % 2 else DELETE_LEASE
         batch += [(kind, [(f"lease-{n}",)]), (INSERT_AUDIT, [(f"entry-{n}",)])]
@@ -27,12 +27,12 @@ def test_a_churn_batch_becomes_one_call_per_kind_of_statement() -> None:
 
 
 def test_empty_statements_are_dropped_and_runs_merged() -> None:
-    batch = [(INSERT_LEASE, []), (UPSERT_LICENCE, [("a",)]), (UPSERT_LICENCE, [("b",)])]
+    batch: Statements = [(INSERT_LEASE, []), (UPSERT_LICENCE, [("a",)]), (UPSERT_LICENCE, [("b",)])]
     assert batched(batch) == [(UPSERT_LICENCE, [("a",), ("b",)])]
 
 
 def test_deletions_come_first_and_other_statements_keep_their_order() -> None:
-    batch = [
+    batch: Statements = [
         (UPSERT_LICENCE, [("cad", 1)]),
         (TOUCH_LEASE, [("a",)]),
         (INSERT_LEASE, [("b",)]),

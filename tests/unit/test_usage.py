@@ -74,7 +74,7 @@ async def test_peaks_per_slot_denials_and_counters(tmp_path: Path) -> None:
         with pytest.raises(SeatsExhausted):
             await take("d")
         for secret in (a, b):
-            commit = service.begin_checkin(secret)
+            commit = service.begin_checkin(secret, clock.now())
             assert commit is not None
             await commit
         e = await take("e")  # 2 in use now
