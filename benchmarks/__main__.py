@@ -222,6 +222,13 @@ def main(argv: list[str] | None = None) -> int:
                 ),
                 Figure(
                     "floors",
+                    "SQLite WAL FULL, CPU per 1-row commit",
+                    sq["cpu_us_per_commit"],
+                    "us",
+                    lower_is_better=True,
+                ),
+                Figure(
+                    "floors",
                     "SQLite WAL FULL, 100 rows per commit",
                     sq["rows_per_s_batch100"],
                     "rows/s",

@@ -230,7 +230,8 @@ def commit_figures(
 ) -> list[Figure]:
     """Commits (fsync + fdatasync calls, counted by perf: the daemon's on SQLite, the
     primary's WAL flushes on PostgreSQL) per second and durable requests (checkouts +
-    checkins) per commit: how well group commit batches."""
+    checkins) per commit: how well group commit batches. On SQLite, the daemon CPU those
+    commits cost at the floor's CPU per commit: what no Python could save."""
     db = run.extra.get("db")
     if db is not None:
         flushes = db["primary_syncs_per_s"]
@@ -258,6 +259,13 @@ def commit_figures(
             lower_is_better=True,
         ),
         Figure(s, "durable requests per commit", durable_per_s / syncs if syncs else math.nan),
+        Figure(
+            s,
+            "daemon CPU in the commits alone",
+            math.nan if sq is None else syncs * sq["cpu_us_per_commit"] / 1e4,
+            "%",
+            lower_is_better=True,
+        ),
     ]
 
 
