@@ -139,13 +139,15 @@ class Connection:
         client_name: str,
         ssl: _ssl.SSLContext | None = None,
         clock: Clock | None = None,
+        protocol: int | None = None,
     ) -> Connection:
         """Connect to the first address that answers hello; ConnectionLost if none does.
 
         `io_timeout` bounds each connect and each request on the connection; `clock`
         (default: the lease clock) measures the wait between a queued checkout's frames.
-        A fatal hello error (e.g. unsupported_protocol) is raised as it is; a transient
-        one (too_many_connections, shutting_down) moves on to the next address.
+        `protocol`: the version to settle on, exactly (default: the newest both sides
+        speak). A fatal hello error (e.g. unsupported_protocol) is raised as it is; a
+        transient one (too_many_connections, shutting_down) moves on to the next address.
         """
         if not addresses:
             raise ConnectionLost("no server address configured")
@@ -153,7 +155,7 @@ class Connection:
         last: BaseException | None = None
         for address in addresses:
             try:
-                return await cls._open_one(address, io_timeout, client_name, ssl, clock)
+                return await cls._open_one(address, io_timeout, client_name, ssl, clock, protocol)
             except Exception as exc:
                 if not is_retryable(exc):
                     raise
@@ -171,12 +173,16 @@ class Connection:
         client_name: str,
         ssl: _ssl.SSLContext | None,
         clock: Clock | None,
+        protocol: int | None,
     ) -> Connection:
         host, port = address
         async with asyncio.timeout(io_timeout):
             reader, writer = await asyncio.open_connection(host, port, ssl=ssl)
         conn = cls(reader, writer, address, io_timeout=io_timeout, clock=clock)
         try:
+            if protocol is not None:
+                conn.hello = await conn._hello(protocol, client_name)
+                return conn
             try:
                 conn.hello = await conn._hello(NEWEST_PROTOCOL, client_name)
             except UnsupportedProtocol as exc:

@@ -52,7 +52,6 @@ from licd_client.errors import (
     UpstreamUnavailable,
 )
 from licd_client.messages import (
-    PROTOCOL_VERSION,
     Hello,
     HelloReply,
     LeaseReply,
@@ -75,6 +74,11 @@ STEADY = 10.0
 KEEPALIVE = 30.0
 #: Seconds each connect, hello and request to upstream may take.
 IO_TIMEOUT = 5.0
+#: The version the link settles on, its keepalives too: protocol 1, whose tokens are
+#: each signed on their own. A forwarded lease's token goes on to a local client, which
+#: may speak only protocol 1 and could not verify a batched one (docs/protocol.md,
+#: "Batched signatures"); a block's token is never batched anyway.
+LINK_PROTOCOL = 1
 
 R = TypeVar("R", bound=Reply)
 
@@ -294,7 +298,11 @@ class UpstreamLink:
                 if self._closed:
                     raise ConnectionLost("the link is closed")
                 conn = await Connection.open(
-                    self.servers, io_timeout=IO_TIMEOUT, client_name=self.name, ssl=self.ssl
+                    self.servers,
+                    io_timeout=IO_TIMEOUT,
+                    client_name=self.name,
+                    ssl=self.ssl,
+                    protocol=LINK_PROTOCOL,
                 )
             except (LicdError, ClientError, OSError, TimeoutError) as exc:
                 raise self.failed(exc) from None
@@ -379,7 +387,7 @@ class UpstreamLink:
         closes a connection silent for 120 s, and a link broken without a word (a cable
         pulled, a firewall dropping the flow) shows only when a request goes unanswered
         for IO_TIMEOUT seconds, which that hello does."""
-        hello = Hello(0, protocol=PROTOCOL_VERSION, client=self.name)
+        hello = Hello(0, protocol=LINK_PROTOCOL, client=self.name)
         while not conn.closed:
             ended = asyncio.ensure_future(conn.wait_closed())
             nap = asyncio.ensure_future(self.sleep(KEEPALIVE))

@@ -43,7 +43,7 @@ from licd_client import AsyncClient, AsyncLease, LeaseState, errors, messages, t
 from licd_client.backoff import Backoff
 from licd_client.entitlements import LicenceUsage, make_usage_report
 from licd_client.errors import Denied, TokenInvalid, UpstreamUnavailable
-from licd_client.messages import Checkout
+from licd_client.messages import Checkout, Hello
 from tests.fakelicd import FakeLicd
 from tests.integration.procs import run_licd
 from tests.support import DICOM, RawPeer, address, holder, make_config, reserved_port, running
@@ -1563,6 +1563,9 @@ async def test_the_link_keeper_keeps_alive_and_redials_with_backoff(
             naps.wake()
             assert await naps.next() == KEEPALIVE
             assert fake.ops() == ["hello"] * 2
+            # The dial's hello and the keepalive's both settle on protocol 1, whose tokens a
+            # local client of either version can verify (a forwarded one goes on to it).
+            assert [r.protocol for r in fake.requests if isinstance(r, Hello)] == [1, 1]
 
             # Upstream hangs up on a connection open for a while: dialled again at once,
             # and the link never was down.

@@ -263,6 +263,22 @@ async def test_an_older_daemon_gets_hello_again_with_1_on_the_same_connection() 
             await conn.close()
 
 
+async def test_a_version_asked_for_is_the_one_hello_settles_on_or_none() -> None:
+    """`protocol=`: exactly that version (a site router's link pins 1), never another."""
+    async with FakeLicd() as fake:
+        address = [("127.0.0.1", fake.port)]
+        conn = await Connection.open(address, io_timeout=5.0, client_name="t/1", protocol=1)
+        try:
+            assert conn.hello is not None and conn.hello.protocol == 1 and not conn.batched
+        finally:
+            await conn.close()
+        fake.protocols = (1,)
+        with pytest.raises(errors.UnsupportedProtocol):
+            await Connection.open(address, io_timeout=5.0, client_name="t/1", protocol=2)
+        hellos = [r for r in fake.requests if isinstance(r, messages.Hello)]
+        assert [h.protocol for h in hellos] == [1, 2]  # no second hello with another
+
+
 async def test_an_older_fake_daemon_hears_hello_twice() -> None:
     async with FakeLicd() as fake:
         fake.protocols = (1,)
