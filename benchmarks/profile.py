@@ -2,12 +2,13 @@
 
 `Profiler` runs `py-spy record --format raw` (collapsed stacks) against the daemon for a
 bounded number of seconds. Only the event loop's thread is ranked (stacks through
-run_forever; the store's writer thread and aiosqlite's reader are counted apart: they
-mostly wait), by self and inclusive share of samples (system calls included: no
---gil). Each share becomes microseconds of daemon CPU per request using the
-*unprofiled* run's CPU per request: py-spy pauses the daemon at each sample, so the
-profiled run is slower and is never the measured one. py-spy is optional: without it
-only the profile is skipped.
+`asyncio.Runner.run` or `run_forever`: uvloop's loop runs in C, so under it a
+callback's frames sit right below `Runner.run`; the store's writer thread and
+aiosqlite's reader are counted apart: they mostly wait), by self and inclusive share of
+samples (system calls included: no --gil). Each share becomes microseconds of daemon
+CPU per request using the *unprofiled* run's CPU per request: py-spy pauses the daemon
+at each sample, so the profiled run is slower and is never the measured one. py-spy is
+optional: without it only the profile is skipped.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any
 
 _FRAME = re.compile(r"^(?P<func>.*?) \((?P<file>[^()]*?)(?::\d+)?\)$")
 ROOT_SHARE = 0.9
-LOOP_FRAME = "BaseEventLoop.run_forever "
+#: A frame only the event loop's thread has: the daemon runs its loop in asyncio.Runner.
+LOOP_FRAMES = ("Runner.run ", "BaseEventLoop.run_forever ")
 IDLE_FRAME = "EpollSelector.select "
 _TRIM = ("/site-packages/", "/lib/python3.11/", "/lib/python3.12/", "/lib/python3.13/")
 
@@ -61,7 +63,7 @@ def parse_collapsed(text: str) -> tuple[int, int, int, Counter[str], Counter[str
         frames = [_short(f) for f in stack.split(";") if f]
         if not frames:
             continue
-        if not any(f.startswith(LOOP_FRAME) for f in frames):
+        if not any(f.startswith(LOOP_FRAMES) for f in frames):
             others += n
             continue
         if frames[-1].startswith(IDLE_FRAME):
