@@ -41,7 +41,9 @@ from licd_client.messages import (
     LeaseReply,
     Reply,
     Request,
+    _read_request,
     error_frame,
+    lean_checkin,
     lean_heartbeat,
     parse_reply,
     parse_request,
@@ -708,7 +710,7 @@ def test_an_available_reply_without_reserved_reads_as_none_reserved() -> None:
         parse_reply("available", {**wire, "reserved": -1})
 
 
-# ------------------------------------------------------------ the lean heartbeat
+# ------------------------------------------------------------- the lean readers
 
 
 _VALUES = st.one_of(
@@ -793,3 +795,48 @@ def test_the_lean_heartbeat_leaves_every_near_miss_to_the_full_reader(
     assert lean_heartbeat(beat) is None
     with pytest.raises(BadRequest):
         parse_request(beat)
+
+
+_CHECKIN_KEYS = st.sampled_from(["op", "id", "lease", "nonce", "extra"])
+
+
+@given(
+    # each near its bounds and of other types, as well as anywhere
+    rid=st.one_of(
+        st.sampled_from([0, MAX_UINT, MAX_UINT + 1, -1, True, False, 1.0, None, "1"]),
+        st.integers(min_value=0),
+    ),
+    lease=st.one_of(
+        st.sampled_from(["", "s", "s" * 255, "s" * 256, None, b"s", 5]), st.text(max_size=300)
+    ),
+    changes=st.dictionaries(_CHECKIN_KEYS, _VALUES, max_size=2),
+    dropped=st.sets(_CHECKIN_KEYS, max_size=2),
+)
+def test_the_lean_checkin_reads_exactly_what_the_full_reader_accepts_and_the_same(
+    rid: Any, lease: Any, changes: dict[str, Any], dropped: set[str]
+) -> None:
+    """`parse_request` reads a checkin with `lean_checkin` first: it accepts every checkin
+    the full reader accepts and no other, and reads each one the same."""
+    data = {"op": "checkin", "id": rid, "lease": lease, **changes}
+    for name in dropped:
+        data.pop(name, None)
+    if data.get("op") != "checkin":
+        return  # the lean reader is only asked of checkins
+    lean = lean_checkin(data)
+    try:
+        full = _read_request(data)
+    except BadRequest:
+        assert lean is None, data
+        return
+    assert lean == full, data
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("lease", ""), ("lease", "s" * 256), ("lease", None), ("id", True), ("id", 2**64)],
+)
+def test_the_lean_checkin_leaves_every_near_miss_to_the_full_reader(name: str, value: Any) -> None:
+    checkin = valid("checkin", **{name: value})
+    assert lean_checkin(checkin) is None
+    with pytest.raises(BadRequest, match=f"^(checkin|request): '{name}' "):
+        parse_request(checkin)
