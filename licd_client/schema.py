@@ -19,9 +19,20 @@ NAME_CHARS = 40
 FeatureValue: TypeAlias = str | int | bool | float
 Features: TypeAlias = dict[str, FeatureValue]
 
+_ABSENT: Any = object()  # what a reader takes out for a key the map does not have
+_INF = float("inf")
+
 
 class Fields:
-    """Takes typed fields out of one decoded map; `done()` rejects what is left over."""
+    """Takes typed fields out of one decoded map; `done()` rejects what is left over.
+
+    Each reader takes its key out with one `pop` and tests the value once, scalars by
+    exact type (msgpack decodes to exact str, bytes, int, float and bool, and
+    `type(v) is int` also refuses a bool). An absent key, an explicit nil and a value of
+    the wrong type all fail that test; only then does `_refusal` tell them apart.
+    """
+
+    __slots__ = ("_data", "_what", "_error")
 
     def __init__(self, data: dict[str, Any], what: str, error: type[Exception]) -> None:
         self._data = dict(data)
@@ -31,42 +42,45 @@ class Fields:
     def _fail(self, name: str, problem: str) -> Exception:
         return self._error(f"{self._what}: '{name}' {problem}")
 
-    def _get(self, name: str, required: bool) -> Any:
-        if name in self._data:
-            value = self._data.pop(name)
-            if value is None:  # an explicit nil is not an absent optional key
-                raise self._fail(name, "must not be nil")
-            return value
-        if required:
-            raise self._fail(name, "is required")
-        return None
+    def _refusal(self, name: str, value: Any, problem: str) -> Exception:
+        """The error for a value that is absent, nil (an explicit nil is not an absent
+        optional key) or not what the reader wants (`problem`)."""
+        if value is _ABSENT:
+            return self._fail(name, "is required")
+        if value is None:
+            return self._fail(name, "must not be nil")
+        return self._fail(name, problem)
 
     def text(self, name: str, *, max_len: int = 1024, required: bool = True) -> Any:
-        value = self._get(name, required)
-        if value is None and not required:
-            return None
-        if not isinstance(value, str):
-            raise self._fail(name, "must be a string")
+        value = self._data.pop(name, _ABSENT)
+        if type(value) is not str:
+            if value is _ABSENT and not required:
+                return None
+            raise self._refusal(name, value, "must be a string")
         if len(value) > max_len:
             raise self._fail(name, f"must be at most {max_len} characters")
         return value
 
     def nonempty_str(self, name: str, *, max_len: int = 1024, min_len: int = 1) -> str:
-        value: str = self.text(name, max_len=max_len)
-        if not value:
-            raise self._fail(name, "must not be empty")
-        if len(value) < min_len:
+        value = self._data.pop(name, _ABSENT)
+        if type(value) is not str:
+            raise self._refusal(name, value, "must be a string")
+        if not min_len <= len(value) <= max_len:
+            if len(value) > max_len:
+                raise self._fail(name, f"must be at most {max_len} characters")
+            if not value:
+                raise self._fail(name, "must not be empty")
             raise self._fail(name, f"must be at least {min_len} characters")
         return value
 
     def uint(
         self, name: str, *, required: bool = True, minimum: int = 0, maximum: int = MAX_UINT
     ) -> Any:
-        value = self._get(name, required)
-        if value is None and not required:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_UINT:
-            raise self._fail(name, "must be an unsigned integer")
+        value = self._data.pop(name, _ABSENT)
+        if type(value) is not int or not 0 <= value <= MAX_UINT:
+            if value is _ABSENT and not required:
+                return None
+            raise self._refusal(name, value, "must be an unsigned integer")
         if value < minimum:
             raise self._fail(name, f"must be at least {minimum}")
         if value > maximum:
@@ -81,13 +95,13 @@ class Fields:
         positive: bool = False,
         minimum: float | None = None,
     ) -> Any:
-        value = self._get(name, required)
-        if value is None and not required:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self._fail(name, "must be a number")
+        value = self._data.pop(name, _ABSENT)
+        if type(value) is not float and type(value) is not int:
+            if value is _ABSENT and not required:
+                return None
+            raise self._refusal(name, value, "must be a number")
         value = float(value)
-        if value != value or value in (float("inf"), float("-inf")):
+        if not -_INF < value < _INF:  # NaN too
             raise self._fail(name, "must be a finite number")
         if positive and value <= 0:
             raise self._fail(name, "must be positive")
@@ -103,11 +117,11 @@ class Fields:
         required: bool = True,
         max_len: int | None = None,
     ) -> Any:
-        value = self._get(name, required)
-        if value is None and not required:
-            return None
-        if not isinstance(value, bytes):
-            raise self._fail(name, "must be binary")
+        value = self._data.pop(name, _ABSENT)
+        if type(value) is not bytes:
+            if value is _ABSENT and not required:
+                return None
+            raise self._refusal(name, value, "must be binary")
         if length is not None and len(value) != length:
             raise self._fail(name, f"must be {length} bytes of binary")
         if max_len is not None and not 1 <= len(value) <= max_len:
@@ -115,46 +129,46 @@ class Fields:
         return value
 
     def flag(self, name: str, default: bool | None = None) -> bool:
-        value = self._get(name, default is None)
-        if value is None and default is not None:
-            return default
-        if not isinstance(value, bool):
-            raise self._fail(name, "must be a boolean")
+        value = self._data.pop(name, _ABSENT)
+        if type(value) is not bool:
+            if value is _ABSENT and default is not None:
+                return default
+            raise self._refusal(name, value, "must be a boolean")
         return value
 
     def mapping(self, name: str, *, required: bool = True) -> Any:
-        value = self._get(name, required)
-        if value is None and not required:
-            return None
+        value = self._data.pop(name, _ABSENT)
         if not isinstance(value, dict):
-            raise self._fail(name, "must be a map")
+            if value is _ABSENT and not required:
+                return None
+            raise self._refusal(name, value, "must be a map")
         return value
 
     def bins(self, name: str) -> list[bytes]:
-        value = self._get(name, True)
+        value = self._data.pop(name, _ABSENT)
         if not isinstance(value, list) or not all(isinstance(v, bytes) for v in value):
-            raise self._fail(name, "must be an array of binaries")
+            raise self._refusal(name, value, "must be an array of binaries")
         return value
 
     def array(self, name: str, *, required: bool = True) -> list[Any]:
         """An array of anything (its items are the caller's to check); an optional one
         is empty when absent."""
-        value = self._get(name, required)
-        if value is None:
-            return []
+        value = self._data.pop(name, _ABSENT)
         if not isinstance(value, list):
-            raise self._fail(name, "must be an array")
+            if value is _ABSENT and not required:
+                return []
+            raise self._refusal(name, value, "must be an array")
         return value
 
     def strings(self, name: str, *, max_len: int = 1024) -> list[str]:
         """An optional array of strings (empty when absent)."""
-        value = self._get(name, False)
-        if value is None:
+        value = self._data.pop(name, _ABSENT)
+        if value is _ABSENT:
             return []
         if not isinstance(value, list) or not all(
             isinstance(v, str) and 0 < len(v) <= max_len for v in value
         ):
-            raise self._fail(name, "must be an array of non-empty strings")
+            raise self._refusal(name, value, "must be an array of non-empty strings")
         return value
 
     def features(self, name: str) -> Features:

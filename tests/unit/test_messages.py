@@ -33,6 +33,7 @@ from licd_client.messages import (
     Checkin,
     CheckinReply,
     Checkout,
+    Fields,
     Heartbeat,
     Hello,
     HelloReply,
@@ -40,7 +41,9 @@ from licd_client.messages import (
     LeaseReply,
     Reply,
     Request,
+    _read_request,
     error_frame,
+    lean_checkin,
     lean_heartbeat,
     parse_reply,
     parse_request,
@@ -358,6 +361,77 @@ def test_an_empty_map_is_bad_request() -> None:
         parse_request({})
 
 
+#: A reader's refusals, word for word: (map, reader, its arguments, the error's text).
+FIELD_REFUSALS: list[Any] = [
+    ({}, "text", {}, "'a' is required"),
+    ({"a": None}, "text", {"required": False}, "'a' must not be nil"),
+    ({"a": b"x"}, "text", {}, "'a' must be a string"),
+    ({"a": "xyz"}, "text", {"max_len": 2}, "'a' must be at most 2 characters"),
+    ({}, "nonempty_str", {}, "'a' is required"),
+    ({"a": None}, "nonempty_str", {}, "'a' must not be nil"),
+    ({"a": 1}, "nonempty_str", {}, "'a' must be a string"),
+    ({"a": "xyz"}, "nonempty_str", {"max_len": 2}, "'a' must be at most 2 characters"),
+    ({"a": ""}, "nonempty_str", {"min_len": 3}, "'a' must not be empty"),
+    ({"a": "xy"}, "nonempty_str", {"min_len": 3}, "'a' must be at least 3 characters"),
+    ({}, "uint", {}, "'a' is required"),
+    ({"a": None}, "uint", {"required": False}, "'a' must not be nil"),
+    ({"a": True}, "uint", {}, "'a' must be an unsigned integer"),
+    ({"a": 1.0}, "uint", {}, "'a' must be an unsigned integer"),
+    ({"a": -1}, "uint", {}, "'a' must be an unsigned integer"),
+    ({"a": MAX_UINT + 1}, "uint", {"maximum": 2**65}, "'a' must be an unsigned integer"),
+    ({"a": 1}, "uint", {"minimum": 2}, "'a' must be at least 2"),
+    ({"a": 3}, "uint", {"maximum": 2}, "'a' must be at most 2"),
+    ({}, "number", {}, "'a' is required"),
+    ({"a": None}, "number", {"required": False}, "'a' must not be nil"),
+    ({"a": False}, "number", {}, "'a' must be a number"),
+    ({"a": "1"}, "number", {}, "'a' must be a number"),
+    ({"a": float("nan")}, "number", {}, "'a' must be a finite number"),
+    ({"a": float("-inf")}, "number", {}, "'a' must be a finite number"),
+    ({"a": 0}, "number", {"positive": True}, "'a' must be positive"),
+    ({"a": 0.5}, "number", {"minimum": 1.0}, "'a' must be at least 1"),
+    ({}, "binary", {}, "'a' is required"),
+    ({"a": None}, "binary", {"required": False}, "'a' must not be nil"),
+    ({"a": "x"}, "binary", {}, "'a' must be binary"),
+    ({"a": b"x"}, "binary", {"length": 2}, "'a' must be 2 bytes of binary"),
+    ({"a": b""}, "binary", {"max_len": 2}, "'a' must be 1 to 2 bytes of binary"),
+    ({}, "flag", {}, "'a' is required"),
+    ({"a": None}, "flag", {"default": False}, "'a' must not be nil"),
+    ({"a": 1}, "flag", {}, "'a' must be a boolean"),
+    ({}, "mapping", {}, "'a' is required"),
+    ({"a": None}, "mapping", {"required": False}, "'a' must not be nil"),
+    ({"a": []}, "mapping", {}, "'a' must be a map"),
+    ({"a": None}, "strings", {}, "'a' must not be nil"),
+    ({"a": [""]}, "strings", {}, "'a' must be an array of non-empty strings"),
+    ({}, "bins", {}, "'a' is required"),
+    ({"a": ["x"]}, "bins", {}, "'a' must be an array of binaries"),
+    ({"a": None}, "array", {"required": False}, "'a' must not be nil"),
+    ({"a": {}}, "array", {}, "'a' must be an array"),
+]
+
+
+@pytest.mark.parametrize(("data", "reader", "args", "message"), FIELD_REFUSALS)
+def test_each_field_reader_refuses_in_its_own_words(
+    data: dict[str, Any], reader: str, args: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(BadRequest) as info:
+        getattr(Fields(data, "m", BadRequest), reader)("a", **args)
+    assert info.value.message == f"m: {message}"
+
+
+@pytest.mark.parametrize(
+    ("reader", "args"),
+    [
+        ("text", {"required": False}),
+        ("uint", {"required": False}),
+        ("number", {"required": False}),
+        ("binary", {"required": False}),
+        ("mapping", {"required": False}),
+    ],
+)
+def test_an_absent_optional_field_reads_as_none(reader: str, args: dict[str, Any]) -> None:
+    assert getattr(Fields({}, "m", BadRequest), reader)("a", **args) is None
+
+
 # ----------------------------------------------------------------- request_id
 
 
@@ -636,7 +710,7 @@ def test_an_available_reply_without_reserved_reads_as_none_reserved() -> None:
         parse_reply("available", {**wire, "reserved": -1})
 
 
-# ------------------------------------------------------------ the lean heartbeat
+# ------------------------------------------------------------- the lean readers
 
 
 _VALUES = st.one_of(
@@ -721,3 +795,48 @@ def test_the_lean_heartbeat_leaves_every_near_miss_to_the_full_reader(
     assert lean_heartbeat(beat) is None
     with pytest.raises(BadRequest):
         parse_request(beat)
+
+
+_CHECKIN_KEYS = st.sampled_from(["op", "id", "lease", "nonce", "extra"])
+
+
+@given(
+    # each near its bounds and of other types, as well as anywhere
+    rid=st.one_of(
+        st.sampled_from([0, MAX_UINT, MAX_UINT + 1, -1, True, False, 1.0, None, "1"]),
+        st.integers(min_value=0),
+    ),
+    lease=st.one_of(
+        st.sampled_from(["", "s", "s" * 255, "s" * 256, None, b"s", 5]), st.text(max_size=300)
+    ),
+    changes=st.dictionaries(_CHECKIN_KEYS, _VALUES, max_size=2),
+    dropped=st.sets(_CHECKIN_KEYS, max_size=2),
+)
+def test_the_lean_checkin_reads_exactly_what_the_full_reader_accepts_and_the_same(
+    rid: Any, lease: Any, changes: dict[str, Any], dropped: set[str]
+) -> None:
+    """`parse_request` reads a checkin with `lean_checkin` first: it accepts every checkin
+    the full reader accepts and no other, and reads each one the same."""
+    data = {"op": "checkin", "id": rid, "lease": lease, **changes}
+    for name in dropped:
+        data.pop(name, None)
+    if data.get("op") != "checkin":
+        return  # the lean reader is only asked of checkins
+    lean = lean_checkin(data)
+    try:
+        full = _read_request(data)
+    except BadRequest:
+        assert lean is None, data
+        return
+    assert lean == full, data
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("lease", ""), ("lease", "s" * 256), ("lease", None), ("id", True), ("id", 2**64)],
+)
+def test_the_lean_checkin_leaves_every_near_miss_to_the_full_reader(name: str, value: Any) -> None:
+    checkin = valid("checkin", **{name: value})
+    assert lean_checkin(checkin) is None
+    with pytest.raises(BadRequest, match=f"^(checkin|request): '{name}' "):
+        parse_request(checkin)
