@@ -53,7 +53,6 @@ from licd_client.messages import (
     HelloReply,
     QueueUpdate,
     Request,
-    lean_heartbeat,
     lease_wire,
     parse_request,
     request_id,
@@ -245,8 +244,7 @@ class Dispatcher:
             # Before hello, any op but hello is refused whatever its arguments.
             if not session.hello_done and _known_op(data) not in (None, "hello"):
                 raise HelloRequired()
-            lean = lean_heartbeat(data) if data.get("op") == "heartbeat" else None
-            request: Request = parse_request(data) if lean is None else lean
+            request = parse_request(data)
             at = self.service.now()  # one reading for the checkout's admission and grant
             if isinstance(request, Checkout):
                 self._admit(session, at.mono)

@@ -750,7 +750,7 @@ def test_the_lean_heartbeat_reads_only_what_the_full_reader_accepts_and_the_same
         return  # the lean reader is only asked of heartbeats
     lean = lean_heartbeat(data)
     try:
-        full = parse_request(data)
+        full = _read_request(data)
     except BadRequest:
         assert lean is None, data
         return
@@ -760,10 +760,10 @@ def test_the_lean_heartbeat_reads_only_what_the_full_reader_accepts_and_the_same
 
 def test_the_lean_heartbeat_takes_the_common_shapes() -> None:
     beat = {"op": "heartbeat", "id": 7, "lease": "s" * 32, "nonce": bytes(16)}
-    assert lean_heartbeat(beat) == parse_request(beat)
+    assert lean_heartbeat(beat) == _read_request(beat)
     idle = {**beat, "idle_for": 12}
     read = lean_heartbeat(idle)
-    assert read == parse_request(idle) and read is not None and read.idle_for == 12.0
+    assert read == _read_request(idle) and read is not None and read.idle_for == 12.0
     assert lean_heartbeat({**beat, "usage": b"x"}) is None  # a router's: the full reader
 
 
@@ -794,7 +794,7 @@ def test_the_lean_heartbeat_leaves_every_near_miss_to_the_full_reader(
     beat = {"op": "heartbeat", "id": 7, "lease": "s" * 32, "nonce": bytes(16), name: value}
     assert lean_heartbeat(beat) is None
     with pytest.raises(BadRequest):
-        parse_request(beat)
+        _read_request(beat)
 
 
 _CHECKIN_KEYS = st.sampled_from(["op", "id", "lease", "nonce", "extra"])
