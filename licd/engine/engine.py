@@ -489,13 +489,14 @@ class Engine:
         return Verdict("validity", "the licence is in force") if explain else None
 
     def _rule_deny(self, a: _Asked, explain: bool) -> Verdict | None:
-        rule = first_match(a.licence.deny, a.who, self.groups)
+        deny = a.licence.deny
+        rule = first_match(deny, a.who, self.groups) if deny else None
         if rule is not None:
             why = f"refused by the licence's deny rule {rule!r}"
             return refusal("deny", why, Denied(why))
         if not explain:
             return None
-        return Verdict("deny", "no deny rule matches" if a.licence.deny else "no deny rules")
+        return Verdict("deny", "no deny rule matches" if deny else "no deny rules")
 
     def _rule_allow(self, a: _Asked, explain: bool) -> Verdict | None:
         allow = a.licence.allow
@@ -892,6 +893,8 @@ class Engine:
 
     def _held_back(self, licence: Licence, who: Who | None = None) -> int:
         """Seats reserved for groups (but `who`'s own) and not in use by their members."""
+        if not licence.reserve:
+            return 0
         return sum(
             max(0, n - self._group_usage(licence, group))
             for group, n in licence.reserve.items()
