@@ -13,7 +13,6 @@ few distinct sizes only when the last lease of that size goes.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 
 from licd.engine.lease import SeatLease
@@ -37,12 +36,12 @@ class _Unit:
 
     def __init__(self) -> None:
         self.leases: dict[str, SeatLease] = {}  # by handle
-        self.sizes: Counter[int] = Counter()  # lease seats -> how many leases
+        self.sizes: dict[int, int] = {}  # lease seats -> how many leases
         self.seats = 0
 
     def add(self, lease: SeatLease) -> None:
         self.leases[lease.handle] = lease
-        self.sizes[lease.seats] += 1
+        self.sizes[lease.seats] = self.sizes.get(lease.seats, 0) + 1
         self.seats = max(self.seats, lease.seats)
 
     def remove(self, lease: SeatLease) -> None:
