@@ -536,9 +536,12 @@ class Engine:
 
     def _extra(self, a: _Asked) -> int:
         """The seats the request adds to what its unit holds already."""
-        return max(0, a.seats - self.seats.held(a.licence.id, a.unit))
+        held = self.seats.held(a.licence.id, a.unit)
+        return a.seats - held if a.seats > held else 0
 
     def _rule_max(self, a: _Asked, explain: bool) -> Verdict | None:
+        if not a.licence.max and not explain:
+            return None  # no caps to check
         licence, h, extra = a.licence, a.who.holder, self._extra(a)
         for name, cap in licence.max.items() if extra else ():
             if name == "user":
@@ -1211,8 +1214,9 @@ class Engine:
     def _remove(self, lease: SeatLease, *, keep_seats: bool = False) -> None:
         del self._leases[lease.secret]
         del self._by_handle[lease.handle]
-        if self._by_request.get(lease.request_key) is lease:
-            del self._by_request[lease.request_key]
+        request = lease.request_key
+        if self._by_request.get(request) is lease:
+            del self._by_request[request]
         device = (lease.licence_id, lease.holder.hostid)
         if self._devices.get(device) is lease:
             del self._devices[device]
