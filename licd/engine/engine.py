@@ -73,9 +73,9 @@ class _Asked:
     served: bool = False  # a waiter being served: the queue's order is the caller's
 
 
-#: One checkout rule (see `Engine._seat_rules`): its refusal, or None when it passes
-#: (a verdict saying why instead, when asked to explain).
-_Rule = Callable[[_Asked, bool], "Verdict | None"]
+#: One checkout rule, an `Engine` method (see `Engine._SEAT_RULES`): its refusal, or None
+#: when it passes (a verdict saying why instead, when asked to explain).
+_Rule = Callable[["Engine", _Asked, bool], "Verdict | None"]
 
 #: Renewals one lease may make back to back; after that they come back at the steady rate
 #: below. A client renews every ttl/3 seconds (sooner after a lost reply), so this never
@@ -345,11 +345,11 @@ class Engine:
         if licence.id in self._removing:
             raise UnknownLicence("the licence is being removed")
         who = Who(holder, ip)
-        asked = _Asked(licence, who, seats, "", 0.0, at)
-        self._enforce(asked, (self._rule_validity,))
+        asked = _Asked(licence, who, seats, "", 0.0, at)  # its unit and ttl come below
+        self._enforce(asked, self._VALIDITY_RULES)
         if delegate is not None and not licence.delegable:
             raise Denied("this licence may not be delegated to a site router")
-        self._enforce(asked, (self._rule_deny, self._rule_allow))
+        self._enforce(asked, self._ACCESS_RULES)
         lease_ttl = licence.lease_ttl_for(ttl)
 
         existing = self._by_request.get((licence.id, holder.hostid, request))
@@ -369,9 +369,9 @@ class Engine:
         kept = self._lingering.pop((licence.id, holder.hostid, holder.user), None)
         if kept is not None:
             self.seats.remove(kept)
-        asked = _Asked(licence, who, seats, unit, lease_ttl, at, served=served or kept is not None)
+        asked.unit, asked.ttl, asked.served = unit, lease_ttl, served or kept is not None
         try:
-            self._enforce(asked, self._seat_rules)
+            self._enforce(asked, self._SEAT_RULES)
         except LicdError:
             if kept is not None:
                 self.seats.add(kept)
@@ -434,25 +434,13 @@ class Engine:
 
     # ------------------------------------------------------------- the rules
     # Each rule returns its refusal, or None when it lets the request through; asked to
-    # `explain`, a passing rule returns a verdict saying why instead (verdicts.py).
+    # `explain`, a passing rule returns a verdict saying why instead (verdicts.py). A
+    # checkout asks them in the order of `_VALIDITY_RULES`, `_ACCESS_RULES`, then
+    # `_SEAT_RULES` (below the rules), and so does `explain`.
 
-    @property
-    def _seat_rules(self) -> tuple[_Rule, ...]:
-        return (
-            self._rule_clock,
-            self._rule_unit,
-            self._rule_max,
-            self._rule_borrow,
-            self._rule_reservation,
-            self._rule_seats,
-            self._rule_overdraft,
-            self._rule_queue,
-        )
-
-    @staticmethod
-    def _enforce(asked: _Asked, rules: Iterable[_Rule]) -> None:
+    def _enforce(self, asked: _Asked, rules: tuple[_Rule, ...]) -> None:
         for rule in rules:
-            verdict = rule(asked, False)
+            verdict = rule(self, asked, False)
             if verdict is not None and verdict.error is not None:
                 raise verdict.error
 
@@ -483,11 +471,11 @@ class Engine:
             at,
             served=kept is not None,
         )
-        rules = (self._rule_validity, self._rule_deny, self._rule_allow, *self._seat_rules)
+        rules = (*self._VALIDITY_RULES, *self._ACCESS_RULES, *self._SEAT_RULES)
         if kept is not None:
             self.seats.remove(kept)
         try:
-            return [verdict for rule in rules if (verdict := rule(asked, True)) is not None]
+            return [verdict for rule in rules if (verdict := rule(self, asked, True)) is not None]
         finally:
             if kept is not None:
                 self.seats.add(kept)
@@ -501,13 +489,14 @@ class Engine:
         return Verdict("validity", "the licence is in force") if explain else None
 
     def _rule_deny(self, a: _Asked, explain: bool) -> Verdict | None:
-        rule = first_match(a.licence.deny, a.who, self.groups)
+        deny = a.licence.deny
+        rule = first_match(deny, a.who, self.groups) if deny else None
         if rule is not None:
             why = f"refused by the licence's deny rule {rule!r}"
             return refusal("deny", why, Denied(why))
         if not explain:
             return None
-        return Verdict("deny", "no deny rule matches" if a.licence.deny else "no deny rules")
+        return Verdict("deny", "no deny rule matches" if deny else "no deny rules")
 
     def _rule_allow(self, a: _Asked, explain: bool) -> Verdict | None:
         allow = a.licence.allow
@@ -547,9 +536,12 @@ class Engine:
 
     def _extra(self, a: _Asked) -> int:
         """The seats the request adds to what its unit holds already."""
-        return max(0, a.seats - self.seats.held(a.licence.id, a.unit))
+        held = self.seats.held(a.licence.id, a.unit)
+        return a.seats - held if a.seats > held else 0
 
     def _rule_max(self, a: _Asked, explain: bool) -> Verdict | None:
+        if not a.licence.max and not explain:
+            return None  # no caps to check
         licence, h, extra = a.licence, a.who.holder, self._extra(a)
         for name, cap in licence.max.items() if extra else ():
             if name == "user":
@@ -675,6 +667,21 @@ class Engine:
         if not explain:
             return None
         return Verdict("queue", f"{len(queue)} waiting; none ahead of this holder needs the seat")
+
+    #: The rules in the order of decision (verdicts.RULES), built once: the licence in
+    #: force; who may have it at all; then its seats.
+    _VALIDITY_RULES: tuple[_Rule, ...] = (_rule_validity,)
+    _ACCESS_RULES: tuple[_Rule, ...] = (_rule_deny, _rule_allow)
+    _SEAT_RULES: tuple[_Rule, ...] = (
+        _rule_clock,
+        _rule_unit,
+        _rule_max,
+        _rule_borrow,
+        _rule_reservation,
+        _rule_seats,
+        _rule_overdraft,
+        _rule_queue,
+    )
 
     def _own_reserve_free(self, licence: Licence, who: Who) -> bool:
         """Whether a seat reserved for one of `who`'s groups is unused."""
@@ -889,6 +896,8 @@ class Engine:
 
     def _held_back(self, licence: Licence, who: Who | None = None) -> int:
         """Seats reserved for groups (but `who`'s own) and not in use by their members."""
+        if not licence.reserve:
+            return 0
         return sum(
             max(0, n - self._group_usage(licence, group))
             for group, n in licence.reserve.items()
@@ -1205,8 +1214,9 @@ class Engine:
     def _remove(self, lease: SeatLease, *, keep_seats: bool = False) -> None:
         del self._leases[lease.secret]
         del self._by_handle[lease.handle]
-        if self._by_request.get(lease.request_key) is lease:
-            del self._by_request[lease.request_key]
+        request = lease.request_key
+        if self._by_request.get(request) is lease:
+            del self._by_request[request]
         device = (lease.licence_id, lease.holder.hostid)
         if self._devices.get(device) is lease:
             del self._devices[device]

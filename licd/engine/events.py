@@ -75,18 +75,19 @@ def holder_event(
     checkout's detail names the holder's `app`, when it sent one: the audit log's
     columns have no app (`licd report usage --by app` reads it there)."""
     detail = dict(detail or {})
-    if kind is Kind.CHECKOUT:
-        with_app(detail, holder)
+    if holder.app is not None and kind is Kind.CHECKOUT:
+        detail["app"] = holder.app
+    # Positional, in the order of the fields: keywords to a class cost a dict per event.
     return Event(
-        kind=kind,
-        time=time,
-        licence=licence,
-        handle=handle,
-        host=holder.host,
-        hostid=holder.hostid,
-        user=holder.user,
-        ip=ip,
-        seats=seats,
+        kind,
+        time,
+        licence,
+        handle,
+        holder.host,
+        holder.hostid,
+        holder.user,
+        ip,
+        seats,
         detail=detail,
         **extra,
     )

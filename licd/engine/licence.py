@@ -127,6 +127,8 @@ class Licence:
 
     def seats_at(self, now: float) -> int:
         """The seats in force at `now`: the licence's plus its active add-ons'."""
+        if not self.addon:
+            return self.seats
         return self.seats + sum(a.seats for a in self.addon if a.active(now))
 
     def features_at(self, now: float) -> Features:

@@ -6,6 +6,8 @@ same as no bucket, so idle full buckets are dropped as spending passes by, and t
 never holds more than `max_peers` (the least recently used one goes first).
 `CheckoutLimits` pairs two of them, one for denied checkouts and one for granted ones:
 `dispatch` asks `refusal()` before the engine is consulted, and charges the outcome.
+Every checkout passes here twice, so the arithmetic shuns the `min` and `max` builtins
+(each call costs as much as a small function's).
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ class PeerBuckets:
         return len(self._buckets)
 
     def _level(self, bucket: _Bucket, now: float) -> float:
-        elapsed = max(0.0, now - bucket.stamp)  # a clock that stood still adds nothing
-        return min(self.burst, bucket.tokens + elapsed * self.rate)
+        level = bucket.tokens
+        if now > bucket.stamp:  # a clock that stood still adds nothing
+            level += (now - bucket.stamp) * self.rate
+        return level if level < self.burst else self.burst
 
     def wait(self, peer: str, now: float) -> float:
         """Seconds until `peer` has a whole token: 0.0 when it has one now."""
@@ -67,8 +71,10 @@ class PeerBuckets:
             bucket = buckets[peer] = _Bucket(self.burst, now)
         else:
             buckets.move_to_end(peer)
-        bucket.tokens = max(-self.burst, self._level(bucket, now) - 1.0)
-        bucket.stamp = max(bucket.stamp, now)
+        left = self._level(bucket, now) - 1.0
+        bucket.tokens = left if left > -self.burst else -self.burst
+        if now > bucket.stamp:
+            bucket.stamp = now
 
     def _sweep(self, now: float) -> None:
         """Drop the least recently used buckets while they have refilled (a few a call)."""
@@ -92,7 +98,8 @@ class CheckoutLimits:
     def refusal(self, peer: str, now: float) -> float | None:
         """None when `peer` may check out now, else the seconds to wait (`retry_after`):
         until both of its budgets have a token."""
-        wait = max(self.denied.wait(peer, now), self.granted.wait(peer, now))
+        denied, granted = self.denied.wait(peer, now), self.granted.wait(peer, now)
+        wait = denied if denied > granted else granted
         return wait if wait > 0.0 else None
 
     def charge(self, peer: str, now: float, *, granted: bool) -> None:

@@ -13,7 +13,6 @@ few distinct sizes only when the last lease of that size goes.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 
 from licd.engine.lease import SeatLease
@@ -37,13 +36,14 @@ class _Unit:
 
     def __init__(self) -> None:
         self.leases: dict[str, SeatLease] = {}  # by handle
-        self.sizes: Counter[int] = Counter()  # lease seats -> how many leases
+        self.sizes: dict[int, int] = {}  # lease seats -> how many leases
         self.seats = 0
 
     def add(self, lease: SeatLease) -> None:
         self.leases[lease.handle] = lease
-        self.sizes[lease.seats] += 1
-        self.seats = max(self.seats, lease.seats)
+        self.sizes[lease.seats] = self.sizes.get(lease.seats, 0) + 1
+        if lease.seats > self.seats:
+            self.seats = lease.seats
 
     def remove(self, lease: SeatLease) -> None:
         del self.leases[lease.handle]
@@ -53,13 +53,15 @@ class _Unit:
             return
         del self.sizes[lease.seats]
         if lease.seats == self.seats:
-            self.seats = max(self.sizes, default=0)
+            self.seats = max(self.sizes) if self.sizes else 0
 
     def without(self, lease: SeatLease) -> int:
         """The seats the unit would hold without `lease`."""
         if lease.seats < self.seats or self.sizes[lease.seats] > 1:
             return self.seats
-        return max((n for n in self.sizes if n != lease.seats), default=0)
+        if len(self.sizes) == 1:  # its size is the only one: nothing is left
+            return 0
+        return max(n for n in self.sizes if n != lease.seats)
 
 
 class SeatBook:

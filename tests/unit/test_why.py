@@ -177,3 +177,16 @@ def test_why_names_the_borrow_rule_for_a_long_lease_only() -> None:
     with pytest.raises(LicdError) as err:
         world.engine.checkout("K", CAROL, request="r", at=at, ttl=3 * 86400.0)
     assert (err.value.code, (err.value.detail or {}).get("rule")) == ("denied", "borrow")
+
+
+def test_a_unit_asking_fewer_seats_than_it_holds_adds_none_and_jumps_no_queue() -> None:
+    world = World(replace(BASE, count_by="host"))
+    world.take(CAROL, seats=2)
+    at = world.clock.now()
+    world.engine.enqueue("K", erin(), request="w" * 22, at=at, blocked_by="seats")
+    verdicts = {v.rule: v for v in world.engine.explain("K", CAROL, at)}
+    assert all(v.passed for v in verdicts.values())
+    assert verdicts["seats"].reason == "2 of 2 seat(s) in use, 0 more asked"
+    assert verdicts["queue"].reason == "adds no seat"
+    world.take(CAROL)  # granted on the seats its host holds, ahead of erin
+    assert world.engine.in_use("lic") == 2
