@@ -76,7 +76,7 @@ def holder_event(
     columns have no app (`licd report usage --by app` reads it there)."""
     detail = dict(detail or {})
     if holder.app is not None and kind is Kind.CHECKOUT:
-        detail["app"] = holder.app
+        with_app(detail, holder)
     # Positional, in the order of the fields: keywords to a class cost a dict per event.
     return Event(
         kind,
