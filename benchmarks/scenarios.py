@@ -359,7 +359,7 @@ def site(ctx: Context) -> tuple[list[Figure], dict[str, Any]]:
     ]
     figs += database_figures(s, run, lic["rate"], "request")
     figs.append(noise(s, lic, flo))
-    figs += commit_figures(s, run, 2 * co["rate"], ctx.sqlite)
+    figs += commit_figures(s, run, 2 * co["rate"], None if ctx.postgres else ctx.sqlite_floor())
     details = {
         "licd": lic,
         "heartbeat": hb,
